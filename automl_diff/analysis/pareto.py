@@ -1,0 +1,84 @@
+"""Trial tables and the Pareto front of a study (MACs against FID, or whatever it optimises)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+
+__all__ = ["COLUMNS", "TrialRow", "pareto_rows", "teacher_metrics", "trial_rows", "trials_frame"]
+
+#: Columns of ``pareto --json``/``--csv``, in order.
+COLUMNS = ("trial", "macs", "params", "fid", "latency", "speedup")
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One finished trial. MACs per UNet forward pass; latency in seconds per image; speedup is
+    the teacher's latency divided by this one's (higher is faster); FID lower is better."""
+
+    trial: int
+    macs: int
+    params: int
+    fid: float
+    latency: float
+    speedup: float | None
+    macs_no_attention: int | None = None
+    weights: str | None = None
+
+    def to_dict(self, columns: tuple[str, ...] = COLUMNS) -> dict[str, Any]:
+        data = asdict(self)
+        return {c: data[c] for c in columns}
+
+
+def teacher_metrics(study: optuna.Study) -> dict[str, Any] | None:
+    """The teacher's metrics as measured when the study started (None before that)."""
+    from automl_diff.runners.trial import TEACHER_ATTR
+
+    return study.user_attrs.get(TEACHER_ATTR)
+
+
+def _row(trial: optuna.trial.FrozenTrial) -> TrialRow | None:
+    attrs = trial.user_attrs
+    if not all(k in attrs for k in ("macs", "params", "fid", "latency")):
+        return None
+    return TrialRow(
+        trial=trial.number,
+        macs=int(attrs["macs"]),
+        params=int(attrs["params"]),
+        fid=float(attrs["fid"]),
+        latency=float(attrs["latency"]),
+        speedup=attrs.get("speedup"),
+        macs_no_attention=attrs.get("macs_no_attention"),
+        weights=attrs.get("weights"),
+    )
+
+
+def trial_rows(study: optuna.Study) -> list[TrialRow]:
+    """Every completed trial with its metrics, by trial number."""
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [r for r in map(_row, trials) if r is not None]
+
+
+def pareto_rows(study: optuna.Study) -> list[TrialRow]:
+    """The trials on the Pareto front of the study's objectives, by increasing MACs."""
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return []
+    best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    rows = [r for r in map(_row, best) if r is not None]
+    return sorted(rows, key=lambda r: (r.macs, r.fid))
+
+
+def trials_frame(study: optuna.Study, *, pareto_only: bool = False) -> Any:
+    """A pandas DataFrame of completed trials (or the front) with metrics and parameters."""
+    import pandas as pd
+
+    rows = pareto_rows(study) if pareto_only else trial_rows(study)
+    params = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    records = []
+    for row in rows:
+        record = asdict(row)
+        record.update({f"param:{k}": v for k, v in params.get(row.trial, {}).items()})
+        records.append(record)
+    return pd.DataFrame.from_records(records, columns=None if records else list(COLUMNS))

@@ -1,0 +1,197 @@
+"""Student search spaces: per-block choices declared in ``search_spaces/*.yaml``.
+
+Schema (every key is optional except ``blocks``)::
+
+    family: unet2d            # student family; unet2d = diffusers UNet2DModel (+ per-level depths)
+    fixed:                    # config keys copied onto the teacher's config (e.g. norm_num_groups: 8)
+      norm_num_groups: 8
+    blocks:
+      down.0: {channels: [16, 32], layers: [1, 2]}
+      down.2: {channels: [32, 64], layers: [1, 2], attention: [true, false]}
+      mid:    {attention: [true, false]}
+      up.0:   {attention: [true, false]}
+
+A block's choices become Optuna parameters with stable dotted names (``down.2.channels``,
+``down.2.layers``, ``down.2.attention``, ``mid.attention``, ``up.0.attention``). A level's
+``channels`` and ``layers`` are declared on its ``down.i`` block: the mirrored up block follows it,
+as in diffusers (``up.j`` mirrors ``down.{K-1-j}``). ``up.j.attention`` defaults to the mirrored
+down block's choice. What a file does not declare keeps the teacher's value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from automl_diff.config._reader import Section, load_yaml
+from automl_diff.errors import UserError
+
+__all__ = ["BlockChoices", "SearchSpace", "load_search_space", "FAMILIES"]
+
+#: Student families a search space may name.
+FAMILIES = ("unet2d",)
+
+_DOWN_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+
+@dataclass(frozen=True)
+class BlockChoices:
+    """The choices declared for one block; None means "keep the teacher's"."""
+
+    name: str
+    channels: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    attention: tuple[bool, ...] | None = None
+
+    def parameters(self) -> dict[str, tuple[Any, ...]]:
+        """Optuna parameter name -> choices."""
+        out: dict[str, tuple[Any, ...]] = {}
+        for key in ("channels", "layers", "attention"):
+            values = getattr(self, key)
+            if values is not None:
+                out[f"{self.name}.{key}"] = values
+        return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space over student architectures.
+
+    Attributes:
+        path: the YAML file it came from.
+        family: the student family (``unet2d``).
+        blocks: declared choices, in block order.
+        fixed: config keys set on every student.
+    """
+
+    path: str
+    family: str
+    blocks: tuple[BlockChoices, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def parameters(self) -> dict[str, tuple[Any, ...]]:
+        """Every Optuna parameter of the space: dotted name -> choices."""
+        out: dict[str, tuple[Any, ...]] = {}
+        for block in self.blocks:
+            out.update(block.parameters())
+        return out
+
+    def size(self) -> int:
+        """Number of distinct architectures."""
+        n = 1
+        for values in self.parameters().values():
+            n *= len(values)
+        return n
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Ask an Optuna trial (or ``FixedTrial``) for one value per parameter."""
+        return {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.parameters().items()}
+
+    def validate_for(self, teacher_config: dict[str, Any]) -> None:
+        """Check that every declared block exists in the teacher and every choice builds a valid model.
+
+        Raises:
+            UserError: naming the file and the key.
+        """
+        base = self._base(teacher_config)
+        levels = len(base["block_out_channels"])
+        known = [f"down.{i}" for i in range(levels)] + ["mid"] + [f"up.{i}" for i in range(levels)]
+        groups = int(base.get("norm_num_groups") or 32)
+        head_dim = base.get("attention_head_dim")
+        for block in self.blocks:
+            key = f"blocks.{block.name}"
+            if block.name not in known:
+                raise UserError(f"{self.path}: {key}: unknown block; the teacher has blocks {', '.join(known)}")
+            if block.name.startswith("up.") and (block.channels or block.layers):
+                level = levels - 1 - int(block.name.split(".")[1])
+                raise UserError(f"{self.path}: {key}: up blocks mirror down.{level}; declare channels and layers there")
+            if block.name == "mid" and (block.channels or block.layers):
+                raise UserError(f"{self.path}: {key}: mid keeps the last level's channels; only attention can be chosen")
+            level = int(block.name.split(".")[1]) if block.name.startswith("down.") else None
+            attends = any(block.attention) if block.attention is not None else (
+                level is not None
+                and (_DOWN_TYPES.get(base["down_block_types"][level], False) or _UP_TYPES.get(base["up_block_types"][levels - 1 - level], False))
+            )
+            for c in block.channels or ():
+                if c % groups:
+                    raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by norm_num_groups={groups}")
+                if head_dim and attends and c % int(head_dim):
+                    raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by attention_head_dim={head_dim}")
+        for i, t in enumerate(base["down_block_types"]):
+            if t not in _DOWN_TYPES:
+                raise UserError(f"{self.path}: family unet2d supports {', '.join(_DOWN_TYPES)} blocks; the teacher's down.{i} is {t}")
+        for i, t in enumerate(base["up_block_types"]):
+            if t not in _UP_TYPES:
+                raise UserError(f"{self.path}: family unet2d supports {', '.join(_UP_TYPES)} blocks; the teacher's up.{i} is {t}")
+
+    def _base(self, teacher_config: dict[str, Any]) -> dict[str, Any]:
+        base = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        base.update(self.fixed)
+        return base
+
+    def to_config(self, params: dict[str, Any], teacher_config: dict[str, Any]) -> dict[str, Any]:
+        """The diffusers config of the student that ``params`` selects (JSON-safe).
+
+        Levels of equal depth give a plain ``UNet2DModel``; otherwise ``StudentUNet2DModel``.
+        """
+        base = self._base(teacher_config)
+        levels = len(base["block_out_channels"])
+        depths = base.get("layers_per_block", 2)
+        depths = [int(depths)] * levels if isinstance(depths, int) else [int(d) for d in depths]
+        channels = [int(c) for c in base["block_out_channels"]]
+        down_attn = [_DOWN_TYPES[t] for t in base["down_block_types"]]
+        up_attn = [_UP_TYPES[t] for t in base["up_block_types"]]
+        for level in range(levels):
+            channels[level] = int(params.get(f"down.{level}.channels", channels[level]))
+            depths[level] = int(params.get(f"down.{level}.layers", depths[level]))
+            down_attn[level] = bool(params.get(f"down.{level}.attention", down_attn[level]))
+        for j in range(levels):
+            mirrored = f"down.{levels - 1 - j}.attention"
+            up_attn[j] = bool(params.get(f"up.{j}.attention", params.get(mirrored, up_attn[j])))
+        config = dict(base)
+        config.update(
+            block_out_channels=channels,
+            down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
+            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
+            add_attention=bool(params.get("mid.attention", base.get("add_attention", True))),
+        )
+        if len(set(depths)) == 1:
+            config.update(_class_name="UNet2DModel", layers_per_block=depths[0])
+        else:
+            config.update(_class_name="StudentUNet2DModel", layers_per_block=depths)
+        return config
+
+
+def _positive(value: int) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file (structure only; see :meth:`SearchSpace.validate_for`)."""
+    top = Section(load_yaml(path, what="search space"), file=path)
+    family = top.take("family", str, "unet2d", choices=FAMILIES)
+    fixed = top.section("fixed").rest()
+    blocks_section = top.section("blocks", required=True)
+    blocks = []
+    for name in list(blocks_section.data):
+        block = blocks_section.section(str(name))
+        choices = BlockChoices(
+            name=str(name),
+            channels=block.take_list("channels", int, None, check=_positive),
+            layers=block.take_list("layers", int, None, check=_positive),
+            attention=block.take_list("attention", bool, None),
+        )
+        block.done()
+        blocks.append(choices)
+    top.done()
+    if not blocks:
+        raise UserError(f"{path}: blocks: declare at least one block")
+    order = {"down": 0, "mid": 1, "up": 2}
+
+    def position(b: BlockChoices) -> tuple[int, int]:
+        head, _, index = b.name.partition(".")
+        return order.get(head, 3), int(index) if index.isdigit() else 0
+
+    return SearchSpace(str(path), family, tuple(sorted(blocks, key=position)), fixed)

@@ -1,0 +1,255 @@
+"""Study configs: ``studies/*.yaml`` validated into a typed :class:`StudyConfig`.
+
+Schema::
+
+    name: quickstart                       # study name in the storage
+    method: dkdm                           # dkdm (more methods register in automl_diff.methods)
+    teacher: digits                        # digits | path/to/diffusers/folder | org/name (hub)
+    search_space: ../search_spaces/digits_dkdm.yaml   # relative to this file
+    objectives:                            # 1+ of macs, params, fid, latency
+      - {name: macs, direction: minimize}
+      - {name: fid, direction: minimize}
+    sampler: {name: tpe, seed: 0}          # tpe | nsga2 | random; options: {...} go to the sampler
+    n_trials: 6                            # total finished trials the study should reach
+    budgets:
+      train_iterations: 300                # optimiser steps per trial
+      batch_size: 64
+      lr: 0.002
+      fid_samples: 500                     # generated images per FID
+      sampling_steps: 20                   # denoising steps (FID and latency)
+      latency_repeats: 3
+      latency_batch_size: 8
+    sampling: {scheduler: ddim, eta: 0.0}
+    fid: {dataset: digits, features: digits}   # defaults from the teacher
+    storage: sqlite:///automl_diff.db      # any Optuna RDB URL
+    output_dir: runs                       # trial weights go to <output_dir>/<study>/trial_<n>/
+    device: auto                           # auto | cpu | cuda | cuda:N
+    seed: 0
+    method_options: {...}                  # validated by the method (see its docs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from automl_diff.config._reader import Section, load_yaml
+from automl_diff.errors import UserError
+
+__all__ = [
+    "OBJECTIVES",
+    "Budgets",
+    "FidSettings",
+    "Objective",
+    "SamplerSettings",
+    "SamplingSettings",
+    "StudyConfig",
+    "load_study_config",
+    "DEFAULT_STORAGE",
+]
+
+#: Metrics a study may optimise (all lower-is-better in practice; direction is explicit anyway).
+OBJECTIVES = ("macs", "params", "fid", "latency")
+SAMPLERS = ("tpe", "nsga2", "random")
+DEFAULT_STORAGE = "sqlite:///automl_diff.db"
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str = "minimize"
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    name: str = "tpe"
+    seed: int | None = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Per-trial budgets. ``train_iterations`` optimiser steps of ``batch_size``; FID on
+    ``fid_samples`` images sampled with ``sampling_steps`` steps; latency as the median of
+    ``latency_repeats`` batches of ``latency_batch_size``."""
+
+    train_iterations: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    fid_samples: int = 500
+    sampling_steps: int = 20
+    latency_repeats: int = 3
+    latency_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    scheduler: str = "ddim"
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class FidSettings:
+    """``dataset``/``features`` None: taken from the teacher (``digits`` for the built-in one)."""
+
+    dataset: str | None = None
+    features: str | None = None
+    batch_size: int = 250
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A validated study config. Paths are resolved relative to the config file."""
+
+    path: str
+    name: str
+    method: str
+    teacher: str
+    search_space: str | None
+    objectives: tuple[Objective, ...]
+    sampler: SamplerSettings
+    n_trials: int
+    budgets: Budgets
+    sampling: SamplingSettings
+    fid: FidSettings
+    storage: str
+    output_dir: str
+    device: str
+    seed: int
+    method_options: dict[str, Any]
+
+    def with_overrides(self, **changes: Any) -> StudyConfig:
+        """A copy with some fields replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _device(value: str) -> str | None:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return None
+    return "must be auto, cpu, cuda or cuda:N"
+
+
+def _resolve(base: Path, value: str) -> str:
+    """Paths in a config are relative to the config file; hub ids and names stay as they are."""
+    candidate = (base / value).resolve()
+    if candidate.exists() or value.startswith((".", "/", "~")) or value.endswith((".yaml", ".yml", ".json")):
+        return str(candidate) if not value.startswith("~") else str(Path(value).expanduser())
+    return value
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML file.
+
+    Raises:
+        UserError: one line naming the file and the key.
+    """
+    from automl_diff.methods import METHODS
+    from automl_diff.sampling import SCHEDULERS
+
+    path = Path(path)
+    top = Section(load_yaml(path, what="study config"), file=path)
+    base = path.resolve().parent
+    name = top.take("name", str, path.stem)
+    method = top.take("method", str, choices=sorted(METHODS))
+    teacher = top.take("teacher", str)
+    teacher = teacher if teacher == "digits" else _resolve(base, teacher)
+    space = top.take("search_space", str, None)
+    if space is not None:
+        space = _resolve(base, space)
+
+    raw_objectives = top.data.get("objectives", [{"name": "macs"}, {"name": "fid"}])
+    top.take("objectives", list, [])
+    if not isinstance(raw_objectives, list) or not raw_objectives:
+        raise top.error("objectives", raw_objectives, "expected a non-empty list")
+    objectives = []
+    for i, item in enumerate(raw_objectives):
+        if isinstance(item, str):
+            item = {"name": item}
+        sec = Section(item, file=path, prefix=f"objectives[{i}]")
+        objectives.append(Objective(sec.take("name", str, choices=OBJECTIVES), sec.take("direction", str, "minimize", choices=("minimize", "maximize"))))
+        sec.done()
+    if len({o.name for o in objectives}) != len(objectives):
+        raise top.error("objectives", [o.name for o in objectives], "repeats an objective")
+
+    sampler_sec = top.section("sampler")
+    sampler = SamplerSettings(
+        name=sampler_sec.take("name", str, "tpe", choices=SAMPLERS),
+        seed=sampler_sec.take("seed", int, 0),
+        options=dict(sampler_sec.take("options", dict, {})),
+    )
+    sampler_sec.done()
+
+    b = top.section("budgets")
+    defaults = Budgets()
+    budgets = Budgets(
+        train_iterations=b.take("train_iterations", int, defaults.train_iterations, check=_positive),
+        batch_size=b.take("batch_size", int, defaults.batch_size, check=_positive),
+        lr=b.take("lr", float, defaults.lr, check=_positive),
+        fid_samples=b.take("fid_samples", int, defaults.fid_samples, check=lambda v: None if v >= 2 else "needs at least 2 images"),
+        sampling_steps=b.take("sampling_steps", int, defaults.sampling_steps, check=_positive),
+        latency_repeats=b.take("latency_repeats", int, defaults.latency_repeats, check=_positive),
+        latency_batch_size=b.take("latency_batch_size", int, defaults.latency_batch_size, check=_positive),
+    )
+    b.done()
+
+    s = top.section("sampling")
+    sampling = SamplingSettings(s.take("scheduler", str, "ddim", choices=SCHEDULERS), s.take("eta", float, 0.0))
+    s.done()
+
+    f = top.section("fid")
+    from automl_diff.metrics.fid import FEATURE_EXTRACTORS
+
+    fid = FidSettings(
+        dataset=f.take("dataset", str, None),
+        features=f.take("features", str, None, choices=sorted(FEATURE_EXTRACTORS)),
+        batch_size=f.take("batch_size", int, 250, check=_positive),
+    )
+    f.done()
+    if fid.dataset and fid.dataset.startswith("folder:"):
+        fid = replace(fid, dataset="folder:" + _resolve(base, fid.dataset[len("folder:") :]))
+
+    config = StudyConfig(
+        path=str(path),
+        name=name,
+        method=method,
+        teacher=teacher,
+        search_space=space,
+        objectives=tuple(objectives),
+        sampler=sampler,
+        n_trials=top.take("n_trials", int, 10, check=_positive),
+        budgets=budgets,
+        sampling=sampling,
+        fid=fid,
+        storage=top.take("storage", str, DEFAULT_STORAGE),
+        output_dir=top.take("output_dir", str, "runs"),
+        device=top.take("device", str, "auto", check=_device),
+        seed=top.take("seed", int, 0),
+        method_options=dict(top.take("method_options", dict, {})),
+    )
+    top.done()
+    METHODS[method].options_from(config)  # validates method_options now, naming the file
+    return config
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but CUDA is not available on this machine")
+    return name

@@ -1,0 +1,126 @@
+"""Exporting trials as diffusers pipelines (``unet/`` + ``scheduler/``) with a model card.
+
+An export loads with ``DDIMPipeline.from_pretrained(folder)``. Students whose levels have equal
+depths are plain ``UNet2DModel``; others are :class:`automl_diff.StudentUNet2DModel`, which
+``model_index.json`` names so that the same call loads them once ``automl_diff`` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from automl_diff.errors import UserError
+from automl_diff.runners.storage import mask_url
+
+__all__ = ["export_trial", "model_card"]
+
+SCHEDULER_ATTR = "scheduler_config"
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}{unit}"
+    return f"{value:,}{unit}"
+
+
+def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str) -> str:
+    """A Hugging Face style README: metrics, teacher, source study and trial."""
+    attrs = trial.user_attrs
+    teacher = study.user_attrs.get("teacher_metrics", {})
+    evaluation = study.user_attrs.get("evaluation", {})
+    rows = [
+        ("params", attrs.get("params"), teacher.get("params"), ""),
+        ("MACs per UNet call", attrs.get("macs"), teacher.get("macs"), ""),
+        ("MACs without attention matmuls", attrs.get("macs_no_attention"), teacher.get("macs_no_attention"), ""),
+        ("FID (lower is better)", attrs.get("fid"), teacher.get("fid"), ""),
+        ("latency per image", attrs.get("latency"), teacher.get("latency"), " s"),
+    ]
+    table = "\n".join(f"| {name} | {_fmt(mine, unit)} | {_fmt(ref, unit)} |" for name, mine, ref, unit in rows)
+    speedup = attrs.get("speedup")
+    params = json.dumps(trial.params, indent=2, sort_keys=True)
+    return f"""---
+library_name: diffusers
+tags:
+- automl_diff
+- {study.user_attrs.get("method", "unknown")}
+- unconditional-image-generation
+---
+
+# {study.study_name} — trial {trial.number}
+
+A compressed diffusion UNet found by automl_diff (method `{study.user_attrs.get("method")}`) from the
+teacher `{study.user_attrs.get("teacher")}`.
+
+| metric | this model | teacher |
+|---|---|---|
+{table}
+
+Speedup against the teacher (measured latency): {_fmt(speedup, "x")}.
+FID: {evaluation.get("fid_samples", "?")} samples, {evaluation.get("sampling_steps", "?")} {evaluation.get("scheduler", "ddim")} steps,
+features `{evaluation.get("fid_features") or "default"}`, dataset `{evaluation.get("fid_dataset") or "teacher's"}`, seed {evaluation.get("seed", "?")}.
+
+## Source
+
+- study: `{study.study_name}` in `{mask_url(storage_url)}`
+- trial: {trial.number}
+- parameters:
+
+```json
+{params}
+```
+
+## Use
+
+```python
+from diffusers import DDIMPipeline
+import automl_diff  # registers StudentUNet2DModel when the card's config names it
+
+pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
+images = pipe(batch_size=4, num_inference_steps={evaluation.get("sampling_steps", 20)}).images
+```
+"""
+
+
+def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str) -> Path:
+    """Write trial ``trial_number`` as a diffusers DDIM pipeline folder at ``out``.
+
+    Raises:
+        UserError: no such completed trial, or its weights are gone.
+    """
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from automl_diff.models.loading import load_unet
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial_number not in trials:
+        raise UserError(f"study '{study.study_name}' has no trial {trial_number} (trials 0..{len(trials) - 1})")
+    trial = trials[trial_number]
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise UserError(f"trial {trial_number} of study '{study.study_name}' is {trial.state.name}, not COMPLETE")
+    weights = trial.user_attrs.get("weights")
+    if not weights or not Path(weights).is_dir():
+        raise UserError(f"trial {trial_number}: its weights folder '{weights}' does not exist (moved or deleted?)")
+    scheduler_config = study.user_attrs.get(SCHEDULER_ATTR)
+    if not scheduler_config:
+        raise UserError(f"study '{study.study_name}' has no scheduler config recorded; was it created by automl_diff?")
+    unet = load_unet(weights)
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    (out / "README.md").write_text(model_card(study=study, trial=trial, storage_url=storage_url))
+    metrics = {k: trial.user_attrs.get(k) for k in ("params", "macs", "macs_no_attention", "fid", "latency", "speedup")}
+    (out / "automl_diff.json").write_text(
+        json.dumps(
+            {"study": study.study_name, "trial": trial_number, "params": trial.params, "metrics": metrics, "teacher": study.user_attrs.get("teacher")},
+            indent=2,
+        )
+        + "\n"
+    )
+    return out

@@ -1,0 +1,104 @@
+"""The contract between a compression method and the runners.
+
+A runner (local Optuna loop, or Ray Tune) builds one :class:`Method` per study run, calls
+:meth:`Method.prepare` once before the first trial, then :meth:`Method.run_trial` once per Optuna
+trial. The method turns the trial's parameters into a trained model (:class:`Candidate`); the
+runner evaluates it (MACs, FID, latency) the same way for every method, saves its weights and
+records everything in the study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from automl_diff.config._reader import Section
+from automl_diff.config.study import StudyConfig
+from automl_diff.models.loading import Teacher
+
+__all__ = ["Candidate", "Method", "read_options"]
+
+
+@dataclass
+class Candidate:
+    """A trained model a trial produced.
+
+    Attributes:
+        unet: the model, ready to sample.
+        config: its diffusers config (JSON-safe, with ``_class_name``): rebuilds the architecture.
+        attrs: method-specific facts to record on the trial (JSON-safe: losses, seconds, ...).
+    """
+
+    unet: nn.Module
+    config: dict[str, Any]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def read_options(options_type: type, config: StudyConfig) -> Any:
+    """Validate ``config.method_options`` into the method's options dataclass.
+
+    Field types (int, float, str, bool) are checked; a field's ``metadata["choices"]`` restricts
+    its values; unknown keys are rejected. Errors name the study file and ``method_options.<key>``.
+    """
+    section = Section(config.method_options, file=config.path, prefix="method_options")
+    hints = typing.get_type_hints(options_type)
+    values = {}
+    for f in dataclasses.fields(options_type):
+        kind = hints[f.name]
+        kind = float if kind is float else kind
+        values[f.name] = section.take(f.name, kind, f.default, choices=f.metadata.get("choices"), check=f.metadata.get("check"))
+    section.done()
+    return options_type(**values)
+
+
+class Method(ABC):
+    """A compression method (DKDM, DiffNAS, DiP-GO) as the runners see it.
+
+    Args:
+        config: the validated study config.
+        teacher: the loaded teacher, on ``device``.
+        device: torch device for training.
+        progress: show progress bars.
+    """
+
+    #: Registry name (``method:`` in a study config).
+    name: ClassVar[str]
+    #: Dataclass of the method's ``method_options``.
+    options_type: ClassVar[type]
+
+    def __init__(self, config: StudyConfig, teacher: Teacher, *, device: str | torch.device = "cpu", progress: bool = False) -> None:
+        self.config = config
+        self.teacher = teacher
+        self.device = torch.device(device)
+        self.progress = progress
+        self.options = self.options_from(config)
+
+    @classmethod
+    def options_from(cls, config: StudyConfig) -> Any:
+        """Validate the study's ``method_options`` (called when the config is loaded)."""
+        return read_options(cls.options_type, config)
+
+    def prepare(self) -> None:
+        """One-time work before the first trial (called once per study run). Default: nothing."""
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Ask the trial for all of the method's parameters, before any training.
+
+        The runner calls this first (to skip a trial that repeats a finished one's parameters);
+        asking again in :meth:`run_trial` returns the same values. Default: no parameters.
+        """
+        return {}
+
+    @abstractmethod
+    def run_trial(self, trial: Any) -> Candidate:
+        """Sample the trial's parameters, build and train the model, return it.
+
+        Args:
+            trial: an ``optuna.Trial`` (or ``optuna.trial.FixedTrial`` to rebuild a known one).
+        """

@@ -1,0 +1,148 @@
+"""DKDM as a search method: Optuna samples a student architecture, DKDM trains it data-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from automl_diff.config.search_space import SearchSpace, load_search_space
+from automl_diff.errors import UserError
+from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.dkdm.distill import DataBatches, PoolBatches, fit
+from automl_diff.methods.dkdm.pool import NoisePool, PoolState
+from automl_diff.models.loading import unet_from_config
+
+__all__ = ["DKDM", "DKDMOptions"]
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+@dataclass(frozen=True)
+class DKDMOptions:
+    """``method_options`` of a DKDM study.
+
+    Attributes:
+        pool_size: noisy samples in the pool (at least the batch size; 4-8x decorrelates batches).
+        pool_steps: DDIM steps of a pool trajectory, from pure noise to a clean image.
+        pool_eta: stochasticity of the pool's steps (1.0 ancestral-like, 0.0 deterministic DDIM).
+        ema_decay: weight EMA of the student (0 turns it off).
+        source: ``teacher`` (DKDM, data-free) or ``dataset`` (baseline: the standard DDPM loss on
+            the real images of ``fid.dataset``; not data-free).
+    """
+
+    pool_size: int = 512
+    pool_steps: int = 50
+    pool_eta: float = field(default=1.0, metadata={"check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
+    ema_decay: float = field(default=0.995, metadata={"check": lambda v: None if 0 <= v < 1 else "must be in [0, 1)"})
+    source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
+
+
+class DKDM(Method):
+    """Data-free knowledge distillation (DKDM) into students from a search space.
+
+    ``prepare`` fills the pool once with the teacher's own generations (warm-up spreads it over the
+    trajectory); every trial starts from that same pool snapshot, so trials differ only by their
+    architecture and seed.
+    """
+
+    name = "dkdm"
+    options_type = DKDMOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.search_space is None:
+            raise UserError(f"{self.config.path}: search_space: required for method dkdm")
+        self.space: SearchSpace = load_search_space(self.config.search_space)
+        self.space.validate_for(dict(self.teacher.unet.config))
+        if self.options.pool_size < self.config.budgets.batch_size:
+            raise UserError(
+                f"{self.config.path}: method_options.pool_size: must be at least budgets.batch_size "
+                f"({self.config.budgets.batch_size}) (got {self.options.pool_size})"
+            )
+        self._pool: NoisePool | None = None
+        self._snapshot: PoolState | None = None
+        self._dataset: torch.Tensor | None = None
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        from automl_diff.sampling import make_scheduler
+
+        return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
+
+    def _teacher_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.teacher.unet(x, t).sample.float()
+
+    def prepare(self) -> None:
+        if self.options.source == "dataset":
+            from automl_diff.data import load_dataset
+
+            dataset = self.config.fid.dataset or self.teacher.dataset
+            if dataset is None:
+                raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
+            self._dataset = load_dataset(dataset, resolution=self.teacher.resolution, channels=self.teacher.channels)
+            return
+        scheduler_config = self.teacher.scheduler_config
+        self._pool = NoisePool(
+            size=self.options.pool_size,
+            sample_shape=(self.teacher.channels, self.teacher.resolution, self.teacher.resolution),
+            alphas_cumprod=self._alphas_cumprod(),
+            num_steps=self.options.pool_steps,
+            eta=self.options.pool_eta,
+            clip_sample=bool(scheduler_config.get("clip_sample", True)),
+            generator=torch.Generator().manual_seed(self.config.seed),
+            device=self.device,
+        )
+        with torch.no_grad():
+            self._pool.warm_up(self._teacher_eps, batch_size=max(self.config.budgets.batch_size, 256))
+        self._snapshot = self._pool.state()
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        return self.space.suggest(trial)
+
+    def build_student(self, trial: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The untrained student a trial's parameters select, and its diffusers config."""
+        params = self.suggest(trial)
+        config = self.space.to_config(params, dict(self.teacher.unet.config))
+        return unet_from_config(config, where=self.space.path), config
+
+    def run_trial(self, trial: Any) -> Candidate:
+        seed = self.config.seed + int(getattr(trial, "number", 0))
+        torch.manual_seed(seed)
+        student, config = self.build_student(trial)
+        student.to(self.device)
+        budgets = self.config.budgets
+        generator = torch.Generator().manual_seed(seed)
+        if self.options.source == "dataset":
+            if self._dataset is None:
+                self.prepare()
+            batches = DataBatches(self._dataset, self._alphas_cumprod(), generator=generator, device=self.device)
+        else:
+            if self._pool is None or self._snapshot is None:
+                self.prepare()
+            self._pool.load_state(self._snapshot)
+            self._pool.generator = generator
+            self._pool.completed = 0
+            batches = PoolBatches(self.teacher.unet, self._pool)
+        result = fit(
+            student,
+            batches,
+            iterations=budgets.train_iterations,
+            batch_size=budgets.batch_size,
+            lr=budgets.lr,
+            ema_decay=self.options.ema_decay,
+            progress=self.progress,
+            desc=f"trial {getattr(trial, 'number', '-')} dkdm",
+        )
+        tail = max(1, len(result.losses) // 10)
+        attrs = {
+            "train_seconds": round(result.seconds, 3),
+            "train_loss_first": result.mean_loss(0, tail),
+            "train_loss_last": result.mean_loss(len(result.losses) - tail, len(result.losses)),
+            "source": self.options.source,
+        }
+        if isinstance(batches, PoolBatches):
+            attrs.update(teacher_evaluations=batches.teacher_evals, pool_trajectories_completed=self._pool.completed)
+        return Candidate(result.model, config, attrs)

@@ -1,0 +1,151 @@
+"""DKDM's pool of noisy samples, generated and advanced by the teacher itself (no training data).
+
+Each pool entry is a point ``x_t`` on one teacher sampling trajectory of ``num_steps`` DDIM steps
+from ``t = T-1`` down to the clean image. The teacher's noise prediction ``eps(x_t, t)`` that
+supervises the student on a batch is the same one that moves those entries one step on
+(``t -> t_prev``); an entry that reaches the clean image is replaced by fresh noise at ``t = T-1``.
+The pool is larger than the batch and batches are drawn at random, so a batch mixes timesteps.
+
+Each trajectory gets a random offset in ``[0, T/num_steps)`` added to its timestep grid, so that
+across trajectories the student sees every timestep, not just ``num_steps`` of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NoisePool", "PoolState"]
+
+
+@dataclass
+class PoolState:
+    """A snapshot of a pool (tensors on the pool's device)."""
+
+    x: torch.Tensor
+    position: torch.Tensor
+    offset: torch.Tensor
+
+
+class NoisePool:
+    """A pool of ``size`` noisy samples at mixed timesteps, advanced by the teacher.
+
+    Args:
+        size: number of entries (larger than the training batch).
+        sample_shape: ``(C, H, W)``.
+        alphas_cumprod: the teacher scheduler's cumulative alphas, length ``T``.
+        num_steps: denoising steps of a trajectory (its timestep grid has this many points).
+        eta: DDIM stochasticity of the pool's steps (1.0: ancestral-like, 0.0: deterministic).
+        clip_sample: clip the predicted clean image to [-1, 1] (as the teacher's scheduler does).
+        generator: CPU random generator (noise, batch draws, offsets).
+        device: where the pool lives.
+    """
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        sample_shape: tuple[int, ...],
+        alphas_cumprod: torch.Tensor,
+        num_steps: int,
+        eta: float = 1.0,
+        clip_sample: bool = True,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if size < 1 or num_steps < 1:
+            raise ValueError("pool size and num_steps must be positive")
+        self.size = size
+        self.sample_shape = tuple(sample_shape)
+        self.device = torch.device(device)
+        self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
+        self.train_timesteps = len(alphas_cumprod)
+        self.num_steps = min(num_steps, self.train_timesteps)
+        self.stride = self.train_timesteps // self.num_steps
+        self.eta = eta
+        self.clip_sample = clip_sample
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.x = torch.empty((size, *self.sample_shape), device=self.device)
+        self.position = torch.zeros(size, dtype=torch.long, device=self.device)
+        self.offset = torch.zeros(size, dtype=torch.long, device=self.device)
+        self.completed = 0
+        self._reset(torch.arange(size, device=self.device))
+
+    # -- timesteps --------------------------------------------------------------------------------
+    def _timestep_at(self, position: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Timestep of grid point ``position`` (0 = noisiest); -1 past the last point (clean)."""
+        t = (self.num_steps - 1 - position) * self.stride + offset
+        return torch.where(position >= self.num_steps, torch.full_like(t, -1), t.clamp(max=self.train_timesteps - 1))
+
+    def timesteps(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Current timestep of the given entries (all by default)."""
+        if idx is None:
+            return self._timestep_at(self.position, self.offset)
+        return self._timestep_at(self.position[idx], self.offset[idx])
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def _randn(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=self.generator).to(self.device)
+
+    def _reset(self, idx: torch.Tensor) -> None:
+        self.x[idx] = self._randn(len(idx))
+        self.position[idx] = 0
+        self.offset[idx] = torch.randint(0, self.stride, (len(idx),), generator=self.generator).to(self.device)
+
+    def draw(self, batch_size: int) -> torch.Tensor:
+        """Indices of a random batch of distinct entries."""
+        return torch.randperm(self.size, generator=self.generator)[: min(batch_size, self.size)].to(self.device)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, t)`` of the given entries."""
+        return self.x[idx], self.timesteps(idx)
+
+    @torch.no_grad()
+    def advance(self, idx: torch.Tensor, eps: torch.Tensor) -> None:
+        """Move entries ``idx`` one DDIM step on with the teacher's prediction ``eps``; entries
+        that reach the clean image are replaced by fresh noise."""
+        t = self.timesteps(idx)
+        t_prev = self._timestep_at(self.position[idx] + 1, self.offset[idx])
+        a_t = self.alphas_cumprod[t].view(-1, *([1] * len(self.sample_shape)))
+        a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float32))
+        a_prev = a_prev.view_as(a_t)
+        x = self.x[idx]
+        eps = eps.to(x.dtype)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if self.clip_sample:
+            x0 = x0.clamp(-1, 1)
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+        direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        x_prev = a_prev.sqrt() * x0 + direction + sigma * self._randn(len(idx))
+        self.x[idx] = x_prev
+        self.position[idx] += 1
+        done = idx[self.position[idx] >= self.num_steps]
+        if len(done):
+            self.completed += len(done)
+            self._reset(done)
+
+    @torch.no_grad()
+    def warm_up(self, teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, batch_size: int = 256) -> None:
+        """Spread the entries over the trajectory so that batches mix timesteps from the start.
+
+        Entry ``i`` is advanced by the teacher to a random position in ``[0, num_steps)``; this costs
+        about ``size * num_steps / 2`` teacher evaluations, once per pool.
+        """
+        target = torch.randint(0, self.num_steps, (self.size,), generator=self.generator).to(self.device)
+        for step in range(self.num_steps):
+            active = torch.nonzero(target > step).flatten()
+            for start in range(0, len(active), batch_size):
+                idx = active[start : start + batch_size]
+                x, t = self.batch(idx)
+                self.advance(idx, teacher(x, t))
+        self.completed = 0
+
+    def state(self) -> PoolState:
+        return PoolState(self.x.clone(), self.position.clone(), self.offset.clone())
+
+    def load_state(self, state: PoolState) -> None:
+        self.x.copy_(state.x)
+        self.position.copy_(state.position)
+        self.offset.copy_(state.offset)

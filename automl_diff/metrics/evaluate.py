@@ -1,0 +1,117 @@
+"""One evaluation for every model of a study: params, MACs, FID and latency, measured the same way."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from automl_diff.config.study import StudyConfig
+from automl_diff.errors import UserError
+from automl_diff.metrics.fid import FeatureExtractor, fid_from_images, get_extractor, reference_statistics
+from automl_diff.metrics.latency import measure_latency
+from automl_diff.metrics.macs import count_macs
+from automl_diff.sampling import sample_images
+
+__all__ = ["Evaluator", "ModelMetrics"]
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """Metrics of one model (all lower is better).
+
+    Attributes:
+        params: parameter count.
+        macs: MACs of one UNet forward pass (attention matmuls included).
+        macs_no_attention: the same without the attention matmuls.
+        fid: FID of ``fid_samples`` images against the dataset's reference statistics.
+        latency: median seconds per image for ``sampling_steps`` denoising steps.
+    """
+
+    params: int
+    macs: int
+    macs_no_attention: int
+    fid: float
+    latency: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Evaluator:
+    """Evaluates models against a study's teacher, dataset and budgets.
+
+    Every model is sampled from the same initial noise (``config.seed``) with the same scheduler
+    and step count, so FID and latency compare like with like.
+    """
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        *,
+        scheduler_config: dict[str, Any],
+        teacher_dataset: str | None,
+        resolution: int,
+        channels: int,
+        device: str | torch.device,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.scheduler_config = scheduler_config
+        self.dataset = config.fid.dataset or teacher_dataset
+        if self.dataset is None:
+            raise UserError(f"{config.path}: fid.dataset: required for a teacher other than digits (a dataset name or folder:PATH)")
+        self.features = config.fid.features or ("digits" if self.dataset == "digits" else "inception")
+        self.resolution = resolution
+        self.channels = channels
+        self.device = torch.device(device)
+        self.progress = progress
+        self._extractor: FeatureExtractor | None = None
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = get_extractor(self.features, device=self.device)
+        return self._extractor
+
+    @property
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._reference is None:
+            self._reference = reference_statistics(self.dataset, self.extractor, resolution=self.resolution, channels=self.channels)
+        return self._reference
+
+    def fid(self, unet: nn.Module, *, desc: str = "sampling") -> float:
+        """FID of ``fid_samples`` images of ``unet`` (lower is better)."""
+        c = self.config
+        images = sample_images(
+            unet,
+            self.scheduler_config,
+            num_images=c.budgets.fid_samples,
+            steps=c.budgets.sampling_steps,
+            batch_size=c.fid.batch_size,
+            seed=c.seed,
+            scheduler=c.sampling.scheduler,
+            eta=c.sampling.eta,
+            progress=self.progress,
+            desc=desc,
+        )
+        return fid_from_images(images, self.reference, self.extractor)
+
+    def evaluate(self, unet: nn.Module, *, desc: str = "sampling") -> ModelMetrics:
+        """All metrics of one model."""
+        cost = count_macs(unet)
+        fid = self.fid(unet, desc=desc)
+        b = self.config.budgets
+        latency = measure_latency(
+            unet,
+            self.scheduler_config,
+            steps=b.sampling_steps,
+            batch_size=b.latency_batch_size,
+            repeats=b.latency_repeats,
+            scheduler=self.config.sampling.scheduler,
+        )
+        return ModelMetrics(cost.params, cost.macs, cost.macs_no_attention, fid, latency)

@@ -1,0 +1,166 @@
+"""FID: pytorch-fid's Fréchet distance between feature statistics (lower is better).
+
+Features come from a small registry: ``inception`` (pytorch-fid's InceptionV3 pool3, 2048-d, the
+standard for RGB images; weights from the torch hub cache) or ``digits`` (the shipped digits
+classifier, 64-d, for the built-in benchmark). Reference statistics of a dataset are computed
+once and cached on disk, keyed by dataset, extractor (and its weights), resolution and channels.
+
+FID depends on the number of samples; compare models only at the same ``fid_samples``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automl_diff.errors import UserError
+
+__all__ = [
+    "FEATURE_EXTRACTORS",
+    "FeatureExtractor",
+    "cache_dir",
+    "feature_statistics",
+    "fid_from_images",
+    "frechet_distance",
+    "get_extractor",
+    "reference_statistics",
+]
+
+
+def cache_dir() -> Path:
+    """Where reference statistics are cached: ``$AUTOML_DIFF_CACHE`` or ``~/.cache/automl_diff``."""
+    return Path(os.environ.get("AUTOML_DIFF_CACHE", Path.home() / ".cache" / "automl_diff"))
+
+
+@dataclass
+class FeatureExtractor:
+    """Maps images in [-1, 1] to feature vectors.
+
+    Attributes:
+        name: registry name.
+        fingerprint: identifies the weights (part of the cache key).
+        model: ``(N, C, H, W)`` in [-1, 1] -> ``(N, D)``.
+    """
+
+    name: str
+    fingerprint: str
+    model: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, *, batch_size: int = 200) -> np.ndarray:
+        feats = [self.model(images[i : i + batch_size].to(self.device)).double().cpu() for i in range(0, len(images), batch_size)]
+        return torch.cat(feats).numpy()
+
+
+def _digits_extractor(device: torch.device) -> FeatureExtractor:
+    from automl_diff.zoo.digits import CLASSIFIER_FILE, load_classifier
+
+    if not CLASSIFIER_FILE.is_file():
+        raise UserError(f"the digits feature extractor is missing: {CLASSIFIER_FILE}; retrain it with python -m automl_diff.zoo.train_digits")
+    model = load_classifier().to(device)
+    digest = hashlib.sha256(CLASSIFIER_FILE.read_bytes()).hexdigest()[:12]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 1:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-1] != 16 or x.shape[-2] != 16:
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        return model.features(x.float())
+
+    return FeatureExtractor("digits", f"digits-{digest}", run, device)
+
+
+def inception_weights_path() -> Path:
+    """Where pytorch-fid looks for its Inception weights (the torch hub checkpoint cache)."""
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(FID_WEIGHTS_URL)
+
+
+def _inception_extractor(device: torch.device) -> FeatureExtractor:
+    from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+
+    weights = inception_weights_path()
+    try:
+        model: nn.Module = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        raise UserError(
+            f"FID Inception weights are missing and could not be downloaded ({type(exc).__name__}): "
+            f"put {weights.name} from {FID_WEIGHTS_URL} at {weights}"
+        ) from None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        # pytorch-fid expects [0, 1] and resizes to 299 itself.
+        return model((x.float() + 1) / 2)[0].flatten(1)
+
+    return FeatureExtractor("inception", f"inception-{weights.name}", run, device)
+
+
+#: Feature extractors by name.
+FEATURE_EXTRACTORS: dict[str, Callable[[torch.device], FeatureExtractor]] = {
+    "digits": _digits_extractor,
+    "inception": _inception_extractor,
+}
+
+
+def get_extractor(name: str, *, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The feature extractor registered as ``name``."""
+    if name not in FEATURE_EXTRACTORS:
+        raise UserError(f"unknown FID features '{name}'; known: {', '.join(FEATURE_EXTRACTORS)}")
+    return FEATURE_EXTRACTORS[name](torch.device(device))
+
+
+def feature_statistics(images: torch.Tensor, extractor: FeatureExtractor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the features of ``images`` (in [-1, 1])."""
+    feats = extractor(images)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """pytorch-fid's Fréchet distance between two Gaussians."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def reference_statistics(
+    dataset: str,
+    extractor: FeatureExtractor,
+    *,
+    resolution: int,
+    channels: int,
+    directory: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature statistics of a whole dataset, computed once and cached as ``.npz``."""
+    from automl_diff.data import load_dataset
+
+    key = hashlib.sha256(f"{dataset}|{extractor.fingerprint}|{resolution}|{channels}".encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() else "_" for c in dataset)[-40:]
+    path = (directory or cache_dir()) / "fid_stats" / f"{safe}-{extractor.name}-{resolution}px-{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return data["mu"], data["sigma"]
+    images = load_dataset(dataset, resolution=resolution, channels=channels)
+    mu, sigma = feature_statistics(images, extractor)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, dataset=dataset, extractor=extractor.fingerprint, count=len(images))
+    tmp.replace(path)
+    return mu, sigma
+
+
+def fid_from_images(images: torch.Tensor, reference: tuple[np.ndarray, np.ndarray], extractor: FeatureExtractor) -> float:
+    """FID of generated ``images`` (in [-1, 1]) against reference statistics."""
+    mu, sigma = feature_statistics(images, extractor)
+    return frechet_distance(mu, sigma, *reference)

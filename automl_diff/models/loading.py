@@ -1,0 +1,207 @@
+"""Loading UNets and teachers: the built-in ``digits``, a local folder, a bare ``config.json``, or a hub id.
+
+A *teacher* is a UNet plus the noise-scheduler config it was trained with, and the dataset its
+samples are compared against for FID (known for ``digits``; set ``fid.dataset`` in a study
+otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from automl_diff.errors import UserError
+
+__all__ = ["UNET_CLASSES", "Teacher", "load_teacher", "load_unet", "unet_from_config"]
+
+
+def _unet_classes() -> dict[str, type]:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from automl_diff.models.student import StudentUNet2DModel
+
+    return {
+        "UNet2DModel": UNet2DModel,
+        "UNet2DConditionModel": UNet2DConditionModel,
+        "StudentUNet2DModel": StudentUNet2DModel,
+    }
+
+
+#: Model classes a ``config.json`` may name in ``_class_name``.
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "StudentUNet2DModel")
+
+_DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
+
+
+@dataclass
+class Teacher:
+    """A pretrained diffusion model to compress.
+
+    Attributes:
+        unet: the noise-prediction network.
+        scheduler_config: the config of the scheduler it was trained with (dict, JSON-safe).
+        source: how the user named it (``digits``, a path, or a hub id).
+        dataset: the dataset for FID reference statistics, when known.
+    """
+
+    unet: nn.Module
+    scheduler_config: dict[str, Any]
+    source: str
+    dataset: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resolution(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+
+def _class_for(config: dict[str, Any], where: str) -> type:
+    name = config.get("_class_name", "UNet2DModel")
+    classes = _unet_classes()
+    if name not in classes:
+        raise UserError(f"{where}: _class_name '{name}' is not a supported UNet; supported: {', '.join(UNET_CLASSES)}")
+    return classes[name]
+
+
+def unet_from_config(config: dict[str, Any], *, where: str = "config") -> nn.Module:
+    """Build a UNet with random weights from a diffusers config dict (``_class_name`` picks the class)."""
+    cls = _class_for(config, where)
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise UserError(f"{where}: cannot build {cls.__name__}: {exc}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _unet_dir(path: Path) -> Path:
+    """The folder holding the UNet's config.json: the folder itself or its ``unet/``."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / "unet" / "config.json").is_file():
+        return path / "unet"
+    raise UserError(f"'{path}' holds neither config.json nor unet/config.json: not a diffusers model folder")
+
+
+def load_unet(spec: str | Path, *, weights: bool = True) -> nn.Module:
+    """Load a UNet from a folder (pipeline or model), a bare ``config.json`` (random weights), or a hub id.
+
+    Args:
+        spec: ``path/to/pipeline``, ``path/to/unet``, ``path/to/config.json``, or ``org/name``.
+        weights: load the weights (False: the architecture with random weights, for counting).
+
+    Raises:
+        UserError: the path has no model, a weight file is missing, or the hub is unreachable.
+    """
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix != ".json":
+            raise UserError(f"'{spec}': expected a folder or a config.json, got a {path.suffix or 'plain'} file")
+        return unet_from_config(_read_json(path), where=str(path))
+    if path.is_dir():
+        folder = _unet_dir(path)
+        config = _read_json(folder / "config.json")
+        if not weights:
+            return unet_from_config(config, where=str(folder / "config.json"))
+        if not any((folder / name).is_file() for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")):
+            raise UserError(f"{folder}: diffusion_pytorch_model.safetensors is missing (only safetensors weights are loaded)")
+        cls = _class_for(config, str(folder / "config.json"))
+        try:
+            return cls.from_pretrained(str(folder), use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{folder}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    return _load_from_hub(str(spec), weights=weights)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (offline mode, no route), or None; answers in seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        return f"cannot reach {host}: {exc.strerror or exc}"
+    return None
+
+
+def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise UserError(f"model '{repo_id}' is not an existing local folder or file, nor a hub id (org/name)")
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise UserError(f"model '{repo_id}' is not a local path and the hub is unreachable ({reason}); download it and pass the folder")
+    from diffusers import UNet2DModel
+
+    try:
+        config = UNet2DModel.load_config(repo_id, subfolder="unet")
+        cls = _class_for(dict(config), f"{repo_id}/unet/config.json")
+        if not weights:
+            return unet_from_config(dict(config), where=f"{repo_id}/unet/config.json")
+        return cls.from_pretrained(repo_id, subfolder="unet", use_safetensors=True)
+    except UserError:
+        raise
+    except Exception as exc:  # the hub client raises many types for offline/missing repos
+        raise UserError(
+            f"model '{repo_id}' is not a local path and could not be loaded from the hub: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+
+
+def _scheduler_config(path: Path | None) -> dict[str, Any]:
+    if path is not None:
+        for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
+            if candidate.is_file():
+                return _read_json(candidate)
+    return dict(_DEFAULT_SCHEDULER)
+
+
+def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
+    """Load the teacher a study names: ``digits``, a local pipeline/UNet folder, or a hub id.
+
+    The scheduler config comes from the pipeline's ``scheduler/`` folder (or the hub repo's);
+    a bare UNet folder without one gets a default 1000-step DDPM schedule.
+    """
+    if spec == "digits":
+        from automl_diff.zoo.digits import DIGITS_DIR
+
+        if not (DIGITS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+            raise UserError(f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}")
+        unet = load_unet(DIGITS_DIR)
+        return Teacher(unet.to(device).eval(), _scheduler_config(DIGITS_DIR), "digits", dataset="digits")
+    path = Path(spec)
+    if path.exists():
+        unet = load_unet(path)
+        return Teacher(unet.to(device).eval(), _scheduler_config(path if path.is_dir() else None), spec)
+    unet = _load_from_hub(spec, weights=True)
+    try:
+        from diffusers import DDPMScheduler
+
+        scheduler_config = dict(DDPMScheduler.load_config(spec, subfolder="scheduler"))
+    except Exception:  # noqa: BLE001 - a hub model without a scheduler folder gets the default
+        scheduler_config = dict(_DEFAULT_SCHEDULER)
+    return Teacher(unet.to(device).eval(), scheduler_config, spec)

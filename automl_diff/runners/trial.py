@@ -1,0 +1,123 @@
+"""What one trial does, whatever runs it: train a candidate, save it, evaluate it, record it.
+
+:class:`StudySession` holds what trials of one study share (teacher, method, evaluator) and
+exposes :meth:`StudySession.objective`, the Optuna objective that the local runner (and later the
+Ray Tune runner) calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from automl_diff.config.study import StudyConfig, resolve_device
+from automl_diff.export.pipeline import SCHEDULER_ATTR
+from automl_diff.methods import METHODS
+from automl_diff.methods.dkdm.distill import TrainingDiverged
+from automl_diff.metrics.evaluate import Evaluator, ModelMetrics
+from automl_diff.models.loading import Teacher, load_teacher
+
+__all__ = ["StudySession", "TEACHER_ATTR", "FINISHED_STATES"]
+
+logger = logging.getLogger("automl_diff")
+
+#: Study user attribute holding the teacher's metrics (for speedups and reference points).
+TEACHER_ATTR = "teacher_metrics"
+#: Trial states that count towards ``n_trials``.
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+#: Exceptions that fail one trial (reason recorded) but let the study go on.
+TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.OutOfMemoryError)
+
+
+class StudySession:
+    """The shared state of the trials of one study run.
+
+    Args:
+        config: the study config.
+        study_name: name of the study in the storage.
+        progress: show progress bars.
+    """
+
+    def __init__(self, config: StudyConfig, *, study_name: str, progress: bool = False) -> None:
+        self.config = config
+        self.study_name = study_name
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.teacher: Teacher = load_teacher(config.teacher, device=self.device)
+        self.method = METHODS[config.method](config, self.teacher, device=self.device, progress=progress)
+        self.evaluator = Evaluator(
+            config,
+            scheduler_config=self.teacher.scheduler_config,
+            teacher_dataset=self.teacher.dataset,
+            resolution=self.teacher.resolution,
+            channels=self.teacher.channels,
+            device=self.device,
+            progress=progress,
+        )
+        self._prepared = False
+
+    @property
+    def trial_root(self) -> Path:
+        return Path(self.config.output_dir).resolve() / self.study_name
+
+    def teacher_metrics(self, study: optuna.Study) -> dict[str, Any]:
+        """The teacher's metrics, measured once per study and kept as a study user attribute."""
+        stored = study.user_attrs.get(TEACHER_ATTR)
+        if stored:
+            return stored
+        study.set_user_attr(SCHEDULER_ATTR, dict(self.teacher.scheduler_config))
+        logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
+        metrics = self.evaluator.evaluate(self.teacher.unet, desc="teacher").to_dict()
+        study.set_user_attr(TEACHER_ATTR, metrics)
+        return metrics
+
+    def prepare(self) -> None:
+        if not self._prepared:
+            self.method.prepare()
+            self._prepared = True
+
+    def _duplicate_of(self, study: optuna.Study, trial: optuna.Trial) -> int | None:
+        for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.number != trial.number and other.params == trial.params:
+                return other.number
+        return None
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
+        """Train, save, evaluate and record one trial; return its objective values."""
+        study = trial.study
+        self.method.suggest(trial)
+        duplicate = self._duplicate_of(study, trial)
+        if duplicate is not None:
+            trial.set_user_attr("duplicate_of", duplicate)
+            logger.info("trial %d repeats trial %d's parameters: pruned", trial.number, duplicate)
+            raise optuna.TrialPruned(f"same parameters as trial {duplicate}")
+        self.prepare()
+        try:
+            candidate = self.method.run_trial(trial)
+        except TRIAL_FAILURES as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            raise
+        folder = self.trial_root / f"trial_{trial.number}"
+        candidate.unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+        trial.set_user_attr("weights", str(folder / "unet"))
+        trial.set_user_attr("model_config", json.loads(json.dumps(candidate.config)))
+        for key, value in candidate.attrs.items():
+            trial.set_user_attr(key, value)
+        metrics = self.evaluator.evaluate(candidate.unet, desc=f"trial {trial.number} sampling")
+        self._record(trial, metrics, self.teacher_metrics(study))
+        values = metrics.to_dict()
+        return tuple(float(values[name]) for name in self.config.objective_names)
+
+    @staticmethod
+    def _record(trial: optuna.Trial, metrics: ModelMetrics, teacher: dict[str, Any]) -> None:
+        for key, value in metrics.to_dict().items():
+            trial.set_user_attr(key, value)
+        if teacher.get("latency") and metrics.latency:
+            trial.set_user_attr("speedup", teacher["latency"] / metrics.latency)
+        if teacher.get("macs") and metrics.macs:
+            trial.set_user_attr("macs_reduction", teacher["macs"] / metrics.macs)

@@ -1,0 +1,1 @@
+"""The command line: ``python -m automl_diff.study {run,status,pareto,export,profile}``."""

@@ -1,0 +1,91 @@
+"""``python -m automl_diff.study``: run studies, read their results, export and profile models.
+
+Exit status: 0 on success, 2 for a user error (one line on stderr, no traceback), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from automl_diff.config.study import DEFAULT_STORAGE
+from automl_diff.errors import UserError
+from automl_diff.study import commands
+
+__all__ = ["build_parser", "main"]
+
+
+def _study_options(parser: argparse.ArgumentParser, *, storage_default: str | None = DEFAULT_STORAGE) -> None:
+    parser.add_argument("--storage", default=storage_default, help=f"Optuna RDB storage URL (default: {storage_default or 'the config file''s'})")
+    parser.add_argument("--study-name", default=None, help="study to use (default: the config's name, or the storage's only study)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as for every user error
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m automl_diff.study", description="Optuna-driven compression of diffusion UNets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="create or resume a study and run its trials")
+    run.add_argument("config", help="study config (studies/*.yaml)")
+    _study_options(run, storage_default=None)
+    run.add_argument("--n-trials", type=int, default=None, help="total finished trials to reach (default: the config's)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=commands.cmd_run)
+
+    status = sub.add_parser("status", help="trials per state and the best values")
+    _study_options(status)
+    status.add_argument("--json", action="store_true", help="print a JSON object")
+    status.set_defaults(func=commands.cmd_status)
+
+    pareto = sub.add_parser("pareto", help="the Pareto-front trials with MACs, params, FID, latency, speedup")
+    _study_options(pareto)
+    pareto.add_argument("--json", action="store_true", help="print a JSON list")
+    pareto.add_argument("--csv", default=None, metavar="FILE", help="also write the front (with parameters) as CSV")
+    pareto.set_defaults(func=commands.cmd_pareto)
+
+    export = sub.add_parser("export", help="export trials as diffusers pipelines with model cards")
+    _study_options(export)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="export this trial into --out")
+    which.add_argument("--pareto", action="store_true", help="export every front trial into --out/trial_<n>")
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(func=commands.cmd_export)
+
+    profile = sub.add_parser("profile", help="params and MACs per block and in total")
+    profile.add_argument("--model", required=True, help="digits, a hub id, a diffusers/exported folder, or a config.json")
+    profile.add_argument("--resolution", type=int, default=None, help="input size (default: the config's sample_size)")
+    profile.add_argument("--text-length", type=int, default=77, help="text tokens for conditional UNets (default 77)")
+    profile.add_argument("--json", action="store_true", help="print a JSON object")
+    profile.set_defaults(func=commands.cmd_profile)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("fvcore", "iopath", "PIL", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _configure_logging(args.verbose)
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        commands.print_error(str(exc))
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        commands.print_error("interrupted; finished trials are kept in the storage")
+        return 130

@@ -1,0 +1,160 @@
+"""The subcommands of ``python -m automl_diff.study``; each takes parsed arguments and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from automl_diff.errors import UserError
+
+__all__ = ["cmd_export", "cmd_pareto", "cmd_profile", "cmd_run", "cmd_status"]
+
+logger = logging.getLogger("automl_diff")
+
+
+def _human(value: Any, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}{unit}"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}{unit}"
+    return f"{value}{unit}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def pareto_table(study: Any) -> str:
+    """The Pareto front as a text table, the teacher first."""
+    from automl_diff.analysis import pareto_rows, teacher_metrics
+
+    header = ["trial", "MACs", "params", "FID", "latency", "speedup"]
+    rows = []
+    teacher = teacher_metrics(study)
+    if teacher:
+        rows.append(["teacher", _human(teacher["macs"]), _human(teacher["params"]), _human(teacher["fid"]), _human(teacher["latency"], "s"), "1x"])
+    for r in pareto_rows(study):
+        rows.append([str(r.trial), _human(r.macs), _human(r.params), _human(r.fid), _human(r.latency, "s"), _human(r.speedup, "x")])
+    return _table(header, rows)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from automl_diff.config import load_study_config
+    from automl_diff.runners import mask_url, run_study
+
+    config = load_study_config(args.config)
+    storage = args.storage or config.storage
+    study = run_study(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, progress=not args.quiet)
+    print(f"\nPareto front of study '{study.study_name}' (MACs per UNet call, latency per image, lower FID is better):")
+    print(pareto_table(study))
+    print(
+        "\nExport the front as diffusers pipelines with:\n"
+        f"  python -m automl_diff.study export --storage {mask_url(storage)} --study-name {study.study_name} --pareto --out exports/{study.study_name}"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import optuna
+
+    from automl_diff.analysis import pareto_rows
+    from automl_diff.runners import load_existing_study
+
+    study = load_existing_study(args.storage, args.study_name)
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    front = pareto_rows(study)
+    best: dict[str, Any] = {}
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    for i, (name, direction) in enumerate(zip(names, study.directions)):
+        values = [t.values[i] for t in complete if t.values]
+        if values:
+            best[name] = (min if direction == optuna.study.StudyDirection.MINIMIZE else max)(values)
+    if args.json:
+        print(json.dumps({"study": study.study_name, "states": dict(states), "trials": len(trials), "pareto_size": len(front), "best": best}))
+        return 0
+    print(f"study {study.study_name}: {len(trials)} trials")
+    for state, count in sorted(states.items()):
+        print(f"  {state.lower():9s} {count}")
+    for name, value in best.items():
+        print(f"  best {name}: {_human(value)}")
+    print(f"  Pareto front: {len(front)} trials")
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from automl_diff.analysis import pareto_rows, trials_frame
+    from automl_diff.runners import load_existing_study
+
+    study = load_existing_study(args.storage, args.study_name)
+    rows = pareto_rows(study)
+    if args.csv:
+        path = Path(args.csv)
+        if not path.parent.is_dir():
+            raise UserError(f"--csv: the folder {path.parent} does not exist")
+        trials_frame(study, pareto_only=True).to_csv(path, index=False)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows]))
+    elif not args.csv:
+        print(pareto_table(study))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from automl_diff.analysis import pareto_rows
+    from automl_diff.export import export_trial
+    from automl_diff.runners import load_existing_study
+
+    study = load_existing_study(args.storage, args.study_name)
+    out = Path(args.out)
+    if args.pareto:
+        rows = pareto_rows(study)
+        if not rows:
+            raise UserError(f"study '{study.study_name}' has no completed trial to export")
+        targets = [(r.trial, out / f"trial_{r.trial}") for r in rows]
+    else:
+        targets = [(args.trial, out)]
+    for number, folder in targets:
+        export_trial(study, number, folder, storage_url=args.storage)
+        print(f"trial {number} -> {folder}")
+    print("load with: DDIMPipeline.from_pretrained(<folder>)  (import automl_diff first for per-level-depth students)")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from automl_diff.metrics import count_macs
+    from automl_diff.models.loading import load_unet
+    from automl_diff.zoo.digits import DIGITS_DIR
+
+    source = DIGITS_DIR if args.model == "digits" else args.model
+    unet = load_unet(source, weights=False)
+    report = count_macs(unet, resolution=args.resolution, text_length=args.text_length)
+    if args.json:
+        data = report.to_dict()
+        data["blocks"] = [{k: b[k] for k in ("name", "params", "macs", "macs_no_attention")} for b in data["blocks"]]
+        print(json.dumps(data))
+        return 0
+    resolution = args.resolution or unet.config.sample_size
+    print(f"{args.model}: {type(unet).__name__} at {resolution}px, one forward pass, batch 1")
+    rows = [[b.name, _human(b.params), _human(b.macs), _human(b.macs_no_attention)] for b in report.blocks]
+    rows.append(["total", _human(report.params), _human(report.macs), _human(report.macs_no_attention)])
+    print(_table(["block", "params", "MACs", "MACs w/o attn matmuls"], rows))
+    return 0
+
+
+def print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)

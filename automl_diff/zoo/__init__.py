@@ -1,0 +1,1 @@
+"""Models the package ships: the digits teacher and the digits classifier (FID features)."""

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automl_diff.methods.dkdm import NoisePool, PoolBatches, fit
+from automl_diff.sampling import make_scheduler
+
+
+def _pool(size=6, steps=4, eta=1.0, seed=0):
+    alphas = make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod
+    return NoisePool(size=size, sample_shape=(1, 4, 4), alphas_cumprod=alphas, num_steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pool_timesteps_decrease_and_samples_reset_after_the_last_step():
+    pool = _pool(size=3, steps=4)
+    idx = torch.arange(3)
+    start = pool.timesteps().clone()
+    assert (start >= 750).all() and (start <= 999).all()  # first grid point: (4-1)*250 + offset
+    seen = [start]
+    for _ in range(3):
+        before = pool.x.clone()
+        pool.advance(idx, torch.zeros(3, 1, 4, 4))
+        assert not torch.equal(before, pool.x)  # samples really move
+        seen.append(pool.timesteps().clone())
+    for earlier, later in zip(seen, seen[1:]):
+        assert (later < earlier).all()
+    assert (seen[-1] < 250).all()
+    assert pool.completed == 0
+    pool.advance(idx, torch.zeros(3, 1, 4, 4))  # past t = offset (< stride): the clean image is done
+    assert pool.completed == 3
+    assert torch.equal(pool.position, torch.zeros(3, dtype=torch.long))
+    assert (pool.timesteps() >= 750).all()
+    assert pool.x.std() > 0.5  # fresh unit-variance noise, not the finished images
+
+
+def test_pool_step_is_ddim_with_the_teacher_prediction():
+    pool = _pool(size=1, steps=10, eta=0.0)
+    x, t = pool.batch(torch.tensor([0]))
+    eps = torch.randn_like(x)
+    t_prev = t - pool.stride
+    a_t, a_prev = pool.alphas_cumprod[t], pool.alphas_cumprod[t_prev]
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    pool.advance(torch.tensor([0]), eps)
+    torch.testing.assert_close(pool.x[0:1], expected)
+    assert pool.timesteps(torch.tensor([0])).item() == t_prev.item()
+
+
+def test_warm_up_spreads_the_pool_and_batches_mix_timesteps(tiny_unet):
+    pool = _pool(size=32, steps=8)
+    with torch.no_grad():
+        pool.warm_up(lambda x, t: tiny_unet(x, t).sample)
+    assert len(set(pool.position.tolist())) >= 5
+    idx = pool.draw(8)
+    assert len(set(idx.tolist())) == 8
+    _, t = pool.batch(torch.arange(32))
+    assert t.max() - t.min() > 500
+
+
+def test_distillation_loss_falls_and_no_data_is_read(tiny_unet, monkeypatch):
+    from diffusers import UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("DKDM read the dataset")
+
+    monkeypatch.setattr("automl_diff.data._datasets.load_digits", no_data)
+    monkeypatch.setattr("automl_diff.data.load_dataset", no_data)
+    monkeypatch.setattr("automl_diff.data.load_digits", no_data)
+    alphas = make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod
+    pool = NoisePool(size=64, sample_shape=(1, 16, 16), alphas_cumprod=alphas, num_steps=10, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    student = UNet2DModel(**{**TINY_UNET, "block_out_channels": [4, 8], "attention_head_dim": 4})
+    batches = PoolBatches(tiny_unet, pool)
+    result = fit(student, batches, iterations=60, batch_size=16, lr=3e-3)
+    assert result.mean_loss(50, 60) < 0.7 * result.mean_loss(0, 10)
+    assert batches.teacher_evals == 60 * 16
+    assert pool.completed > 0  # trajectories finished and restarted during training
+
+
+def test_diverging_training_fails_with_a_reason(tiny_unet):
+    from automl_diff.methods.dkdm import TrainingDiverged
+
+    def nan_batches(batch_size):
+        x = torch.full((batch_size, 1, 16, 16), float("nan"))
+        return x, torch.zeros(batch_size, dtype=torch.long), x
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at iteration 0"):
+        fit(tiny_unet, nan_batches, iterations=3, batch_size=2, lr=1e-3)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automl_diff.data import load_digits
+from automl_diff.errors import UserError
+from automl_diff.metrics.fid import feature_statistics, fid_from_images, get_extractor, reference_statistics
+
+
+@pytest.fixture(scope="module")
+def digits_extractor():
+    return get_extractor("digits")
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_far(digits_extractor):
+    images = load_digits(resolution=16)
+    reference = reference_statistics("digits", digits_extractor, resolution=16, channels=1)
+    assert fid_from_images(images, reference, digits_extractor) == pytest.approx(0.0, abs=1e-3)
+    shifted = torch.roll(images, shifts=4, dims=-1)
+    torch.manual_seed(0)
+    noisy = (images + 0.6 * torch.randn_like(images)).clamp(-1, 1)
+    far_shift = fid_from_images(shifted, reference, digits_extractor)
+    far_noise = fid_from_images(noisy, reference, digits_extractor)
+    half = fid_from_images(images[::2], reference, digits_extractor)
+    assert far_shift > 20 * max(half, 1e-3)
+    assert far_noise > 20 * max(half, 1e-3)
+
+
+def test_reference_statistics_are_cached(digits_extractor, monkeypatch):
+    first = reference_statistics("digits", digits_extractor, resolution=16, channels=1)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the dataset was read again")
+
+    monkeypatch.setattr("automl_diff.data.load_dataset", fail)
+    second = reference_statistics("digits", digits_extractor, resolution=16, channels=1)
+    assert (first[0] == second[0]).all() and (first[1] == second[1]).all()
+
+
+def test_features_of_digits_classifier():
+    from automl_diff.zoo.digits import load_classifier
+
+    images, labels = load_digits(resolution=16, with_labels=True)
+    accuracy = (load_classifier()(images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.95
+    mu, sigma = feature_statistics(images[:100], get_extractor("digits"))
+    assert mu.shape == (64,) and sigma.shape == (64, 64)
+
+
+def test_missing_inception_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("pytorch_fid.inception.load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match=r"pt_inception-2015-12-05-6726825d\.pth.*hub/checkpoints"):
+        get_extractor("inception")
+
+
+def test_unknown_extractor():
+    with pytest.raises(UserError, match="unknown FID features 'clip'"):
+        get_extractor("clip")

@@ -1,0 +1,157 @@
+"""End to end on a tiny teacher: run, resume, status, pareto, export, profile, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+
+from automl_diff.study.cli import main
+from tests.conftest import REPO
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def finished_study(study_factory, capsys):
+    config = study_factory()
+    code, out, err = _run(capsys, "run", str(config), "--quiet")
+    assert code == 0, err
+    return config
+
+
+def test_run_records_trials_and_resumes_without_duplicates(finished_study, capsys, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(study.trials) == 2
+    assert study.metric_names == ["macs", "fid"]
+    teacher = study.user_attrs["teacher_metrics"]
+    assert teacher["macs"] > 0 and teacher["fid"] > 0
+    for trial in study.trials:
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            assert trial.user_attrs.get("duplicate_of") is not None
+            continue
+        attrs = trial.user_attrs
+        for key in ("macs", "params", "fid", "latency", "model_config", "weights", "speedup"):
+            assert key in attrs, key
+        assert trial.values[0] == attrs["macs"] and trial.values[1] == attrs["fid"]
+        assert (tmp_path / "runs" / "tiny" / f"trial_{trial.number}" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert attrs["model_config"]["_class_name"] in ("UNet2DModel", "StudentUNet2DModel")
+    # a second run of the same config resumes: no new trial, teacher not re-measured
+    code, out, _ = _run(capsys, "run", str(finished_study), "--quiet")
+    assert code == 0 and "Pareto front" in out and "export" in out
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 2
+    # asking for more trials adds exactly the difference
+    code, _, _ = _run(capsys, "run", str(finished_study), "--quiet", "--n-trials", "3")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert code == 0 and len(finished) == 3 == len(study.trials)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == len(complete)
+
+
+def test_status_pareto_json_and_csv(finished_study, capsys, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, _ = _run(capsys, "status", "--storage", storage, "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["study"] == "tiny" and sum(status["states"].values()) == 2
+    code, out, _ = _run(capsys, "pareto", "--storage", storage, "--study-name", "tiny", "--json", "--csv", str(tmp_path / "front.csv"))
+    assert code == 0
+    front = json.loads(out)
+    assert front and all(set(row) == {"trial", "macs", "params", "fid", "latency", "speedup"} for row in front)
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "front.csv")
+    assert list(frame["trial"]) == [row["trial"] for row in front]
+    assert any(c.startswith("param:") for c in frame.columns)
+    code, out, _ = _run(capsys, "pareto", "--storage", storage)
+    assert code == 0 and "teacher" in out and "speedup" in out
+
+
+def test_export_round_trip_loads_and_samples(finished_study, capsys, tmp_path):
+    from diffusers import DDIMPipeline
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = _run(capsys, "export", "--storage", storage, "--pareto", "--out", str(tmp_path / "exports"))
+    assert code == 0, err
+    folders = sorted((tmp_path / "exports").iterdir())
+    assert folders
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    for folder in folders:
+        number = int(folder.name.split("_")[1])
+        card = (folder / "README.md").read_text()
+        assert "tiny" in card and f"trial {number}" in card and "FID" in card
+        pipe = DDIMPipeline.from_pretrained(folder)
+        trained = study.trials[number].user_attrs["model_config"]["_class_name"]
+        assert type(pipe.unet).__name__ == trained
+        images = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 16, 16, 1)
+        # the exported weights are the trial's weights
+        from automl_diff.models import load_unet
+
+        original = load_unet(study.trials[number].user_attrs["weights"])
+        for (name, a), (_, b) in zip(original.state_dict().items(), pipe.unet.state_dict().items()):
+            assert torch.equal(a, b), name
+
+
+def test_student_with_per_level_depths_exports_through_ddim_pipeline(tmp_path):
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from automl_diff import StudentUNet2DModel
+    from tests.conftest import TINY_UNET
+
+    unet = StudentUNet2DModel(**{**TINY_UNET, "layers_per_block": [1, 2]})
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(pipe.unet, StudentUNet2DModel) and list(pipe.unet.config.layers_per_block) == [1, 2]
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([5])
+    torch.testing.assert_close(pipe.unet(x, t).sample, unet.eval()(x, t).sample)
+
+
+def test_profile_json(capsys, tiny_teacher_dir, tmp_path):
+    code, out, _ = _run(capsys, "profile", "--model", str(tiny_teacher_dir), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert {"params", "macs", "macs_no_attention", "blocks"} <= set(data)
+    assert [b["name"] for b in data["blocks"]][:2] == ["down.0", "down.1"]
+    assert all({"name", "params", "macs"} <= set(b) for b in data["blocks"])
+    # a bare config.json counts an architecture before training it
+    code, out2, _ = _run(capsys, "profile", "--model", str(tiny_teacher_dir / "unet" / "config.json"), "--json")
+    assert code == 0 and json.loads(out2)["macs"] == data["macs"]
+    code, out3, _ = _run(capsys, "profile", "--model", "digits")
+    assert code == 0 and "total" in out3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["status", "--storage", "sqlite:///does/not/exist.db"], "does not exist"),
+        (["run", "missing.yaml"], "study config 'missing.yaml' does not exist"),
+        (["profile", "--model", "./no/such/folder"], "not an existing local folder"),
+        (["export", "--storage", "sqlite:///x.db"], "one of the arguments --trial --pareto is required"),
+        (["status", "--storage", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://u:***@127.0.0.1:1/db'"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "secret" not in err
+
+
+def test_bad_config_from_a_real_process_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dkdm\nteacher: digits\nbudgets: {fid_samples: many}\n")
+    proc = subprocess.run([sys.executable, "-m", "automl_diff.study", "run", str(bad)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: budgets.fid_samples: expected an integer (got 'many')"
