@@ -75,17 +75,15 @@ def sample_images(
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, config.in_channels, height, width), generator=generator)
-    sched = make_scheduler(scheduler_config, scheduler)
-    sched.set_timesteps(steps)
     step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
     out = []
-    total = -(-num_images // batch_size) * len(sched.timesteps)
+    total = -(-num_images // batch_size) * steps
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False)
     try:
         for start in range(0, num_images, batch_size):
-            x = noise[start : start + batch_size].to(device=device, dtype=dtype) * sched.init_noise_sigma
-            sched = make_scheduler(scheduler_config, scheduler)
+            sched = make_scheduler(scheduler_config, scheduler)  # fresh per batch: multistep solvers keep state
             sched.set_timesteps(steps)
+            x = noise[start : start + batch_size].to(device=device, dtype=dtype) * sched.init_noise_sigma
             step_generator = torch.Generator().manual_seed(seed + 1 + start)
             for t in sched.timesteps:
                 model_in = sched.scale_model_input(x, t)

@@ -41,6 +41,14 @@ def test_blocks_sum_to_total_and_attention_is_counted(tiny_unet):
     assert sum(b.macs for b in report.blocks) == report.macs
     assert sum(b.params for b in report.blocks) == report.params == sum(p.numel() for p in tiny_unet.parameters())
     assert [b.name for b in report.blocks] == ["down.0", "down.1", "mid", "up.0", "up.1", "other"]
+    # "other" = conv_in + conv_out + time embedding (+ norm_out), computed independently here
+    c = tiny_unet.config
+    conv_in = 16 * 16 * 8 * 1 * 9
+    conv_out = 16 * 16 * 1 * 8 * 9
+    time_embedding = 8 * 32 + 32 * 32  # two linears: 8 -> 4*8 -> 4*8
+    norm_out = 16 * 16 * 8 * 5  # fvcore's estimate for an affine GroupNorm: 5 per element
+    assert c.block_out_channels[0] == 8
+    assert report.block("other").macs == conv_in + conv_out + time_embedding + norm_out
     # down.1 has attention over 8x8 = 64 tokens of 16 channels: QK^T + AV = 2 * 64 * 64 * 16
     down1 = report.block("down.1")
     assert down1.macs - down1.macs_no_attention == 2 * 64 * 64 * 16

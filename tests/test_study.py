@@ -48,7 +48,9 @@ def test_run_records_trials_and_resumes_without_duplicates(finished_study, capsy
     # a second run of the same config resumes: no new trial, teacher not re-measured
     code, out, _ = _run(capsys, "run", str(finished_study), "--quiet")
     assert code == 0 and "Pareto front" in out and "export" in out
-    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 2
+    again = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(again.trials) == 2
+    assert again.user_attrs["teacher_metrics"] == teacher
     # asking for more trials adds exactly the difference
     code, _, _ = _run(capsys, "run", str(finished_study), "--quiet", "--n-trials", "3")
     study = optuna.load_study(study_name="tiny", storage=storage)
@@ -98,9 +100,11 @@ def test_export_round_trip_loads_and_samples(finished_study, capsys, tmp_path):
         # the exported weights are the trial's weights
         from automl_diff.models import load_unet
 
-        original = load_unet(study.trials[number].user_attrs["weights"])
-        for (name, a), (_, b) in zip(original.state_dict().items(), pipe.unet.state_dict().items()):
-            assert torch.equal(a, b), name
+        original = load_unet(study.trials[number].user_attrs["weights"]).state_dict()
+        exported = pipe.unet.state_dict()
+        assert list(original) == list(exported)
+        for name in original:
+            assert torch.equal(original[name], exported[name]), name
 
 
 def test_student_with_per_level_depths_exports_through_ddim_pipeline(tmp_path):
@@ -137,7 +141,7 @@ def test_profile_json(capsys, tiny_teacher_dir, tmp_path):
         (["status", "--storage", "sqlite:///does/not/exist.db"], "does not exist"),
         (["run", "missing.yaml"], "study config 'missing.yaml' does not exist"),
         (["profile", "--model", "./no/such/folder"], "not an existing local folder"),
-        (["export", "--storage", "sqlite:///x.db"], "one of the arguments --trial --pareto is required"),
+        (["export", "--storage", "sqlite:///x.db", "--out", "x"], "one of the arguments --trial --pareto is required"),
         (["status", "--storage", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://u:***@127.0.0.1:1/db'"),
     ],
 )
@@ -155,3 +159,16 @@ def test_bad_config_from_a_real_process_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "automl_diff.study", "run", str(bad)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: budgets.fid_samples: expected an integer (got 'many')"
+
+
+@pytest.mark.parametrize("module", ["automl_diff.export", "automl_diff.runners", "automl_diff.analysis", "automl_diff.methods", "automl_diff.study.cli", "automl_diff.metrics", "automl_diff.config"])
+def test_each_subpackage_imports_on_its_own(module):
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_importing_the_package_has_no_side_effects(tmp_path):
+    code = "import automl_diff, sys; print(sorted(m for m in sys.modules if m.startswith(('torch', 'optuna', 'diffusers'))))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -34,7 +34,7 @@ class TrialRow:
 
 def teacher_metrics(study: optuna.Study) -> dict[str, Any] | None:
     """The teacher's metrics as measured when the study started (None before that)."""
-    from automl_diff.runners.trial import TEACHER_ATTR
+    from automl_diff.runners.attrs import TEACHER_ATTR
 
     return study.user_attrs.get(TEACHER_ATTR)
 

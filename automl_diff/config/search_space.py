@@ -95,6 +95,14 @@ class SearchSpace:
         Raises:
             UserError: naming the file and the key.
         """
+        import inspect
+
+        from diffusers import UNet2DModel
+
+        accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types"}
+        for key in self.fixed:
+            if key not in accepted:
+                raise UserError(f"{self.path}: fixed.{key}: not a UNet2DModel config key that a search space may fix")
         base = self._base(teacher_config)
         levels = len(base["block_out_channels"])
         known = [f"down.{i}" for i in range(levels)] + ["mid"] + [f"up.{i}" for i in range(levels)]
@@ -114,6 +122,9 @@ class SearchSpace:
                 level is not None
                 and (_DOWN_TYPES.get(base["down_block_types"][level], False) or _UP_TYPES.get(base["up_block_types"][levels - 1 - level], False))
             )
+            if level == levels - 1:  # the mid block's attention runs at the last level's width
+                mid = next((b for b in self.blocks if b.name == "mid"), None)
+                attends = attends or (any(mid.attention) if mid and mid.attention is not None else bool(base.get("add_attention", True)))
             for c in block.channels or ():
                 if c % groups:
                     raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by norm_num_groups={groups}")

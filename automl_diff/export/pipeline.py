@@ -14,11 +14,10 @@ from typing import Any
 import optuna
 
 from automl_diff.errors import UserError
+from automl_diff.runners.attrs import SCHEDULER_ATTR, TEACHER_ATTR
 from automl_diff.runners.storage import mask_url
 
 __all__ = ["export_trial", "model_card"]
-
-SCHEDULER_ATTR = "scheduler_config"
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -32,7 +31,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str) -> str:
     """A Hugging Face style README: metrics, teacher, source study and trial."""
     attrs = trial.user_attrs
-    teacher = study.user_attrs.get("teacher_metrics", {})
+    teacher = study.user_attrs.get(TEACHER_ATTR, {})
     evaluation = study.user_attrs.get("evaluation", {})
     rows = [
         ("params", attrs.get("params"), teacher.get("params"), ""),

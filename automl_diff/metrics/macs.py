@@ -5,7 +5,8 @@ fvcore counts one "flop" per multiply-accumulate for convolutions and matrix pro
 attention processors call, and would silently drop it; we register a handle that counts the two
 attention matmuls (``Q K^T`` and ``softmax(.) V``). ``macs`` includes them; ``macs_no_attention``
 is the literature convention that leaves them out (the q/k/v/out projections stay counted).
-Element-wise ops (norms, activations, additions) are not counted, as in the published numbers.
+fvcore's default handles also count normalisation and upsampling (one per element, about 0.3% of
+a UNet); activations and additions are not counted. This reproduces the published numbers.
 """
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ class BlockRecorder:
         self._attached: list[nn.Module] = []
 
     def attach(self) -> BlockRecorder:
-        for name in self.names:
-            module = get_block(self.unet, name)
+        modules = {name: get_block(self.unet, name) for name in self.names}  # every name resolves first
+        for name, module in modules.items():
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(_RecordHook(self.records[name], detach=self.detach), _RECORD_HOOK)
             self._attached.append(module)

@@ -194,6 +194,8 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
         unet = load_unet(DIGITS_DIR)
         return Teacher(unet.to(device).eval(), _scheduler_config(DIGITS_DIR), "digits", dataset="digits")
     path = Path(spec)
+    if path.is_file():
+        raise UserError(f"teacher '{spec}' is a file; a teacher is a diffusers folder with weights (a bare config.json has none)")
     if path.exists():
         unet = load_unet(path)
         return Teacher(unet.to(device).eval(), _scheduler_config(path if path.is_dir() else None), spec)

@@ -112,19 +112,26 @@ def run_study(
     storage_url = storage_url or config.storage
     study_name = study_name or config.name
     total = n_trials or config.n_trials
+    # Load the teacher and validate the search space before the storage is touched.
+    session = StudySession(config, study_name=study_name, progress=progress)
     study = open_study(config, storage_url=storage_url, study_name=study_name)
     done = finished_trials(study)
     logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), done, total)
-    session = StudySession(config, study_name=study_name, progress=progress)
     session.teacher_metrics(study)
-    remaining = total - done
-    if remaining <= 0:
-        return study
-    study.optimize(
-        session.objective,
-        n_trials=remaining,
-        callbacks=[optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)],
-        catch=TRIAL_FAILURES,
-        gc_after_trial=True,
-    )
+    # Trials that fail (diverged, out of memory) do not count: try again, up to a failure budget.
+    failure_budget = max(3, total)
+    failed = 0
+    while (remaining := total - finished_trials(study)) > 0:
+        if failed >= failure_budget:
+            logger.warning("stopping: %d trials failed in this run; %d of %d finished", failed, total - remaining, total)
+            break
+        before = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+        study.optimize(
+            session.objective,
+            n_trials=remaining,
+            callbacks=[optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)],
+            catch=TRIAL_FAILURES,
+            gc_after_trial=True,
+        )
+        failed += len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) - before
     return study

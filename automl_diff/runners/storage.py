@@ -49,7 +49,7 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
         kwargs = dict(
             heartbeat_interval=heartbeat_interval,
             grace_period=2 * heartbeat_interval,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("postgresql"):

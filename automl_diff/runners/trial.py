@@ -16,22 +16,20 @@ import optuna
 import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
-from automl_diff.export.pipeline import SCHEDULER_ATTR
 from automl_diff.methods import METHODS
 from automl_diff.methods.dkdm.distill import TrainingDiverged
 from automl_diff.metrics.evaluate import Evaluator, ModelMetrics
 from automl_diff.models.loading import Teacher, load_teacher
+from automl_diff.runners.attrs import SCHEDULER_ATTR, TEACHER_ATTR
 
 __all__ = ["StudySession", "TEACHER_ATTR", "FINISHED_STATES"]
 
 logger = logging.getLogger("automl_diff")
 
-#: Study user attribute holding the teacher's metrics (for speedups and reference points).
-TEACHER_ATTR = "teacher_metrics"
 #: Trial states that count towards ``n_trials``.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Exceptions that fail one trial (reason recorded) but let the study go on.
-TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.OutOfMemoryError)
+TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.cuda.OutOfMemoryError)
 
 
 class StudySession:

@@ -57,8 +57,7 @@ class PoolBatches:
 
     def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = self.pool.draw(batch_size)
-        x, t = self.pool.batch(idx)
-        x = x.clone()
+        x, t = self.pool.batch(idx)  # copies: advancing the pool leaves this batch as it is
         eps = self.label(x, t)
         self.pool.advance(idx, eps)
         return x, t, eps

@@ -34,8 +34,8 @@ class DKDMOptions:
             the real images of ``fid.dataset``; not data-free).
     """
 
-    pool_size: int = 512
-    pool_steps: int = 50
+    pool_size: int = field(default=512, metadata={"check": _positive})
+    pool_steps: int = field(default=50, metadata={"check": _positive})
     pool_eta: float = field(default=1.0, metadata={"check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
     ema_decay: float = field(default=0.995, metadata={"check": lambda v: None if 0 <= v < 1 else "must be in [0, 1)"})
     source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
@@ -56,6 +56,9 @@ class DKDM(Method):
         super().__init__(*args, **kwargs)
         if self.config.search_space is None:
             raise UserError(f"{self.config.path}: search_space: required for method dkdm")
+        prediction = self.teacher.scheduler_config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise UserError(f"teacher '{self.teacher.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
         self.space: SearchSpace = load_search_space(self.config.search_space)
         self.space.validate_for(dict(self.teacher.unet.config))
         if self.options.pool_size < self.config.budgets.batch_size:
@@ -92,6 +95,7 @@ class DKDM(Method):
             num_steps=self.options.pool_steps,
             eta=self.options.pool_eta,
             clip_sample=bool(scheduler_config.get("clip_sample", True)),
+            clip_range=float(scheduler_config.get("clip_sample_range", 1.0)),
             generator=torch.Generator().manual_seed(self.config.seed),
             device=self.device,
         )

@@ -38,7 +38,8 @@ class NoisePool:
         alphas_cumprod: the teacher scheduler's cumulative alphas, length ``T``.
         num_steps: denoising steps of a trajectory (its timestep grid has this many points).
         eta: DDIM stochasticity of the pool's steps (1.0: ancestral-like, 0.0: deterministic).
-        clip_sample: clip the predicted clean image to [-1, 1] (as the teacher's scheduler does).
+        clip_sample: clip the predicted clean image (as the teacher's scheduler does).
+        clip_range: the clipping bound (the scheduler's ``clip_sample_range``).
         generator: CPU random generator (noise, batch draws, offsets).
         device: where the pool lives.
     """
@@ -52,6 +53,7 @@ class NoisePool:
         num_steps: int,
         eta: float = 1.0,
         clip_sample: bool = True,
+        clip_range: float = 1.0,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -63,9 +65,10 @@ class NoisePool:
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
         self.train_timesteps = len(alphas_cumprod)
         self.num_steps = min(num_steps, self.train_timesteps)
-        self.stride = self.train_timesteps // self.num_steps
+        self.stride = -(-self.train_timesteps // self.num_steps)  # ceil: the grid reaches T-1
         self.eta = eta
         self.clip_sample = clip_sample
+        self.clip_range = clip_range
         self.generator = generator or torch.Generator().manual_seed(0)
         self.x = torch.empty((size, *self.sample_shape), device=self.device)
         self.position = torch.zeros(size, dtype=torch.long, device=self.device)
@@ -115,7 +118,7 @@ class NoisePool:
         eps = eps.to(x.dtype)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if self.clip_sample:
-            x0 = x0.clamp(-1, 1)
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         x_prev = a_prev.sqrt() * x0 + direction + sigma * self._randn(len(idx))
