@@ -126,7 +126,7 @@ def load_unet(spec: str | Path, *, weights: bool = True) -> nn.Module:
             raise UserError(f"{folder}: diffusion_pytorch_model.safetensors is missing (only safetensors weights are loaded)")
         cls = _class_for(config, str(folder / "config.json"))
         try:
-            return cls.from_pretrained(str(folder), use_safetensors=True)
+            return cls.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"{folder}: cannot load the model: {str(exc).splitlines()[0]}") from None
     return _load_from_hub(str(spec), weights=weights)
@@ -162,7 +162,7 @@ def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
         cls = _class_for(dict(config), f"{repo_id}/unet/config.json")
         if not weights:
             return unet_from_config(dict(config), where=f"{repo_id}/unet/config.json")
-        return cls.from_pretrained(repo_id, subfolder="unet", use_safetensors=True)
+        return cls.from_pretrained(repo_id, subfolder="unet", use_safetensors=True, low_cpu_mem_usage=False)
     except UserError:
         raise
     except Exception as exc:  # the hub client raises many types for offline/missing repos
