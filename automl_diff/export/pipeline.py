@@ -2,7 +2,8 @@
 
 An export loads with ``DDIMPipeline.from_pretrained(folder)``. Students whose levels have equal
 depths are plain ``UNet2DModel``; others are :class:`automl_diff.StudentUNet2DModel`, which
-``model_index.json`` names so that the same call loads them once ``automl_diff`` is installed.
+``model_index.json`` names (library ``automl_diff.models.student``) so that the same call loads
+them wherever ``automl_diff`` is installed.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ features `{evaluation.get("fid_features") or "default"}`, dataset `{evaluation.g
 
 ```python
 from diffusers import DDIMPipeline
-import automl_diff  # registers StudentUNet2DModel when the card's config names it
 
+# a StudentUNet2DModel (per-level depths) loads the same way once automl_diff is installed
 pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
 images = pipe(batch_size=4, num_inference_steps={evaluation.get("sampling_steps", 20)}).images
 ```

@@ -19,11 +19,16 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from diffusers import UNet2DModel
+from diffusers import ModelMixin, UNet2DModel  # noqa: F401 - ModelMixin: see below
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 __all__ = ["StudentUNet2DModel"]
+
+# An exported pipeline's model_index.json names this module as the unet's library; diffusers'
+# loader then looks up the base classes it knows (``ModelMixin``) in this module to find
+# ``from_pretrained``. Importing ModelMixin here is what lets ``DDIMPipeline.from_pretrained`` load
+# a student with per-level depths without any extra argument.
 
 
 class StudentUNet2DModel(UNet2DModel):

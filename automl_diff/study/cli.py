@@ -74,7 +74,10 @@ def _configure_logging(verbose: bool) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import warnings
 
+    import optuna
+
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*torch.jit.*")
 
 

@@ -131,7 +131,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for number, folder in targets:
         export_trial(study, number, folder, storage_url=args.storage)
         print(f"trial {number} -> {folder}")
-    print("load with: DDIMPipeline.from_pretrained(<folder>)  (import automl_diff first for per-level-depth students)")
+    print("load with: diffusers.DDIMPipeline.from_pretrained(<folder>)")
     return 0
 
 
