@@ -14,7 +14,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["make_scheduler", "sample_images", "SCHEDULERS"]
+__all__ = ["make_scheduler", "predict_noise", "sample_images", "SCHEDULERS"]
+
+
+def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``model(x, t)`` for any noise-prediction model: a diffusers UNet (``.sample``) or a module
+    that returns the tensor itself."""
+    out = model(x, t)
+    return out if isinstance(out, torch.Tensor) else out.sample
 
 
 def _schedulers() -> dict[str, type]:
@@ -87,7 +94,7 @@ def sample_images(
             step_generator = torch.Generator().manual_seed(seed + 1 + start)
             for t in sched.timesteps:
                 model_in = sched.scale_model_input(x, t)
-                eps = unet(model_in, t.to(device)).sample
+                eps = predict_noise(unet, model_in, t.to(device))
                 x = sched.step(eps, t, x, generator=step_generator, **step_kwargs).prev_sample
                 bar.update(1)
             out.append(x.float().clamp(-1, 1).cpu())

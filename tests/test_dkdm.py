@@ -89,3 +89,24 @@ def test_diverging_training_fails_with_a_reason(tiny_unet):
 
     with pytest.raises(TrainingDiverged, match="loss became nan at iteration 0"):
         fit(tiny_unet, nan_batches, iterations=3, batch_size=2, lr=1e-3)
+
+
+def test_any_architecture_can_be_the_student(tiny_unet):
+    """DKDM only needs (x_t, t) -> noise prediction: here a plain conv net that ignores t."""
+    from torch import nn
+
+    class ConvStudent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 1, 3, padding=1))
+
+        def forward(self, x, t):
+            return self.net(x)
+
+    pool = NoisePool(
+        size=32, sample_shape=(1, 16, 16), alphas_cumprod=make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod,
+        num_steps=10, generator=torch.Generator().manual_seed(0),
+    )
+    torch.manual_seed(0)
+    result = fit(ConvStudent(), PoolBatches(tiny_unet, pool), iterations=40, batch_size=8, lr=3e-3)
+    assert result.mean_loss(30, 40) < result.mean_loss(0, 10)

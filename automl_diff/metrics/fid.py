@@ -129,9 +129,15 @@ def feature_statistics(images: torch.Tensor, extractor: FeatureExtractor) -> tup
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """pytorch-fid's Fréchet distance between two Gaussians."""
+    import warnings
+
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    with warnings.catch_warnings():
+        # Features that are constant over a set (dead ReLUs) make the covariances singular;
+        # pytorch-fid's sqrtm still returns the right value for the other dimensions.
+        warnings.filterwarnings("ignore", message="Matrix is singular")
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
 def reference_statistics(

@@ -72,6 +72,10 @@ class StudySession:
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
         metrics = self.evaluator.evaluate(self.teacher.unet, desc="teacher").to_dict()
         study.set_user_attr(TEACHER_ATTR, metrics)
+        logger.info(
+            "teacher: %.3gM params, %.3gM MACs per call, FID %.4g, %.4g s per image",
+            metrics["params"] / 1e6, metrics["macs"] / 1e6, metrics["fid"], metrics["latency"],
+        )
         return metrics
 
     def prepare(self) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from automl_diff.methods.dkdm.pool import NoisePool
+from automl_diff.sampling import predict_noise
 
 __all__ = ["DataBatches", "FitResult", "PoolBatches", "TrainingDiverged", "fit"]
 
@@ -53,7 +54,7 @@ class PoolBatches:
     @torch.no_grad()
     def label(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.teacher_evals += len(x)
-        return self.teacher(x, t).sample.float()
+        return predict_noise(self.teacher, x, t).float()
 
     def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = self.pool.draw(batch_size)
@@ -112,7 +113,8 @@ def fit(
     """Train ``student`` to predict ``target`` from ``(x_t, t)`` with MSE; AdamW, warm-up + cosine LR.
 
     Args:
-        student: any model with ``student(x, t).sample`` of the input's shape.
+        student: any model mapping ``(x_t, t)`` to a noise prediction of ``x_t``'s shape (a diffusers
+            UNet, or a module returning the tensor).
         batches: where batches come from (:class:`PoolBatches` or :class:`DataBatches`).
         iterations: optimiser steps.
         batch_size: samples per step.
@@ -142,7 +144,7 @@ def fit(
     bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress, file=sys.stderr, leave=False, mininterval=1)
     for step in bar:
         x, t, target = batches(batch_size)
-        loss = F.mse_loss(student(x, t).sample.float(), target)
+        loss = F.mse_loss(predict_noise(student, x, t).float(), target)
         if not torch.isfinite(loss):
             bar.close()
             raise TrainingDiverged(f"loss became {loss.item()} at iteration {step}")

@@ -13,6 +13,7 @@ from automl_diff.methods.base import Candidate, Method
 from automl_diff.methods.dkdm.distill import DataBatches, PoolBatches, fit
 from automl_diff.methods.dkdm.pool import NoisePool, PoolState
 from automl_diff.models.loading import unet_from_config
+from automl_diff.sampling import predict_noise
 
 __all__ = ["DKDM", "DKDMOptions"]
 
@@ -26,7 +27,8 @@ class DKDMOptions:
     """``method_options`` of a DKDM study.
 
     Attributes:
-        pool_size: noisy samples in the pool (at least the batch size; 4-8x decorrelates batches).
+        pool_size: noisy samples in the pool (at least the batch size). Larger pools decorrelate
+            batches (see BENCHMARKS.md); warm-up costs about pool_size * pool_steps / 2 teacher calls.
         pool_steps: DDIM steps of a pool trajectory, from pure noise to a clean image.
         pool_eta: stochasticity of the pool's steps (1.0 ancestral-like, 0.0 deterministic DDIM).
         ema_decay: weight EMA of the student (0 turns it off).
@@ -34,7 +36,7 @@ class DKDMOptions:
             the real images of ``fid.dataset``; not data-free).
     """
 
-    pool_size: int = field(default=512, metadata={"check": _positive})
+    pool_size: int = field(default=4096, metadata={"check": _positive})
     pool_steps: int = field(default=50, metadata={"check": _positive})
     pool_eta: float = field(default=1.0, metadata={"check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
     ema_decay: float = field(default=0.995, metadata={"check": lambda v: None if 0 <= v < 1 else "must be in [0, 1)"})
@@ -76,7 +78,7 @@ class DKDM(Method):
         return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
 
     def _teacher_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.teacher.unet(x, t).sample.float()
+        return predict_noise(self.teacher.unet, x, t).float()
 
     def prepare(self) -> None:
         if self.options.source == "dataset":
