@@ -63,7 +63,8 @@ teacher `{study.user_attrs.get("teacher")}`.
 
 Speedup against the teacher (measured latency): {_fmt(speedup, "x")}.
 FID: {evaluation.get("fid_samples", "?")} samples, {evaluation.get("sampling_steps", "?")} {evaluation.get("scheduler", "ddim")} steps,
-features `{evaluation.get("fid_features") or "default"}`, dataset `{evaluation.get("fid_dataset") or "teacher's"}`, seed {evaluation.get("seed", "?")}.
+features `{evaluation.get("fid_features")}`, dataset `{evaluation.get("fid_dataset")}`, seed {evaluation.get("seed", "?")};
+latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency_batch_size")}.
 
 ## Source
 

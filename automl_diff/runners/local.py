@@ -71,17 +71,6 @@ def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> opt
         study.set_user_attr("teacher", config.teacher)
         study.set_user_attr("config_file", config.path)
         study.set_user_attr("search_space", config.search_space)
-        study.set_user_attr(
-            "evaluation",
-            {
-                "fid_samples": config.budgets.fid_samples,
-                "sampling_steps": config.budgets.sampling_steps,
-                "scheduler": config.sampling.scheduler,
-                "fid_dataset": config.fid.dataset,
-                "fid_features": config.fid.features,
-                "seed": config.seed,
-            },
-        )
     return study
 
 

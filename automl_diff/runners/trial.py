@@ -69,6 +69,20 @@ class StudySession:
         if stored:
             return stored
         study.set_user_attr(SCHEDULER_ATTR, dict(self.teacher.scheduler_config))
+        c = self.config
+        study.set_user_attr(
+            "evaluation",
+            {
+                "fid_samples": c.budgets.fid_samples,
+                "sampling_steps": c.budgets.sampling_steps,
+                "scheduler": c.sampling.scheduler,
+                "fid_dataset": self.evaluator.dataset,
+                "fid_features": self.evaluator.features,
+                "latency_batch_size": c.budgets.latency_batch_size,
+                "seed": c.seed,
+                "device": str(self.device),
+            },
+        )
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
         metrics = self.evaluator.evaluate(self.teacher.unet, desc="teacher").to_dict()
         study.set_user_attr(TEACHER_ATTR, metrics)

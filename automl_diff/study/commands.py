@@ -91,7 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state, count in sorted(states.items()):
         print(f"  {state.lower():9s} {count}")
     for name, value in best.items():
-        print(f"  best {name}: {_human(value)}")
+        print(f"  best {name}: {_human(int(value) if name in ('macs', 'params') else value)}")
     print(f"  Pareto front: {len(front)} trials")
     return 0
 
