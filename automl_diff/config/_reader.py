@@ -155,6 +155,11 @@ class Section:
             raise self.error(self.key(str(unknown[0])), self.data[unknown[0]], f"unknown key; known keys here: {', '.join(known)}")
 
 
+def positive(value: float) -> str | None:
+    """A ``check`` for :meth:`Section.take`: the value must be greater than zero."""
+    return None if value > 0 else "must be positive"
+
+
 def _is_instance(value: Any, kind: type | tuple[type, ...]) -> bool:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automl_diff.config._reader import Section, load_yaml
+from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.errors import UserError
 
 __all__ = ["BlockChoices", "SearchSpace", "load_search_space", "FAMILIES"]
@@ -175,10 +175,6 @@ class SearchSpace:
         return config
 
 
-def _positive(value: int) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
 def load_search_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file (structure only; see :meth:`SearchSpace.validate_for`)."""
     top = Section(load_yaml(path, what="search space"), file=path)
@@ -190,8 +186,8 @@ def load_search_space(path: str | Path) -> SearchSpace:
         block = blocks_section.section(str(name))
         choices = BlockChoices(
             name=str(name),
-            channels=block.take_list("channels", int, None, check=_positive),
-            layers=block.take_list("layers", int, None, check=_positive),
+            channels=block.take_list("channels", int, None, check=positive),
+            layers=block.take_list("layers", int, None, check=positive),
             attention=block.take_list("attention", bool, None),
         )
         block.done()

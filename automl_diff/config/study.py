@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from automl_diff.config._reader import Section, load_yaml
+from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.errors import UserError
 
 __all__ = [
@@ -132,10 +132,6 @@ class StudyConfig:
         return [o.direction for o in self.objectives]
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
 def _device(value: str) -> str | None:
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return None
@@ -195,13 +191,13 @@ def load_study_config(path: str | Path) -> StudyConfig:
     b = top.section("budgets")
     defaults = Budgets()
     budgets = Budgets(
-        train_iterations=b.take("train_iterations", int, defaults.train_iterations, check=_positive),
-        batch_size=b.take("batch_size", int, defaults.batch_size, check=_positive),
-        lr=b.take("lr", float, defaults.lr, check=_positive),
+        train_iterations=b.take("train_iterations", int, defaults.train_iterations, check=positive),
+        batch_size=b.take("batch_size", int, defaults.batch_size, check=positive),
+        lr=b.take("lr", float, defaults.lr, check=positive),
         fid_samples=b.take("fid_samples", int, defaults.fid_samples, check=lambda v: None if v >= 2 else "needs at least 2 images"),
-        sampling_steps=b.take("sampling_steps", int, defaults.sampling_steps, check=_positive),
-        latency_repeats=b.take("latency_repeats", int, defaults.latency_repeats, check=_positive),
-        latency_batch_size=b.take("latency_batch_size", int, defaults.latency_batch_size, check=_positive),
+        sampling_steps=b.take("sampling_steps", int, defaults.sampling_steps, check=positive),
+        latency_repeats=b.take("latency_repeats", int, defaults.latency_repeats, check=positive),
+        latency_batch_size=b.take("latency_batch_size", int, defaults.latency_batch_size, check=positive),
     )
     b.done()
 
@@ -215,7 +211,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     fid = FidSettings(
         dataset=f.take("dataset", str, None),
         features=f.take("features", str, None, choices=sorted(FEATURE_EXTRACTORS)),
-        batch_size=f.take("batch_size", int, 250, check=_positive),
+        batch_size=f.take("batch_size", int, 250, check=positive),
     )
     f.done()
     if fid.dataset and fid.dataset.startswith("folder:"):
@@ -229,7 +225,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
         search_space=space,
         objectives=tuple(objectives),
         sampler=sampler,
-        n_trials=top.take("n_trials", int, 10, check=_positive),
+        n_trials=top.take("n_trials", int, 10, check=positive),
         budgets=budgets,
         sampling=sampling,
         fid=fid,

@@ -106,7 +106,7 @@ def run_study(
     study = open_study(config, storage_url=storage_url, study_name=study_name)
     done = finished_trials(study)
     logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), done, total)
-    session.teacher_metrics(study)
+    session.record_teacher(study)
     # Trials that fail (diverged, out of memory) do not count: try again, up to a failure budget.
     failure_budget = max(3, total)
     failed = 0

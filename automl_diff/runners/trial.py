@@ -63,8 +63,9 @@ class StudySession:
     def trial_root(self) -> Path:
         return Path(self.config.output_dir).resolve() / self.study_name
 
-    def teacher_metrics(self, study: optuna.Study) -> dict[str, Any]:
-        """The teacher's metrics, measured once per study and kept as a study user attribute."""
+    def record_teacher(self, study: optuna.Study) -> dict[str, Any]:
+        """The teacher's metrics, measured once per study and kept as study user attributes
+        together with its scheduler config and the evaluation setup; returns the metrics."""
         stored = study.user_attrs.get(TEACHER_ATTR)
         if stored:
             return stored
@@ -125,7 +126,7 @@ class StudySession:
         for key, value in candidate.attrs.items():
             trial.set_user_attr(key, value)
         metrics = self.evaluator.evaluate(candidate.unet, desc=f"trial {trial.number} sampling")
-        self._record(trial, metrics, self.teacher_metrics(study))
+        self._record(trial, metrics, self.record_teacher(study))
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from automl_diff.config._reader import positive
 from automl_diff.config.search_space import SearchSpace, load_search_space
 from automl_diff.errors import UserError
 from automl_diff.methods.base import Candidate, Method
@@ -16,10 +17,6 @@ from automl_diff.models.loading import unet_from_config
 from automl_diff.sampling import predict_noise
 
 __all__ = ["DKDM", "DKDMOptions"]
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be positive"
 
 
 @dataclass(frozen=True)
@@ -36,8 +33,8 @@ class DKDMOptions:
             the real images of ``fid.dataset``; not data-free).
     """
 
-    pool_size: int = field(default=4096, metadata={"check": _positive})
-    pool_steps: int = field(default=50, metadata={"check": _positive})
+    pool_size: int = field(default=4096, metadata={"check": positive})
+    pool_steps: int = field(default=50, metadata={"check": positive})
     pool_eta: float = field(default=1.0, metadata={"check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
     ema_decay: float = field(default=0.995, metadata={"check": lambda v: None if 0 <= v < 1 else "must be in [0, 1)"})
     source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
