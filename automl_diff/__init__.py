@@ -2,7 +2,7 @@
 
 Layout:
 
-* :mod:`automl_diff.methods`: the compression methods (``dkdm``; DiffNAS and DiP-GO register here).
+* :mod:`automl_diff.methods`: the compression methods (``dkdm``, ``dipgo``; DiffNAS registers here).
 * :mod:`automl_diff.metrics`: MACs/params (fvcore), FID (pytorch-fid), latency.
 * :mod:`automl_diff.models`: block addressing and recording, teachers, the student UNet class.
 * :mod:`automl_diff.config`: study configs and search spaces read from YAML.
@@ -23,7 +23,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Schedule": "automl_diff.methods.dipgo.schedule",
     "StudentUNet2DModel": "automl_diff.models.student",
+    "apply_schedule": "automl_diff.methods.dipgo.gates",
     "UserError": "automl_diff.errors",
     "count_macs": "automl_diff.metrics.macs",
     "load_teacher": "automl_diff.models.loading",

@@ -8,19 +8,20 @@ UNet's noise prediction), written out so that it batches, seeds per image and re
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["make_scheduler", "predict_noise", "sample_images", "SCHEDULERS"]
+__all__ = ["denoise", "make_scheduler", "predict_noise", "sample_images", "SCHEDULERS"]
 
 
-def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """``model(x, t)`` for any noise-prediction model: a diffusers UNet (``.sample``) or a module
-    that returns the tensor itself."""
-    out = model(x, t)
+    that returns the tensor itself. ``kwargs`` (``encoder_hidden_states``) go to the model."""
+    out = model(x, t, **kwargs)
     return out if isinstance(out, torch.Tensor) else out.sample
 
 
@@ -41,6 +42,53 @@ def make_scheduler(scheduler_config: dict[str, Any], name: str = "ddim") -> Any:
 
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def denoise(
+    unet: nn.Module,
+    scheduler_config: dict[str, Any],
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    scheduler: str = "ddim",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    negative_hidden_states: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run one batch of noise through the whole sampling chain and return the final latents.
+
+    Differentiable when called with gradients enabled (DiP-GO backpropagates through it).
+    With ``encoder_hidden_states`` the UNet is conditional; with ``negative_hidden_states`` too
+    and ``guidance_scale != 1``, classifier-free guidance runs both halves in one batched call per
+    step, as diffusers' pipelines do.
+
+    Args:
+        after_step: called as ``after_step(i, x)`` after step ``i``; returns the latents to go on
+            with (for truncated backpropagation or progress).
+    """
+    sched = make_scheduler(scheduler_config, scheduler)  # fresh per batch: multistep solvers keep state
+    sched.set_timesteps(steps)
+    device = noise.device
+    x = noise * sched.init_noise_sigma
+    step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
+    guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale != 1.0
+    for i, t in enumerate(sched.timesteps):
+        model_in = sched.scale_model_input(x, t)
+        if guided:
+            context = torch.cat([negative_hidden_states, encoder_hidden_states])
+            uncond, cond = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context).chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        elif encoder_hidden_states is not None:
+            eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=encoder_hidden_states)
+        else:
+            eps = predict_noise(unet, model_in, t.to(device))
+        x = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+        if after_step is not None:
+            x = after_step(i, x)
+    return x
 
 
 @torch.no_grad()
@@ -82,21 +130,19 @@ def sample_images(
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, config.in_channels, height, width), generator=generator)
-    step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
     out = []
     total = -(-num_images // batch_size) * steps
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False)
+
+    def tick(i: int, x: torch.Tensor) -> torch.Tensor:
+        bar.update(1)
+        return x
+
     try:
         for start in range(0, num_images, batch_size):
-            sched = make_scheduler(scheduler_config, scheduler)  # fresh per batch: multistep solvers keep state
-            sched.set_timesteps(steps)
-            x = noise[start : start + batch_size].to(device=device, dtype=dtype) * sched.init_noise_sigma
+            x = noise[start : start + batch_size].to(device=device, dtype=dtype)
             step_generator = torch.Generator().manual_seed(seed + 1 + start)
-            for t in sched.timesteps:
-                model_in = sched.scale_model_input(x, t)
-                eps = predict_noise(unet, model_in, t.to(device))
-                x = sched.step(eps, t, x, generator=step_generator, **step_kwargs).prev_sample
-                bar.update(1)
+            x = denoise(unet, scheduler_config, x, steps=steps, scheduler=scheduler, eta=eta, generator=step_generator, after_step=tick)
             out.append(x.float().clamp(-1, 1).cpu())
     finally:
         bar.close()

@@ -91,7 +91,8 @@ def tiny_space(tmp_path: Path) -> Path:
 
 
 def write_study(tmp_path: Path, teacher: Path, space: Path, **overrides) -> Path:
-    """A tiny DKDM study config (seconds per trial); keys in ``overrides`` replace the defaults."""
+    """A tiny DKDM study config (seconds per trial); keys in ``overrides`` replace the defaults
+    (a None value removes the key)."""
     config = {
         "name": "tiny",
         "method": "dkdm",
@@ -114,7 +115,11 @@ def write_study(tmp_path: Path, teacher: Path, space: Path, **overrides) -> Path
         "device": "cpu",
         "method_options": {"pool_size": 16, "pool_steps": 5},
     }
-    config.update(overrides)
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

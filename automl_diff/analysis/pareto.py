@@ -15,8 +15,9 @@ COLUMNS = ("trial", "macs", "params", "fid", "latency", "speedup")
 
 @dataclass(frozen=True)
 class TrialRow:
-    """One finished trial. MACs per UNet forward pass; latency in seconds per image; speedup is
-    the teacher's latency divided by this one's (higher is faster); FID lower is better."""
+    """One finished trial. MACs per UNet forward pass (the mean over the steps for a DiP-GO
+    schedule); trajectory MACs for one image's whole sampling run; latency in seconds per image;
+    speedup is the teacher's latency divided by this one's (higher is faster); FID lower is better."""
 
     trial: int
     macs: int
@@ -25,7 +26,9 @@ class TrialRow:
     latency: float
     speedup: float | None
     macs_no_attention: int | None = None
+    trajectory_macs: int | None = None
     weights: str | None = None
+    schedule_file: str | None = None
 
     def to_dict(self, columns: tuple[str, ...] = COLUMNS) -> dict[str, Any]:
         data = asdict(self)
@@ -51,7 +54,9 @@ def _row(trial: optuna.trial.FrozenTrial) -> TrialRow | None:
         latency=float(attrs["latency"]),
         speedup=attrs.get("speedup"),
         macs_no_attention=attrs.get("macs_no_attention"),
+        trajectory_macs=attrs.get("trajectory_macs"),
         weights=attrs.get("weights"),
+        schedule_file=attrs.get("schedule_file"),
     )
 
 

@@ -3,10 +3,10 @@
 Schema::
 
     name: quickstart                       # study name in the storage
-    method: dkdm                           # dkdm (more methods register in automl_diff.methods)
+    method: dkdm                           # dkdm | dipgo (registered in automl_diff.methods)
     teacher: digits                        # digits | path/to/diffusers/folder | org/name (hub)
     search_space: ../search_spaces/digits_dkdm.yaml   # relative to this file
-    objectives:                            # 1+ of macs, params, fid, latency
+    objectives:                            # 1+ of macs, trajectory_macs, params, fid, latency
       - {name: macs, direction: minimize}
       - {name: fid, direction: minimize}
     sampler: {name: tpe, seed: 0}          # tpe | nsga2 | random; options: {...} go to the sampler
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Metrics a study may optimise (all lower-is-better in practice; direction is explicit anyway).
-OBJECTIVES = ("macs", "params", "fid", "latency")
+OBJECTIVES = ("macs", "trajectory_macs", "params", "fid", "latency")
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_STORAGE = "sqlite:///automl_diff.db"
 

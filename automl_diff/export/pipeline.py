@@ -38,12 +38,28 @@ def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_
         ("params", attrs.get("params"), teacher.get("params"), ""),
         ("MACs per UNet call", attrs.get("macs"), teacher.get("macs"), ""),
         ("MACs without attention matmuls", attrs.get("macs_no_attention"), teacher.get("macs_no_attention"), ""),
+        ("MACs per image (whole trajectory)", attrs.get("trajectory_macs"), teacher.get("trajectory_macs"), ""),
         ("FID (lower is better)", attrs.get("fid"), teacher.get("fid"), ""),
         ("latency per image", attrs.get("latency"), teacher.get("latency"), " s"),
     ]
     table = "\n".join(f"| {name} | {_fmt(mine, unit)} | {_fmt(ref, unit)} |" for name, mine, ref, unit in rows)
     speedup = attrs.get("speedup")
     params = json.dumps(trial.params, indent=2, sort_keys=True)
+    steps = evaluation.get("sampling_steps", 20)
+    schedule_note = ""
+    use = f"""pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
+images = pipe(batch_size=4, num_inference_steps={steps}).images"""
+    if attrs.get("schedule"):
+        schedule_note = f"""
+This model samples with a DiP-GO gate schedule (`schedule.json`, {steps} steps): at each step some
+blocks reuse their output from an earlier step instead of computing. MACs per UNet call are the mean
+over the trajectory. The schedule is for {steps} steps exactly.
+"""
+        use = f"""from automl_diff.methods.dipgo import Schedule, apply_schedule
+
+pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
+apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
+images = pipe(batch_size=4, num_inference_steps={steps}).images"""
     return f"""---
 library_name: diffusers
 tags:
@@ -62,6 +78,7 @@ teacher `{study.user_attrs.get("teacher")}`.
 {table}
 
 Speedup against the teacher (measured latency): {_fmt(speedup, "x")}.
+{schedule_note}
 FID: {evaluation.get("fid_samples", "?")} samples, {evaluation.get("sampling_steps", "?")} {evaluation.get("scheduler", "ddim")} steps,
 features `{evaluation.get("fid_features")}`, dataset `{evaluation.get("fid_dataset")}`, seed {evaluation.get("seed", "?")};
 latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency_batch_size")}.
@@ -82,8 +99,7 @@ latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency
 from diffusers import DDIMPipeline
 
 # a StudentUNet2DModel (per-level depths) loads the same way once automl_diff is installed
-pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
-images = pipe(batch_size=4, num_inference_steps={evaluation.get("sampling_steps", 20)}).images
+{use}
 ```
 """
 
@@ -116,12 +132,12 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     out.mkdir(parents=True, exist_ok=True)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     (out / "README.md").write_text(model_card(study=study, trial=trial, storage_url=storage_url))
-    metrics = {k: trial.user_attrs.get(k) for k in ("params", "macs", "macs_no_attention", "fid", "latency", "speedup")}
-    (out / "automl_diff.json").write_text(
-        json.dumps(
-            {"study": study.study_name, "trial": trial_number, "params": trial.params, "metrics": metrics, "teacher": study.user_attrs.get("teacher")},
-            indent=2,
-        )
-        + "\n"
-    )
+    metrics = {k: trial.user_attrs.get(k) for k in ("params", "macs", "macs_no_attention", "trajectory_macs", "fid", "latency", "speedup", "macs_reduction")}
+    summary = {"study": study.study_name, "trial": trial_number, "params": trial.params, "metrics": metrics, "teacher": study.user_attrs.get("teacher")}
+    if trial.user_attrs.get("schedule"):
+        from automl_diff.methods.dipgo.schedule import Schedule
+
+        Schedule.from_dict(trial.user_attrs["schedule"], source=f"trial {trial_number}: schedule").save(out / "schedule.json")
+        summary["schedule"] = "schedule.json"
+    (out / "automl_diff.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out

@@ -13,6 +13,7 @@ import dataclasses
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -33,11 +34,18 @@ class Candidate:
         unet: the model, ready to sample.
         config: its diffusers config (JSON-safe, with ``_class_name``): rebuilds the architecture.
         attrs: method-specific facts to record on the trial (JSON-safe: losses, seconds, ...).
+        schedule: a DiP-GO gate schedule the model samples with (None: every block, every step).
+        weights: a folder that already holds the model's weights (the runner saves none then).
+        fingerprint: identifies the result; a trial whose fingerprint equals a completed trial's
+            is pruned as a duplicate (for methods whose parameters can map to the same model).
     """
 
     unet: nn.Module
     config: dict[str, Any]
     attrs: dict[str, Any] = field(default_factory=dict)
+    schedule: Any = None
+    weights: str | None = None
+    fingerprint: str | None = None
 
 
 def read_options(options_type: type, config: StudyConfig) -> Any:
@@ -84,8 +92,12 @@ class Method(ABC):
         """Validate the study's ``method_options`` (called when the config is loaded)."""
         return read_options(cls.options_type, config)
 
-    def prepare(self) -> None:
-        """One-time work before the first trial (called once per study run). Default: nothing."""
+    def prepare(self, workdir: Path | None = None) -> None:
+        """One-time work before the first trial (called once per study run). Default: nothing.
+
+        Args:
+            workdir: the study's output folder, for results worth keeping across resumed runs.
+        """
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Ask the trial for all of the method's parameters, before any training.

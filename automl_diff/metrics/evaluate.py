@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,8 +26,10 @@ class ModelMetrics:
 
     Attributes:
         params: parameter count.
-        macs: MACs of one UNet forward pass (attention matmuls included).
+        macs: MACs of one UNet forward pass (attention matmuls included); with a DiP-GO schedule,
+            the mean over the steps of the trajectory.
         macs_no_attention: the same without the attention matmuls.
+        trajectory_macs: MACs of one image's whole sampling trajectory (``sampling_steps`` calls).
         fid: FID of ``fid_samples`` images against the dataset's reference statistics.
         latency: median seconds per image for ``sampling_steps`` denoising steps.
     """
@@ -34,6 +37,7 @@ class ModelMetrics:
     params: int
     macs: int
     macs_no_attention: int
+    trajectory_macs: int
     fid: float
     latency: float
 
@@ -84,34 +88,59 @@ class Evaluator:
             self._reference = reference_statistics(self.dataset, self.extractor, resolution=self.resolution, channels=self.channels)
         return self._reference
 
-    def fid(self, unet: nn.Module, *, desc: str = "sampling") -> float:
-        """FID of ``fid_samples`` images of ``unet`` (lower is better)."""
+    def fid(self, unet: nn.Module, *, schedule: Any = None, desc: str = "sampling") -> float:
+        """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given."""
         c = self.config
-        images = sample_images(
-            unet,
-            self.scheduler_config,
-            num_images=c.budgets.fid_samples,
-            steps=c.budgets.sampling_steps,
-            batch_size=c.fid.batch_size,
-            seed=c.seed,
-            scheduler=c.sampling.scheduler,
-            eta=c.sampling.eta,
-            progress=self.progress,
-            desc=desc,
-        )
+        with _gated(unet, schedule):
+            images = sample_images(
+                unet,
+                self.scheduler_config,
+                num_images=c.budgets.fid_samples,
+                steps=c.budgets.sampling_steps,
+                batch_size=c.fid.batch_size,
+                seed=c.seed,
+                scheduler=c.sampling.scheduler,
+                eta=c.sampling.eta,
+                progress=self.progress,
+                desc=desc,
+            )
         return fid_from_images(images, self.reference, self.extractor)
 
-    def evaluate(self, unet: nn.Module, *, desc: str = "sampling") -> ModelMetrics:
-        """All metrics of one model."""
-        cost = count_macs(unet)
-        fid = self.fid(unet, desc=desc)
+    def evaluate(self, unet: nn.Module, *, schedule: Any = None, desc: str = "sampling") -> ModelMetrics:
+        """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
         b = self.config.budgets
-        latency = measure_latency(
-            unet,
-            self.scheduler_config,
-            steps=b.sampling_steps,
-            batch_size=b.latency_batch_size,
-            repeats=b.latency_repeats,
-            scheduler=self.config.sampling.scheduler,
-        )
-        return ModelMetrics(cost.params, cost.macs, cost.macs_no_attention, fid, latency)
+        steps = b.sampling_steps
+        if schedule is None:
+            cost = count_macs(unet)
+            macs, macs_no_attention, trajectory = cost.macs, cost.macs_no_attention, cost.macs * steps
+            params = cost.params
+        else:
+            from automl_diff.methods.dipgo.schedule import unit_costs
+
+            if schedule.steps != steps:
+                raise UserError(f"{self.config.path}: budgets.sampling_steps: the schedule has {schedule.steps} steps (got {steps})")
+            costs = unit_costs(unet, schedule.units)
+            trajectory = schedule.trajectory_macs(costs)
+            macs = round(trajectory / steps)
+            macs_no_attention = round(schedule.trajectory_macs(costs, attention=False) / steps)
+            params = costs.total.params
+        fid = self.fid(unet, schedule=schedule, desc=desc)
+        with _gated(unet, schedule):
+            latency = measure_latency(
+                unet,
+                self.scheduler_config,
+                steps=steps,
+                batch_size=b.latency_batch_size,
+                repeats=b.latency_repeats,
+                scheduler=self.config.sampling.scheduler,
+            )
+        return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency)
+
+
+def _gated(unet: nn.Module, schedule: Any) -> Any:
+    """A context in which ``unet`` samples under ``schedule`` (nothing to do for None)."""
+    if schedule is None:
+        return contextlib.nullcontext()
+    from automl_diff.methods.dipgo.gates import apply_schedule
+
+    return apply_schedule(unet, schedule)

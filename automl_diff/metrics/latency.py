@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
 from automl_diff.sampling import sample_images
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "measure_latencies"]
 
 
 def _sync(module: nn.Module) -> None:
@@ -45,3 +46,37 @@ def measure_latency(
     for _ in range(warmup):
         once()
     return statistics.median(once() for _ in range(max(1, repeats))) / batch_size
+
+
+def measure_latencies(
+    unet: nn.Module,
+    scheduler_config: dict[str, Any],
+    variants: dict[str, Callable[[], ContextManager[Any]]],
+    *,
+    steps: int,
+    batch_size: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    scheduler: str = "ddim",
+) -> dict[str, float]:
+    """Median seconds per image of several variants of one model, measured side by side.
+
+    Each variant is a context factory (for example a DiP-GO schedule applied for the duration);
+    repeats are interleaved (A, B, A, B, ...) so that drifting machine load hits every variant alike.
+    """
+    def once(variant: Callable[[], ContextManager[Any]]) -> float:
+        with variant():
+            _sync(unet)
+            start = time.perf_counter()
+            sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
+            _sync(unet)
+            return time.perf_counter() - start
+
+    for variant in variants.values():
+        for _ in range(warmup):
+            once(variant)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(max(1, repeats)):
+        for name, variant in variants.items():
+            times[name].append(once(variant))
+    return {name: statistics.median(values) / batch_size for name, values in times.items()}

@@ -22,7 +22,7 @@ from torch import nn
 
 from automl_diff.models.blocks import block_names, name_to_module_path
 
-__all__ = ["BlockCost", "MacsReport", "count_macs", "example_inputs"]
+__all__ = ["BlockCost", "MacsReport", "count_macs", "count_unit_macs", "example_inputs", "executed_macs"]
 
 _SDPA = "aten::scaled_dot_product_attention"
 
@@ -128,6 +128,29 @@ def example_inputs(
     return sample, timestep
 
 
+def _per_module(unet: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, Mapping[str, int]]:
+    """fvcore's per-module, per-operator counts of one traced forward pass (paths under ``unet.``)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    was_training = unet.training
+    unet.eval()
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(_Call(unet), inputs)
+            analysis.set_op_handle(_SDPA, _sdpa_macs)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return analysis.by_module_and_operator()
+    finally:
+        unet.train(was_training)
+
+
+def _cost(per_module: Mapping[str, Mapping[str, int]], path: str) -> tuple[int, int]:
+    ops: Mapping[str, int] = per_module.get(path, {})
+    total = int(sum(ops.values()))
+    return total, total - int(ops.get("scaled_dot_product_attention", 0))
+
+
 def count_macs(
     unet: nn.Module,
     *,
@@ -146,33 +169,15 @@ def count_macs(
     Returns:
         A :class:`MacsReport`.
     """
-    from fvcore.nn import FlopCountAnalysis
-
     if inputs is None:
         inputs = example_inputs(unet, resolution=resolution, text_length=text_length)
-    was_training = unet.training
-    unet.eval()
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    try:
-        with torch.no_grad():
-            analysis = FlopCountAnalysis(_Call(unet), inputs)
-            analysis.set_op_handle(_SDPA, _sdpa_macs)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            per_module = analysis.by_module_and_operator()
-    finally:
-        unet.train(was_training)
-
-    def cost(path: str) -> tuple[int, int]:
-        ops: Mapping[str, int] = per_module.get(path, {})
-        total = int(sum(ops.values()))
-        return total, total - int(ops.get("scaled_dot_product_attention", 0))
-
-    total, total_no_attn = cost("")
+    per_module = _per_module(unet, inputs)
+    total, total_no_attn = _cost(per_module, "")
     blocks = []
     for name in block_names(unet):
         path = name_to_module_path(name)
         module = unet.get_submodule(path)
-        macs, macs_no_attn = cost("unet." + path)
+        macs, macs_no_attn = _cost(per_module, "unet." + path)
         params = sum(p.numel() for p in module.parameters())
         blocks.append(BlockCost(name, params, macs, macs_no_attn))
     params_total = sum(p.numel() for p in unet.parameters())
@@ -185,3 +190,44 @@ def count_macs(
         )
     )
     return MacsReport(params_total, total, total_no_attn, tuple(blocks))
+
+
+def count_unit_macs(
+    unet: nn.Module,
+    names: list[str],
+    *,
+    resolution: int | None = None,
+    text_length: int = 77,
+) -> tuple[BlockCost, dict[str, BlockCost]]:
+    """Costs of one forward pass (batch 1): the whole model, and each named block or layer.
+
+    Args:
+        unet: the model.
+        names: dotted block or layer names (``down.1``, ``up.2.resnets.0``); they must not overlap.
+
+    Returns:
+        ``(total, {name: cost})``, both as :class:`BlockCost` (``name`` of the total is ``total``).
+    """
+    per_module = _per_module(unet, example_inputs(unet, resolution=resolution, text_length=text_length))
+    total, total_no_attn = _cost(per_module, "")
+    units = {}
+    for name in names:
+        path = name_to_module_path(name)
+        module = unet.get_submodule(path)
+        macs, macs_no_attn = _cost(per_module, "unet." + path)
+        units[name] = BlockCost(name, sum(p.numel() for p in module.parameters()), macs, macs_no_attn)
+    return BlockCost("total", sum(p.numel() for p in unet.parameters()), total, total_no_attn), units
+
+
+def executed_macs(run: Any) -> int:
+    """MACs that ``run()`` actually executes, counted op by op by torch's ``FlopCounterMode``.
+
+    An independent check of analytic counts: it sees only the convolutions, matrix products and
+    attention that really run (skipped or cached computation costs nothing), counted as torch
+    does (two FLOPs per MAC; normalisation and upsampling are not counted).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops() // 2)

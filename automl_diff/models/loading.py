@@ -18,7 +18,7 @@ from torch import nn
 
 from automl_diff.errors import UserError
 
-__all__ = ["UNET_CLASSES", "Teacher", "load_teacher", "load_unet", "unet_from_config"]
+__all__ = ["UNET_CLASSES", "Teacher", "load_teacher", "load_unet", "scheduler_config_for", "unet_from_config"]
 
 
 def _unet_classes() -> dict[str, type]:
@@ -48,6 +48,7 @@ class Teacher:
         scheduler_config: the config of the scheduler it was trained with (dict, JSON-safe).
         source: how the user named it (``digits``, a path, or a hub id).
         dataset: the dataset for FID reference statistics, when known.
+        weights_dir: a local folder ``load_unet`` reloads it from (None for a hub model).
     """
 
     unet: nn.Module
@@ -55,6 +56,7 @@ class Teacher:
     source: str
     dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    weights_dir: str | None = None
 
     @property
     def resolution(self) -> int:
@@ -172,7 +174,9 @@ def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
         ) from None
 
 
-def _scheduler_config(path: Path | None) -> dict[str, Any]:
+def scheduler_config_for(path: Path | None) -> dict[str, Any]:
+    """The scheduler config beside a local model (``scheduler/`` of a pipeline), else a default
+    1000-step DDPM schedule."""
     if path is not None:
         for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
             if candidate.is_file():
@@ -192,13 +196,13 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
         if not (DIGITS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
             raise UserError(f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}")
         unet = load_unet(DIGITS_DIR)
-        return Teacher(unet.to(device).eval(), _scheduler_config(DIGITS_DIR), "digits", dataset="digits")
+        return Teacher(unet.to(device).eval(), scheduler_config_for(DIGITS_DIR), "digits", dataset="digits", weights_dir=str(DIGITS_DIR))
     path = Path(spec)
     if path.is_file():
         raise UserError(f"teacher '{spec}' is a file; a teacher is a diffusers folder with weights (a bare config.json has none)")
     if path.exists():
         unet = load_unet(path)
-        return Teacher(unet.to(device).eval(), _scheduler_config(path if path.is_dir() else None), spec)
+        return Teacher(unet.to(device).eval(), scheduler_config_for(path if path.is_dir() else None), spec, weights_dir=str(path.resolve()))
     unet = _load_from_hub(spec, weights=True)
     try:
         from diffusers import DDPMScheduler

@@ -95,14 +95,22 @@ class StudySession:
 
     def prepare(self) -> None:
         if not self._prepared:
-            self.method.prepare()
+            self.method.prepare(self.trial_root)
             self._prepared = True
 
-    def _duplicate_of(self, study: optuna.Study, trial: optuna.Trial) -> int | None:
+    def _duplicate_of(self, study: optuna.Study, trial: optuna.Trial, fingerprint: str | None = None) -> int | None:
         for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if other.number != trial.number and other.params == trial.params:
+            if other.number == trial.number:
+                continue
+            if other.params == trial.params or (fingerprint is not None and other.user_attrs.get("fingerprint") == fingerprint):
                 return other.number
         return None
+
+    @staticmethod
+    def _prune_duplicate(trial: optuna.Trial, duplicate: int) -> None:
+        trial.set_user_attr("duplicate_of", duplicate)
+        logger.info("trial %d repeats trial %d: pruned", trial.number, duplicate)
+        raise optuna.TrialPruned(f"same model as trial {duplicate}")
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         """Train, save, evaluate and record one trial; return its objective values."""
@@ -110,22 +118,32 @@ class StudySession:
         self.method.suggest(trial)
         duplicate = self._duplicate_of(study, trial)
         if duplicate is not None:
-            trial.set_user_attr("duplicate_of", duplicate)
-            logger.info("trial %d repeats trial %d's parameters: pruned", trial.number, duplicate)
-            raise optuna.TrialPruned(f"same parameters as trial {duplicate}")
+            self._prune_duplicate(trial, duplicate)
         self.prepare()
         try:
             candidate = self.method.run_trial(trial)
         except TRIAL_FAILURES as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
+        if candidate.fingerprint is not None:
+            trial.set_user_attr("fingerprint", candidate.fingerprint)
+            duplicate = self._duplicate_of(study, trial, candidate.fingerprint)
+            if duplicate is not None:
+                self._prune_duplicate(trial, duplicate)
         folder = self.trial_root / f"trial_{trial.number}"
-        candidate.unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
-        trial.set_user_attr("weights", str(folder / "unet"))
+        weights = candidate.weights
+        if weights is None:
+            weights = str(folder / "unet")
+            candidate.unet.save_pretrained(weights, safe_serialization=True)
+        trial.set_user_attr("weights", weights)
         trial.set_user_attr("model_config", json.loads(json.dumps(candidate.config)))
+        if candidate.schedule is not None:
+            path = candidate.schedule.save(folder / "schedule.json")
+            trial.set_user_attr("schedule_file", str(path))
+            trial.set_user_attr("schedule", candidate.schedule.to_dict())
         for key, value in candidate.attrs.items():
             trial.set_user_attr(key, value)
-        metrics = self.evaluator.evaluate(candidate.unet, desc=f"trial {trial.number} sampling")
+        metrics = self.evaluator.evaluate(candidate.unet, schedule=candidate.schedule, desc=f"trial {trial.number} sampling")
         self._record(trial, metrics, self.record_teacher(study))
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
@@ -136,5 +154,7 @@ class StudySession:
             trial.set_user_attr(key, value)
         if teacher.get("latency") and metrics.latency:
             trial.set_user_attr("speedup", teacher["latency"] / metrics.latency)
-        if teacher.get("macs") and metrics.macs:
+        if teacher.get("trajectory_macs") and metrics.trajectory_macs:
+            trial.set_user_attr("macs_reduction", teacher["trajectory_macs"] / metrics.trajectory_macs)
+        elif teacher.get("macs") and metrics.macs:
             trial.set_user_attr("macs_reduction", teacher["macs"] / metrics.macs)

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--model", required=True, help="digits, a hub id, a diffusers/exported folder, or a config.json")
     profile.add_argument("--resolution", type=int, default=None, help="input size (default: the config's sample_size)")
     profile.add_argument("--text-length", type=int, default=77, help="text tokens for conditional UNets (default 77)")
+    profile.add_argument("--schedule", default=None, metavar="FILE", help="a DiP-GO schedule.json: also report trajectory MACs and measured latency against the full sampler")
+    profile.add_argument("--steps", type=int, default=None, help="sampling steps for --schedule (default: the schedule's)")
+    profile.add_argument("--batch-size", type=int, default=8, help="images per timed batch for --schedule (default 8)")
+    profile.add_argument("--repeats", type=int, default=3, help="timed batches per variant for --schedule (default 3)")
     profile.add_argument("--json", action="store_true", help="print a JSON object")
     profile.set_defaults(func=commands.cmd_profile)
     return parser

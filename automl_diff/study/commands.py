@@ -41,13 +41,15 @@ def pareto_table(study: Any) -> str:
     """The Pareto front as a text table, the teacher first."""
     from automl_diff.analysis import pareto_rows, teacher_metrics
 
-    header = ["trial", "MACs", "params", "FID", "latency", "speedup"]
+    header = ["trial", "MACs", "trajectory MACs", "params", "FID", "latency", "speedup"]
     rows = []
     teacher = teacher_metrics(study)
     if teacher:
-        rows.append(["teacher", _human(teacher["macs"]), _human(teacher["params"]), _human(teacher["fid"]), _human(teacher["latency"], "s"), "1x"])
+        rows.append(
+            ["teacher", _human(teacher["macs"]), _human(teacher.get("trajectory_macs")), _human(teacher["params"]), _human(teacher["fid"]), _human(teacher["latency"], "s"), "1x"]
+        )
     for r in pareto_rows(study):
-        rows.append([str(r.trial), _human(r.macs), _human(r.params), _human(r.fid), _human(r.latency, "s"), _human(r.speedup, "x")])
+        rows.append([str(r.trial), _human(r.macs), _human(r.trajectory_macs), _human(r.params), _human(r.fid), _human(r.latency, "s"), _human(r.speedup, "x")])
     return _table(header, rows)
 
 
@@ -58,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_study_config(args.config)
     storage = args.storage or config.storage
     study = run_study(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, progress=not args.quiet)
-    print(f"\nPareto front of study '{study.study_name}' (MACs per UNet call, latency per image, lower FID is better):")
+    print(f"\nPareto front of study '{study.study_name}' (MACs per UNet call, trajectory MACs and latency per image, lower FID is better):")
     print(pareto_table(study))
     print(
         "\nExport the front as diffusers pipelines with:\n"
@@ -135,17 +137,60 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any) -> dict[str, Any]:
+    """Trajectory MACs and measured latency of a DiP-GO schedule against the full sampler."""
+    import contextlib
+
+    from automl_diff.methods.dipgo import Schedule, apply_schedule, unit_costs
+    from automl_diff.metrics.latency import measure_latencies
+    from automl_diff.models.loading import scheduler_config_for
+
+    schedule = Schedule.load(args.schedule)
+    steps = args.steps or schedule.steps
+    if steps != schedule.steps:
+        raise UserError(f"--steps {steps}: the schedule {args.schedule} is for {schedule.steps} steps")
+    schedule.check_model(unet, source=args.schedule)
+    if getattr(unet.config, "cross_attention_dim", None) is not None:
+        raise UserError(f"--schedule: latency is measured with unconditional sampling; {args.model} is a text-conditional UNet")
+    costs = unit_costs(unet, schedule.units)
+    trajectory = schedule.trajectory_macs(costs)
+    full = costs.total.macs * steps
+    path = Path(source) if not isinstance(source, Path) else source
+    latencies = measure_latencies(
+        unet,
+        scheduler_config_for(path if path.exists() else None),
+        {"full": contextlib.nullcontext, "schedule": lambda: apply_schedule(unet, schedule)},
+        steps=steps,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+    )
+    return {
+        "steps": steps,
+        "trajectory_macs": trajectory,
+        "full_trajectory_macs": full,
+        "macs_reduction": full / trajectory,
+        "computed_fraction": schedule.computed_fraction,
+        "latency": latencies["schedule"],
+        "full_latency": latencies["full"],
+        "speedup": latencies["full"] / latencies["schedule"],
+    }
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from automl_diff.metrics import count_macs
     from automl_diff.models.loading import load_unet
     from automl_diff.zoo.digits import DIGITS_DIR
 
+    if args.steps is not None and args.schedule is None:
+        raise UserError("--steps: only meaningful with --schedule FILE")
     source = DIGITS_DIR if args.model == "digits" else args.model
     unet = load_unet(source, weights=False)
     report = count_macs(unet, resolution=args.resolution, text_length=args.text_length)
+    trajectory = _profile_schedule(args, unet, source) if args.schedule else None
     if args.json:
         data = report.to_dict()
         data["blocks"] = [{k: b[k] for k in ("name", "params", "macs", "macs_no_attention")} for b in data["blocks"]]
+        data.update(trajectory or {})
         print(json.dumps(data))
         return 0
     resolution = args.resolution or unet.config.sample_size
@@ -153,6 +198,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     rows = [[b.name, _human(b.params), _human(b.macs), _human(b.macs_no_attention)] for b in report.blocks]
     rows.append(["total", _human(report.params), _human(report.macs), _human(report.macs_no_attention)])
     print(_table(["block", "params", "MACs", "MACs w/o attn matmuls"], rows))
+    if trajectory:
+        t = trajectory
+        print(f"\nschedule {args.schedule}: {t['steps']} steps, {t['computed_fraction']:.1%} of the unit computations")
+        print(
+            _table(
+                ["", "trajectory MACs", "latency per image"],
+                [
+                    ["full sampler", _human(t["full_trajectory_macs"]), _human(t["full_latency"], "s")],
+                    ["with schedule", _human(t["trajectory_macs"]), _human(t["latency"], "s")],
+                    ["ratio", f"{t['macs_reduction']:.3g}x fewer", f"{t['speedup']:.3g}x faster"],
+                ],
+            )
+        )
     return 0
 
 

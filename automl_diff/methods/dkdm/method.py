@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ class DKDM(Method):
     def _teacher_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return predict_noise(self.teacher.unet, x, t).float()
 
-    def prepare(self) -> None:
+    def prepare(self, workdir: Path | None = None) -> None:
         if self.options.source == "dataset":
             from automl_diff.data import load_dataset
 

@@ -1,0 +1,214 @@
+"""Executing a gate schedule on a diffusers UNet: computed units, and cached "backup connections".
+
+:class:`GateController` attaches removable diffusers hooks (:class:`diffusers.hooks.ModelHook`):
+one on the UNet that tracks the sampling step, and one per prunable unit that either runs the unit
+and caches its output, or returns the cached output without running it. Skipped units cost no
+computation at all, so sampling is faster on the clock, not only in counted MACs.
+
+The step is read from the timestep the UNet is called with: a timestep not below the previous
+one starts a new trajectory (step 0: compute everything, refresh every cache); each smaller one is
+the next step. Diffusers pipelines call the UNet once per step (classifier-free guidance batches
+the conditional and unconditional halves), so schedules apply to them unchanged::
+
+    from automl_diff.methods.dipgo import Schedule, apply_schedule
+
+    pipe = DDIMPipeline.from_pretrained("exports/dipgo/trial_3")
+    handle = apply_schedule(pipe, Schedule.load("exports/dipgo/trial_3/schedule.json"))
+    images = pipe(num_inference_steps=handle.schedule.steps).images
+    handle.remove()  # the plain pipeline again
+
+For DiP-GO's gradient optimisation the controller also has a *soft* mode: every unit runs, and its
+output is ``g * new + (1 - g) * cached`` with a differentiable gate ``g`` per step and unit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from automl_diff.methods.dipgo.schedule import Schedule
+from automl_diff.models.blocks import get_block
+
+__all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
+
+GATE_HOOK = "automl_diff.gate"
+STEP_HOOK = "automl_diff.gate_step"
+_ATTR = "_automl_diff_gates"
+
+
+class ScheduleMismatch(RuntimeError):
+    """The sampler ran more steps than the schedule has."""
+
+
+def _tree_map(fn: Any, *values: Any) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return fn(*values)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_tree_map(fn, *parts) for parts in zip(*values))
+    if isinstance(first, dict):
+        return type(first)(**{k: _tree_map(fn, *(v[k] for v in values)) for k in first})
+    return first
+
+
+def _detach(value: Any) -> Any:
+    return _tree_map(lambda t: t.detach(), value)
+
+
+def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0])
+    if t is None:
+        raise TypeError("a gated UNet must be called with a timestep")
+    return float(t)
+
+
+class _StepHook(ModelHook):
+    def __init__(self, controller: GateController) -> None:
+        super().__init__()
+        self.controller = controller
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.controller._advance(_timestep_value(args, kwargs))
+        return args, kwargs
+
+
+class _GateHook(ModelHook):
+    def __init__(self, controller: GateController, index: int, name: str) -> None:
+        super().__init__()
+        self.controller = controller
+        self.index = index
+        self.name = name
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        c = self.controller
+        cache = c.cache
+        if c.soft_gates is not None:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            c.executed[self.name] += 1
+            if c.step > 0 and self.name in cache:
+                g = c.soft_gates[c.step, self.index]
+                out = _tree_map(lambda new, old: g * new + (1 - g) * old, out, cache[self.name])
+            cache[self.name] = out
+            return out
+        if c.step == 0 or c.gates is None or c.gates[c.step][self.index] or self.name not in cache:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            c.executed[self.name] += 1
+            cache[self.name] = out
+            return out
+        return cache[self.name]
+
+
+class GateController:
+    """Gates the prunable units of a UNet step by step (see the module docs).
+
+    Args:
+        unet: a ``UNet2DModel`` or ``UNet2DConditionModel`` (or a subclass).
+        units: unit names (blocks or layers, not nested in each other).
+        steps: sampling steps per trajectory.
+
+    Attributes:
+        step: the current step (-1 before the first call).
+        executed: how many times each unit really ran since the controller was attached.
+    """
+
+    def __init__(self, unet: nn.Module, units: Sequence[str], steps: int) -> None:
+        self.unet = unet
+        self.units = tuple(units)
+        self.steps = steps
+        self.step = -1
+        self.gates: tuple[tuple[bool, ...], ...] | None = None
+        self.soft_gates: torch.Tensor | None = None
+        self.cache: dict[str, Any] = {}
+        self.executed: Counter[str] = Counter()
+        self.schedule: Schedule | None = None
+        self._last_t: float | None = None
+        self._modules = [get_block(unet, name) for name in self.units]
+        self._attach()
+
+    # hooks ------------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        previous = getattr(self.unet, _ATTR, None)
+        if previous is not None:
+            previous.remove()
+        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
+        for index, (name, module) in enumerate(zip(self.units, self._modules)):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
+        setattr(self.unet, _ATTR, self)
+
+    def remove(self) -> None:
+        """Detach every hook: the UNet computes everything again."""
+        if getattr(self.unet, _ATTR, None) is not self:
+            return
+        HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(STEP_HOOK, recurse=False)
+        for module in self._modules:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(GATE_HOOK, recurse=False)
+        delattr(self.unet, _ATTR)
+        self.cache.clear()
+
+    def __enter__(self) -> GateController:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # state ------------------------------------------------------------------------------------------
+    def use(self, schedule: Schedule | None) -> GateController:
+        """Binary gates from a schedule (None: compute everything, still through the hooks)."""
+        if schedule is not None and (schedule.units != self.units or schedule.steps != self.steps):
+            raise ValueError("the schedule's units or steps differ from this controller's")
+        self.schedule = schedule
+        self.gates = schedule.gates if schedule is not None else None
+        self.soft_gates = None
+        self.reset()
+        return self
+
+    def use_soft(self, gates: torch.Tensor) -> GateController:
+        """Differentiable gates, shape ``(steps, units)``: every unit runs and mixes with its cache."""
+        if tuple(gates.shape) != (self.steps, len(self.units)):
+            raise ValueError(f"soft gates must have shape ({self.steps}, {len(self.units)}), got {tuple(gates.shape)}")
+        self.soft_gates = gates
+        self.reset()
+        return self
+
+    def reset(self) -> None:
+        """Forget the caches; the next call starts a trajectory."""
+        self.cache.clear()
+        self.step = -1
+        self._last_t = None
+
+    def detach_cache(self) -> None:
+        """Cut the autograd graph through the caches (truncated backpropagation)."""
+        for name in list(self.cache):
+            self.cache[name] = _detach(self.cache[name])
+
+    def _advance(self, t: float) -> None:
+        if self._last_t is None or t >= self._last_t:
+            self.cache.clear()
+            self.step = 0
+        else:
+            self.step += 1
+            if self.step >= self.steps:
+                raise ScheduleMismatch(
+                    f"the schedule has {self.steps} steps but the sampler ran more; sample with num_inference_steps={self.steps}"
+                )
+        self._last_t = t
+
+
+def apply_schedule(target: Any, schedule: Schedule) -> GateController:
+    """Apply a schedule to a pipeline (anything with ``.unet``) or a UNet, replacing any schedule
+    applied before. Returns the controller: ``.remove()`` it (or use it as a context manager) to
+    get the plain model back.
+
+    Raises:
+        UserError: the schedule was made for another architecture.
+    """
+    unet = getattr(target, "unet", target)
+    schedule.check_model(unet)
+    return GateController(unet, schedule.units, schedule.steps).use(schedule)

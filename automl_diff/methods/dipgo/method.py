@@ -1,0 +1,201 @@
+"""DiP-GO as a study method: one pruner optimisation per study, Optuna tunes the threshold.
+
+``prepare`` trains the pruner network once (cached under the study's output folder, so a resumed
+study reuses it); every trial then binarises the same gate scores with its own threshold into a
+:class:`Schedule`, and the runner evaluates the teacher under that schedule (trajectory MACs,
+FID and measured latency). Trials whose schedules coincide are pruned as duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automl_diff.config._reader import positive
+from automl_diff.errors import UserError
+from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.dipgo.optimise import CONSISTENCY, optimise_pruner
+from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, model_fingerprint, prunable_units, unit_costs
+
+__all__ = ["DiPGO", "DiPGOOptions"]
+
+logger = logging.getLogger("automl_diff")
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _open_interval(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _unit_interval(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+@dataclass(frozen=True)
+class DiPGOOptions:
+    """``method_options`` of a DiP-GO study (the pruner trains for ``budgets.train_iterations``
+    steps of ``budgets.batch_size`` trajectories at ``budgets.lr``, over ``budgets.sampling_steps``).
+
+    Attributes:
+        granularity: ``block`` (down.i, mid, up.i) or ``layer`` (their resnets, attentions and
+            resamplers, as DeepCache caches them).
+        target_macs_ratio: trajectory MACs the pruner aims for, as a fraction of the full sampler's.
+        sparsity_weight: weight of the sparsity loss.
+        consistency: ``mse`` or ``ssim`` between gated and full samplers' final images.
+        tau: Gumbel-softmax temperature.
+        truncate: backpropagate through at most this many steps at a time (0: all).
+        warmup: fraction of the pruner's iterations over which its target falls from 1.
+        reference_images: fixed noise samples the pruner trains on (not the FID noise).
+        threshold_low, threshold_high: range of the threshold Optuna tunes (a gate computes
+            where the pruner's probability of computing is above it).
+        threshold_log: sample the threshold on a log scale. The optimised scores are nearly
+            binary; their small values (how sure the pruner is that a gate may be skipped) spread
+            over decades, so a log-scale threshold turns gates back on in order of doubt.
+    """
+
+    granularity: str = field(default="layer", metadata={"choices": ("block", "layer")})
+    target_macs_ratio: float = field(default=0.25, metadata={"check": _fraction})
+    sparsity_weight: float = field(default=1.0, metadata={"check": positive})
+    consistency: str = field(default="mse", metadata={"choices": tuple(CONSISTENCY)})
+    tau: float = field(default=1.0, metadata={"check": positive})
+    truncate: int = field(default=0, metadata={"check": lambda v: None if v >= 0 else "must be 0 or more"})
+    warmup: float = field(default=0.6, metadata={"check": _unit_interval})
+    reference_images: int = field(default=64, metadata={"check": positive})
+    threshold_low: float = field(default=1e-4, metadata={"check": _open_interval})
+    threshold_high: float = field(default=0.5, metadata={"check": _open_interval})
+    threshold_log: bool = True
+
+
+class DiPGO(Method):
+    """Timestep-aware block pruning (DiP-GO) of the teacher itself: no weights change."""
+
+    name = "dipgo"
+    options_type = DiPGOOptions
+
+    @classmethod
+    def options_from(cls, config: Any) -> DiPGOOptions:
+        options = super().options_from(config)
+        if options.threshold_low >= options.threshold_high:
+            raise UserError(
+                f"{config.path}: method_options.threshold_low: must be below threshold_high "
+                f"({options.threshold_high}) (got {options.threshold_low})"
+            )
+        return options
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        unet = self.teacher.unet
+        if getattr(unet.config, "cross_attention_dim", None) is not None:
+            raise UserError(
+                f"teacher '{self.teacher.source}': the study runner samples unconditional UNets only; prune a text-to-image "
+                "UNet with the Python API (optimise_pruner(..., conditioning=...) and apply_schedule(pipe, schedule))"
+            )
+        self.units = tuple(prunable_units(unet, self.options.granularity))
+        self.costs: UnitCosts | None = None
+        self.scores: np.ndarray | None = None
+        self.summary: dict[str, Any] = {}
+        self.weights_dir: str | None = self.teacher.weights_dir
+
+    @property
+    def steps(self) -> int:
+        return self.config.budgets.sampling_steps
+
+    def _cache_key(self) -> str:
+        c = self.config
+        payload = {
+            "options": asdict(self.options),
+            "budgets": [c.budgets.train_iterations, c.budgets.batch_size, c.budgets.lr, c.budgets.sampling_steps],
+            "sampling": [c.sampling.scheduler, c.sampling.eta],
+            "seed": c.seed,
+            "teacher": self.teacher.source,
+            "model": model_fingerprint(self.teacher.unet),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def prepare(self, workdir: Path | None = None) -> None:
+        self.costs = unit_costs(self.teacher.unet, self.units)
+        cache = workdir / "dipgo_pruner.json" if workdir is not None else None
+        key = self._cache_key()
+        if cache is not None and cache.is_file():
+            data = json.loads(cache.read_text())
+            if data.get("key") == key and tuple(data.get("units", ())) == self.units:
+                self.scores = np.asarray(data["scores"], dtype=np.float64)
+                self.summary = data.get("summary", {})
+                logger.info("DiP-GO: reusing the pruner scores in %s", cache)
+        if self.scores is None:
+            c = self.config
+            o = self.options
+            logger.info(
+                "DiP-GO: optimising the pruner (%d units x %d steps, target %.2f of the trajectory MACs, %d iterations)",
+                len(self.units), self.steps, o.target_macs_ratio, c.budgets.train_iterations,
+            )
+            result = optimise_pruner(
+                self.teacher.unet,
+                self.teacher.scheduler_config,
+                units=self.units,
+                costs=self.costs,
+                steps=self.steps,
+                iterations=c.budgets.train_iterations,
+                batch_size=c.budgets.batch_size,
+                lr=c.budgets.lr,
+                target_ratio=o.target_macs_ratio,
+                sparsity_weight=o.sparsity_weight,
+                consistency=o.consistency,
+                tau=o.tau,
+                truncate=o.truncate,
+                warmup=o.warmup,
+                reference_images=o.reference_images,
+                scheduler=c.sampling.scheduler,
+                eta=c.sampling.eta,
+                seed=c.seed + 1000,  # training noise differs from the FID noise (seed)
+                progress=self.progress,
+            )
+            self.scores = result.scores
+            self.summary = result.summary()
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n")
+        if self.weights_dir is None and workdir is not None:  # a hub teacher: keep one local copy for all trials
+            folder = workdir / "teacher_unet"
+            if not (folder / "config.json").is_file():
+                self.teacher.unet.save_pretrained(str(folder), safe_serialization=True)
+            self.weights_dir = str(folder)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        o = self.options
+        return {"threshold": trial.suggest_float("threshold", o.threshold_low, o.threshold_high, log=o.threshold_log)}
+
+    def schedule_for(self, threshold: float) -> Schedule:
+        """The binary schedule the pruner's scores give at ``threshold``."""
+        if self.scores is None:
+            self.prepare()
+        return Schedule.from_scores(
+            self.scores,
+            threshold,
+            units=self.units,
+            model=model_fingerprint(self.teacher.unet),
+            info={"target_macs_ratio": self.options.target_macs_ratio, "granularity": self.options.granularity, "teacher": self.teacher.source},
+        )
+
+    def run_trial(self, trial: Any) -> Candidate:
+        threshold = self.suggest(trial)["threshold"]
+        schedule = self.schedule_for(threshold)
+        unet = self.teacher.unet
+        config = {"_class_name": type(unet).__name__, **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
+        attrs = {
+            "threshold": threshold,
+            "computed_fraction": schedule.computed_fraction,
+            "granularity": self.options.granularity,
+            "target_macs_ratio": self.options.target_macs_ratio,
+            **self.summary,
+        }
+        return Candidate(unet, config, attrs, schedule=schedule, weights=self.weights_dir, fingerprint=schedule.key())

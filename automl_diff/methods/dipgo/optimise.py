@@ -1,0 +1,216 @@
+"""DiP-GO's few-step gradient optimisation of the pruner network.
+
+Both samplers start from the same noise: the full sampler's final images are the targets; the
+gated sampler (straight-through Gumbel gates from the pruner, every unit run and mixed with its
+cache) is differentiated end to end. The loss is
+
+    consistency(gated images, full images) + sparsity_weight * (expected MACs ratio - target_i)^2
+
+where the expected ratio is the trajectory MACs under the gates' probabilities divided by the
+full sampler's, and ``target_i`` moves linearly from 1 (all gates on, where the pruner starts)
+to the target over the first ``warmup`` fraction of the iterations, so that gates turn off one by
+one in order of how little they matter, as in gradual pruning. Memory grows with the number of steps kept in the graph; ``truncate=k`` cuts the
+graph every ``k`` steps (truncated backpropagation) for large models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from automl_diff.methods.dipgo.gates import GateController
+from automl_diff.methods.dipgo.pruner import PrunerNetwork
+from automl_diff.methods.dipgo.schedule import UnitCosts
+from automl_diff.sampling import denoise
+
+__all__ = ["CONSISTENCY", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
+
+logger = logging.getLogger("automl_diff")
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 2.0) -> torch.Tensor:
+    """Mean structural similarity of two image batches (Gaussian window 11, sigma 1.5)."""
+    channels = a.shape[1]
+    size = min(11, a.shape[-1], a.shape[-2])
+    window = _gaussian_window(size).to(a)[None, None].repeat(channels, 1, 1, 1)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, window, groups=channels)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return value.mean()
+
+
+#: Consistency losses between the gated and the full sampler's final images.
+CONSISTENCY = {
+    "mse": lambda a, b: F.mse_loss(a, b),
+    "ssim": lambda a, b: 1 - ssim(a, b),
+}
+
+
+def expected_ratio(probs: torch.Tensor, costs: UnitCosts, units: tuple[str, ...]) -> torch.Tensor:
+    """Trajectory MACs under gate probabilities ``probs`` (steps x units) over the full sampler's."""
+    unit = torch.tensor([costs.units[u].macs for u in units], dtype=probs.dtype, device=probs.device)
+    steps = probs.shape[0]
+    full = costs.total.macs * steps
+    skipped = ((1 - probs) * unit).sum()
+    return (full - skipped) / full
+
+
+@dataclass
+class PrunerResult:
+    """What the optimisation produced: gate scores and a summary of the run."""
+
+    scores: np.ndarray  # (steps, units): probability that each gate computes
+    units: tuple[str, ...]
+    seconds: float
+    final_consistency: float
+    final_ratio: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pruner_seconds": round(self.seconds, 2),
+            "pruner_consistency": self.final_consistency,
+            "pruner_expected_ratio": self.final_ratio,
+        }
+
+
+def _full_targets(unet: nn.Module, noise: torch.Tensor, batch: int, kwargs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([denoise(unet, noise=noise[i : i + batch], **kwargs) for i in range(0, len(noise), batch)])
+
+
+def optimise_pruner(
+    unet: nn.Module,
+    scheduler_config: dict[str, Any],
+    *,
+    units: tuple[str, ...],
+    costs: UnitCosts,
+    steps: int,
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    target_ratio: float,
+    sparsity_weight: float = 1.0,
+    consistency: str = "mse",
+    tau: float = 1.0,
+    truncate: int = 0,
+    warmup: float = 0.6,
+    reference_images: int = 64,
+    scheduler: str = "ddim",
+    eta: float = 0.0,
+    seed: int = 0,
+    conditioning: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> PrunerResult:
+    """Train a :class:`PrunerNetwork` for ``unet`` and return its gate scores.
+
+    Args:
+        unet: the (frozen) model to prune over time.
+        units: prunable units; ``costs`` their MACs.
+        steps: sampling steps.
+        iterations, batch_size, lr: optimiser steps, trajectories per step, Adam learning rate.
+        target_ratio: trajectory MACs to reach, as a fraction of the full sampler's.
+        sparsity_weight: weight of the squared distance to ``target_ratio``.
+        consistency: ``mse`` or ``ssim``.
+        tau: Gumbel-softmax temperature.
+        truncate: cut the graph every ``truncate`` steps (0: backpropagate through all steps).
+        warmup: fraction of the iterations over which the target moves from 1 to ``target_ratio``.
+        reference_images: fixed noise samples (and full-sampler targets) batches are drawn from.
+        conditioning: for conditional UNets, ``encoder_hidden_states`` (and
+            ``negative_hidden_states`` with ``guidance_scale``), one row per reference image.
+    """
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    requires_grad = [p.requires_grad for p in unet.parameters()]
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    was_training = unet.training
+    unet.eval()
+    config = unet.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((reference_images, config.in_channels, height, width), generator=generator).to(device=device, dtype=dtype)
+    conditioning = dict(conditioning or {})
+    per_image = {k: v for k, v in conditioning.items() if isinstance(v, torch.Tensor)}
+    shared = {k: v for k, v in conditioning.items() if not isinstance(v, torch.Tensor)}
+    base = {"scheduler_config": scheduler_config, "steps": steps, "scheduler": scheduler, "eta": eta}
+    start = time.perf_counter()
+
+    def run(indices: torch.Tensor | slice, *, gen_seed: int, after_step: Any = None) -> torch.Tensor:
+        extra = {k: v[indices] for k, v in per_image.items()}
+        return denoise(unet, noise=noise[indices], generator=torch.Generator().manual_seed(gen_seed), after_step=after_step, **base, **extra, **shared)
+
+    with torch.no_grad():
+        targets = torch.cat(
+            [run(slice(i, i + batch_size), gen_seed=seed + 1 + i) for i in range(0, reference_images, batch_size)]
+        )
+    pruner = PrunerNetwork(steps, len(units)).to(device)
+    optimiser = torch.optim.Adam(pruner.parameters(), lr=lr)
+    loss_fn = CONSISTENCY[consistency]
+    controller = GateController(unet, units, steps)
+    history: list[dict[str, float]] = []
+    sampler = torch.Generator().manual_seed(seed + 7)
+    bar = tqdm(range(iterations), desc="pruner", unit="it", disable=not progress, file=sys.stderr, leave=False)
+
+    def cut(i: int, x: torch.Tensor) -> torch.Tensor:
+        if truncate and (i + 1) % truncate == 0:
+            controller.detach_cache()
+            return x.detach()
+        return x
+
+    cons = ratio = torch.tensor(math.nan)
+    try:
+        for it in bar:
+            idx = torch.randperm(reference_images, generator=sampler)[:batch_size]
+            gates = pruner.sample(tau)
+            controller.use_soft(gates.to(dtype))
+            images = run(idx.to(device), gen_seed=seed + 1 + int(idx[0]), after_step=cut)
+            cons = loss_fn(images.float(), targets[idx.to(device)].float())
+            ratio = expected_ratio(pruner.probs(), costs, units)
+            progress_frac = min(1.0, (it + 1) / max(1.0, warmup * iterations))
+            target = 1.0 + (target_ratio - 1.0) * progress_frac
+            loss = cons + sparsity_weight * (ratio - target) ** 2
+            if not torch.isfinite(loss):
+                from automl_diff.methods.dkdm.distill import TrainingDiverged
+
+                raise TrainingDiverged(f"pruner loss became {loss.item()} at iteration {it}")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            record = {"iteration": it, "consistency": cons.item(), "ratio": ratio.item(), "hard_ratio": expected_ratio(gates.detach(), costs, units).item()}
+            history.append(record)
+            bar.set_postfix(cons=f"{record['consistency']:.4f}", ratio=f"{record['ratio']:.3f}")
+    finally:
+        bar.close()
+        controller.remove()
+        unet.train(was_training)
+        for p, flag in zip(unet.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        scores = pruner.probs().float().cpu().numpy()
+    return PrunerResult(scores, tuple(units), time.perf_counter() - start, cons.item(), ratio.item(), history)

@@ -1,0 +1,271 @@
+"""DiP-GO: gates that really skip work, schedules and their MACs, the pruner, and the study."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from automl_diff.errors import UserError
+from automl_diff.methods.dipgo import GateController, Schedule, apply_schedule, prunable_units, unit_costs
+from automl_diff.methods.dipgo.gates import ScheduleMismatch
+from automl_diff.methods.dipgo.optimise import expected_ratio, optimise_pruner, ssim
+from automl_diff.methods.dipgo.pruner import PrunerNetwork
+from automl_diff.methods.dipgo.schedule import model_fingerprint
+from automl_diff.metrics.macs import executed_macs
+from automl_diff.models.blocks import get_block
+from automl_diff.sampling import denoise, sample_images
+from automl_diff.study.cli import main
+
+SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True}
+
+
+def _schedule(unet, steps: int, off: dict[int, list[str]], granularity: str = "block") -> Schedule:
+    units = prunable_units(unet, granularity)
+    gates = [[not (i in off and u in off[i]) for u in units] for i in range(steps)]
+    return Schedule(steps, tuple(units), tuple(map(tuple, gates)), model_fingerprint(unet))
+
+
+def test_units_cover_blocks_and_layers(tiny_unet, tiny_cond_unet):
+    assert prunable_units(tiny_unet, "block") == ["down.0", "down.1", "mid", "up.0", "up.1"]
+    layers = prunable_units(tiny_unet, "layer")
+    assert "down.0.downsamplers.0" in layers and "up.0.upsamplers.0" in layers and "mid.attentions.0" in layers
+    for name in layers + prunable_units(tiny_cond_unet, "layer"):
+        assert get_block(tiny_unet if name in layers else tiny_cond_unet, name) is not None
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_all_gates_on_equals_the_plain_pipeline(tiny_unet, granularity):
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    pipe = DDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler(**SCHEDULER))
+    plain = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    with apply_schedule(pipe, Schedule.full(tiny_unet, 4, granularity)) as handle:
+        gated = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert sum(handle.executed.values()) == 4 * len(handle.units)
+    assert np.abs(plain - gated).max() <= 1e-6
+    assert not hasattr(tiny_unet, "_automl_diff_gates")  # removed on exit
+
+
+def test_gate_off_skips_the_unit_and_reuses_its_cache(tiny_unet):
+    calls = []
+    conv = tiny_unet.up_blocks[1].resnets[0].conv1
+    conv.register_forward_hook(lambda *_: calls.append(1))
+    outputs = {}
+    get_block(tiny_unet, "up.1").register_forward_hook(lambda m, a, o: outputs.setdefault("up.1", []).append(o))
+    schedule = _schedule(tiny_unet, 3, {1: ["up.1"], 2: ["up.1", "mid"]})
+    x = torch.randn(2, 1, 16, 16)
+    with apply_schedule(tiny_unet, schedule) as handle, torch.no_grad():
+        for t in (900, 500, 100):
+            tiny_unet(x, t)
+    assert handle.executed["up.1"] == 1 and handle.executed["mid"] == 2 and handle.executed["down.0"] == 3
+    assert len(calls) == 1  # the skipped resnet's convolution never ran after step 0
+    assert all(o is outputs["up.1"][0] for o in outputs["up.1"])  # the cached tensor, not a recomputation
+
+
+def test_a_new_trajectory_resets_and_extra_steps_fail(tiny_unet):
+    schedule = _schedule(tiny_unet, 2, {1: ["mid"]})
+    x = torch.randn(1, 1, 16, 16)
+    with apply_schedule(tiny_unet, schedule) as handle, torch.no_grad():
+        tiny_unet(x, 900), tiny_unet(x, 100)
+        tiny_unet(x, 900)  # a larger timestep starts a new trajectory
+        assert handle.step == 0 and handle.executed["mid"] == 2
+        tiny_unet(x, 100)
+        with pytest.raises(ScheduleMismatch, match="num_inference_steps=2"):
+            tiny_unet(x, 50)
+
+
+def test_classifier_free_guidance_pipeline_loop(tiny_cond_unet):
+    steps = 3
+    cond, uncond = torch.randn(2, 5, 12), torch.zeros(2, 5, 12)
+    noise = torch.randn(2, 4, 8, 8)
+    kwargs = dict(steps=steps, encoder_hidden_states=cond, negative_hidden_states=uncond, guidance_scale=7.5)
+    with torch.no_grad():
+        plain = denoise(tiny_cond_unet, SCHEDULER, noise, **kwargs)
+        with apply_schedule(tiny_cond_unet, Schedule.full(tiny_cond_unet, steps, "layer")):
+            same = denoise(tiny_cond_unet, SCHEDULER, noise, **kwargs)
+        with apply_schedule(tiny_cond_unet, _schedule(tiny_cond_unet, steps, {1: ["down.1", "mid"], 2: ["mid", "up.0"]})) as handle:
+            pruned = denoise(tiny_cond_unet, SCHEDULER, noise, **kwargs)
+    assert torch.allclose(plain, same, atol=1e-6)
+    assert handle.executed["mid"] == 1 and not torch.allclose(plain, pruned)
+
+
+def test_schedule_macs_are_the_sum_over_computed_units(tiny_unet):
+    steps = 4
+    schedule = _schedule(tiny_unet, steps, {1: ["up.1", "mid"], 2: ["down.0"], 3: ["up.0", "up.1", "down.1"]})
+    costs = unit_costs(tiny_unet, schedule.units)
+    expected = sum(
+        costs.total.macs - sum(costs.units[u].macs for u, on in zip(schedule.units, row) if not on) for row in schedule.gates
+    )
+    assert schedule.trajectory_macs(costs) == expected
+    assert costs.always + sum(c.macs for c in costs.units.values()) == costs.total.macs
+    assert Schedule.full(tiny_unet, steps).trajectory_macs(costs) == steps * costs.total.macs
+    # an independent count of what actually runs (torch's FlopCounterMode) agrees on the fraction saved
+    def run():
+        sample_images(tiny_unet, SCHEDULER, num_images=1, steps=steps, batch_size=1)
+
+    full = executed_macs(run)
+    with apply_schedule(tiny_unet, schedule):
+        pruned = executed_macs(run)
+    analytic = schedule.trajectory_macs(costs) / (steps * costs.total.macs)
+    assert pruned / full == pytest.approx(analytic, rel=0.03)
+
+
+def test_gradients_reach_the_pruner(tiny_unet):
+    steps = 3
+    units = tuple(prunable_units(tiny_unet, "block"))
+    pruner = PrunerNetwork(steps, len(units))
+    gates = pruner.sample()
+    assert torch.all(gates[0] == 1) and set(gates.unique().tolist()) <= {0.0, 1.0}
+    noise = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        target = denoise(tiny_unet, SCHEDULER, noise, steps=steps)
+    for p in tiny_unet.parameters():
+        p.requires_grad_(False)
+    with GateController(tiny_unet, units, steps) as controller:
+        controller.use_soft(gates)
+        out = denoise(tiny_unet, SCHEDULER, noise, steps=steps)
+    costs = unit_costs(tiny_unet, units)
+    loss = torch.nn.functional.mse_loss(out, target) + (expected_ratio(pruner.probs(), costs, units) - 0.3) ** 2
+    loss.backward()
+    assert pruner.unit_queries.grad is not None and pruner.unit_queries.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pruner.parameters())
+
+
+def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
+    units = tuple(prunable_units(tiny_unet, "block"))
+    costs = unit_costs(tiny_unet, units)
+    result = optimise_pruner(
+        tiny_unet, SCHEDULER, units=units, costs=costs, steps=3, iterations=12, batch_size=2, lr=0.1,
+        target_ratio=0.4, sparsity_weight=10.0, reference_images=4, truncate=2, warmup=0.0,
+    )
+    assert result.scores.shape == (3, len(units)) and np.all(result.scores[0] == 1)
+    assert result.history[-1]["ratio"] < result.history[0]["ratio"]
+    assert all(p.requires_grad for p in tiny_unet.parameters())  # left as found
+
+
+def test_ssim_is_one_for_equal_images():
+    a = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert ssim(a, a).item() == pytest.approx(1.0, abs=1e-5)
+    assert ssim(a, torch.rand(2, 1, 16, 16) * 2 - 1).item() < 0.2  # unrelated images
+    assert ssim(a, a + 0.05).item() > ssim(a, a + 0.5 * torch.randn_like(a)).item()
+
+
+def test_higher_threshold_never_keeps_more_units():
+    rng = np.random.default_rng(0)
+    scores = rng.random((6, 5))
+    units, model = [f"u{i}" for i in range(5)], {"class": "X"}
+    previous = None
+    for threshold in np.linspace(0, 1, 21):
+        gates = np.array(Schedule.from_scores(scores, threshold, units=units, model=model).gates)
+        assert gates[0].all()
+        if previous is not None:
+            assert not np.any(gates & ~previous)  # nothing turns on as the threshold rises
+        previous = gates
+
+
+def test_schedule_json_round_trip_and_errors(tmp_path, tiny_unet, tiny_cond_unet):
+    schedule = _schedule(tiny_unet, 3, {1: ["mid"]})
+    path = schedule.save(tmp_path / "schedule.json")
+    assert Schedule.load(path) == schedule
+    assert json.loads(path.read_text())["gates"][1] == "11011"
+    with pytest.raises(UserError, match="made for another model"):
+        apply_schedule(tiny_cond_unet, schedule)
+    bad = schedule.to_dict() | {"gates": ["11111", "1101", "11111"]}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match=r"bad.json: gates\[1\]"):
+        Schedule.load(tmp_path / "bad.json")
+    (tmp_path / "first.json").write_text(json.dumps(schedule.to_dict() | {"gates": ["01111", "11111", "11111"]}))
+    with pytest.raises(UserError, match="step 0 must compute"):
+        Schedule.load(tmp_path / "first.json")
+    with pytest.raises(UserError, match="does not exist"):
+        Schedule.load(tmp_path / "missing.json")
+
+
+# --- the study ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dipgo_study(study_factory, tmp_path, capsys):
+    config = study_factory(
+        name="tinygo",
+        method="dipgo",
+        search_space=None,
+        objectives=[{"name": "trajectory_macs"}, {"name": "fid"}],
+        n_trials=3,
+        budgets={"train_iterations": 6, "batch_size": 2, "lr": 0.05, "fid_samples": 16, "sampling_steps": 4,
+                 "latency_repeats": 1, "latency_batch_size": 2},
+        method_options={"granularity": "block", "target_macs_ratio": 0.5, "reference_images": 4, "warmup": 0.0,
+                        "sparsity_weight": 5.0},
+    )
+    code = main(["run", str(config), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return config, f"sqlite:///{tmp_path / 'study.db'}", out
+
+
+def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, capsys):
+    config, storage, out = dipgo_study
+    assert "trajectory MACs" in out
+    study = optuna.load_study(study_name="tinygo", storage=storage)
+    assert study.metric_names == ["trajectory_macs", "fid"]
+    teacher = study.user_attrs["teacher_metrics"]
+    assert teacher["trajectory_macs"] == 4 * teacher["macs"]
+    assert (tmp_path / "runs" / "tinygo" / "dipgo_pruner.json").is_file()
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    fingerprints = [t.user_attrs["fingerprint"] for t in complete]
+    assert len(set(fingerprints)) == len(fingerprints)  # equal schedules are pruned as duplicates
+    trial = complete[0]
+    attrs = trial.user_attrs
+    schedule = Schedule.load(attrs["schedule_file"])
+    assert schedule.to_dict() == attrs["schedule"] and schedule.info["threshold"] == attrs["threshold"]
+    assert trial.values[0] == attrs["trajectory_macs"] <= teacher["trajectory_macs"]
+    assert not (tmp_path / "runs" / "tinygo" / f"trial_{trial.number}" / "unet").exists()  # weights are the teacher's
+
+    out_dir = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "tinygo", "--trial", str(trial.number), "--out", str(out_dir)]) == 0
+    capsys.readouterr()
+    assert Schedule.load(out_dir / "schedule.json") == schedule
+    assert "apply_schedule" in (out_dir / "README.md").read_text()
+    # re-apply the exported schedule to the exported pipeline: same images as the study's sampler
+    from diffusers import DDIMPipeline
+
+    pipe = DDIMPipeline.from_pretrained(str(out_dir))
+    with apply_schedule(pipe, Schedule.load(out_dir / "schedule.json")) as handle:
+        images = sample_images(pipe.unet, dict(pipe.scheduler.config), num_images=2, steps=4, batch_size=2)
+        skipped = 4 * len(schedule.units) - sum(handle.executed.values())
+    assert skipped == sum(not g for row in schedule.gates for g in row)
+    assert images.shape == (2, 1, 16, 16)
+
+
+def test_profile_schedule_reports_trajectory_and_latency(dipgo_study, tmp_path, tiny_teacher_dir, capsys):
+    config, storage, _ = dipgo_study
+    study = optuna.load_study(study_name="tinygo", storage=storage)
+    trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    path = trial.user_attrs["schedule_file"]
+    code = main(["profile", "--model", str(tiny_teacher_dir), "--schedule", path, "--json", "--repeats", "1", "--batch-size", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    for key in ("trajectory_macs", "full_trajectory_macs", "latency", "full_latency", "speedup", "macs_reduction"):
+        assert key in data, key
+    assert data["trajectory_macs"] == trial.user_attrs["trajectory_macs"]
+    assert data["full_trajectory_macs"] == 4 * data["macs"]
+    assert data["macs_reduction"] == pytest.approx(data["full_trajectory_macs"] / data["trajectory_macs"])
+    assert main(["profile", "--model", str(tiny_teacher_dir), "--schedule", path, "--steps", "7"]) == 2
+    assert "is for 4 steps" in capsys.readouterr().err
+    assert main(["profile", "--model", "digits", "--schedule", path]) == 2
+    assert "made for another model" in capsys.readouterr().err
+
+
+def test_dipgo_options_are_validated(study_factory, capsys):
+    config = study_factory(method="dipgo", method_options={"granularity": "channel"})
+    assert main(["run", str(config)]) == 2
+    assert "method_options.granularity" in capsys.readouterr().err
+    config = study_factory(method="dipgo", method_options={"threshold_low": 0.9, "threshold_high": 0.2})
+    assert main(["run", str(config)]) == 2
+    assert "threshold_low" in capsys.readouterr().err
