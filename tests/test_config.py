@@ -26,10 +26,10 @@ def test_quickstart_defaults_and_paths():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"method": "magic"}, r"method: must be one of dkdm"),
+        ({"method": "magic"}, r"method: must be one of dipgo, dkdm"),
         ({"n_trials": 0}, r"n_trials: must be positive \(got 0\)"),
         ({"n_trials": "ten"}, r"n_trials: expected an integer \(got 'ten'\)"),
-        ({"objectives": [{"name": "accuracy"}]}, r"objectives\[0\]\.name: must be one of macs, params, fid, latency"),
+        ({"objectives": [{"name": "accuracy"}]}, r"objectives\[0\]\.name: must be one of macs, trajectory_macs, params, fid, latency"),
         ({"objectives": [{"name": "fid", "direction": "down"}]}, r"objectives\[0\]\.direction: must be one of minimize, maximize"),
         ({"objectives": ["fid", "fid"]}, r"objectives: repeats an objective"),
         ({"sampler": {"name": "cmaes"}}, r"sampler\.name: must be one of tpe, nsga2, random"),

@@ -93,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state, count in sorted(states.items()):
         print(f"  {state.lower():9s} {count}")
     for name, value in best.items():
-        print(f"  best {name}: {_human(int(value) if name in ('macs', 'params') else value)}")
+        print(f"  best {name}: {_human(int(value) if name in ('macs', 'trajectory_macs', 'params') else value)}")
     print(f"  Pareto front: {len(front)} trials")
     return 0
 
@@ -130,10 +130,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         targets = [(r.trial, out / f"trial_{r.trial}") for r in rows]
     else:
         targets = [(args.trial, out)]
+    scheduled = False
     for number, folder in targets:
         export_trial(study, number, folder, storage_url=args.storage)
+        scheduled = scheduled or (Path(folder) / "schedule.json").is_file()
         print(f"trial {number} -> {folder}")
     print("load with: diffusers.DDIMPipeline.from_pretrained(<folder>)")
+    if scheduled:
+        print("then: automl_diff.apply_schedule(pipe, automl_diff.Schedule.load('<folder>/schedule.json'))")
     return 0
 
 
