@@ -242,6 +242,19 @@ def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, c
     assert images.shape == (2, 1, 16, 16)
 
 
+def test_resumed_dipgo_study_reuses_the_pruner(dipgo_study, tmp_path, capsys):
+    config, storage, _ = dipgo_study
+    cache = tmp_path / "runs" / "tinygo" / "dipgo_pruner.json"
+    before = cache.read_text()
+    mtime = cache.stat().st_mtime_ns
+    assert main(["run", str(config), "--quiet", "--n-trials", "4"]) == 0
+    capsys.readouterr()
+    assert cache.stat().st_mtime_ns == mtime and cache.read_text() == before
+    study = optuna.load_study(study_name="tinygo", storage=storage)
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 4
+
+
 def test_profile_schedule_reports_trajectory_and_latency(dipgo_study, tmp_path, tiny_teacher_dir, capsys):
     config, storage, _ = dipgo_study
     study = optuna.load_study(study_name="tinygo", storage=storage)
