@@ -242,6 +242,25 @@ def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, c
     assert images.shape == (2, 1, 16, 16)
 
 
+def test_trials_lists_every_trial_with_state_and_reason(dipgo_study, tmp_path, capsys):
+    import pandas as pd
+
+    _, storage, _ = dipgo_study
+    study = optuna.load_study(study_name="tinygo", storage=storage)
+    assert main(["trials", "--storage", storage, "--csv", str(tmp_path / "trials.csv")]) == 0
+    frame = pd.read_csv(tmp_path / "trials.csv")
+    assert list(frame["trial"]) == [t.number for t in study.trials]
+    assert list(frame["state"]) == [t.state.name.lower() for t in study.trials]
+    assert "param:threshold" in frame.columns and "trajectory_macs" in frame.columns
+    for t, row in zip(study.trials, frame.to_dict("records")):
+        if "duplicate_of" in t.user_attrs:
+            assert row["duplicate_of"] == t.user_attrs["duplicate_of"]
+    capsys.readouterr()
+    assert main(["trials", "--storage", storage, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(study.trials)
+    assert main(["trials", "--storage", storage, "--csv", str(tmp_path / "no" / "such" / "t.csv")]) == 2
+
+
 def test_resumed_dipgo_study_reuses_the_pruner(dipgo_study, tmp_path, capsys):
     config, storage, _ = dipgo_study
     cache = tmp_path / "runs" / "tinygo" / "dipgo_pruner.json"

@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-__all__ = ["COLUMNS", "TrialRow", "pareto_rows", "teacher_metrics", "trial_rows", "trials_frame"]
+__all__ = ["COLUMNS", "TrialRow", "all_trials_frame", "pareto_rows", "teacher_metrics", "trial_rows", "trials_frame"]
 
 #: Columns of ``pareto --json``/``--csv``, in order.
 COLUMNS = ("trial", "macs", "params", "fid", "latency", "speedup")
@@ -87,3 +87,24 @@ def trials_frame(study: optuna.Study, *, pareto_only: bool = False) -> Any:
         record.update({f"param:{k}": v for k, v in params.get(row.trial, {}).items()})
         records.append(record)
     return pd.DataFrame.from_records(records, columns=None if records else list(COLUMNS))
+
+
+#: Per-trial facts of :func:`all_trials_frame`, beside the state and the parameters.
+TRIAL_FACTS = ("macs", "trajectory_macs", "params", "fid", "latency", "speedup", "duplicate_of", "fail_reason")
+
+
+def all_trials_frame(study: optuna.Study) -> Any:
+    """A pandas DataFrame of every trial, whatever its state: number, state, the metrics it has
+    (empty where it has none), why it was pruned or failed, and its parameters (``param:<name>``)."""
+    import pandas as pd
+
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        record: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
+        record.update({k: t.user_attrs.get(k) for k in TRIAL_FACTS})
+        record.update({f"param:{k}": v for k, v in t.params.items()})
+        records.append(record)
+    frame = pd.DataFrame.from_records(records, columns=None if records else ["trial", "state", *TRIAL_FACTS])
+    for column in ("macs", "trajectory_macs", "params", "duplicate_of"):
+        frame[column] = pd.to_numeric(frame[column]).round().astype("Int64")  # integers with gaps
+    return frame

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--csv", default=None, metavar="FILE", help="also write the front (with parameters) as CSV")
     pareto.set_defaults(func=commands.cmd_pareto)
 
+    trials = sub.add_parser("trials", help="every trial with its state, metrics, parameters and why it was pruned or failed")
+    _study_options(trials)
+    trials.add_argument("--json", action="store_true", help="print a JSON list")
+    trials.add_argument("--csv", default=None, metavar="FILE", help="write all trials (metrics and parameters) as CSV")
+    trials.set_defaults(func=commands.cmd_trials)
+
     export = sub.add_parser("export", help="export trials as diffusers pipelines with model cards")
     _study_options(export)
     which = export.add_mutually_exclusive_group(required=True)

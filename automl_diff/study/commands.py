@@ -13,7 +13,7 @@ from typing import Any
 
 from automl_diff.errors import UserError
 
-__all__ = ["cmd_export", "cmd_pareto", "cmd_profile", "cmd_run", "cmd_status"]
+__all__ = ["cmd_export", "cmd_pareto", "cmd_profile", "cmd_run", "cmd_status", "cmd_trials"]
 
 logger = logging.getLogger("automl_diff")
 
@@ -105,14 +105,46 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     study = load_existing_study(args.storage, args.study_name)
     rows = pareto_rows(study)
     if args.csv:
-        path = Path(args.csv)
-        if not path.parent.is_dir():
-            raise UserError(f"--csv: the folder {path.parent} does not exist")
-        trials_frame(study, pareto_only=True).to_csv(path, index=False)
+        trials_frame(study, pareto_only=True).to_csv(_csv_path(args.csv), index=False)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
     elif not args.csv:
         print(pareto_table(study))
+    return 0
+
+
+def _csv_path(value: str) -> Path:
+    path = Path(value)
+    if not path.parent.is_dir():
+        raise UserError(f"--csv: the folder {path.parent} does not exist")
+    return path
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from automl_diff.analysis import all_trials_frame
+    from automl_diff.runners import load_existing_study
+
+    study = load_existing_study(args.storage, args.study_name)
+    frame = all_trials_frame(study)
+    if args.csv:
+        frame.to_csv(_csv_path(args.csv), index=False)
+    if args.json:
+        print(frame.to_json(orient="records"))
+    elif not args.csv:
+        import pandas as pd
+
+        def cell(value: Any, unit: str = "") -> str:
+            if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+                return "-"
+            return _human(int(value) if not isinstance(value, float) else value, unit)
+
+        rows = []
+        for r in frame.to_dict("records"):
+            note = r["fail_reason"] if isinstance(r["fail_reason"], str) else ""
+            if cell(r["duplicate_of"]) != "-":
+                note = f"same as trial {r['duplicate_of']}"
+            rows.append([str(r["trial"]), r["state"], cell(r["macs"]), cell(r["trajectory_macs"]), cell(r["fid"]), cell(r["speedup"], "x"), note])
+        print(_table(["trial", "state", "MACs", "trajectory MACs", "FID", "speedup", "note"], rows))
     return 0
 
 
