@@ -1,4 +1,5 @@
-"""Reading results out of a study: trial tables, the Pareto front, pandas frames."""
+"""Reading results out of a study: trial tables, the Pareto front, pandas frames; plotly figures
+in :mod:`automl_diff.analysis.figures` (imported on use: plotly loads only then)."""
 
 from __future__ import annotations
 
