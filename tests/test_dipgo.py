@@ -261,6 +261,26 @@ def test_trials_lists_every_trial_with_state_and_reason(dipgo_study, tmp_path, c
     assert main(["trials", "--storage", storage, "--csv", str(tmp_path / "no" / "such" / "t.csv")]) == 2
 
 
+def test_report_is_self_contained_with_figures_table_and_samples(dipgo_study, tmp_path, capsys):
+    import re
+
+    _, storage, _ = dipgo_study
+    study = optuna.load_study(study_name="tinygo", storage=storage)
+    out = tmp_path / "report.html"
+    assert main(["report", "--storage", storage, "--out", str(out), "--samples", "4"]) == 0
+    page = out.read_text()
+    front = [t for t in study.best_trials]
+    assert 'id="pareto-plot"' in page and 'id="history-plot"' in page
+    assert not re.search(r"<script[^>]+src=", page)  # plotly.js is inline: opens offline
+    for trial in front:
+        assert f"id='trial-{trial.number}'" in page and f'id="schedule-{trial.number}"' in page
+        assert f"alt='samples of trial {trial.number}' src='data:image/png;base64," in page
+    table = page[page.index("<table class='pareto'>") : page.index("</table>")]
+    assert table.count("<tr>") == len(front) + 2  # header, the teacher, each front trial
+    assert main(["report", "--storage", storage, "--out", str(tmp_path / "no" / "r.html")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
 def test_resumed_dipgo_study_reuses_the_pruner(dipgo_study, tmp_path, capsys):
     config, storage, _ = dipgo_study
     cache = tmp_path / "runs" / "tinygo" / "dipgo_pruner.json"

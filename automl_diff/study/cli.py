@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     trials.add_argument("--csv", default=None, metavar="FILE", help="write all trials (metrics and parameters) as CSV")
     trials.set_defaults(func=commands.cmd_trials)
 
+    report = sub.add_parser("report", help="a self-contained HTML report: figures, Pareto table, samples of the front models")
+    _study_options(report)
+    report.add_argument("--out", default=None, help="HTML file to write (default: dashboards/<study>.html)")
+    report.add_argument("--samples", type=int, default=16, help="sample images per front model (0: none; default 16)")
+    report.set_defaults(func=commands.cmd_report)
+
     export = sub.add_parser("export", help="export trials as diffusers pipelines with model cards")
     _study_options(export)
     which = export.add_mutually_exclusive_group(required=True)

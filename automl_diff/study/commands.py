@@ -13,7 +13,7 @@ from typing import Any
 
 from automl_diff.errors import UserError
 
-__all__ = ["cmd_export", "cmd_pareto", "cmd_profile", "cmd_run", "cmd_status", "cmd_trials"]
+__all__ = ["cmd_export", "cmd_pareto", "cmd_profile", "cmd_report", "cmd_run", "cmd_status", "cmd_trials"]
 
 logger = logging.getLogger("automl_diff")
 
@@ -145,6 +145,17 @@ def cmd_trials(args: argparse.Namespace) -> int:
                 note = f"same as trial {r['duplicate_of']}"
             rows.append([str(r["trial"]), r["state"], cell(r["macs"]), cell(r["trajectory_macs"]), cell(r["fid"]), cell(r["speedup"], "x"), note])
         print(_table(["trial", "state", "MACs", "trajectory MACs", "FID", "speedup", "note"], rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from automl_diff.analysis.report import write_report
+    from automl_diff.runners import load_existing_study, mask_url
+
+    study = load_existing_study(args.storage, args.study_name)
+    out = Path(args.out or f"dashboards/{study.study_name}.html")
+    write_report(study, out, samples=args.samples, storage_label=mask_url(args.storage))
+    print(f"report of study '{study.study_name}' -> {out} (self-contained; open it in a browser)")
     return 0
 
 
