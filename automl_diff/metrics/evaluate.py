@@ -74,6 +74,8 @@ class Evaluator:
         self.device = torch.device(device)
         self.progress = progress
         self._extractor: FeatureExtractor | None = None
+        #: The first images of the last FID run (the same noise for every model): for sample grids.
+        self.last_samples: torch.Tensor | None = None
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -104,6 +106,7 @@ class Evaluator:
                 progress=self.progress,
                 desc=desc,
             )
+        self.last_samples = images[:16].clone()
         return fid_from_images(images, self.reference, self.extractor)
 
     def evaluate(self, unet: nn.Module, *, schedule: Any = None, desc: str = "sampling") -> ModelMetrics:

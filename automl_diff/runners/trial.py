@@ -145,6 +145,13 @@ class StudySession:
             trial.set_user_attr(key, value)
         metrics = self.evaluator.evaluate(candidate.unet, schedule=candidate.schedule, desc=f"trial {trial.number} sampling")
         self._record(trial, metrics, self.record_teacher(study))
+        if self.evaluator.last_samples is not None:
+            from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, attach_samples
+
+            artifact_dir = self.trial_root / "artifacts"
+            if study.user_attrs.get(ARTIFACT_DIR_ATTR) != str(artifact_dir):
+                study.set_user_attr(ARTIFACT_DIR_ATTR, str(artifact_dir))
+            attach_samples(trial, self.evaluator.last_samples, folder=folder, artifact_dir=artifact_dir, metrics=metrics.to_dict())
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
 

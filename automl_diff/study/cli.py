@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--samples", type=int, default=16, help="sample images per front model (0: none; default 16)")
     report.set_defaults(func=commands.cmd_report)
 
+    dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the study's sample-grid artifacts")
+    _study_options(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dashboard.add_argument("--artifacts", default=None, help="artifact folder (default: the one the study recorded)")
+    dashboard.set_defaults(func=commands.cmd_dashboard)
+
     export = sub.add_parser("export", help="export trials as diffusers pipelines with model cards")
     _study_options(export)
     which = export.add_mutually_exclusive_group(required=True)

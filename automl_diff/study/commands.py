@@ -13,7 +13,7 @@ from typing import Any
 
 from automl_diff.errors import UserError
 
-__all__ = ["cmd_export", "cmd_pareto", "cmd_profile", "cmd_report", "cmd_run", "cmd_status", "cmd_trials"]
+__all__ = ["cmd_dashboard", "cmd_export", "cmd_pareto", "cmd_profile", "cmd_report", "cmd_run", "cmd_status", "cmd_trials"]
 
 logger = logging.getLogger("automl_diff")
 
@@ -156,6 +156,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out or f"dashboards/{study.study_name}.html")
     write_report(study, out, samples=args.samples, storage_label=mask_url(args.storage))
     print(f"report of study '{study.study_name}' -> {out} (self-contained; open it in a browser)")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from automl_diff.runners import load_existing_study, mask_url
+    from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, artifact_store
+
+    study = load_existing_study(args.storage, args.study_name)  # reachable, and names the study
+    folder = args.artifacts or study.user_attrs.get(ARTIFACT_DIR_ATTR)
+    store = artifact_store(folder) if folder else None
+    print(f"optuna-dashboard for {mask_url(args.storage)} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("the dashboard listens on %s: anyone who can reach this address can read and edit the studies", args.host)
+    optuna_dashboard.run_server(args.storage, host=args.host, port=args.port, artifact_store=store)
     return 0
 
 
