@@ -51,8 +51,9 @@ def test_report_renders_in_a_browser(finished, tmp_path, shots, capsys):
     dom = _browse(out.as_uri(), shots, "report.png")
     pareto = dom[dom.index('id="pareto-plot"') :]
     assert 'class="main-svg"' in pareto[:200000]  # plotly drew the figure, offline
-    assert dom.count('class="main-svg"') >= 4
+    assert dom.count('class="main-svg"') >= 5
     assert "scatterlayer" in pareto and 'class="point"' in pareto
+    assert 'id="choices-plot"' in dom
     assert "<table class=\"pareto\">" in dom and "data:image/png;base64," in dom
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from automl_diff.analysis.figures import (
     block_macs_figure,
+    choices_data,
+    choices_figure,
     history_data,
     history_figure,
     hypervolume_2d,
@@ -67,3 +69,11 @@ def test_block_and_schedule_figures(tiny_unet):
     heat = schedule_figure(schedule)
     assert [list(r) for r in heat.data[0].z] == [[1, 1, 1], [1, 0, 0]]
     assert "67%" in heat.layout.title.text
+
+
+def test_choices_across_front_trials():
+    data = choices_data(_study())
+    assert data.names == ["width"] and data.trials == [3, 0, 1]  # front by increasing MACs
+    fig = choices_figure(data)
+    assert list(fig.data[0].y) == ["trial 3", "trial 0", "trial 1"]
+    assert [row[0] for row in fig.data[0].text] == [str(v[0]) for v in data.values]

@@ -15,7 +15,10 @@ from automl_diff.analysis.pareto import pareto_rows, teacher_metrics, trial_rows
 __all__ = [
     "HistoryData",
     "ParetoData",
+    "ChoicesData",
     "block_macs_figure",
+    "choices_data",
+    "choices_figure",
     "history_data",
     "history_figure",
     "hypervolume_2d",
@@ -156,3 +159,47 @@ def schedule_figure(schedule: Any, *, title: str = "DiP-GO schedule") -> Any:
     fig = go.Figure(go.Heatmap(z=z, x=list(schedule.units), y=list(range(schedule.steps)), colorscale=[[0, "#eeeeee"], [1, "#1f77b4"]], showscale=False))
     fig.update_layout(title=f"{title}: {schedule.computed_fraction:.0%} of unit computations", xaxis_title="unit", yaxis_title="step", yaxis_autorange="reversed")
     return fig
+
+
+@dataclass
+class ChoicesData:
+    """The parameters (per-block choices, for DiffNAS and DKDM spaces) of the front trials."""
+
+    trials: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    values: list[list[Any]] = field(default_factory=list)  # [trial][parameter]
+
+
+def choices_data(study: optuna.Study) -> ChoicesData:
+    """Front trials by increasing MACs, with every parameter any of them has (sorted by name)."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    rows = [trials[r.trial] for r in pareto_rows(study)]
+    names = sorted({name for t in rows for name in t.params})
+    return ChoicesData([t.number for t in rows], names, [[t.params.get(n) for n in names] for t in rows])
+
+
+def choices_figure(data: ChoicesData, *, title: str = "Choices of the front trials") -> Any:
+    """A trials-by-parameters heatmap: colour is each value's rank within its parameter, the text
+    the value itself, so block-wise choices across the front read at a glance."""
+    import plotly.graph_objects as go
+
+    z = []
+    for row in data.values:
+        line = []
+        for j, value in enumerate(row):
+            column = sorted({str(r[j]) for r in data.values if r[j] is not None}, key=_natural)
+            line.append(None if value is None else column.index(str(value)) / max(1, len(column) - 1))
+        z.append(line)
+    text = [["-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)) for v in row] for row in data.values]
+    fig = go.Figure(
+        go.Heatmap(z=z, x=data.names, y=[f"trial {t}" for t in data.trials], text=text, texttemplate="%{text}", colorscale="Blues", showscale=False)
+    )
+    fig.update_layout(title=title, xaxis_title="parameter", yaxis_autorange="reversed")
+    return fig
+
+
+def _natural(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)

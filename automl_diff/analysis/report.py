@@ -16,6 +16,8 @@ import optuna
 
 from automl_diff.analysis.figures import (
     block_macs_figure,
+    choices_data,
+    choices_figure,
     history_data,
     history_figure,
     pareto_data,
@@ -116,6 +118,7 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
         f"<h2>Pareto front</h2>{embed(pareto_figure(pareto_data(study)), 'pareto-plot')}",
         f"<h2>Front trials</h2>{_table(rows, teacher)}",
         f"<h2>History</h2>{embed(history_figure(history_data(study)), 'history-plot')}",
+        f"<h2>Choices across the front</h2>{embed(choices_figure(choices_data(study)), 'choices-plot')}",
     ]
     models = []
     for row in rows:
