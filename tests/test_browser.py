@@ -87,6 +87,12 @@ def test_dashboard_renders_trials_with_their_samples(finished, tmp_path, shots):
         overview = _browse(f"{base}/dashboard/studies/1", shots, "dashboard_study.png")
         assert "Pareto Front" in overview and 'class="main-svg"' in overview
         assert "macs" in overview and "fid" in overview  # objectives carry their names
+        # a second dashboard on the same port: one line, exit 2
+        busy = subprocess.run(
+            [sys.executable, "-m", "automl_diff.study", "dashboard", "--storage", finished, "--port", str(port)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert busy.returncode == 2 and f"--port {port}" in busy.stderr and "Traceback" not in busy.stderr
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -165,7 +165,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from automl_diff.runners import load_existing_study, mask_url
     from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, artifact_store
 
+    import socket
+
     study = load_existing_study(args.storage, args.study_name)  # reachable, and names the study
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise UserError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     folder = args.artifacts or study.user_attrs.get(ARTIFACT_DIR_ATTR)
     store = artifact_store(folder) if folder else None
     print(f"optuna-dashboard for {mask_url(args.storage)} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)", flush=True)
