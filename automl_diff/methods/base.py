@@ -23,7 +23,11 @@ from automl_diff.config._reader import Section
 from automl_diff.config.study import StudyConfig
 from automl_diff.models.loading import Teacher
 
-__all__ = ["Candidate", "Method", "read_options"]
+__all__ = ["Candidate", "Method", "TrainingDiverged", "read_options"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A method's loss became NaN or infinite; the trial fails with this reason, the study goes on."""
 
 
 @dataclass

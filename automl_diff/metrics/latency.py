@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -36,16 +37,8 @@ def measure_latency(
     Runs ``warmup`` untimed batches first, then ``repeats`` timed ones, and returns the median
     batch time divided by ``batch_size``. Measures the same loop that produces FID samples.
     """
-    def once() -> float:
-        _sync(unet)
-        start = time.perf_counter()
-        sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
-        _sync(unet)
-        return time.perf_counter() - start
-
-    for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(max(1, repeats))) / batch_size
+    variants = {"model": contextlib.nullcontext}
+    return measure_latencies(unet, scheduler_config, variants, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler)["model"]
 
 
 def measure_latencies(

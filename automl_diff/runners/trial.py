@@ -17,7 +17,7 @@ import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
 from automl_diff.methods import METHODS
-from automl_diff.methods.dkdm.distill import TrainingDiverged
+from automl_diff.methods.base import TrainingDiverged
 from automl_diff.metrics.evaluate import Evaluator, ModelMetrics
 from automl_diff.models.loading import Teacher, load_teacher
 from automl_diff.runners.attrs import SCHEDULER_ATTR, TEACHER_ATTR

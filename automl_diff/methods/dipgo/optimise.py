@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.dipgo.gates import GateController
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.schedule import UnitCosts
@@ -196,8 +197,6 @@ def optimise_pruner(
             target = 1.0 + (target_ratio - 1.0) * progress_frac
             loss = cons + sparsity_weight * (ratio - target) ** 2
             if not torch.isfinite(loss):
-                from automl_diff.methods.dkdm.distill import TrainingDiverged
-
                 raise TrainingDiverged(f"pruner loss became {loss.item()} at iteration {it}")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

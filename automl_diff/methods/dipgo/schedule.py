@@ -26,7 +26,7 @@ from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.metrics.macs import BlockCost, count_unit_macs
-from automl_diff.models.blocks import block_names, get_block
+from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 
 __all__ = ["FORMAT", "Schedule", "UnitCosts", "model_fingerprint", "prunable_units", "unit_costs"]
 
@@ -180,8 +180,6 @@ class Schedule:
                 f"{source}: made for another model ({key} {self.model.get(key)!r}; this model has {mine.get(key)!r})"
             )
         modules = dict(unet.named_modules())
-        from automl_diff.models.blocks import name_to_module_path
-
         for name in self.units:
             if name_to_module_path(name) not in modules:
                 raise UserError(f"{source}: units: unknown unit '{name}' for this {type(unet).__name__}")

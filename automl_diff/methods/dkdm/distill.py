@@ -24,14 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.dkdm.pool import NoisePool
 from automl_diff.sampling import predict_noise
 
 __all__ = ["DataBatches", "FitResult", "PoolBatches", "TrainingDiverged", "fit"]
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the trial fails with this reason."""
 
 
 class BatchSource(Protocol):
