@@ -75,10 +75,10 @@ def denoise(
     x = noise * sched.init_noise_sigma
     step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
     guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale != 1.0
+    context = torch.cat([negative_hidden_states, encoder_hidden_states]) if guided else None
     for i, t in enumerate(sched.timesteps):
         model_in = sched.scale_model_input(x, t)
         if guided:
-            context = torch.cat([negative_hidden_states, encoder_hidden_states])
             uncond, cond = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context).chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
         elif encoder_hidden_states is not None:

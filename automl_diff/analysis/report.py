@@ -51,8 +51,13 @@ def sample_grid_png(images: Any, *, columns: int = 8, scale: int = 3) -> bytes:
 
 
 def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -> bytes | None:
-    """``count`` samples of a trial's model, with the study's sampler, steps and seed."""
+    """The trial's sample grid: the one its evaluation stored (``samples.png``), else ``count``
+    new samples of its model with the study's sampler, steps and seed."""
     import contextlib
+
+    stored = trial.user_attrs.get("samples")
+    if stored and Path(stored).is_file():
+        return Path(stored).read_bytes()
 
     from automl_diff.methods.dipgo import Schedule, apply_schedule
     from automl_diff.models.loading import load_unet

@@ -151,6 +151,15 @@ def _cost(per_module: Mapping[str, Mapping[str, int]], path: str) -> tuple[int, 
     return total, total - int(ops.get("scaled_dot_product_attention", 0))
 
 
+def _named_costs(unet: nn.Module, per_module: Mapping[str, Mapping[str, int]], names: list[str]) -> list[BlockCost]:
+    costs = []
+    for name in names:
+        path = name_to_module_path(name)
+        params = sum(p.numel() for p in unet.get_submodule(path).parameters())
+        costs.append(BlockCost(name, params, *_cost(per_module, "unet." + path)))
+    return costs
+
+
 def count_macs(
     unet: nn.Module,
     *,
@@ -173,13 +182,7 @@ def count_macs(
         inputs = example_inputs(unet, resolution=resolution, text_length=text_length)
     per_module = _per_module(unet, inputs)
     total, total_no_attn = _cost(per_module, "")
-    blocks = []
-    for name in block_names(unet):
-        path = name_to_module_path(name)
-        module = unet.get_submodule(path)
-        macs, macs_no_attn = _cost(per_module, "unet." + path)
-        params = sum(p.numel() for p in module.parameters())
-        blocks.append(BlockCost(name, params, macs, macs_no_attn))
+    blocks = _named_costs(unet, per_module, block_names(unet))
     params_total = sum(p.numel() for p in unet.parameters())
     blocks.append(
         BlockCost(
@@ -210,12 +213,7 @@ def count_unit_macs(
     """
     per_module = _per_module(unet, example_inputs(unet, resolution=resolution, text_length=text_length))
     total, total_no_attn = _cost(per_module, "")
-    units = {}
-    for name in names:
-        path = name_to_module_path(name)
-        module = unet.get_submodule(path)
-        macs, macs_no_attn = _cost(per_module, "unet." + path)
-        units[name] = BlockCost(name, sum(p.numel() for p in module.parameters()), macs, macs_no_attn)
+    units = {cost.name: cost for cost in _named_costs(unet, per_module, list(names))}
     return BlockCost("total", sum(p.numel() for p in unet.parameters()), total, total_no_attn), units
 
 

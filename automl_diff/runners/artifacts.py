@@ -9,7 +9,6 @@ Markdown note with its metrics and the image, so that a user inspecting the tria
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import optuna
 __all__ = ["ARTIFACT_DIR_ATTR", "attach_samples", "artifact_store"]
 
 ARTIFACT_DIR_ATTR = "artifact_dir"
-logger = logging.getLogger("automl_diff")
 
 
 def artifact_store(folder: str | Path) -> Any:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="a self-contained HTML report: figures, Pareto table, samples of the front models")
     _study_options(report)
     report.add_argument("--out", default=None, help="HTML file to write (default: dashboards/<study>.html)")
-    report.add_argument("--samples", type=int, default=16, help="sample images per front model (0: none; default 16)")
+    report.add_argument("--samples", type=int, default=16, help="sample images per front model without a stored grid (0: no samples at all; default 16)")
     report.set_defaults(func=commands.cmd_report)
 
     dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the study's sample-grid artifacts")

@@ -160,12 +160,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    import socket
+
     import optuna_dashboard
 
     from automl_diff.runners import load_existing_study, mask_url
     from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, artifact_store
-
-    import socket
 
     study = load_existing_study(args.storage, args.study_name)  # reachable, and names the study
     with socket.socket() as probe:
@@ -225,7 +225,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any) -> dict[
     costs = unit_costs(unet, schedule.units)
     trajectory = schedule.trajectory_macs(costs)
     full = costs.total.macs * steps
-    path = Path(source) if not isinstance(source, Path) else source
+    path = Path(source)
     latencies = measure_latencies(
         unet,
         scheduler_config_for(path if path.exists() else None),

@@ -15,7 +15,6 @@ graph every ``k`` steps (truncated backpropagation) for large models.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -35,8 +34,6 @@ from automl_diff.methods.dipgo.schedule import UnitCosts
 from automl_diff.sampling import denoise
 
 __all__ = ["CONSISTENCY", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
-
-logger = logging.getLogger("automl_diff")
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -97,11 +94,6 @@ class PrunerResult:
             "pruner_consistency": self.final_consistency,
             "pruner_expected_ratio": self.final_ratio,
         }
-
-
-def _full_targets(unet: nn.Module, noise: torch.Tensor, batch: int, kwargs: dict[str, Any]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([denoise(unet, noise=noise[i : i + batch], **kwargs) for i in range(0, len(noise), batch)])
 
 
 def optimise_pruner(

@@ -31,8 +31,6 @@ from automl_diff.models.blocks import block_names, get_block, name_to_module_pat
 __all__ = ["FORMAT", "Schedule", "UnitCosts", "model_fingerprint", "prunable_units", "unit_costs"]
 
 FORMAT = "automl_diff.schedule/1"
-#: Children of a block that are prunable layers at ``granularity: layer``.
-LAYER_KINDS = ("resnets", "attentions", "downsamplers", "upsamplers")
 _FINGERPRINT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels", "out_channels")
 
 
