@@ -26,7 +26,7 @@ def test_quickstart_defaults_and_paths():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"method": "magic"}, r"method: must be one of dipgo, dkdm"),
+        ({"method": "magic"}, r"method: must be one of diffnas, dipgo, dkdm"),
         ({"n_trials": 0}, r"n_trials: must be positive \(got 0\)"),
         ({"n_trials": "ten"}, r"n_trials: expected an integer \(got 'ten'\)"),
         ({"objectives": [{"name": "accuracy"}]}, r"objectives\[0\]\.name: must be one of macs, trajectory_macs, params, fid, latency"),

@@ -27,10 +27,11 @@ from typing import Any
 from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.errors import UserError
 
-__all__ = ["BlockChoices", "SearchSpace", "load_search_space", "FAMILIES"]
+__all__ = ["BlockChoices", "FAMILIES", "SearchSpace", "SupernetBlock", "SupernetSpace", "load_search_space"]
 
-#: Student families a search space may name.
-FAMILIES = ("unet2d",)
+#: Search-space families: ``unet2d`` (whole student architectures, DKDM) and ``supernet``
+#: (per-block subnet choices of the teacher's blocks, DiffNAS).
+FAMILIES = ("unet2d", "supernet")
 
 _DOWN_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
@@ -175,10 +176,118 @@ class SearchSpace:
         return config
 
 
-def load_search_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space YAML file (structure only; see :meth:`SearchSpace.validate_for`)."""
+@dataclass(frozen=True)
+class SupernetBlock:
+    """Subnet choices of one teacher block (``family: supernet``); None keeps the teacher's.
+
+    Attributes:
+        name: the block (``down.1``, ``mid``, ``up.0``).
+        layers: how many of the block's resnets (each with the attention that follows it) compute;
+            the rest keep only their shortcut, so the block's output shape is the teacher's.
+        width: inner width of the computed resnets, as a fraction of the block's channels.
+        attention: whether the computed layers keep their attention.
+    """
+
+    name: str
+    layers: tuple[int, ...] | None = None
+    width: tuple[float, ...] | None = None
+    attention: tuple[bool, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SupernetSpace:
+    """Per-block subnet choices for DiffNAS: every block of the teacher gets a supernet; blocks the
+    file does not declare have one candidate, the teacher's block.
+
+    Schema::
+
+        family: supernet
+        blocks:
+          down.1: {layers: [0, 1], width: [0.25, 0.5, 1.0]}
+          mid:    {layers: [1, 2], width: [0.5, 1.0], attention: [true, false]}
+          up.1:   {layers: [1, 2], width: [0.25, 0.5, 0.75, 1.0]}
+    """
+
+    path: str
+    blocks: tuple[SupernetBlock, ...]
+
+    def block(self, name: str) -> SupernetBlock:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        return SupernetBlock(name)
+
+    def validate_for(self, unet: Any) -> None:
+        """Check the declared blocks and choices against the teacher's modules.
+
+        Raises:
+            UserError: naming the file, the key and the value.
+        """
+        from automl_diff.models.blocks import block_names, get_block
+
+        known = block_names(unet)
+        for block in self.blocks:
+            key = f"blocks.{block.name}"
+            if block.name not in known:
+                raise UserError(f"{self.path}: {key}: unknown block; the teacher has blocks {', '.join(known)}")
+            module = get_block(unet, block.name)
+            resnets = list(getattr(module, "resnets", []))
+            attentions = [a for a in getattr(module, "attentions", []) or [] if a is not None]
+            for n in block.layers or ():
+                if n > len(resnets):
+                    raise UserError(f"{self.path}: {key}.layers: {n} is more than the block's {len(resnets)} resnets")
+            if block.attention is not None and any(block.attention) and not attentions:
+                raise UserError(f"{self.path}: {key}.attention: true, but the teacher's {block.name} has no attention")
+            for resnet in resnets:
+                if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
+                    raise UserError(f"{self.path}: {key}: resnets that resample are not supported by supernets")
+                if getattr(resnet, "time_embedding_norm", "default") not in ("default", "scale_shift"):
+                    raise UserError(f"{self.path}: {key}: resnet time embedding '{resnet.time_embedding_norm}' is not supported by supernets")
+                channels = resnet.conv1.out_channels
+                per_group = resnet.norm2.num_channels // resnet.norm2.num_groups
+                for w in block.width or ():
+                    inner = round(w * channels)
+                    if abs(inner - w * channels) > 1e-6 or inner % per_group:
+                        raise UserError(
+                            f"{self.path}: {key}.width: {w} gives {w * channels:g} of {channels} channels, "
+                            f"not a multiple of the {per_group} channels per norm group"
+                        )
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _load_supernet_space(path: str | Path, top: Section) -> SupernetSpace:
+    blocks_section = top.section("blocks", required=True)
+    blocks = []
+    for name in list(blocks_section.data):
+        block = blocks_section.section(str(name))
+        blocks.append(
+            SupernetBlock(
+                name=str(name),
+                layers=block.take_list("layers", int, None, check=lambda v: None if v >= 0 else "must be at least 0"),
+                width=block.take_list("width", float, None, check=_fraction),
+                attention=block.take_list("attention", bool, None),
+            )
+        )
+        block.done()
+    top.done()
+    if not blocks:
+        raise UserError(f"{path}: blocks: declare at least one block")
+    return SupernetSpace(str(path), tuple(blocks))
+
+
+def load_search_space(path: str | Path) -> SearchSpace | SupernetSpace:
+    """Read and validate a search-space YAML file (structure only; see ``validate_for``).
+
+    ``family: unet2d`` (default) gives a :class:`SearchSpace`, ``family: supernet`` a
+    :class:`SupernetSpace`.
+    """
     top = Section(load_yaml(path, what="search space"), file=path)
     family = top.take("family", str, "unet2d", choices=FAMILIES)
+    if family == "supernet":
+        return _load_supernet_space(path, top)
     fixed = top.section("fixed").rest()
     blocks_section = top.section("blocks", required=True)
     blocks = []

@@ -55,7 +55,7 @@ class Candidate:
 def read_options(options_type: type, config: StudyConfig) -> Any:
     """Validate ``config.method_options`` into the method's options dataclass.
 
-    Field types (int, float, str, bool) are checked; a field's ``metadata["choices"]`` restricts
+    Field types (int, float, str, bool, and tuples of them read from lists) are checked; a field's ``metadata["choices"]`` restricts
     its values; unknown keys are rejected. Errors name the study file and ``method_options.<key>``.
     """
     section = Section(config.method_options, file=config.path, prefix="method_options")
@@ -63,7 +63,9 @@ def read_options(options_type: type, config: StudyConfig) -> Any:
     values = {}
     for f in dataclasses.fields(options_type):
         kind = hints[f.name]
-        kind = float if kind is float else kind
+        if typing.get_origin(kind) is tuple:  # tuple[int, ...]: a list, each item checked
+            values[f.name] = tuple(section.take_list(f.name, typing.get_args(kind)[0], f.default, check=f.metadata.get("check")))
+            continue
         values[f.name] = section.take(f.name, kind, f.default, choices=f.metadata.get("choices"), check=f.metadata.get("check"))
     section.done()
     return options_type(**values)
@@ -96,11 +98,13 @@ class Method(ABC):
         """Validate the study's ``method_options`` (called when the config is loaded)."""
         return read_options(cls.options_type, config)
 
-    def prepare(self, workdir: Path | None = None) -> None:
+    def prepare(self, workdir: Path | None = None, study: Any = None) -> None:
         """One-time work before the first trial (called once per study run). Default: nothing.
 
         Args:
             workdir: the study's output folder, for results worth keeping across resumed runs.
+            study: the ``optuna.Study`` the trials belong to (None outside a study), for methods
+                that keep their own searches in the same storage.
         """
 
     def suggest(self, trial: Any) -> dict[str, Any]:
@@ -110,6 +114,14 @@ class Method(ABC):
         asking again in :meth:`run_trial` returns the same values. Default: no parameters.
         """
         return {}
+
+    def fingerprint(self, trial: Any) -> str | None:
+        """Identify the model a trial will produce, before training it (after :meth:`prepare`).
+
+        A trial whose fingerprint equals a completed trial's is pruned as a duplicate without
+        training. Default: None (only identical parameters count as duplicates).
+        """
+        return None
 
     @abstractmethod
     def run_trial(self, trial: Any) -> Candidate:

@@ -1,11 +1,18 @@
-"""A ``UNet2DModel`` whose resolution levels may have different depths.
+"""A ``UNet2DModel`` whose levels, layers and widths can differ from what stock diffusers builds.
 
-Stock ``UNet2DModel`` takes one ``layers_per_block`` for every level. Searched students often want
-fewer layers at the high-resolution levels than at the low ones, so this subclass accepts a list,
-one entry per level (``down.i`` has ``layers_per_block[i]`` resnets, the mirrored up block one more,
-as in diffusers). Everything else, including ``forward``, ``save_pretrained`` and
-``from_pretrained``, is diffusers' own. Exported students whose levels all have the same depth are
-saved as plain ``UNet2DModel`` instead.
+Stock ``UNet2DModel`` takes one ``layers_per_block`` for every level and one width per level.
+Searched students need more, expressed as three optional config keys:
+
+* ``layers_per_block`` as a list, one depth per level (``down.i`` has ``layers_per_block[i]``
+  resnets, the mirrored up block one more, as in diffusers): DKDM students.
+* ``resnet_widths``: ``{"up.1.resnets.0": 32, ...}``, the inner width (``conv1`` out channels) of
+  named resnets; ``0`` keeps only the resnet's shortcut (identity, or its 1x1 ``conv_shortcut``
+  where channels change), so the layer's input and output shapes stay the teacher's: DiffNAS.
+* ``skip_attentions``: ``["down.2.attentions.0", ...]``, attention layers replaced by identity:
+  DiffNAS.
+
+Everything else, including ``forward``, ``save_pretrained`` and ``from_pretrained``, is diffusers'
+own. Exported students that stock diffusers can express are saved as plain ``UNet2DModel`` instead.
 
 Loading an exported student::
 
@@ -19,11 +26,14 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from diffusers import ModelMixin, UNet2DModel  # noqa: F401 - ModelMixin: see below
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-__all__ = ["StudentUNet2DModel"]
+from automl_diff.models.blocks import name_to_module_path
+
+__all__ = ["Shortcut", "SkipAttention", "StudentUNet2DModel", "narrow_resnet"]
 
 # An exported pipeline's model_index.json names this module as the unet's library; diffusers'
 # loader then looks up the base classes it knows (``ModelMixin``) in this module to find
@@ -31,13 +41,65 @@ __all__ = ["StudentUNet2DModel"]
 # a student with per-level depths without any extra argument.
 
 
+class Shortcut(nn.Module):
+    """A resnet reduced to its shortcut: ``conv_shortcut(x)`` (or ``x``) over the output scale."""
+
+    def __init__(self, conv_shortcut: nn.Module | None, output_scale_factor: float = 1.0) -> None:
+        super().__init__()
+        self.conv_shortcut = conv_shortcut
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.conv_shortcut is not None:
+            hidden_states = self.conv_shortcut(hidden_states)
+        return hidden_states / self.output_scale_factor
+
+
+class SkipAttention(nn.Module):
+    """An attention layer that was dropped: returns its input."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def narrow_resnet(resnet: nn.Module, width: int) -> None:
+    """Give a diffusers ``ResnetBlock2D`` the inner width ``width`` in place (new, untrained layers).
+
+    ``conv1``, ``norm2``, ``conv2`` and ``time_emb_proj`` are rebuilt at that width; ``norm2`` keeps
+    the teacher's channels per group. diffusers' own ``forward`` runs unchanged.
+    """
+    conv1, conv2, norm2 = resnet.conv1, resnet.conv2, resnet.norm2
+    per_group = norm2.num_channels // norm2.num_groups
+    if width % per_group:
+        raise ValueError(f"width {width} is not a multiple of {per_group} channels per norm group")
+    resnet.conv1 = nn.Conv2d(conv1.in_channels, width, conv1.kernel_size, conv1.stride, conv1.padding, bias=conv1.bias is not None)
+    resnet.norm2 = nn.GroupNorm(width // per_group, width, eps=norm2.eps, affine=norm2.affine)
+    resnet.conv2 = nn.Conv2d(width, conv2.out_channels, conv2.kernel_size, conv2.stride, conv2.padding, bias=conv2.bias is not None)
+    proj = resnet.time_emb_proj
+    if proj is not None:
+        factor = proj.out_features // conv1.out_channels  # 2 with scale_shift time embeddings
+        resnet.time_emb_proj = nn.Linear(proj.in_features, width * factor, bias=proj.bias is not None)
+
+
 class StudentUNet2DModel(UNet2DModel):
-    """``UNet2DModel`` with ``layers_per_block`` as an int or a list (one depth per level).
+    """``UNet2DModel`` with per-level depths, per-resnet widths and dropped attentions.
+
+    Args:
+        layers_per_block: an int, or one depth per level.
+        resnet_widths: inner width per named resnet (``0``: shortcut only).
+        skip_attentions: named attention layers replaced by identity.
 
     All other arguments are those of :class:`diffusers.UNet2DModel`.
     """
 
-    def __init__(self, *, layers_per_block: int | Sequence[int] = 2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        layers_per_block: int | Sequence[int] = 2,
+        resnet_widths: dict[str, int] | None = None,
+        skip_attentions: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         depths = [layers_per_block] if isinstance(layers_per_block, int) else list(layers_per_block)
         levels = len(kwargs.get("block_out_channels", _PARENT_DEFAULTS["block_out_channels"]))
         if len(depths) == 1:
@@ -60,6 +122,25 @@ class StudentUNet2DModel(UNet2DModel):
             up.resnets = nn.ModuleList([up.resnets[i] for i in keep])
             if hasattr(up, "attentions"):
                 up.attentions = nn.ModuleList([up.attentions[i] for i in keep])
+        for name, width in (resnet_widths or {}).items():
+            resnet = self._layer(name, "resnets")
+            if int(width) == 0:
+                self._replace(name, Shortcut(resnet.conv_shortcut, resnet.output_scale_factor))
+            elif int(width) != resnet.conv1.out_channels:
+                narrow_resnet(resnet, int(width))
+        for name in skip_attentions or ():
+            if not isinstance(self._layer(name, "attentions"), SkipAttention):
+                self._replace(name, SkipAttention())
+
+    def _layer(self, name: str, kind: str) -> nn.Module:
+        parts = name.split(".")
+        if len(parts) < 3 or parts[-2] != kind:
+            raise ValueError(f"'{name}' is not a {kind[:-1]} layer name (e.g. down.1.{kind}.0)")
+        return self.get_submodule(name_to_module_path(name))
+
+    def _replace(self, name: str, module: nn.Module) -> None:
+        parent, _, index = name_to_module_path(name).rpartition(".")
+        self.get_submodule(parent)[int(index)] = module
 
 
 # diffusers reads a model's config keys from the signature of its ``__init__`` (``from_config``,
@@ -72,6 +153,10 @@ StudentUNet2DModel.__init__.__signature__ = _PARENT_SIGNATURE.replace(  # type: 
         if p.name == "layers_per_block"
         else (p if p.name == "self" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
         for p in _PARENT_SIGNATURE.parameters.values()
+    ]
+    + [
+        inspect.Parameter("resnet_widths", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("skip_attentions", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
 )
 StudentUNet2DModel.__init__ = register_to_config(StudentUNet2DModel.__init__)  # type: ignore[method-assign]

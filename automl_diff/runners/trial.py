@@ -93,9 +93,9 @@ class StudySession:
         )
         return metrics
 
-    def prepare(self) -> None:
+    def prepare(self, study: optuna.Study | None = None) -> None:
         if not self._prepared:
-            self.method.prepare(self.trial_root)
+            self.method.prepare(self.trial_root, study)
             self._prepared = True
 
     def _duplicate_of(self, study: optuna.Study, trial: optuna.Trial, fingerprint: str | None = None) -> int | None:
@@ -119,7 +119,13 @@ class StudySession:
         duplicate = self._duplicate_of(study, trial)
         if duplicate is not None:
             self._prune_duplicate(trial, duplicate)
-        self.prepare()
+        self.prepare(study)
+        fingerprint = self.method.fingerprint(trial)
+        if fingerprint is not None:
+            trial.set_user_attr("fingerprint", fingerprint)
+            duplicate = self._duplicate_of(study, trial, fingerprint)
+            if duplicate is not None:
+                self._prune_duplicate(trial, duplicate)
         try:
             candidate = self.method.run_trial(trial)
         except TRIAL_FAILURES as exc:

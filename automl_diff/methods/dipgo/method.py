@@ -121,7 +121,7 @@ class DiPGO(Method):
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def prepare(self, workdir: Path | None = None) -> None:
+    def prepare(self, workdir: Path | None = None, study: Any = None) -> None:
         self.costs = unit_costs(self.teacher.unet, self.units)
         cache = workdir / "dipgo_pruner.json" if workdir is not None else None
         key = self._cache_key()

@@ -10,35 +10,111 @@ import torch
 
 from automl_diff.config._reader import positive
 from automl_diff.config.search_space import SearchSpace, load_search_space
+from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.methods.base import Candidate, Method
 from automl_diff.methods.dkdm.distill import DataBatches, PoolBatches, fit
 from automl_diff.methods.dkdm.pool import NoisePool, PoolState
-from automl_diff.models.loading import unet_from_config
+from automl_diff.models.loading import Teacher, unet_from_config
 from automl_diff.sampling import predict_noise
 
-__all__ = ["DKDM", "DKDMOptions"]
+__all__ = ["DKDM", "DKDMOptions", "PoolOptions", "TrainingInputs"]
 
 
 @dataclass(frozen=True)
-class DKDMOptions:
-    """``method_options`` of a DKDM study.
+class PoolOptions:
+    """Where training inputs come from: the teacher's own generations (data-free) or a dataset.
 
     Attributes:
+        source: ``teacher`` (DKDM, data-free) or ``dataset`` (the real images of ``fid.dataset``,
+            noised with the teacher's scheduler; not data-free).
         pool_size: noisy samples in the pool (at least the batch size). Larger pools decorrelate
             batches (see BENCHMARKS.md); warm-up costs about pool_size * pool_steps / 2 teacher calls.
         pool_steps: DDIM steps of a pool trajectory, from pure noise to a clean image.
         pool_eta: stochasticity of the pool's steps (1.0 ancestral-like, 0.0 deterministic DDIM).
-        ema_decay: weight EMA of the student (0 turns it off).
-        source: ``teacher`` (DKDM, data-free) or ``dataset`` (baseline: the standard DDPM loss on
-            the real images of ``fid.dataset``; not data-free).
     """
 
+    source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
     pool_size: int = field(default=4096, metadata={"check": positive})
     pool_steps: int = field(default=50, metadata={"check": positive})
     pool_eta: float = field(default=1.0, metadata={"check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
+
+
+@dataclass(frozen=True)
+class DKDMOptions(PoolOptions):
+    """``method_options`` of a DKDM study: :class:`PoolOptions` plus
+
+    Attributes:
+        ema_decay: weight EMA of the student (0 turns it off).
+    """
+
     ema_decay: float = field(default=0.995, metadata={"check": lambda v: None if 0 <= v < 1 else "must be in [0, 1)"})
-    source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
+
+
+class TrainingInputs:
+    """Batches ``(x_t, t, target)`` for distilling a teacher, per :class:`PoolOptions`.
+
+    ``prepare`` fills the pool once (data-free) or loads the dataset; ``batches(seed)`` then gives
+    a fresh batch source that starts from the same pool snapshot, so runs differ only by seed.
+    The target is the teacher's noise prediction (pool) or the true noise (dataset).
+    """
+
+    def __init__(self, config: StudyConfig, teacher: Teacher, options: PoolOptions, *, device: torch.device) -> None:
+        self.config = config
+        self.teacher = teacher
+        self.options = options
+        self.device = device
+        self.pool: NoisePool | None = None
+        self._snapshot: PoolState | None = None
+        self._dataset: torch.Tensor | None = None
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        from automl_diff.sampling import make_scheduler
+
+        return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
+
+    def prepare(self) -> None:
+        if self.options.source == "dataset":
+            if self._dataset is not None:
+                return
+            from automl_diff.data import load_dataset
+
+            dataset = self.config.fid.dataset or self.teacher.dataset
+            if dataset is None:
+                raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
+            self._dataset = load_dataset(dataset, resolution=self.teacher.resolution, channels=self.teacher.channels)
+            return
+        if self._snapshot is not None:
+            return
+        scheduler_config = self.teacher.scheduler_config
+        self.pool = NoisePool(
+            size=self.options.pool_size,
+            sample_shape=(self.teacher.channels, self.teacher.resolution, self.teacher.resolution),
+            alphas_cumprod=self.alphas_cumprod(),
+            num_steps=self.options.pool_steps,
+            eta=self.options.pool_eta,
+            clip_sample=bool(scheduler_config.get("clip_sample", True)),
+            clip_range=float(scheduler_config.get("clip_sample_range", 1.0)),
+            generator=torch.Generator().manual_seed(self.config.seed),
+            device=self.device,
+        )
+        with torch.no_grad():
+            self.pool.warm_up(
+                lambda x, t: predict_noise(self.teacher.unet, x, t).float(),
+                batch_size=max(self.config.budgets.batch_size, 256),
+            )
+        self._snapshot = self.pool.state()
+
+    def batches(self, seed: int) -> PoolBatches | DataBatches:
+        """A batch source for one run, seeded with ``seed``."""
+        self.prepare()
+        generator = torch.Generator().manual_seed(seed)
+        if self.options.source == "dataset":
+            return DataBatches(self._dataset, self.alphas_cumprod(), generator=generator, device=self.device)
+        self.pool.load_state(self._snapshot)
+        self.pool.generator = generator
+        self.pool.completed = 0
+        return PoolBatches(self.teacher.unet, self.pool)
 
 
 class DKDM(Method):
@@ -59,49 +135,20 @@ class DKDM(Method):
         prediction = self.teacher.scheduler_config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
             raise UserError(f"teacher '{self.teacher.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
-        self.space: SearchSpace = load_search_space(self.config.search_space)
+        space = load_search_space(self.config.search_space)
+        if not isinstance(space, SearchSpace):
+            raise UserError(f"{self.config.search_space}: family: method dkdm needs family unet2d (student architectures)")
+        self.space: SearchSpace = space
         self.space.validate_for(dict(self.teacher.unet.config))
         if self.options.pool_size < self.config.budgets.batch_size:
             raise UserError(
                 f"{self.config.path}: method_options.pool_size: must be at least budgets.batch_size "
                 f"({self.config.budgets.batch_size}) (got {self.options.pool_size})"
             )
-        self._pool: NoisePool | None = None
-        self._snapshot: PoolState | None = None
-        self._dataset: torch.Tensor | None = None
+        self.inputs = TrainingInputs(self.config, self.teacher, self.options, device=self.device)
 
-    def _alphas_cumprod(self) -> torch.Tensor:
-        from automl_diff.sampling import make_scheduler
-
-        return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
-
-    def _teacher_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return predict_noise(self.teacher.unet, x, t).float()
-
-    def prepare(self, workdir: Path | None = None) -> None:
-        if self.options.source == "dataset":
-            from automl_diff.data import load_dataset
-
-            dataset = self.config.fid.dataset or self.teacher.dataset
-            if dataset is None:
-                raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
-            self._dataset = load_dataset(dataset, resolution=self.teacher.resolution, channels=self.teacher.channels)
-            return
-        scheduler_config = self.teacher.scheduler_config
-        self._pool = NoisePool(
-            size=self.options.pool_size,
-            sample_shape=(self.teacher.channels, self.teacher.resolution, self.teacher.resolution),
-            alphas_cumprod=self._alphas_cumprod(),
-            num_steps=self.options.pool_steps,
-            eta=self.options.pool_eta,
-            clip_sample=bool(scheduler_config.get("clip_sample", True)),
-            clip_range=float(scheduler_config.get("clip_sample_range", 1.0)),
-            generator=torch.Generator().manual_seed(self.config.seed),
-            device=self.device,
-        )
-        with torch.no_grad():
-            self._pool.warm_up(self._teacher_eps, batch_size=max(self.config.budgets.batch_size, 256))
-        self._snapshot = self._pool.state()
+    def prepare(self, workdir: Path | None = None, study: Any = None) -> None:
+        self.inputs.prepare()
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         return self.space.suggest(trial)
@@ -118,18 +165,7 @@ class DKDM(Method):
         student, config = self.build_student(trial)
         student.to(self.device)
         budgets = self.config.budgets
-        generator = torch.Generator().manual_seed(seed)
-        if self.options.source == "dataset":
-            if self._dataset is None:
-                self.prepare()
-            batches = DataBatches(self._dataset, self._alphas_cumprod(), generator=generator, device=self.device)
-        else:
-            if self._pool is None or self._snapshot is None:
-                self.prepare()
-            self._pool.load_state(self._snapshot)
-            self._pool.generator = generator
-            self._pool.completed = 0
-            batches = PoolBatches(self.teacher.unet, self._pool)
+        batches = self.inputs.batches(seed)
         result = fit(
             student,
             batches,
@@ -148,5 +184,5 @@ class DKDM(Method):
             "source": self.options.source,
         }
         if isinstance(batches, PoolBatches):
-            attrs.update(teacher_evaluations=batches.teacher_evals, pool_trajectories_completed=self._pool.completed)
+            attrs.update(teacher_evaluations=batches.teacher_evals, pool_trajectories_completed=self.inputs.pool.completed)
         return Candidate(result.model, config, attrs)

@@ -1,0 +1,30 @@
+"""DiffNAS: block-wise neural architecture search with distillation.
+
+* :mod:`~automl_diff.methods.diffnas.supernet`: per-block supernets with weight-shared subnets,
+  cutting subnets out and assembling students.
+* :mod:`~automl_diff.methods.diffnas.search`: block-wise supernet training, the per-block (local)
+  and joint (global) searches as Optuna studies.
+* :mod:`~automl_diff.methods.diffnas.retrain`: retraining with the dynamic joint loss.
+* :mod:`~automl_diff.methods.diffnas.method`: the study method (``method: diffnas``).
+"""
+
+from automl_diff.methods.diffnas.method import DiffNAS, DiffNASOptions
+from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
+from automl_diff.methods.diffnas.search import choose_global, choose_local, global_search, local_search, train_supernets
+from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets
+
+__all__ = [
+    "BlockChoice",
+    "BlockSupernet",
+    "DiffNAS",
+    "DiffNASOptions",
+    "JointLoss",
+    "JointWeight",
+    "assemble_student",
+    "build_supernets",
+    "choose_global",
+    "choose_local",
+    "global_search",
+    "local_search",
+    "train_supernets",
+]

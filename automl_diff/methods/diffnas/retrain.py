@@ -1,0 +1,84 @@
+"""Retraining an assembled student with DiffNAS's dynamic joint loss.
+
+At step ``s`` of ``S``::
+
+    loss = w(s) * sum_b relMSE(F_b(student), F_b(teacher))
+         + (1 - w(s)) * MSE(eps_student, eps_teacher)
+         [+ data_weight * MSE(eps_student, noise)]        (dataset source only)
+
+``F_b`` are the outputs of block ``b`` in each model's own forward pass, recorded through
+removable hooks. The block terms continue what the supernets were trained on and give every block
+a short gradient path; the output term is what sampling needs. ``w`` moves from ``start`` to
+``end`` over training (``linear`` or ``cosine``), or stays at ``start`` (``static``, the ablation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automl_diff.methods.diffnas.search import block_loss
+from automl_diff.models.blocks import block_names, record_blocks
+from automl_diff.sampling import predict_noise
+
+__all__ = ["JOINT_SCHEDULES", "JointLoss", "JointWeight"]
+
+#: Schedules of the block-feature weight ``w(s)``.
+JOINT_SCHEDULES = ("linear", "cosine", "static")
+
+
+@dataclass(frozen=True)
+class JointWeight:
+    """The block-feature weight ``w(s)`` over ``total`` steps."""
+
+    schedule: str = "linear"
+    start: float = 1.0
+    end: float = 0.0
+
+    def __call__(self, step: int, total: int) -> float:
+        if self.schedule == "static" or total <= 1:
+            return self.start
+        progress = min(1.0, max(0.0, step / (total - 1)))
+        if self.schedule == "cosine":
+            progress = 0.5 * (1 - math.cos(math.pi * progress))
+        return self.start + (self.end - self.start) * progress
+
+
+class JointLoss:
+    """The joint loss as a :func:`~automl_diff.methods.training.fit` loss.
+
+    Args:
+        teacher: the frozen teacher.
+        weight: the schedule of ``w``.
+        total: training steps (for the schedule).
+        data_weight: weight of the noise-prediction loss against the batch's true noise (batches
+            from a dataset; 0 otherwise).
+    """
+
+    def __init__(self, teacher: nn.Module, weight: JointWeight, total: int, *, data_weight: float = 0.0) -> None:
+        self.teacher = teacher
+        self.weight = weight
+        self.total = total
+        self.data_weight = data_weight
+        self.names = block_names(teacher)
+        self.last: dict[str, float] = {}
+
+    def __call__(self, student: nn.Module, batch: Any, step: int) -> torch.Tensor:
+        x, t, target = batch[:3]
+        with torch.no_grad(), record_blocks(self.teacher, self.names) as teacher_rec:
+            eps_teacher = predict_noise(self.teacher, x, t).float()
+        with record_blocks(student, self.names, detach=False) as student_rec:
+            eps = predict_noise(student, x, t).float()
+        features = torch.stack([block_loss(student_rec[n].outputs[0], teacher_rec[n].outputs[0]) for n in self.names]).sum()
+        output = F.mse_loss(eps, eps_teacher)
+        w = self.weight(step, self.total)
+        loss = w * features + (1 - w) * output
+        if self.data_weight:
+            loss = loss + self.data_weight * F.mse_loss(eps, target)
+        self.last = {"w": w, "features": features.detach().item(), "output": output.detach().item()}
+        return loss

@@ -1,0 +1,325 @@
+"""Block-wise supernet training and the two searches over block subnets.
+
+* :func:`train_supernets`: every block supernet learns to reproduce its teacher block from the
+  teacher's own block inputs (recorded with :func:`~automl_diff.models.blocks.record_blocks` on
+  ``(x_t, t)`` from the DKDM pool or a dataset). Each step trains the largest, the smallest and
+  some random subnets of every block (the sandwich rule).
+* :func:`local_search`: one Optuna study per block (``<study>/block/<name>`` in the study's own
+  storage) scores each candidate by its block loss and block MACs, exhaustively when the block has
+  few candidates. :func:`choose_local` then takes, per block, the smallest candidate whose loss is
+  within the tolerance: a sum of per-block searches instead of a product.
+* :func:`global_search`: one Optuna study (``<study>/global``) over all blocks jointly, scored by
+  the mean block loss and total MACs, for comparison (:func:`choose_global`).
+
+Block loss is the relative MSE ``||F_b(x) - F_b^teacher(x)||^2 / ||F_b^teacher(x)||^2`` over all
+tensors the block returns, on a fixed validation set of teacher block inputs, so tolerances mean
+the same thing in every block. Block MACs are executed MACs for one sample (torch's counter).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from automl_diff.methods.base import TrainingDiverged
+from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, iter_tensors
+from automl_diff.metrics.macs import executed_macs
+from automl_diff.models.blocks import record_blocks
+from automl_diff.sampling import predict_noise
+
+__all__ = [
+    "BlockInputs",
+    "BlockScore",
+    "GlobalScore",
+    "block_loss",
+    "choose_global",
+    "choose_local",
+    "global_search",
+    "local_search",
+    "record_teacher_blocks",
+    "train_supernets",
+]
+
+logger = logging.getLogger("automl_diff")
+
+
+@dataclass
+class BlockInputs:
+    """One batch of a block's recorded call: its arguments and the teacher's output."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+
+
+def record_teacher_blocks(teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, BlockInputs]]:
+    """Run the teacher once; return its noise prediction and every named block's inputs/output."""
+    with torch.no_grad(), record_blocks(teacher, names) as rec:
+        eps = predict_noise(teacher, x, t).float()
+    return eps, {n: BlockInputs(rec[n].args[0], rec[n].kwargs[0], rec[n].outputs[0]) for n in names}
+
+
+def block_loss(output: Any, target: Any) -> torch.Tensor:
+    """Relative MSE between two block outputs, averaged over the tensors they hold."""
+    losses = [
+        (a.float() - b.float()).pow(2).mean() / (b.float().pow(2).mean() + 1e-8)
+        for a, b in zip(iter_tensors(output), iter_tensors(target), strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+def _first(value: Any) -> Any:
+    """The first sample of every tensor in a (nested) call argument."""
+    if isinstance(value, torch.Tensor):
+        return value[:1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _first(v) for k, v in value.items()}
+    return value
+
+
+def train_supernets(
+    teacher: nn.Module,
+    supernets: Mapping[str, BlockSupernet],
+    batches: Callable[[int], tuple[torch.Tensor, ...]],
+    *,
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    subnets_per_step: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Train every block supernet on the teacher's block inputs and outputs.
+
+    Args:
+        teacher: the frozen teacher.
+        supernets: block name -> supernet (trained in place).
+        batches: ``batches(n)`` gives ``(x_t, t, ...)``: a DKDM pool or a dataset.
+        iterations: optimiser steps.
+        batch_size: samples per step.
+        lr: peak learning rate (AdamW, cosine decay).
+        subnets_per_step: subnets trained per block and step; the largest and the smallest are
+            always among them, the rest are drawn at random.
+        seed: draws of the random subnets.
+
+    Returns:
+        The summed block loss per step.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    rng = random.Random(seed)
+    names = list(supernets)
+    params = [p for s in supernets.values() for p in s.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, iterations))))
+    for s in supernets.values():
+        s.train()
+    losses: list[float] = []
+    bar = tqdm(range(iterations), desc="supernets", unit="it", disable=not progress, file=sys.stderr, leave=False, mininterval=1)
+    for step in bar:
+        x, t = batches(batch_size)[:2]
+        _, inputs = record_teacher_blocks(teacher, x, t, names)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for name, supernet in supernets.items():
+            candidates = supernet.candidates()
+            chosen = {supernet.largest(), supernet.smallest()}
+            extra = [c for c in candidates if c not in chosen]
+            chosen |= set(rng.sample(extra, min(len(extra), max(0, subnets_per_step - 2))))
+            data = inputs[name]
+            for choice in sorted(chosen):
+                loss = block_loss(supernet.set(choice)(*data.args, **data.kwargs), data.output)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise TrainingDiverged(f"supernet {name} loss became {loss.item()} at iteration {step}")
+                if loss.requires_grad:  # a subnet that computes nothing (all shortcuts) has no weights to train
+                    (loss / len(chosen)).backward()
+                total += loss.item() / len(chosen)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(total)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{total:.4f}")
+    bar.close()
+    for s in supernets.values():
+        s.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class BlockScore:
+    """A block candidate's score: relative block loss and executed MACs (one sample)."""
+
+    block: str
+    choice: BlockChoice
+    loss: float
+    macs: int
+
+
+@torch.no_grad()
+def score_candidate(supernet: BlockSupernet, choice: BlockChoice, data: list[BlockInputs]) -> BlockScore:
+    """Block loss of a candidate on the validation batches, and its MACs for one sample."""
+    supernet.set(choice)
+    losses = [block_loss(supernet(*d.args, **d.kwargs), d.output).item() for d in data]
+    first = data[0]
+    args, kwargs = _first(first.args), _first(first.kwargs)
+    macs = executed_macs(lambda: supernet(*args, **kwargs))
+    return BlockScore(supernet.name, supernet.canonical(choice), sum(losses) / len(losses), macs)
+
+
+def _suggest_choice(trial: optuna.Trial, supernet: BlockSupernet, prefix: str = "") -> BlockChoice:
+    return supernet.canonical(
+        BlockChoice(
+            trial.suggest_categorical(f"{prefix}layers", list(supernet.layers)),
+            trial.suggest_categorical(f"{prefix}width", list(supernet.widths)),
+            trial.suggest_categorical(f"{prefix}attention", list(supernet.attention_choices)),
+        )
+    )
+
+
+def _open(storage: Any, name: str, directions: list[str], metric_names: list[str], key: str, seed: int) -> optuna.Study:
+    from automl_diff.errors import UserError
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler, load_if_exists=True)
+    stored = study.user_attrs.get("supernet")
+    if stored is None:
+        study.set_metric_names(metric_names)
+        study.set_user_attr("supernet", key)
+    elif stored != key:
+        raise UserError(f"study '{name}' was searched with other supernets (options, search space or teacher changed); use another study name")
+    return study
+
+
+def _quiet_optimize(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int) -> None:
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(objective, n_trials=n_trials)
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def local_search(
+    supernets: Mapping[str, BlockSupernet],
+    data: Mapping[str, list[BlockInputs]],
+    *,
+    storage: Any,
+    study_name: str,
+    key: str,
+    max_trials: int = 64,
+    seed: int = 0,
+) -> dict[str, list[BlockScore]]:
+    """Score every block's candidates in its own Optuna study ``<study_name>/block/<block>``.
+
+    A block with at most ``max_trials`` candidates is searched exhaustively; a larger one gets its
+    largest and smallest candidates, then TPE proposals, up to ``max_trials`` trials. A resumed
+    search keeps the finished trials and only runs what is missing.
+
+    Returns:
+        Block name -> the scores of its evaluated candidates.
+    """
+    out: dict[str, list[BlockScore]] = {}
+    for name, supernet in supernets.items():
+        study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], ["macs", "loss"], key, seed)
+        done = {t.user_attrs["candidate"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        candidates = supernet.candidates()
+        todo = [c for c in candidates if c.key not in done]
+        if len(candidates) > max_trials:
+            todo = [c for c in (supernet.largest(), supernet.smallest()) if c.key not in done]
+        for choice in todo:
+            study.enqueue_trial(choice.to_params())
+        n_trials = len(todo) if len(candidates) <= max_trials else max(0, max_trials - len(done))
+
+        def objective(trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name) -> tuple[float, float]:
+            score = score_candidate(supernet, _suggest_choice(trial, supernet), data[name])
+            trial.set_user_attr("candidate", score.choice.key)
+            return float(score.macs), score.loss
+
+        _quiet_optimize(study, objective, n_trials)
+        scores = {}
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            choice = supernet.from_params(trial.params)
+            scores[choice.key] = BlockScore(name, choice, float(trial.values[1]), int(trial.values[0]))
+        out[name] = sorted(scores.values(), key=lambda s: (s.macs, s.loss))
+    return out
+
+
+def choose_local(scores: Mapping[str, list[BlockScore]], tolerance: float) -> dict[str, BlockScore]:
+    """Per block, the candidate with the fewest MACs whose loss is within ``tolerance`` (the
+    lowest-loss candidate when none is)."""
+    chosen = {}
+    for name, block_scores in scores.items():
+        within = [s for s in block_scores if s.loss <= tolerance]
+        chosen[name] = min(within, key=lambda s: (s.macs, s.loss)) if within else min(block_scores, key=lambda s: s.loss)
+    return chosen
+
+
+@dataclass(frozen=True)
+class GlobalScore:
+    """A whole-student candidate of the global search."""
+
+    choices: dict[str, BlockChoice]
+    loss: float
+    macs: int
+    number: int
+    seconds: float
+
+
+def global_search(
+    supernets: Mapping[str, BlockSupernet],
+    data: Mapping[str, list[BlockInputs]],
+    *,
+    storage: Any,
+    study_name: str,
+    key: str,
+    n_trials: int = 200,
+    seed: int = 0,
+) -> list[GlobalScore]:
+    """Search all blocks jointly in one Optuna study ``<study_name>/global``: parameters
+    ``<block>.layers``/``.width``/``.attention``, objectives total block MACs and mean block loss.
+    The largest and the smallest students are tried first. Returns every evaluated student in
+    trial order (``seconds``: wall time since the search started)."""
+    study = _open(storage, f"{study_name}/global", ["minimize", "minimize"], ["macs", "loss"], key, seed)
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if finished == 0:
+        for pick in ("largest", "smallest"):
+            study.enqueue_trial({f"{n}.{k}": v for n, s in supernets.items() for k, v in getattr(s, pick)().to_params().items()})
+    start = time.perf_counter()
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        scores = [score_candidate(s, _suggest_choice(trial, s, f"{n}."), data[n]) for n, s in supernets.items()]
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        return float(sum(s.macs for s in scores)), sum(s.loss for s in scores) / len(scores)
+
+    _quiet_optimize(study, objective, max(0, n_trials - finished))
+    out = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        choices = {
+            n: s.from_params({k.split(".")[-1]: v for k, v in trial.params.items() if k.rsplit(".", 1)[0] == n})
+            for n, s in supernets.items()
+        }
+        out.append(GlobalScore(choices, float(trial.values[1]), int(trial.values[0]), trial.number, float(trial.user_attrs.get("seconds", 0.0))))
+    return out
+
+
+def choose_global(scores: list[GlobalScore], tolerance: float) -> GlobalScore:
+    """The student with the fewest MACs whose mean block loss is within ``tolerance`` (the
+    lowest-loss one when none is)."""
+    within = [s for s in scores if s.loss <= tolerance]
+    return min(within, key=lambda s: (s.macs, s.loss)) if within else min(scores, key=lambda s: s.loss)

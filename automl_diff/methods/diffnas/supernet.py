@@ -1,0 +1,341 @@
+"""Block supernets: every candidate subnet of a teacher block, with shared weights.
+
+A :class:`BlockSupernet` is a copy of one teacher block (``down.1``, ``mid``, ``up.0`` ...) whose
+resnets and attentions become elastic: a :class:`BlockChoice` sets how many of the block's resnets
+compute (``layers``; each attention follows its resnet), their inner width (``width``, a fraction
+of the block's channels; narrower subnets use the first channels of the shared weights) and whether
+attention is kept. A resnet that does not compute keeps its shortcut (identity, or the 1x1
+``conv_shortcut`` where channels change), so every candidate maps the teacher block's inputs to
+outputs of the teacher block's shapes and plugs in where the block was.
+
+:meth:`BlockSupernet.subnet` cuts a candidate out as a plain diffusers block (the layout
+:class:`~automl_diff.models.student.StudentUNet2DModel` builds from ``resnet_widths`` and
+``skip_attentions``), and :func:`assemble_student` puts the chosen subnets of every block into one
+student that inherits their weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automl_diff.config.search_space import SupernetSpace
+from automl_diff.models.blocks import block_names, get_block, name_to_module_path
+from automl_diff.models.student import Shortcut, SkipAttention, StudentUNet2DModel, narrow_resnet
+
+__all__ = ["BlockChoice", "BlockSupernet", "ElasticResnet", "assemble_student", "build_supernets", "iter_tensors", "plug_supernets", "student_config"]
+
+
+@dataclass(frozen=True, order=True)
+class BlockChoice:
+    """One candidate subnet of a block.
+
+    Attributes:
+        layers: resnets that compute (the first ``layers``); the others keep their shortcut.
+        width: inner width of the computing resnets, as a fraction of their full width.
+        attention: whether computing layers keep the attention that follows them.
+    """
+
+    layers: int
+    width: float
+    attention: bool
+
+    @property
+    def key(self) -> str:
+        return f"layers={self.layers},width={self.width:g},attention={str(self.attention).lower()}"
+
+    def to_params(self) -> dict[str, Any]:
+        return {"layers": self.layers, "width": self.width, "attention": self.attention}
+
+
+class ElasticResnet(nn.Module):
+    """A diffusers ``ResnetBlock2D`` that computes at any inner width up to its own, or not at all.
+
+    At full width it computes exactly what the wrapped resnet computes; narrower widths use the
+    first ``width`` output channels of ``conv1`` (and of ``norm2``, ``time_emb_proj``) and the
+    first ``width`` input channels of ``conv2``.
+    """
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.resnet = resnet
+        self.full_width = resnet.conv1.out_channels
+        self.per_group = resnet.norm2.num_channels // resnet.norm2.num_groups
+        self.width = self.full_width
+        self.active = True
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        if r.conv_shortcut is not None:
+            x = r.conv_shortcut(x)
+        return x / r.output_scale_factor
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.active:
+            return self.shortcut(input_tensor)
+        r, w = self.resnet, self.width
+        h = r.nonlinearity(r.norm1(input_tensor))
+        h = r.conv1._conv_forward(h, r.conv1.weight[:w], None if r.conv1.bias is None else r.conv1.bias[:w])
+        if r.time_emb_proj is not None and temb is not None:
+            if not r.skip_time_act:
+                temb = r.nonlinearity(temb)
+            rows = _proj_rows(self.full_width, w, r.time_emb_proj.out_features, r.time_emb_proj.weight.device)
+            bias = None if r.time_emb_proj.bias is None else r.time_emb_proj.bias[rows]
+            temb = F.linear(temb, r.time_emb_proj.weight[rows], bias)[:, :, None, None]
+        norm2 = r.norm2
+        weight = None if norm2.weight is None else norm2.weight[:w]
+        bias = None if norm2.bias is None else norm2.bias[:w]
+        if r.time_embedding_norm == "default":
+            if temb is not None:
+                h = h + temb
+            h = F.group_norm(h, w // self.per_group, weight, bias, norm2.eps)
+        else:  # scale_shift
+            scale, shift = torch.chunk(temb, 2, dim=1)
+            h = F.group_norm(h, w // self.per_group, weight, bias, norm2.eps)
+            h = h * (1 + scale) + shift
+        h = r.dropout(r.nonlinearity(h))
+        h = r.conv2._conv_forward(h, r.conv2.weight[:, :w], r.conv2.bias)
+        x = input_tensor if r.conv_shortcut is None else r.conv_shortcut(input_tensor)
+        return (x + h) / r.output_scale_factor
+
+
+def _proj_rows(full: int, width: int, out_features: int, device: torch.device) -> torch.Tensor | slice:
+    """Rows of ``time_emb_proj`` that a width uses: the first ``width`` of each ``full``-sized chunk
+    (one chunk, or scale and shift)."""
+    if out_features == full:
+        return slice(0, width)
+    return torch.cat([torch.arange(k * full, k * full + width, device=device) for k in range(out_features // full)])
+
+
+class ElasticAttention(nn.Module):
+    """An attention layer that can be switched off (identity)."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+        self.active = True
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.attention(hidden_states, *args, **kwargs) if self.active else hidden_states
+
+
+class BlockSupernet(nn.Module):
+    """The supernet of one teacher block.
+
+    Args:
+        name: the block's name (``down.1``).
+        block: the teacher's block (copied; the teacher is not modified).
+        layers, width, attention: the choices (None: the teacher's only).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        block: nn.Module,
+        *,
+        layers: tuple[int, ...] | None = None,
+        width: tuple[float, ...] | None = None,
+        attention: tuple[bool, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.block = copy.deepcopy(block)
+        self.block.requires_grad_(True)
+        self.block.resnets = nn.ModuleList([ElasticResnet(r) for r in self.block.resnets])
+        attentions = getattr(self.block, "attentions", None)
+        self.has_attention = bool(attentions) and any(a is not None for a in attentions)
+        if attentions is not None:
+            self.block.attentions = nn.ModuleList([a if a is None else ElasticAttention(a) for a in attentions])
+        depth = len(self.block.resnets)
+        self.layers = tuple(sorted(set(layers if layers is not None else (depth,))))
+        self.widths = tuple(sorted(set(width if width is not None else (1.0,))))
+        self.attention_choices = tuple(sorted(set(attention if attention is not None else (self.has_attention,))))
+        self.choice = self.largest()
+
+    # -- candidates ----------------------------------------------------------------------------
+    def canonical(self, choice: BlockChoice) -> BlockChoice:
+        """The representative of the candidates that compute the same thing (``layers=0`` ignores
+        width and attention; a block without attention has ``attention=False``)."""
+        if choice.layers == 0:
+            return BlockChoice(0, max(self.widths), False)
+        return BlockChoice(choice.layers, choice.width, choice.attention and self.has_attention)
+
+    def candidates(self) -> list[BlockChoice]:
+        """Every distinct candidate, smallest first."""
+        every = {self.canonical(BlockChoice(*c)) for c in itertools.product(self.layers, self.widths, self.attention_choices)}
+        return sorted(every)
+
+    def largest(self) -> BlockChoice:
+        return self.canonical(BlockChoice(max(self.layers), max(self.widths), max(self.attention_choices)))
+
+    def smallest(self) -> BlockChoice:
+        return self.canonical(BlockChoice(min(self.layers), min(self.widths), min(self.attention_choices)))
+
+    def from_params(self, params: Mapping[str, Any]) -> BlockChoice:
+        largest = self.largest()
+        return self.canonical(
+            BlockChoice(int(params.get("layers", largest.layers)), float(params.get("width", largest.width)), bool(params.get("attention", largest.attention)))
+        )
+
+    # -- computing ----------------------------------------------------------------------------
+    def inner_width(self, resnet: ElasticResnet, width: float) -> int:
+        return int(round(width * resnet.full_width))
+
+    def set(self, choice: BlockChoice) -> BlockSupernet:
+        """Make the supernet compute ``choice`` (returns self)."""
+        choice = self.canonical(choice)
+        attentions = getattr(self.block, "attentions", None)
+        for i, resnet in enumerate(self.block.resnets):
+            resnet.active = i < choice.layers
+            resnet.width = self.inner_width(resnet, choice.width)
+            if attentions is not None and i < len(attentions) and attentions[i] is not None:
+                attentions[i].active = choice.attention and i < choice.layers
+        self.choice = choice
+        return self
+
+    @property
+    def resnets(self) -> nn.ModuleList:
+        """The block's (elastic) resnets; the UNet's forward reads their number."""
+        return self.block.resnets
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.block(*args, **kwargs)
+
+    # -- cutting out ----------------------------------------------------------------------------
+    def layout(self, choice: BlockChoice) -> tuple[dict[str, int], list[str]]:
+        """``resnet_widths`` and ``skip_attentions`` entries (student config) of a candidate."""
+        choice = self.canonical(choice)
+        widths: dict[str, int] = {}
+        skips: list[str] = []
+        attentions = getattr(self.block, "attentions", None)
+        for i, resnet in enumerate(self.block.resnets):
+            inner = self.inner_width(resnet, choice.width) if i < choice.layers else 0
+            if inner != resnet.full_width:
+                widths[f"{self.name}.resnets.{i}"] = inner
+            if attentions is not None and i < len(attentions) and attentions[i] is not None:
+                if not (choice.attention and i < choice.layers):
+                    skips.append(f"{self.name}.attentions.{i}")
+        return widths, skips
+
+    @torch.no_grad()
+    def subnet(self, choice: BlockChoice) -> nn.Module:
+        """The candidate as a plain diffusers block with the shared weights cut out (a copy)."""
+        choice = self.canonical(choice)
+        block = copy.deepcopy(self.block)
+        attentions = getattr(block, "attentions", None)
+        resnets = []
+        for i, elastic in enumerate(block.resnets):
+            r = elastic.resnet
+            if i >= choice.layers:
+                resnets.append(Shortcut(r.conv_shortcut, r.output_scale_factor))
+                continue
+            width = self.inner_width(elastic, choice.width)
+            if width != elastic.full_width:
+                old = _Full(r.conv1, r.norm2, r.conv2, r.time_emb_proj)
+                narrow_resnet(r, width)
+                _copy_slice(r.conv1.weight, old.conv1.weight[:width])
+                _copy_slice(r.conv1.bias, None if old.conv1.bias is None else old.conv1.bias[:width])
+                _copy_slice(r.norm2.weight, None if old.norm2.weight is None else old.norm2.weight[:width])
+                _copy_slice(r.norm2.bias, None if old.norm2.bias is None else old.norm2.bias[:width])
+                _copy_slice(r.conv2.weight, old.conv2.weight[:, :width])
+                _copy_slice(r.conv2.bias, old.conv2.bias)
+                if old.time_emb_proj is not None:
+                    rows = _proj_rows(elastic.full_width, width, old.time_emb_proj.out_features, old.time_emb_proj.weight.device)
+                    _copy_slice(r.time_emb_proj.weight, old.time_emb_proj.weight[rows])
+                    _copy_slice(r.time_emb_proj.bias, None if old.time_emb_proj.bias is None else old.time_emb_proj.bias[rows])
+            resnets.append(r)
+        block.resnets = nn.ModuleList(resnets)
+        if attentions is not None:
+            block.attentions = nn.ModuleList(
+                [
+                    a if a is None else (a.attention if choice.attention and i < choice.layers else SkipAttention())
+                    for i, a in enumerate(attentions)
+                ]
+            )
+        return block.requires_grad_(False)
+
+
+@dataclass
+class _Full:
+    """A resnet's full-width layers, kept while it is narrowed."""
+
+    conv1: nn.Conv2d
+    norm2: nn.GroupNorm
+    conv2: nn.Conv2d
+    time_emb_proj: nn.Linear | None
+
+
+def _copy_slice(target: torch.Tensor | None, source: torch.Tensor | None) -> None:
+    if target is not None and source is not None:
+        target.data.copy_(source.to(target.device, target.dtype))
+
+
+def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, BlockSupernet]:
+    """One supernet per teacher block, with the space's choices (the teacher's only where undeclared)."""
+    out = {}
+    for name in block_names(teacher):
+        spec = space.block(name)
+        out[name] = BlockSupernet(name, get_block(teacher, name), layers=spec.layers, width=spec.width, attention=spec.attention)
+    return out
+
+
+def student_config(teacher_config: Mapping[str, Any], supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]) -> dict[str, Any]:
+    """The diffusers config (``StudentUNet2DModel``) of the student that ``choices`` select."""
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    widths = dict(config.pop("resnet_widths", None) or {})
+    skips = list(config.pop("skip_attentions", None) or [])
+    for name, supernet in supernets.items():
+        w, s = supernet.layout(choices.get(name, supernet.largest()))
+        widths.update(w)
+        skips += [a for a in s if a not in skips]
+    config.update(_class_name="StudentUNet2DModel", resnet_widths=widths, skip_attentions=skips)
+    return config
+
+
+@torch.no_grad()
+def assemble_student(
+    teacher: nn.Module, supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
+) -> tuple[StudentUNet2DModel, dict[str, Any]]:
+    """The student with each block's chosen subnet, inheriting the supernets' weights (and the
+    teacher's outside the blocks). Returns the model and its config."""
+    config = student_config(teacher.config, supernets, choices)
+    student = StudentUNet2DModel.from_config(config)
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("down_blocks.", "up_blocks.", "mid_block."))}
+    for name, supernet in supernets.items():
+        prefix = name_to_module_path(name) + "."
+        state.update({prefix + k: v for k, v in supernet.subnet(choices.get(name, supernet.largest())).state_dict().items()})
+    student.load_state_dict(state, strict=True)
+    param = next(teacher.parameters())
+    student.to(param.device)
+    if param.dtype != torch.float32:
+        student.to(param.dtype)
+    return student.eval(), config
+
+
+def plug_supernets(teacher: nn.Module, supernets: Mapping[str, BlockSupernet]) -> nn.Module:
+    """A copy of the teacher that runs each block through its supernet (at the supernet's current
+    choice): the model a set of block choices describes before it is cut out and retrained."""
+    composite = copy.deepcopy(teacher)
+    for name, supernet in supernets.items():
+        parent, _, index = name_to_module_path(name).rpartition(".")
+        if parent:
+            composite.get_submodule(parent)[int(index)] = supernet
+        else:
+            setattr(composite, index, supernet)
+    return composite
+
+
+def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a block's output (a tensor, or nested tuples such as ``(hidden, skips)``)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_tensors(v)
