@@ -322,3 +322,40 @@ def test_global_mode_study_and_option_errors(study_factory, tmp_path, capsys):
     dkdm_space = study_factory(**{**common, "search_space": str(tmp_path / "space.yaml")})
     assert main(["run", str(dkdm_space)]) == 2
     assert "family" in capsys.readouterr().err
+
+
+def test_ddpm_cifar10_search_space_and_study_fit_its_architecture():
+    """google/ddpm-cifar10-32's architecture with random weights: every declared candidate of every
+    block keeps the block's output shapes, and the GPU study config validates."""
+    from diffusers import UNet2DModel
+
+    from automl_diff.config.study import load_study_config
+    from automl_diff.methods.diffnas import DiffNAS
+    from tests.conftest import REPO
+    from tests.test_macs import DDPM_CIFAR10
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**DDPM_CIFAR10).eval()
+    space = load_search_space(REPO / "search_spaces" / "ddpm_cifar10.yaml")
+    space.validate_for(unet)
+    supernets = build_supernets(unet, space)
+    x = torch.randn(1, 3, 32, 32)
+    _, recorded = record_teacher_blocks(unet, x, torch.tensor([500]), list(supernets))
+    n = 0
+    with torch.no_grad():
+        for name, supernet in supernets.items():
+            data = recorded[name]
+            shapes = [o.shape for o in iter_tensors(data.output)]
+            for choice in supernet.candidates():
+                assert [o.shape for o in iter_tensors(supernet.set(choice)(*data.args, **data.kwargs))] == shapes, (name, choice)
+                n += 1
+    assert n == sum(len(s.candidates()) for s in supernets.values()) > 100
+    smallest, config = assemble_student(unet, supernets, {k: s.smallest() for k, s in supernets.items()})
+    assert count_params(smallest) < 0.5 * count_params(unet)
+    study = load_study_config(REPO / "studies" / "diffnas_ddpm_cifar10.yaml")
+    options = DiffNAS.options_from(study)
+    assert study.method == "diffnas" and options.retrain_iterations == (10000, 20000)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,9 +1,10 @@
 """Exporting trials as diffusers pipelines (``unet/`` + ``scheduler/``) with a model card.
 
-An export loads with ``DDIMPipeline.from_pretrained(folder)``. Students whose levels have equal
-depths are plain ``UNet2DModel``; others are :class:`automl_diff.StudentUNet2DModel`, which
-``model_index.json`` names (library ``automl_diff.models.student``) so that the same call loads
-them wherever ``automl_diff`` is installed.
+An export loads with ``DDIMPipeline.from_pretrained(folder)``. Students that stock diffusers can
+express are plain ``UNet2DModel``; others (per-level depths, DiffNAS's per-resnet widths and dropped
+layers) are :class:`automl_diff.StudentUNet2DModel`, which ``model_index.json`` names (library
+``automl_diff.models.student``) so that the same call loads them wherever ``automl_diff`` is
+installed.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ over the trajectory. The schedule is for {steps} steps exactly.
 pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
 apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
 images = pipe(batch_size=4, num_inference_steps={steps}).images"""
+    if attrs.get("block_choices"):
+        lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs["block_choices"].items())
+        schedule_note += f"""
+DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
+shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped),
+then retrained the student for {attrs.get("retrain_iterations")} steps with the joint loss
+(`{attrs.get("joint_schedule")}` block-feature weight):
+
+| block | subnet |
+|---|---|
+{lines}
+"""
     return f"""---
 library_name: diffusers
 tags:
@@ -98,7 +111,7 @@ latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency
 ```python
 from diffusers import DDIMPipeline
 
-# a StudentUNet2DModel (per-level depths) loads the same way once automl_diff is installed
+# a StudentUNet2DModel (per-level depths, searched widths) loads the same way once automl_diff is installed
 {use}
 ```
 """

@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -199,7 +200,9 @@ def _open(storage: Any, name: str, directions: list[str], metric_names: list[str
     study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler, load_if_exists=True)
     stored = study.user_attrs.get("supernet")
     if stored is None:
-        study.set_metric_names(metric_names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names)
         study.set_user_attr("supernet", key)
     elif stored != key:
         raise UserError(f"study '{name}' was searched with other supernets (options, search space or teacher changed); use another study name")
