@@ -21,9 +21,10 @@ from torch import nn
 
 from automl_diff.config._reader import Section
 from automl_diff.config.study import StudyConfig
+from automl_diff.errors import UserError
 from automl_diff.models.loading import Teacher
 
-__all__ = ["Candidate", "Method", "TrainingDiverged", "read_options"]
+__all__ = ["Candidate", "Method", "TrainingDiverged", "read_options", "require_range"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,6 +70,16 @@ def read_options(options_type: type, config: StudyConfig) -> Any:
         values[f.name] = section.take(f.name, kind, f.default, choices=f.metadata.get("choices"), check=f.metadata.get("check"))
     section.done()
     return options_type(**values)
+
+
+def require_range(config: StudyConfig, options: Any, low: str, high: str) -> None:
+    """Check that option ``low`` is below option ``high`` (a range Optuna samples from).
+
+    Raises:
+        UserError: naming the study file, ``method_options.<low>`` and both values.
+    """
+    if getattr(options, low) >= getattr(options, high):
+        raise UserError(f"{config.path}: method_options.{low}: must be below {high} ({getattr(options, high)}) (got {getattr(options, low)})")
 
 
 class Method(ABC):

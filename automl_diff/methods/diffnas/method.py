@@ -32,7 +32,7 @@ import torch
 from automl_diff.config._reader import positive
 from automl_diff.config.search_space import SupernetSpace, load_search_space
 from automl_diff.errors import UserError
-from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.base import Candidate, Method, require_range
 from automl_diff.methods.diffnas.retrain import JOINT_SCHEDULES, JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
     BlockInputs,
@@ -105,11 +105,7 @@ class DiffNAS(Method):
     @classmethod
     def options_from(cls, config: Any) -> DiffNASOptions:
         options = super().options_from(config)
-        if options.tolerance_low >= options.tolerance_high:
-            raise UserError(
-                f"{config.path}: method_options.tolerance_low: must be below tolerance_high "
-                f"({options.tolerance_high}) (got {options.tolerance_low})"
-            )
+        require_range(config, options, "tolerance_low", "tolerance_high")
         if options.data_weight and options.source != "dataset":
             raise UserError(f"{config.path}: method_options.data_weight: needs source: dataset (got source: {options.source})")
         return options

@@ -19,7 +19,7 @@ import numpy as np
 
 from automl_diff.config._reader import positive
 from automl_diff.errors import UserError
-from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.base import Candidate, Method, require_range
 from automl_diff.methods.dipgo.optimise import CONSISTENCY, optimise_pruner
 from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, model_fingerprint, prunable_units, unit_costs
 
@@ -84,11 +84,7 @@ class DiPGO(Method):
     @classmethod
     def options_from(cls, config: Any) -> DiPGOOptions:
         options = super().options_from(config)
-        if options.threshold_low >= options.threshold_high:
-            raise UserError(
-                f"{config.path}: method_options.threshold_low: must be below threshold_high "
-                f"({options.threshold_high}) (got {options.threshold_low})"
-            )
+        require_range(config, options, "threshold_low", "threshold_high")
         return options
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
