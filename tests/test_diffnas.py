@@ -270,6 +270,8 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
     assert set(attrs["block_choices"]) == set(block_names_of(attrs["model_config"]))
     assert attrs["retrain_iterations"] in (0, 2) and attrs["search"] == "local"
     assert attrs["model_config"]["_class_name"] == "StudentUNet2DModel"
+    assert main(["status", "--storage", storage]) == 0  # the block studies do not hide the only study
+    assert "tinynas" in capsys.readouterr().out
     out_dir = tmp_path / "export"
     assert main(["export", "--storage", storage, "--study-name", "tinynas", "--trial", str(trial.number), "--out", str(out_dir)]) == 0
     capsys.readouterr()
@@ -277,6 +279,8 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
 
     pipe = DDIMPipeline.from_pretrained(out_dir)
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
+    card = (out_dir / "README.md").read_text()
+    assert "DiffNAS chose one subnet per teacher block" in card and "`up.1`" in card
     assert pipe.unet.config.resnet_widths == attrs["model_config"]["resnet_widths"]
     images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 16, 16, 1)

@@ -62,13 +62,18 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
 
 
 def resolve_study_name(storage: optuna.storages.BaseStorage, name: str | None, *, url: str) -> str:
-    """The study to read: ``name``, or the only study in the storage."""
-    names = optuna.study.get_all_study_names(storage)
+    """The study to read: ``name``, or the only study in the storage.
+
+    Studies a method keeps beside its study (``<study>/block/<block>``: DiffNAS's block searches)
+    do not count when choosing the only one.
+    """
+    every = optuna.study.get_all_study_names(storage)
     if name is not None:
-        if name not in names:
-            known = ", ".join(names) if names else "none"
+        if name not in every:
+            known = ", ".join(every) if every else "none"
             raise UserError(f"storage '{mask_url(url)}' has no study '{name}' (studies: {known})")
         return name
+    names = [n for n in every if not any(n.startswith(other + "/") for other in every if other != n)]
     if len(names) == 1:
         return names[0]
     if not names:
