@@ -102,8 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _MaskPasswords(logging.Filter):
+    """Replaces the password of any storage URL in a log record by ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from automl_diff.runners.storage import mask_url
+
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskPasswords) for f in handler.filters):
+            handler.addFilter(_MaskPasswords())
     for noisy in ("fvcore", "iopath", "PIL", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
