@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -165,7 +166,9 @@ def run_study(
     failed = 0
     waiting_logged = False
     while True:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # experimental in Optuna, as used inside study.optimize
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         states = Counter(t.state for t in trials)
         finished = states[_TrialState.COMPLETE] + states[_TrialState.PRUNED]
