@@ -131,3 +131,116 @@ def study_factory(tmp_path: Path, tiny_teacher_dir: Path, tiny_space: Path):
         return write_study(tmp_path, tiny_teacher_dir, tiny_space, **overrides)
 
     return make
+
+
+# --- PostgreSQL: a real server started from Debian's binaries for the tests that need one ---
+
+POSTGRES_USER = "automl"
+POSTGRES_PASSWORD = "pg-test-secret"
+
+
+def postgres_bindir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` that holds initdb and postgres."""
+    found = [d for d in Path("/usr/lib/postgresql").glob("*/bin") if (d / "initdb").is_file() and (d / "postgres").is_file()]
+    return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0) if found else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server on a free port of 127.0.0.1 with password authentication, in a
+    temporary folder; yields ``postgresql://automl:<password>@127.0.0.1:<port>``.
+
+    PostgreSQL refuses to run as root: as root, the server runs as the ``postgres`` user (Debian's
+    package creates it) or ``nobody``. Skipped where PostgreSQL is not installed, except in CI
+    (``CI`` set), where ``.ci/run`` installs it and its absence is a failure.
+    """
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        message = "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres; apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(tempfile.mkdtemp(prefix="automl_diff_pg_"))
+    os.chmod(root, 0o755)
+    (root / "password").write_text(POSTGRES_PASSWORD)
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = next((name for name in ("postgres", "nobody") if _has_user(name)), None)
+        if user is None:
+            pytest.fail("running as root and neither a postgres nor a nobody user exists to run PostgreSQL")
+        account = pwd.getpwnam(user)
+        os.chown(root, account.pw_uid, account.pw_gid)
+        os.chown(root / "password", account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", user, "--"]
+    data = root / "data"
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", POSTGRES_USER, f"--pwfile={root / 'password'}", "--auth=scram-sha-256", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    port = _free_port()
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [*as_user, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"postgresql://{POSTGRES_USER}:{POSTGRES_PASSWORD}@127.0.0.1:{port}"
+    import psycopg2
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg2.connect(f"{url}/postgres", connect_timeout=2).close()
+            break
+        except psycopg2.OperationalError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                pytest.fail(f"PostgreSQL did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on the test server, as a storage URL."""
+    import re
+
+    import psycopg2
+
+    name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[:50]
+    connection = psycopg2.connect(f"{postgres_server}/postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    connection.close()
+    return f"{postgres_server}/{name}"

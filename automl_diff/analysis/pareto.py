@@ -98,10 +98,16 @@ def all_trials_frame(study: optuna.Study) -> Any:
     (empty where it has none), why it was pruned or failed, and its parameters (``param:<name>``)."""
     import pandas as pd
 
+    trials = study.get_trials(deepcopy=False)
+    # a trial whose worker stopped sending heartbeats is failed and retried by a new trial that
+    # names it last in its ``retry_history`` (Optuna's RetryHeartbeatStaleTrialCallback)
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
     records = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         record: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         record.update({k: t.user_attrs.get(k) for k in TRIAL_FACTS})
+        if t.state == optuna.trial.TrialState.FAIL and t.number in retried_as and not record["fail_reason"]:
+            record["fail_reason"] = f"no heartbeat (its worker was lost); retried as trial {retried_as[t.number]}"
         record.update({f"param:{k}": v for k, v in t.params.items()})
         records.append(record)
     frame = pd.DataFrame.from_records(records, columns=None if records else ["trial", "state", *TRIAL_FACTS])

@@ -22,6 +22,9 @@ Schema::
     sampling: {scheduler: ddim, eta: 0.0}
     fid: {dataset: digits, features: digits}   # defaults from the teacher
     storage: sqlite:///automl_diff.db      # any Optuna RDB URL
+    execution:                             # how trials run (see ExecutionSettings)
+      heartbeat: 60
+      cpus_per_trial: 1
     output_dir: runs                       # trial weights go to <output_dir>/<study>/trial_<n>/
     device: auto                           # auto | cpu | cuda | cuda:N
     seed: 0
@@ -47,6 +50,7 @@ __all__ = [
     "StudyConfig",
     "load_study_config",
     "DEFAULT_STORAGE",
+    "ExecutionSettings",
 ]
 
 #: Metrics a study may optimise (all lower-is-better in practice; direction is explicit anyway).
@@ -99,6 +103,32 @@ class FidSettings:
 
 
 @dataclass(frozen=True)
+class ExecutionSettings:
+    """How trials run, locally or on Ray.
+
+    Attributes:
+        heartbeat: seconds between the heartbeats a running trial writes to the storage. A trial
+            silent for twice as long (its worker was killed, its host lost) is marked failed and
+            retried with the same parameters by the next worker that looks (crash recovery).
+        retries: how many times such a stale trial is retried.
+        failure_budget: failed trials (diverged, out of memory) one run tolerates before it stops
+            (0: as many as ``n_trials``, at least 3).
+        cpus_per_trial: CPUs Ray reserves for each trial (``--backend ray``).
+        gpus_per_trial: GPUs Ray reserves for each trial; fractions share a GPU.
+        max_concurrent: trials Ray runs at once (0: as many as the resources allow).
+        max_failures: times Ray restarts a trial whose worker crashed (Tune ``FailureConfig``).
+    """
+
+    heartbeat: int = 60
+    retries: int = 1
+    failure_budget: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A validated study config. Paths are resolved relative to the config file."""
 
@@ -118,6 +148,7 @@ class StudyConfig:
     device: str
     seed: int
     method_options: dict[str, Any]
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with some fields replaced (None values are ignored)."""
@@ -160,11 +191,14 @@ def load_study_config(path: str | Path) -> StudyConfig:
     base = path.resolve().parent
     name = top.take("name", str, path.stem)
     method = top.take("method", str, choices=sorted(METHODS))
-    teacher = top.take("teacher", str)
-    teacher = teacher if teacher == "digits" else _resolve(base, teacher)
-    space = top.take("search_space", str, None)
-    if space is not None:
-        space = _resolve(base, space)
+    raw_teacher = top.take("teacher", str)
+    teacher = raw_teacher if raw_teacher == "digits" else _resolve(base, raw_teacher)
+    if Path(teacher).is_absolute() and not Path(teacher).exists():
+        raise top.error("teacher", raw_teacher, f"the folder {teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)")
+    raw_space = top.take("search_space", str, None)
+    space = None if raw_space is None else _resolve(base, raw_space)
+    if space is not None and not Path(space).is_file():
+        raise top.error("search_space", raw_space, f"the file {space} does not exist")
 
     raw_objectives = top.data.get("objectives", [{"name": "macs"}, {"name": "fid"}])
     top.take("objectives", list, [])
@@ -217,6 +251,19 @@ def load_study_config(path: str | Path) -> StudyConfig:
     if fid.dataset and fid.dataset.startswith("folder:"):
         fid = replace(fid, dataset="folder:" + _resolve(base, fid.dataset[len("folder:") :]))
 
+    e = top.section("execution")
+    not_negative = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
+    execution = ExecutionSettings(
+        heartbeat=e.take("heartbeat", int, ExecutionSettings.heartbeat, check=positive),
+        retries=e.take("retries", int, ExecutionSettings.retries, check=not_negative),
+        failure_budget=e.take("failure_budget", int, ExecutionSettings.failure_budget, check=not_negative),
+        cpus_per_trial=e.take("cpus_per_trial", float, ExecutionSettings.cpus_per_trial, check=positive),
+        gpus_per_trial=e.take("gpus_per_trial", float, ExecutionSettings.gpus_per_trial, check=not_negative),
+        max_concurrent=e.take("max_concurrent", int, ExecutionSettings.max_concurrent, check=not_negative),
+        max_failures=e.take("max_failures", int, ExecutionSettings.max_failures, check=not_negative),
+    )
+    e.done()
+
     config = StudyConfig(
         path=str(path),
         name=name,
@@ -234,18 +281,27 @@ def load_study_config(path: str | Path) -> StudyConfig:
         device=top.take("device", str, "auto", check=_device),
         seed=top.take("seed", int, 0),
         method_options=dict(top.take("method_options", dict, {})),
+        execution=execution,
     )
     top.done()
     METHODS[method].options_from(config)  # validates method_options now, naming the file
     return config
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+def resolve_device(name: str, *, source: str | None = None) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        source: the config file that asked for it (named in the error).
+    """
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    where = f"{source}: device: " if source else ""
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was asked for but CUDA is not available on this machine")
+        raise UserError(f"{where}'{name}' was asked for but CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"{where}'{name}' was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name

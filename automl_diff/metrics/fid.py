@@ -87,9 +87,16 @@ def inception_weights_path() -> Path:
 
 
 def _inception_extractor(device: torch.device) -> FeatureExtractor:
+    import functools
+
+    import pytorch_fid.inception as fid_inception
     from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
     weights = inception_weights_path()
+    # pytorch-fid loads the cached checkpoint with torch.hub's default weights_only=False, which
+    # unpickles arbitrary objects: load it with weights_only=True (tensors and plain containers)
+    original = fid_inception.load_state_dict_from_url
+    fid_inception.load_state_dict_from_url = functools.partial(original, weights_only=True)
     try:
         model: nn.Module = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
@@ -97,6 +104,8 @@ def _inception_extractor(device: torch.device) -> FeatureExtractor:
             f"FID Inception weights are missing and could not be downloaded ({type(exc).__name__}): "
             f"put {weights.name} from {FID_WEIGHTS_URL} at {weights}"
         ) from None
+    finally:
+        fid_inception.load_state_dict_from_url = original
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:

@@ -201,6 +201,8 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
     if path.is_file():
         raise UserError(f"teacher '{spec}' is a file; a teacher is a diffusers folder with weights (a bare config.json has none)")
     if path.exists():
+        if (path / "model_index.json").is_file() and "scheduler" in _read_json(path / "model_index.json") and not (path / "scheduler" / "scheduler_config.json").is_file():
+            raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
         unet = load_unet(path)
         return Teacher(unet.to(device).eval(), scheduler_config_for(path if path.is_dir() else None), spec, weights_dir=str(path.resolve()))
     unet = _load_from_hub(spec, weights=True)

@@ -1,14 +1,35 @@
-"""Where trials run and where results live: RDB storages and the local runner.
+"""Where trials run and where results live: RDB storages and the runners.
 
 * :mod:`~automl_diff.runners.storage`: opening SQLite/PostgreSQL storages, masking passwords.
 * :mod:`~automl_diff.runners.trial`: what one trial does (train, save, evaluate, record).
-* :mod:`~automl_diff.runners.local`: create or resume a study and optimise in this process.
+* :mod:`~automl_diff.runners.local`: create or resume a study and run trials in this process
+  (several such workers may share one study).
+* :mod:`~automl_diff.runners.ray`: the same trials as Ray Tune trials (``--backend ray``).
+
+Only the storage helpers load eagerly: commands that read a study (``status``, ``pareto``) do not
+import torch or diffusers.
 """
 
 from __future__ import annotations
 
-from automl_diff.runners.local import make_sampler, open_study, run_study
-from automl_diff.runners.storage import load_existing_study, mask_url, open_storage, resolve_study_name
-from automl_diff.runners.trial import StudySession
+import importlib
+from typing import Any
 
-__all__ = ["StudySession", "load_existing_study", "make_sampler", "mask_url", "open_storage", "open_study", "resolve_study_name", "run_study"]
+from automl_diff.runners.storage import load_existing_study, mask_url, open_storage, resolve_study_name
+
+_LAZY = {
+    "StudySession": "automl_diff.runners.trial",
+    "make_sampler": "automl_diff.runners.local",
+    "open_study": "automl_diff.runners.local",
+    "run_study": "automl_diff.runners.local",
+    "start_study": "automl_diff.runners.local",
+    "run_study_ray": "automl_diff.runners.ray",
+}
+
+__all__ = ["load_existing_study", "mask_url", "open_storage", "resolve_study_name", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'automl_diff.runners' has no attribute {name!r}")

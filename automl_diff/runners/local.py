@@ -1,13 +1,26 @@
-"""Running a study in this process: create or resume it in the RDB storage and optimise.
+"""Running a study in this process: create or resume it in the RDB storage and run trials.
 
-A study is created once and resumed ever after: ``n_trials`` is the total of finished trials the
-study should reach, so running the same config twice adds nothing the second time, and several
-workers on one storage stop together when the total is reached (``MaxTrialsCallback``).
+A study is created once and resumed ever after: ``n_trials`` is the total of finished trials
+(completed or pruned) the study should reach, so running the same config twice adds nothing the
+second time. Several workers (processes, hosts) may run the same config against one storage
+(PostgreSQL for many): before each trial a worker counts the finished and running trials of all
+workers, and a trial starts only while fewer than ``n_trials`` earlier trials are finished,
+running or queued, so the workers together finish exactly ``n_trials``.
+
+Crash recovery: a running trial writes heartbeats to the storage. When its worker dies, the trial
+falls silent; the next worker that looks (a restarted one, or another) marks it failed and queues
+a retry with the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``). A trial that
+diverges or runs out of memory fails with its ``fail_reason`` and the run goes on, up to a budget.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -15,11 +28,17 @@ import optuna
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.runners.storage import mask_url, open_storage
-from automl_diff.runners.trial import FINISHED_STATES, TRIAL_FAILURES, StudySession
+from automl_diff.runners.trial import FINISHED_STATES, StudySession
 
-__all__ = ["make_sampler", "open_study", "run_study"]
+__all__ = ["make_sampler", "open_study", "run_study", "start_study"]
 
 logger = logging.getLogger("automl_diff")
+
+_TrialState = optuna.trial.TrialState
+#: Trial states that hold a place among the ``n_trials`` (finished, running, or queued to run).
+_PLACE_STATES = (_TrialState.COMPLETE, _TrialState.PRUNED, _TrialState.RUNNING, _TrialState.WAITING)
+#: ``fail_reason`` prefix of a trial that found the study full when it started.
+SURPLUS = "surplus"
 
 
 def make_sampler(config: StudyConfig, *, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -43,7 +62,7 @@ def make_sampler(config: StudyConfig, *, offset: int = 0) -> optuna.samplers.Bas
 
 def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> optuna.Study:
     """Create the study, or load it when it exists; refuse one with other objectives."""
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat_interval=config.execution.heartbeat, retries=config.execution.retries)
     existing = study_name in optuna.study.get_all_study_names(storage)
     n_existing = 0
     if existing:
@@ -78,6 +97,42 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
 
+def start_study(config: StudyConfig, *, storage_url: str, study_name: str, progress: bool = False) -> tuple[StudySession, optuna.Study]:
+    """Validate everything a run needs, then create or resume the study.
+
+    The teacher, the method (search space against the teacher), the evaluator, the device and the
+    sampler options are checked before the storage is opened, so a bad input leaves it untouched.
+    """
+    session = StudySession(config, study_name=study_name, progress=progress)
+    make_sampler(config)
+    study = open_study(config, storage_url=storage_url, study_name=study_name)
+    return session, study
+
+
+def _objective(session: StudySession, total: int, errors: list[UserError]) -> Callable[[optuna.Trial], Any]:
+    """The session's objective, for a trial that still has a place among the ``total``.
+
+    A trial that finds ``total`` earlier trials finished, running or queued (another worker asked
+    at the same moment) does nothing and fails as surplus. A :class:`UserError` met inside a trial
+    fails it with that reason and is raised again after the trial is recorded (no traceback).
+    """
+
+    def objective(trial: optuna.Trial) -> Any:
+        nan = tuple(math.nan for _ in session.config.objective_names)
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=_PLACE_STATES) if t.number < trial.number]
+        if len(earlier) >= total:
+            trial.set_user_attr("fail_reason", f"{SURPLUS}: {total} earlier trials were finished or running")
+            return nan
+        try:
+            return session.objective(trial)
+        except UserError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            errors.append(exc)
+            return nan
+
+    return objective
+
+
 def run_study(
     config: StudyConfig,
     *,
@@ -101,26 +156,41 @@ def run_study(
     storage_url = storage_url or config.storage
     study_name = study_name or config.name
     total = n_trials or config.n_trials
-    # Load the teacher and validate the search space before the storage is touched.
-    session = StudySession(config, study_name=study_name, progress=progress)
-    study = open_study(config, storage_url=storage_url, study_name=study_name)
-    done = finished_trials(study)
-    logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), done, total)
+    session, study = start_study(config, storage_url=storage_url, study_name=study_name, progress=progress)
+    logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), finished_trials(study), total)
     session.record_teacher(study)
-    # Trials that fail (diverged, out of memory) do not count: try again, up to a failure budget.
-    failure_budget = max(3, total)
+    budget = config.execution.failure_budget or max(3, total)
+    poll = min(5.0, float(config.execution.heartbeat))
+    errors: list[UserError] = []
+    objective = _objective(session, total, errors)
     failed = 0
-    while (remaining := total - finished_trials(study)) > 0:
-        if failed >= failure_budget:
-            logger.warning("stopping: %d trials failed in this run; %d of %d finished", failed, total - remaining, total)
+    waiting_logged = False
+    while True:
+        with warnings.catch_warnings():  # experimental in Optuna, as used inside study.optimize
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        states = Counter(t.state for t in trials)
+        finished = states[_TrialState.COMPLETE] + states[_TrialState.PRUNED]
+        if finished >= total:
             break
-        before = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
-        study.optimize(
-            session.objective,
-            n_trials=remaining,
-            callbacks=[optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)],
-            catch=TRIAL_FAILURES,
-            gc_after_trial=True,
-        )
-        failed += len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) - before
+        if failed >= budget:
+            logger.warning("stopping: %d trials failed in this run; %d of %d finished", failed, finished, total)
+            break
+        if finished + states[_TrialState.RUNNING] >= total:
+            # the rest are running elsewhere: wait until they finish, or fail and are retried here
+            if not waiting_logged:
+                logger.info("%d of %d trials finished, %d running in other workers: waiting", finished, total, states[_TrialState.RUNNING])
+                waiting_logged = True
+            time.sleep(poll)
+            continue
+        waiting_logged = False
+        # reseeded per trial from the study's size: reproducible alone, different across workers
+        study.sampler = make_sampler(config, offset=len(trials))
+        outcome: list[optuna.trial.FrozenTrial] = []
+        study.optimize(objective, n_trials=1, callbacks=[lambda _study, trial: outcome.append(trial)], gc_after_trial=True)
+        if errors:
+            raise errors[0]
+        if outcome and outcome[0].state == _TrialState.FAIL and not str(outcome[0].user_attrs.get("fail_reason", "")).startswith(SURPLUS):
+            failed += 1
     return study

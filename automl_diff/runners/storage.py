@@ -14,7 +14,8 @@ __all__ = ["mask_url", "open_storage", "load_existing_study", "resolve_study_nam
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for every log line and printout)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    url = re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&\s]*", r"\1***", url)
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -24,16 +25,30 @@ def _sqlite_path(url: str) -> Path | None:
     return None if rest in ("", ":memory:") else Path(rest)
 
 
-def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | None = 60) -> optuna.storages.RDBStorage:
+def _with_driver(url: str) -> str:
+    """``postgresql://`` names no driver and SQLAlchemy's default changed between releases
+    (psycopg2, then psycopg 3): use the one that is installed, psycopg2 first."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, dialect in (("psycopg2", "postgresql+psycopg2://"), ("psycopg", "postgresql+psycopg://")):
+        if importlib.util.find_spec(module) is not None:
+            return dialect + url[len("postgresql://") :]
+    return url
+
+
+def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | None = 60, retries: int = 1) -> optuna.storages.RDBStorage:
     """Open an RDB storage.
 
     With a heartbeat, a trial whose worker died (no heartbeat for ``2 * heartbeat_interval``
-    seconds) is marked failed and retried once with the same parameters.
+    seconds) is marked failed and retried with the same parameters, up to ``retries`` times.
 
     Args:
         url: SQLAlchemy URL (``sqlite:///file.db``, ``postgresql://user:pw@host/db``).
         create: False for commands that only read: a missing SQLite file is an error, not a new study.
         heartbeat_interval: seconds between heartbeats of a running trial (None: off).
+        retries: times a stale trial is retried.
 
     Raises:
         UserError: the URL is malformed, the database unreachable, or (``create=False``) absent.
@@ -49,13 +64,15 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
         kwargs = dict(
             heartbeat_interval=heartbeat_interval,
             grace_period=2 * heartbeat_interval,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries),
         )
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError:
+        raise UserError(f"cannot open storage '{mask_url(url)}': its database driver is not installed (for PostgreSQL: pip install 'automl_diff[postgres]')") from None
     except Exception as exc:  # sqlalchemy raises many types: ArgumentError, OperationalError, NoSuchModuleError
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(message)}") from None

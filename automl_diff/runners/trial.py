@@ -7,8 +7,10 @@ Ray Tune runner) calls.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import optuna
 import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
+from automl_diff.errors import UserError
 from automl_diff.methods import METHODS
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.metrics.evaluate import Evaluator, ModelMetrics
@@ -29,7 +32,7 @@ logger = logging.getLogger("automl_diff")
 #: Trial states that count towards ``n_trials``.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Exceptions that fail one trial (reason recorded) but let the study go on.
-TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.cuda.OutOfMemoryError)
+TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.OutOfMemoryError)
 
 
 class StudySession:
@@ -45,8 +48,11 @@ class StudySession:
         self.config = config
         self.study_name = study_name
         self.progress = progress
-        self.device = resolve_device(config.device)
-        self.teacher: Teacher = load_teacher(config.teacher, device=self.device)
+        self.device = resolve_device(config.device, source=config.path)
+        try:
+            self.teacher: Teacher = load_teacher(config.teacher, device=self.device)
+        except UserError as exc:
+            raise UserError(f"{config.path}: teacher: {exc}") from None
         self.method = METHODS[config.method](config, self.teacher, device=self.device, progress=progress)
         self.evaluator = Evaluator(
             config,
@@ -99,8 +105,12 @@ class StudySession:
             self._prepared = True
 
     def _duplicate_of(self, study: optuna.Study, trial: optuna.Trial, fingerprint: str | None = None) -> int | None:
-        for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if other.number == trial.number:
+        """A completed trial with the same parameters (or fingerprint), or an earlier trial that
+        another worker is running with the same parameters (so that concurrent workers never
+        train one model twice)."""
+        running = optuna.trial.TrialState.RUNNING
+        for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, running)):
+            if other.number == trial.number or (other.state == running and other.number > trial.number):
                 continue
             if other.params == trial.params or (fingerprint is not None and other.user_attrs.get("fingerprint") == fingerprint):
                 return other.number
@@ -113,7 +123,24 @@ class StudySession:
         raise optuna.TrialPruned(f"same model as trial {duplicate}")
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
-        """Train, save, evaluate and record one trial; return its objective values."""
+        """Train, save, evaluate and record one trial; return its objective values.
+
+        A trial whose training diverges (NaN or infinite loss) or that runs out of memory records
+        why as the user attribute ``fail_reason`` and returns NaN values, which Optuna records as a
+        failed trial (one warning, no traceback); the study goes on with the next trial.
+        """
+        try:
+            return self._run_trial(trial)
+        except TRIAL_FAILURES as exc:
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+            trial.set_user_attr("fail_reason", reason)
+            logger.warning("trial %d failed: %s", trial.number, reason)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return tuple(math.nan for _ in self.config.objective_names)
+
+    def _run_trial(self, trial: optuna.Trial) -> tuple[float, ...]:
         study = trial.study
         self.method.suggest(trial)
         duplicate = self._duplicate_of(study, trial)

@@ -22,6 +22,16 @@ def _study_options(parser: argparse.ArgumentParser, *, storage_default: str | No
     parser.add_argument("--study-name", default=None, help="study to use (default: the config's name, or the storage's only study)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {value})")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, as for every user error
         raise UserError(f"{self.prog}: {message}")
@@ -35,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="create or resume a study and run its trials")
     run.add_argument("config", help="study config (studies/*.yaml)")
     _study_options(run, storage_default=None)
-    run.add_argument("--n-trials", type=int, default=None, help="total finished trials to reach (default: the config's)")
+    run.add_argument("--n-trials", type=_positive_int, default=None, help="total finished trials to reach (default: the config's)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--backend", choices=("local", "ray"), default="local", help="run trials in this process (local, default) or as Ray Tune trials (ray)")
+    run.add_argument("--address", default=None, help="Ray cluster to join with --backend ray (default: a local Ray instance)")
     run.set_defaults(func=commands.cmd_run)
 
     status = sub.add_parser("status", help="trials per state and the best values")
@@ -65,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the study's sample-grid artifacts")
     _study_options(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dashboard.add_argument("--port", type=_positive_int, default=8080, help="port (default 8080)")
     dashboard.add_argument("--artifacts", default=None, help="artifact folder (default: the one the study recorded)")
     dashboard.set_defaults(func=commands.cmd_dashboard)
 
@@ -90,8 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _MaskPasswords(logging.Filter):
+    """Replaces the password of any storage URL in a log record by ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from automl_diff.runners.storage import mask_url
+
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskPasswords) for f in handler.filters):
+            handler.addFilter(_MaskPasswords())
     for noisy in ("fvcore", "iopath", "PIL", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -59,7 +59,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_study_config(args.config)
     storage = args.storage or config.storage
-    study = run_study(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, progress=not args.quiet)
+    if args.address and args.backend != "ray":
+        raise UserError(f"--address {args.address}: only meaningful with --backend ray")
+    if args.backend == "ray":
+        from automl_diff.runners.ray import run_study_ray
+
+        study = run_study_ray(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, address=args.address, progress=not args.quiet)
+    else:
+        study = run_study(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, progress=not args.quiet)
     print(f"\nPareto front of study '{study.study_name}' (MACs per UNet call, trajectory MACs and latency per image, lower FID is better):")
     print(pareto_table(study))
     print(
@@ -164,10 +171,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     import optuna_dashboard
 
-    from automl_diff.runners import load_existing_study, mask_url
+    from automl_diff.runners import load_existing_study, mask_url, open_storage
     from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, artifact_store
 
     study = load_existing_study(args.storage, args.study_name)  # reachable, and names the study
+    storage = open_storage(args.storage, create=False, heartbeat_interval=None)
     with socket.socket() as probe:
         try:
             probe.bind((args.host, args.port))
@@ -178,7 +186,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     print(f"optuna-dashboard for {mask_url(args.storage)} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("the dashboard listens on %s: anyone who can reach this address can read and edit the studies", args.host)
-    optuna_dashboard.run_server(args.storage, host=args.host, port=args.port, artifact_store=store)
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=store)
     return 0
 
 

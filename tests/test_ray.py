@@ -1,0 +1,93 @@
+"""The Ray Tune backend on a local Ray instance: the same trials, recorded in the same study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from automl_diff.study.cli import main
+from tests.conftest import REPO
+
+pytest.importorskip("ray.tune")
+
+COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+FINISHED = (COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _run_ray(config: Path, cwd: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--backend", "ray", "--quiet", *extra]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_path, capfd):
+    config = study_factory(execution={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 1})
+    done = _run_ray(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Pareto front of study 'tiny'" in done.stdout
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(study.trials) == 2 and all(t.state in FINISHED for t in study.trials)
+    assert study.user_attrs["teacher_metrics"]["macs"] > 0
+    for trial in study.trials:
+        if trial.state == COMPLETE:
+            assert {"macs", "fid", "latency", "weights", "model_config", "speedup"} <= set(trial.user_attrs)
+            assert trial.values == [trial.user_attrs["macs"], trial.user_attrs["fid"]]
+            assert (Path(trial.user_attrs["weights"]) / "diffusion_pytorch_model.safetensors").is_file()
+    # Tune kept a checkpoint (the trial folder) per trial
+    experiment = Path(study.user_attrs["ray_experiment"])
+    assert len(list(experiment.glob("*/checkpoint_*/unet/diffusion_pytorch_model.safetensors"))) == len([t for t in study.trials if t.state == COMPLETE])
+    assert main(["status", "--storage", storage, "--json"]) == 0
+    assert sum(json.loads(capfd.readouterr().out)["states"].values()) == 2
+    assert main(["pareto", "--storage", storage, "--json"]) == 0
+    front = json.loads(capfd.readouterr().out)
+    assert main(["export", "--storage", storage, "--trial", str(front[0]["trial"]), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # a second run reaches the new total: one more trial, in a new Tune experiment
+    again = _run_ray(config, tmp_path, "--n-trials", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len([t for t in study.trials if t.state in FINISHED]) == 3 == len(study.trials)
+
+
+def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
+    """Ctrl-C while a Tune trial runs leaves it running in the study; the same command restores
+    the Tune experiment and finishes that very trial."""
+    budgets = {"train_iterations": 40, "batch_size": 8, "fid_samples": 24, "sampling_steps": 2, "latency_repeats": 1, "latency_batch_size": 2}
+    config = study_factory(n_trials=1, budgets=budgets, execution={"max_concurrent": 1})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--backend", "ray", "--quiet"]
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial started"
+            try:
+                trials = optuna.load_study(study_name="tiny", storage=storage).trials
+            except KeyError:
+                trials = []
+            if any(t.state == RUNNING and t.params for t in trials):
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+        driver.send_signal(signal.SIGINT)
+        driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [t.state for t in trials] == [RUNNING]
+    resumed = _run_ray(config, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the interrupted Ray Tune experiment" in resumed.stderr
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [t.state for t in trials] == [COMPLETE]
