@@ -37,8 +37,8 @@ def test_run_status_pareto_trials_on_postgres(study_factory, postgres_url, capfd
 
 
 def test_workers_sharing_a_study_finish_exactly_n_trials(study_factory, postgres_url, tmp_path):
-    """Three worker processes on one study finish exactly its five trials, never train one
-    architecture twice, and never print the password."""
+    """Three worker processes, started together on an empty database, finish exactly the study's
+    five trials, never train one architecture twice, and never print the password."""
     config = study_factory(storage=postgres_url, n_trials=5)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--quiet"]

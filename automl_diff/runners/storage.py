@@ -38,6 +38,23 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def _create_storage(url: str, engine_kwargs: dict, kwargs: dict, *, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """``RDBStorage``, retried when workers that start together race to create the tables of an
+    empty database (one wins; the others see a duplicate key and find the tables on retry)."""
+    import time
+
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | None = 60, retries: int = 1) -> optuna.storages.RDBStorage:
     """Open an RDB storage.
 
@@ -70,7 +87,7 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
     if url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, **kwargs)
+        return _create_storage(_with_driver(url), engine_kwargs, kwargs)
     except ImportError:
         raise UserError(f"cannot open storage '{mask_url(url)}': its database driver is not installed (for PostgreSQL: pip install 'automl_diff[postgres]')") from None
     except Exception as exc:  # sqlalchemy raises many types: ArgumentError, OperationalError, NoSuchModuleError
