@@ -96,7 +96,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
     ("top level not a mapping", lambda e: ["run", str(e.text("s.yaml", "- method\n- dkdm\n"))], lambda e: [f"{e.tmp}/s.yaml", "expected a mapping", "got list"]),
     ("unknown key", lambda e: ["run", str(e.study(storge="sqlite:///x.db"))], lambda e: ["study.yaml", "storge: unknown key", "'sqlite:///x.db'"]),
     ("wrong type", lambda e: ["run", str(e.study(n_trials="ten"))], lambda e: ["study.yaml", "n_trials: expected an integer", "'ten'"]),
-    ("unknown method", lambda e: ["run", str(e.study(method="magic"))], lambda e: ["study.yaml", "method: must be one of dipgo, dkdm", "'magic'"]),
+    ("unknown method", lambda e: ["run", str(e.study(method="magic"))], lambda e: ["study.yaml", "method: must be one of diffnas, dipgo, dkdm", "'magic'"]),
     ("negative budget", lambda e: ["run", str(e.study(budgets={"batch_size": -1}))], lambda e: ["study.yaml", "budgets.batch_size: must be positive", "-1"]),
     ("wrong type in execution", lambda e: ["run", str(e.study(execution={"heartbeat": "often"}))], lambda e: ["study.yaml", "execution.heartbeat: expected an integer", "'often'"]),
     ("unknown method option", lambda e: ["run", str(e.study(method_options={"pool_sise": 8}))], lambda e: ["study.yaml", "method_options.pool_sise: unknown key", "8"]),
