@@ -30,6 +30,7 @@ __all__ = [
     "block_names",
     "get_block",
     "layer_names",
+    "map_tensors",
     "module_path_to_name",
     "name_to_module_path",
     "record_blocks",
@@ -103,14 +104,19 @@ class BlockRecord:
     outputs: list[Any] = field(default_factory=list)
 
 
-def _detach(value: Any) -> Any:
+def map_tensors(fn: Any, value: Any) -> Any:
+    """``fn`` applied to every tensor in a (nested) call argument or output; other values as given."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     return value
+
+
+def _detach(value: Any) -> Any:
+    return map_tensors(torch.Tensor.detach, value)
 
 
 class _RecordHook(ModelHook):

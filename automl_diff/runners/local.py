@@ -30,7 +30,7 @@ from automl_diff.errors import UserError
 from automl_diff.runners.storage import mask_url, open_storage
 from automl_diff.runners.trial import FINISHED_STATES, StudySession
 
-__all__ = ["make_sampler", "open_study", "run_study", "start_study"]
+__all__ = ["begin_run", "make_sampler", "open_study", "run_study", "start_study"]
 
 logger = logging.getLogger("automl_diff")
 
@@ -109,6 +109,29 @@ def start_study(config: StudyConfig, *, storage_url: str, study_name: str, progr
     return session, study
 
 
+def begin_run(
+    config: StudyConfig,
+    *,
+    storage_url: str | None,
+    study_name: str | None,
+    n_trials: int | None,
+    progress: bool = False,
+) -> tuple[StudySession, optuna.Study, int]:
+    """What every backend does before its first trial: apply the command-line overrides,
+    :func:`start_study`, log where the study stands, measure the teacher once.
+
+    Returns:
+        The session, the study and the total of finished trials to reach.
+    """
+    storage_url = storage_url or config.storage
+    study_name = study_name or config.name
+    total = n_trials or config.n_trials
+    session, study = start_study(config, storage_url=storage_url, study_name=study_name, progress=progress)
+    logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), finished_trials(study), total)
+    session.record_teacher(study)
+    return session, study, total
+
+
 def _objective(session: StudySession, total: int, errors: list[UserError]) -> Callable[[optuna.Trial], Any]:
     """The session's objective, for a trial that still has a place among the ``total``.
 
@@ -153,12 +176,7 @@ def run_study(
     Returns:
         The study.
     """
-    storage_url = storage_url or config.storage
-    study_name = study_name or config.name
-    total = n_trials or config.n_trials
-    session, study = start_study(config, storage_url=storage_url, study_name=study_name, progress=progress)
-    logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), finished_trials(study), total)
-    session.record_teacher(study)
+    session, study, total = begin_run(config, storage_url=storage_url, study_name=study_name, n_trials=n_trials, progress=progress)
     budget = config.execution.failure_budget or max(3, total)
     poll = min(5.0, float(config.execution.heartbeat))
     errors: list[UserError] = []

@@ -1,7 +1,7 @@
 """Running a study as Ray Tune trials (``run CONFIG --backend ray [--address ADDR]``).
 
 The driver validates the inputs and creates or resumes the study exactly as the local runner does
-(:func:`~automl_diff.runners.local.start_study`), measures the teacher once, then hands the
+(:func:`~automl_diff.runners.local.begin_run`), measures the teacher once, then hands the
 remaining trials to Ray Tune:
 
 * Ray's ``OptunaSearch`` is the searcher. It asks the trials of the *same* Optuna study in the
@@ -31,8 +31,8 @@ import optuna
 
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
-from automl_diff.runners.local import finished_trials, make_sampler, start_study
-from automl_diff.runners.storage import mask_url, open_storage
+from automl_diff.runners.local import begin_run, finished_trials, make_sampler
+from automl_diff.runners.storage import open_storage
 from automl_diff.runners.trial import StudySession
 
 __all__ = ["run_study_ray"]
@@ -163,10 +163,7 @@ def run_study_ray(
         raise UserError("--backend ray: Ray Tune is not installed (pip install 'automl_diff[ray]')") from None
     storage_url = storage_url or config.storage
     study_name = study_name or config.name
-    total = n_trials or config.n_trials
-    session, study = start_study(config, storage_url=storage_url, study_name=study_name, progress=progress)
-    logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), finished_trials(study), total)
-    session.record_teacher(study)
+    session, study, total = begin_run(config, storage_url=storage_url, study_name=study_name, n_trials=n_trials, progress=progress)
     _init_ray(address)
     execution = config.execution
     trainable = tune.with_resources(

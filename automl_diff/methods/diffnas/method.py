@@ -123,8 +123,7 @@ class DiffNAS(Method):
         space.validate_for(unet)
         self.space = space
         self.inputs = TrainingInputs(self.config, self.teacher, self.options, device=self.device)
-        self.supernets: dict[str, BlockSupernet] = build_supernets(unet, space)
-        self.supernets = {n: s.to(self.device) for n, s in self.supernets.items()}
+        self.supernets: dict[str, BlockSupernet] = {n: s.to(self.device) for n, s in build_supernets(unet, space).items()}
         self.block_scores: dict[str, list[BlockScore]] | None = None
         self.global_scores: list[GlobalScore] | None = None
         self.summary: dict[str, Any] = {}

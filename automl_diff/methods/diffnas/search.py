@@ -36,7 +36,7 @@ from tqdm import tqdm
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, iter_tensors
 from automl_diff.metrics.macs import executed_macs
-from automl_diff.models.blocks import record_blocks
+from automl_diff.models.blocks import map_tensors, record_blocks
 from automl_diff.sampling import predict_noise
 
 __all__ = [
@@ -78,17 +78,6 @@ def block_loss(output: Any, target: Any) -> torch.Tensor:
         for a, b in zip(iter_tensors(output), iter_tensors(target), strict=True)
     ]
     return torch.stack(losses).mean()
-
-
-def _first(value: Any) -> Any:
-    """The first sample of every tensor in a (nested) call argument."""
-    if isinstance(value, torch.Tensor):
-        return value[:1]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_first(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _first(v) for k, v in value.items()}
-    return value
 
 
 def train_supernets(
@@ -178,7 +167,7 @@ def score_candidate(supernet: BlockSupernet, choice: BlockChoice, data: list[Blo
     supernet.set(choice)
     losses = [block_loss(supernet(*d.args, **d.kwargs), d.output).item() for d in data]
     first = data[0]
-    args, kwargs = _first(first.args), _first(first.kwargs)
+    args, kwargs = map_tensors(lambda t: t[:1], first.args), map_tensors(lambda t: t[:1], first.kwargs)
     macs = executed_macs(lambda: supernet(*args, **kwargs))
     return BlockScore(supernet.name, supernet.canonical(choice), sum(losses) / len(losses), macs)
 
