@@ -5,6 +5,9 @@ Schema::
     name: quickstart                       # study name in the storage
     method: dkdm                           # dkdm | dipgo (registered in automl_diff.methods)
     teacher: digits                        # digits | path/to/diffusers/folder | org/name (hub)
+                                           # | path/to/export of another study (stacking)
+    original_teacher: digits               # stacking only: the teacher the chain started from
+                                           # (default: the one the export's automl_diff.json names)
     search_space: ../search_spaces/digits_dkdm.yaml   # relative to this file
     objectives:                            # 1+ of macs, trajectory_macs, params, fid, latency
       - {name: macs, direction: minimize}
@@ -149,6 +152,9 @@ class StudyConfig:
     seed: int
     method_options: dict[str, Any]
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    #: Stacking: the teacher a chain of studies started from, when ``teacher`` is an export of
+    #: another study (None: the export's own record, or ``teacher`` itself).
+    original_teacher: str | None = None
 
     def with_overrides(self, **changes: Any) -> StudyConfig:
         """A copy with some fields replaced (None values are ignored)."""
@@ -195,6 +201,12 @@ def load_study_config(path: str | Path) -> StudyConfig:
     teacher = raw_teacher if raw_teacher == "digits" else _resolve(base, raw_teacher)
     if Path(teacher).is_absolute() and not Path(teacher).exists():
         raise top.error("teacher", raw_teacher, f"the folder {teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)")
+    raw_original = top.take("original_teacher", str, None)
+    original_teacher = None
+    if raw_original is not None:
+        original_teacher = raw_original if raw_original == "digits" else _resolve(base, raw_original)
+        if Path(original_teacher).is_absolute() and not Path(original_teacher).exists():
+            raise top.error("original_teacher", raw_original, f"the folder {original_teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)")
     raw_space = top.take("search_space", str, None)
     space = None if raw_space is None else _resolve(base, raw_space)
     if space is not None and not Path(space).is_file():
@@ -282,6 +294,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
         seed=top.take("seed", int, 0),
         method_options=dict(top.take("method_options", dict, {})),
         execution=execution,
+        original_teacher=original_teacher,
     )
     top.done()
     METHODS[method].options_from(config)  # validates method_options now, naming the file

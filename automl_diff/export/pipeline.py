@@ -16,10 +16,56 @@ from typing import Any
 import optuna
 
 from automl_diff.errors import UserError
-from automl_diff.runners.attrs import SCHEDULER_ATTR, TEACHER_ATTR
+from automl_diff.runners.attrs import LINEAGE_ATTR, ORIGINAL_TEACHER_ATTR, SCHEDULER_ATTR, START_ATTR, TEACHER_ATTR
 from automl_diff.runners.storage import mask_url
 
-__all__ = ["export_trial", "model_card"]
+__all__ = ["export_trial", "lineage", "model_card"]
+
+_METRICS = ("params", "macs", "macs_no_attention", "trajectory_macs", "fid", "latency", "speedup", "macs_reduction")
+
+
+def lineage(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage_url: str) -> list[dict[str, Any]]:
+    """The chain of studies that made a trial's model, oldest first: the lineage of the model
+    the study started from (empty for a pretrained teacher), then this study and trial."""
+    attrs = trial.user_attrs
+    step: dict[str, Any] = {
+        "study": study.study_name,
+        "storage": mask_url(storage_url),
+        "trial": trial.number,
+        "method": study.user_attrs.get("method"),
+        "teacher": study.user_attrs.get("teacher"),
+        "params": dict(trial.params),
+        "metrics": {k: attrs.get(k) for k in _METRICS},
+        "evaluation": study.user_attrs.get("evaluation", {}),
+    }
+    if attrs.get("block_choices"):
+        step["block_choices"] = attrs["block_choices"]
+        step["retrain_iterations"] = attrs.get("retrain_iterations")
+    if attrs.get("schedule"):
+        step["schedule"] = {"steps": attrs["schedule"].get("steps"), "units": len(attrs["schedule"].get("units", ())), "computed_fraction": attrs.get("computed_fraction")}
+    return [*study.user_attrs.get(LINEAGE_ATTR, []), step]
+
+
+def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
+    """The model card's lineage: the original teacher, then one entry per study of the chain."""
+    lines = [f"0. the original teacher `{original}`"]
+    tables = []
+    for i, step in enumerate(steps, 1):
+        metrics = step.get("metrics") or {}
+        what = {"dkdm": "DKDM student", "diffnas": "DiffNAS student", "dipgo": "DiP-GO schedule"}.get(step.get("method") or "", f"method `{step.get('method')}`")
+        evaluation = step.get("evaluation") or {}
+        lines.append(
+            f"{i}. {what}: study `{step.get('study')}`"
+            + (f" in `{step['storage']}`" if step.get("storage") else "")
+            + f", trial {step.get('trial')}, from `{step.get('teacher')}`; "
+            f"MACs per call {_fmt(metrics.get('macs'))}, trajectory MACs {_fmt(metrics.get('trajectory_macs'))}, "
+            f"FID {_fmt(metrics.get('fid'))} ({evaluation.get('fid_samples', '?')} samples, {evaluation.get('sampling_steps', '?')} steps); "
+            f"parameters `{json.dumps(step.get('params', {}), sort_keys=True)}`"
+        )
+        if step.get("block_choices") and len(steps) > 1:  # a single DiffNAS step has its own table
+            rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in step["block_choices"].items())
+            tables.append(f"\nBlock choices of step {i} (DiffNAS, retrained {step.get('retrain_iterations')} steps):\n\n| block | subnet |\n|---|---|\n{rows}\n")
+    return "\n".join(lines) + "\n" + "".join(tables)
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -31,19 +77,25 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str) -> str:
-    """A Hugging Face style README: metrics, teacher, source study and trial."""
+    """A Hugging Face style README: metrics against the teacher (and the starting model of a
+    stacked study), the lineage from the original teacher, source study and trial, usage."""
     attrs = trial.user_attrs
     teacher = study.user_attrs.get(TEACHER_ATTR, {})
+    start = study.user_attrs.get(START_ATTR)
+    original = study.user_attrs.get(ORIGINAL_TEACHER_ATTR, study.user_attrs.get("teacher"))
     evaluation = study.user_attrs.get("evaluation", {})
     rows = [
-        ("params", attrs.get("params"), teacher.get("params"), ""),
-        ("MACs per UNet call", attrs.get("macs"), teacher.get("macs"), ""),
-        ("MACs without attention matmuls", attrs.get("macs_no_attention"), teacher.get("macs_no_attention"), ""),
-        ("MACs per image (whole trajectory)", attrs.get("trajectory_macs"), teacher.get("trajectory_macs"), ""),
-        ("FID (lower is better)", attrs.get("fid"), teacher.get("fid"), ""),
-        ("latency per image", attrs.get("latency"), teacher.get("latency"), " s"),
+        ("params", "params", ""),
+        ("MACs per UNet call", "macs", ""),
+        ("MACs without attention matmuls", "macs_no_attention", ""),
+        ("MACs per image (whole trajectory)", "trajectory_macs", ""),
+        ("FID (lower is better)", "fid", ""),
+        ("latency per image", "latency", " s"),
     ]
-    table = "\n".join(f"| {name} | {_fmt(mine, unit)} | {_fmt(ref, unit)} |" for name, mine, ref, unit in rows)
+    columns = [attrs, *([start] if start else []), teacher]
+    header = "| metric | this model |" + (" starting model |" if start else "") + " teacher |\n|---|---|" + ("---|" if start else "") + "---|"
+    table = header + "\n" + "\n".join(f"| {name} | " + " | ".join(_fmt(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
+    chain = lineage(study, trial, storage_url=storage_url)
     speedup = attrs.get("speedup")
     params = json.dumps(trial.params, indent=2, sort_keys=True)
     steps = evaluation.get("sampling_steps", 20)
@@ -61,7 +113,7 @@ over the trajectory. The schedule is for {steps} steps exactly.
 pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
 apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
 images = pipe(batch_size=4, num_inference_steps={steps}).images"""
-    if attrs.get("block_choices"):
+    if attrs.get("block_choices") and len(chain) == 1:
         lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs["block_choices"].items())
         schedule_note += f"""
 DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
@@ -83,11 +135,9 @@ tags:
 
 # {study.study_name} — trial {trial.number}
 
-A compressed diffusion UNet found by automl_diff (method `{study.user_attrs.get("method")}`) from the
-teacher `{study.user_attrs.get("teacher")}`.
+A compressed diffusion UNet found by automl_diff (method `{study.user_attrs.get("method")}`) from
+`{study.user_attrs.get("teacher")}`{"" if not start else f", itself compressed from the teacher `{original}`"}.
 
-| metric | this model | teacher |
-|---|---|---|
 {table}
 
 Speedup against the teacher (measured latency): {_fmt(speedup, "x")}.
@@ -96,6 +146,9 @@ FID: {evaluation.get("fid_samples", "?")} samples, {evaluation.get("sampling_ste
 features `{evaluation.get("fid_features")}`, dataset `{evaluation.get("fid_dataset")}`, seed {evaluation.get("seed", "?")};
 latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency_batch_size")}.
 
+## Lineage
+
+{_lineage_section(chain, original)}
 ## Source
 
 - study: `{study.study_name}` in `{mask_url(storage_url)}`
@@ -125,7 +178,7 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     """
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from automl_diff.models.loading import load_unet
+    from automl_diff.models.loading import EXPORT_INFO, load_unet
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial_number not in trials:
@@ -145,12 +198,21 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     out.mkdir(parents=True, exist_ok=True)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     (out / "README.md").write_text(model_card(study=study, trial=trial, storage_url=storage_url))
-    metrics = {k: trial.user_attrs.get(k) for k in ("params", "macs", "macs_no_attention", "trajectory_macs", "fid", "latency", "speedup", "macs_reduction")}
-    summary = {"study": study.study_name, "trial": trial_number, "params": trial.params, "metrics": metrics, "teacher": study.user_attrs.get("teacher")}
+    metrics = {k: trial.user_attrs.get(k) for k in _METRICS}
+    summary = {
+        "study": study.study_name,
+        "trial": trial_number,
+        "method": study.user_attrs.get("method"),
+        "params": trial.params,
+        "metrics": metrics,
+        "teacher": study.user_attrs.get("teacher"),
+        "original_teacher": study.user_attrs.get(ORIGINAL_TEACHER_ATTR, study.user_attrs.get("teacher")),
+        "lineage": lineage(study, trial, storage_url=storage_url),
+    }
     if trial.user_attrs.get("schedule"):
         from automl_diff.methods.dipgo.schedule import Schedule
 
         Schedule.from_dict(trial.user_attrs["schedule"], source=f"trial {trial_number}: schedule").save(out / "schedule.json")
         summary["schedule"] = "schedule.json"
-    (out / "automl_diff.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
     return out

@@ -87,7 +87,12 @@ class Method(ABC):
 
     Args:
         config: the validated study config.
-        teacher: the loaded teacher, on ``device``.
+        teacher: the model to compress, on ``device``: a pretrained teacher, or the exported
+            result of another study (stacking).
+        reference: the original teacher when ``teacher`` is the result of another study (None:
+            ``teacher`` itself). Methods that distil outputs (DKDM, DiffNAS's output term) take
+            their targets from it; block features and gate consistency come from ``teacher``,
+            whose architecture they mirror.
         device: torch device for training.
         progress: show progress bars.
     """
@@ -97,9 +102,18 @@ class Method(ABC):
     #: Dataclass of the method's ``method_options``.
     options_type: ClassVar[type]
 
-    def __init__(self, config: StudyConfig, teacher: Teacher, *, device: str | torch.device = "cpu", progress: bool = False) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        teacher: Teacher,
+        *,
+        reference: Teacher | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> None:
         self.config = config
         self.teacher = teacher
+        self.reference = reference if reference is not None else teacher
         self.device = torch.device(device)
         self.progress = progress
         self.options = self.options_from(config)

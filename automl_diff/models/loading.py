@@ -18,7 +18,20 @@ from torch import nn
 
 from automl_diff.errors import UserError
 
-__all__ = ["UNET_CLASSES", "Teacher", "load_teacher", "load_unet", "scheduler_config_for", "unet_from_config"]
+__all__ = [
+    "EXPORT_INFO",
+    "UNET_CLASSES",
+    "ExportInfo",
+    "Teacher",
+    "load_teacher",
+    "load_unet",
+    "read_export_info",
+    "scheduler_config_for",
+    "unet_from_config",
+]
+
+#: The file an export writes beside its pipeline: source study, trial, metrics and lineage.
+EXPORT_INFO = "automl_diff.json"
 
 
 def _unet_classes() -> dict[str, type]:
@@ -172,6 +185,46 @@ def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
             f"model '{repo_id}' is not a local path and could not be loaded from the hub: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where an exported model came from, as its ``automl_diff.json`` records it.
+
+    Attributes:
+        folder: the export folder.
+        original_teacher: the teacher the chain of studies started from (``digits``, a path or a
+            hub id, as the first study named it).
+        lineage: one step per study of the chain, oldest first; the last step made this model
+            (``study``, ``trial``, ``method``, ``teacher``, ``params``, ``metrics``, ...).
+        schedule: the DiP-GO schedule file the model samples with, if any.
+    """
+
+    folder: Path
+    original_teacher: str
+    lineage: list[dict[str, Any]]
+    schedule: str | None = None
+
+
+def read_export_info(spec: str | Path) -> ExportInfo | None:
+    """The export record of a model folder, or None when the folder is not an automl_diff export.
+
+    Raises:
+        UserError: the record is not readable JSON, or names no teacher.
+    """
+    folder = Path(spec)
+    path = folder / EXPORT_INFO
+    if not folder.is_dir() or not path.is_file():
+        return None
+    data = _read_json(path)
+    lineage = data.get("lineage")
+    if not isinstance(lineage, list) or not lineage:  # exported before lineages were recorded: one step
+        lineage = [{k: data.get(k) for k in ("study", "trial", "method", "teacher", "params", "metrics") if k in data}]
+    original = data.get("original_teacher") or lineage[0].get("teacher")
+    if not isinstance(original, str) or not original:
+        raise UserError(f"{path}: names no teacher (key original_teacher); was it written by automl_diff export?")
+    schedule = data.get("schedule")
+    return ExportInfo(folder.resolve(), original, lineage, schedule if isinstance(schedule, str) else None)
 
 
 def scheduler_config_for(path: Path | None) -> dict[str, Any]:

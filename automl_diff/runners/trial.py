@@ -22,10 +22,10 @@ from automl_diff.errors import UserError
 from automl_diff.methods import METHODS
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.metrics.evaluate import Evaluator, ModelMetrics
-from automl_diff.models.loading import Teacher, load_teacher
-from automl_diff.runners.attrs import SCHEDULER_ATTR, TEACHER_ATTR
+from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
+from automl_diff.runners.attrs import LINEAGE_ATTR, ORIGINAL_TEACHER_ATTR, SCHEDULER_ATTR, START_ATTR, TEACHER_ATTR
 
-__all__ = ["StudySession", "TEACHER_ATTR", "FINISHED_STATES"]
+__all__ = ["StudySession", "TEACHER_ATTR", "FINISHED_STATES", "resolve_original_teacher"]
 
 logger = logging.getLogger("automl_diff")
 
@@ -35,8 +35,39 @@ FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRU
 TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.OutOfMemoryError)
 
 
+def resolve_original_teacher(config: StudyConfig) -> tuple[str, ExportInfo | None]:
+    """The teacher a study's chain started from, and the export record of its starting model.
+
+    ``teacher`` may be an export of another study (stacking): then the original teacher is
+    ``original_teacher`` when the config names one, else the one the export records. For a
+    pretrained teacher both are the same and the record is None.
+
+    Raises:
+        UserError: the export samples with a DiP-GO schedule (a further study would drop it), or
+            the teacher it records is not on this machine.
+    """
+    info = None if config.teacher == "digits" else read_export_info(config.teacher)
+    if info is not None and info.schedule:
+        raise UserError(
+            f"{config.path}: teacher: {config.teacher} samples with a DiP-GO schedule ({info.schedule}), which a further "
+            "study would drop; start from the model it was scheduled for (its study's teacher) instead"
+        )
+    original = config.original_teacher or (info.original_teacher if info is not None else None) or config.teacher
+    if info is not None and config.original_teacher is None and original.startswith("/") and not Path(original).exists():
+        raise UserError(
+            f"{config.path}: teacher: the export {config.teacher} was made from the teacher '{original}', which is not on "
+            "this machine; name it with original_teacher:"
+        )
+    return original, info
+
+
 class StudySession:
     """The shared state of the trials of one study run.
+
+    The *teacher* is the model the study compresses: a pretrained model, or an exported model of
+    another study (stacking: DiP-GO on a DiffNAS student, say). The *original teacher* is the model
+    the chain started from; it is the yardstick (FID, MACs and speedup are measured against it) and
+    gives the distillation targets of DKDM and DiffNAS. Without stacking they are one model.
 
     Args:
         config: the study config.
@@ -49,15 +80,29 @@ class StudySession:
         self.study_name = study_name
         self.progress = progress
         self.device = resolve_device(config.device, source=config.path)
+        original, info = resolve_original_teacher(config)
         try:
             self.teacher: Teacher = load_teacher(config.teacher, device=self.device)
         except UserError as exc:
             raise UserError(f"{config.path}: teacher: {exc}") from None
-        self.method = METHODS[config.method](config, self.teacher, device=self.device, progress=progress)
+        #: The studies and trials that made the teacher, oldest first (empty: a pretrained teacher).
+        self.lineage: list[dict[str, Any]] = info.lineage if info is not None else []
+        self.original: Teacher = self.teacher
+        if original != config.teacher:
+            try:
+                self.original = load_teacher(original, device=self.device)
+            except UserError as exc:
+                raise UserError(f"{config.path}: original_teacher: {exc}") from None
+            if (self.original.resolution, self.original.channels) != (self.teacher.resolution, self.teacher.channels):
+                raise UserError(
+                    f"{config.path}: original_teacher: '{original}' makes {self.original.channels}x{self.original.resolution}px "
+                    f"images, the teacher {self.teacher.channels}x{self.teacher.resolution}px"
+                )
+        self.method = METHODS[config.method](config, self.teacher, reference=self.original, device=self.device, progress=progress)
         self.evaluator = Evaluator(
             config,
             scheduler_config=self.teacher.scheduler_config,
-            teacher_dataset=self.teacher.dataset,
+            teacher_dataset=self.original.dataset,
             resolution=self.teacher.resolution,
             channels=self.teacher.channels,
             device=self.device,
@@ -66,16 +111,24 @@ class StudySession:
         self._prepared = False
 
     @property
+    def stacked(self) -> bool:
+        """The study starts from a model other than the original teacher."""
+        return self.original is not self.teacher
+
+    @property
     def trial_root(self) -> Path:
         return Path(self.config.output_dir).resolve() / self.study_name
 
     def record_teacher(self, study: optuna.Study) -> dict[str, Any]:
-        """The teacher's metrics, measured once per study and kept as study user attributes
-        together with its scheduler config and the evaluation setup; returns the metrics."""
+        """The original teacher's metrics, measured once per study and kept as study user
+        attributes together with its scheduler config, the evaluation setup and the lineage;
+        returns the metrics. A stacked study also measures the model it starts from."""
         stored = study.user_attrs.get(TEACHER_ATTR)
         if stored:
             return stored
         study.set_user_attr(SCHEDULER_ATTR, dict(self.teacher.scheduler_config))
+        study.set_user_attr(ORIGINAL_TEACHER_ATTR, self.original.source)
+        study.set_user_attr(LINEAGE_ATTR, self.lineage)
         c = self.config
         study.set_user_attr(
             "evaluation",
@@ -91,13 +144,22 @@ class StudySession:
             },
         )
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
-        metrics = self.evaluator.evaluate(self.teacher.unet, desc="teacher").to_dict()
-        study.set_user_attr(TEACHER_ATTR, metrics)
-        logger.info(
-            "teacher: %.3gM params, %.3gM MACs per call, FID %.4g, %.4g s per image",
-            metrics["params"] / 1e6, metrics["macs"] / 1e6, metrics["fid"], metrics["latency"],
-        )
+        metrics = self.evaluator.evaluate(self.original.unet, desc="teacher").to_dict()
+        self._log_metrics("teacher", metrics)
+        if self.stacked:
+            logger.info("measuring the starting model %s the same way", self.teacher.source)
+            start = self.evaluator.evaluate(self.teacher.unet, desc="starting model").to_dict()
+            self._log_metrics("starting model", start)
+            study.set_user_attr(START_ATTR, start)
+        study.set_user_attr(TEACHER_ATTR, metrics)  # last: a study with it has everything above
         return metrics
+
+    @staticmethod
+    def _log_metrics(what: str, metrics: dict[str, Any]) -> None:
+        logger.info(
+            "%s: %.3gM params, %.3gM MACs per call, FID %.4g, %.4g s per image",
+            what, metrics["params"] / 1e6, metrics["macs"] / 1e6, metrics["fid"], metrics["latency"],
+        )
 
     def prepare(self, study: optuna.Study | None = None) -> None:
         if not self._prepared:

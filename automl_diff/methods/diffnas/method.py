@@ -15,6 +15,10 @@ Each trial of the outer study then samples a tolerance (log scale) and, when
 tolerance; assembles the student with the supernets' weights; and retrains it with the dynamic
 joint loss. Tolerances that select the same student at the same budget are pruned as duplicates
 before any training.
+
+Stacked on the export of another study (``teacher: path/to/export``), the supernets mirror and
+mimic the blocks of that starting model, while the training inputs and the output term of the
+joint loss come from the original teacher.
 """
 
 from __future__ import annotations
@@ -122,7 +126,8 @@ class DiffNAS(Method):
             raise UserError(f"{self.config.search_space}: family: method diffnas needs family supernet (per-block subnet choices)")
         space.validate_for(unet)
         self.space = space
-        self.inputs = TrainingInputs(self.config, self.teacher, self.options, device=self.device)
+        # (x_t, t) and output targets from the original teacher; block features from the starting model
+        self.inputs = TrainingInputs(self.config, self.reference, self.options, device=self.device)
         self.supernets: dict[str, BlockSupernet] = {n: s.to(self.device) for n, s in build_supernets(unet, space).items()}
         self.block_scores: dict[str, list[BlockScore]] | None = None
         self.global_scores: list[GlobalScore] | None = None
@@ -137,6 +142,7 @@ class DiffNAS(Method):
             "budgets": [self.config.budgets.batch_size],
             "seed": self.config.seed,
             "teacher": self.teacher.source,
+            "reference": self.reference.source,
             "params": sum(p.numel() for p in self.teacher.unet.parameters()),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -267,7 +273,8 @@ class DiffNAS(Method):
         }
         if iterations > 0:
             weight = JointWeight(o.joint_schedule, o.joint_start, o.joint_end)
-            loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight)
+            reference = None if self.reference is self.teacher else self.reference.unet
+            loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight, reference=reference)
             result = fit(
                 student.requires_grad_(True),
                 self.inputs.batches(seed),

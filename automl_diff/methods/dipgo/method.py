@@ -4,6 +4,10 @@
 study reuses it); every trial then binarises the same gate scores with its own threshold into a
 :class:`Schedule`, and the runner evaluates the teacher under that schedule (trajectory MACs,
 FID and measured latency). Trials whose schedules coincide are pruned as duplicates.
+
+Stacked on the export of another study (``teacher: path/to/export``), the pruner gates the
+starting model (a DiffNAS or DKDM student) and its consistency target is that model's full
+sampler, as in the paper; the runner measures FID, MACs and speedup against the original teacher.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class DiPGO(Method):
             "sampling": [c.sampling.scheduler, c.sampling.eta],
             "seed": c.seed,
             "teacher": self.teacher.source,
+            "params": sum(p.numel() for p in self.teacher.unet.parameters()),
             "model": model_fingerprint(self.teacher.unet),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

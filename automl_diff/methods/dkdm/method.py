@@ -122,7 +122,8 @@ class DKDM(Method):
 
     ``prepare`` fills the pool once with the teacher's own generations (warm-up spreads it over the
     trajectory); every trial starts from that same pool snapshot, so trials differ only by their
-    architecture and seed.
+    architecture and seed. In a stacked study the pool and the targets come from the original
+    teacher; the starting model's config is the template the search space edits.
     """
 
     name = "dkdm"
@@ -132,9 +133,9 @@ class DKDM(Method):
         super().__init__(*args, **kwargs)
         if self.config.search_space is None:
             raise UserError(f"{self.config.path}: search_space: required for method dkdm")
-        prediction = self.teacher.scheduler_config.get("prediction_type", "epsilon")
+        prediction = self.reference.scheduler_config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
-            raise UserError(f"teacher '{self.teacher.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
+            raise UserError(f"teacher '{self.reference.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
         space = load_search_space(self.config.search_space)
         if not isinstance(space, SearchSpace):
             raise UserError(f"{self.config.search_space}: family: method dkdm needs family unet2d (student architectures)")
@@ -145,7 +146,8 @@ class DKDM(Method):
                 f"{self.config.path}: method_options.pool_size: must be at least budgets.batch_size "
                 f"({self.config.budgets.batch_size}) (got {self.options.pool_size})"
             )
-        self.inputs = TrainingInputs(self.config, self.teacher, self.options, device=self.device)
+        # distillation targets: the original teacher's predictions (stacking: not the starting model's)
+        self.inputs = TrainingInputs(self.config, self.reference, self.options, device=self.device)
 
     def prepare(self, workdir: Path | None = None, study: Any = None) -> None:
         self.inputs.prepare()
