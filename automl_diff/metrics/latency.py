@@ -13,7 +13,7 @@ from torch import nn
 
 from automl_diff.sampling import sample_images
 
-__all__ = ["measure_latency", "measure_latencies"]
+__all__ = ["measure_latency", "measure_latencies", "time_interleaved"]
 
 
 def _sync(module: nn.Module) -> None:
@@ -57,19 +57,43 @@ def measure_latencies(
     Each variant is a context factory (for example a DiP-GO schedule applied for the duration);
     repeats are interleaved (A, B, A, B, ...) so that drifting machine load hits every variant alike.
     """
-    def once(variant: Callable[[], ContextManager[Any]]) -> float:
-        with variant():
-            _sync(unet)
-            start = time.perf_counter()
-            sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
-            _sync(unet)
-            return time.perf_counter() - start
 
-    for variant in variants.values():
+    def once(variant: Callable[[], ContextManager[Any]]) -> Callable[[], None]:
+        def run() -> None:
+            with variant():
+                sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
+
+        return run
+
+    runs = {name: once(variant) for name, variant in variants.items()}
+    seconds = time_interleaved(runs, repeats=repeats, warmup=warmup, sync=unet)
+    return {name: value / batch_size for name, value in seconds.items()}
+
+
+def time_interleaved(runs: dict[str, Callable[[], Any]], *, repeats: int = 3, warmup: int = 1, sync: nn.Module | None = None) -> dict[str, float]:
+    """Median wall-clock seconds of each callable, repeats interleaved (A, B, C, A, B, C, ...).
+
+    Args:
+        runs: what to time, by name (different models, or one model under different contexts).
+        repeats: timed calls of each.
+        warmup: untimed calls of each first.
+        sync: a module whose CUDA device is synchronised around every call.
+    """
+
+    def once(run: Callable[[], Any]) -> float:
+        if sync is not None:
+            _sync(sync)
+        start = time.perf_counter()
+        run()
+        if sync is not None:
+            _sync(sync)
+        return time.perf_counter() - start
+
+    for run in runs.values():
         for _ in range(warmup):
-            once(variant)
-    times: dict[str, list[float]] = {name: [] for name in variants}
+            once(run)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(max(1, repeats)):
-        for name, variant in variants.items():
-            times[name].append(once(variant))
-    return {name: statistics.median(values) / batch_size for name, values in times.items()}
+        for name, run in runs.items():
+            times[name].append(once(run))
+    return {name: statistics.median(values) for name, values in times.items()}
