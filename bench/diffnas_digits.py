@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 import torch
 
+from automl_diff.bench.peers import torch_pruning_peer
 from automl_diff.config.search_space import load_search_space
 from automl_diff.methods.diffnas import JointLoss, JointWeight, assemble_student, build_supernets, choose_local, global_search, local_search, train_supernets
 from automl_diff.methods.diffnas.search import record_teacher_blocks
@@ -39,37 +40,6 @@ from automl_diff.metrics.fid import fid_from_images, get_extractor, reference_st
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models import load_teacher
 from automl_diff.sampling import make_scheduler, predict_noise, sample_images
-
-
-def torch_pruning_peer(teacher: torch.nn.Module, target_macs: int, ratios: list[float]) -> tuple[torch.nn.Module, float]:
-    """The teacher pruned by Torch-Pruning (L2 magnitude, uniform ratio) at the ratio whose MACs are
-    closest to ``target_macs``; returns the model and the ratio."""
-    import torch_pruning as tp
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
-    best: tuple[int, torch.nn.Module, float] | None = None
-    for ratio in ratios:
-        model = copy.deepcopy(teacher).requires_grad_(True)
-        example = {"sample": torch.randn(1, 1, 16, 16), "timestep": torch.ones(1, dtype=torch.long)}
-        pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=[model.conv_out]
-        )
-        pruner.step()
-        for module in model.modules():  # diffusers' resamplers check their channel attribute
-            if isinstance(module, (Upsample2D, Downsample2D)):
-                module.channels = module.conv.in_channels
-                module.out_channels = module.conv.out_channels
-        try:
-            macs = count_macs(model).macs
-        except Exception as exc:  # a ratio that breaks GroupNorm divisibility
-            print(f"  torch-pruning ratio {ratio}: {exc}", flush=True)
-            continue
-        print(f"  torch-pruning ratio {ratio}: {macs / 1e6:.2f}M MACs", flush=True)
-        if best is None or abs(macs - target_macs) < abs(best[0] - target_macs):
-            best = (macs, model.eval(), ratio)
-    assert best is not None
-    return best[1], best[2]
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from automl_diff.bench.peers import deepcache as deepcache_context
 from automl_diff.methods.dipgo import Schedule, apply_schedule, prunable_units, unit_costs
 from automl_diff.methods.dipgo.optimise import optimise_pruner
 from automl_diff.methods.dipgo.schedule import model_fingerprint
@@ -92,22 +93,7 @@ def main() -> None:
         return times["variant"], times["teacher"]
 
     def deepcache(interval: int) -> Any:
-        from diffusers import DDIMPipeline, DDIMScheduler
-        from DeepCache import DeepCacheSDHelper
-
-        @contextlib.contextmanager
-        def context():
-            pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
-            pipe.scheduler.set_timesteps(args.steps)  # the helper reads the step index from pipe.scheduler
-            helper = DeepCacheSDHelper(pipe=pipe)
-            helper.set_params(cache_interval=interval, cache_branch_id=0)
-            helper.enable()
-            try:
-                yield
-            finally:
-                helper.disable()
-
-        return context
+        return deepcache_context(unet, scheduler_config, args.steps, interval)
 
     def scheduled(schedule: Schedule) -> Any:
         return lambda: apply_schedule(unet, schedule)

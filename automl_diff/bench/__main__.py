@@ -1,0 +1,49 @@
+"""``python -m automl_diff.bench [--preset digits|ddpm-cifar10] [--out BENCHMARKS.md]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import replace
+
+from automl_diff.bench.presets import PRESETS
+from automl_diff.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m automl_diff.bench",
+        description="Teacher, DKDM, DiffNAS, Torch-Pruning, DeepCache, DiP-GO and DiffNAS + DiP-GO on one teacher, measured side by side.",
+    )
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    parser.add_argument("--out", default=None, help="write the table into this markdown file (its section for the preset), e.g. BENCHMARKS.md")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--teacher", default=None, help="override the preset's teacher (a diffusers folder or hub id)")
+    parser.add_argument("--fid-dataset", default=None, help="override the preset's FID dataset (e.g. folder:PATH)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    preset = replace(preset, **{k: v for k, v in {"teacher": args.teacher, "fid_dataset": args.fid_dataset, "device": args.device}.items() if v is not None})
+    command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        from automl_diff.bench.report import markdown, write_section
+        from automl_diff.bench.run import run_bench
+
+        result = run_bench(preset, log=lambda line: print(line, flush=True))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = markdown(result, command=command.strip())
+    print("\n" + text)
+    if args.out:
+        print(f"wrote {write_section(args.out, preset.name, text)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": preset.name, "machine": result.machine, "seconds": result.seconds, "rows": [r.to_dict() for r in result.rows], "details": result.details}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

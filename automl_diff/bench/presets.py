@@ -1,0 +1,133 @@
+"""Benchmark presets: one teacher, one sampler and FID setup, and the budget of every method and peer.
+
+``digits`` runs on 2 CPU cores in under an hour (the shipped digits teacher, 100 DDIM steps,
+1000-sample FID). ``ddpm-cifar10`` is the same benchmark at CIFAR-10 scale for a GPU: the
+``google/ddpm-cifar10-32`` teacher (a hub id, or its downloaded folder with ``--teacher``) and
+Inception FID against a folder of CIFAR-10 training images (``--fid-dataset folder:PATH``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "BenchPreset"]
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """Everything one benchmark run uses. All rows share the teacher, sampler, steps and FID noise.
+
+    Attributes:
+        name: the preset's name (section of ``BENCHMARKS.md``).
+        teacher: ``digits``, a diffusers folder or a hub id.
+        fid_dataset, fid_features: FID reference (None: the teacher's, as in a study).
+        steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
+        fid_samples: images per FID, drawn from the same noise for every row (``seed``).
+        latency_batch, latency_repeats: images per timed batch, interleaved timed batches per row.
+        batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
+            Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
+        pool_size, pool_steps: that pool.
+        dkdm_space, dkdm_params: the DKDM student (a point of a ``family: unet2d`` search space).
+        dkdm_iterations: its distillation steps.
+        diffnas_space: block supernets (``family: supernet``).
+        supernet_iterations, subnets_per_step, search_samples: DiffNAS supernet training and search.
+        max_ratio: the DiffNAS student is the smallest tolerance's whose MACs and params are at
+            most this fraction of the teacher's.
+        retrain_iterations: DiffNAS retraining steps, and the Torch-Pruning peer's fine-tune.
+        prune_ratios: Torch-Pruning ratios tried; the one closest to the DiffNAS student's MACs runs.
+        dipgo: DiP-GO pruner options (``method_options``) for the teacher.
+        dipgo_iterations, dipgo_batch, dipgo_lr: its optimisation budget.
+        dipgo_thresholds: thresholds whose schedules are measured (teacher and stacked).
+        stacked_target: DiP-GO's target trajectory-MACs ratio on the DiffNAS student.
+        deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
+        goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: noise and training seed.
+    """
+
+    name: str
+    teacher: str
+    fid_dataset: str | None = None
+    fid_features: str | None = None
+    steps: int = 100
+    fid_samples: int = 1000
+    fid_batch: int = 250
+    latency_batch: int = 64
+    latency_repeats: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    ema_decay: float = 0.99
+    pool_size: int = 1024
+    pool_steps: int = 50
+    dkdm_space: str = str(_ROOT / "search_spaces" / "digits_dkdm.yaml")
+    dkdm_params: dict[str, Any] = field(default_factory=dict)
+    dkdm_iterations: int = 1500
+    diffnas_space: str = str(_ROOT / "search_spaces" / "digits_unet.yaml")
+    supernet_iterations: int = 400
+    subnets_per_step: int = 3
+    search_samples: int = 256
+    max_ratio: float = 0.5
+    retrain_iterations: int = 1500
+    prune_ratios: tuple[float, ...] = (0.25, 0.3)
+    dipgo: dict[str, Any] = field(default_factory=dict)
+    dipgo_iterations: int = 150
+    dipgo_batch: int = 4
+    dipgo_lr: float = 0.01
+    dipgo_thresholds: tuple[float, ...] = (0.01, 0.1, 0.5)
+    stacked_target: float = 0.25
+    deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
+    goal: tuple[float, float, float] = (8.0, 1.15, 0.8)
+    device: str = "auto"
+    seed: int = 0
+
+
+PRESETS: dict[str, BenchPreset] = {
+    "digits": BenchPreset(
+        name="digits",
+        teacher="digits",
+        latency_batch=256,
+        pool_size=2048,
+        max_ratio=0.6,
+        retrain_iterations=2000,
+        dipgo_thresholds=(0.05, 0.2, 0.5),
+        stacked_target=0.2,
+        dkdm_params={
+            "down.0.channels": 24, "down.1.channels": 48, "down.1.layers": 1, "down.2.channels": 32,
+            "down.2.layers": 1, "down.2.attention": False, "mid.attention": False,
+        },
+        dipgo={"granularity": "layer", "target_macs_ratio": 0.23, "sparsity_weight": 5.0, "warmup": 0.6},
+    ),
+    "ddpm-cifar10": BenchPreset(
+        name="ddpm-cifar10",
+        teacher="google/ddpm-cifar10-32",
+        fid_dataset="folder:" + str(_ROOT / "data" / "cifar10_train"),
+        fid_features="inception",
+        fid_samples=10000,
+        fid_batch=500,
+        latency_batch=128,
+        batch_size=128,
+        lr=2e-4,
+        ema_decay=0.999,
+        pool_size=8192,
+        dkdm_space=str(_ROOT / "search_spaces" / "ddpm_cifar10_dkdm.yaml"),
+        dkdm_params={
+            "down.0.channels": 64, "down.1.channels": 128, "down.1.layers": 2, "down.1.attention": True,
+            "down.2.channels": 128, "down.2.layers": 2, "down.3.channels": 128, "down.3.layers": 2, "mid.attention": True,
+        },
+        dkdm_iterations=20000,
+        diffnas_space=str(_ROOT / "search_spaces" / "ddpm_cifar10.yaml"),
+        supernet_iterations=4000,
+        subnets_per_step=4,
+        search_samples=1024,
+        retrain_iterations=20000,
+        prune_ratios=(0.25, 0.3, 0.4, 0.5),
+        dipgo={"granularity": "layer", "target_macs_ratio": 0.25, "sparsity_weight": 5.0, "warmup": 0.6},
+        dipgo_iterations=400,
+        dipgo_batch=8,
+        device="cuda",
+    ),
+}

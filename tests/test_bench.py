@@ -1,0 +1,112 @@
+"""The benchmark command on a tiny teacher: every row runs, is measured the same way, and its
+section of BENCHMARKS.md is rewritten in place."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from automl_diff.bench import PRESETS, BenchPreset
+from automl_diff.bench.__main__ import main as bench_main
+from automl_diff.bench.report import markdown, write_section
+from automl_diff.bench.run import run_bench
+
+pytest.importorskip("torch_pruning")
+pytest.importorskip("DeepCache")
+
+
+@pytest.fixture
+def tiny_preset(tiny_teacher_dir, tiny_space, tmp_path):
+    supernet = tmp_path / "supernet.yaml"
+    supernet.write_text(yaml.safe_dump({"family": "supernet", "blocks": {
+        "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
+        "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
+    }}))
+    return BenchPreset(
+        name="tiny", teacher=str(tiny_teacher_dir), fid_dataset="digits", fid_features="digits",
+        steps=4, fid_samples=16, fid_batch=16, latency_batch=2, latency_repeats=1,
+        batch_size=4, pool_size=8, pool_steps=3,
+        dkdm_space=str(tiny_space), dkdm_params={"down.0.channels": 4, "down.1.channels": 8, "down.1.layers": 1, "down.1.attention": False},
+        dkdm_iterations=2, diffnas_space=str(supernet), supernet_iterations=2, subnets_per_step=2, search_samples=4,
+        max_ratio=1.0, retrain_iterations=2, prune_ratios=(0.25, 0.5),
+        dipgo={"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0, "sparsity_weight": 5.0},
+        dipgo_iterations=3, dipgo_batch=2, dipgo_lr=0.05, dipgo_thresholds=(0.3, 0.7), stacked_target=0.5,
+        deepcache_intervals=(2, 3), device="cpu",
+    )
+
+
+def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path):
+    lines: list[str] = []
+    result = run_bench(tiny_preset, log=lines.append)
+    rows = {row.name: row for row in result.rows}
+    assert result.rows[0].name == "teacher"
+    assert {"DKDM student", "DiffNAS student", "Torch-Pruning peer", "DeepCache peer"} <= set(rows)
+    dipgo = [r for r in result.rows if r.name.startswith("DiP-GO")]
+    stacked = [r for r in result.rows if r.kind == "stacked"]
+    assert dipgo and stacked
+    teacher, student = rows["teacher"], rows["DiffNAS student"]
+    for row in result.rows:
+        assert row.trajectory_macs > 0 and math.isfinite(row.fid) and row.latency > 0
+        assert row.macs_per_step == pytest.approx(row.trajectory_macs / tiny_preset.steps)
+    # schedules skip work of the model they gate: executed MACs fall, the network is the same
+    assert all(r.params == teacher.params and r.trajectory_macs <= teacher.trajectory_macs for r in dipgo)
+    assert all(r.params == student.params and r.trajectory_macs <= student.trajectory_macs for r in stacked)
+    assert rows["DeepCache peer"].trajectory_macs < teacher.trajectory_macs
+    assert student.search_seconds > 0 and min(r.search_seconds for r in stacked) > student.search_seconds
+    assert teacher.search_seconds == 0 == rows["DeepCache peer"].search_seconds
+
+    text = markdown(result, command="python -m automl_diff.bench --preset tiny")
+    assert "| model | params | MACs per step | trajectory MACs |" in text and "search cost |" in text
+    assert "Goal for the stacked model" in text and result.machine["torch"] in text
+    assert text.count("\n| ") == len(result.rows) + 1
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nintro\n\n## Older section\n\nkept\n")
+    write_section(out, "tiny", text)
+    write_section(out, "tiny", text.replace("Goal for", "GOAL FOR"))
+    written = out.read_text()
+    assert written.count("automl_diff.bench tiny: begin") == 1 and "GOAL FOR" in written and "Goal for" not in written
+    assert written.index("All methods side by side") < written.index("## Older section") and "kept" in written
+
+
+def test_bench_command_errors_are_one_line(monkeypatch, tiny_preset, capsys):
+    from dataclasses import replace
+
+    monkeypatch.setitem(PRESETS, "tiny", replace(tiny_preset, dkdm_space="/nonexistent/space.yaml"))
+    assert bench_main(["--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "dkdm_space" in err and "/nonexistent/space.yaml" in err and "Traceback" not in err
+    monkeypatch.setitem(PRESETS, "tiny", replace(tiny_preset, teacher="/nonexistent/teacher"))
+    assert bench_main(["--preset", "tiny"]) == 2
+    assert "teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_fit_their_teachers(name):
+    """Each preset's DKDM student is a complete point of its search space and its supernet space
+    fits the teacher's architecture (google/ddpm-cifar10-32's, built locally with random weights)."""
+    import optuna
+    import torch
+    from diffusers import UNet2DModel
+
+    from automl_diff.config.search_space import load_search_space
+    from automl_diff.metrics.macs import count_macs
+    from automl_diff.models.loading import load_unet, unet_from_config
+    from tests.test_macs import DDPM_CIFAR10
+
+    preset = PRESETS[name]
+    torch.manual_seed(0)
+    if preset.teacher == "digits":
+        from automl_diff.zoo.digits import DIGITS_DIR
+
+        teacher = load_unet(DIGITS_DIR)
+    else:
+        teacher = UNet2DModel(**DDPM_CIFAR10)
+    space = load_search_space(preset.dkdm_space)
+    space.validate_for(dict(teacher.config))
+    assert space.suggest(optuna.trial.FixedTrial(dict(preset.dkdm_params))) == preset.dkdm_params
+    student = unet_from_config(space.to_config(preset.dkdm_params, dict(teacher.config)))
+    assert count_macs(student).macs < 0.6 * count_macs(teacher).macs
+    load_search_space(preset.diffnas_space).validate_for(teacher)
