@@ -8,8 +8,17 @@ from automl_diff.errors import UserError
 from tests.conftest import REPO
 
 
-def test_shipped_study_configs_load():
+def test_shipped_study_configs_load(tmp_path):
     for path in sorted((REPO / "studies").glob("*.yaml")):
+        if path.name == "stacked_digits.yaml":  # its starting model is an export made first
+            with pytest.raises(UserError, match=r"stacked_digits\.yaml: teacher: .*does not exist"):
+                load_study_config(path)
+            (tmp_path / "studies").mkdir()
+            (tmp_path / "exports" / "diffnas_digits" / "trial_0").mkdir(parents=True)
+            path = tmp_path / "studies" / path.name
+            path.write_text((REPO / "studies" / "stacked_digits.yaml").read_text())
+            config = load_study_config(path)
+            assert config.teacher == str(tmp_path / "exports" / "diffnas_digits" / "trial_0") and config.original_teacher == "digits"
         config = load_study_config(path)
         assert config.objective_names
         assert config.search_space is None or config.search_space.endswith(".yaml")
