@@ -69,6 +69,12 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
     written = out.read_text()
     assert written.count("automl_diff.bench tiny: begin") == 1 and "GOAL FOR" in written and "Goal for" not in written
     assert written.index("All methods side by side") < written.index("## Older section") and "kept" in written
+    # a second preset's section goes beside the first, never inside it, and both survive rewrites
+    write_section(out, "other", "## Other preset\n\nfigures\n")
+    write_section(out, "tiny", text)
+    written = out.read_text()
+    assert written.count("## Other preset") == 1 and written.count("automl_diff.bench tiny: begin") == 1
+    assert written.index("automl_diff.bench other: end") < written.index("automl_diff.bench tiny: begin")
 
 
 def test_bench_command_errors_are_one_line(monkeypatch, tiny_preset, capsys):
@@ -81,6 +87,9 @@ def test_bench_command_errors_are_one_line(monkeypatch, tiny_preset, capsys):
     monkeypatch.setitem(PRESETS, "tiny", replace(tiny_preset, teacher="/nonexistent/teacher"))
     assert bench_main(["--preset", "tiny"]) == 2
     assert "teacher" in capsys.readouterr().err
+    assert bench_main(["--preset", "tiny", "--out", "/nonexistent/dir/BENCHMARKS.md"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out:") and "/nonexistent/dir/BENCHMARKS.md" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

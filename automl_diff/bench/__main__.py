@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from automl_diff.bench.presets import PRESETS
 from automl_diff.errors import UserError
@@ -28,20 +29,29 @@ def main(argv: list[str] | None = None) -> int:
     preset = replace(preset, **{k: v for k, v in {"teacher": args.teacher, "fid_dataset": args.fid_dataset, "device": args.device}.items() if v is not None})
     command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
+        for option, path in (("--out", args.out), ("--json", args.json)):  # fail now, not after an hour
+            if path and not Path(path).resolve().parent.is_dir():
+                raise UserError(f"{option}: the folder of {path} does not exist")
         from automl_diff.bench.report import markdown, write_section
         from automl_diff.bench.run import run_bench
 
         result = run_bench(preset, log=lambda line: print(line, flush=True))
+        text = markdown(result, command=command.strip())
+        print("\n" + text)
+        if args.json:
+            rows = [r.to_dict() for r in result.rows]
+            Path(args.json).write_text(json.dumps(
+                {"preset": preset.name, "machine": result.machine, "seconds": result.seconds, "rows": rows, "details": result.details}, indent=1, default=str,
+            ))
+            print(f"wrote {args.json}")
+        if args.out:
+            print(f"wrote {write_section(args.out, preset.name, text)}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = markdown(result, command=command.strip())
-    print("\n" + text)
-    if args.out:
-        print(f"wrote {write_section(args.out, preset.name, text)}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"preset": preset.name, "machine": result.machine, "seconds": result.seconds, "rows": [r.to_dict() for r in result.rows], "details": result.details}, f, indent=1, default=str)
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 

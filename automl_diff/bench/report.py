@@ -75,8 +75,9 @@ def _markers(name: str) -> tuple[str, str]:
 
 
 def write_section(path: str | Path, name: str, text: str) -> Path:
-    """Put ``text`` between the preset's markers in ``path``, replacing what was there; a file
-    without them gets the section before its first ``## `` heading (or at its end)."""
+    """Put ``text`` between the preset's markers in ``path``, replacing what was there. A file
+    without them gets the section before the first other preset's section, else before its first
+    ``## `` heading, else at its end."""
     path = Path(path)
     begin, end = _markers(name)
     block = f"{begin}\n{text.rstrip()}\n{end}\n"
@@ -85,7 +86,7 @@ def write_section(path: str | Path, name: str, text: str) -> Path:
     if pattern.search(old):
         new = pattern.sub(lambda _: block, old, count=1)
     else:
-        heading = re.search(r"^## ", old, re.M)
-        new = old[: heading.start()] + block + "\n" + old[heading.start() :] if heading else old.rstrip() + "\n\n" + block
+        anchor = re.search(r"^<!-- automl_diff\.bench .*?: begin -->$", old, re.M) or re.search(r"^## ", old, re.M)
+        new = old[: anchor.start()] + block + "\n" + old[anchor.start() :] if anchor else old.rstrip() + "\n\n" + block
     path.write_text(new)
     return path
