@@ -12,7 +12,8 @@ Rows (each with the same DDIM sampler, steps, FID noise and FID features):
 6. a DeepCache peer: the caching interval whose trajectory MACs are closest to DiP-GO's first
    schedule at or below 1/4 of the teacher's (else its sparsest);
 7. DiffNAS + DiP-GO (stacked): the DiffNAS student as the starting model of a DiP-GO run whose
-   yardstick is the original teacher, exactly as a stacked study runs it.
+   yardstick is the original teacher, through the same ``DiPGO(reference=...)`` code path as a
+   stacked study (the student stays in memory instead of being exported and loaded again).
 
 The methods run through the same :class:`~automl_diff.methods.base.Method` classes as studies do
 (with a fixed trial instead of an Optuna one). One data-free pool of the teacher's generations
@@ -226,7 +227,8 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- measuring: the same noise, features, counting and timing for every row ------------------
     rows: list[Row] = []
-    timed: dict[str, Callable[[], None]] = {}
+    timed: dict[str, Callable[[], Any]] = {}
+    contexts: dict[str, Callable[[], Any]] = {}
 
     def measure(name: str, kind: str, model: nn.Module, *, context: Callable[[], Any] = contextlib.nullcontext, search_seconds: float = 0.0, notes: str = "") -> Row:
         start = time.perf_counter()
@@ -240,11 +242,8 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
         row = Row(name, kind, count_macs(model).params, trajectory, trajectory / steps, fid, round(search_seconds, 1), notes=notes)
         rows.append(row)
 
-        def once() -> None:
-            with context():
-                sample_images(model, scheduler_config, num_images=preset.latency_batch, steps=steps, batch_size=preset.latency_batch)
-
-        timed[name] = once
+        timed[name] = lambda: sample_images(model, scheduler_config, num_images=preset.latency_batch, steps=steps, batch_size=preset.latency_batch)
+        contexts[name] = context
         log(f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s")
         return row
 
@@ -343,7 +342,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- latency: every row interleaved with every other ----------------------------------------
     log(f"timing {len(timed)} rows interleaved: {preset.latency_repeats} batches of {preset.latency_batch} each")
-    seconds = time_interleaved(timed, repeats=preset.latency_repeats, warmup=1, sync=unet)
+    seconds = time_interleaved(timed, contexts=contexts, repeats=preset.latency_repeats, warmup=1, sync=unet)
     for row in rows:
         row.latency = seconds[row.name] / preset.latency_batch
     details = {"tolerance": tolerance, "block_choices": choice, "prune_ratio": ratio, "deepcache_levels": levels, "pool_seconds": pool_seconds}

@@ -58,42 +58,48 @@ def measure_latencies(
     repeats are interleaved (A, B, A, B, ...) so that drifting machine load hits every variant alike.
     """
 
-    def once(variant: Callable[[], ContextManager[Any]]) -> Callable[[], None]:
-        def run() -> None:
-            with variant():
-                sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
+    def run() -> None:
+        sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
 
-        return run
-
-    runs = {name: once(variant) for name, variant in variants.items()}
-    seconds = time_interleaved(runs, repeats=repeats, warmup=warmup, sync=unet)
+    seconds = time_interleaved({name: run for name in variants}, contexts=variants, repeats=repeats, warmup=warmup, sync=unet)
     return {name: value / batch_size for name, value in seconds.items()}
 
 
-def time_interleaved(runs: dict[str, Callable[[], Any]], *, repeats: int = 3, warmup: int = 1, sync: nn.Module | None = None) -> dict[str, float]:
+def time_interleaved(
+    runs: dict[str, Callable[[], Any]],
+    *,
+    contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    sync: nn.Module | None = None,
+) -> dict[str, float]:
     """Median wall-clock seconds of each callable, repeats interleaved (A, B, C, A, B, C, ...).
 
     Args:
         runs: what to time, by name (different models, or one model under different contexts).
+        contexts: context factories by name; a run is timed inside its context, whose set-up and
+            tear-down (attaching a schedule's hooks, say) stay out of the timing.
         repeats: timed calls of each.
         warmup: untimed calls of each first.
         sync: a module whose CUDA device is synchronised around every call.
     """
+    contexts = contexts or {}
 
-    def once(run: Callable[[], Any]) -> float:
-        if sync is not None:
-            _sync(sync)
-        start = time.perf_counter()
-        run()
-        if sync is not None:
-            _sync(sync)
-        return time.perf_counter() - start
+    def once(name: str) -> float:
+        with contexts.get(name, contextlib.nullcontext)():
+            if sync is not None:
+                _sync(sync)
+            start = time.perf_counter()
+            runs[name]()
+            if sync is not None:
+                _sync(sync)
+            return time.perf_counter() - start
 
-    for run in runs.values():
+    for name in runs:
         for _ in range(warmup):
-            once(run)
+            once(name)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(max(1, repeats)):
-        for name, run in runs.items():
-            times[name].append(once(run))
+        for name in runs:
+            times[name].append(once(name))
     return {name: statistics.median(values) for name, values in times.items()}
