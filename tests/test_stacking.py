@@ -69,6 +69,10 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     assert trial.user_attrs["macs_reduction"] == pytest.approx(teacher["trajectory_macs"] / trial.user_attrs["trajectory_macs"])
     assert trial.user_attrs["trajectory_macs"] <= start["trajectory_macs"] < teacher["trajectory_macs"]
 
+    # the trials keep their own copy of the weights they were scheduled for: the starting export
+    # may be overwritten or deleted afterwards
+    nas_widths = json.loads((diffnas_export / "unet" / "config.json").read_text())["resnet_widths"]
+    shutil.rmtree(diffnas_export)
     out = tmp_path / "exports" / "stacked"
     assert main(["export", "--storage", storage, "--study-name", "stacked", "--trial", str(trial.number), "--out", str(out)]) == 0
     capsys.readouterr()
@@ -87,7 +91,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
 
     pipe = DDIMPipeline.from_pretrained(str(out))
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
-    assert pipe.unet.config.resnet_widths == json.loads((diffnas_export / "unet" / "config.json").read_text())["resnet_widths"]
+    assert pipe.unet.config.resnet_widths == nas_widths
     schedule = Schedule.load(out / "schedule.json")
     assert schedule.to_dict() == trial.user_attrs["schedule"]
     with apply_schedule(pipe, schedule):
@@ -101,7 +105,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     assert "teacher:" in err and "DiP-GO schedule" in err and "Traceback" not in err
 
 
-def test_stacking_errors_name_the_key(diffnas_export, tmp_path, capsys):
+def test_stacking_errors_name_the_key(diffnas_export, tiny_teacher_dir, tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(diffnas_export, moved)
     info = json.loads((moved / "automl_diff.json").read_text())
@@ -114,6 +118,20 @@ def test_stacking_errors_name_the_key(diffnas_export, tmp_path, capsys):
     assert main(["run", str(_dipgo_config(tmp_path, moved, original_teacher=str(tmp_path / "nowhere")))]) == 2
     err = capsys.readouterr().err
     assert "original_teacher:" in err and "nowhere" in err and "Traceback" not in err
+
+    # original_teacher belongs to a teacher that is an export
+    assert main(["run", str(_dipgo_config(tmp_path, tiny_teacher_dir, original_teacher=str(diffnas_export)))]) == 2
+    err = capsys.readouterr().err
+    assert "original_teacher:" in err and "not one" in err and "Traceback" not in err
+
+    # a resumed study keeps its yardstick: another original teacher is refused, not mixed in
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_teacher_dir, other)
+    assert main(["run", str(_dipgo_config(tmp_path, diffnas_export, n_trials=1)), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(_dipgo_config(tmp_path, diffnas_export, n_trials=2, original_teacher=str(other)))]) == 2
+    err = capsys.readouterr().err
+    assert "original_teacher:" in err and str(other) in err and "another --study-name" in err and "Traceback" not in err
 
 
 def test_distillation_targets_come_from_the_original_teacher(tiny_unet, tiny_teacher_dir, study_factory):

@@ -28,6 +28,7 @@ __all__ = [
     "read_export_info",
     "scheduler_config_for",
     "unet_from_config",
+    "weights_digest",
 ]
 
 #: The file an export writes beside its pipeline: source study, trial, metrics and lineage.
@@ -204,6 +205,19 @@ class ExportInfo:
     original_teacher: str
     lineage: list[dict[str, Any]]
     schedule: str | None = None
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes, dtypes and values): what tells
+    two models of one architecture apart, for cache keys that must not outlive a re-export."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def read_export_info(spec: str | Path) -> ExportInfo | None:

@@ -43,14 +43,20 @@ def resolve_original_teacher(config: StudyConfig) -> tuple[str, ExportInfo | Non
     pretrained teacher both are the same and the record is None.
 
     Raises:
-        UserError: the export samples with a DiP-GO schedule (a further study would drop it), or
-            the teacher it records is not on this machine.
+        UserError: the export samples with a DiP-GO schedule (a further study would drop it), the
+            teacher it records is not on this machine, or ``original_teacher`` is set for a
+            teacher that is not an export.
     """
     info = None if config.teacher == "digits" else read_export_info(config.teacher)
     if info is not None and info.schedule:
         raise UserError(
             f"{config.path}: teacher: {config.teacher} samples with a DiP-GO schedule ({info.schedule}), which a further "
             "study would drop; start from the model it was scheduled for (its study's teacher) instead"
+        )
+    if info is None and config.original_teacher not in (None, config.teacher):
+        raise UserError(
+            f"{config.path}: original_teacher: only a teacher that is an export of another study (a folder with "
+            f"automl_diff.json) has an original teacher; {config.teacher} is not one"
         )
     original = config.original_teacher or (info.original_teacher if info is not None else None) or config.teacher
     if info is not None and config.original_teacher is None and original.startswith("/") and not Path(original).exists():
@@ -125,6 +131,12 @@ class StudySession:
         returns the metrics. A stacked study also measures the model it starts from."""
         stored = study.user_attrs.get(TEACHER_ATTR)
         if stored:
+            recorded = study.user_attrs.get(ORIGINAL_TEACHER_ATTR)
+            if recorded is not None and recorded != self.original.source:
+                raise UserError(
+                    f"{self.config.path}: original_teacher: study '{self.study_name}' measures against '{recorded}', not "
+                    f"'{self.original.source}'; use another --study-name for another yardstick"
+                )
             return stored
         study.set_user_attr(SCHEDULER_ATTR, dict(self.teacher.scheduler_config))
         study.set_user_attr(ORIGINAL_TEACHER_ATTR, self.original.source)

@@ -52,6 +52,7 @@ from automl_diff.methods.diffnas.search import (
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets
 from automl_diff.methods.dkdm.method import PoolOptions, TrainingInputs
 from automl_diff.methods.training import fit
+from automl_diff.models.loading import weights_digest
 
 __all__ = ["DiffNAS", "DiffNASOptions"]
 
@@ -141,9 +142,8 @@ class DiffNAS(Method):
             "space": Path(self.space.path).read_text(),
             "budgets": [self.config.budgets.batch_size],
             "seed": self.config.seed,
-            "teacher": self.teacher.source,
-            "reference": self.reference.source,
-            "params": sum(p.numel() for p in self.teacher.unet.parameters()),
+            "teacher": [self.teacher.source, weights_digest(self.teacher.unet)],
+            "reference": [self.reference.source, weights_digest(self.reference.unet) if self.reference is not self.teacher else None],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -26,6 +26,7 @@ from automl_diff.errors import UserError
 from automl_diff.methods.base import Candidate, Method, require_range
 from automl_diff.methods.dipgo.optimise import CONSISTENCY, optimise_pruner
 from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, model_fingerprint, prunable_units, unit_costs
+from automl_diff.models.loading import weights_digest
 
 __all__ = ["DiPGO", "DiPGOOptions"]
 
@@ -104,6 +105,7 @@ class DiPGO(Method):
         self.scores: np.ndarray | None = None
         self.summary: dict[str, Any] = {}
         self.weights_dir: str | None = self.teacher.weights_dir
+        self._weights_digest: str | None = None
 
     @property
     def steps(self) -> int:
@@ -117,7 +119,8 @@ class DiPGO(Method):
             "sampling": [c.sampling.scheduler, c.sampling.eta],
             "seed": c.seed,
             "teacher": self.teacher.source,
-            "params": sum(p.numel() for p in self.teacher.unet.parameters()),
+            "weights": self._digest(),
+            "reference": self.reference.source,
             "model": model_fingerprint(self.teacher.unet),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -165,11 +168,19 @@ class DiPGO(Method):
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n")
-        if self.weights_dir is None and workdir is not None:  # a hub teacher: keep one local copy for all trials
-            folder = workdir / "teacher_unet"
+        stacked = self.reference is not self.teacher
+        if workdir is not None and (self.weights_dir is None or stacked):
+            # a hub teacher, or another study's export that may be overwritten later: the trials'
+            # schedules point at one local copy of exactly the weights they were scored on
+            folder = workdir / "teacher_unet" if not stacked else workdir / f"start_unet_{self._digest()[:12]}"
             if not (folder / "config.json").is_file():
                 self.teacher.unet.save_pretrained(str(folder), safe_serialization=True)
             self.weights_dir = str(folder)
+
+    def _digest(self) -> str:
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.teacher.unet)
+        return self._weights_digest
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         o = self.options
