@@ -90,6 +90,17 @@ def tiny_space(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def tiny_supernet_space(tmp_path: Path) -> Path:
+    """A ``family: supernet`` space for the tiny teacher: two blocks, four subnets each."""
+    path = tmp_path / "supernet.yaml"
+    path.write_text(yaml.safe_dump({"family": "supernet", "blocks": {
+        "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
+        "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
+    }}))
+    return path
+
+
 def write_study(tmp_path: Path, teacher: Path, space: Path, **overrides) -> Path:
     """A tiny DKDM study config (seconds per trial); keys in ``overrides`` replace the defaults
     (a None value removes the key)."""

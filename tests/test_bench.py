@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
 
 from automl_diff.bench import PRESETS, BenchPreset
 from automl_diff.bench.__main__ import main as bench_main
@@ -18,18 +17,13 @@ pytest.importorskip("DeepCache")
 
 
 @pytest.fixture
-def tiny_preset(tiny_teacher_dir, tiny_space, tmp_path):
-    supernet = tmp_path / "supernet.yaml"
-    supernet.write_text(yaml.safe_dump({"family": "supernet", "blocks": {
-        "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
-        "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
-    }}))
+def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
     return BenchPreset(
         name="tiny", teacher=str(tiny_teacher_dir), fid_dataset="digits", fid_features="digits",
         steps=4, fid_samples=16, fid_batch=16, latency_batch=2, latency_repeats=1,
         batch_size=4, pool_size=8, pool_steps=3,
         dkdm_space=str(tiny_space), dkdm_params={"down.0.channels": 4, "down.1.channels": 8, "down.1.layers": 1, "down.1.attention": False},
-        dkdm_iterations=2, diffnas_space=str(supernet), supernet_iterations=2, subnets_per_step=2, search_samples=4,
+        dkdm_iterations=2, diffnas_space=str(tiny_supernet_space), supernet_iterations=2, subnets_per_step=2, search_samples=4,
         max_ratio=1.0, retrain_iterations=2, prune_ratios=(0.25, 0.5),
         dipgo={"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0, "sparsity_weight": 5.0},
         dipgo_iterations=3, dipgo_batch=2, dipgo_lr=0.05, dipgo_thresholds=(0.3, 0.7), stacked_target=0.5,

@@ -232,13 +232,11 @@ def test_search_space_errors_name_file_key_and_value(tiny_unet, tmp_path):
 
 
 @pytest.fixture
-def diffnas_study(study_factory, tmp_path, capsys):
-    space = tmp_path / "supernet.yaml"
-    space.write_text(yaml.safe_dump({"family": "supernet", "blocks": {
-        "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
-        "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
-        "up.0": {"layers": [1, 2], "attention": [True, False]},
-    }}))
+def diffnas_study(study_factory, tiny_supernet_space, tmp_path, capsys):
+    space = tiny_supernet_space  # and up.0's depth and attention
+    blocks = yaml.safe_load(space.read_text())
+    blocks["blocks"]["up.0"] = {"layers": [1, 2], "attention": [True, False]}
+    space.write_text(yaml.safe_dump(blocks))
     config = study_factory(
         name="tinynas",
         method="diffnas",

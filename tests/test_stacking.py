@@ -16,15 +16,10 @@ from automl_diff.study.cli import main
 
 
 @pytest.fixture
-def diffnas_export(study_factory, tmp_path, capsys):
+def diffnas_export(study_factory, tiny_supernet_space, tmp_path, capsys):
     """A tiny DiffNAS study, run and its only trial exported."""
-    space = tmp_path / "supernet.yaml"
-    space.write_text(yaml.safe_dump({"family": "supernet", "blocks": {
-        "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
-        "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
-    }}))
     config = study_factory(
-        name="nas", method="diffnas", search_space=str(space), n_trials=1,
+        name="nas", method="diffnas", search_space=str(tiny_supernet_space), n_trials=1,
         budgets={"train_iterations": 2, "batch_size": 4, "fid_samples": 16, "sampling_steps": 4, "latency_repeats": 1, "latency_batch_size": 2},
         method_options={"pool_size": 8, "pool_steps": 3, "supernet_iterations": 2, "search_samples": 4, "tolerance_low": 0.5, "tolerance_high": 1.0},
     )
