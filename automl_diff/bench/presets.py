@@ -91,10 +91,10 @@ PRESETS: dict[str, BenchPreset] = {
         teacher="digits",
         latency_batch=256,
         pool_size=2048,
-        max_ratio=0.6,
+        max_ratio=0.7,
         retrain_iterations=2000,
         dipgo_thresholds=(0.05, 0.2, 0.5),
-        stacked_target=0.2,
+        stacked_target=0.22,
         dkdm_params={
             "down.0.channels": 24, "down.1.channels": 48, "down.1.layers": 1, "down.2.channels": 32,
             "down.2.layers": 1, "down.2.attention": False, "mid.attention": False,
