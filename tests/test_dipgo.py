@@ -147,6 +147,19 @@ def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
     assert all(p.requires_grad for p in tiny_unet.parameters())  # left as found
 
 
+def test_optimise_pruner_depends_on_its_seed_not_on_what_ran_before(tiny_unet):
+    units = tuple(prunable_units(tiny_unet, "block"))
+    kwargs = dict(units=units, costs=unit_costs(tiny_unet, units), steps=3, iterations=3, batch_size=2, lr=0.1, target_ratio=0.4, reference_images=4, warmup=0.0)
+    torch.manual_seed(1)
+    first = optimise_pruner(tiny_unet, SCHEDULER, **kwargs).scores
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = optimise_pruner(tiny_unet, SCHEDULER, **kwargs).scores
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as found
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, optimise_pruner(tiny_unet, SCHEDULER, seed=5, **kwargs).scores)
+
+
 def test_ssim_is_one_for_equal_images():
     a = torch.rand(2, 1, 16, 16) * 2 - 1
     assert ssim(a, a).item() == pytest.approx(1.0, abs=1e-5)

@@ -15,6 +15,7 @@ graph every ``k`` steps (truncated backpropagation) for large models.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -162,6 +163,10 @@ def optimise_pruner(
         targets = torch.cat(
             [run(slice(i, i + batch_size), gen_seed=seed + 1 + i) for i in range(0, reference_images, batch_size)]
         )
+    # the pruner's initialisation and Gumbel noise depend on ``seed`` alone, not on what ran before
+    rng = contextlib.ExitStack()
+    rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+    torch.manual_seed(seed + 11)
     pruner = PrunerNetwork(steps, len(units)).to(device)
     optimiser = torch.optim.Adam(pruner.parameters(), lr=lr)
     loss_fn = CONSISTENCY[consistency]
@@ -198,6 +203,7 @@ def optimise_pruner(
             bar.set_postfix(cons=f"{record['consistency']:.4f}", ratio=f"{record['ratio']:.3f}")
     finally:
         bar.close()
+        rng.close()
         controller.remove()
         unet.train(was_training)
         for p, flag in zip(unet.parameters(), requires_grad):
