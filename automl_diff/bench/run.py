@@ -42,6 +42,9 @@ __all__ = ["BenchResult", "Row", "run_bench"]
 
 logger = logging.getLogger("automl_diff.bench")
 
+#: The peers' packages: import name -> distribution name (the ``bench`` extra).
+_PEERS = {"torch_pruning": "torch-pruning", "DeepCache": "DeepCache"}
+
 
 @dataclass
 class Row:
@@ -124,13 +127,13 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "diffusers": diffusers.__version__,
         "optuna": optuna.__version__,
     }
-    for package in ("torch_pruning", "DeepCache"):
-        try:
-            from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-            info[package] = version(package.replace("_", "-") if package == "torch_pruning" else package)
-        except Exception:  # noqa: BLE001 - a missing peer package is reported by run_bench itself
-            info[package] = "-"
+    for module, distribution in _PEERS.items():
+        try:
+            info[module] = version(distribution)
+        except PackageNotFoundError:  # a missing peer package is reported by run_bench itself
+            info[module] = "-"
     return info
 
 
@@ -173,11 +176,11 @@ def _check_inputs(preset: BenchPreset) -> None:
 
     from automl_diff.errors import UserError
 
-    for module, extra in (("torch_pruning", "torch-pruning"), ("DeepCache", "DeepCache")):
+    for module, distribution in _PEERS.items():
         try:
             __import__(module)
         except ImportError:
-            raise UserError(f"the benchmark's peers need the {extra} package: pip install -e '.[bench]'") from None
+            raise UserError(f"the benchmark's peers need the {distribution} package: pip install -e '.[bench]'") from None
     for what, path in (("dkdm_space", preset.dkdm_space), ("diffnas_space", preset.diffnas_space)):
         if not Path(path).is_file():
             raise UserError(f"preset {preset.name}: {what}: the file {path} does not exist (run the benchmark from a checkout)")
@@ -239,7 +242,8 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
         from automl_diff.metrics.fid import fid_from_images
 
         fid = fid_from_images(images, evaluator.reference, evaluator.extractor)
-        row = Row(name, kind, count_macs(model).params, trajectory, trajectory / steps, fid, round(search_seconds, 1), notes=notes)
+        params = sum(p.numel() for p in model.parameters())
+        row = Row(name, kind, params, trajectory, trajectory / steps, fid, round(search_seconds, 1), notes=notes)
         rows.append(row)
 
         timed[name] = lambda: sample_images(model, scheduler_config, num_images=preset.latency_batch, steps=steps, batch_size=preset.latency_batch)
