@@ -120,7 +120,6 @@ class DiPGO(Method):
             "seed": c.seed,
             "teacher": self.teacher.source,
             "weights": self._digest(),
-            "reference": self.reference.source,
             "model": model_fingerprint(self.teacher.unet),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
