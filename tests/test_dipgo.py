@@ -66,6 +66,48 @@ def test_gate_off_skips_the_unit_and_reuses_its_cache(tiny_unet):
     assert all(o is outputs["up.1"][0] for o in outputs["up.1"])  # the cached tensor, not a recomputation
 
 
+def _concatenations(run) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten.cat.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.n
+
+
+@pytest.mark.parametrize("model", ["tiny_unet", "tiny_cond_unet"])
+def test_a_cached_up_resnet_skips_its_skip_concatenation(model, request, monkeypatch):
+    from automl_diff.methods.dipgo import gates
+
+    unet = request.getfixturevalue(model)
+    up = [u for u in prunable_units(unet, "layer") if u.startswith("up.") and ".resnets." in u]
+    steps = 3
+    schedule = _schedule(unet, steps, {1: up[:2], 2: up}, "layer")
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    noise = torch.randn(2, channels, size, size)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 5, 12)} if model == "tiny_cond_unet" else {}
+
+    def run():
+        return denoise(unet, SCHEDULER, noise, steps=steps, **kwargs)
+
+    with torch.no_grad(), apply_schedule(unet, schedule):
+        skipped = _concatenations(run)
+        pruned = run()
+    # the same schedule with every concatenation computed: the same samples, one copy more per skipped resnet
+    monkeypatch.setattr(gates._ConcatHook, "new_forward", lambda self, module, *a, **k: self.fn_ref.original_forward(*a, **k))
+    with torch.no_grad(), apply_schedule(unet, schedule):
+        computed = _concatenations(run)
+        reference = run()
+    assert computed - skipped == len(up[:2]) + len(up)
+    assert torch.equal(pruned, reference)
+
+
 def test_a_new_trajectory_resets_and_extra_steps_fail(tiny_unet):
     schedule = _schedule(tiny_unet, 2, {1: ["mid"]})
     x = torch.randn(1, 1, 16, 16)

@@ -17,12 +17,19 @@ the conditional and unconditional halves), so schedules apply to them unchanged:
     images = pipe(num_inference_steps=handle.schedule.steps).images
     handle.remove()  # the plain pipeline again
 
+In an up block, each resnet's input is the concatenation of the block's running state with a
+skip connection. When the resnet reuses its cache, that concatenation is not computed either: a
+hook on the up block recognises it by its skip tensor (one of the block's own
+``res_hidden_states_tuple``) and hands the resnet a placeholder instead. diffusers' block code runs
+unchanged; where something alters the skip tensor first (FreeU), the concatenation simply runs.
+
 For DiP-GO's gradient optimisation the controller also has a *soft* mode: every unit runs, and its
 output is ``g * new + (1 - g) * cached`` with a differentiable gate ``g`` per step and unit.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +37,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from automl_diff.methods.dipgo.schedule import Schedule
 from automl_diff.models.blocks import get_block
@@ -38,6 +46,8 @@ __all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
 
 GATE_HOOK = "automl_diff.gate"
 STEP_HOOK = "automl_diff.gate_step"
+CONCAT_HOOK = "automl_diff.gate_concat"
+_UP_RESNET = re.compile(r"^(up\.\d+)\.resnets\.(\d+)$")
 _ATTR = "_automl_diff_gates"
 
 
@@ -79,6 +89,59 @@ class _StepHook(ModelHook):
         return args, kwargs
 
 
+class _Skipped:
+    """Stands for the concatenation in front of a resnet that reuses its cache at this step."""
+
+    __slots__ = ("unit",)
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+
+
+class _SkipConcatenations(TorchFunctionMode):
+    """Inside one up block's forward: ``torch.cat`` of the running state with a skip tensor whose
+    resnet reuses its cache returns a :class:`_Skipped` placeholder instead of copying."""
+
+    def __init__(self, controller: GateController, consumers: dict[int, list[tuple[torch.Tensor, str]]]) -> None:
+        super().__init__()
+        self.controller = controller
+        self.consumers = consumers  # id(skip tensor) -> [(tensor, resnet unit)] in the order the block consumes them
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            tensors = args[0] if args else kwargs.get("tensors")
+            if isinstance(tensors, (list, tuple)) and len(tensors) == 2:
+                waiting = self.consumers.get(id(tensors[1]))
+                if waiting and waiting[0][0] is tensors[1]:
+                    _, unit = waiting.pop(0)
+                    if self.controller._reuses(unit):
+                        return _Skipped(unit)
+        return func(*args, **kwargs)
+
+
+class _ConcatHook(ModelHook):
+    """On an up block with gated resnets: skip the concatenations their cached steps make useless."""
+
+    def __init__(self, controller: GateController, resnets: Sequence[tuple[int, str]]) -> None:
+        super().__init__()
+        self.controller = controller
+        self.resnets = tuple(resnets)  # (resnet index in the block, unit name)
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+        if not isinstance(skips, (tuple, list)) or not any(self.controller._reuses(name) for _, name in self.resnets):
+            return forward(*args, **kwargs)
+        consumers: dict[int, list[tuple[torch.Tensor, str]]] = {}
+        for index, name in self.resnets:  # resnet i consumes skips[-1 - i] (diffusers pops from the end)
+            if index < len(skips) and isinstance(skips[-1 - index], torch.Tensor):
+                tensor = skips[-1 - index]
+                consumers.setdefault(id(tensor), []).append((tensor, name))
+        with _SkipConcatenations(self.controller, consumers):
+            return forward(*args, **kwargs)
+
+
 class _GateHook(ModelHook):
     def __init__(self, controller: GateController, index: int, name: str) -> None:
         super().__init__()
@@ -97,7 +160,9 @@ class _GateHook(ModelHook):
                 out = _tree_map(lambda new, old: g * new + (1 - g) * old, out, cache[self.name])
             cache[self.name] = out
             return out
-        if c.step == 0 or c.gates is None or c.gates[c.step][self.index] or self.name not in cache:
+        if not c._reuses(self.name):
+            if args and isinstance(args[0], _Skipped):
+                raise RuntimeError(f"{self.name}: its input concatenation was skipped but the unit computes")
             out = self.fn_ref.original_forward(*args, **kwargs)
             c.executed[self.name] += 1
             cache[self.name] = out
@@ -130,6 +195,13 @@ class GateController:
         self.schedule: Schedule | None = None
         self._last_t: float | None = None
         self._modules = [get_block(unet, name) for name in self.units]
+        self._index = {name: i for i, name in enumerate(self.units)}
+        up_resnets: dict[str, list[tuple[int, str]]] = {}
+        for name in self.units:
+            match = _UP_RESNET.match(name)
+            if match:
+                up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), name))
+        self._concat_blocks = [(get_block(unet, block), resnets) for block, resnets in up_resnets.items()]
         self._attach()
 
     # hooks ------------------------------------------------------------------------------------------
@@ -140,6 +212,8 @@ class GateController:
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
         for index, (name, module) in enumerate(zip(self.units, self._modules)):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
+        for block, resnets in self._concat_blocks:
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_ConcatHook(self, resnets), CONCAT_HOOK)
         setattr(self.unet, _ATTR, self)
 
     def remove(self) -> None:
@@ -149,6 +223,8 @@ class GateController:
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(STEP_HOOK, recurse=False)
         for module in self._modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(GATE_HOOK, recurse=False)
+        for block, _ in self._concat_blocks:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(CONCAT_HOOK, recurse=False)
         delattr(self.unet, _ATTR)
         self.cache.clear()
 
@@ -187,6 +263,13 @@ class GateController:
         """Cut the autograd graph through the caches (truncated backpropagation)."""
         for name in list(self.cache):
             self.cache[name] = _detach(self.cache[name])
+
+    def _reuses(self, name: str) -> bool:
+        """Whether unit ``name`` returns its cache at the current step (binary gates only)."""
+        return (
+            self.soft_gates is None and self.gates is not None and self.step > 0
+            and not self.gates[self.step][self._index[name]] and name in self.cache
+        )
 
     def _advance(self, t: float) -> None:
         if self._last_t is None or t >= self._last_t:
