@@ -94,7 +94,7 @@ PRESETS: dict[str, BenchPreset] = {
         max_ratio=0.7,
         retrain_iterations=2000,
         dipgo_thresholds=(0.05, 0.2, 0.5),
-        stacked_target=0.22,
+        stacked_target=0.23,
         dkdm_params={
             "down.0.channels": 24, "down.1.channels": 48, "down.1.layers": 1, "down.2.channels": 32,
             "down.2.layers": 1, "down.2.attention": False, "mid.attention": False,
