@@ -19,9 +19,9 @@ the conditional and unconditional halves), so schedules apply to them unchanged:
 
 In an up block, each resnet's input is the concatenation of the block's running state with a
 skip connection. When the resnet reuses its cache, that concatenation is not computed either: a
-hook on the up block recognises it by its skip tensor (one of the block's own
-``res_hidden_states_tuple``) and hands the resnet a placeholder instead. diffusers' block code runs
-unchanged; where something alters the skip tensor first (FreeU), the concatenation simply runs.
+hook on the up block marks that skip tensor (a tensor subclass sharing its storage), whose
+concatenation yields a placeholder the resnet's gate never reads. diffusers' block code runs
+unchanged; where something transforms the skip tensor first (FreeU), the concatenation simply runs.
 
 For DiP-GO's gradient optimisation the controller also has a *soft* mode: every unit runs, and its
 output is ``g * new + (1 - g) * cached`` with a differentiable gate ``g`` per step and unit.
@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from automl_diff.methods.dipgo.schedule import Schedule
 from automl_diff.models.blocks import get_block
@@ -98,30 +97,42 @@ class _Skipped:
         self.unit = unit
 
 
-class _SkipConcatenations(TorchFunctionMode):
-    """Inside one up block's forward: ``torch.cat`` of the running state with a skip tensor whose
-    resnet reuses its cache returns a :class:`_Skipped` placeholder instead of copying."""
+def _plain(value: Any) -> Any:
+    if isinstance(value, _SkipTensor):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
-    def __init__(self, controller: GateController, consumers: dict[int, list[tuple[torch.Tensor, str]]]) -> None:
-        super().__init__()
-        self.controller = controller
-        self.consumers = consumers  # id(skip tensor) -> [(tensor, resnet unit)] in the order the block consumes them
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+class _SkipTensor(torch.Tensor):
+    """A skip tensor (same storage) whose resnet reuses its cache at this step: concatenated after
+    the running state, it yields a :class:`_Skipped` placeholder instead of a copy; any other use
+    sees the plain tensor. Only operations that touch it go through Python."""
+
+    _automl_diff_unit: str
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.cat:
             tensors = args[0] if args else kwargs.get("tensors")
-            if isinstance(tensors, (list, tuple)) and len(tensors) == 2:
-                waiting = self.consumers.get(id(tensors[1]))
-                if waiting and waiting[0][0] is tensors[1]:
-                    _, unit = waiting.pop(0)
-                    if self.controller._reuses(unit):
-                        return _Skipped(unit)
-        return func(*args, **kwargs)
+            if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and isinstance(tensors[1], _SkipTensor):
+                return _Skipped(tensors[1]._automl_diff_unit)
+        return func(*_plain(args), **_plain(kwargs))
+
+
+def _skip_tensor(tensor: torch.Tensor, unit: str) -> _SkipTensor:
+    marked = tensor.as_subclass(_SkipTensor)
+    marked._automl_diff_unit = unit
+    return marked
 
 
 class _ConcatHook(ModelHook):
-    """On an up block with gated resnets: skip the concatenations their cached steps make useless."""
+    """On an up block with gated resnets: the skip tensors of the resnets that reuse their cache at
+    this step are marked, so their concatenations are not computed."""
 
     def __init__(self, controller: GateController, resnets: Sequence[tuple[int, str]]) -> None:
         super().__init__()
@@ -130,16 +141,20 @@ class _ConcatHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
-        if not isinstance(skips, (tuple, list)) or not any(self.controller._reuses(name) for _, name in self.resnets):
+        reusing = [(index, name) for index, name in self.resnets if self.controller._reuses(name)]
+        positional = len(args) > 1
+        skips = args[1] if positional else kwargs.get("res_hidden_states_tuple")
+        if not reusing or not isinstance(skips, (tuple, list)):
             return forward(*args, **kwargs)
-        consumers: dict[int, list[tuple[torch.Tensor, str]]] = {}
-        for index, name in self.resnets:  # resnet i consumes skips[-1 - i] (diffusers pops from the end)
-            if index < len(skips) and isinstance(skips[-1 - index], torch.Tensor):
-                tensor = skips[-1 - index]
-                consumers.setdefault(id(tensor), []).append((tensor, name))
-        with _SkipConcatenations(self.controller, consumers):
-            return forward(*args, **kwargs)
+        marked = list(skips)
+        for index, name in reusing:  # resnet i consumes skips[-1 - i] (diffusers pops from the end)
+            if index < len(marked) and type(marked[-1 - index]) is torch.Tensor:
+                marked[-1 - index] = _skip_tensor(marked[-1 - index], name)
+        if positional:
+            args = (args[0], type(skips)(marked), *args[2:])
+        else:
+            kwargs = {**kwargs, "res_hidden_states_tuple": type(skips)(marked)}
+        return forward(*args, **kwargs)
 
 
 class _GateHook(ModelHook):
