@@ -83,6 +83,8 @@ def _concatenations(run) -> int:
 
 @pytest.mark.parametrize("model", ["tiny_unet", "tiny_cond_unet"])
 def test_a_cached_up_resnet_skips_its_skip_concatenation(model, request, monkeypatch):
+    from diffusers.hooks import HookRegistry
+
     from automl_diff.methods.dipgo import gates
 
     unet = request.getfixturevalue(model)
@@ -99,6 +101,8 @@ def test_a_cached_up_resnet_skips_its_skip_concatenation(model, request, monkeyp
     with torch.no_grad(), apply_schedule(unet, schedule):
         skipped = _concatenations(run)
         pruned = run()
+    for block in unet.up_blocks:  # removed with the schedule
+        assert gates.CONCAT_HOOK not in HookRegistry.check_if_exists_or_initialize(block).hooks
     # the same schedule with every concatenation computed: the same samples, one copy more per skipped resnet
     monkeypatch.setattr(gates._ConcatHook, "new_forward", lambda self, module, *a, **k: self.fn_ref.original_forward(*a, **k))
     with torch.no_grad(), apply_schedule(unet, schedule):
