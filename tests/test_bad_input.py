@@ -51,6 +51,11 @@ class Env:
     def space_file(self, data: dict) -> Path:
         return self.text("bad_space.yaml", yaml.safe_dump(data))
 
+    def teacher_elsewhere(self) -> Path:
+        folder = self.tmp / "other_teacher"
+        shutil.copytree(self.teacher, folder)
+        return folder
+
     def teacher_copy(self, *, remove: str) -> Path:
         folder = self.tmp / "exported"
         shutil.copytree(self.teacher, folder)
@@ -63,6 +68,8 @@ def _make_env(tmp_path: Path, teacher: Path, space: Path) -> Env:
     study = optuna.create_study(storage=f"sqlite:///{db}", study_name="tiny", directions=["minimize", "minimize"])
     study.set_metric_names(["macs", "fid"])
     study.set_user_attr("objectives", ["macs", "fid"])
+    study.set_user_attr("method", "dkdm")
+    study.set_user_attr("teacher", str(teacher))
     study.set_user_attr("scheduler_config", {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
     weights = tmp_path / "runs" / "tiny" / "trial_0" / "unet"
     weights.mkdir(parents=True)
@@ -145,6 +152,11 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
         "objectives of another study",
         lambda e: ["run", str(e.study(objectives=["macs"]))],
         lambda e: ["study.yaml", "objectives: study 'tiny'", "optimises macs, fid"],
+    ),
+    (
+        "teacher of another study",
+        lambda e: ["run", str(e.study(teacher=e.teacher_elsewhere()))],
+        lambda e: ["study.yaml", "teacher: study 'tiny'", f"compresses '{e.teacher}', not '{e.tmp}/other_teacher'", "another --study-name"],
     ),
     (
         "unreachable storage",

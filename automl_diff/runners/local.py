@@ -61,7 +61,8 @@ def make_sampler(config: StudyConfig, *, offset: int = 0) -> optuna.samplers.Bas
 
 
 def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> optuna.Study:
-    """Create the study, or load it when it exists; refuse one with other objectives."""
+    """Create the study, or load it when it exists; refuse one with other objectives, another method or
+    another teacher (its trials would not be comparable)."""
     storage = open_storage(storage_url, heartbeat_interval=config.execution.heartbeat, retries=config.execution.retries)
     existing = study_name in optuna.study.get_all_study_names(storage)
     n_existing = 0
@@ -75,6 +76,13 @@ def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> opt
             )
         if [d.name.lower() for d in study.directions] != config.directions:
             raise UserError(f"{config.path}: objectives: directions differ from study '{study_name}' in {mask_url(storage_url)}")
+        for key, value, what in (("method", config.method, "runs method"), ("teacher", config.teacher, "compresses")):
+            recorded = study.user_attrs.get(key)
+            if recorded is not None and recorded != value:
+                raise UserError(
+                    f"{config.path}: {key}: study '{study_name}' in {mask_url(storage_url)} {what} '{recorded}', not '{value}'; "
+                    f"use another --study-name"
+                )
         n_existing = len(study.trials)
     study = optuna.create_study(
         storage=storage,
