@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -193,6 +194,30 @@ def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
     assert all(p.requires_grad for p in tiny_unet.parameters())  # left as found
 
 
+def test_unit_latencies_time_each_unit_inside_whole_passes(tiny_unet):
+    from automl_diff.metrics.latency import unit_latencies
+
+    units = tuple(prunable_units(tiny_unet, "layer"))
+    total, seconds = unit_latencies(tiny_unet, units, batch_size=2, repeats=3)
+    assert set(seconds) == set(units) and all(v > 0 for v in seconds.values())
+    assert sum(seconds.values()) < total  # units do not nest; embedding, conv_in/out lie outside
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_unet.modules())  # hooks removed
+
+
+def test_latency_weights_drive_the_expected_ratio(tiny_unet):
+    from automl_diff.methods.dipgo.schedule import UnitWeights
+
+    units = tuple(prunable_units(tiny_unet, "block"))
+    weights = UnitWeights("latency", 10.0, {u: 1.0 for u in units})  # 5 units of 1 s in a 10 s pass
+    probs = torch.ones(4, len(units))
+    assert expected_ratio(probs, weights, units).item() == pytest.approx(1.0)
+    probs[1:, 0] = 0  # one unit skipped on 3 of 4 steps: 3 s of 40 s saved
+    assert expected_ratio(probs, weights, units).item() == pytest.approx(37 / 40)
+    costs = unit_costs(tiny_unet, units)
+    assert UnitWeights.of(costs).units[units[0]] == costs.units[units[0]].macs
+    assert expected_ratio(probs, costs, units).item() == pytest.approx(expected_ratio(probs, UnitWeights.of(costs), units).item())
+
+
 def test_optimise_pruner_depends_on_its_seed_not_on_what_ran_before(tiny_unet):
     units = tuple(prunable_units(tiny_unet, "block"))
     kwargs = dict(units=units, costs=unit_costs(tiny_unet, units), steps=3, iterations=3, batch_size=2, lr=0.1, target_ratio=0.4, reference_images=4, warmup=0.0)
@@ -353,6 +378,21 @@ def test_resumed_dipgo_study_reuses_the_pruner(dipgo_study, tmp_path, capsys):
     assert len(finished) == 4
 
 
+def test_latency_unit_cost_weighs_the_units_by_their_measured_seconds(study_factory, tmp_path, capsys):
+    config = study_factory(
+        name="tinylat", method="dipgo", search_space=None, objectives=[{"name": "trajectory_macs"}, {"name": "fid"}], n_trials=1,
+        budgets={"train_iterations": 3, "batch_size": 2, "lr": 0.05, "fid_samples": 8, "sampling_steps": 3,
+                 "latency_repeats": 1, "latency_batch_size": 2},
+        method_options={"granularity": "layer", "unit_cost": "latency", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0},
+    )
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="tinylat", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    attrs = study.trials[0].user_attrs
+    seconds = attrs["pruner_unit_seconds"]
+    assert attrs["pruner_unit_cost"] == "latency" and list(seconds) == list(json.loads(Path(attrs["schedule_file"]).read_text())["units"])
+    assert all(v > 0 for v in seconds.values()) and sum(seconds.values()) < attrs["pruner_forward_seconds"]
+
+
 def test_profile_schedule_reports_trajectory_and_latency(dipgo_study, tmp_path, tiny_teacher_dir, capsys):
     config, storage, _ = dipgo_study
     study = optuna.load_study(study_name="tinygo", storage=storage)
@@ -380,3 +420,7 @@ def test_dipgo_options_are_validated(study_factory, capsys):
     config = study_factory(method="dipgo", method_options={"threshold_low": 0.9, "threshold_high": 0.2})
     assert main(["run", str(config)]) == 2
     assert "threshold_low" in capsys.readouterr().err
+    config = study_factory(method="dipgo", method_options={"unit_cost": "flops"})
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "method_options.unit_cost" in err and "latency" in err

@@ -13,7 +13,7 @@ from torch import nn
 
 from automl_diff.sampling import sample_images
 
-__all__ = ["measure_latency", "measure_latencies", "time_interleaved"]
+__all__ = ["measure_latency", "measure_latencies", "time_interleaved", "unit_latencies"]
 
 
 def _sync(module: nn.Module) -> None:
@@ -103,3 +103,67 @@ def time_interleaved(
         for name in runs:
             times[name].append(once(name))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def unit_latencies(
+    unet: nn.Module,
+    units: list[str] | tuple[str, ...],
+    *,
+    batch_size: int,
+    repeats: int = 5,
+    warmup: int = 1,
+    **kwargs: Any,
+) -> tuple[float, dict[str, float]]:
+    """Wall-clock seconds of one forward pass of ``unet`` at ``batch_size``, and of each unit in it.
+
+    Units (blocks or layers, not nested in each other, as :func:`~automl_diff.models.blocks.get_block`
+    names them) are timed by forward hooks around them inside whole forward passes, so each sees
+    the inputs and memory state it has when sampling. Returns the medians over ``repeats`` passes
+    (after ``warmup`` untimed ones): ``(total, {unit: seconds})``. Extra ``kwargs`` go to the UNet
+    (``encoder_hidden_states`` for a conditional one).
+    """
+    from automl_diff.models.blocks import get_block
+
+    param = next(unet.parameters())
+    config = unet.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.randn(batch_size, config.in_channels, height, width, generator=torch.Generator().manual_seed(0)).to(param)
+    t = torch.full((batch_size,), 500, device=param.device, dtype=torch.long)
+    started: dict[str, float] = {}
+    current: dict[str, float] = dict.fromkeys(units, 0.0)  # this pass's seconds per unit
+    spent: dict[str, list[float]] = {name: [] for name in units}
+
+    def before(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            _sync(unet)
+            started[name] = time.perf_counter()
+        return hook
+
+    def after(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            _sync(unet)
+            current[name] += time.perf_counter() - started[name]
+        return hook
+
+    handles = []
+    for name in units:
+        module = get_block(unet, name)
+        handles += [module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name))]
+    totals: list[float] = []
+    try:
+        for i in range(warmup + repeats):
+            current.update(dict.fromkeys(units, 0.0))
+            _sync(unet)
+            start = time.perf_counter()
+            unet(x, t, **kwargs)
+            _sync(unet)
+            if i >= warmup:
+                totals.append(time.perf_counter() - start)
+                for name, seconds in current.items():
+                    spent[name].append(seconds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(totals), {name: statistics.median(values) for name, values in spent.items()}

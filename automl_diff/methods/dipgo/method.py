@@ -25,7 +25,7 @@ from automl_diff.config._reader import positive
 from automl_diff.errors import UserError
 from automl_diff.methods.base import Candidate, Method, require_range
 from automl_diff.methods.dipgo.optimise import CONSISTENCY, optimise_pruner
-from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, model_fingerprint, prunable_units, unit_costs
+from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, UnitWeights, model_fingerprint, prunable_units, unit_costs
 from automl_diff.models.loading import weights_digest
 
 __all__ = ["DiPGO", "DiPGOOptions"]
@@ -53,7 +53,13 @@ class DiPGOOptions:
     Attributes:
         granularity: ``block`` (down.i, mid, up.i) or ``layer`` (their resnets, attentions and
             resamplers, as DeepCache caches them).
-        target_macs_ratio: trajectory MACs the pruner aims for, as a fraction of the full sampler's.
+        target_macs_ratio: trajectory MACs the pruner aims for, as a fraction of the full sampler's
+            (with ``unit_cost: latency``, the fraction of its measured time).
+        unit_cost: what the sparsity loss counts per unit: ``macs`` (the paper's choice), or
+            ``latency``, each unit's seconds measured on the study's device at
+            ``budgets.latency_batch_size`` (``budgets.latency_repeats`` passes, at least 3): the
+            pruner then prefers to skip what is slow on that device (memory-bound layers, narrow
+            convolutions, 1x1 shortcuts) over what merely has many MACs.
         sparsity_weight: weight of the sparsity loss.
         consistency: ``mse`` or ``ssim`` between gated and full samplers' final images.
         tau: Gumbel-softmax temperature.
@@ -69,6 +75,7 @@ class DiPGOOptions:
 
     granularity: str = field(default="layer", metadata={"choices": ("block", "layer")})
     target_macs_ratio: float = field(default=0.25, metadata={"check": _fraction})
+    unit_cost: str = field(default="macs", metadata={"choices": ("macs", "latency")})
     sparsity_weight: float = field(default=1.0, metadata={"check": positive})
     consistency: str = field(default="mse", metadata={"choices": tuple(CONSISTENCY)})
     tau: float = field(default=1.0, metadata={"check": positive})
@@ -137,15 +144,16 @@ class DiPGO(Method):
         if self.scores is None:
             c = self.config
             o = self.options
+            weights = self._weights()
             logger.info(
-                "DiP-GO: optimising the pruner (%d units x %d steps, target %.2f of the trajectory MACs, %d iterations)",
-                len(self.units), self.steps, o.target_macs_ratio, c.budgets.train_iterations,
+                "DiP-GO: optimising the pruner (%d units x %d steps, target %.2f of the trajectory %s, %d iterations)",
+                len(self.units), self.steps, o.target_macs_ratio, "MACs" if o.unit_cost == "macs" else "time", c.budgets.train_iterations,
             )
             result = optimise_pruner(
                 self.teacher.unet,
                 self.teacher.scheduler_config,
                 units=self.units,
-                costs=self.costs,
+                costs=weights,
                 steps=self.steps,
                 iterations=c.budgets.train_iterations,
                 batch_size=c.budgets.batch_size,
@@ -163,7 +171,10 @@ class DiPGO(Method):
                 progress=self.progress,
             )
             self.scores = result.scores
-            self.summary = result.summary()
+            self.summary = {**result.summary(), "pruner_unit_cost": o.unit_cost}
+            if o.unit_cost == "latency":
+                self.summary["pruner_unit_seconds"] = {name: round(v, 6) for name, v in weights.units.items()}
+                self.summary["pruner_forward_seconds"] = round(weights.total, 6)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n")
@@ -175,6 +186,21 @@ class DiPGO(Method):
             if not (folder / "config.json").is_file():
                 self.teacher.unet.save_pretrained(str(folder), safe_serialization=True)
             self.weights_dir = str(folder)
+
+    def _weights(self) -> UnitWeights:
+        """What the sparsity loss counts: the units' MACs, or their seconds measured now."""
+        assert self.costs is not None
+        if self.options.unit_cost == "macs":
+            return UnitWeights.of(self.costs)
+        from automl_diff.metrics.latency import unit_latencies
+
+        b = self.config.budgets
+        total, seconds = unit_latencies(self.teacher.unet, self.units, batch_size=b.latency_batch_size, repeats=max(3, b.latency_repeats))
+        logger.info(
+            "DiP-GO: one forward pass at batch %d takes %.4g s; the units take %.0f%% of it",
+            b.latency_batch_size, total, 100 * sum(seconds.values()) / total,
+        )
+        return UnitWeights("latency", total, seconds)
 
     def _digest(self) -> str:
         if self._weights_digest is None:
@@ -194,7 +220,10 @@ class DiPGO(Method):
             threshold,
             units=self.units,
             model=model_fingerprint(self.teacher.unet),
-            info={"target_macs_ratio": self.options.target_macs_ratio, "granularity": self.options.granularity, "teacher": self.teacher.source},
+            info={
+                "target_macs_ratio": self.options.target_macs_ratio, "unit_cost": self.options.unit_cost,
+                "granularity": self.options.granularity, "teacher": self.teacher.source,
+            },
         )
 
     def run_trial(self, trial: Any) -> Candidate:

@@ -9,8 +9,10 @@ cache) is differentiated end to end. The loss is
 where the expected ratio is the trajectory MACs under the gates' probabilities divided by the
 full sampler's, and ``target_i`` moves linearly from 1 (all gates on, where the pruner starts)
 to the target over the first ``warmup`` fraction of the iterations, so that gates turn off one by
-one in order of how little they matter, as in gradual pruning. Memory grows with the number of steps kept in the graph; ``truncate=k`` cuts the
-graph every ``k`` steps (truncated backpropagation) for large models.
+one in order of how little they matter, as in gradual pruning. With latency weights
+(:class:`~automl_diff.methods.dipgo.schedule.UnitWeights`), the ratio counts each unit's measured
+seconds instead of its MACs. Memory grows with the number of steps kept in the graph;
+``truncate=k`` cuts the graph every ``k`` steps (truncated backpropagation) for large models.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm import tqdm
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.dipgo.gates import GateController
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
-from automl_diff.methods.dipgo.schedule import UnitCosts
+from automl_diff.methods.dipgo.schedule import UnitCosts, UnitWeights
 from automl_diff.sampling import denoise
 
 __all__ = ["CONSISTENCY", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
@@ -69,11 +71,13 @@ CONSISTENCY = {
 }
 
 
-def expected_ratio(probs: torch.Tensor, costs: UnitCosts, units: tuple[str, ...]) -> torch.Tensor:
-    """Trajectory MACs under gate probabilities ``probs`` (steps x units) over the full sampler's."""
-    unit = torch.tensor([costs.units[u].macs for u in units], dtype=probs.dtype, device=probs.device)
+def expected_ratio(probs: torch.Tensor, costs: UnitCosts | UnitWeights, units: tuple[str, ...]) -> torch.Tensor:
+    """Trajectory cost (MACs, or measured seconds with latency :class:`UnitWeights`) under gate
+    probabilities ``probs`` (steps x units), over the full sampler's."""
+    weights = UnitWeights.of(costs)
+    unit = torch.tensor([weights.units[u] for u in units], dtype=probs.dtype, device=probs.device)
     steps = probs.shape[0]
-    full = costs.total.macs * steps
+    full = weights.total * steps
     skipped = ((1 - probs) * unit).sum()
     return (full - skipped) / full
 
@@ -102,7 +106,7 @@ def optimise_pruner(
     scheduler_config: dict[str, Any],
     *,
     units: tuple[str, ...],
-    costs: UnitCosts,
+    costs: UnitCosts | UnitWeights,
     steps: int,
     iterations: int,
     batch_size: int,
@@ -124,10 +128,11 @@ def optimise_pruner(
 
     Args:
         unet: the (frozen) model to prune over time.
-        units: prunable units; ``costs`` their MACs.
+        units: prunable units; ``costs`` their MACs (:class:`UnitCosts`), or the weights the
+            sparsity loss counts (:class:`UnitWeights`, e.g. measured seconds).
         steps: sampling steps.
         iterations, batch_size, lr: optimiser steps, trajectories per step, Adam learning rate.
-        target_ratio: trajectory MACs to reach, as a fraction of the full sampler's.
+        target_ratio: trajectory cost to reach (in ``costs``' unit), as a fraction of the full sampler's.
         sparsity_weight: weight of the squared distance to ``target_ratio``.
         consistency: ``mse`` or ``ssim``.
         tau: Gumbel-softmax temperature.

@@ -28,7 +28,7 @@ from automl_diff.errors import UserError
 from automl_diff.metrics.macs import BlockCost, count_unit_macs
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 
-__all__ = ["FORMAT", "Schedule", "UnitCosts", "model_fingerprint", "prunable_units", "unit_costs"]
+__all__ = ["FORMAT", "Schedule", "UnitCosts", "UnitWeights", "model_fingerprint", "prunable_units", "unit_costs"]
 
 FORMAT = "automl_diff.schedule/1"
 _FINGERPRINT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels", "out_channels")
@@ -88,6 +88,24 @@ class UnitCosts:
     def always(self) -> int:
         """MACs outside every unit (embedding, ``conv_in``/``conv_out``, ...): computed every step."""
         return self.total.macs - sum(c.macs for c in self.units.values())
+
+
+@dataclass(frozen=True)
+class UnitWeights:
+    """What DiP-GO's sparsity loss counts for one forward pass: the whole model and each unit, in
+    MACs (``kind="macs"``, the paper's choice) or in measured seconds (``kind="latency"``, where
+    time on the target device does not follow MACs: memory-bound layers, narrow convolutions)."""
+
+    kind: str
+    total: float
+    units: Mapping[str, float]
+
+    @classmethod
+    def of(cls, costs: UnitCosts | UnitWeights) -> UnitWeights:
+        """MAC weights from :class:`UnitCosts`; weights are returned as they are."""
+        if isinstance(costs, UnitWeights):
+            return costs
+        return cls("macs", float(costs.total.macs), {name: float(cost.macs) for name, cost in costs.units.items()})
 
 
 def unit_costs(unet: nn.Module, units: Sequence[str]) -> UnitCosts:
