@@ -119,18 +119,15 @@ def unit_latencies(
 
     Units (blocks or layers, not nested in each other, as :func:`~automl_diff.models.blocks.get_block`
     names them) are timed by forward hooks around them inside whole forward passes, so each sees
-    the inputs and memory state it has when sampling. Returns the medians over ``repeats`` passes
-    (after ``warmup`` untimed ones): ``(total, {unit: seconds})``. Extra ``kwargs`` go to the UNet
-    (``encoder_hidden_states`` for a conditional one).
+    the inputs and memory state it has when sampling. The passes take the inputs MACs are counted
+    on (:func:`~automl_diff.metrics.macs.example_inputs`, text conditioning included for a
+    conditional UNet) at ``batch_size``. Returns the medians over ``repeats`` passes (after
+    ``warmup`` untimed ones): ``(total, {unit: seconds})``. Extra ``kwargs`` go to the UNet.
     """
+    from automl_diff.metrics.macs import example_inputs
     from automl_diff.models.blocks import get_block
 
-    param = next(unet.parameters())
-    config = unet.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    x = torch.randn(batch_size, config.in_channels, height, width, generator=torch.Generator().manual_seed(0)).to(param)
-    t = torch.full((batch_size,), 500, device=param.device, dtype=torch.long)
+    inputs = example_inputs(unet, batch_size=batch_size)
     started: dict[str, float] = {}
     current: dict[str, float] = dict.fromkeys(units, 0.0)  # this pass's seconds per unit
     spent: dict[str, list[float]] = {name: [] for name in units}
@@ -157,7 +154,7 @@ def unit_latencies(
             current.update(dict.fromkeys(units, 0.0))
             _sync(unet)
             start = time.perf_counter()
-            unet(x, t, **kwargs)
+            unet(*inputs, **kwargs)
             _sync(unet)
             if i >= warmup:
                 totals.append(time.perf_counter() - start)
