@@ -186,6 +186,7 @@ def optimise_pruner(
             return x.detach()
         return x
 
+    weights = UnitWeights.of(costs)  # converted once, not in every iteration
     cons = ratio = torch.tensor(math.nan)
     try:
         for it in bar:
@@ -194,7 +195,7 @@ def optimise_pruner(
             controller.use_soft(gates.to(dtype))
             images = run(idx.to(device), gen_seed=seed + 1 + int(idx[0]), after_step=cut)
             cons = loss_fn(images.float(), targets[idx.to(device)].float())
-            ratio = expected_ratio(pruner.probs(), costs, units)
+            ratio = expected_ratio(pruner.probs(), weights, units)
             progress_frac = min(1.0, (it + 1) / max(1.0, warmup * iterations))
             target = 1.0 + (target_ratio - 1.0) * progress_frac
             loss = cons + sparsity_weight * (ratio - target) ** 2
@@ -203,7 +204,7 @@ def optimise_pruner(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            record = {"iteration": it, "consistency": cons.item(), "ratio": ratio.item(), "hard_ratio": expected_ratio(gates.detach(), costs, units).item()}
+            record = {"iteration": it, "consistency": cons.item(), "ratio": ratio.item(), "hard_ratio": expected_ratio(gates.detach(), weights, units).item()}
             history.append(record)
             bar.set_postfix(cons=f"{record['consistency']:.4f}", ratio=f"{record['ratio']:.3f}")
     finally:
