@@ -27,7 +27,7 @@ from automl_diff.methods.dipgo import Schedule, apply_schedule, prunable_units, 
 from automl_diff.methods.dipgo.optimise import optimise_pruner
 from automl_diff.methods.dipgo.schedule import UnitWeights, model_fingerprint
 from automl_diff.metrics.fid import fid_from_images, get_extractor, reference_statistics
-from automl_diff.metrics.latency import time_interleaved, unit_latencies
+from automl_diff.metrics.latency import time_interleaved
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models import load_teacher
 from automl_diff.sampling import sample_images
@@ -63,8 +63,9 @@ def main() -> None:
     reference = reference_statistics("digits", extractor, resolution=16, channels=1)
     units = tuple(prunable_units(unet, args.granularity))
     costs = unit_costs(unet, units)
-    total, seconds = unit_latencies(unet, units, batch_size=args.latency_batch, repeats=max(3, args.latency_repeats))
-    weights = {"macs": UnitWeights.of(costs), "latency": UnitWeights("latency", total, seconds)}
+    latency = UnitWeights.measured(unet, units, batch_size=args.latency_batch, repeats=max(3, args.latency_repeats))
+    total, seconds = latency.total, latency.units
+    weights = {"macs": UnitWeights.of(costs), "latency": latency}
     print("| unit | share of the MACs | share of the time |\n|---|---|---|")
     for name in units:
         print(f"| {name} | {costs.units[name].macs / costs.total.macs:.3f} | {seconds[name] / total:.3f} |")

@@ -204,6 +204,21 @@ def test_unit_latencies_time_each_unit_inside_whole_passes(tiny_unet):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_unet.modules())  # hooks removed
 
 
+def test_measured_latency_weights_pay_a_skipped_pass_at_every_step(tiny_unet):
+    from diffusers.hooks import HookRegistry
+
+    from automl_diff.methods.dipgo.schedule import UnitWeights, skipped_pass_seconds
+
+    units = tuple(prunable_units(tiny_unet, "layer"))
+    fixed = skipped_pass_seconds(tiny_unet, units, batch_size=2, repeats=3)
+    weights = UnitWeights.measured(tiny_unet, units, batch_size=2, repeats=3)
+    assert fixed > 0 and weights.kind == "latency" and set(weights.units) == set(units)
+    assert weights.total > sum(weights.units.values()) > 0
+    # the gates came off again: the plain model runs, with no hooks left behind
+    assert not any(HookRegistry.check_if_exists_or_initialize(m).hooks for m in tiny_unet.modules() if hasattr(m, "_diffusers_hook"))
+    assert not hasattr(tiny_unet, "_automl_diff_gates")
+
+
 def test_latency_weights_drive_the_expected_ratio(tiny_unet):
     from automl_diff.methods.dipgo.schedule import UnitWeights
 

@@ -13,10 +13,11 @@ from torch import nn
 
 from automl_diff.sampling import sample_images
 
-__all__ = ["measure_latency", "measure_latencies", "time_interleaved", "unit_latencies"]
+__all__ = ["measure_latency", "measure_latencies", "synchronize", "time_interleaved", "unit_latencies"]
 
 
-def _sync(module: nn.Module) -> None:
+def synchronize(module: nn.Module) -> None:
+    """Wait for the work queued on ``module``'s CUDA device (nothing to wait for on a CPU)."""
     device = next(module.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,11 +89,11 @@ def time_interleaved(
     def once(name: str) -> float:
         with contexts.get(name, contextlib.nullcontext)():
             if sync is not None:
-                _sync(sync)
+                synchronize(sync)
             start = time.perf_counter()
             runs[name]()
             if sync is not None:
-                _sync(sync)
+                synchronize(sync)
             return time.perf_counter() - start
 
     for name in runs:
@@ -134,13 +135,13 @@ def unit_latencies(
 
     def before(name: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
-            _sync(unet)
+            synchronize(unet)
             started[name] = time.perf_counter()
         return hook
 
     def after(name: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
-            _sync(unet)
+            synchronize(unet)
             current[name] += time.perf_counter() - started[name]
         return hook
 
@@ -152,10 +153,10 @@ def unit_latencies(
     try:
         for i in range(warmup + repeats):
             current.update(dict.fromkeys(units, 0.0))
-            _sync(unet)
+            synchronize(unet)
             start = time.perf_counter()
             unet(*inputs, **kwargs)
-            _sync(unet)
+            synchronize(unet)
             if i >= warmup:
                 totals.append(time.perf_counter() - start)
                 for name, seconds in current.items():

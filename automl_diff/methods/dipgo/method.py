@@ -192,15 +192,13 @@ class DiPGO(Method):
         assert self.costs is not None
         if self.options.unit_cost == "macs":
             return UnitWeights.of(self.costs)
-        from automl_diff.metrics.latency import unit_latencies
-
         b = self.config.budgets
-        total, seconds = unit_latencies(self.teacher.unet, self.units, batch_size=b.latency_batch_size, repeats=max(3, b.latency_repeats))
+        weights = UnitWeights.measured(self.teacher.unet, self.units, batch_size=b.latency_batch_size, repeats=max(3, b.latency_repeats))
         logger.info(
-            "DiP-GO: one forward pass at batch %d takes %.4g s; the units take %.0f%% of it",
-            b.latency_batch_size, total, 100 * sum(seconds.values()) / total,
+            "DiP-GO: one step at batch %d takes %.4g s; the units take %.0f%% of it, the rest is paid at every step",
+            b.latency_batch_size, weights.total, 100 * sum(weights.units.values()) / weights.total,
         )
-        return UnitWeights("latency", total, seconds)
+        return weights
 
     def _digest(self) -> str:
         if self._weights_digest is None:

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.metrics.macs import BlockCost, count_unit_macs
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 
-__all__ = ["FORMAT", "Schedule", "UnitCosts", "UnitWeights", "model_fingerprint", "prunable_units", "unit_costs"]
+__all__ = ["FORMAT", "Schedule", "UnitCosts", "UnitWeights", "model_fingerprint", "prunable_units", "skipped_pass_seconds", "unit_costs"]
 
 FORMAT = "automl_diff.schedule/1"
 _FINGERPRINT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels", "out_channels")
@@ -106,6 +107,47 @@ class UnitWeights:
         if isinstance(costs, UnitWeights):
             return costs
         return cls("macs", float(costs.total.macs), {name: float(cost.macs) for name, cost in costs.units.items()})
+
+    @classmethod
+    def measured(cls, unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> UnitWeights:
+        """Latency weights measured on ``unet``'s device at ``batch_size``: each unit's seconds
+        inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`), and as
+        the time no schedule removes, a pass in which every unit reuses its cache (embeddings,
+        ``conv_in``/``conv_out``, the gates themselves). ``total`` is that fixed time plus the
+        units', so a schedule's expected time is what its steps really cost, not a pass timed
+        with a hook around every unit."""
+        from automl_diff.metrics.latency import unit_latencies
+
+        units = tuple(units)
+        _, seconds = unit_latencies(unet, units, batch_size=batch_size, repeats=repeats)
+        return cls("latency", skipped_pass_seconds(unet, units, batch_size=batch_size, repeats=repeats) + sum(seconds.values()), seconds)
+
+
+@torch.no_grad()
+def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> float:
+    """Median seconds of a forward pass at ``batch_size`` in which every unit returns its cached
+    output: what a sampling step costs when its schedule computes nothing (after ``repeats``
+    computing passes that fill the caches, untimed)."""
+    import statistics
+    import time
+
+    from automl_diff.methods.dipgo.gates import GateController
+    from automl_diff.metrics.latency import synchronize
+    from automl_diff.metrics.macs import example_inputs
+
+    units = tuple(units)
+    sample, timestep, *context = example_inputs(unet, batch_size=batch_size)
+    schedule = Schedule(2, units, (tuple(True for _ in units), tuple(False for _ in units)))
+    times = []
+    with GateController(unet, units, 2).use(schedule):
+        for _ in range(max(1, repeats) + 1):
+            unet(sample, timestep, *context)  # step 0: computes every unit, fills the caches
+            synchronize(unet)
+            start = time.perf_counter()
+            unet(sample, timestep - 1, *context)  # step 1: every unit reuses its cache
+            synchronize(unet)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def unit_costs(unet: nn.Module, units: Sequence[str]) -> UnitCosts:
