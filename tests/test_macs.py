@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from automl_diff.metrics.macs import count_macs
