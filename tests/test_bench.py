@@ -26,7 +26,7 @@ def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
         dkdm_iterations=2, diffnas_space=str(tiny_supernet_space), supernet_iterations=2, subnets_per_step=2, search_samples=4,
         max_ratio=1.0, retrain_iterations=2, prune_ratios=(0.25, 0.5),
         dipgo={"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0, "sparsity_weight": 5.0},
-        dipgo_iterations=3, dipgo_batch=2, dipgo_lr=0.05, dipgo_thresholds=(0.3, 0.7), stacked_target=0.5,
+        dipgo_iterations=3, dipgo_batch=2, dipgo_lr=0.05, dipgo_thresholds=(0.3, 0.7), stacked_dipgo={"unit_cost": "latency"},
         deepcache_intervals=(2, 3), device="cpu",
     )
 

@@ -28,6 +28,7 @@ class BenchPreset:
         steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
         fid_samples: images per FID, drawn from the same noise for every row (``seed``).
         latency_batch, latency_repeats: images per timed batch, interleaved timed batches per row.
+        latency_warmup: untimed batches per row before them (every row has just sampled its FID).
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
@@ -42,7 +43,8 @@ class BenchPreset:
         dipgo: DiP-GO pruner options (``method_options``) for the teacher.
         dipgo_iterations, dipgo_batch, dipgo_lr: its optimisation budget.
         dipgo_thresholds: thresholds whose schedules are measured (teacher and stacked).
-        stacked_target: DiP-GO's target trajectory-MACs ratio on the DiffNAS student.
+        stacked_dipgo: options of the stacked DiP-GO run on the DiffNAS student, over ``dipgo``
+            (its target, say, or ``unit_cost: latency``).
         deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -58,6 +60,7 @@ class BenchPreset:
     fid_batch: int = 250
     latency_batch: int = 64
     latency_repeats: int = 3
+    latency_warmup: int = 1
     batch_size: int = 32
     lr: float = 1e-3
     ema_decay: float = 0.99
@@ -78,7 +81,7 @@ class BenchPreset:
     dipgo_batch: int = 4
     dipgo_lr: float = 0.01
     dipgo_thresholds: tuple[float, ...] = (0.01, 0.1, 0.5)
-    stacked_target: float = 0.25
+    stacked_dipgo: dict[str, Any] = field(default_factory=dict)
     deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
     goal: tuple[float, float, float] = (8.0, 1.15, 0.8)
     device: str = "auto"
@@ -89,17 +92,19 @@ PRESETS: dict[str, BenchPreset] = {
     "digits": BenchPreset(
         name="digits",
         teacher="digits",
+        fid_batch=256,
         latency_batch=256,
+        latency_warmup=0,
         pool_size=2048,
         max_ratio=0.7,
         retrain_iterations=2000,
-        dipgo_thresholds=(0.05, 0.2, 0.5),
-        stacked_target=0.23,
+        dipgo_thresholds=(0.05, 0.5),
         dkdm_params={
             "down.0.channels": 24, "down.1.channels": 48, "down.1.layers": 1, "down.2.channels": 32,
             "down.2.layers": 1, "down.2.attention": False, "mid.attention": False,
         },
         dipgo={"granularity": "layer", "target_macs_ratio": 0.23, "sparsity_weight": 5.0, "warmup": 0.6},
+        stacked_dipgo={"unit_cost": "latency", "target_macs_ratio": 0.255},
     ),
     "ddpm-cifar10": BenchPreset(
         name="ddpm-cifar10",

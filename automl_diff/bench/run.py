@@ -300,13 +300,14 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
             notes=f"L2 magnitude, ratio {ratio}, fine-tuned {preset.retrain_iterations} steps")
 
     # -- DiP-GO on the teacher ----------------------------------------------------------------------
-    def dipgo_config(target: float) -> Any:
+    def dipgo_config(options: dict[str, Any]) -> Any:
         return _study_config(
-            preset, "dipgo", search_space=None, iterations=preset.dipgo_iterations, batch_size=preset.dipgo_batch, lr=preset.dipgo_lr,
-            options={**preset.dipgo, "target_macs_ratio": target},
+            preset, "dipgo", search_space=None, iterations=preset.dipgo_iterations, batch_size=preset.dipgo_batch, lr=preset.dipgo_lr, options=options,
         )
 
     def schedules(method: Any, seconds: float, label: str, kind: str, model: nn.Module) -> list[Row]:
+        o = method.options
+        pruner = f"pruner target {o.target_macs_ratio:g} of the trajectory {'MACs' if o.unit_cost == 'macs' else 'time (units weighed by measured seconds)'}"
         out, seen = [], set()
         for threshold in preset.dipgo_thresholds:
             schedule = method.schedule_for(threshold)
@@ -315,11 +316,11 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
             seen.add(schedule.key())
             out.append(measure(
                 f"{label}, threshold {threshold:g}", kind, model, context=lambda s=schedule: apply_schedule(model, s), search_seconds=seconds,
-                notes=f"{len(schedule.units)} units x {steps} steps, {schedule.computed_fraction:.3f} of the units computed",
+                notes=f"{len(schedule.units)} units x {steps} steps, {schedule.computed_fraction:.3f} of the units computed; {pruner}",
             ))
         return out
 
-    dipgo = DiPGO(dipgo_config(preset.dipgo["target_macs_ratio"]), teacher, device=device)
+    dipgo = DiPGO(dipgo_config(preset.dipgo), teacher, device=device)
     start = time.perf_counter()
     dipgo.prepare()
     dipgo_seconds = time.perf_counter() - start
@@ -338,7 +339,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- DiffNAS + DiP-GO: the student as the starting model of a stacked DiP-GO run ---------------
     start_model = Teacher(student, scheduler_config, "DiffNAS student", dataset=teacher.dataset)
-    stacked = DiPGO(dipgo_config(preset.stacked_target), start_model, reference=teacher, device=device)
+    stacked = DiPGO(dipgo_config({**preset.dipgo, **preset.stacked_dipgo}), start_model, reference=teacher, device=device)
     start = time.perf_counter()
     stacked.prepare()
     stacked_seconds = nas_seconds + time.perf_counter() - start
@@ -346,7 +347,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- latency: every row interleaved with every other ----------------------------------------
     log(f"timing {len(timed)} rows interleaved: {preset.latency_repeats} batches of {preset.latency_batch} each")
-    seconds = time_interleaved(timed, contexts=contexts, repeats=preset.latency_repeats, warmup=1, sync=unet)
+    seconds = time_interleaved(timed, contexts=contexts, repeats=preset.latency_repeats, warmup=preset.latency_warmup, sync=unet)
     for row in rows:
         row.latency = seconds[row.name] / preset.latency_batch
     details = {"tolerance": tolerance, "block_choices": choice, "prune_ratio": ratio, "deepcache_levels": levels, "pool_seconds": pool_seconds}
