@@ -126,8 +126,9 @@ class UnitWeights:
 @torch.no_grad()
 def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> float:
     """Median seconds of a forward pass at ``batch_size`` in which every unit returns its cached
-    output: what a sampling step costs when its schedule computes nothing (after ``repeats``
-    computing passes that fill the caches, untimed)."""
+    output: what a sampling step costs when its schedule computes nothing. Each timed pass follows
+    an untimed one that computes every unit and fills the caches; of ``repeats + 1`` such rounds
+    the first is a warm-up."""
     import statistics
     import time
 
