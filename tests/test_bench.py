@@ -24,7 +24,7 @@ def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
         batch_size=4, pool_size=8, pool_steps=3,
         dkdm_space=str(tiny_space), dkdm_params={"down.0.channels": 4, "down.1.channels": 8, "down.1.layers": 1, "down.1.attention": False},
         dkdm_iterations=2, diffnas_space=str(tiny_supernet_space), supernet_iterations=2, subnets_per_step=2, search_samples=4,
-        max_ratio=1.0, retrain_iterations=2, prune_ratios=(0.25, 0.5),
+        max_ratio=1.0, diffnas_block_cost="latency", retrain_iterations=2, prune_ratios=(0.25, 0.5),
         dipgo={"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0, "sparsity_weight": 5.0},
         dipgo_iterations=3, dipgo_batch=2, dipgo_lr=0.05, dipgo_thresholds=(0.3, 0.7), stacked_dipgo={"unit_cost": "latency"},
         deepcache_intervals=(2, 3), device="cpu",
@@ -49,6 +49,7 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
     assert all(r.params == student.params and r.trajectory_macs <= student.trajectory_macs for r in stacked)
     assert rows["DeepCache peer"].trajectory_macs < teacher.trajectory_macs
     assert student.search_seconds > 0 and min(r.search_seconds for r in stacked) > student.search_seconds
+    assert "fastest candidate within it (timed at batch 2)" in student.notes
     assert teacher.search_seconds == 0 == rows["DeepCache peer"].search_seconds
 
     text = markdown(result, command="python -m automl_diff.bench --preset tiny")

@@ -102,6 +102,53 @@ def test_local_search_picks_the_smallest_candidate_within_tolerance():
     assert choose_local(scores, 0.001)["down.0"].loss == 0.01
 
 
+def test_latency_cost_picks_the_fastest_candidate_within_tolerance_whatever_its_macs():
+    def s(layers, width, loss, macs, latency):
+        return BlockScore("down.0", BlockChoice(layers, width, False), loss, macs, latency)
+
+    # a narrow resnet: fewer MACs than the full one, but slower on the device
+    scores = {"down.0": [s(1, 0.25, 0.04, 30, 0.012), s(1, 1.0, 0.01, 100, 0.010), s(0, 1.0, 0.50, 0, 0.001)]}
+    assert choose_local(scores, 0.05)["down.0"].choice == BlockChoice(1, 0.25, False)
+    assert choose_local(scores, 0.05, "latency")["down.0"].choice == BlockChoice(1, 1.0, False)
+    assert choose_local(scores, 0.6, "latency")["down.0"].latency == 0.001
+    with pytest.raises(ValueError, match="cost"):
+        choose_local(scores, 0.05, "flops")
+
+
+def test_latency_search_times_each_candidate_as_a_plain_block_at_the_latency_batch(tiny_unet, tmp_path):
+    from automl_diff.methods.diffnas.search import _batch_of
+
+    supernets = build_supernets(tiny_unet, _space(tiny_unet))
+    data = {}
+    for seed in range(2):
+        x, t = _inputs(tiny_unet, n=3, seed=seed)
+        _, recorded = record_teacher_blocks(tiny_unet, x, t, list(supernets))
+        for name, value in recorded.items():
+            data.setdefault(name, []).append(value)
+    args, kwargs = _batch_of(data["up.0"], 8)  # 6 samples, repeated up to 8
+    first = data["up.0"][0]
+    batched = [*iter_tensors([*args, *kwargs.values()])]
+    assert len(batched) == len([*iter_tensors([*first.args, *first.kwargs.values()])]) > 2  # hidden, temb, skips
+    assert all(t.shape[0] == 8 for t in batched)
+    assert torch.equal(batched[0][:3], next(iter_tensors([*first.args, *first.kwargs.values()])))
+    assert torch.equal(batched[0][6:], batched[0][:2])
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    scores = local_search(supernets, data, storage=storage, study_name="p", key="k", cost="latency", latency_batch=8)
+    for name, supernet in supernets.items():
+        study = optuna.load_study(study_name=f"p/block/{name}", storage=storage)
+        assert study.metric_names == ["latency", "loss"]
+        assert {sc.choice for sc in scores[name]} == set(supernet.candidates())
+        assert all(sc.latency > 0 and sc.macs >= 0 for sc in scores[name])
+        for trial in study.trials:
+            assert trial.values[0] == trial.user_attrs["latency"] and "macs" in trial.user_attrs
+    # computing nothing (every resnet a shortcut, identity where channels match) is faster than the full block
+    up1 = {sc.choice.layers: sc for sc in scores["up.1"] if sc.choice.width == 1.0}
+    assert up1[0].latency < up1[2].latency
+    fastest = choose_local(scores, 1e9, "latency")
+    assert all(fastest[n].latency == min(sc.latency for sc in scores[n]) for n in scores)
+
+
 def test_block_searches_are_optuna_studies_in_the_storage_and_both_modes_run(tiny_unet, tmp_path):
     supernets = build_supernets(tiny_unet, _space(tiny_unet))
     data = {}
@@ -304,17 +351,22 @@ def test_global_mode_study_and_option_errors(study_factory, tmp_path, capsys):
         name="tinyglobal", method="diffnas", search_space=str(space), n_trials=1,
         budgets={"train_iterations": 1, "batch_size": 4, "fid_samples": 16, "sampling_steps": 2, "latency_repeats": 1, "latency_batch_size": 2},
     )
-    config = study_factory(**common, method_options={"pool_size": 8, "pool_steps": 3, "supernet_iterations": 2, "search_samples": 4, "search": "global", "global_trials": 4})
+    options = {"pool_size": 8, "pool_steps": 3, "supernet_iterations": 2, "search_samples": 4, "search": "global", "global_trials": 4, "block_cost": "latency"}
+    config = study_factory(**common, method_options=options)
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    assert len(optuna.load_study(study_name="tinyglobal/global", storage=storage).trials) == 4
+    search = optuna.load_study(study_name="tinyglobal/global", storage=storage)
+    assert len(search.trials) == 4 and search.metric_names == ["latency", "loss"]
+    assert all(t.values[0] == t.user_attrs["latency"] > 0 for t in search.trials)
     trial = optuna.load_study(study_name="tinyglobal", storage=storage).best_trials[0]
-    assert trial.user_attrs["search"] == "global" and json.dumps(trial.user_attrs["block_choices"])
+    assert trial.user_attrs["search"] == "global" and trial.user_attrs["block_cost"] == "latency"
+    assert json.dumps(trial.user_attrs["block_choices"])
 
     for options, match in [
         ({"tolerance_low": 0.5, "tolerance_high": 0.1}, "tolerance_low: must be below"),
         ({"retrain_iterations": [10, "x"]}, r"retrain_iterations\[1\]"),
         ({"joint_schedule": "step"}, "joint_schedule"),
+        ({"block_cost": "flops"}, "block_cost"),
         ({"data_weight": 0.5}, "data_weight: needs source: dataset"),
     ]:
         config = study_factory(**common, method_options=options)

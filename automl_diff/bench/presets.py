@@ -38,6 +38,8 @@ class BenchPreset:
         supernet_iterations, subnets_per_step, search_samples: DiffNAS supernet training and search.
         max_ratio: the DiffNAS student is the smallest tolerance's whose MACs and params are at
             most this fraction of the teacher's.
+        diffnas_block_cost: what a tolerance minimises per block: ``macs``, or ``latency``
+            (candidates timed at ``latency_batch``).
         retrain_iterations: DiffNAS retraining steps, and the Torch-Pruning peer's fine-tune.
         prune_ratios: Torch-Pruning ratios tried; the one closest to the DiffNAS student's MACs runs.
         dipgo: DiP-GO pruner options (``method_options``) for the teacher.
@@ -74,6 +76,7 @@ class BenchPreset:
     subnets_per_step: int = 3
     search_samples: int = 256
     max_ratio: float = 0.5
+    diffnas_block_cost: str = "macs"
     retrain_iterations: int = 1500
     prune_ratios: tuple[float, ...] = (0.25, 0.3)
     dipgo: dict[str, Any] = field(default_factory=dict)

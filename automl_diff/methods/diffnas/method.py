@@ -6,14 +6,15 @@
 2. trains them on the teacher's block inputs and outputs, recorded on ``(x_t, t)`` from the DKDM
    pool (data-free) or the dataset (``source``); the weights are cached in
    ``<output_dir>/<study>/diffnas_supernets.safetensors``,
-3. scores block candidates on a fixed validation set, in Optuna studies kept in the study's own
-   storage: ``<study>/block/<block>`` per block (``search: local``) or ``<study>/global``
-   (``search: global``).
+3. scores block candidates on a fixed validation set by loss and cost (MACs, or with
+   ``block_cost: latency`` their measured seconds at ``budgets.latency_batch_size`` on the study's
+   device), in Optuna studies kept in the study's own storage: ``<study>/block/<block>`` per block
+   (``search: local``) or ``<study>/global`` (``search: global``).
 
 Each trial of the outer study then samples a tolerance (log scale) and, when
-``retrain_iterations`` lists several budgets, a retraining budget; picks the subnets within the
-tolerance; assembles the student with the supernets' weights; and retrains it with the dynamic
-joint loss. Tolerances that select the same student at the same budget are pruned as duplicates
+``retrain_iterations`` lists several budgets, a retraining budget; picks per block the cheapest
+subnet within the tolerance; assembles the student with the supernets' weights; and retrains it
+with the dynamic joint loss. Tolerances that select the same student at the same budget are pruned as duplicates
 before any training.
 
 Stacked on the export of another study (``teacher: path/to/export``), the supernets mirror and
@@ -39,6 +40,7 @@ from automl_diff.errors import UserError
 from automl_diff.methods.base import Candidate, Method, require_range
 from automl_diff.methods.diffnas.retrain import JOINT_SCHEDULES, JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
+    BLOCK_COSTS,
     BlockInputs,
     BlockScore,
     GlobalScore,
@@ -76,6 +78,10 @@ class DiffNASOptions(PoolOptions):
         block_trials: per-block trials; blocks with at most this many candidates are searched
             exhaustively.
         global_trials: trials of the global search.
+        block_cost: what a tolerance minimises among the candidates within it: ``macs`` (the
+            paper's choice) or ``latency``, each candidate cut out as a plain block and timed on
+            the validation inputs at ``budgets.latency_batch_size`` on the study's device (narrow
+            convolutions and attention over few tokens cost more time than their MACs say).
         tolerance_low, tolerance_high: range of the tolerance on the relative block loss (log scale).
         retrain_iterations: retraining budgets for Optuna to choose from (empty: budgets.train_iterations).
         joint_schedule: how the block-feature weight changes: ``linear``, ``cosine`` or ``static``.
@@ -91,6 +97,7 @@ class DiffNASOptions(PoolOptions):
     search_samples: int = field(default=256, metadata={"check": positive})
     block_trials: int = field(default=64, metadata={"check": lambda v: None if v >= 2 else "must be at least 2"})
     global_trials: int = field(default=200, metadata={"check": lambda v: None if v >= 2 else "must be at least 2"})
+    block_cost: str = field(default="macs", metadata={"choices": BLOCK_COSTS})
     tolerance_low: float = field(default=0.01, metadata={"check": positive})
     tolerance_high: float = field(default=0.3, metadata={"check": positive})
     retrain_iterations: tuple[int, ...] = field(default=(), metadata={"check": lambda v: None if v >= 0 else "must be at least 0"})
@@ -216,13 +223,16 @@ class DiffNAS(Method):
         start = time.perf_counter()
         data = self._validation()
         o = self.options
+        cost = {"cost": o.block_cost, "latency_batch": self.config.budgets.latency_batch_size}
+        if o.block_cost == "latency":  # scores measured at another batch size or device are not comparable
+            key = f"{key}/latency@{self.config.budgets.latency_batch_size}/{self.device.type}"
         if o.search == "local":
-            self.block_scores = local_search(self.supernets, data, storage=storage, study_name=name, key=key, max_trials=o.block_trials, seed=self.config.seed)
+            self.block_scores = local_search(self.supernets, data, storage=storage, study_name=name, key=key, max_trials=o.block_trials, seed=self.config.seed, **cost)
             evaluations = sum(len(v) for v in self.block_scores.values())
         else:
-            self.global_scores = global_search(self.supernets, data, storage=storage, study_name=name, key=key, n_trials=o.global_trials, seed=self.config.seed)
+            self.global_scores = global_search(self.supernets, data, storage=storage, study_name=name, key=key, n_trials=o.global_trials, seed=self.config.seed, **cost)
             evaluations = len(self.global_scores) * len(self.supernets)
-        self.summary.update(search=o.search, search_seconds=round(time.perf_counter() - start, 3), block_evaluations=evaluations)
+        self.summary.update(search=o.search, block_cost=o.block_cost, search_seconds=round(time.perf_counter() - start, 3), block_evaluations=evaluations)
         logger.info("DiffNAS: %s search scored %d block candidates in %.1f s", o.search, evaluations, time.perf_counter() - start)
 
     # -- trials ----------------------------------------------------------------------------------
@@ -245,9 +255,9 @@ class DiffNAS(Method):
         if self.block_scores is None and self.global_scores is None:
             self.prepare()
         if self.block_scores is not None:
-            chosen = choose_local(self.block_scores, tolerance)
+            chosen = choose_local(self.block_scores, tolerance, self.options.block_cost)
             return {n: s.choice for n, s in chosen.items()}, {n: s.loss for n, s in chosen.items()}
-        best = choose_global(self.global_scores, tolerance)
+        best = choose_global(self.global_scores, tolerance, self.options.block_cost)
         return dict(best.choices), {"mean": best.loss}
 
     def fingerprint(self, trial: Any) -> str | None:

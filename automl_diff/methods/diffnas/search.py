@@ -5,15 +5,18 @@
   ``(x_t, t)`` from the DKDM pool or a dataset). Each step trains the largest, the smallest and
   some random subnets of every block (the sandwich rule).
 * :func:`local_search`: one Optuna study per block (``<study>/block/<name>`` in the study's own
-  storage) scores each candidate by its block loss and block MACs, exhaustively when the block has
-  few candidates. :func:`choose_local` then takes, per block, the smallest candidate whose loss is
+  storage) scores each candidate by its block loss and its cost, exhaustively when the block has
+  few candidates. :func:`choose_local` then takes, per block, the cheapest candidate whose loss is
   within the tolerance: a sum of per-block searches instead of a product.
 * :func:`global_search`: one Optuna study (``<study>/global``) over all blocks jointly, scored by
-  the mean block loss and total MACs, for comparison (:func:`choose_global`).
+  the mean block loss and the total cost, for comparison (:func:`choose_global`).
 
 Block loss is the relative MSE ``||F_b(x) - F_b^teacher(x)||^2 / ||F_b^teacher(x)||^2`` over all
 tensors the block returns, on a fixed validation set of teacher block inputs, so tolerances mean
-the same thing in every block. Block MACs are executed MACs for one sample (torch's counter).
+the same thing in every block. A candidate's cost is its block MACs (executed MACs for one sample,
+torch's counter; ``cost="macs"``, the paper's choice) or its measured seconds (``cost="latency"``:
+the candidate cut out as a plain block, timed on the validation inputs at a batch size, where time
+on the device does not follow MACs: narrow convolutions, attention over few tokens).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,7 @@ from automl_diff.models.blocks import map_tensors, record_blocks
 from automl_diff.sampling import predict_noise
 
 __all__ = [
+    "BLOCK_COSTS",
     "BlockInputs",
     "BlockScore",
     "GlobalScore",
@@ -53,6 +57,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("automl_diff")
+
+#: What a block candidate's cost is: executed MACs, or measured seconds.
+BLOCK_COSTS = ("macs", "latency")
 
 
 @dataclass
@@ -153,23 +160,72 @@ def train_supernets(
 
 @dataclass(frozen=True)
 class BlockScore:
-    """A block candidate's score: relative block loss and executed MACs (one sample)."""
+    """A block candidate's score: relative block loss, executed MACs (one sample) and, when
+    measured, ``latency``: seconds of the candidate as a plain block at the latency batch size."""
 
     block: str
     choice: BlockChoice
     loss: float
     macs: int
+    latency: float = math.nan
+
+    def cost(self, kind: str) -> float:
+        """The candidate's cost of kind ``macs`` or ``latency`` (seconds)."""
+        return float(self.macs) if kind == "macs" else self.latency
+
+
+def _batch_of(data: list[BlockInputs], size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The block arguments of ``size`` validation samples (the batches concatenated, repeated if
+    there are fewer samples)."""
+    args = [(d.args, d.kwargs) for d in data]
+    total = sum(next(iter_tensors([*a, *k.values()])).shape[0] for a, k in args)
+    args = args * -(-size // total)
+
+    def cat(*parts: Any) -> Any:
+        first = parts[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(parts)[:size] if first.dim() else first
+        if isinstance(first, (tuple, list)):
+            return type(first)(cat(*p) for p in zip(*parts, strict=True))
+        if isinstance(first, dict):
+            return {k: cat(*(p[k] for p in parts)) for k in first}
+        return first
+
+    return cat(*(a for a, _ in args)), cat(*(k for _, k in args))
 
 
 @torch.no_grad()
-def score_candidate(supernet: BlockSupernet, choice: BlockChoice, data: list[BlockInputs]) -> BlockScore:
-    """Block loss of a candidate on the validation batches, and its MACs for one sample."""
+def block_seconds(supernet: BlockSupernet, choices: Sequence[BlockChoice], data: list[BlockInputs], *, batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of each candidate (by :attr:`BlockChoice.key`), cut out as the plain block
+    the student will hold (:meth:`BlockSupernet.subnet`), on ``batch_size`` validation samples.
+    The candidates are timed interleaved, after one untimed call each, so that drifting machine
+    load hits them alike."""
+    from automl_diff.metrics.latency import time_interleaved
+
+    args, kwargs = _batch_of(data, batch_size)
+    runs = {}
+    for choice in choices:
+        block = supernet.subnet(choice).eval()
+        runs[supernet.canonical(choice).key] = lambda block=block: block(*args, **kwargs)
+    return time_interleaved(runs, repeats=repeats, warmup=1, sync=supernet)
+
+
+@torch.no_grad()
+def score_candidate(
+    supernet: BlockSupernet, choice: BlockChoice, data: list[BlockInputs], *, latency_batch: int | None = None, latency: float | None = None
+) -> BlockScore:
+    """Block loss of a candidate on the validation batches, its MACs for one sample and its
+    ``latency``: as given, else with ``latency_batch`` timed at that batch size
+    (:func:`block_seconds`), else not measured."""
+    choice = supernet.canonical(choice)
     supernet.set(choice)
     losses = [block_loss(supernet(*d.args, **d.kwargs), d.output).item() for d in data]
     first = data[0]
     args, kwargs = map_tensors(lambda t: t[:1], first.args), map_tensors(lambda t: t[:1], first.kwargs)
     macs = executed_macs(lambda: supernet(*args, **kwargs))
-    return BlockScore(supernet.name, supernet.canonical(choice), sum(losses) / len(losses), macs)
+    if latency is None:
+        latency = block_seconds(supernet, [choice], data, batch_size=latency_batch)[choice.key] if latency_batch else math.nan
+    return BlockScore(supernet.name, choice, sum(losses) / len(losses), macs, latency)
 
 
 def _suggest_choice(trial: optuna.Trial, supernet: BlockSupernet, prefix: str = "") -> BlockChoice:
@@ -207,6 +263,23 @@ def _quiet_optimize(study: optuna.Study, objective: Callable[[optuna.Trial], Any
         optuna.logging.set_verbosity(level)
 
 
+def _metric(cost: str) -> str:
+    if cost not in BLOCK_COSTS:
+        raise ValueError(f"cost must be one of {BLOCK_COSTS}, got {cost!r}")
+    return "macs" if cost == "macs" else "latency"
+
+
+def _score_attrs(trial: optuna.Trial, score: BlockScore) -> None:
+    trial.set_user_attr("macs", score.macs)
+    if not math.isnan(score.latency):
+        trial.set_user_attr("latency", score.latency)
+
+
+def _stored_score(name: str, choice: BlockChoice, trial: optuna.trial.FrozenTrial, loss: float) -> BlockScore:
+    attrs = trial.user_attrs
+    return BlockScore(name, choice, loss, int(attrs.get("macs", trial.values[0])), float(attrs.get("latency", math.nan)))
+
+
 def local_search(
     supernets: Mapping[str, BlockSupernet],
     data: Mapping[str, list[BlockInputs]],
@@ -216,8 +289,11 @@ def local_search(
     key: str,
     max_trials: int = 64,
     seed: int = 0,
+    cost: str = "macs",
+    latency_batch: int = 8,
 ) -> dict[str, list[BlockScore]]:
-    """Score every block's candidates in its own Optuna study ``<study_name>/block/<block>``.
+    """Score every block's candidates in its own Optuna study ``<study_name>/block/<block>``,
+    objectives the candidate's cost (``cost``: MACs, or seconds at ``latency_batch``) and loss.
 
     A block with at most ``max_trials`` candidates is searched exhaustively; a larger one gets its
     largest and smallest candidates, then TPE proposals, up to ``max_trials`` trials. A resumed
@@ -226,9 +302,10 @@ def local_search(
     Returns:
         Block name -> the scores of its evaluated candidates.
     """
+    metric = _metric(cost)
     out: dict[str, list[BlockScore]] = {}
     for name, supernet in supernets.items():
-        study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], ["macs", "loss"], key, seed)
+        study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], [metric, "loss"], key, seed)
         done = {t.user_attrs["candidate"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
         candidates = supernet.candidates()
         todo = [c for c in candidates if c.key not in done]
@@ -237,40 +314,51 @@ def local_search(
         for choice in todo:
             study.enqueue_trial(choice.to_params())
         n_trials = len(todo) if len(candidates) <= max_trials else max(0, max_trials - len(done))
+        # an exhaustive block's candidates are timed together, interleaved; TPE's one by one
+        timed = block_seconds(supernet, todo, data[name], batch_size=latency_batch) if cost == "latency" and len(candidates) <= max_trials and todo else {}
 
-        def objective(trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name) -> tuple[float, float]:
-            score = score_candidate(supernet, _suggest_choice(trial, supernet), data[name])
+        def objective(trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name, timed: dict[str, float] = timed) -> tuple[float, float]:
+            choice = _suggest_choice(trial, supernet)
+            score = score_candidate(supernet, choice, data[name], latency_batch=latency_batch if cost == "latency" else None, latency=timed.get(choice.key))
             trial.set_user_attr("candidate", score.choice.key)
-            return float(score.macs), score.loss
+            _score_attrs(trial, score)
+            return score.cost(cost), score.loss
 
         _quiet_optimize(study, objective, n_trials)
         scores = {}
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             choice = supernet.from_params(trial.params)
-            scores[choice.key] = BlockScore(name, choice, float(trial.values[1]), int(trial.values[0]))
-        out[name] = sorted(scores.values(), key=lambda s: (s.macs, s.loss))
+            scores[choice.key] = _stored_score(name, choice, trial, float(trial.values[1]))
+        out[name] = sorted(scores.values(), key=lambda s: (s.cost(cost), s.loss))
     return out
 
 
-def choose_local(scores: Mapping[str, list[BlockScore]], tolerance: float) -> dict[str, BlockScore]:
-    """Per block, the candidate with the fewest MACs whose loss is within ``tolerance`` (the
-    lowest-loss candidate when none is)."""
+def choose_local(scores: Mapping[str, list[BlockScore]], tolerance: float, cost: str = "macs") -> dict[str, BlockScore]:
+    """Per block, the cheapest candidate (``cost``: fewest MACs or seconds) whose loss is within
+    ``tolerance`` (the lowest-loss candidate when none is)."""
+    _metric(cost)
     chosen = {}
     for name, block_scores in scores.items():
         within = [s for s in block_scores if s.loss <= tolerance]
-        chosen[name] = min(within, key=lambda s: (s.macs, s.loss)) if within else min(block_scores, key=lambda s: s.loss)
+        chosen[name] = min(within, key=lambda s: (s.cost(cost), s.macs, s.loss)) if within else min(block_scores, key=lambda s: s.loss)
     return chosen
 
 
 @dataclass(frozen=True)
 class GlobalScore:
-    """A whole-student candidate of the global search."""
+    """A whole-student candidate of the global search (``seconds``: wall time of the search when it
+    was scored; ``latency``: its blocks' measured seconds summed, when measured)."""
 
     choices: dict[str, BlockChoice]
     loss: float
     macs: int
     number: int
     seconds: float
+    latency: float = math.nan
+
+    def cost(self, kind: str) -> float:
+        """The student's blocks' cost of kind ``macs`` or ``latency`` (seconds)."""
+        return float(self.macs) if kind == "macs" else self.latency
 
 
 def global_search(
@@ -282,12 +370,15 @@ def global_search(
     key: str,
     n_trials: int = 200,
     seed: int = 0,
+    cost: str = "macs",
+    latency_batch: int = 8,
 ) -> list[GlobalScore]:
     """Search all blocks jointly in one Optuna study ``<study_name>/global``: parameters
-    ``<block>.layers``/``.width``/``.attention``, objectives total block MACs and mean block loss.
-    The largest and the smallest students are tried first. Returns every evaluated student in
-    trial order (``seconds``: wall time since the search started)."""
-    study = _open(storage, f"{study_name}/global", ["minimize", "minimize"], ["macs", "loss"], key, seed)
+    ``<block>.layers``/``.width``/``.attention``, objectives the blocks' total cost (``cost``:
+    MACs, or seconds at ``latency_batch``) and mean block loss. The largest and the smallest
+    students are tried first. Returns every evaluated student in trial order."""
+    metric = _metric(cost)
+    study = _open(storage, f"{study_name}/global", ["minimize", "minimize"], [metric, "loss"], key, seed)
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if finished == 0:
         for pick in ("largest", "smallest"):
@@ -295,9 +386,13 @@ def global_search(
     start = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        scores = [score_candidate(s, _suggest_choice(trial, s, f"{n}."), data[n]) for n, s in supernets.items()]
+        scores = [
+            score_candidate(s, _suggest_choice(trial, s, f"{n}."), data[n], latency_batch=latency_batch if cost == "latency" else None)
+            for n, s in supernets.items()
+        ]
         trial.set_user_attr("seconds", time.perf_counter() - start)
-        return float(sum(s.macs for s in scores)), sum(s.loss for s in scores) / len(scores)
+        _score_attrs(trial, BlockScore("", scores[0].choice, 0.0, sum(s.macs for s in scores), sum(s.latency for s in scores)))
+        return sum(s.cost(cost) for s in scores), sum(s.loss for s in scores) / len(scores)
 
     _quiet_optimize(study, objective, max(0, n_trials - finished))
     out = []
@@ -306,12 +401,14 @@ def global_search(
             n: s.from_params({k.split(".")[-1]: v for k, v in trial.params.items() if k.rsplit(".", 1)[0] == n})
             for n, s in supernets.items()
         }
-        out.append(GlobalScore(choices, float(trial.values[1]), int(trial.values[0]), trial.number, float(trial.user_attrs.get("seconds", 0.0))))
+        stored = _stored_score("", next(iter(choices.values())), trial, float(trial.values[1]))
+        out.append(GlobalScore(choices, stored.loss, stored.macs, trial.number, float(trial.user_attrs.get("seconds", 0.0)), stored.latency))
     return out
 
 
-def choose_global(scores: list[GlobalScore], tolerance: float) -> GlobalScore:
-    """The student with the fewest MACs whose mean block loss is within ``tolerance`` (the
-    lowest-loss one when none is)."""
+def choose_global(scores: list[GlobalScore], tolerance: float, cost: str = "macs") -> GlobalScore:
+    """The cheapest student (``cost``: fewest MACs or seconds) whose mean block loss is within
+    ``tolerance`` (the lowest-loss one when none is)."""
+    _metric(cost)
     within = [s for s in scores if s.loss <= tolerance]
-    return min(within, key=lambda s: (s.macs, s.loss)) if within else min(scores, key=lambda s: s.loss)
+    return min(within, key=lambda s: (s.cost(cost), s.macs, s.loss)) if within else min(scores, key=lambda s: s.loss)
