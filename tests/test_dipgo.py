@@ -161,6 +161,35 @@ def test_schedule_macs_are_the_sum_over_computed_units(tiny_unet):
     assert pruned / full == pytest.approx(analytic, rel=0.03)
 
 
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_the_head_reuses_its_output_exactly_while_the_last_unit_reuses_its_cache(tiny_unet, tiny_cond_unet, granularity):
+    from automl_diff.methods.dipgo.schedule import HEAD, head_input_unit
+    from automl_diff.metrics.macs import count_unit_macs
+
+    steps = 4
+    units = prunable_units(tiny_unet, granularity)
+    last = units[-1]
+    assert head_input_unit(tiny_unet, units) == last and head_input_unit(tiny_cond_unet, prunable_units(tiny_cond_unet, granularity))
+    assert head_input_unit(tiny_unet, units[:-1]) is None  # something else reaches the head
+    schedule = _schedule(tiny_unet, steps, {1: [last], 2: [last, units[0]], 3: [units[0]]}, granularity)
+
+    def run():
+        return sample_images(tiny_unet, SCHEDULER, num_images=2, steps=steps, batch_size=2)
+
+    with apply_schedule(tiny_unet, schedule) as handle:
+        cached_macs, cached = executed_macs(run), run()
+        handle.head_input = None  # the head computes at every step
+        plain_macs, plain = executed_macs(run), run()
+    assert torch.equal(cached, plain)  # exact: the head sees the same input it cached
+    one_image = torch.zeros(1, tiny_unet.conv_out.in_channels, 16, 16)
+    assert plain_macs - cached_macs == 2 * 2 * executed_macs(lambda: tiny_unet.conv_out(one_image))  # 2 images, steps 1 and 2
+    # costs: the head's MACs count as the last unit's, so a schedule's MACs are still exact
+    costs = unit_costs(tiny_unet, units)
+    _, alone = count_unit_macs(tiny_unet, [*units, *HEAD])
+    assert costs.units[last].macs == sum(alone[n].macs for n in (last, *HEAD)) and set(costs.units) == set(units)
+    assert costs.always + sum(c.macs for c in costs.units.values()) == costs.total.macs
+
+
 def test_gradients_reach_the_pruner(tiny_unet):
     steps = 3
     units = tuple(prunable_units(tiny_unet, "block"))

@@ -151,10 +151,16 @@ def _cost(per_module: Mapping[str, Mapping[str, int]], path: str) -> tuple[int, 
     return total, total - int(ops.get("scaled_dot_product_attention", 0))
 
 
+def _module_path(name: str) -> str:
+    """A block or layer name (``up.1.resnets.0``) as its module path; a top-level layer such as
+    ``conv_out`` as it is."""
+    return name_to_module_path(name) if name.split(".")[0] in ("down", "up", "mid") else name
+
+
 def _named_costs(unet: nn.Module, per_module: Mapping[str, Mapping[str, int]], names: list[str]) -> list[BlockCost]:
     costs = []
     for name in names:
-        path = name_to_module_path(name)
+        path = _module_path(name)
         params = sum(p.numel() for p in unet.get_submodule(path).parameters())
         costs.append(BlockCost(name, params, *_cost(per_module, "unet." + path)))
     return costs
@@ -206,7 +212,8 @@ def count_unit_macs(
 
     Args:
         unet: the model.
-        names: dotted block or layer names (``down.1``, ``up.2.resnets.0``); they must not overlap.
+        names: dotted block or layer names (``down.1``, ``up.2.resnets.0``) or top-level layers
+            (``conv_out``); they must not overlap.
 
     Returns:
         ``(total, {name: cost})``, both as :class:`BlockCost` (``name`` of the total is ``total``).

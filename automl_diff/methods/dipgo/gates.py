@@ -23,6 +23,10 @@ hook on the up block marks that skip tensor (a tensor subclass sharing its stora
 concatenation yields a placeholder the resnet's gate never reads. diffusers' block code runs
 unchanged; where something transforms the skip tensor first (FreeU), the concatenation simply runs.
 
+The head (``conv_norm_out``, ``conv_act``, ``conv_out``) reads only the last unit's output; at a
+step where that unit reuses its cache, the head returns its own cached output, which is exactly
+what it would compute again (:func:`~automl_diff.methods.dipgo.schedule.head_input_unit`).
+
 For DiP-GO's gradient optimisation the controller also has a *soft* mode: every unit runs, and its
 output is ``g * new + (1 - g) * cached`` with a differentiable gate ``g`` per step and unit.
 """
@@ -38,7 +42,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from automl_diff.methods.dipgo.schedule import Schedule
+from automl_diff.methods.dipgo.schedule import Schedule, head_input_unit, head_modules
 from automl_diff.models.blocks import get_block
 
 __all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
@@ -46,6 +50,7 @@ __all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
 GATE_HOOK = "automl_diff.gate"
 STEP_HOOK = "automl_diff.gate_step"
 CONCAT_HOOK = "automl_diff.gate_concat"
+HEAD_HOOK = "automl_diff.gate_head"
 _UP_RESNET = re.compile(r"^(up\.\d+)\.resnets\.(\d+)$")
 _ATTR = "_automl_diff_gates"
 
@@ -185,6 +190,24 @@ class _GateHook(ModelHook):
         return cache[self.name]
 
 
+class _HeadHook(ModelHook):
+    """On a head layer: reuses its cached output while the unit that feeds the head reuses its own."""
+
+    def __init__(self, controller: GateController, name: str) -> None:
+        super().__init__()
+        self.controller = controller
+        self.key = f"head:{name}"
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        c = self.controller
+        if c.head_input is not None and c._reuses(c.head_input) and self.key in c.cache:
+            return c.cache[self.key]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if c.soft_gates is None:
+            c.cache[self.key] = out
+        return out
+
+
 class GateController:
     """Gates the prunable units of a UNet step by step (see the module docs).
 
@@ -196,6 +219,7 @@ class GateController:
     Attributes:
         step: the current step (-1 before the first call).
         executed: how many times each unit really ran since the controller was attached.
+        head_input: the unit whose output is the head's whole input (None: the head always runs).
     """
 
     def __init__(self, unet: nn.Module, units: Sequence[str], steps: int) -> None:
@@ -217,6 +241,8 @@ class GateController:
             if match:
                 up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), name))
         self._concat_blocks = [(get_block(unet, block), resnets) for block, resnets in up_resnets.items()]
+        self.head_input = head_input_unit(unet, self.units)
+        self._head = [getattr(unet, name) for name in head_modules(unet)] if self.head_input else []
         self._attach()
 
     # hooks ------------------------------------------------------------------------------------------
@@ -229,6 +255,8 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
         for block, resnets in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_ConcatHook(self, resnets), CONCAT_HOOK)
+        for name, module in zip(head_modules(self.unet), self._head):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_HeadHook(self, name), HEAD_HOOK)
         setattr(self.unet, _ATTR, self)
 
     def remove(self) -> None:
@@ -240,6 +268,8 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(GATE_HOOK, recurse=False)
         for block, _ in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(CONCAT_HOOK, recurse=False)
+        for module in self._head:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HEAD_HOOK, recurse=False)
         delattr(self.unet, _ATTR)
         self.cache.clear()
 

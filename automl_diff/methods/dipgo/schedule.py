@@ -6,6 +6,11 @@ says whether unit ``u`` computes at step ``i`` or reuses its output from the las
 computed it. Step 0 computes every unit. A schedule knows the model it was made for, so applying
 it to another architecture is an error, and it knows its exact trajectory MACs.
 
+The UNet's output layers (the *head*: ``conv_norm_out``, ``conv_act``, ``conv_out``) read the
+output of the last unit and nothing else. At a step where that unit reuses its cache, the head
+would compute exactly what it computed at the step that filled the cache, so it reuses its output
+too (:func:`head_input_unit`). Its MACs and seconds count as the last unit's.
+
 On disk (``schedule.json``) the gates are one string of ``1``/``0`` per step, in unit order::
 
     {"format": "automl_diff.schedule/1", "steps": 20, "units": ["down.0", ...],
@@ -29,7 +34,19 @@ from automl_diff.errors import UserError
 from automl_diff.metrics.macs import BlockCost, count_unit_macs
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 
-__all__ = ["FORMAT", "Schedule", "UnitCosts", "UnitWeights", "model_fingerprint", "prunable_units", "skipped_pass_seconds", "unit_costs"]
+__all__ = [
+    "FORMAT",
+    "HEAD",
+    "Schedule",
+    "UnitCosts",
+    "UnitWeights",
+    "head_input_unit",
+    "head_modules",
+    "model_fingerprint",
+    "prunable_units",
+    "skipped_pass_seconds",
+    "unit_costs",
+]
 
 FORMAT = "automl_diff.schedule/1"
 _FINGERPRINT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels", "out_channels")
@@ -68,6 +85,29 @@ def prunable_units(unet: nn.Module, granularity: str = "block") -> list[str]:
     return units
 
 
+#: The UNet's output layers, in order, as diffusers names them.
+HEAD = ("conv_norm_out", "conv_act", "conv_out")
+
+
+def head_modules(unet: nn.Module) -> list[str]:
+    """The head layers this UNet has (``conv_norm_out`` is None without output norm)."""
+    return [name for name in HEAD if isinstance(getattr(unet, name, None), nn.Module)]
+
+
+def head_input_unit(unet: nn.Module, units: Sequence[str]) -> str | None:
+    """The unit whose output is the head's whole input, if it is among ``units``: the last up
+    block, or its last layer (at layer granularity). None where something else reaches the head:
+    another unit last, or up blocks that also pass a skip sample (``SkipUpBlock2D``)."""
+    if not units or not head_modules(unet) or "conv_out" not in head_modules(unet):
+        return None
+    up_types = getattr(unet.config, "up_block_types", None) or ()
+    if any("Skip" in kind for kind in up_types):
+        return None
+    last = units[-1]
+    finals = {block_names(unet)[-1], prunable_units(unet, "layer")[-1]}
+    return last if last in finals and last.startswith("up.") else None
+
+
 def model_fingerprint(unet: nn.Module) -> dict[str, Any]:
     """What identifies an architecture for a schedule: its class and block layout."""
     config = unet.config
@@ -87,7 +127,8 @@ class UnitCosts:
 
     @property
     def always(self) -> int:
-        """MACs outside every unit (embedding, ``conv_in``/``conv_out``, ...): computed every step."""
+        """MACs outside every unit (embedding, ``conv_in``, the head where no unit feeds it alone,
+        ...): computed every step."""
         return self.total.macs - sum(c.macs for c in self.units.values())
 
 
@@ -111,15 +152,18 @@ class UnitWeights:
     @classmethod
     def measured(cls, unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> UnitWeights:
         """Latency weights measured on ``unet``'s device at ``batch_size``: each unit's seconds
-        inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`), and as
-        the time no schedule removes, a pass in which every unit reuses its cache (embeddings,
-        ``conv_in``/``conv_out``, the gates themselves). ``total`` is that fixed time plus the
+        inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`; the
+        head's counted in the unit that feeds it), and as the time no schedule removes, a pass in
+        which every unit reuses its cache (embeddings, ``conv_in``, the gates themselves). ``total`` is that fixed time plus the
         units', so a schedule's expected time is what its steps really cost, not a pass timed
         with a hook around every unit."""
         from automl_diff.metrics.latency import unit_latencies
 
         units = tuple(units)
-        _, seconds = unit_latencies(unet, units, batch_size=batch_size, repeats=repeats)
+        feeder = head_input_unit(unet, units)
+        head = head_modules(unet) if feeder else []
+        _, seconds = unit_latencies(unet, [*units, *head], batch_size=batch_size, repeats=repeats)
+        seconds = _fold_head(seconds, feeder, head, lambda a, b: a + b)
         return cls("latency", skipped_pass_seconds(unet, units, batch_size=batch_size, repeats=repeats) + sum(seconds.values()), seconds)
 
 
@@ -151,10 +195,25 @@ def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: i
     return statistics.median(times[1:])
 
 
+def _fold_head(values: Mapping[str, Any], feeder: str | None, head: Sequence[str], add: Any) -> dict[str, Any]:
+    """Per-unit values with the head's folded into the unit that feeds it."""
+    out = {name: value for name, value in values.items() if name not in head}
+    for name in head if feeder else ():
+        out[feeder] = add(out[feeder], values[name])
+    return out
+
+
 def unit_costs(unet: nn.Module, units: Sequence[str]) -> UnitCosts:
-    """Count the MACs of the whole model and of each unit with fvcore (attention included)."""
-    total, per_unit = count_unit_macs(unet, list(units))
-    return UnitCosts(total, per_unit)
+    """Count the MACs of the whole model and of each unit with fvcore (attention included); the
+    head's MACs count as those of the unit that feeds it (:func:`head_input_unit`)."""
+    feeder = head_input_unit(unet, units)
+    head = head_modules(unet) if feeder else []
+    total, per_unit = count_unit_macs(unet, [*units, *head])
+
+    def add(a: BlockCost, b: BlockCost) -> BlockCost:
+        return BlockCost(a.name, a.params + b.params, a.macs + b.macs, a.macs_no_attention + b.macs_no_attention)
+
+    return UnitCosts(total, _fold_head(per_unit, feeder, head, add))
 
 
 @dataclass(frozen=True)
