@@ -119,14 +119,15 @@ def unit_latencies(
     """Wall-clock seconds of one forward pass of ``unet`` at ``batch_size``, and of each unit in it.
 
     Units (blocks or layers, not nested in each other, as :func:`~automl_diff.models.blocks.get_block`
-    names them, or top-level layers such as ``conv_out``) are timed by forward hooks around them inside whole forward passes, so each sees
-    the inputs and memory state it has when sampling. The passes take the inputs MACs are counted
-    on (:func:`~automl_diff.metrics.macs.example_inputs`, text conditioning included for a
+    names them, or top-level layers such as ``conv_out``) are timed by forward hooks around them
+    inside whole forward passes, so each sees the inputs and memory state it has when sampling.
+    The passes take the inputs MACs are counted on
+    (:func:`~automl_diff.metrics.macs.example_inputs`, text conditioning included for a
     conditional UNet) at ``batch_size``. Returns the medians over ``repeats`` passes (after
     ``warmup`` untimed ones): ``(total, {unit: seconds})``. Extra ``kwargs`` go to the UNet.
     """
     from automl_diff.metrics.macs import example_inputs
-    from automl_diff.models.blocks import get_block
+    from automl_diff.models.blocks import get_block, is_block_name
 
     inputs = example_inputs(unet, batch_size=batch_size)
     started: dict[str, float] = {}
@@ -147,7 +148,7 @@ def unit_latencies(
 
     handles = []
     for name in units:
-        module = get_block(unet, name) if name.split(".")[0] in ("down", "up", "mid") else unet.get_submodule(name)
+        module = get_block(unet, name) if is_block_name(name) else unet.get_submodule(name)
         handles += [module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name))]
     totals: list[float] = []
     try:

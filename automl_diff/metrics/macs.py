@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from automl_diff.models.blocks import block_names, name_to_module_path
+from automl_diff.models.blocks import block_names, is_block_name, name_to_module_path
 
 __all__ = ["BlockCost", "MacsReport", "count_macs", "count_unit_macs", "example_inputs", "executed_macs"]
 
@@ -151,16 +151,10 @@ def _cost(per_module: Mapping[str, Mapping[str, int]], path: str) -> tuple[int, 
     return total, total - int(ops.get("scaled_dot_product_attention", 0))
 
 
-def _module_path(name: str) -> str:
-    """A block or layer name (``up.1.resnets.0``) as its module path; a top-level layer such as
-    ``conv_out`` as it is."""
-    return name_to_module_path(name) if name.split(".")[0] in ("down", "up", "mid") else name
-
-
 def _named_costs(unet: nn.Module, per_module: Mapping[str, Mapping[str, int]], names: list[str]) -> list[BlockCost]:
     costs = []
     for name in names:
-        path = _module_path(name)
+        path = name_to_module_path(name) if is_block_name(name) else name  # conv_out: as it is
         params = sum(p.numel() for p in unet.get_submodule(path).parameters())
         costs.append(BlockCost(name, params, *_cost(per_module, "unet." + path)))
     return costs

@@ -29,6 +29,7 @@ __all__ = [
     "BlockRecorder",
     "block_names",
     "get_block",
+    "is_block_name",
     "layer_names",
     "map_tensors",
     "module_path_to_name",
@@ -48,6 +49,12 @@ def block_names(unet: nn.Module) -> list[str]:
         names.append("mid")
     names += [f"up.{i}" for i in range(len(unet.up_blocks))]
     return names
+
+
+def is_block_name(name: str) -> bool:
+    """Whether ``name`` addresses a block or a layer inside one (``up.1.resnets.0``), not a
+    top-level layer such as ``conv_out``."""
+    return name.partition(".")[0] in _PREFIXES
 
 
 def name_to_module_path(name: str) -> str:
