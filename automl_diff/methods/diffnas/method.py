@@ -14,8 +14,8 @@
 Each trial of the outer study then samples a tolerance (log scale) and, when
 ``retrain_iterations`` lists several budgets, a retraining budget; picks per block the cheapest
 subnet within the tolerance; assembles the student with the supernets' weights; and retrains it
-with the dynamic joint loss. Tolerances that select the same student at the same budget are pruned as duplicates
-before any training.
+with the dynamic joint loss. Tolerances that select the same student at the same budget are pruned
+as duplicates before any training.
 
 Stacked on the export of another study (``teacher: path/to/export``), the supernets mirror and
 mimic the blocks of that starting model, while the training inputs and the output term of the

@@ -263,21 +263,23 @@ def _quiet_optimize(study: optuna.Study, objective: Callable[[optuna.Trial], Any
         optuna.logging.set_verbosity(level)
 
 
-def _metric(cost: str) -> str:
+def _check_cost(cost: str) -> None:
     if cost not in BLOCK_COSTS:
         raise ValueError(f"cost must be one of {BLOCK_COSTS}, got {cost!r}")
-    return "macs" if cost == "macs" else "latency"
 
 
-def _score_attrs(trial: optuna.Trial, score: BlockScore) -> None:
-    trial.set_user_attr("macs", score.macs)
-    if not math.isnan(score.latency):
-        trial.set_user_attr("latency", score.latency)
+def _set_costs(trial: optuna.Trial, macs: int, latency: float) -> None:
+    """Both costs of a trial as user attributes (its first objective is one of them)."""
+    trial.set_user_attr("macs", macs)
+    if not math.isnan(latency):
+        trial.set_user_attr("latency", latency)
 
 
-def _stored_score(name: str, choice: BlockChoice, trial: optuna.trial.FrozenTrial, loss: float) -> BlockScore:
+def _stored_costs(trial: optuna.trial.FrozenTrial) -> tuple[int, float]:
+    """``(macs, latency)`` of a finished trial (studies from before ``latency`` existed hold MACs
+    as their first objective only)."""
     attrs = trial.user_attrs
-    return BlockScore(name, choice, loss, int(attrs.get("macs", trial.values[0])), float(attrs.get("latency", math.nan)))
+    return int(attrs.get("macs", trial.values[0])), float(attrs.get("latency", math.nan))
 
 
 def local_search(
@@ -302,10 +304,10 @@ def local_search(
     Returns:
         Block name -> the scores of its evaluated candidates.
     """
-    metric = _metric(cost)
+    _check_cost(cost)
     out: dict[str, list[BlockScore]] = {}
     for name, supernet in supernets.items():
-        study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], [metric, "loss"], key, seed)
+        study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], [cost, "loss"], key, seed)
         done = {t.user_attrs["candidate"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
         candidates = supernet.candidates()
         todo = [c for c in candidates if c.key not in done]
@@ -321,14 +323,14 @@ def local_search(
             choice = _suggest_choice(trial, supernet)
             score = score_candidate(supernet, choice, data[name], latency_batch=latency_batch if cost == "latency" else None, latency=timed.get(choice.key))
             trial.set_user_attr("candidate", score.choice.key)
-            _score_attrs(trial, score)
+            _set_costs(trial, score.macs, score.latency)
             return score.cost(cost), score.loss
 
         _quiet_optimize(study, objective, n_trials)
         scores = {}
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             choice = supernet.from_params(trial.params)
-            scores[choice.key] = _stored_score(name, choice, trial, float(trial.values[1]))
+            scores[choice.key] = BlockScore(name, choice, float(trial.values[1]), *_stored_costs(trial))
         out[name] = sorted(scores.values(), key=lambda s: (s.cost(cost), s.loss))
     return out
 
@@ -336,7 +338,7 @@ def local_search(
 def choose_local(scores: Mapping[str, list[BlockScore]], tolerance: float, cost: str = "macs") -> dict[str, BlockScore]:
     """Per block, the cheapest candidate (``cost``: fewest MACs or seconds) whose loss is within
     ``tolerance`` (the lowest-loss candidate when none is)."""
-    _metric(cost)
+    _check_cost(cost)
     chosen = {}
     for name, block_scores in scores.items():
         within = [s for s in block_scores if s.loss <= tolerance]
@@ -377,8 +379,8 @@ def global_search(
     ``<block>.layers``/``.width``/``.attention``, objectives the blocks' total cost (``cost``:
     MACs, or seconds at ``latency_batch``) and mean block loss. The largest and the smallest
     students are tried first. Returns every evaluated student in trial order."""
-    metric = _metric(cost)
-    study = _open(storage, f"{study_name}/global", ["minimize", "minimize"], [metric, "loss"], key, seed)
+    _check_cost(cost)
+    study = _open(storage, f"{study_name}/global", ["minimize", "minimize"], [cost, "loss"], key, seed)
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if finished == 0:
         for pick in ("largest", "smallest"):
@@ -391,7 +393,7 @@ def global_search(
             for n, s in supernets.items()
         ]
         trial.set_user_attr("seconds", time.perf_counter() - start)
-        _score_attrs(trial, BlockScore("", scores[0].choice, 0.0, sum(s.macs for s in scores), sum(s.latency for s in scores)))
+        _set_costs(trial, sum(s.macs for s in scores), sum(s.latency for s in scores))
         return sum(s.cost(cost) for s in scores), sum(s.loss for s in scores) / len(scores)
 
     _quiet_optimize(study, objective, max(0, n_trials - finished))
@@ -401,14 +403,14 @@ def global_search(
             n: s.from_params({k.split(".")[-1]: v for k, v in trial.params.items() if k.rsplit(".", 1)[0] == n})
             for n, s in supernets.items()
         }
-        stored = _stored_score("", next(iter(choices.values())), trial, float(trial.values[1]))
-        out.append(GlobalScore(choices, stored.loss, stored.macs, trial.number, float(trial.user_attrs.get("seconds", 0.0)), stored.latency))
+        macs, latency = _stored_costs(trial)
+        out.append(GlobalScore(choices, float(trial.values[1]), macs, trial.number, float(trial.user_attrs.get("seconds", 0.0)), latency))
     return out
 
 
 def choose_global(scores: list[GlobalScore], tolerance: float, cost: str = "macs") -> GlobalScore:
     """The cheapest student (``cost``: fewest MACs or seconds) whose mean block loss is within
     ``tolerance`` (the lowest-loss one when none is)."""
-    _metric(cost)
+    _check_cost(cost)
     within = [s for s in scores if s.loss <= tolerance]
     return min(within, key=lambda s: (s.cost(cost), s.macs, s.loss)) if within else min(scores, key=lambda s: s.loss)
