@@ -242,7 +242,7 @@ class GateController:
                 up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), name))
         self._concat_blocks = [(get_block(unet, block), resnets) for block, resnets in up_resnets.items()]
         self.head_input = head_input_unit(unet, self.units)
-        self._head = [getattr(unet, name) for name in head_modules(unet)] if self.head_input else []
+        self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
         self._attach()
 
     # hooks ------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
         for block, resnets in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_ConcatHook(self, resnets), CONCAT_HOOK)
-        for name, module in zip(head_modules(self.unet), self._head):
+        for name, module in self._head:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_HeadHook(self, name), HEAD_HOOK)
         setattr(self.unet, _ATTR, self)
 
@@ -268,7 +268,7 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(GATE_HOOK, recurse=False)
         for block, _ in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(CONCAT_HOOK, recurse=False)
-        for module in self._head:
+        for _, module in self._head:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HEAD_HOOK, recurse=False)
         delattr(self.unet, _ATTR)
         self.cache.clear()

@@ -98,7 +98,7 @@ def head_input_unit(unet: nn.Module, units: Sequence[str]) -> str | None:
     """The unit whose output is the head's whole input, if it is among ``units``: the last up
     block, or its last layer (at layer granularity). None where something else reaches the head:
     another unit last, or up blocks that also pass a skip sample (``SkipUpBlock2D``)."""
-    if not units or not head_modules(unet) or "conv_out" not in head_modules(unet):
+    if not units or "conv_out" not in head_modules(unet):
         return None
     up_types = getattr(unet.config, "up_block_types", None) or ()
     if any("Skip" in kind for kind in up_types):
@@ -154,16 +154,15 @@ class UnitWeights:
         """Latency weights measured on ``unet``'s device at ``batch_size``: each unit's seconds
         inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`; the
         head's counted in the unit that feeds it), and as the time no schedule removes, a pass in
-        which every unit reuses its cache (embeddings, ``conv_in``, the gates themselves). ``total`` is that fixed time plus the
-        units', so a schedule's expected time is what its steps really cost, not a pass timed
-        with a hook around every unit."""
+        which every unit reuses its cache (embeddings, ``conv_in``, the gates themselves).
+        ``total`` is that fixed time plus the units', so a schedule's expected time is what its
+        steps really cost, not a pass timed with a hook around every unit."""
         from automl_diff.metrics.latency import unit_latencies
 
         units = tuple(units)
-        feeder = head_input_unit(unet, units)
-        head = head_modules(unet) if feeder else []
-        _, seconds = unit_latencies(unet, [*units, *head], batch_size=batch_size, repeats=repeats)
-        seconds = _fold_head(seconds, feeder, head, lambda a, b: a + b)
+        head = _Head.of(unet, units)
+        _, seconds = unit_latencies(unet, [*units, *head.layers], batch_size=batch_size, repeats=repeats)
+        seconds = head.fold(seconds, lambda a, b: a + b)
         return cls("latency", skipped_pass_seconds(unet, units, batch_size=batch_size, repeats=repeats) + sum(seconds.values()), seconds)
 
 
@@ -195,25 +194,37 @@ def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: i
     return statistics.median(times[1:])
 
 
-def _fold_head(values: Mapping[str, Any], feeder: str | None, head: Sequence[str], add: Any) -> dict[str, Any]:
-    """Per-unit values with the head's folded into the unit that feeds it."""
-    out = {name: value for name, value in values.items() if name not in head}
-    for name in head if feeder else ():
-        out[feeder] = add(out[feeder], values[name])
-    return out
+@dataclass(frozen=True)
+class _Head:
+    """The head layers counted as part of the unit that feeds them (none where no unit does)."""
+
+    feeder: str | None
+    layers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, unet: nn.Module, units: Sequence[str]) -> _Head:
+        feeder = head_input_unit(unet, units)
+        return cls(feeder, tuple(head_modules(unet)) if feeder else ())
+
+    def fold(self, values: Mapping[str, Any], add: Any) -> dict[str, Any]:
+        """Per-unit values (measured for the units and the head layers) with the head's added to
+        its feeder's."""
+        out = {name: value for name, value in values.items() if name not in self.layers}
+        for name in self.layers:
+            out[self.feeder] = add(out[self.feeder], values[name])
+        return out
 
 
 def unit_costs(unet: nn.Module, units: Sequence[str]) -> UnitCosts:
     """Count the MACs of the whole model and of each unit with fvcore (attention included); the
     head's MACs count as those of the unit that feeds it (:func:`head_input_unit`)."""
-    feeder = head_input_unit(unet, units)
-    head = head_modules(unet) if feeder else []
-    total, per_unit = count_unit_macs(unet, [*units, *head])
+    head = _Head.of(unet, units)
+    total, per_unit = count_unit_macs(unet, [*units, *head.layers])
 
     def add(a: BlockCost, b: BlockCost) -> BlockCost:
         return BlockCost(a.name, a.params + b.params, a.macs + b.macs, a.macs_no_attention + b.macs_no_attention)
 
-    return UnitCosts(total, _fold_head(per_unit, feeder, head, add))
+    return UnitCosts(total, head.fold(per_unit, add))
 
 
 @dataclass(frozen=True)
