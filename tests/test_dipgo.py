@@ -190,6 +190,41 @@ def test_the_head_reuses_its_output_exactly_while_the_last_unit_reuses_its_cache
     assert costs.always + sum(c.macs for c in costs.units.values()) == costs.total.macs
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_step_that_computes_no_unit_skips_the_whole_call_exactly(tiny_unet, tiny_cond_unet, conditional):
+    from automl_diff.methods.dipgo.schedule import idle_steps_free
+    from automl_diff.metrics.macs import example_inputs
+
+    unet = tiny_cond_unet if conditional else tiny_unet
+    steps = 5
+    units = prunable_units(unet, "layer")
+    schedule = _schedule(unet, steps, {1: units, 2: units[1:], 3: units, 4: units[:-1]}, "layer")  # steps 1 and 3 idle
+    costs = unit_costs(unet, units)
+    assert costs.idle_free and idle_steps_free(unet, units) and not idle_steps_free(unet, units[:-1])
+    noise, _, *context = example_inputs(unet, batch_size=2)  # the inputs MACs are counted on
+    kwargs = dict(encoder_hidden_states=context[0]) if context else {}
+
+    def run():
+        return denoise(unet, SCHEDULER, noise, steps=steps, **kwargs)
+
+    calls = []
+    with torch.no_grad(), apply_schedule(unet, schedule) as handle:
+        hook = unet.conv_in.register_forward_hook(lambda *_: calls.append(handle.step))
+        idle_macs, idle = executed_macs(run), run()
+        handle.idle_free = False  # every step runs the call
+        busy_macs, busy = executed_macs(run), run()
+        hook.remove()
+    assert torch.equal(idle, busy)  # exact: the skipped calls would have returned the last output
+    assert calls == [0, 2, 4] * 2 + [0, 1, 2, 3, 4] * 2  # conv_in never ran at the idle steps
+    assert costs.always > 0 and busy_macs - idle_macs == 2 * noise.shape[0] * costs.always  # the two idle steps
+    # a schedule's MACs count idle steps as free, in agreement with what runs
+    from dataclasses import replace
+
+    counted, counted_busy = schedule.trajectory_macs(costs), schedule.trajectory_macs(replace(costs, idle_free=False))
+    assert counted_busy - counted == 2 * costs.always
+    assert idle_macs / busy_macs == pytest.approx(counted / counted_busy, rel=0.03)
+
+
 def test_gradients_reach_the_pruner(tiny_unet):
     steps = 3
     units = tuple(prunable_units(tiny_unet, "block"))

@@ -25,7 +25,10 @@ unchanged; where something transforms the skip tensor first (FreeU), the concate
 
 The head (``conv_norm_out``, ``conv_act``, ``conv_out``) reads only the last unit's output; at a
 step where that unit reuses its cache, the head returns its own cached output, which is exactly
-what it would compute again (:func:`~automl_diff.methods.dipgo.schedule.head_input_unit`).
+what it would compute again (:func:`~automl_diff.methods.dipgo.schedule.head_input_unit`). Where
+the UNet returns that output as it is, a step at which no unit computes skips the whole call,
+time embedding and ``conv_in`` included, and returns the previous call's output
+(:func:`~automl_diff.methods.dipgo.schedule.idle_steps_free`).
 
 For DiP-GO's gradient optimisation the controller also has a *soft* mode: every unit runs, and its
 output is ``g * new + (1 - g) * cached`` with a differentiable gate ``g`` per step and unit.
@@ -42,7 +45,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from automl_diff.methods.dipgo.schedule import Schedule, head_input_unit, head_modules
+from automl_diff.methods.dipgo.schedule import Schedule, head_input_unit, head_modules, idle_steps_free
 from automl_diff.models.blocks import get_block
 
 __all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
@@ -84,13 +87,22 @@ def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 
 
 class _StepHook(ModelHook):
+    """On the UNet: advances the step; at a step that computes no unit (where such steps are
+    free), returns the last call's output without running anything."""
+
     def __init__(self, controller: GateController) -> None:
         super().__init__()
         self.controller = controller
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        self.controller._advance(_timestep_value(args, kwargs))
-        return args, kwargs
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        c = self.controller
+        c._advance(_timestep_value(args, kwargs))
+        return_dict = kwargs.get("return_dict", True)
+        if c._idle() and c._output is not None and c._output[0] == return_dict:
+            return c._output[1]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        c._output = (return_dict, out) if c.soft_gates is None else None
+        return out
 
 
 class _Skipped:
@@ -220,6 +232,8 @@ class GateController:
         step: the current step (-1 before the first call).
         executed: how many times each unit really ran since the controller was attached.
         head_input: the unit whose output is the head's whole input (None: the head always runs).
+        idle_free: a step that computes no unit skips the whole call (see
+            :func:`~automl_diff.methods.dipgo.schedule.idle_steps_free`).
     """
 
     def __init__(self, unet: nn.Module, units: Sequence[str], steps: int) -> None:
@@ -233,6 +247,7 @@ class GateController:
         self.executed: Counter[str] = Counter()
         self.schedule: Schedule | None = None
         self._last_t: float | None = None
+        self._output: tuple[Any, Any] | None = None  # (return_dict, the last call's output)
         self._modules = [get_block(unet, name) for name in self.units]
         self._index = {name: i for i, name in enumerate(self.units)}
         up_resnets: dict[str, list[tuple[int, str]]] = {}
@@ -243,6 +258,7 @@ class GateController:
         self._concat_blocks = [(get_block(unet, block), resnets) for block, resnets in up_resnets.items()]
         self.head_input = head_input_unit(unet, self.units)
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
+        self.idle_free = idle_steps_free(unet, self.units)
         self._attach()
 
     # hooks ------------------------------------------------------------------------------------------
@@ -272,6 +288,7 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HEAD_HOOK, recurse=False)
         delattr(self.unet, _ATTR)
         self.cache.clear()
+        self._output = None
 
     def __enter__(self) -> GateController:
         return self
@@ -301,6 +318,7 @@ class GateController:
     def reset(self) -> None:
         """Forget the caches; the next call starts a trajectory."""
         self.cache.clear()
+        self._output = None
         self.step = -1
         self._last_t = None
 
@@ -316,9 +334,18 @@ class GateController:
             and not self.gates[self.step][self._index[name]] and name in self.cache
         )
 
+    def _idle(self) -> bool:
+        """Whether the current step runs nothing: no unit computes (each reuses its cache) and such
+        a step is free, so the UNet's output is the last call's."""
+        return (
+            self.idle_free and self.head_input is not None and self.soft_gates is None and self.gates is not None and self.step > 0
+            and not any(self.gates[self.step]) and all(name in self.cache for name in self.units)
+        )
+
     def _advance(self, t: float) -> None:
         if self._last_t is None or t >= self._last_t:
             self.cache.clear()
+            self._output = None
             self.step = 0
         else:
             self.step += 1

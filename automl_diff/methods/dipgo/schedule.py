@@ -9,7 +9,10 @@ it to another architecture is an error, and it knows its exact trajectory MACs.
 The UNet's output layers (the *head*: ``conv_norm_out``, ``conv_act``, ``conv_out``) read the
 output of the last unit and nothing else. At a step where that unit reuses its cache, the head
 would compute exactly what it computed at the step that filled the cache, so it reuses its output
-too (:func:`head_input_unit`). Its MACs and seconds count as the last unit's.
+too (:func:`head_input_unit`). Its MACs and seconds count as the last unit's. Where the UNet
+returns the head's output as it is (:func:`output_is_head`), a step at which no unit computes
+runs nothing at all, not even the time embedding or ``conv_in``: the whole call returns the
+previous step's output (:func:`idle_steps_free`).
 
 On disk (``schedule.json``) the gates are one string of ``1``/``0`` per step, in unit order::
 
@@ -41,6 +44,8 @@ __all__ = [
     "UnitCosts",
     "UnitWeights",
     "head_input_unit",
+    "idle_steps_free",
+    "output_is_head",
     "head_modules",
     "model_fingerprint",
     "prunable_units",
@@ -108,6 +113,23 @@ def head_input_unit(unet: nn.Module, units: Sequence[str]) -> str | None:
     return last if last in finals and last.startswith("up.") else None
 
 
+def output_is_head(unet: nn.Module) -> bool:
+    """Whether the UNet returns ``conv_out``'s output as it is: a ``UNet2DConditionModel``, or a
+    ``UNet2DModel`` without Fourier time embedding (which divides its output by the timestep)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if isinstance(unet, UNet2DConditionModel):
+        return True
+    return isinstance(unet, UNet2DModel) and unet.config.time_embedding_type != "fourier"
+
+
+def idle_steps_free(unet: nn.Module, units: Sequence[str]) -> bool:
+    """Whether a step at which none of ``units`` computes costs nothing: the head reuses its output
+    (:func:`head_input_unit`) and the UNet returns it as it is (:func:`output_is_head`), so the
+    whole call returns the previous step's output, exactly."""
+    return head_input_unit(unet, units) is not None and output_is_head(unet)
+
+
 def model_fingerprint(unet: nn.Module) -> dict[str, Any]:
     """What identifies an architecture for a schedule: its class and block layout."""
     config = unet.config
@@ -120,10 +142,12 @@ def model_fingerprint(unet: nn.Module) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """MACs of one forward pass (batch 1): the whole model and each prunable unit."""
+    """MACs of one forward pass (batch 1): the whole model and each prunable unit; ``idle_free``:
+    a step at which no unit computes costs nothing (:func:`idle_steps_free`)."""
 
     total: BlockCost
     units: Mapping[str, BlockCost]
+    idle_free: bool = False
 
     @property
     def always(self) -> int:
@@ -153,8 +177,9 @@ class UnitWeights:
     def measured(cls, unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> UnitWeights:
         """Latency weights measured on ``unet``'s device at ``batch_size``: each unit's seconds
         inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`; the
-        head's counted in the unit that feeds it), and as the time no schedule removes, a pass in
-        which every unit reuses its cache (embeddings, ``conv_in``, the gates themselves).
+        head's counted in the unit that feeds it), and as the time no unit's gate removes, a pass
+        in which every unit reuses its cache but the call still runs (embeddings, ``conv_in``, the
+        gates themselves), as it does at every step that computes some unit.
         ``total`` is that fixed time plus the units', so a schedule's expected time is what its
         steps really cost, not a pass timed with a hook around every unit."""
         from automl_diff.metrics.latency import unit_latencies
@@ -169,9 +194,10 @@ class UnitWeights:
 @torch.no_grad()
 def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> float:
     """Median seconds of a forward pass at ``batch_size`` in which every unit returns its cached
-    output: what a sampling step costs when its schedule computes nothing. Each timed pass follows
-    an untimed one that computes every unit and fills the caches; of ``repeats + 1`` such rounds
-    the first is a warm-up."""
+    output but the call still runs: what a sampling step costs beyond the units it computes (a
+    step that computes none is skipped whole where :func:`idle_steps_free`; not this pass). Each
+    timed pass follows an untimed one that computes every unit and fills the caches; of
+    ``repeats + 1`` such rounds the first is a warm-up."""
     import statistics
     import time
 
@@ -183,7 +209,8 @@ def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: i
     sample, timestep, *context = example_inputs(unet, batch_size=batch_size)
     schedule = Schedule(2, units, (tuple(True for _ in units), tuple(False for _ in units)))
     times = []
-    with GateController(unet, units, 2).use(schedule):
+    with GateController(unet, units, 2).use(schedule) as controller:
+        controller.idle_free = False  # time the call itself, not its skipping
         for _ in range(max(1, repeats) + 1):
             unet(sample, timestep, *context)  # step 0: computes every unit, fills the caches
             synchronize(unet)
@@ -224,7 +251,7 @@ def unit_costs(unet: nn.Module, units: Sequence[str]) -> UnitCosts:
     def add(a: BlockCost, b: BlockCost) -> BlockCost:
         return BlockCost(a.name, a.params + b.params, a.macs + b.macs, a.macs_no_attention + b.macs_no_attention)
 
-    return UnitCosts(total, head.fold(per_unit, add))
+    return UnitCosts(total, head.fold(per_unit, add), idle_steps_free(unet, units))
 
 
 @dataclass(frozen=True)
@@ -285,13 +312,16 @@ class Schedule:
 
     def trajectory_macs(self, costs: UnitCosts, *, attention: bool = True) -> int:
         """MACs of one image's whole sampling trajectory: every step pays for the parts outside
-        the units and for the units it computes."""
+        the units and for the units it computes, except a step that computes no unit where such
+        a step is free (``costs.idle_free``)."""
         def macs(cost: BlockCost) -> int:
             return cost.macs if attention else cost.macs_no_attention
 
         total = macs(costs.total)
         unit = [macs(costs.units[name]) for name in self.units]
-        return sum(total - sum(m for m, on in zip(unit, row) if not on) for row in self.gates)
+        return sum(
+            0 if costs.idle_free and not any(row) else total - sum(m for m, on in zip(unit, row) if not on) for row in self.gates
+        )
 
     def key(self) -> str:
         """A short hash of units and gates: equal schedules have equal keys."""
