@@ -8,14 +8,14 @@ UNet's noise prediction), written out so that it batches, seeds per image and re
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["denoise", "make_scheduler", "predict_noise", "sample_images", "SCHEDULERS"]
+__all__ = ["denoise", "denoising_steps", "make_scheduler", "predict_noise", "sample_images", "sampling_steps", "SCHEDULERS"]
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -44,6 +44,45 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def denoising_steps(
+    unet: nn.Module,
+    scheduler_config: dict[str, Any],
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    scheduler: str = "ddim",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    negative_hidden_states: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The sampling chain of :func:`denoise` one step at a time: yields the latents after each
+    step (latents sent back replace them) and returns the final ones. Lets a caller interleave
+    several samplers step by step (:func:`~automl_diff.metrics.latency.time_lockstep`)."""
+    sched = make_scheduler(scheduler_config, scheduler)  # fresh per batch: multistep solvers keep state
+    sched.set_timesteps(steps)
+    device = noise.device
+    x = noise * sched.init_noise_sigma
+    step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
+    guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale != 1.0
+    context = torch.cat([negative_hidden_states, encoder_hidden_states]) if guided else None
+    for t in sched.timesteps:
+        model_in = sched.scale_model_input(x, t)
+        if guided:
+            uncond, cond = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context).chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        elif encoder_hidden_states is not None:
+            eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=encoder_hidden_states)
+        else:
+            eps = predict_noise(unet, model_in, t.to(device))
+        x = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+        replaced = yield x
+        if replaced is not None:
+            x = replaced
+    return x
+
+
 def denoise(
     unet: nn.Module,
     scheduler_config: dict[str, Any],
@@ -69,26 +108,24 @@ def denoise(
         after_step: called as ``after_step(i, x)`` after step ``i``; returns the latents to go on
             with (for truncated backpropagation or progress).
     """
-    sched = make_scheduler(scheduler_config, scheduler)  # fresh per batch: multistep solvers keep state
-    sched.set_timesteps(steps)
-    device = noise.device
-    x = noise * sched.init_noise_sigma
-    step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
-    guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale != 1.0
-    context = torch.cat([negative_hidden_states, encoder_hidden_states]) if guided else None
-    for i, t in enumerate(sched.timesteps):
-        model_in = sched.scale_model_input(x, t)
-        if guided:
-            uncond, cond = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context).chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        elif encoder_hidden_states is not None:
-            eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=encoder_hidden_states)
-        else:
-            eps = predict_noise(unet, model_in, t.to(device))
-        x = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
-        if after_step is not None:
-            x = after_step(i, x)
-    return x
+    chain = denoising_steps(
+        unet, scheduler_config, noise, steps=steps, scheduler=scheduler, eta=eta, generator=generator,
+        encoder_hidden_states=encoder_hidden_states, negative_hidden_states=negative_hidden_states, guidance_scale=guidance_scale,
+    )
+    return _drain(chain, after_step)
+
+
+def _drain(chain: Generator[Any, Any, Any], after_step: Callable[[int, Any], Any] | None = None) -> Any:
+    """Run a step generator to its end (``after_step(i, value)`` replaces each yielded value) and
+    return what it returns."""
+    try:
+        value, i = next(chain), 0
+        while True:
+            if after_step is not None:
+                value = after_step(i, value)
+            value, i = chain.send(value), i + 1
+    except StopIteration as stop:
+        return stop.value
 
 
 @torch.no_grad()
@@ -121,6 +158,34 @@ def sample_images(
         eta: DDIM's stochasticity (0: deterministic).
         progress: show a progress bar (stderr).
     """
+    total = -(-num_images // batch_size) * steps
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False) as bar:
+
+        def tick(i: int, x: torch.Tensor) -> torch.Tensor:
+            bar.update(1)
+            return x
+
+        chain = sampling_steps(
+            unet, scheduler_config, num_images=num_images, steps=steps, batch_size=batch_size, seed=seed, scheduler=scheduler, eta=eta,
+        )
+        return _drain(chain, tick)
+
+
+@torch.no_grad()
+def sampling_steps(
+    unet: nn.Module,
+    scheduler_config: dict[str, Any],
+    *,
+    num_images: int,
+    steps: int,
+    batch_size: int = 250,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    eta: float = 0.0,
+) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`sample_images` one denoising step at a time: yields the latents after every step of
+    every batch and returns the images. Timing several of these in lockstep
+    (:func:`~automl_diff.metrics.latency.time_lockstep`) exposes them all to the same machine load."""
     was_training = unet.training
     unet.eval()
     device = _device(unet)
@@ -131,20 +196,12 @@ def sample_images(
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, config.in_channels, height, width), generator=generator)
     out = []
-    total = -(-num_images // batch_size) * steps
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False)
-
-    def tick(i: int, x: torch.Tensor) -> torch.Tensor:
-        bar.update(1)
-        return x
-
     try:
         for start in range(0, num_images, batch_size):
             x = noise[start : start + batch_size].to(device=device, dtype=dtype)
             step_generator = torch.Generator().manual_seed(seed + 1 + start)
-            x = denoise(unet, scheduler_config, x, steps=steps, scheduler=scheduler, eta=eta, generator=step_generator, after_step=tick)
+            x = yield from denoising_steps(unet, scheduler_config, x, steps=steps, scheduler=scheduler, eta=eta, generator=step_generator)
             out.append(x.float().clamp(-1, 1).cpu())
     finally:
-        bar.close()
         unet.train(was_training)
     return torch.cat(out)

@@ -27,7 +27,7 @@ class BenchPreset:
         fid_dataset, fid_features: FID reference (None: the teacher's, as in a study).
         steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
         fid_samples: images per FID, drawn from the same noise for every row (``seed``).
-        latency_batch, latency_repeats: images per timed batch, interleaved timed batches per row.
+        latency_batch, latency_repeats: images per timed batch, timed batches per row (all rows in lockstep).
         latency_warmup: untimed batches per row before them (every row has just sampled its FID).
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).

@@ -21,12 +21,14 @@ The methods run through the same :class:`~automl_diff.methods.base.Method` class
 feeds DKDM, DiffNAS and the Torch-Pruning fine-tune; its warm-up is counted in each of their
 search costs. Trajectory MACs are counted on what really executes (torch's ``FlopCounterMode``
 over one image's trajectory, so cached or skipped work costs nothing); latencies are measured at
-the end, all rows interleaved, per image in batches of ``latency_batch``.
+the end, per image in batches of ``latency_batch``, all rows in lockstep: step by step, each row
+on its own copy of its model (:func:`~automl_diff.metrics.latency.time_lockstep`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import platform
 import time
@@ -58,7 +60,7 @@ class Row:
         trajectory_macs: MACs one image's ``steps``-step trajectory executes.
         macs_per_step: ``trajectory_macs / steps``.
         fid: FID (same noise, features and reference for every row).
-        latency: seconds per image (median of interleaved batches).
+        latency: seconds per image (median of batches timed in lockstep with every other row).
         search_seconds: wall time of everything that made the model (pool warm-up, supernets,
             searches, training, pruner optimisation); 0 for the teacher and DeepCache.
         notes: what was chosen (architecture, threshold, interval, ...).
@@ -205,10 +207,10 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
     from automl_diff.methods.dkdm.method import TrainingInputs
     from automl_diff.methods.training import fit
     from automl_diff.metrics.evaluate import Evaluator
-    from automl_diff.metrics.latency import time_interleaved
+    from automl_diff.metrics.latency import time_lockstep
     from automl_diff.metrics.macs import count_macs, executed_macs
     from automl_diff.models.loading import Teacher, load_teacher
-    from automl_diff.sampling import sample_images
+    from automl_diff.sampling import sample_images, sampling_steps
 
     _check_inputs(preset)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -234,10 +236,17 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
     timed: dict[str, Callable[[], Any]] = {}
     contexts: dict[str, Callable[[], Any]] = {}
 
-    def measure(name: str, kind: str, model: nn.Module, *, context: Callable[[], Any] = contextlib.nullcontext, search_seconds: float = 0.0, notes: str = "") -> Row:
+    def plain(model: nn.Module) -> Any:
+        return contextlib.nullcontext()
+
+    def measure(
+        name: str, kind: str, model: nn.Module, *, context: Callable[[nn.Module], Any] = plain, search_seconds: float = 0.0, notes: str = "",
+    ) -> Row:
+        """FID and trajectory MACs of ``model`` under ``context(model)``; the row is timed at the end
+        on a copy of the model as it is now, under the same context."""
         start = time.perf_counter()
         model.eval()
-        with context():
+        with context(model):
             trajectory = executed_macs(lambda: sample_images(model, scheduler_config, num_images=1, steps=steps, batch_size=1))
             images = sample_images(model, scheduler_config, num_images=preset.fid_samples, steps=steps, batch_size=preset.fid_batch, seed=preset.seed)
         from automl_diff.metrics.fid import fid_from_images
@@ -247,8 +256,9 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
         row = Row(name, kind, params, trajectory, trajectory / steps, fid, round(search_seconds, 1), notes=notes)
         rows.append(row)
 
-        timed[name] = lambda: sample_images(model, scheduler_config, num_images=preset.latency_batch, steps=steps, batch_size=preset.latency_batch)
-        contexts[name] = context
+        own = copy.deepcopy(model)
+        timed[name] = lambda: sampling_steps(own, scheduler_config, num_images=preset.latency_batch, steps=steps, batch_size=preset.latency_batch)
+        contexts[name] = lambda: context(own)
         log(f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s")
         return row
 
@@ -316,7 +326,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
                 continue
             seen.add(schedule.key())
             out.append(measure(
-                f"{label}, threshold {threshold:g}", kind, model, context=lambda s=schedule: apply_schedule(model, s), search_seconds=seconds,
+                f"{label}, threshold {threshold:g}", kind, model, context=lambda m, s=schedule: apply_schedule(m, s), search_seconds=seconds,
                 notes=f"{len(schedule.units)} units x {steps} steps, {schedule.computed_fraction:.3f} of the units computed; {pruner}",
             ))
         return out
@@ -335,7 +345,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
         with deepcache(unet, scheduler_config, steps, interval)():
             levels[interval] = executed_macs(lambda: sample_images(unet, scheduler_config, num_images=1, steps=steps, batch_size=1))
     interval = min(levels, key=lambda i: abs(levels[i] - target_row.trajectory_macs))
-    measure("DeepCache peer", "peer", unet, context=deepcache(unet, scheduler_config, steps, interval),
+    measure("DeepCache peer", "peer", unet, context=lambda m: deepcache(m, scheduler_config, steps, interval)(),
             notes=f"interval {interval}, branch 0, matched to '{target_row.name}'")
 
     # -- DiffNAS + DiP-GO: the student as the starting model of a stacked DiP-GO run ---------------
@@ -346,9 +356,9 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
     stacked_seconds = nas_seconds + time.perf_counter() - start
     schedules(stacked, stacked_seconds, "DiffNAS + DiP-GO", "stacked", student)
 
-    # -- latency: every row interleaved with every other ----------------------------------------
-    log(f"timing {len(timed)} rows interleaved: {preset.latency_repeats} batches of {preset.latency_batch} each")
-    seconds = time_interleaved(timed, contexts=contexts, repeats=preset.latency_repeats, warmup=preset.latency_warmup, sync=unet)
+    # -- latency: every row in lockstep with every other ------------------------------------------
+    log(f"timing {len(timed)} rows in lockstep: {preset.latency_repeats} batches of {preset.latency_batch} each")
+    seconds = time_lockstep(timed, contexts=contexts, repeats=preset.latency_repeats, warmup=preset.latency_warmup, sync=unet)
     for row in rows:
         row.latency = seconds[row.name] / preset.latency_batch
     details = {"tolerance": tolerance, "block_choices": choice, "prune_ratio": ratio, "deepcache_levels": levels, "pool_seconds": pool_seconds}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ContextManager
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from automl_diff.sampling import sample_images
 
-__all__ = ["measure_latency", "measure_latencies", "synchronize", "time_interleaved", "unit_latencies"]
+__all__ = ["measure_latency", "measure_latencies", "synchronize", "time_interleaved", "time_lockstep", "unit_latencies"]
 
 
 def synchronize(module: nn.Module) -> None:
@@ -103,6 +103,61 @@ def time_interleaved(
     for _ in range(max(1, repeats)):
         for name in runs:
             times[name].append(once(name))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_lockstep(
+    runs: dict[str, Callable[[], Iterator[Any]]],
+    *,
+    contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
+    repeats: int = 3,
+    warmup: int = 0,
+    sync: nn.Module | None = None,
+) -> dict[str, float]:
+    """Median wall-clock seconds of several step-by-step computations run in lockstep.
+
+    Each run makes an iterator (:func:`~automl_diff.sampling.sampling_steps`, say); all of them
+    advance one step in turn, the first to go rotating every step, and each step's time counts for
+    its run. Machine load that comes and goes over seconds (other tenants of the host, memory
+    bandwidth) then hits every run alike, which whole runs timed one after another
+    (:func:`time_interleaved`) only do on average over many repeats.
+
+    Args:
+        runs: iterator factories by name; each call starts a fresh computation.
+        contexts: context factories by name, all entered for the whole of a repeat (attaching a
+            schedule's hooks, say), outside the timing. Runs under different contexts must not
+            share a model: give each its own copy.
+        repeats: timed rounds; ``warmup``: untimed rounds first.
+        sync: a module whose CUDA device is synchronised around every step.
+    """
+    contexts = contexts or {}
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + max(1, repeats)):
+        spent = dict.fromkeys(names, 0.0)
+        with contextlib.ExitStack() as stack:
+            for name in names:
+                stack.enter_context(contexts.get(name, contextlib.nullcontext)())
+            active = {name: runs[name]() for name in names}
+            turn = 0
+            while active:
+                for name in names[turn % len(names):] + names[: turn % len(names)]:
+                    if name not in active:
+                        continue
+                    if sync is not None:
+                        synchronize(sync)
+                    start = time.perf_counter()
+                    try:
+                        next(active[name])
+                    except StopIteration:
+                        del active[name]
+                    if sync is not None:
+                        synchronize(sync)
+                    spent[name] += time.perf_counter() - start
+                turn += 1
+        if round_ >= warmup:
+            for name in names:
+                times[name].append(spent[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
