@@ -13,7 +13,7 @@ In one process, on the same teacher, DDIM steps, noise and FID setup:
 Trajectory MACs of every variant are counted the same way, on the computation that really runs
 (torch's ``FlopCounterMode`` over one image's trajectory), and reported as a fraction of the
 teacher's; fvcore's analytic count of each DiP-GO schedule is printed beside it. Latency is per
-image, batches of ``--latency-batch``, interleaved with the teacher's.
+image, batches of ``--latency-batch``, in lockstep with the teacher's (each on its own copy of the model).
 
     python bench/dipgo_digits.py --steps 100 --fid-samples 1000
 """
@@ -77,12 +77,12 @@ def main() -> None:
         sample_images(unet, scheduler_config, num_images=1, steps=args.steps, batch_size=1)
 
     def fid(context: Any) -> float:
-        with context():
+        with context(unet):
             images = sample_images(unet, scheduler_config, num_images=args.fid_samples, steps=args.steps, batch_size=250, seed=args.seed)
         return fid_from_images(images, reference, extractor)
 
     def executed(context: Any) -> int:
-        with context():
+        with context(unet):
             return executed_macs(one_trajectory)
 
     def latency(context: Any) -> tuple[float, float]:
@@ -93,10 +93,10 @@ def main() -> None:
         return times["variant"], times["teacher"]
 
     def deepcache(interval: int) -> Any:
-        return deepcache_context(unet, scheduler_config, args.steps, interval)
+        return lambda model: deepcache_context(model, scheduler_config, args.steps, interval)()
 
     def scheduled(schedule: Schedule) -> Any:
-        return lambda: apply_schedule(unet, schedule)
+        return lambda model: apply_schedule(model, schedule)
 
     full_executed = executed(contextlib.nullcontext)
     full_analytic = costs.total.macs * args.steps

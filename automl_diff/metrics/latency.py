@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from automl_diff.sampling import sample_images
+from automl_diff.sampling import sampling_steps
 
 __all__ = ["measure_latency", "measure_latencies", "synchronize", "time_interleaved", "time_lockstep", "unit_latencies"]
 
@@ -45,7 +46,7 @@ def measure_latency(
 def measure_latencies(
     unet: nn.Module,
     scheduler_config: dict[str, Any],
-    variants: dict[str, Callable[[], ContextManager[Any]]],
+    variants: dict[str, Callable[[nn.Module], ContextManager[Any]]],
     *,
     steps: int,
     batch_size: int = 8,
@@ -55,14 +56,18 @@ def measure_latencies(
 ) -> dict[str, float]:
     """Median seconds per image of several variants of one model, measured side by side.
 
-    Each variant is a context factory (for example a DiP-GO schedule applied for the duration);
-    repeats are interleaved (A, B, A, B, ...) so that drifting machine load hits every variant alike.
+    Each variant is a context factory called with the model it applies to (for example
+    ``lambda m: apply_schedule(m, schedule)``, or ``contextlib.nullcontext``). The first variant
+    samples with ``unet`` itself, each other one with its own copy, and all of them advance in
+    lockstep (:func:`time_lockstep`) so that changing machine load hits every variant alike.
     """
+    models = {name: unet if i == 0 else copy.deepcopy(unet) for i, name in enumerate(variants)}
 
-    def run() -> None:
-        sample_images(unet, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
+    def run(name: str) -> Callable[[], Any]:
+        return lambda: sampling_steps(models[name], scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
 
-    seconds = time_interleaved({name: run for name in variants}, contexts=variants, repeats=repeats, warmup=warmup, sync=unet)
+    contexts = {name: (lambda name=name: variants[name](models[name])) for name in variants}
+    seconds = time_lockstep({name: run(name) for name in variants}, contexts=contexts, repeats=repeats, warmup=warmup, sync=unet)
     return {name: value / batch_size for name, value in seconds.items()}
 
 

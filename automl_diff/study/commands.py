@@ -237,7 +237,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any) -> dict[
     latencies = measure_latencies(
         unet,
         scheduler_config_for(path if path.exists() else None),
-        {"full": contextlib.nullcontext, "schedule": lambda: apply_schedule(unet, schedule)},
+        {"full": contextlib.nullcontext, "schedule": lambda model: apply_schedule(model, schedule)},
         steps=steps,
         batch_size=args.batch_size,
         repeats=args.repeats,
