@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from automl_diff.bench.presets import PRESETS
-from automl_diff.bench.run import _study_config
+from automl_diff.bench.run import bench_study_config
 from automl_diff.methods.diffnas import DiffNAS, assemble_student
 from automl_diff.methods.dkdm import DKDM
 from automl_diff.methods.dkdm.method import TrainingInputs
@@ -52,14 +52,14 @@ def main() -> None:
     teacher = load_teacher(preset.teacher)
     device = torch.device("cpu")
     pool = {"source": "teacher", "pool_size": preset.pool_size, "pool_steps": preset.pool_steps}
-    dkdm_config = _study_config(preset, "dkdm", search_space=preset.dkdm_space, iterations=1, batch_size=preset.batch_size, lr=preset.lr, options=pool)
+    dkdm_config = bench_study_config(preset, "dkdm", search_space=preset.dkdm_space, iterations=1, batch_size=preset.batch_size, lr=preset.lr, options=pool)
     inputs = TrainingInputs(dkdm_config, teacher, DKDM.options_from(dkdm_config), device=device)
     inputs.prepare()
 
     searches = {}
     with tempfile.TemporaryDirectory() as workdir:  # the second search reuses the first one's supernets
         for cost in ("macs", "latency"):
-            config = _study_config(
+            config = bench_study_config(
                 preset, "diffnas", search_space=preset.diffnas_space, iterations=0, batch_size=preset.batch_size, lr=preset.lr,
                 options={**pool, "supernet_iterations": preset.supernet_iterations, "subnets_per_step": preset.subnets_per_step,
                          "search_samples": preset.search_samples, "block_trials": 10_000, "tolerance_low": 1e-9, "tolerance_high": 1e9,

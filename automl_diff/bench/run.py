@@ -41,7 +41,7 @@ from torch import nn
 
 from automl_diff.bench.presets import BenchPreset
 
-__all__ = ["BenchResult", "Row", "run_bench"]
+__all__ = ["BenchResult", "Row", "bench_study_config", "run_bench"]
 
 logger = logging.getLogger("automl_diff.bench")
 
@@ -146,7 +146,7 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _study_config(preset: BenchPreset, method: str, *, search_space: str | None, iterations: int, batch_size: int, lr: float, options: dict[str, Any]) -> Any:
+def bench_study_config(preset: BenchPreset, method: str, *, search_space: str | None, iterations: int, batch_size: int, lr: float, options: dict[str, Any]) -> Any:
     """The in-memory study config a method of the benchmark runs with."""
     from automl_diff.config.study import Budgets, FidSettings, Objective, SamplerSettings, SamplingSettings, StudyConfig
 
@@ -226,7 +226,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
     machine = machine_info(device)
     log(f"# {preset.name}: {machine['machine']}, device {machine['device']}, torch {machine['torch']}, diffusers {machine['diffusers']}")
 
-    base = _study_config(preset, "dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, batch_size=preset.batch_size, lr=preset.lr, options={})
+    base = bench_study_config(preset, "dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, batch_size=preset.batch_size, lr=preset.lr, options={})
     evaluator = Evaluator(
         base, scheduler_config=scheduler_config, teacher_dataset=teacher.dataset, resolution=teacher.resolution, channels=teacher.channels, device=device,
     )
@@ -283,7 +283,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
             notes=f"{preset.dkdm_iterations} steps, {_json(preset.dkdm_params)}")
 
     # -- DiffNAS -------------------------------------------------------------------------------------
-    nas_config = _study_config(
+    nas_config = bench_study_config(
         preset, "diffnas", search_space=preset.diffnas_space, iterations=preset.retrain_iterations, batch_size=preset.batch_size, lr=preset.lr,
         options={**pool_options, "supernet_iterations": preset.supernet_iterations, "subnets_per_step": preset.subnets_per_step,
                  "search_samples": preset.search_samples, "retrain_iterations": [preset.retrain_iterations], "ema_decay": preset.ema_decay,
@@ -312,7 +312,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- DiP-GO on the teacher ----------------------------------------------------------------------
     def dipgo_config(options: dict[str, Any]) -> Any:
-        return _study_config(
+        return bench_study_config(
             preset, "dipgo", search_space=None, iterations=preset.dipgo_iterations, batch_size=preset.dipgo_batch, lr=preset.dipgo_lr, options=options,
         )
 
