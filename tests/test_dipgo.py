@@ -225,6 +225,28 @@ def test_a_step_that_computes_no_unit_skips_the_whole_call_exactly(tiny_unet, ti
     assert idle_macs / busy_macs == pytest.approx(counted / counted_busy, rel=0.03)
 
 
+def test_idle_steps_answer_in_the_form_asked_and_need_diffusers_own_forward(tiny_unet):
+    from diffusers import UNet2DModel
+
+    from automl_diff.methods.dipgo.schedule import idle_steps_free
+
+    units = prunable_units(tiny_unet, "block")
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad(), apply_schedule(tiny_unet, _schedule(tiny_unet, 3, {1: units, 2: units})) as handle:
+        first = tiny_unet(x, 900)
+        as_tuple = tiny_unet(x, 800, return_dict=False)
+        again = tiny_unet(x, 700)
+        assert handle.executed[units[0]] == 1
+    assert isinstance(as_tuple, tuple) and as_tuple[0] is first.sample
+    assert type(again) is type(first) and again is not first and again.sample is first.sample
+
+    class Rescaled(UNet2DModel):  # transforms the head's output: an idle step could not return the last one
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    assert idle_steps_free(tiny_unet, units) and not idle_steps_free(Rescaled.from_config(tiny_unet.config), units)
+
+
 def test_gradients_reach_the_pruner(tiny_unet):
     steps = 3
     units = tuple(prunable_units(tiny_unet, "block"))

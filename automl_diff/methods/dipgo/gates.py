@@ -97,11 +97,15 @@ class _StepHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
         c._advance(_timestep_value(args, kwargs))
-        return_dict = kwargs.get("return_dict", True)
-        if c._idle() and c._output is not None and c._output[0] == return_dict:
-            return c._output[1]
+        if c._idle() and c._output is not None:  # a fresh wrapper around the same tensor
+            kind, sample = c._output
+            if not kwargs.get("return_dict", True):
+                return (sample,)
+            if kind is not tuple:
+                return kind(sample=sample)
         out = self.fn_ref.original_forward(*args, **kwargs)
-        c._output = (return_dict, out) if c.soft_gates is None else None
+        if c.idle_free and c.soft_gates is None:
+            c._output = (tuple, out[0]) if isinstance(out, tuple) else (type(out), out.sample)
         return out
 
 
@@ -247,7 +251,7 @@ class GateController:
         self.executed: Counter[str] = Counter()
         self.schedule: Schedule | None = None
         self._last_t: float | None = None
-        self._output: tuple[Any, Any] | None = None  # (return_dict, the last call's output)
+        self._output: tuple[Any, torch.Tensor] | None = None  # the last call's output: (its type, its sample)
         self._modules = [get_block(unet, name) for name in self.units]
         self._index = {name: i for i, name in enumerate(self.units)}
         up_resnets: dict[str, list[tuple[int, str]]] = {}
@@ -326,6 +330,7 @@ class GateController:
         """Cut the autograd graph through the caches (truncated backpropagation)."""
         for name in list(self.cache):
             self.cache[name] = _detach(self.cache[name])
+        self._output = None
 
     def _reuses(self, name: str) -> bool:
         """Whether unit ``name`` returns its cache at the current step (binary gates only)."""

@@ -115,12 +115,13 @@ def head_input_unit(unet: nn.Module, units: Sequence[str]) -> str | None:
 
 def output_is_head(unet: nn.Module) -> bool:
     """Whether the UNet returns ``conv_out``'s output as it is: a ``UNet2DConditionModel``, or a
-    ``UNet2DModel`` without Fourier time embedding (which divides its output by the timestep)."""
+    ``UNet2DModel`` without Fourier time embedding (which divides its output by the timestep),
+    either with diffusers' own ``forward`` (a subclass may transform the output further)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     if isinstance(unet, UNet2DConditionModel):
-        return True
-    return isinstance(unet, UNet2DModel) and unet.config.time_embedding_type != "fourier"
+        return type(unet).forward is UNet2DConditionModel.forward
+    return isinstance(unet, UNet2DModel) and type(unet).forward is UNet2DModel.forward and unet.config.time_embedding_type != "fourier"
 
 
 def idle_steps_free(unet: nn.Module, units: Sequence[str]) -> bool:
