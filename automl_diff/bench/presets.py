@@ -28,7 +28,7 @@ class BenchPreset:
         steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
         fid_samples: images per FID, drawn from the same noise for every row (``seed``).
         latency_batch, latency_repeats: images per timed batch, timed batches per row (all rows in lockstep).
-        latency_warmup: untimed batches per row before them (every row has just sampled its FID).
+        latency_warmup: untimed batches per row before them.
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.

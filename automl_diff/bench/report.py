@@ -39,7 +39,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0), FID on {p.fid_samples} samples drawn from "
         f"the same noise (seed {p.seed}); trajectory MACs counted on what executes over one image's trajectory; "
         f"latency per image in batches of {p.latency_batch}, the median of {p.latency_repeats} batches"
-        + (f" after {p.latency_warmup} untimed" if p.latency_warmup else " (each row warm from sampling its FID)")
+        + (f" after {p.latency_warmup} untimed" if p.latency_warmup else " (no untimed batch first)")
         + ", all rows in lockstep (step by step, each row on its own copy of its model, so that changing machine load "
         "hits every row alike). "
         "Search cost is the wall time of everything that made the row's model (the shared data-free pool's warm-up is "
