@@ -22,7 +22,7 @@ feeds DKDM, DiffNAS and the Torch-Pruning fine-tune; its warm-up is counted in e
 search costs. Trajectory MACs are counted on what really executes (torch's ``FlopCounterMode``
 over one image's trajectory, so cached or skipped work costs nothing); latencies are measured at
 the end, per image in batches of ``latency_batch``, all rows in lockstep: step by step, each row
-on its own copy of its model (:func:`~automl_diff.metrics.latency.time_lockstep`).
+on its own copy of its model (:func:`~automl_diff.metrics.latency.sampler_latencies`).
 """
 
 from __future__ import annotations
@@ -207,10 +207,10 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
     from automl_diff.methods.dkdm.method import TrainingInputs
     from automl_diff.methods.training import fit
     from automl_diff.metrics.evaluate import Evaluator
-    from automl_diff.metrics.latency import time_lockstep
+    from automl_diff.metrics.latency import sampler_latencies
     from automl_diff.metrics.macs import count_macs, executed_macs
     from automl_diff.models.loading import Teacher, load_teacher
-    from automl_diff.sampling import sample_images, sampling_steps
+    from automl_diff.sampling import sample_images
 
     _check_inputs(preset)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -233,14 +233,12 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- measuring: the same noise, features, counting and timing for every row ------------------
     rows: list[Row] = []
-    timed: dict[str, Callable[[], Any]] = {}
-    contexts: dict[str, Callable[[], Any]] = {}
-
-    def plain(model: nn.Module) -> Any:
-        return contextlib.nullcontext()
+    timed: dict[str, nn.Module] = {}  # each row's own copy of its model
+    contexts: dict[str, Callable[[nn.Module], Any]] = {}
 
     def measure(
-        name: str, kind: str, model: nn.Module, *, context: Callable[[nn.Module], Any] = plain, search_seconds: float = 0.0, notes: str = "",
+        name: str, kind: str, model: nn.Module, *, context: Callable[[nn.Module], Any] = contextlib.nullcontext, search_seconds: float = 0.0,
+        notes: str = "",
     ) -> Row:
         """FID and trajectory MACs of ``model`` under ``context(model)``; the row is timed at the end
         on a copy of the model as it is now, under the same context."""
@@ -256,9 +254,8 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
         row = Row(name, kind, params, trajectory, trajectory / steps, fid, round(search_seconds, 1), notes=notes)
         rows.append(row)
 
-        own = copy.deepcopy(model)
-        timed[name] = lambda: sampling_steps(own, scheduler_config, num_images=preset.latency_batch, steps=steps, batch_size=preset.latency_batch)
-        contexts[name] = lambda: context(own)
+        timed[name] = copy.deepcopy(model)
+        contexts[name] = context
         log(f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s")
         return row
 
@@ -358,9 +355,12 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- latency: every row in lockstep with every other ------------------------------------------
     log(f"timing {len(timed)} rows in lockstep: {preset.latency_repeats} batches of {preset.latency_batch} each")
-    seconds = time_lockstep(timed, contexts=contexts, repeats=preset.latency_repeats, warmup=preset.latency_warmup, sync=unet)
+    seconds = sampler_latencies(
+        timed, scheduler_config, contexts=contexts, steps=steps, batch_size=preset.latency_batch, repeats=preset.latency_repeats,
+        warmup=preset.latency_warmup,
+    )
     for row in rows:
-        row.latency = seconds[row.name] / preset.latency_batch
+        row.latency = seconds[row.name]
     details = {"tolerance": tolerance, "block_choices": choice, "prune_ratio": ratio, "deepcache_levels": levels, "pool_seconds": pool_seconds}
     return BenchResult(preset, rows, machine, time.perf_counter() - begin, details)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from automl_diff.sampling import sampling_steps
 
-__all__ = ["measure_latency", "measure_latencies", "synchronize", "time_interleaved", "time_lockstep", "unit_latencies"]
+__all__ = ["measure_latency", "measure_latencies", "sampler_latencies", "synchronize", "time_interleaved", "time_lockstep", "unit_latencies"]
 
 
 def synchronize(module: nn.Module) -> None:
@@ -59,15 +59,36 @@ def measure_latencies(
     Each variant is a context factory called with the model it applies to (for example
     ``lambda m: apply_schedule(m, schedule)``, or ``contextlib.nullcontext``). The first variant
     samples with ``unet`` itself, each other one with its own copy, and all of them advance in
-    lockstep (:func:`time_lockstep`) so that changing machine load hits every variant alike.
+    lockstep (:func:`sampler_latencies`) so that changing machine load hits every variant alike.
     """
     models = {name: unet if i == 0 else copy.deepcopy(unet) for i, name in enumerate(variants)}
+    return sampler_latencies(
+        models, scheduler_config, contexts=variants, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler,
+    )
 
-    def run(name: str) -> Callable[[], Any]:
-        return lambda: sampling_steps(models[name], scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
 
-    contexts = {name: (lambda name=name: variants[name](models[name])) for name in variants}
-    seconds = time_lockstep({name: run(name) for name in variants}, contexts=contexts, repeats=repeats, warmup=warmup, sync=unet)
+def sampler_latencies(
+    models: dict[str, nn.Module],
+    scheduler_config: dict[str, Any],
+    *,
+    contexts: dict[str, Callable[[nn.Module], ContextManager[Any]]] | None = None,
+    steps: int,
+    batch_size: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    scheduler: str = "ddim",
+) -> dict[str, float]:
+    """Median seconds per image of several samplers, one batch of ``batch_size`` each, timed in
+    lockstep (:func:`time_lockstep`): ``models[name]`` samples under ``contexts[name](model)``
+    (none: as it is). Models under different contexts must be different objects."""
+    contexts = contexts or {}
+
+    def run(model: nn.Module) -> Callable[[], Any]:
+        return lambda: sampling_steps(model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
+
+    entered = {name: (lambda name=name: contexts[name](models[name])) for name in models if name in contexts}
+    sync = next(iter(models.values()), None)
+    seconds = time_lockstep({name: run(model) for name, model in models.items()}, contexts=entered, repeats=repeats, warmup=warmup, sync=sync)
     return {name: value / batch_size for name, value in seconds.items()}
 
 
@@ -133,7 +154,7 @@ def time_lockstep(
             schedule's hooks, say), outside the timing. Runs under different contexts must not
             share a model: give each its own copy.
         repeats: timed rounds; ``warmup``: untimed rounds first.
-        sync: a module whose CUDA device is synchronised around every step.
+        sync: a module whose CUDA device is synchronised after every step.
     """
     contexts = contexts or {}
     names = list(runs)
@@ -144,13 +165,13 @@ def time_lockstep(
             for name in names:
                 stack.enter_context(contexts.get(name, contextlib.nullcontext)())
             active = {name: runs[name]() for name in names}
+            if sync is not None:
+                synchronize(sync)  # then after every step, so each starts with nothing queued
             turn = 0
             while active:
                 for name in names[turn % len(names):] + names[: turn % len(names)]:
                     if name not in active:
                         continue
-                    if sync is not None:
-                        synchronize(sync)
                     start = time.perf_counter()
                     try:
                         next(active[name])
