@@ -15,7 +15,7 @@ from automl_diff.methods.dipgo import GateController, Schedule, apply_schedule, 
 from automl_diff.methods.dipgo.gates import ScheduleMismatch
 from automl_diff.methods.dipgo.optimise import expected_ratio, optimise_pruner, ssim
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
-from automl_diff.methods.dipgo.schedule import model_fingerprint
+from automl_diff.methods.dipgo.schedule import UnitWeights, model_fingerprint
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import get_block
 from automl_diff.sampling import denoise, sample_images
@@ -316,6 +316,7 @@ def test_latency_weights_drive_the_expected_ratio(tiny_unet):
     assert expected_ratio(probs, weights, units).item() == pytest.approx(37 / 40)
     costs = unit_costs(tiny_unet, units)
     assert UnitWeights.of(costs).units[units[0]] == costs.units[units[0]].macs
+    assert UnitWeights.of(costs).idle_free == costs.idle_free
     assert expected_ratio(probs, costs, units).item() == pytest.approx(expected_ratio(probs, UnitWeights.of(costs), units).item())
 
 
@@ -525,3 +526,25 @@ def test_dipgo_options_are_validated(study_factory, capsys):
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert "method_options.unit_cost" in err and "latency" in err
+
+
+def test_idle_free_expected_ratio_charges_always_only_to_busy_steps():
+    units = ("a", "b")
+    weights = UnitWeights("latency", 10.0, {"a": 3.0, "b": 2.0}, idle_free=True)  # always: 5 s
+    assert weights.always == pytest.approx(5.0)
+    full = torch.ones(4, 2)
+    assert expected_ratio(full, weights, units).item() == pytest.approx(1.0)
+    # steps 1-3 compute nothing: they cost nothing; step 0 always computes
+    first_only = torch.zeros(4, 2)
+    first_only[0] = 1
+    assert expected_ratio(first_only, weights, units).item() == pytest.approx(10 / 40)
+    assert expected_ratio(torch.zeros(4, 2), weights, units).item() == pytest.approx(5 / 40)
+    # independent gates at 0.5: a step is busy with probability 0.75
+    half = torch.full((4, 2), 0.5)
+    assert expected_ratio(half, weights, units).item() == pytest.approx((5 + 3 * 5 * 0.75 + 4 * 2.5) / 40)
+    # the loss pushes a nearly empty step to empty: the always share flows into the gradient
+    probs = torch.full((4, 2), 0.1, requires_grad=True)
+    expected_ratio(probs, weights, units).backward()
+    plain = torch.full((4, 2), 0.1, requires_grad=True)
+    expected_ratio(plain, UnitWeights("latency", 10.0, {"a": 3.0, "b": 2.0}), units).backward()
+    assert (probs.grad[1:] > plain.grad[1:]).all()

@@ -73,13 +73,20 @@ CONSISTENCY = {
 
 def expected_ratio(probs: torch.Tensor, costs: UnitCosts | UnitWeights, units: tuple[str, ...]) -> torch.Tensor:
     """Trajectory cost (MACs, or measured seconds with latency :class:`UnitWeights`) under gate
-    probabilities ``probs`` (steps x units), over the full sampler's."""
+    probabilities ``probs`` (steps x units, gates independent), over the full sampler's.
+
+    Where idle steps are free (``idle_free``), a step pays ``always`` only if some unit computes:
+    with probability ``1 - prod(1 - p)`` over its units (the first step always computes, having
+    no output to reuse), so the loss also rewards emptying whole steps."""
     weights = UnitWeights.of(costs)
     unit = torch.tensor([weights.units[u] for u in units], dtype=probs.dtype, device=probs.device)
     steps = probs.shape[0]
     full = weights.total * steps
-    skipped = ((1 - probs) * unit).sum()
-    return (full - skipped) / full
+    if not weights.idle_free:
+        return (full - ((1 - probs) * unit).sum()) / full
+    busy = 1 - torch.prod(1 - probs, dim=1)
+    busy = torch.cat([torch.ones_like(busy[:1]), busy[1:]])
+    return (weights.always * busy.sum() + (probs * unit).sum()) / full
 
 
 @dataclass

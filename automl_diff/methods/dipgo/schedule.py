@@ -161,21 +161,28 @@ class UnitCosts:
 class UnitWeights:
     """What DiP-GO's sparsity loss counts for one forward pass: the whole model and each unit, in
     MACs (``kind="macs"``, the paper's choice) or in measured seconds (``kind="latency"``, where
-    time on the target device does not follow MACs: memory-bound layers, narrow convolutions)."""
+    time on the target device does not follow MACs: memory-bound layers, narrow convolutions).
+    ``idle_free``: a step that computes no unit costs nothing, not even ``always``."""
 
     kind: str
     total: float
     units: Mapping[str, float]
+    idle_free: bool = False
+
+    @property
+    def always(self) -> float:
+        """What every step that computes some unit pays beyond its units."""
+        return self.total - sum(self.units.values())
 
     @classmethod
     def of(cls, costs: UnitCosts | UnitWeights) -> UnitWeights:
         """MAC weights from :class:`UnitCosts`; weights are returned as they are."""
         if isinstance(costs, UnitWeights):
             return costs
-        return cls("macs", float(costs.total.macs), {name: float(cost.macs) for name, cost in costs.units.items()})
+        return cls("macs", float(costs.total.macs), {name: float(cost.macs) for name, cost in costs.units.items()}, costs.idle_free)
 
     @classmethod
-    def measured(cls, unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> UnitWeights:
+    def measured(cls, unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3, idle_free: bool = False) -> UnitWeights:
         """Latency weights measured on ``unet``'s device at ``batch_size``: each unit's seconds
         inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`; the
         head's counted in the unit that feeds it), and as the time no unit's gate removes, a pass
@@ -189,7 +196,8 @@ class UnitWeights:
         head = _Head.of(unet, units)
         _, seconds = unit_latencies(unet, [*units, *head.layers], batch_size=batch_size, repeats=repeats)
         seconds = head.fold(seconds, lambda a, b: a + b)
-        return cls("latency", skipped_pass_seconds(unet, units, batch_size=batch_size, repeats=repeats) + sum(seconds.values()), seconds)
+        total = skipped_pass_seconds(unet, units, batch_size=batch_size, repeats=repeats) + sum(seconds.values())
+        return cls("latency", total, seconds, idle_free)
 
 
 @torch.no_grad()
