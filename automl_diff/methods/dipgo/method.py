@@ -196,8 +196,8 @@ class DiPGO(Method):
         weights = UnitWeights.measured(self.teacher.unet, self.units, batch_size=b.latency_batch_size, repeats=max(3, b.latency_repeats),
                                          idle_free=self.costs.idle_free)
         logger.info(
-            "DiP-GO: one step at batch %d takes %.4g s; the units take %.0f%% of it, the rest is paid at every step",
-            b.latency_batch_size, weights.total, 100 * sum(weights.units.values()) / weights.total,
+            "DiP-GO: one step at batch %d takes %.4g s; the units take %.0f%% of it, the rest is paid at every step%s",
+            b.latency_batch_size, weights.total, 100 * (1 - weights.always / weights.total), " that computes some unit" if weights.idle_free else "",
         )
         return weights
 

@@ -80,13 +80,10 @@ def expected_ratio(probs: torch.Tensor, costs: UnitCosts | UnitWeights, units: t
     no output to reuse), so the loss also rewards emptying whole steps."""
     weights = UnitWeights.of(costs)
     unit = torch.tensor([weights.units[u] for u in units], dtype=probs.dtype, device=probs.device)
-    steps = probs.shape[0]
-    full = weights.total * steps
-    if not weights.idle_free:
-        return (full - ((1 - probs) * unit).sum()) / full
-    busy = 1 - torch.prod(1 - probs, dim=1)
-    busy = torch.cat([torch.ones_like(busy[:1]), busy[1:]])
-    return (weights.always * busy.sum() + (probs * unit).sum()) / full
+    busy = torch.ones_like(probs[:, 0])  # probability that a step pays ``always``
+    if weights.idle_free:
+        busy = torch.cat([busy[:1], 1 - torch.prod(1 - probs[1:], dim=1)])
+    return (weights.always * busy.sum() + (probs * unit).sum()) / (weights.total * probs.shape[0])
 
 
 @dataclass
