@@ -47,6 +47,7 @@ class BenchPreset:
         dipgo_thresholds: thresholds whose schedules are measured (teacher and stacked).
         stacked_dipgo: options of the stacked DiP-GO run on the DiffNAS student, over ``dipgo``
             (its target, say, or ``unit_cost: latency``).
+        stacked_dipgo_iterations: that run's pruner iterations (None: ``dipgo_iterations``).
         deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -85,6 +86,7 @@ class BenchPreset:
     dipgo_lr: float = 0.01
     dipgo_thresholds: tuple[float, ...] = (0.01, 0.1, 0.5)
     stacked_dipgo: dict[str, Any] = field(default_factory=dict)
+    stacked_dipgo_iterations: int | None = None
     deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
     goal: tuple[float, float, float] = (8.0, 1.15, 0.8)
     device: str = "auto"
@@ -110,6 +112,7 @@ PRESETS: dict[str, BenchPreset] = {
         },
         dipgo={"granularity": "layer", "target_macs_ratio": 0.23, "sparsity_weight": 5.0, "warmup": 0.6},
         stacked_dipgo={"unit_cost": "latency", "target_macs_ratio": 0.255},
+        stacked_dipgo_iterations=150,
     ),
     "ddpm-cifar10": BenchPreset(
         name="ddpm-cifar10",

@@ -308,14 +308,14 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
             notes=f"L2 magnitude, ratio {ratio}, fine-tuned {preset.retrain_iterations} steps")
 
     # -- DiP-GO on the teacher ----------------------------------------------------------------------
-    def dipgo_config(options: dict[str, Any]) -> Any:
+    def dipgo_config(options: dict[str, Any], iterations: int) -> Any:
         return bench_study_config(
-            preset, "dipgo", search_space=None, iterations=preset.dipgo_iterations, batch_size=preset.dipgo_batch, lr=preset.dipgo_lr, options=options,
+            preset, "dipgo", search_space=None, iterations=iterations, batch_size=preset.dipgo_batch, lr=preset.dipgo_lr, options=options,
         )
 
     def schedules(method: Any, seconds: float, label: str, kind: str, model: nn.Module) -> list[Row]:
         o = method.options
-        pruner = f"pruner target {o.target_macs_ratio:g} of the trajectory {'MACs' if o.unit_cost == 'macs' else 'time (units weighed by measured seconds)'}"
+        pruner = f"pruner ({method.config.budgets.train_iterations} iterations) target {o.target_macs_ratio:g} of the trajectory {'MACs' if o.unit_cost == 'macs' else 'time (units weighed by measured seconds)'}"
         out, seen = [], set()
         for threshold in preset.dipgo_thresholds:
             schedule = method.schedule_for(threshold)
@@ -328,7 +328,7 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
             ))
         return out
 
-    dipgo = DiPGO(dipgo_config(preset.dipgo), teacher, device=device)
+    dipgo = DiPGO(dipgo_config(preset.dipgo, preset.dipgo_iterations), teacher, device=device)
     start = time.perf_counter()
     dipgo.prepare()
     dipgo_seconds = time.perf_counter() - start
@@ -347,7 +347,8 @@ def run_bench(preset: BenchPreset, *, log: Callable[[str], None] = print) -> Ben
 
     # -- DiffNAS + DiP-GO: the student as the starting model of a stacked DiP-GO run ---------------
     start_model = Teacher(student, scheduler_config, "DiffNAS student", dataset=teacher.dataset)
-    stacked = DiPGO(dipgo_config({**preset.dipgo, **preset.stacked_dipgo}), start_model, reference=teacher, device=device)
+    stacked_iterations = preset.stacked_dipgo_iterations or preset.dipgo_iterations
+    stacked = DiPGO(dipgo_config({**preset.dipgo, **preset.stacked_dipgo}, stacked_iterations), start_model, reference=teacher, device=device)
     start = time.perf_counter()
     stacked.prepare()
     stacked_seconds = nas_seconds + time.perf_counter() - start
