@@ -480,6 +480,17 @@ def test_resumed_dipgo_study_reuses_the_pruner(dipgo_study, tmp_path, capsys):
     assert len(finished) == 4
 
 
+def test_pruner_cached_under_an_older_objective_is_optimised_again(dipgo_study, tmp_path, capsys, monkeypatch):
+    import automl_diff.methods.dipgo.method as dipgo_method
+
+    config, storage, _ = dipgo_study
+    cache = tmp_path / "runs" / "tinygo" / "dipgo_pruner.json"
+    old_key = json.loads(cache.read_text())["key"]
+    monkeypatch.setattr(dipgo_method, "OBJECTIVE_VERSION", dipgo_method.OBJECTIVE_VERSION + 1)
+    assert main(["run", str(config), "--quiet", "--n-trials", "4"]) == 0, capsys.readouterr().err
+    assert json.loads(cache.read_text())["key"] != old_key  # written only where the pruner ran again
+
+
 def test_latency_unit_cost_weighs_the_units_by_their_measured_seconds(study_factory, tmp_path, capsys):
     config = study_factory(
         name="tinylat", method="dipgo", search_space=None, objectives=[{"name": "trajectory_macs"}, {"name": "fid"}], n_trials=1,

@@ -24,7 +24,7 @@ import numpy as np
 from automl_diff.config._reader import positive
 from automl_diff.errors import UserError
 from automl_diff.methods.base import Candidate, Method, require_range
-from automl_diff.methods.dipgo.optimise import CONSISTENCY, optimise_pruner
+from automl_diff.methods.dipgo.optimise import CONSISTENCY, OBJECTIVE_VERSION, optimise_pruner
 from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, UnitWeights, model_fingerprint, prunable_units, unit_costs
 from automl_diff.models.loading import weights_digest
 
@@ -121,6 +121,7 @@ class DiPGO(Method):
     def _cache_key(self) -> str:
         c = self.config
         payload = {
+            "objective": OBJECTIVE_VERSION,
             "options": asdict(self.options),
             "budgets": [c.budgets.train_iterations, c.budgets.batch_size, c.budgets.lr, c.budgets.sampling_steps],
             "sampling": [c.sampling.scheduler, c.sampling.eta],

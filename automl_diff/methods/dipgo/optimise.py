@@ -36,7 +36,12 @@ from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.schedule import UnitCosts, UnitWeights
 from automl_diff.sampling import denoise
 
-__all__ = ["CONSISTENCY", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
+__all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
+
+#: Version of the pruner's objective; part of a DiP-GO study's pruner cache key, so that scores
+#: optimised under an older loss (or expected-cost model) are not reused. Bump it when either changes.
+#: 2: a step's fixed cost is charged only where some unit computes, where idle steps are free.
+OBJECTIVE_VERSION = 2
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
