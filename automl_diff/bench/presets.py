@@ -105,13 +105,14 @@ PRESETS: dict[str, BenchPreset] = {
         max_ratio=0.7,
         dkdm_iterations=1000,
         dipgo_iterations=100,
-        dipgo_thresholds=(0.05, 0.2, 0.5),
+        retrain_iterations=1250,
+        dipgo_thresholds=(0.2, 0.5),
         dkdm_params={
             "down.0.channels": 24, "down.1.channels": 48, "down.1.layers": 1, "down.2.channels": 32,
             "down.2.layers": 1, "down.2.attention": False, "mid.attention": False,
         },
         dipgo={"granularity": "layer", "target_macs_ratio": 0.23, "sparsity_weight": 5.0, "warmup": 0.6},
-        stacked_dipgo={"unit_cost": "latency", "target_macs_ratio": 0.255},
+        stacked_dipgo={"unit_cost": "latency", "target_macs_ratio": 0.23},
         stacked_dipgo_iterations=150,
     ),
     "ddpm-cifar10": BenchPreset(
