@@ -144,6 +144,51 @@ def study_factory(tmp_path: Path, tiny_teacher_dir: Path, tiny_space: Path):
     return make
 
 
+# --- loading exports where automl_diff cannot be imported ---
+
+_BLOCK_AUTOML_DIFF = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "automl_diff" or name.startswith("automl_diff."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, _Block())
+try:
+    import automl_diff
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("automl_diff is importable: the check would prove nothing")
+"""
+
+
+def printed_load_calls(out: str) -> list[str]:
+    """The calls ``export`` printed after ``load with:``, one per exported trial."""
+    return [line.split("load with:", 1)[1].strip() for line in out.splitlines() if "load with:" in line]
+
+
+def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2) -> dict:
+    """Run ``pipe = <call>`` and sample two images in a fresh Python in which ``automl_diff``
+    cannot be imported (an import blocker in front of every finder); returns what it saw:
+    the UNet's class name, the images' shape, and the modules named automl_diff it imported."""
+    import json
+    import subprocess
+    import sys
+
+    script = _BLOCK_AUTOML_DIFF + f"""
+import json, diffusers
+pipe = {call}
+images = pipe(batch_size=2, num_inference_steps={steps}, output_type="np").images
+print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.unet).__module__, "shape": list(images.shape),
+                  "imported": sorted(m for m in sys.modules if m.startswith("automl_diff"))}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / ".hf_modules"), "DIFFUSERS_VERBOSITY": "error"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # --- PostgreSQL: a real server started from Debian's binaries for the tests that need one ---
 
 POSTGRES_USER = "automl"

@@ -28,6 +28,7 @@ from automl_diff.methods.diffnas.supernet import iter_tensors, plug_supernets
 from automl_diff.models.blocks import block_names, get_block
 from automl_diff.models.student import StudentUNet2DModel
 from automl_diff.study.cli import main
+from tests.conftest import printed_load_calls, sample_without_automl_diff
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -319,10 +320,13 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
     assert "tinynas" in capsys.readouterr().out
     out_dir = tmp_path / "export"
     assert main(["export", "--storage", storage, "--study-name", "tinynas", "--trial", str(trial.number), "--out", str(out_dir)]) == 0
-    capsys.readouterr()
-    from diffusers import DDIMPipeline
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    assert "trust_remote_code=True" in call
+    seen = sample_without_automl_diff(call, cwd=tmp_path)
+    assert seen["unet"] == "StudentUNet2DModel" and seen["shape"] == [2, 16, 16, 1] and not seen["imported"]
+    import diffusers  # noqa: F401 - the printed call names it
 
-    pipe = DDIMPipeline.from_pretrained(out_dir)
+    pipe = eval(call)  # noqa: S307 - the call export printed, verbatim
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
     card = (out_dir / "README.md").read_text()
     assert "DiffNAS chose one subnet per teacher block" in card and "`up.1`" in card

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from automl_diff.study.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, printed_load_calls
 
 
 def _run(capsys, *argv):
@@ -80,19 +80,21 @@ def test_status_pareto_json_and_csv(finished_study, capsys, tmp_path):
 
 
 def test_export_round_trip_loads_and_samples(finished_study, capsys, tmp_path):
-    from diffusers import DDIMPipeline
+    import diffusers  # noqa: F401 - the printed calls name it
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     code, out, err = _run(capsys, "export", "--storage", storage, "--pareto", "--out", str(tmp_path / "exports"))
     assert code == 0, err
     folders = sorted((tmp_path / "exports").iterdir())
-    assert folders
+    calls = dict(zip((str(f) for f in folders), printed_load_calls(out)))
+    assert folders and len(calls) == len(folders)
     study = optuna.load_study(study_name="tiny", storage=storage)
     for folder in folders:
         number = int(folder.name.split("_")[1])
         card = (folder / "README.md").read_text()
         assert "tiny" in card and f"trial {number}" in card and "FID" in card
-        pipe = DDIMPipeline.from_pretrained(folder)
+        assert json.dumps(str(folder)) in calls[str(folder)]
+        pipe = eval(calls[str(folder)])  # noqa: S307 - the call export printed, verbatim
         trained = study.trials[number].user_attrs["model_config"]["_class_name"]
         assert type(pipe.unet).__name__ == trained
         images = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from automl_diff.export.pipeline import export_trial, model_card
+from automl_diff.export.pipeline import Export, export_trial, load_call, model_card
 
-__all__ = ["export_trial", "model_card"]
+__all__ = ["Export", "export_trial", "load_call", "model_card"]

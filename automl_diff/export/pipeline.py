@@ -1,15 +1,17 @@
 """Exporting trials as diffusers pipelines (``unet/`` + ``scheduler/``) with a model card.
 
-An export loads with ``DDIMPipeline.from_pretrained(folder)``. Students that stock diffusers can
-express are plain ``UNet2DModel``; others (per-level depths, DiffNAS's per-resnet widths and dropped
-layers) are :class:`automl_diff.StudentUNet2DModel`, which ``model_index.json`` names (library
-``automl_diff.models.student``) so that the same call loads them wherever ``automl_diff`` is
-installed.
+An export loads where only diffusers is installed, with the call :func:`export_trial` returns.
+Students that stock diffusers can express are saved as plain ``UNet2DModel``
+(``DDIMPipeline.from_pretrained(folder)``). The others (per-level depths, DiffNAS's per-resnet
+widths and dropped layers) are :class:`~automl_diff.models.student.StudentUNet2DModel`, shipped as
+custom component code in ``unet/student_unet.py`` that ``model_index.json`` names, diffusers'
+convention for custom components: ``DDIMPipeline.from_pretrained(folder, trust_remote_code=True)``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,34 @@ from automl_diff.errors import UserError
 from automl_diff.runners.attrs import LINEAGE_ATTR, ORIGINAL_TEACHER_ATTR, SCHEDULER_ATTR, START_ATTR, TEACHER_ATTR
 from automl_diff.runners.storage import mask_url
 
-__all__ = ["export_trial", "lineage", "model_card"]
+__all__ = ["Export", "export_trial", "lineage", "load_call", "model_card"]
 
 _METRICS = ("params", "macs", "macs_no_attention", "trajectory_macs", "fid", "latency", "speedup", "macs_reduction")
+
+
+@dataclass(frozen=True)
+class Export:
+    """An exported trial.
+
+    Attributes:
+        folder: the pipeline folder.
+        custom_code: the UNet ships as custom component code (``trust_remote_code=True`` loads it).
+        schedule: the DiP-GO schedule file beside the pipeline, if any.
+    """
+
+    folder: Path
+    custom_code: bool
+    schedule: Path | None = None
+
+    @property
+    def load_call(self) -> str:
+        """The Python expression that loads this export with diffusers alone."""
+        return load_call(str(self.folder), custom_code=self.custom_code)
+
+
+def load_call(folder: str, *, custom_code: bool) -> str:
+    """``diffusers.DDIMPipeline.from_pretrained("<folder>"[, trust_remote_code=True])``."""
+    return f"diffusers.DDIMPipeline.from_pretrained({json.dumps(folder)}{', trust_remote_code=True' if custom_code else ''})"
 
 
 def lineage(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage_url: str) -> list[dict[str, Any]]:
@@ -76,7 +103,7 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value:,}{unit}"
 
 
-def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str) -> str:
+def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False) -> str:
     """A Hugging Face style README: metrics against the teacher (and the starting model of a
     stacked study), the lineage from the original teacher, source study and trial, usage."""
     attrs = trial.user_attrs
@@ -100,7 +127,10 @@ def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_
     params = json.dumps(trial.params, indent=2, sort_keys=True)
     steps = evaluation.get("sampling_steps", 20)
     schedule_note = ""
-    use = f"""pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
+    load = load_call("path/to/this/folder", custom_code=custom_code)
+    use = f"""import diffusers
+
+pipe = {load}
 images = pipe(batch_size=4, num_inference_steps={steps}).images"""
     if attrs.get("schedule"):
         schedule_note = f"""
@@ -108,9 +138,10 @@ This model samples with a DiP-GO gate schedule (`schedule.json`, {steps} steps):
 blocks reuse their output from an earlier step instead of computing. MACs per UNet call are the mean
 over the trajectory. The schedule is for {steps} steps exactly.
 """
-        use = f"""from automl_diff.methods.dipgo import Schedule, apply_schedule
+        use = f"""import diffusers
+from automl_diff import Schedule, apply_schedule  # the schedule needs automl_diff; the pipeline alone does not
 
-pipe = DDIMPipeline.from_pretrained("path/to/this/folder")
+pipe = {load}
 apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
 images = pipe(batch_size=4, num_inference_steps={steps}).images"""
     if attrs.get("block_choices") and len(chain) == 1:
@@ -125,6 +156,12 @@ then retrained the student for {attrs.get("retrain_iterations")} steps with the 
 |---|---|
 {lines}
 """
+    custom_note = (
+        "\nThe UNet is a `StudentUNet2DModel` (per-level depths, searched widths or dropped layers) whose code ships in\n"
+        "`unet/student_unet.py`; `trust_remote_code=True` lets diffusers import it. Read it before you trust it.\n"
+        if custom_code
+        else ""
+    )
     return f"""---
 library_name: diffusers
 tags:
@@ -162,23 +199,24 @@ latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency
 ## Use
 
 ```python
-from diffusers import DDIMPipeline
-
-# a StudentUNet2DModel (per-level depths, searched widths) loads the same way once automl_diff is installed
 {use}
 ```
-"""
+{custom_note}"""
 
 
-def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str) -> Path:
+def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str) -> Export:
     """Write trial ``trial_number`` as a diffusers DDIM pipeline folder at ``out``.
+
+    Returns:
+        The export, whose :attr:`Export.load_call` loads it with diffusers alone.
 
     Raises:
         UserError: no such completed trial, or its weights are gone.
     """
-    from diffusers import DDIMPipeline, DDIMScheduler
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
     from automl_diff.models.loading import EXPORT_INFO, load_unet
+    from automl_diff.models.student import MODULE_FILE, StudentUNet2DModel, plain_config
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial_number not in trials:
@@ -193,11 +231,23 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     if not scheduler_config:
         raise UserError(f"study '{study.study_name}' has no scheduler config recorded; was it created by automl_diff?")
     unet = load_unet(weights)
+    if isinstance(unet, StudentUNet2DModel) and (plain := plain_config(dict(unet.config))) is not None:
+        state = unet.state_dict()
+        unet = UNet2DModel.from_config(plain)
+        unet.load_state_dict(state, strict=True)
+    custom_code = isinstance(unet, StudentUNet2DModel)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
-    (out / "README.md").write_text(model_card(study=study, trial=trial, storage_url=storage_url))
+    if custom_code:  # diffusers' custom components: the code in the component's folder, named in model_index.json
+        import automl_diff.models.student as student_module
+
+        (out / "unet" / MODULE_FILE).write_text(Path(student_module.__file__).read_text())
+        index = json.loads((out / "model_index.json").read_text())
+        index["unet"] = [Path(MODULE_FILE).stem, type(unet).__name__]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(study=study, trial=trial, storage_url=storage_url, custom_code=custom_code))
     metrics = {k: trial.user_attrs.get(k) for k in _METRICS}
     summary = {
         "study": study.study_name,
@@ -209,10 +259,11 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         "original_teacher": study.user_attrs.get(ORIGINAL_TEACHER_ATTR, study.user_attrs.get("teacher")),
         "lineage": lineage(study, trial, storage_url=storage_url),
     }
+    schedule_path = None
     if trial.user_attrs.get("schedule"):
         from automl_diff.methods.dipgo.schedule import Schedule
 
-        Schedule.from_dict(trial.user_attrs["schedule"], source=f"trial {trial_number}: schedule").save(out / "schedule.json")
+        schedule_path = Schedule.from_dict(trial.user_attrs["schedule"], source=f"trial {trial_number}: schedule").save(out / "schedule.json")
         summary["schedule"] = "schedule.json"
     (out / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
-    return out
+    return Export(out, custom_code, schedule_path)

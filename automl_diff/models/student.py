@@ -14,10 +14,9 @@ Searched students need more, expressed as three optional config keys:
 Everything else, including ``forward``, ``save_pretrained`` and ``from_pretrained``, is diffusers'
 own. Exported students that stock diffusers can express are saved as plain ``UNet2DModel`` instead.
 
-Loading an exported student::
-
-    from automl_diff import StudentUNet2DModel
-    unet = StudentUNet2DModel.from_pretrained("exports/trial_3", subfolder="unet")
+This module imports nothing but torch and diffusers: an export copies it into its ``unet/`` folder
+as custom component code (:data:`MODULE_FILE`), so that ``DDIMPipeline.from_pretrained(folder,
+trust_remote_code=True)`` loads the student where only diffusers is installed.
 """
 
 from __future__ import annotations
@@ -31,14 +30,25 @@ from diffusers import ModelMixin, UNet2DModel  # noqa: F401 - ModelMixin: see be
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from automl_diff.models.blocks import name_to_module_path
+__all__ = ["MODULE_FILE", "Shortcut", "SkipAttention", "StudentUNet2DModel", "narrow_resnet", "plain_config"]
 
-__all__ = ["Shortcut", "SkipAttention", "StudentUNet2DModel", "narrow_resnet"]
+#: The file name this module gets inside an exported pipeline's ``unet/`` folder (custom code that
+#: ``model_index.json`` names as the unet's library).
+MODULE_FILE = "student_unet.py"
 
-# An exported pipeline's model_index.json names this module as the unet's library; diffusers'
-# loader then looks up the base classes it knows (``ModelMixin``) in this module to find
-# ``from_pretrained``. Importing ModelMixin here is what lets ``DDIMPipeline.from_pretrained`` load
-# a student with per-level depths without any extra argument.
+# A pipeline saved with ``save_pretrained`` (not exported) names this module as the unet's library;
+# where the caller has imported it, diffusers' loader looks up the base classes it knows
+# (``ModelMixin``) in it to find ``from_pretrained``.
+
+_BLOCK_PATHS = {"down": "down_blocks", "up": "up_blocks", "mid": "mid_block"}
+
+
+def _module_path(name: str) -> str:
+    """``down.1.resnets.0`` -> ``down_blocks.1.resnets.0`` (kept here: this module is self-contained)."""
+    head, _, rest = name.partition(".")
+    if head not in _BLOCK_PATHS:
+        raise ValueError(f"unknown block '{name}': names start with down.<i>, mid or up.<i>")
+    return _BLOCK_PATHS[head] + ("." + rest if rest else "")
 
 
 class Shortcut(nn.Module):
@@ -136,10 +146,10 @@ class StudentUNet2DModel(UNet2DModel):
         parts = name.split(".")
         if len(parts) < 3 or parts[-2] != kind:
             raise ValueError(f"'{name}' is not a {kind[:-1]} layer name (e.g. down.1.{kind}.0)")
-        return self.get_submodule(name_to_module_path(name))
+        return self.get_submodule(_module_path(name))
 
     def _replace(self, name: str, module: nn.Module) -> None:
-        parent, _, index = name_to_module_path(name).rpartition(".")
+        parent, _, index = _module_path(name).rpartition(".")
         self.get_submodule(parent)[int(index)] = module
 
 
@@ -160,3 +170,16 @@ StudentUNet2DModel.__init__.__signature__ = _PARENT_SIGNATURE.replace(  # type: 
     ]
 )
 StudentUNet2DModel.__init__ = register_to_config(StudentUNet2DModel.__init__)  # type: ignore[method-assign]
+
+
+def plain_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``UNet2DModel`` config of a student config that stock diffusers can express (one depth
+    for every level, no narrowed resnet, no dropped attention), else None. Both build the same
+    modules under the same names, so the student's weights load into it unchanged."""
+    depths = config.get("layers_per_block", 2)
+    depths = [depths] if isinstance(depths, int) else list(depths)
+    if len(set(depths)) != 1 or config.get("resnet_widths") or config.get("skip_attentions"):
+        return None
+    plain = {k: v for k, v in config.items() if k not in ("resnet_widths", "skip_attentions")}
+    plain.update(_class_name="UNet2DModel", layers_per_block=depths[0])
+    return plain

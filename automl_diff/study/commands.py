@@ -204,14 +204,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         targets = [(r.trial, out / f"trial_{r.trial}") for r in rows]
     else:
         targets = [(args.trial, out)]
-    scheduled = False
     for number, folder in targets:
-        export_trial(study, number, folder, storage_url=args.storage)
-        scheduled = scheduled or (Path(folder) / "schedule.json").is_file()
+        export = export_trial(study, number, folder, storage_url=args.storage)
         print(f"trial {number} -> {folder}")
-    print("load with: diffusers.DDIMPipeline.from_pretrained(<folder>)")
-    if scheduled:
-        print("then: automl_diff.apply_schedule(pipe, automl_diff.Schedule.load('<folder>/schedule.json'))")
+        print(f"  load with: {export.load_call}")
+        if export.schedule is not None:
+            print(f"  then: automl_diff.apply_schedule(pipe, automl_diff.Schedule.load({json.dumps(str(export.schedule))}))")
     return 0
 
 
