@@ -1,16 +1,20 @@
 """automl_diff: Optuna-driven compression of pretrained diffusion UNets.
 
-Layout:
+Layers, from the top (a module imports only from the layers below it):
 
-* :mod:`automl_diff.methods`: the compression methods (``dkdm``, ``dipgo``; DiffNAS registers here).
+* :mod:`automl_diff.study` (the command line), :mod:`automl_diff.bench` (every method side by side).
+* :mod:`automl_diff.analysis` (trial tables, the Pareto front, figures, reports) and
+  :mod:`automl_diff.export` (diffusers pipelines with model cards).
+* :mod:`automl_diff.runners`: storages, what one trial does, the local and Ray Tune runners.
+* :mod:`automl_diff.methods`: DKDM (``dkdm/``), DiffNAS (``diffnas/``), DiP-GO (``dipgo/``) and the
+  training they share (``training/``).
+* :mod:`automl_diff.config`: study configs, method options and search spaces read from YAML.
+* :mod:`automl_diff.gating`: schedules of which unit computes at which step, and their hooks.
 * :mod:`automl_diff.metrics`: MACs/params (fvcore), FID (pytorch-fid), latency.
 * :mod:`automl_diff.models`: block addressing and recording, teachers, the student UNet class.
-* :mod:`automl_diff.config`: study configs and search spaces read from YAML.
-* :mod:`automl_diff.runners`: RDB storages and the runners that execute trials.
-* :mod:`automl_diff.analysis`: trial tables and the Pareto front.
-* :mod:`automl_diff.export`: diffusers pipelines with model cards.
-* :mod:`automl_diff.study`: the command line.
-* :mod:`automl_diff.zoo`: the shipped digits teacher and classifier.
+* :mod:`automl_diff.zoo`, :mod:`automl_diff.data`, :mod:`automl_diff.sampling`: the shipped digits
+  models, datasets, the sampling loop.
+* :mod:`automl_diff.records`, :mod:`automl_diff.errors`: what a study stores, and user errors.
 
 Importing the package does nothing but define names; heavy modules load on first use.
 """
@@ -23,9 +27,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Schedule": "automl_diff.methods.dipgo.schedule",
+    "Schedule": "automl_diff.gating.schedule",
     "StudentUNet2DModel": "automl_diff.models.student",
-    "apply_schedule": "automl_diff.methods.dipgo.gates",
+    "apply_schedule": "automl_diff.gating.hooks",
     "UserError": "automl_diff.errors",
     "count_macs": "automl_diff.metrics.macs",
     "load_teacher": "automl_diff.models.loading",

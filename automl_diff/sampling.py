@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["denoise", "denoising_steps", "make_scheduler", "predict_noise", "sample_images", "sampling_steps", "SCHEDULERS"]
+__all__ = ["SCHEDULERS", "denoise", "denoising_steps", "make_scheduler", "predict_noise", "sample_grid_png", "sample_images", "sampling_steps"]
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -205,3 +205,24 @@ def sampling_steps(
     finally:
         unet.train(was_training)
     return torch.cat(out)
+
+
+def sample_grid_png(images: Any, *, columns: int = 8, scale: int = 3) -> bytes:
+    """A PNG grid of images in [-1, 1], shape ``(N, C, H, W)`` (1 or 3 channels)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    n, c, h, w = array.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, columns)
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = array[i].transpose(1, 2, 0)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

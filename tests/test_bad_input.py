@@ -88,7 +88,7 @@ def _make_env(tmp_path: Path, teacher: Path, space: Path) -> Env:
 
 
 def _schedule_for_digits(env: Env) -> Path:
-    from automl_diff.methods.dipgo import Schedule
+    from automl_diff.gating import Schedule
     from automl_diff.models.loading import load_unet
     from automl_diff.zoo.digits import DIGITS_DIR
 

@@ -76,3 +76,13 @@ def test_missing_required_key(tmp_path):
     path.write_text("method: dkdm\n")
     with pytest.raises(UserError, match=r"s\.yaml: teacher: required key is missing"):
         load_study_config(path)
+
+
+def test_every_method_has_its_options_and_the_same_choices():
+    from automl_diff.config.options import CONSISTENCY_LOSSES, METHOD_OPTIONS
+    from automl_diff.methods import METHODS
+    from automl_diff.methods.dipgo.optimise import CONSISTENCY
+
+    assert set(METHOD_OPTIONS) == set(METHODS)
+    assert all(METHODS[name].options_type is METHOD_OPTIONS[name] for name in METHODS)
+    assert tuple(CONSISTENCY) == CONSISTENCY_LOSSES

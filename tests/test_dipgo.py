@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from automl_diff.errors import UserError
-from automl_diff.methods.dipgo import GateController, Schedule, apply_schedule, prunable_units, unit_costs
-from automl_diff.methods.dipgo.gates import ScheduleMismatch
+from automl_diff.gating import GateController, Schedule, ScheduleMismatch, apply_schedule, model_fingerprint, prunable_units, unit_costs
 from automl_diff.methods.dipgo.optimise import expected_ratio, optimise_pruner, ssim
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
-from automl_diff.methods.dipgo.schedule import UnitWeights, model_fingerprint
+from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import get_block
 from automl_diff.sampling import denoise, sample_images
@@ -87,7 +86,7 @@ def _concatenations(run) -> int:
 def test_a_cached_up_resnet_skips_its_skip_concatenation(model, request, monkeypatch):
     from diffusers.hooks import HookRegistry
 
-    from automl_diff.methods.dipgo import gates
+    from automl_diff.gating import hooks as gates
 
     unet = request.getfixturevalue(model)
     up = [u for u in prunable_units(unet, "layer") if u.startswith("up.") and ".resnets." in u]
@@ -164,7 +163,7 @@ def test_schedule_macs_are_the_sum_over_computed_units(tiny_unet):
 
 @pytest.mark.parametrize("granularity", ["block", "layer"])
 def test_the_head_reuses_its_output_exactly_while_the_last_unit_reuses_its_cache(tiny_unet, tiny_cond_unet, granularity):
-    from automl_diff.methods.dipgo.schedule import HEAD, head_input_unit
+    from automl_diff.gating import HEAD, head_input_unit
     from automl_diff.metrics.macs import count_unit_macs
 
     steps = 4
@@ -193,7 +192,7 @@ def test_the_head_reuses_its_output_exactly_while_the_last_unit_reuses_its_cache
 
 @pytest.mark.parametrize("conditional", [False, True])
 def test_a_step_that_computes_no_unit_skips_the_whole_call_exactly(tiny_unet, tiny_cond_unet, conditional):
-    from automl_diff.methods.dipgo.schedule import idle_steps_free
+    from automl_diff.gating import idle_steps_free
     from automl_diff.metrics.macs import example_inputs
 
     unet = tiny_cond_unet if conditional else tiny_unet
@@ -229,7 +228,7 @@ def test_a_step_that_computes_no_unit_skips_the_whole_call_exactly(tiny_unet, ti
 def test_idle_steps_answer_in_the_form_asked_and_need_diffusers_own_forward(tiny_unet):
     from diffusers import UNet2DModel
 
-    from automl_diff.methods.dipgo.schedule import idle_steps_free
+    from automl_diff.gating import idle_steps_free
 
     units = prunable_units(tiny_unet, "block")
     x = torch.randn(1, 1, 16, 16)
@@ -294,7 +293,7 @@ def test_unit_latencies_time_each_unit_inside_whole_passes(tiny_unet):
 def test_measured_latency_weights_pay_a_skipped_pass_at_every_step(tiny_unet):
     from diffusers.hooks import HookRegistry
 
-    from automl_diff.methods.dipgo.schedule import UnitWeights, skipped_pass_seconds
+    from automl_diff.methods.dipgo.weights import UnitWeights, skipped_pass_seconds
 
     units = tuple(prunable_units(tiny_unet, "layer"))
     fixed = skipped_pass_seconds(tiny_unet, units, batch_size=2, repeats=3)
@@ -307,7 +306,7 @@ def test_measured_latency_weights_pay_a_skipped_pass_at_every_step(tiny_unet):
 
 
 def test_latency_weights_drive_the_expected_ratio(tiny_unet):
-    from automl_diff.methods.dipgo.schedule import UnitWeights
+    from automl_diff.methods.dipgo.weights import UnitWeights
 
     units = tuple(prunable_units(tiny_unet, "block"))
     weights = UnitWeights("latency", 10.0, {u: 1.0 for u in units})  # 5 units of 1 s in a 10 s pass

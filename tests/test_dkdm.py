@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automl_diff.methods.dkdm import NoisePool, PoolBatches, fit
+from automl_diff.methods.training import NoisePool, PoolBatches, fit
 from automl_diff.sampling import make_scheduler
 
 
@@ -81,7 +81,7 @@ def test_distillation_loss_falls_and_no_data_is_read(tiny_unet, monkeypatch):
 
 
 def test_diverging_training_fails_with_a_reason(tiny_unet):
-    from automl_diff.methods.dkdm import TrainingDiverged
+    from automl_diff.methods import TrainingDiverged
 
     def nan_batches(batch_size):
         x = torch.full((batch_size, 1, 16, 16), float("nan"))

@@ -16,7 +16,7 @@ from automl_diff.analysis.figures import (
     pareto_figure,
     schedule_figure,
 )
-from automl_diff.methods.dipgo import Schedule
+from automl_diff.gating import Schedule
 
 
 def _study() -> optuna.Study:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from automl_diff.methods.dipgo import Schedule
+from automl_diff.gating import Schedule
 from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls
 
@@ -82,7 +82,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
 
     import diffusers  # noqa: F401 - the printed call names it
 
-    from automl_diff.methods.dipgo import apply_schedule
+    from automl_diff.gating import apply_schedule
     from automl_diff.sampling import sample_images
 
     pipe = eval(call)  # noqa: S307 - the call export printed, verbatim
@@ -142,12 +142,12 @@ def test_distillation_targets_come_from_the_original_teacher(tiny_unet, tiny_tea
     torch.manual_seed(1)
     for p in start.unet.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
-    method = DKDM(load_study_config(study_factory()), start, reference=original)
+    method = DKDM(load_study_config(study_factory()), start, original=original)
     assert method.inputs.teacher is original
 
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
     student = tiny_unet
-    loss = JointLoss(start.unet, JointWeight("static", 0.0), 1, reference=original.unet)
+    loss = JointLoss(start.unet, JointWeight("static", 0.0), 1, original=original.unet)
     with torch.no_grad():
         value = loss(student, (x, t, torch.zeros_like(x)), 0)
         expected = torch.nn.functional.mse_loss(predict_noise(student, x, t).float(), predict_noise(original.unet, x, t).float())

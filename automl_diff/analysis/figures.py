@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 
 from automl_diff.analysis.pareto import pareto_rows, teacher_metrics, trial_rows
+from automl_diff.records import TrialAttr
 
 __all__ = [
     "HistoryData",
@@ -44,7 +45,7 @@ class ParetoData:
 def pareto_data(study: optuna.Study) -> ParetoData:
     """Trajectory MACs when the study optimises them (DiP-GO), else MACs per call, against FID."""
     names = study.metric_names or []
-    key = "trajectory_macs" if "trajectory_macs" in names else "macs"
+    key = TrialAttr.TRAJECTORY_MACS if TrialAttr.TRAJECTORY_MACS in names else TrialAttr.MACS
     front = {r.trial for r in pareto_rows(study)}
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     data = ParetoData(key)
@@ -57,11 +58,14 @@ def pareto_data(study: optuna.Study) -> ParetoData:
         data.x.append(float(x))
         data.fid.append(row.fid)
         data.on_front.append(row.trial in front)
-        facts = {"trial": row.trial, key: x, "fid": round(row.fid, 4), "speedup": attrs.get("speedup"), "params": trials[row.trial].params}
+        facts = {
+            "trial": row.trial, key: x, TrialAttr.FID: round(row.fid, 4), TrialAttr.SPEEDUP: attrs.get(TrialAttr.SPEEDUP),
+            "params": trials[row.trial].params,
+        }
         data.hover.append("<br>".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in facts.items()))
     teacher = teacher_metrics(study)
     if teacher and teacher.get(key) is not None:
-        data.teacher = (float(teacher[key]), float(teacher["fid"]))
+        data.teacher = (float(teacher[key]), float(teacher[TrialAttr.FID]))
     return data
 
 

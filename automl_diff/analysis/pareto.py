@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 
+from automl_diff.records import StudyAttr, TrialAttr
+
 __all__ = ["COLUMNS", "TrialRow", "all_trials_frame", "pareto_rows", "teacher_metrics", "trial_rows", "trials_frame"]
 
 #: Columns of ``pareto --json``/``--csv``, in order.
-COLUMNS = ("trial", "macs", "params", "fid", "latency", "speedup")
+COLUMNS = ("trial", TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.SPEEDUP)
 
 
 @dataclass(frozen=True)
@@ -37,26 +40,24 @@ class TrialRow:
 
 def teacher_metrics(study: optuna.Study) -> dict[str, Any] | None:
     """The teacher's metrics as measured when the study started (None before that)."""
-    from automl_diff.runners.attrs import TEACHER_ATTR
-
-    return study.user_attrs.get(TEACHER_ATTR)
+    return study.user_attrs.get(StudyAttr.TEACHER_METRICS)
 
 
 def _row(trial: optuna.trial.FrozenTrial) -> TrialRow | None:
     attrs = trial.user_attrs
-    if not all(k in attrs for k in ("macs", "params", "fid", "latency")):
+    if not all(k in attrs for k in (TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)):
         return None
     return TrialRow(
         trial=trial.number,
-        macs=int(attrs["macs"]),
-        params=int(attrs["params"]),
-        fid=float(attrs["fid"]),
-        latency=float(attrs["latency"]),
-        speedup=attrs.get("speedup"),
-        macs_no_attention=attrs.get("macs_no_attention"),
-        trajectory_macs=attrs.get("trajectory_macs"),
-        weights=attrs.get("weights"),
-        schedule_file=attrs.get("schedule_file"),
+        macs=int(attrs[TrialAttr.MACS]),
+        params=int(attrs[TrialAttr.PARAMS]),
+        fid=float(attrs[TrialAttr.FID]),
+        latency=float(attrs[TrialAttr.LATENCY]),
+        speedup=attrs.get(TrialAttr.SPEEDUP),
+        macs_no_attention=attrs.get(TrialAttr.MACS_NO_ATTENTION),
+        trajectory_macs=attrs.get(TrialAttr.TRAJECTORY_MACS),
+        weights=attrs.get(TrialAttr.WEIGHTS),
+        schedule_file=attrs.get(TrialAttr.SCHEDULE_FILE),
     )
 
 
@@ -90,7 +91,10 @@ def trials_frame(study: optuna.Study, *, pareto_only: bool = False) -> Any:
 
 
 #: Per-trial facts of :func:`all_trials_frame`, beside the state and the parameters.
-TRIAL_FACTS = ("macs", "trajectory_macs", "params", "fid", "latency", "speedup", "duplicate_of", "fail_reason")
+TRIAL_FACTS = (
+    TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.SPEEDUP,
+    TrialAttr.DUPLICATE_OF, TrialAttr.FAIL_REASON,
+)
 
 
 def all_trials_frame(study: optuna.Study) -> Any:
@@ -100,17 +104,20 @@ def all_trials_frame(study: optuna.Study) -> Any:
 
     trials = study.get_trials(deepcopy=False)
     # a trial whose worker stopped sending heartbeats is failed and retried by a new trial that
-    # names it last in its ``retry_history`` (Optuna's RetryHeartbeatStaleTrialCallback)
-    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+    # names it last in its retry history (Optuna's RetryHeartbeatStaleTrialCallback)
+    with warnings.catch_warnings():  # experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        histories = {t.number: optuna.storages.RetryFailedTrialCallback.retry_history(t) for t in trials}
+    retried_as = {history[-1]: number for number, history in histories.items() if history}
     records = []
     for t in trials:
         record: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         record.update({k: t.user_attrs.get(k) for k in TRIAL_FACTS})
-        if t.state == optuna.trial.TrialState.FAIL and t.number in retried_as and not record["fail_reason"]:
-            record["fail_reason"] = f"no heartbeat (its worker was lost); retried as trial {retried_as[t.number]}"
+        if t.state == optuna.trial.TrialState.FAIL and t.number in retried_as and not record[TrialAttr.FAIL_REASON]:
+            record[TrialAttr.FAIL_REASON] = f"no heartbeat (its worker was lost); retried as trial {retried_as[t.number]}"
         record.update({f"param:{k}": v for k, v in t.params.items()})
         records.append(record)
     frame = pd.DataFrame.from_records(records, columns=None if records else ["trial", "state", *TRIAL_FACTS])
-    for column in ("macs", "trajectory_macs", "params", "duplicate_of"):
+    for column in (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.DUPLICATE_OF):
         frame[column] = pd.to_numeric(frame[column]).round().astype("Int64")  # integers with gaps
     return frame

@@ -7,8 +7,8 @@ with no CDN. Written by ``python -m automl_diff.study report``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
-import io
 from pathlib import Path
 from typing import Any
 
@@ -26,75 +26,46 @@ from automl_diff.analysis.figures import (
 )
 from automl_diff.analysis.pareto import TrialRow, pareto_rows, teacher_metrics
 from automl_diff.errors import UserError
-from automl_diff.runners.attrs import SCHEDULER_ATTR
+from automl_diff.formatting import fmt_number
+from automl_diff.gating import Schedule, apply_schedule
+from automl_diff.metrics import count_macs
+from automl_diff.models.loading import load_unet, unet_from_config
+from automl_diff.records import Evaluation, StudyAttr, TrialAttr
+from automl_diff.sampling import sample_grid_png, sample_images
 
-__all__ = ["sample_grid_png", "write_report"]
-
-
-def sample_grid_png(images: Any, *, columns: int = 8, scale: int = 3) -> bytes:
-    """A PNG grid of images in [-1, 1], shape ``(N, C, H, W)`` (1 or 3 channels)."""
-    import numpy as np
-    from PIL import Image
-
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-    n, c, h, w = array.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, columns)
-        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = array[i].transpose(1, 2, 0)
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+__all__ = ["write_report"]
 
 
 def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -> bytes | None:
     """The trial's sample grid: the one its evaluation stored (``samples.png``), else ``count``
     new samples of its model with the study's sampler, steps and seed."""
-    import contextlib
-
-    stored = trial.user_attrs.get("samples")
+    stored = trial.user_attrs.get(TrialAttr.SAMPLES)
     if stored and Path(stored).is_file():
         return Path(stored).read_bytes()
-
-    from automl_diff.methods.dipgo import Schedule, apply_schedule
-    from automl_diff.models.loading import load_unet
-    from automl_diff.sampling import sample_images
-
-    weights = trial.user_attrs.get("weights")
-    scheduler_config = study.user_attrs.get(SCHEDULER_ATTR)
+    weights = trial.user_attrs.get(TrialAttr.WEIGHTS)
+    scheduler_config = study.user_attrs.get(StudyAttr.SCHEDULER_CONFIG)
     if not weights or not Path(weights).exists() or not scheduler_config:
         return None
-    evaluation = study.user_attrs.get("evaluation", {})
+    evaluation = Evaluation.of(study.user_attrs)
     unet = load_unet(weights).eval()
-    schedule = Schedule.from_dict(trial.user_attrs["schedule"]) if trial.user_attrs.get("schedule") else None
+    stored_schedule = trial.user_attrs.get(TrialAttr.SCHEDULE)
+    schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
     with apply_schedule(unet, schedule) if schedule else contextlib.nullcontext():
         images = sample_images(
-            unet, scheduler_config, num_images=count, steps=int(evaluation.get("sampling_steps", 20)),
-            batch_size=count, seed=int(evaluation.get("seed", 0)), scheduler=evaluation.get("scheduler", "ddim"),
+            unet, scheduler_config, num_images=count, steps=evaluation.sampling_steps or 20,
+            batch_size=count, seed=evaluation.seed, scheduler=evaluation.scheduler,
         )
     return sample_grid_png(images)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def _table(rows: list[TrialRow], teacher: dict[str, Any] | None) -> str:
     header = ["trial", "MACs", "trajectory MACs", "params", "FID", "latency (s)", "speedup"]
     body = []
     if teacher:
-        body.append(["teacher", teacher.get("macs"), teacher.get("trajectory_macs"), teacher.get("params"), teacher.get("fid"), teacher.get("latency"), 1.0])
+        keys = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)
+        body.append(["teacher", *(teacher.get(key) for key in keys), 1.0])
     body += [[r.trial, r.macs, r.trajectory_macs, r.params, r.fid, r.latency, r.speedup] for r in rows]
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in body)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_number(v))}</td>" for v in row) + "</tr>" for row in body)
     return f"<table class='pareto'><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead><tbody>{cells}</tbody></table>"
 
 
@@ -129,17 +100,12 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
     for row in rows:
         trial = trials[row.trial]
         parts = [f"<h3>Trial {row.trial}</h3>", f"<pre>{html.escape(str(trial.params))}</pre>"]
-        config = trial.user_attrs.get("model_config")
+        config = trial.user_attrs.get(TrialAttr.MODEL_CONFIG)
         if config:
-            from automl_diff.metrics import count_macs
-            from automl_diff.models.loading import unet_from_config
-
             report = count_macs(unet_from_config(config, where=f"trial {row.trial}"))
             parts.append(embed(block_macs_figure(report, title=f"Trial {row.trial}: MACs per block"), f"blocks-{row.trial}"))
-        if trial.user_attrs.get("schedule"):
-            from automl_diff.methods.dipgo import Schedule
-
-            schedule = Schedule.from_dict(trial.user_attrs["schedule"], source=f"trial {row.trial}")
+        if trial.user_attrs.get(TrialAttr.SCHEDULE):
+            schedule = Schedule.from_dict(trial.user_attrs[TrialAttr.SCHEDULE], source=f"trial {row.trial}")
             parts.append(embed(schedule_figure(schedule, title=f"Trial {row.trial} schedule"), f"schedule-{row.trial}"))
         png = _samples(study, trial, samples) if samples else None
         if png is not None:
@@ -154,7 +120,7 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
 <style>body{{font-family:sans-serif;margin:2em;}} table.pareto td,table.pareto th{{padding:2px 10px;text-align:right;}} img.samples{{image-rendering:pixelated;border:1px solid #ccc;}}</style>
 </head><body>
 <h1>{title}</h1>
-<p>Storage: {html.escape(storage_label)}; method {html.escape(str(study.user_attrs.get("method")))}; teacher {html.escape(str(study.user_attrs.get("teacher")))}; {len(trials)} trials, {len(rows)} on the front.</p>
+<p>Storage: {html.escape(storage_label)}; method {html.escape(str(study.user_attrs.get(StudyAttr.METHOD)))}; teacher {html.escape(str(study.user_attrs.get(StudyAttr.TEACHER)))}; {len(trials)} trials, {len(rows)} on the front.</p>
 {''.join(sections)}
 </body></html>
 """

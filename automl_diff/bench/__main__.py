@@ -24,18 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=None, help="override the preset's teacher (a diffusers folder or hub id)")
     parser.add_argument("--fid-dataset", default=None, help="override the preset's FID dataset (e.g. folder:PATH)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--rows", default=None, help="run only these rows, comma-separated (with the rows they build on and the teacher): "
+                        "teacher, dkdm, diffnas, torch_pruning, dipgo, deepcache, stacked; not with --out")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     preset = replace(preset, **{k: v for k, v in {"teacher": args.teacher, "fid_dataset": args.fid_dataset, "device": args.device}.items() if v is not None})
     command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    rows = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
     try:
+        if rows is not None and args.out:
+            raise UserError("--rows: a partial run does not rewrite the preset's section of --out; drop one of them")
         for option, path in (("--out", args.out), ("--json", args.json)):  # fail now, not after an hour
             if path and not Path(path).resolve().parent.is_dir():
                 raise UserError(f"{option}: the folder of {path} does not exist")
         from automl_diff.bench.report import markdown, write_section
         from automl_diff.bench.run import run_bench
 
-        result = run_bench(preset, log=lambda line: print(line, flush=True))
+        result = run_bench(preset, rows=rows, log=lambda line: print(line, flush=True))
         text = markdown(result, command=command.strip())
         print("\n" + text)
         if args.json:

@@ -5,16 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from automl_diff.bench.run import BenchResult
+from automl_diff.bench.session import BenchResult
+from automl_diff.formatting import fmt_si
 
 __all__ = ["markdown", "write_section"]
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
 
 
 def _seconds(value: float) -> str:
@@ -54,7 +48,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         speedup = result.speedup(row)
         name = f"**{row.name}**" if row is best else row.name
         lines.append(
-            f"| {name} | {_si(row.params)} | {_si(row.macs_per_step)} | {_si(row.trajectory_macs)} | {reduction:.2f}x | "
+            f"| {name} | {fmt_si(row.params)} | {fmt_si(row.macs_per_step)} | {fmt_si(row.trajectory_macs)} | {reduction:.2f}x | "
             f"{row.latency * 1e3:.2f} ms | {speedup:.2f}x | {'-' if row is teacher else f'{speedup / reduction:.2f}'} | "
             f"{row.fid:.3f} | {result.fid_ratio(row):.2f} | {_seconds(row.search_seconds)} |"
         )

@@ -1,10 +1,12 @@
-"""Typed configs read from YAML: study configs (``studies/``) and search spaces (``search_spaces/``).
+"""Typed configs read from YAML: study configs (``studies/``), each method's options, and search
+spaces (``search_spaces/``).
 
 Errors name the file and the dotted key (``studies/q.yaml: budgets.fid_samples: expected an integer``).
 """
 
 from __future__ import annotations
 
+from automl_diff.config.options import METHOD_OPTIONS, DiffNASOptions, DiPGOOptions, DKDMOptions, PoolOptions, read_options
 from automl_diff.config.search_space import BlockChoices, SearchSpace, load_search_space
 from automl_diff.config.study import (
     DEFAULT_STORAGE,
@@ -22,6 +24,12 @@ from automl_diff.config.study import (
 
 __all__ = [
     "DEFAULT_STORAGE",
+    "METHOD_OPTIONS",
+    "DKDMOptions",
+    "DiPGOOptions",
+    "DiffNASOptions",
+    "PoolOptions",
+    "read_options",
     "OBJECTIVES",
     "BlockChoices",
     "Budgets",

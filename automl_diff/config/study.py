@@ -1,37 +1,9 @@
 """Study configs: ``studies/*.yaml`` validated into a typed :class:`StudyConfig`.
 
-Schema::
-
-    name: quickstart                       # study name in the storage
-    method: dkdm                           # dkdm | dipgo (registered in automl_diff.methods)
-    teacher: digits                        # digits | path/to/diffusers/folder | org/name (hub)
-                                           # | path/to/export of another study (stacking)
-    original_teacher: digits               # stacking only: the teacher the chain started from
-                                           # (default: the one the export's automl_diff.json names)
-    search_space: ../search_spaces/digits_dkdm.yaml   # relative to this file
-    objectives:                            # 1+ of macs, trajectory_macs, params, fid, latency
-      - {name: macs, direction: minimize}
-      - {name: fid, direction: minimize}
-    sampler: {name: tpe, seed: 0}          # tpe | nsga2 | random; options: {...} go to the sampler
-    n_trials: 6                            # total finished trials the study should reach
-    budgets:
-      train_iterations: 300                # optimiser steps per trial
-      batch_size: 64
-      lr: 0.002
-      fid_samples: 500                     # generated images per FID
-      sampling_steps: 20                   # denoising steps (FID and latency)
-      latency_repeats: 3
-      latency_batch_size: 8
-    sampling: {scheduler: ddim, eta: 0.0}
-    fid: {dataset: digits, features: digits}   # defaults from the teacher
-    storage: sqlite:///automl_diff.db      # any Optuna RDB URL
-    execution:                             # how trials run (see ExecutionSettings)
-      heartbeat: 60
-      cpus_per_trial: 1
-    output_dir: runs                       # trial weights go to <output_dir>/<study>/trial_<n>/
-    device: auto                           # auto | cpu | cuda | cuda:N
-    seed: 0
-    method_options: {...}                  # validated by the method (see its docs)
+Each YAML section is one frozen dataclass below (``budgets:`` is :class:`Budgets`, ``execution:``
+is :class:`ExecutionSettings`, ...); ``method_options:`` is the method's dataclass in
+:mod:`automl_diff.config.options`. The README's "Study configs" section shows every key. Paths are
+relative to the config file; every error names the file and the dotted key.
 """
 
 from __future__ import annotations
@@ -41,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from automl_diff.config._reader import Section, load_yaml, positive
+from automl_diff.config.options import METHOD_OPTIONS, read_options
 from automl_diff.errors import UserError
 
 __all__ = [
@@ -189,14 +162,13 @@ def load_study_config(path: str | Path) -> StudyConfig:
     Raises:
         UserError: one line naming the file and the key.
     """
-    from automl_diff.methods import METHODS
     from automl_diff.sampling import SCHEDULERS
 
     path = Path(path)
     top = Section(load_yaml(path, what="study config"), file=path)
     base = path.resolve().parent
     name = top.take("name", str, path.stem)
-    method = top.take("method", str, choices=sorted(METHODS))
+    method = top.take("method", str, choices=sorted(METHOD_OPTIONS))
     raw_teacher = top.take("teacher", str)
     teacher = raw_teacher if raw_teacher == "digits" else _resolve(base, raw_teacher)
     if Path(teacher).is_absolute() and not Path(teacher).exists():
@@ -297,7 +269,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
         original_teacher=original_teacher,
     )
     top.done()
-    METHODS[method].options_from(config)  # validates method_options now, naming the file
+    read_options(METHOD_OPTIONS[method], config.method_options, file=config.path)  # now, naming the file
     return config
 
 

@@ -18,12 +18,14 @@ from typing import Any
 import optuna
 
 from automl_diff.errors import UserError
-from automl_diff.runners.attrs import LINEAGE_ATTR, ORIGINAL_TEACHER_ATTR, SCHEDULER_ATTR, START_ATTR, TEACHER_ATTR
+from automl_diff.formatting import fmt_number
+from automl_diff.gating import Schedule
+from automl_diff.records import METRICS, Evaluation, StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.storage import mask_url
 
 __all__ = ["Export", "export_trial", "lineage", "load_call", "model_card"]
 
-_METRICS = ("params", "macs", "macs_no_attention", "trajectory_macs", "fid", "latency", "speedup", "macs_reduction")
+_METRICS = (*METRICS, TrialAttr.SPEEDUP, TrialAttr.MACS_REDUCTION)
 
 
 @dataclass(frozen=True)
@@ -59,18 +61,21 @@ def lineage(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage_url
         "study": study.study_name,
         "storage": mask_url(storage_url),
         "trial": trial.number,
-        "method": study.user_attrs.get("method"),
-        "teacher": study.user_attrs.get("teacher"),
+        "method": study.user_attrs.get(StudyAttr.METHOD),
+        "teacher": study.user_attrs.get(StudyAttr.TEACHER),
         "params": dict(trial.params),
         "metrics": {k: attrs.get(k) for k in _METRICS},
-        "evaluation": study.user_attrs.get("evaluation", {}),
+        "evaluation": study.user_attrs.get(StudyAttr.EVALUATION, {}),
     }
-    if attrs.get("block_choices"):
-        step["block_choices"] = attrs["block_choices"]
-        step["retrain_iterations"] = attrs.get("retrain_iterations")
-    if attrs.get("schedule"):
-        step["schedule"] = {"steps": attrs["schedule"].get("steps"), "units": len(attrs["schedule"].get("units", ())), "computed_fraction": attrs.get("computed_fraction")}
-    return [*study.user_attrs.get(LINEAGE_ATTR, []), step]
+    if attrs.get(TrialAttr.BLOCK_CHOICES):
+        step[TrialAttr.BLOCK_CHOICES] = attrs[TrialAttr.BLOCK_CHOICES]
+        step[TrialAttr.RETRAIN_ITERATIONS] = attrs.get(TrialAttr.RETRAIN_ITERATIONS)
+    schedule = attrs.get(TrialAttr.SCHEDULE)
+    if schedule:
+        step[TrialAttr.SCHEDULE] = {
+            "steps": schedule.get("steps"), "units": len(schedule.get("units", ())), TrialAttr.COMPUTED_FRACTION: attrs.get(TrialAttr.COMPUTED_FRACTION),
+        }
+    return [*study.user_attrs.get(StudyAttr.LINEAGE, []), step]
 
 
 def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
@@ -80,59 +85,51 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
     for i, step in enumerate(steps, 1):
         metrics = step.get("metrics") or {}
         what = {"dkdm": "DKDM student", "diffnas": "DiffNAS student", "dipgo": "DiP-GO schedule"}.get(step.get("method") or "", f"method `{step.get('method')}`")
-        evaluation = step.get("evaluation") or {}
+        evaluation = Evaluation.from_dict(step.get("evaluation"))
         lines.append(
             f"{i}. {what}: study `{step.get('study')}`"
             + (f" in `{step['storage']}`" if step.get("storage") else "")
             + f", trial {step.get('trial')}, from `{step.get('teacher')}`; "
-            f"MACs per call {_fmt(metrics.get('macs'))}, trajectory MACs {_fmt(metrics.get('trajectory_macs'))}, "
-            f"FID {_fmt(metrics.get('fid'))} ({evaluation.get('fid_samples', '?')} samples, {evaluation.get('sampling_steps', '?')} steps); "
+            f"MACs per call {fmt_number(metrics.get(TrialAttr.MACS))}, trajectory MACs {fmt_number(metrics.get(TrialAttr.TRAJECTORY_MACS))}, "
+            f"FID {fmt_number(metrics.get(TrialAttr.FID))} ({evaluation.fid_samples or '?'} samples, {evaluation.sampling_steps or '?'} steps); "
             f"parameters `{json.dumps(step.get('params', {}), sort_keys=True)}`"
         )
-        if step.get("block_choices") and len(steps) > 1:  # a single DiffNAS step has its own table
-            rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in step["block_choices"].items())
-            tables.append(f"\nBlock choices of step {i} (DiffNAS, retrained {step.get('retrain_iterations')} steps):\n\n| block | subnet |\n|---|---|\n{rows}\n")
+        if step.get(TrialAttr.BLOCK_CHOICES) and len(steps) > 1:  # a single DiffNAS step has its own table
+            rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in step[TrialAttr.BLOCK_CHOICES].items())
+            tables.append(f"\nBlock choices of step {i} (DiffNAS, retrained {step.get(TrialAttr.RETRAIN_ITERATIONS)} steps):\n\n| block | subnet |\n|---|---|\n{rows}\n")
     return "\n".join(lines) + "\n" + "".join(tables)
-
-
-def _fmt(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}{unit}"
-    return f"{value:,}{unit}"
 
 
 def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False) -> str:
     """A Hugging Face style README: metrics against the teacher (and the starting model of a
     stacked study), the lineage from the original teacher, source study and trial, usage."""
     attrs = trial.user_attrs
-    teacher = study.user_attrs.get(TEACHER_ATTR, {})
-    start = study.user_attrs.get(START_ATTR)
-    original = study.user_attrs.get(ORIGINAL_TEACHER_ATTR, study.user_attrs.get("teacher"))
-    evaluation = study.user_attrs.get("evaluation", {})
+    teacher = study.user_attrs.get(StudyAttr.TEACHER_METRICS, {})
+    start = study.user_attrs.get(StudyAttr.START_METRICS)
+    original = study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER, study.user_attrs.get(StudyAttr.TEACHER))
+    evaluation = Evaluation.of(study.user_attrs)
     rows = [
-        ("params", "params", ""),
-        ("MACs per UNet call", "macs", ""),
-        ("MACs without attention matmuls", "macs_no_attention", ""),
-        ("MACs per image (whole trajectory)", "trajectory_macs", ""),
-        ("FID (lower is better)", "fid", ""),
-        ("latency per image", "latency", " s"),
+        ("params", TrialAttr.PARAMS, ""),
+        ("MACs per UNet call", TrialAttr.MACS, ""),
+        ("MACs without attention matmuls", TrialAttr.MACS_NO_ATTENTION, ""),
+        ("MACs per image (whole trajectory)", TrialAttr.TRAJECTORY_MACS, ""),
+        ("FID (lower is better)", TrialAttr.FID, ""),
+        ("latency per image", TrialAttr.LATENCY, " s"),
     ]
     columns = [attrs, *([start] if start else []), teacher]
     header = "| metric | this model |" + (" starting model |" if start else "") + " teacher |\n|---|---|" + ("---|" if start else "") + "---|"
-    table = header + "\n" + "\n".join(f"| {name} | " + " | ".join(_fmt(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
+    table = header + "\n" + "\n".join(f"| {name} | " + " | ".join(fmt_number(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
     chain = lineage(study, trial, storage_url=storage_url)
-    speedup = attrs.get("speedup")
+    speedup = attrs.get(TrialAttr.SPEEDUP)
     params = json.dumps(trial.params, indent=2, sort_keys=True)
-    steps = evaluation.get("sampling_steps", 20)
+    steps = evaluation.sampling_steps or 20
     schedule_note = ""
     load = load_call("path/to/this/folder", custom_code=custom_code)
     use = f"""import diffusers
 
 pipe = {load}
 images = pipe(batch_size=4, num_inference_steps={steps}).images"""
-    if attrs.get("schedule"):
+    if attrs.get(TrialAttr.SCHEDULE):
         schedule_note = f"""
 This model samples with a DiP-GO gate schedule (`schedule.json`, {steps} steps): at each step some
 blocks reuse their output from an earlier step instead of computing. MACs per UNet call are the mean
@@ -144,13 +141,13 @@ from automl_diff import Schedule, apply_schedule  # the schedule needs automl_di
 pipe = {load}
 apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
 images = pipe(batch_size=4, num_inference_steps={steps}).images"""
-    if attrs.get("block_choices") and len(chain) == 1:
-        lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs["block_choices"].items())
+    if attrs.get(TrialAttr.BLOCK_CHOICES) and len(chain) == 1:
+        lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs[TrialAttr.BLOCK_CHOICES].items())
         schedule_note += f"""
 DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
 shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped),
-then retrained the student for {attrs.get("retrain_iterations")} steps with the joint loss
-(`{attrs.get("joint_schedule")}` block-feature weight):
+then retrained the student for {attrs.get(TrialAttr.RETRAIN_ITERATIONS)} steps with the joint loss
+(`{attrs.get(TrialAttr.JOINT_SCHEDULE)}` block-feature weight):
 
 | block | subnet |
 |---|---|
@@ -162,26 +159,27 @@ then retrained the student for {attrs.get("retrain_iterations")} steps with the 
         if custom_code
         else ""
     )
+    method, teacher_name = study.user_attrs.get(StudyAttr.METHOD), study.user_attrs.get(StudyAttr.TEACHER)
     return f"""---
 library_name: diffusers
 tags:
 - automl_diff
-- {study.user_attrs.get("method", "unknown")}
+- {method or "unknown"}
 - unconditional-image-generation
 ---
 
 # {study.study_name} — trial {trial.number}
 
-A compressed diffusion UNet found by automl_diff (method `{study.user_attrs.get("method")}`) from
-`{study.user_attrs.get("teacher")}`{"" if not start else f", itself compressed from the teacher `{original}`"}.
+A compressed diffusion UNet found by automl_diff (method `{method}`) from
+`{teacher_name}`{"" if not start else f", itself compressed from the teacher `{original}`"}.
 
 {table}
 
-Speedup against the teacher (measured latency): {_fmt(speedup, "x")}.
+Speedup against the teacher (measured latency): {fmt_number(speedup, "x")}.
 {schedule_note}
-FID: {evaluation.get("fid_samples", "?")} samples, {evaluation.get("sampling_steps", "?")} {evaluation.get("scheduler", "ddim")} steps,
-features `{evaluation.get("fid_features")}`, dataset `{evaluation.get("fid_dataset")}`, seed {evaluation.get("seed", "?")};
-latency on `{evaluation.get("device")}` with batches of {evaluation.get("latency_batch_size")}.
+FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling_steps or "?"} {evaluation.scheduler} steps,
+features `{evaluation.fid_features}`, dataset `{evaluation.fid_dataset}`, seed {evaluation.seed};
+latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.
 
 ## Lineage
 
@@ -224,10 +222,10 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     trial = trials[trial_number]
     if trial.state != optuna.trial.TrialState.COMPLETE:
         raise UserError(f"trial {trial_number} of study '{study.study_name}' is {trial.state.name}, not COMPLETE")
-    weights = trial.user_attrs.get("weights")
+    weights = trial.user_attrs.get(TrialAttr.WEIGHTS)
     if not weights or not Path(weights).is_dir():
         raise UserError(f"trial {trial_number}: its weights folder '{weights}' does not exist (moved or deleted?)")
-    scheduler_config = study.user_attrs.get(SCHEDULER_ATTR)
+    scheduler_config = study.user_attrs.get(StudyAttr.SCHEDULER_CONFIG)
     if not scheduler_config:
         raise UserError(f"study '{study.study_name}' has no scheduler config recorded; was it created by automl_diff?")
     unet = load_unet(weights)
@@ -252,18 +250,17 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     summary = {
         "study": study.study_name,
         "trial": trial_number,
-        "method": study.user_attrs.get("method"),
+        "method": study.user_attrs.get(StudyAttr.METHOD),
         "params": trial.params,
         "metrics": metrics,
-        "teacher": study.user_attrs.get("teacher"),
-        "original_teacher": study.user_attrs.get(ORIGINAL_TEACHER_ATTR, study.user_attrs.get("teacher")),
+        "teacher": study.user_attrs.get(StudyAttr.TEACHER),
+        "original_teacher": study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER, study.user_attrs.get(StudyAttr.TEACHER)),
         "lineage": lineage(study, trial, storage_url=storage_url),
     }
     schedule_path = None
-    if trial.user_attrs.get("schedule"):
-        from automl_diff.methods.dipgo.schedule import Schedule
-
-        schedule_path = Schedule.from_dict(trial.user_attrs["schedule"], source=f"trial {trial_number}: schedule").save(out / "schedule.json")
-        summary["schedule"] = "schedule.json"
+    if trial.user_attrs.get(TrialAttr.SCHEDULE):
+        schedule = Schedule.from_dict(trial.user_attrs[TrialAttr.SCHEDULE], source=f"trial {trial_number}: schedule")
+        schedule_path = schedule.save(StudyFolder.schedule(out))
+        summary["schedule"] = schedule_path.name
     (out / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
     return Export(out, custom_code, schedule_path)

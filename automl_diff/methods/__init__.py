@@ -6,13 +6,17 @@
   with a dynamic joint loss (:mod:`automl_diff.methods.diffnas`).
 * ``dipgo``: timestep-aware block pruning with a learned pruner and an Optuna-tuned threshold
   (:mod:`automl_diff.methods.dipgo`).
+
+What they share: the contract with the runners (:mod:`~automl_diff.methods.base`) and the training
+loop with its data-free inputs (:mod:`~automl_diff.methods.training`). Their options are config
+(:mod:`automl_diff.config.options`), under the same names.
 """
 
 from __future__ import annotations
 
-from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.base import Candidate, Method, TrainingDiverged
 from automl_diff.methods.diffnas import DiffNAS
-from automl_diff.methods.dipgo.method import DiPGO
+from automl_diff.methods.dipgo import DiPGO
 from automl_diff.methods.dkdm import DKDM
 
 #: Methods a study config may name in ``method:``.
@@ -22,4 +26,4 @@ METHODS: dict[str, type[Method]] = {
     DiPGO.name: DiPGO,
 }
 
-__all__ = ["METHODS", "Candidate", "Method"]
+__all__ = ["METHODS", "Candidate", "Method", "TrainingDiverged"]

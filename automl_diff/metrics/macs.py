@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from automl_diff.models.blocks import block_names, is_block_name, name_to_module_path
 
-__all__ = ["BlockCost", "MacsReport", "count_macs", "count_unit_macs", "example_inputs", "executed_macs"]
+__all__ = ["BlockCost", "MacsReport", "UnitCosts", "count_macs", "count_unit_macs", "example_inputs", "executed_macs", "trajectory_macs"]
 
 _SDPA = "aten::scaled_dot_product_attention"
 
@@ -216,6 +216,41 @@ def count_unit_macs(
     total, total_no_attn = _cost(per_module, "")
     units = {cost.name: cost for cost in _named_costs(unet, per_module, list(names))}
     return BlockCost("total", sum(p.numel() for p in unet.parameters()), total, total_no_attn), units
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """MACs of one forward pass (batch 1): the whole model and each gated unit; ``idle_free``: a
+    step at which no unit computes costs nothing (it runs nothing at all)."""
+
+    total: BlockCost
+    units: Mapping[str, BlockCost]
+    idle_free: bool = False
+
+    @property
+    def always(self) -> int:
+        """MACs outside every unit (embedding, ``conv_in``, ...): paid by every step that runs."""
+        return self.total.macs - sum(c.macs for c in self.units.values())
+
+
+def trajectory_macs(gates: Sequence[Sequence[bool]], units: Sequence[str], costs: UnitCosts, *, attention: bool = True) -> int:
+    """MACs of one image's sampling trajectory when unit ``units[u]`` computes at step ``i`` only
+    where ``gates[i][u]``: every step pays for the parts outside the units and for the units it
+    computes, except a step that computes no unit where such a step is free (``costs.idle_free``).
+
+    Args:
+        gates: one row per step, one flag per unit (a schedule's gates; all True: the plain sampler).
+        units: the unit names, in the order of a row.
+        costs: :class:`UnitCosts` of those units.
+        attention: count the attention matmuls (False: the literature convention).
+    """
+
+    def macs(cost: BlockCost) -> int:
+        return cost.macs if attention else cost.macs_no_attention
+
+    total = macs(costs.total)
+    unit = [macs(costs.units[name]) for name in units]
+    return sum(0 if costs.idle_free and not any(row) else total - sum(m for m, on in zip(unit, row) if not on) for row in gates)
 
 
 def executed_macs(run: Any) -> int:

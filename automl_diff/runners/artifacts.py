@@ -2,7 +2,7 @@
 
 Each evaluated trial gets ``samples.png`` (the first FID samples, same noise for every trial)
 in its folder, uploaded to the study's :class:`optuna.artifacts.FileSystemArtifactStore`
-(``<output_dir>/<study>/artifacts``, recorded as the study attribute ``artifact_dir``), and a
+(``<output_dir>/<study>/artifacts``, :attr:`~automl_diff.records.StudyAttr.ARTIFACT_DIR`), and a
 Markdown note with its metrics and the image, so that a user inspecting the trial in
 ``python -m automl_diff.study dashboard`` sees the model's samples.
 """
@@ -14,9 +14,11 @@ from typing import Any
 
 import optuna
 
-__all__ = ["ARTIFACT_DIR_ATTR", "attach_samples", "artifact_store"]
+from automl_diff.formatting import fmt_number
+from automl_diff.records import StudyFolder, TrialAttr
+from automl_diff.sampling import sample_grid_png
 
-ARTIFACT_DIR_ATTR = "artifact_dir"
+__all__ = ["attach_samples", "artifact_store"]
 
 
 def artifact_store(folder: str | Path) -> Any:
@@ -27,24 +29,31 @@ def artifact_store(folder: str | Path) -> Any:
     return FileSystemArtifactStore(str(folder))
 
 
-def attach_samples(trial: optuna.Trial, images: Any, *, folder: Path, artifact_dir: Path, metrics: dict[str, Any]) -> str:
+def attach_samples(
+    trial: optuna.Trial,
+    images: Any,
+    *,
+    folder: Path,
+    artifact_dir: Path,
+    metrics: dict[str, Any],
+    storage: optuna.storages.BaseStorage | None = None,
+) -> str:
     """Save ``images`` as ``folder/samples.png``, upload it, and write the trial's note; returns
-    the artifact id."""
+    the artifact id. The note shows the image where ``storage`` names the study's and the trial's
+    ids (the dashboard serves artifacts under them); without it, it lists the metrics only."""
     from optuna.artifacts import upload_artifact
     from optuna_dashboard import save_note
 
-    from automl_diff.analysis.report import sample_grid_png
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "samples.png"
+    path = StudyFolder.samples(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(sample_grid_png(images))
     artifact_id = upload_artifact(artifact_store=artifact_store(artifact_dir), file_path=str(path), study_or_trial=trial, mimetype="image/png")
-    trial.set_user_attr("samples", str(path))
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v:,} |" for k, v in metrics.items() if isinstance(v, (int, float)))
-    study_id = trial.study._study_id
-    save_note(
-        trial,
-        f"## Trial {trial.number}\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-        f"Samples (same noise as every trial of the study):\n\n![samples of trial {trial.number}](/artifacts/{study_id}/{trial._trial_id}/{artifact_id})\n",
-    )
+    trial.set_user_attr(TrialAttr.SAMPLES, str(path))
+    rows = "\n".join(f"| {k} | {fmt_number(v)} |" for k, v in metrics.items() if isinstance(v, (int, float)))
+    note = f"## Trial {trial.number}\n\n| metric | value |\n|---|---|\n{rows}\n"
+    if storage is not None:
+        study_id = storage.get_study_id_from_name(trial.study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        note += f"\nSamples (same noise as every trial of the study):\n\n![samples of trial {trial.number}](/artifacts/{study_id}/{trial_id}/{artifact_id})\n"
+    save_note(trial, note)
     return artifact_id

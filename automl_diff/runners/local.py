@@ -27,6 +27,7 @@ import optuna
 
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
+from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.runners.storage import mask_url, open_storage
 from automl_diff.runners.trial import FINISHED_STATES, StudySession
 
@@ -60,15 +61,15 @@ def make_sampler(config: StudyConfig, *, offset: int = 0) -> optuna.samplers.Bas
         raise UserError(f"{config.path}: sampler.options: {exc}") from None
 
 
-def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> optuna.Study:
+def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     """Create the study, or load it when it exists; refuse one with other objectives, another method or
-    another teacher (its trials would not be comparable)."""
+    another teacher (its trials would not be comparable). Returns the study and its storage."""
     storage = open_storage(storage_url, heartbeat_interval=config.execution.heartbeat, retries=config.execution.retries)
     existing = study_name in optuna.study.get_all_study_names(storage)
     n_existing = 0
     if existing:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        stored = study.user_attrs.get("objectives")
+        stored = study.user_attrs.get(StudyAttr.OBJECTIVES)
         if stored is not None and stored != config.objective_names:
             raise UserError(
                 f"{config.path}: objectives: study '{study_name}' in {mask_url(storage_url)} optimises "
@@ -76,7 +77,7 @@ def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> opt
             )
         if [d.name.lower() for d in study.directions] != config.directions:
             raise UserError(f"{config.path}: objectives: directions differ from study '{study_name}' in {mask_url(storage_url)}")
-        for key, value, what in (("method", config.method, "runs method"), ("teacher", config.teacher, "compresses")):
+        for key, value, what in ((StudyAttr.METHOD, config.method, "runs method"), (StudyAttr.TEACHER, config.teacher, "compresses")):
             recorded = study.user_attrs.get(key)
             if recorded is not None and recorded != value:
                 raise UserError(
@@ -93,12 +94,12 @@ def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> opt
     )
     if not existing:
         study.set_metric_names(config.objective_names)
-        study.set_user_attr("objectives", config.objective_names)
-        study.set_user_attr("method", config.method)
-        study.set_user_attr("teacher", config.teacher)
-        study.set_user_attr("config_file", config.path)
-        study.set_user_attr("search_space", config.search_space)
-    return study
+        study.set_user_attr(StudyAttr.OBJECTIVES, config.objective_names)
+        study.set_user_attr(StudyAttr.METHOD, config.method)
+        study.set_user_attr(StudyAttr.TEACHER, config.teacher)
+        study.set_user_attr(StudyAttr.CONFIG_FILE, config.path)
+        study.set_user_attr(StudyAttr.SEARCH_SPACE, config.search_space)
+    return study, storage
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -113,7 +114,7 @@ def start_study(config: StudyConfig, *, storage_url: str, study_name: str, progr
     """
     session = StudySession(config, study_name=study_name, progress=progress)
     make_sampler(config)
-    study = open_study(config, storage_url=storage_url, study_name=study_name)
+    study, session.storage = open_study(config, storage_url=storage_url, study_name=study_name)
     return session, study
 
 
@@ -152,12 +153,12 @@ def _objective(session: StudySession, total: int, errors: list[UserError]) -> Ca
         nan = tuple(math.nan for _ in session.config.objective_names)
         earlier = [t for t in trial.study.get_trials(deepcopy=False, states=_PLACE_STATES) if t.number < trial.number]
         if len(earlier) >= total:
-            trial.set_user_attr("fail_reason", f"{SURPLUS}: {total} earlier trials were finished or running")
+            trial.set_user_attr(TrialAttr.FAIL_REASON, f"{SURPLUS}: {total} earlier trials were finished or running")
             return nan
         try:
             return session.objective(trial)
         except UserError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr(TrialAttr.FAIL_REASON, str(exc))
             errors.append(exc)
             return nan
 
@@ -217,6 +218,6 @@ def run_study(
         study.optimize(objective, n_trials=1, callbacks=[lambda _study, trial: outcome.append(trial)], gc_after_trial=True)
         if errors:
             raise errors[0]
-        if outcome and outcome[0].state == _TrialState.FAIL and not str(outcome[0].user_attrs.get("fail_reason", "")).startswith(SURPLUS):
+        if outcome and outcome[0].state == _TrialState.FAIL and not str(outcome[0].user_attrs.get(TrialAttr.FAIL_REASON, "")).startswith(SURPLUS):
             failed += 1
     return study

@@ -31,6 +31,7 @@ import optuna
 
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
+from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.local import begin_run, finished_trials, make_sampler
 from automl_diff.runners.storage import open_storage
 from automl_diff.runners.trial import StudySession
@@ -39,10 +40,8 @@ __all__ = ["run_study_ray"]
 
 logger = logging.getLogger("automl_diff")
 
-#: Key of the Tune config that names the Optuna trial a trainable runs.
-TRIAL_ID_KEY = "optuna_trial_id"
-#: Study attribute: the folder of the latest Tune experiment (resumed when it was interrupted).
-EXPERIMENT_ATTR = "ray_experiment"
+#: Key of the Tune config that names the Optuna trial (its number) a trainable runs.
+TRIAL_NUMBER_KEY = "optuna_trial"
 
 _sessions: dict[tuple[str, str], StudySession] = {}
 
@@ -63,7 +62,7 @@ class _Space:
         if self._method is None:
             self._method = _session(self.config, self.study_name).method
         self._method.suggest(trial)
-        return {TRIAL_ID_KEY: trial._trial_id}
+        return {TRIAL_NUMBER_KEY: trial.number}
 
 
 def _searcher_class() -> type:
@@ -91,7 +90,7 @@ def _session(config: StudyConfig, study_name: str) -> StudySession:
 def _result(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     values = trial.values or [math.nan] * len(config.objective_names)
     result: dict[str, Any] = dict(zip(config.objective_names, values))
-    result.update(optuna_trial=trial.number, state=trial.state.name, fail_reason=trial.user_attrs.get("fail_reason", ""))
+    result.update({"optuna_trial": trial.number, "state": trial.state.name, TrialAttr.FAIL_REASON: trial.user_attrs.get(TrialAttr.FAIL_REASON, "")})
     return result
 
 
@@ -101,21 +100,23 @@ def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: 
 
     storage = open_storage(storage_url, heartbeat_interval=None)
     study = optuna.load_study(study_name=study_name, storage=storage)
-    trial_id = int(tune_config[TRIAL_ID_KEY])
+    study_id = storage.get_study_id_from_name(study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(tune_config[TRIAL_NUMBER_KEY]))
     if not storage.get_trial(trial_id).state.is_finished():
         trial = optuna.Trial(study, trial_id)
         session = _session(config, study_name)
+        session.storage = storage
         try:
             values = session.objective(trial)
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         except UserError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr(TrialAttr.FAIL_REASON, str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(trial, list(values))  # NaN values (diverged, out of memory): a failed trial
     frozen = storage.get_trial(trial_id)
-    folder = Path(config.output_dir).resolve() / study_name / f"trial_{frozen.number}"
+    folder = StudyFolder.of(config.output_dir, study_name).trial(frozen.number)
     checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder.is_dir() else None
     tune.report(_result(config, frozen), checkpoint=checkpoint)
 
@@ -171,7 +172,7 @@ def run_study_ray(
         {"cpu": execution.cpus_per_trial, "gpu": execution.gpus_per_trial},
     )
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    previous = study.user_attrs.get(EXPERIMENT_ATTR)
+    previous = study.user_attrs.get(StudyAttr.RAY_EXPERIMENT)
     if running and previous and tune.Tuner.can_restore(previous):
         logger.info("resuming the interrupted Ray Tune experiment %s (%d trials were running)", previous, len(running))
         tuner = tune.Tuner.restore(previous, trainable, resume_unfinished=True, resume_errored=True)
@@ -191,9 +192,9 @@ def run_study_ray(
         )
         if execution.max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=execution.max_concurrent)
-        root = Path(config.output_dir).resolve() / study_name / "ray"
+        root = StudyFolder.of(config.output_dir, study_name).ray
         name = f"run_{len(study.trials)}"
-        study.set_user_attr(EXPERIMENT_ATTR, str(root / name))
+        study.set_user_attr(StudyAttr.RAY_EXPERIMENT, str(root / name))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, reuse_actors=True),

@@ -19,13 +19,13 @@ import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
 from automl_diff.errors import UserError
-from automl_diff.methods import METHODS
-from automl_diff.methods.base import TrainingDiverged
-from automl_diff.metrics.evaluate import Evaluator, ModelMetrics
+from automl_diff.methods import METHODS, TrainingDiverged
 from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
-from automl_diff.runners.attrs import LINEAGE_ATTR, ORIGINAL_TEACHER_ATTR, SCHEDULER_ATTR, START_ATTR, TEACHER_ATTR
+from automl_diff.records import Evaluation, StudyAttr, StudyFolder, TrialAttr
+from automl_diff.runners.artifacts import attach_samples
+from automl_diff.runners.evaluate import Evaluator, ModelMetrics
 
-__all__ = ["StudySession", "TEACHER_ATTR", "FINISHED_STATES", "resolve_original_teacher"]
+__all__ = ["FINISHED_STATES", "StudySession", "resolve_original_teacher"]
 
 logger = logging.getLogger("automl_diff")
 
@@ -104,7 +104,7 @@ class StudySession:
                     f"{config.path}: original_teacher: '{original}' makes {self.original.channels}x{self.original.resolution}px "
                     f"images, the teacher {self.teacher.channels}x{self.teacher.resolution}px"
                 )
-        self.method = METHODS[config.method](config, self.teacher, reference=self.original, device=self.device, progress=progress)
+        self.method = METHODS[config.method](config, self.teacher, original=self.original, device=self.device, progress=progress)
         self.evaluator = Evaluator(
             config,
             scheduler_config=self.teacher.scheduler_config,
@@ -114,6 +114,9 @@ class StudySession:
             device=self.device,
             progress=progress,
         )
+        #: The study's storage, once a runner has opened it (methods keep their own searches beside
+        #: the study; sample notes name the study's and trial's ids in it).
+        self.storage: optuna.storages.BaseStorage | None = None
         self._prepared = False
 
     @property
@@ -122,39 +125,37 @@ class StudySession:
         return self.original is not self.teacher
 
     @property
-    def trial_root(self) -> Path:
-        return Path(self.config.output_dir).resolve() / self.study_name
+    def folder(self) -> StudyFolder:
+        return StudyFolder.of(self.config.output_dir, self.study_name)
 
     def record_teacher(self, study: optuna.Study) -> dict[str, Any]:
         """The original teacher's metrics, measured once per study and kept as study user
         attributes together with its scheduler config, the evaluation setup and the lineage;
         returns the metrics. A stacked study also measures the model it starts from."""
-        stored = study.user_attrs.get(TEACHER_ATTR)
+        stored = study.user_attrs.get(StudyAttr.TEACHER_METRICS)
         if stored:
-            recorded = study.user_attrs.get(ORIGINAL_TEACHER_ATTR)
+            recorded = study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER)
             if recorded is not None and recorded != self.original.source:
                 raise UserError(
                     f"{self.config.path}: original_teacher: study '{self.study_name}' measures against '{recorded}', not "
                     f"'{self.original.source}'; use another --study-name for another yardstick"
                 )
             return stored
-        study.set_user_attr(SCHEDULER_ATTR, dict(self.teacher.scheduler_config))
-        study.set_user_attr(ORIGINAL_TEACHER_ATTR, self.original.source)
-        study.set_user_attr(LINEAGE_ATTR, self.lineage)
+        study.set_user_attr(StudyAttr.SCHEDULER_CONFIG, dict(self.teacher.scheduler_config))
+        study.set_user_attr(StudyAttr.ORIGINAL_TEACHER, self.original.source)
+        study.set_user_attr(StudyAttr.LINEAGE, self.lineage)
         c = self.config
-        study.set_user_attr(
-            "evaluation",
-            {
-                "fid_samples": c.budgets.fid_samples,
-                "sampling_steps": c.budgets.sampling_steps,
-                "scheduler": c.sampling.scheduler,
-                "fid_dataset": self.evaluator.dataset,
-                "fid_features": self.evaluator.features,
-                "latency_batch_size": c.budgets.latency_batch_size,
-                "seed": c.seed,
-                "device": str(self.device),
-            },
+        evaluation = Evaluation(
+            fid_samples=c.budgets.fid_samples,
+            sampling_steps=c.budgets.sampling_steps,
+            scheduler=c.sampling.scheduler,
+            fid_dataset=self.evaluator.dataset,
+            fid_features=self.evaluator.features,
+            latency_batch_size=c.budgets.latency_batch_size,
+            seed=c.seed,
+            device=str(self.device),
         )
+        study.set_user_attr(StudyAttr.EVALUATION, evaluation.to_dict())
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
         metrics = self.evaluator.evaluate(self.original.unet, desc="teacher").to_dict()
         self._log_metrics("teacher", metrics)
@@ -162,39 +163,36 @@ class StudySession:
             logger.info("measuring the starting model %s the same way", self.teacher.source)
             start = self.evaluator.evaluate(self.teacher.unet, desc="starting model").to_dict()
             self._log_metrics("starting model", start)
-            study.set_user_attr(START_ATTR, start)
-        study.set_user_attr(TEACHER_ATTR, metrics)  # last: a study with it has everything above
+            study.set_user_attr(StudyAttr.START_METRICS, start)
+        study.set_user_attr(StudyAttr.TEACHER_METRICS, metrics)  # last: a study with it has everything above
         return metrics
 
     @staticmethod
     def _log_metrics(what: str, metrics: dict[str, Any]) -> None:
         logger.info(
             "%s: %.3gM params, %.3gM MACs per call, FID %.4g, %.4g s per image",
-            what, metrics["params"] / 1e6, metrics["macs"] / 1e6, metrics["fid"], metrics["latency"],
+            what, metrics[TrialAttr.PARAMS] / 1e6, metrics[TrialAttr.MACS] / 1e6, metrics[TrialAttr.FID], metrics[TrialAttr.LATENCY],
         )
 
-    def prepare(self, study: optuna.Study | None = None) -> None:
+    def prepare(self, study: optuna.Study, storage: optuna.storages.BaseStorage | None = None) -> None:
+        """The method's one-time work, before the first trial of this run that needs it."""
         if not self._prepared:
-            self.method.prepare(self.trial_root, study)
+            self.method.prepare(self.folder.path, storage=storage, study_name=study.study_name)
             self._prepared = True
 
-    def _duplicate_of(self, study: optuna.Study, trial: optuna.Trial, fingerprint: str | None = None) -> int | None:
-        """A completed trial with the same parameters (or fingerprint), or an earlier trial that
-        another worker is running with the same parameters (so that concurrent workers never
-        train one model twice)."""
+    @staticmethod
+    def _duplicate_of(study: optuna.Study, trial: optuna.Trial, fingerprint: str) -> int | None:
+        """A completed trial that makes the same model, or an earlier trial that another worker
+        is running for it (so that concurrent workers never train one model twice). Trials
+        recorded without a fingerprint (older studies, or still preparing) match by parameters."""
         running = optuna.trial.TrialState.RUNNING
         for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, running)):
             if other.number == trial.number or (other.state == running and other.number > trial.number):
                 continue
-            if other.params == trial.params or (fingerprint is not None and other.user_attrs.get("fingerprint") == fingerprint):
+            theirs = other.user_attrs.get(TrialAttr.FINGERPRINT)
+            if theirs == fingerprint or (theirs is None and other.params == trial.params):
                 return other.number
         return None
-
-    @staticmethod
-    def _prune_duplicate(trial: optuna.Trial, duplicate: int) -> None:
-        trial.set_user_attr("duplicate_of", duplicate)
-        logger.info("trial %d repeats trial %d: pruned", trial.number, duplicate)
-        raise optuna.TrialPruned(f"same model as trial {duplicate}")
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         """Train, save, evaluate and record one trial; return its objective values.
@@ -207,7 +205,7 @@ class StudySession:
             return self._run_trial(trial)
         except TRIAL_FAILURES as exc:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(TrialAttr.FAIL_REASON, reason)
             logger.warning("trial %d failed: %s", trial.number, reason)
             gc.collect()
             if torch.cuda.is_available():
@@ -216,49 +214,36 @@ class StudySession:
 
     def _run_trial(self, trial: optuna.Trial) -> tuple[float, ...]:
         study = trial.study
-        self.method.suggest(trial)
-        duplicate = self._duplicate_of(study, trial)
+        params = self.method.suggest(trial)
+        self.prepare(study, self.storage)
+        fingerprint = self.method.fingerprint(params)
+        trial.set_user_attr(TrialAttr.FINGERPRINT, fingerprint)
+        duplicate = self._duplicate_of(study, trial, fingerprint)
         if duplicate is not None:
-            self._prune_duplicate(trial, duplicate)
-        self.prepare(study)
-        fingerprint = self.method.fingerprint(trial)
-        if fingerprint is not None:
-            trial.set_user_attr("fingerprint", fingerprint)
-            duplicate = self._duplicate_of(study, trial, fingerprint)
-            if duplicate is not None:
-                self._prune_duplicate(trial, duplicate)
-        try:
-            candidate = self.method.run_trial(trial)
-        except TRIAL_FAILURES as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-            raise
-        if candidate.fingerprint is not None:
-            trial.set_user_attr("fingerprint", candidate.fingerprint)
-            duplicate = self._duplicate_of(study, trial, candidate.fingerprint)
-            if duplicate is not None:
-                self._prune_duplicate(trial, duplicate)
-        folder = self.trial_root / f"trial_{trial.number}"
+            trial.set_user_attr(TrialAttr.DUPLICATE_OF, duplicate)
+            logger.info("trial %d repeats trial %d: pruned", trial.number, duplicate)
+            raise optuna.TrialPruned(f"same model as trial {duplicate}")
+        candidate = self.method.run_trial(params, number=trial.number)
+        folder = self.folder.trial(trial.number)
         weights = candidate.weights
         if weights is None:
-            weights = str(folder / "unet")
+            weights = str(StudyFolder.weights(folder))
             candidate.unet.save_pretrained(weights, safe_serialization=True)
-        trial.set_user_attr("weights", weights)
-        trial.set_user_attr("model_config", json.loads(json.dumps(candidate.config)))
+        trial.set_user_attr(TrialAttr.WEIGHTS, weights)
+        trial.set_user_attr(TrialAttr.MODEL_CONFIG, json.loads(json.dumps(candidate.config)))
         if candidate.schedule is not None:
-            path = candidate.schedule.save(folder / "schedule.json")
-            trial.set_user_attr("schedule_file", str(path))
-            trial.set_user_attr("schedule", candidate.schedule.to_dict())
+            path = candidate.schedule.save(StudyFolder.schedule(folder))
+            trial.set_user_attr(TrialAttr.SCHEDULE_FILE, str(path))
+            trial.set_user_attr(TrialAttr.SCHEDULE, candidate.schedule.to_dict())
         for key, value in candidate.attrs.items():
             trial.set_user_attr(key, value)
         metrics = self.evaluator.evaluate(candidate.unet, schedule=candidate.schedule, desc=f"trial {trial.number} sampling")
         self._record(trial, metrics, self.record_teacher(study))
         if self.evaluator.last_samples is not None:
-            from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, attach_samples
-
-            artifact_dir = self.trial_root / "artifacts"
-            if study.user_attrs.get(ARTIFACT_DIR_ATTR) != str(artifact_dir):
-                study.set_user_attr(ARTIFACT_DIR_ATTR, str(artifact_dir))
-            attach_samples(trial, self.evaluator.last_samples, folder=folder, artifact_dir=artifact_dir, metrics=metrics.to_dict())
+            artifact_dir = self.folder.artifacts
+            if study.user_attrs.get(StudyAttr.ARTIFACT_DIR) != str(artifact_dir):
+                study.set_user_attr(StudyAttr.ARTIFACT_DIR, str(artifact_dir))
+            attach_samples(trial, self.evaluator.last_samples, folder=folder, artifact_dir=artifact_dir, metrics=metrics.to_dict(), storage=self.storage)
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
 
@@ -266,9 +251,9 @@ class StudySession:
     def _record(trial: optuna.Trial, metrics: ModelMetrics, teacher: dict[str, Any]) -> None:
         for key, value in metrics.to_dict().items():
             trial.set_user_attr(key, value)
-        if teacher.get("latency") and metrics.latency:
-            trial.set_user_attr("speedup", teacher["latency"] / metrics.latency)
-        if teacher.get("trajectory_macs") and metrics.trajectory_macs:
-            trial.set_user_attr("macs_reduction", teacher["trajectory_macs"] / metrics.trajectory_macs)
-        elif teacher.get("macs") and metrics.macs:
-            trial.set_user_attr("macs_reduction", teacher["macs"] / metrics.macs)
+        if teacher.get(TrialAttr.LATENCY) and metrics.latency:
+            trial.set_user_attr(TrialAttr.SPEEDUP, teacher[TrialAttr.LATENCY] / metrics.latency)
+        if teacher.get(TrialAttr.TRAJECTORY_MACS) and metrics.trajectory_macs:
+            trial.set_user_attr(TrialAttr.MACS_REDUCTION, teacher[TrialAttr.TRAJECTORY_MACS] / metrics.trajectory_macs)
+        elif teacher.get(TrialAttr.MACS) and metrics.macs:
+            trial.set_user_attr(TrialAttr.MACS_REDUCTION, teacher[TrialAttr.MACS] / metrics.macs)

@@ -12,21 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from automl_diff.errors import UserError
+from automl_diff.formatting import fmt_si
+from automl_diff.records import StudyAttr, TrialAttr
 
 __all__ = ["cmd_dashboard", "cmd_export", "cmd_pareto", "cmd_profile", "cmd_report", "cmd_run", "cmd_status", "cmd_trials"]
 
 logger = logging.getLogger("automl_diff")
-
-
-def _human(value: Any, unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}{unit}"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}{unit}"
-    return f"{value}{unit}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -46,10 +37,13 @@ def pareto_table(study: Any) -> str:
     teacher = teacher_metrics(study)
     if teacher:
         rows.append(
-            ["teacher", _human(teacher["macs"]), _human(teacher.get("trajectory_macs")), _human(teacher["params"]), _human(teacher["fid"]), _human(teacher["latency"], "s"), "1x"]
+            [
+                "teacher", fmt_si(teacher[TrialAttr.MACS]), fmt_si(teacher.get(TrialAttr.TRAJECTORY_MACS)), fmt_si(teacher[TrialAttr.PARAMS]),
+                fmt_si(teacher[TrialAttr.FID]), fmt_si(teacher[TrialAttr.LATENCY], "s"), "1x",
+            ]
         )
     for r in pareto_rows(study):
-        rows.append([str(r.trial), _human(r.macs), _human(r.trajectory_macs), _human(r.params), _human(r.fid), _human(r.latency, "s"), _human(r.speedup, "x")])
+        rows.append([str(r.trial), fmt_si(r.macs), fmt_si(r.trajectory_macs), fmt_si(r.params), fmt_si(r.fid), fmt_si(r.latency, "s"), fmt_si(r.speedup, "x")])
     return _table(header, rows)
 
 
@@ -100,7 +94,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state, count in sorted(states.items()):
         print(f"  {state.lower():9s} {count}")
     for name, value in best.items():
-        print(f"  best {name}: {_human(int(value) if name in ('macs', 'trajectory_macs', 'params') else value)}")
+        counts = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS)
+        print(f"  best {name}: {fmt_si(int(value) if name in counts else value)}")
     print(f"  Pareto front: {len(front)} trials")
     return 0
 
@@ -143,14 +138,16 @@ def cmd_trials(args: argparse.Namespace) -> int:
         def cell(value: Any, unit: str = "") -> str:
             if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
                 return "-"
-            return _human(int(value) if not isinstance(value, float) else value, unit)
+            return fmt_si(int(value) if not isinstance(value, float) else value, unit)
 
         rows = []
         for r in frame.to_dict("records"):
-            note = r["fail_reason"] if isinstance(r["fail_reason"], str) else ""
-            if cell(r["duplicate_of"]) != "-":
-                note = f"same as trial {r['duplicate_of']}"
-            rows.append([str(r["trial"]), r["state"], cell(r["macs"]), cell(r["trajectory_macs"]), cell(r["fid"]), cell(r["speedup"], "x"), note])
+            reason, duplicate = r[TrialAttr.FAIL_REASON], r[TrialAttr.DUPLICATE_OF]
+            note = reason if isinstance(reason, str) else ""
+            if cell(duplicate) != "-":
+                note = f"same as trial {duplicate}"
+            metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r[TrialAttr.FID]), cell(r[TrialAttr.SPEEDUP], "x")]
+            rows.append([str(r["trial"]), r["state"], *metrics, note])
         print(_table(["trial", "state", "MACs", "trajectory MACs", "FID", "speedup", "note"], rows))
     return 0
 
@@ -172,7 +169,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
     from automl_diff.runners import load_existing_study, mask_url, open_storage
-    from automl_diff.runners.artifacts import ARTIFACT_DIR_ATTR, artifact_store
+    from automl_diff.runners.artifacts import artifact_store
 
     study = load_existing_study(args.storage, args.study_name)  # reachable, and names the study
     storage = open_storage(args.storage, create=False, heartbeat_interval=None)
@@ -181,7 +178,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
         except OSError as exc:
             raise UserError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
-    folder = args.artifacts or study.user_attrs.get(ARTIFACT_DIR_ATTR)
+    folder = args.artifacts or study.user_attrs.get(StudyAttr.ARTIFACT_DIR)
     store = artifact_store(folder) if folder else None
     print(f"optuna-dashboard for {mask_url(args.storage)} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -217,7 +214,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any) -> dict[
     """Trajectory MACs and measured latency of a DiP-GO schedule against the full sampler."""
     import contextlib
 
-    from automl_diff.methods.dipgo import Schedule, apply_schedule, unit_costs
+    from automl_diff.gating import Schedule, apply_schedule, unit_costs
     from automl_diff.metrics.latency import measure_latencies
     from automl_diff.models.loading import scheduler_config_for
 
@@ -271,8 +268,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 0
     resolution = args.resolution or unet.config.sample_size
     print(f"{args.model}: {type(unet).__name__} at {resolution}px, one forward pass, batch 1")
-    rows = [[b.name, _human(b.params), _human(b.macs), _human(b.macs_no_attention)] for b in report.blocks]
-    rows.append(["total", _human(report.params), _human(report.macs), _human(report.macs_no_attention)])
+    rows = [[b.name, fmt_si(b.params), fmt_si(b.macs), fmt_si(b.macs_no_attention)] for b in report.blocks]
+    rows.append(["total", fmt_si(report.params), fmt_si(report.macs), fmt_si(report.macs_no_attention)])
     print(_table(["block", "params", "MACs", "MACs w/o attn matmuls"], rows))
     if trajectory:
         t = trajectory
@@ -281,8 +278,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
             _table(
                 ["", "trajectory MACs", "latency per image"],
                 [
-                    ["full sampler", _human(t["full_trajectory_macs"]), _human(t["full_latency"], "s")],
-                    ["with schedule", _human(t["trajectory_macs"]), _human(t["latency"], "s")],
+                    ["full sampler", fmt_si(t["full_trajectory_macs"]), fmt_si(t["full_latency"], "s")],
+                    ["with schedule", fmt_si(t["trajectory_macs"]), fmt_si(t["latency"], "s")],
                     ["ratio", f"{t['macs_reduction']:.3g}x fewer", f"{t['speedup']:.3g}x faster"],
                 ],
             )

@@ -8,7 +8,8 @@
 * :mod:`~automl_diff.methods.diffnas.method`: the study method (``method: diffnas``).
 """
 
-from automl_diff.methods.diffnas.method import DiffNAS, DiffNASOptions
+from automl_diff.config.options import DiffNASOptions
+from automl_diff.methods.diffnas.method import DiffNAS
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import choose_global, choose_local, global_search, local_search, train_supernets
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets

@@ -26,10 +26,7 @@ from automl_diff.methods.diffnas.search import block_loss
 from automl_diff.models.blocks import block_names, record_blocks
 from automl_diff.sampling import predict_noise
 
-__all__ = ["JOINT_SCHEDULES", "JointLoss", "JointWeight"]
-
-#: Schedules of the block-feature weight ``w(s)``.
-JOINT_SCHEDULES = ("linear", "cosine", "static")
+__all__ = ["JointLoss", "JointWeight"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +55,13 @@ class JointLoss:
         total: training steps (for the schedule).
         data_weight: weight of the noise-prediction loss against the batch's true noise (batches
             from a dataset; 0 otherwise).
-        reference: the model whose noise predictions the output term matches (stacking: the
+        original: the model whose noise predictions the output term matches (stacking: the
             original teacher); None: ``teacher``.
     """
 
-    def __init__(self, teacher: nn.Module, weight: JointWeight, total: int, *, data_weight: float = 0.0, reference: nn.Module | None = None) -> None:
+    def __init__(self, teacher: nn.Module, weight: JointWeight, total: int, *, data_weight: float = 0.0, original: nn.Module | None = None) -> None:
         self.teacher = teacher
-        self.reference = reference
+        self.original = original
         self.weight = weight
         self.total = total
         self.data_weight = data_weight
@@ -75,8 +72,8 @@ class JointLoss:
         x, t, target = batch[:3]
         with torch.no_grad(), record_blocks(self.teacher, self.names) as teacher_rec:
             eps_teacher = predict_noise(self.teacher, x, t).float()
-            if self.reference is not None:
-                eps_teacher = predict_noise(self.reference, x, t).float()
+            if self.original is not None:
+                eps_teacher = predict_noise(self.original, x, t).float()
         with record_blocks(student, self.names, detach=False) as student_rec:
             eps = predict_noise(student, x, t).float()
         features = torch.stack([block_loss(student_rec[n].outputs[0], teacher_rec[n].outputs[0]) for n in self.names]).sum()

@@ -36,14 +36,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from automl_diff.config.options import BLOCK_COSTS
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, iter_tensors
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import map_tensors, record_blocks
+from automl_diff.records import BlockSearchAttr
 from automl_diff.sampling import predict_noise
 
 __all__ = [
-    "BLOCK_COSTS",
     "BlockInputs",
     "BlockScore",
     "GlobalScore",
@@ -59,7 +60,6 @@ __all__ = [
 logger = logging.getLogger("automl_diff")
 
 #: What a block candidate's cost is: executed MACs, or measured seconds.
-BLOCK_COSTS = ("macs", "latency")
 
 
 @dataclass
@@ -243,12 +243,12 @@ def _open(storage: Any, name: str, directions: list[str], metric_names: list[str
 
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler, load_if_exists=True)
-    stored = study.user_attrs.get("supernet")
+    stored = study.user_attrs.get(BlockSearchAttr.SUPERNET)
     if stored is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(metric_names)
-        study.set_user_attr("supernet", key)
+        study.set_user_attr(BlockSearchAttr.SUPERNET, key)
     elif stored != key:
         raise UserError(f"study '{name}' was searched with other supernets (options, search space or teacher changed); use another study name")
     return study
@@ -270,16 +270,16 @@ def _check_cost(cost: str) -> None:
 
 def _set_costs(trial: optuna.Trial, macs: int, latency: float) -> None:
     """Both costs of a trial as user attributes (its first objective is one of them)."""
-    trial.set_user_attr("macs", macs)
+    trial.set_user_attr(BlockSearchAttr.MACS, macs)
     if not math.isnan(latency):
-        trial.set_user_attr("latency", latency)
+        trial.set_user_attr(BlockSearchAttr.LATENCY, latency)
 
 
 def _stored_costs(trial: optuna.trial.FrozenTrial) -> tuple[int, float]:
     """``(macs, latency)`` of a finished trial (studies from before ``latency`` existed hold MACs
     as their first objective only)."""
     attrs = trial.user_attrs
-    return int(attrs.get("macs", trial.values[0])), float(attrs.get("latency", math.nan))
+    return int(attrs.get(BlockSearchAttr.MACS, trial.values[0])), float(attrs.get(BlockSearchAttr.LATENCY, math.nan))
 
 
 def local_search(
@@ -308,7 +308,7 @@ def local_search(
     out: dict[str, list[BlockScore]] = {}
     for name, supernet in supernets.items():
         study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], [cost, "loss"], key, seed)
-        done = {t.user_attrs["candidate"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        done = {t.user_attrs[BlockSearchAttr.CANDIDATE] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
         candidates = supernet.candidates()
         todo = [c for c in candidates if c.key not in done]
         if len(candidates) > max_trials:
@@ -322,7 +322,7 @@ def local_search(
         def objective(trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name, timed: dict[str, float] = timed) -> tuple[float, float]:
             choice = _suggest_choice(trial, supernet)
             score = score_candidate(supernet, choice, data[name], latency_batch=latency_batch if cost == "latency" else None, latency=timed.get(choice.key))
-            trial.set_user_attr("candidate", score.choice.key)
+            trial.set_user_attr(BlockSearchAttr.CANDIDATE, score.choice.key)
             _set_costs(trial, score.macs, score.latency)
             return score.cost(cost), score.loss
 
@@ -392,7 +392,7 @@ def global_search(
             score_candidate(s, _suggest_choice(trial, s, f"{n}."), data[n], latency_batch=latency_batch if cost == "latency" else None)
             for n, s in supernets.items()
         ]
-        trial.set_user_attr("seconds", time.perf_counter() - start)
+        trial.set_user_attr(BlockSearchAttr.SECONDS, time.perf_counter() - start)
         _set_costs(trial, sum(s.macs for s in scores), sum(s.latency for s in scores))
         return sum(s.cost(cost) for s in scores), sum(s.loss for s in scores) / len(scores)
 
@@ -404,7 +404,7 @@ def global_search(
             for n, s in supernets.items()
         }
         macs, latency = _stored_costs(trial)
-        out.append(GlobalScore(choices, float(trial.values[1]), macs, trial.number, float(trial.user_attrs.get("seconds", 0.0)), latency))
+        out.append(GlobalScore(choices, float(trial.values[1]), macs, trial.number, float(trial.user_attrs.get(BlockSearchAttr.SECONDS, 0.0)), latency))
     return out
 
 

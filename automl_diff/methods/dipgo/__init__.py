@@ -1,13 +1,18 @@
-"""DiP-GO: timestep-aware pruning of UNet blocks with backup connections and a learned pruner.
+"""DiP-GO: timestep-aware pruning of UNet units with backup connections and a learned pruner.
 
-* :mod:`~automl_diff.methods.dipgo.schedule`: :class:`Schedule` (binary gates, trajectory MACs, JSON).
-* :mod:`~automl_diff.methods.dipgo.gates`: :func:`apply_schedule` / :class:`GateController` (hooks that skip work).
 * :mod:`~automl_diff.methods.dipgo.pruner`: :class:`PrunerNetwork` (queries -> MLP -> Gumbel gates).
+* :mod:`~automl_diff.methods.dipgo.weights`: :class:`UnitWeights`, what the sparsity loss counts.
 * :mod:`~automl_diff.methods.dipgo.optimise`: :func:`optimise_pruner` (consistency + sparsity losses).
 * :mod:`~automl_diff.methods.dipgo.method`: :class:`DiPGO`, the study method (Optuna tunes the threshold).
+
+The schedules it produces, and the hooks that execute them, are the shared gating layer
+(:mod:`automl_diff.gating`); their names are re-exported here, where they were first published.
 """
 
-from automl_diff.methods.dipgo.gates import GateController, apply_schedule
-from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, prunable_units, unit_costs
+from automl_diff.config.options import DiPGOOptions
+from automl_diff.gating import GateController, Schedule, apply_schedule, prunable_units, unit_costs
+from automl_diff.methods.dipgo.method import DiPGO
+from automl_diff.methods.dipgo.weights import UnitWeights
+from automl_diff.metrics.macs import UnitCosts
 
-__all__ = ["GateController", "Schedule", "UnitCosts", "apply_schedule", "prunable_units", "unit_costs"]
+__all__ = ["DiPGO", "DiPGOOptions", "GateController", "Schedule", "UnitCosts", "UnitWeights", "apply_schedule", "prunable_units", "unit_costs"]

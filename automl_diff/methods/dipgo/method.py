@@ -12,79 +12,30 @@ sampler, as in the paper; the runner measures FID, MACs and speedup against the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from automl_diff.config._reader import positive
+from automl_diff.config.options import DiPGOOptions
 from automl_diff.errors import UserError
-from automl_diff.methods.base import Candidate, Method, require_range
-from automl_diff.methods.dipgo.optimise import CONSISTENCY, OBJECTIVE_VERSION, optimise_pruner
-from automl_diff.methods.dipgo.schedule import Schedule, UnitCosts, UnitWeights, model_fingerprint, prunable_units, unit_costs
+from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
+from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner
+from automl_diff.methods.dipgo.weights import UnitWeights
+from automl_diff.metrics.macs import UnitCosts
 from automl_diff.models.loading import weights_digest
+from automl_diff.records import TrialAttr, stable_key
 
-__all__ = ["DiPGO", "DiPGOOptions"]
+__all__ = ["THRESHOLD", "DiPGO"]
+
+#: The Optuna parameter of a DiP-GO trial: the threshold that binarises the pruner's scores.
+THRESHOLD = TrialAttr.THRESHOLD
 
 logger = logging.getLogger("automl_diff")
-
-
-def _fraction(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be in (0, 1]"
-
-
-def _open_interval(value: float) -> str | None:
-    return None if 0 < value < 1 else "must be in (0, 1)"
-
-
-def _unit_interval(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
-@dataclass(frozen=True)
-class DiPGOOptions:
-    """``method_options`` of a DiP-GO study (the pruner trains for ``budgets.train_iterations``
-    steps of ``budgets.batch_size`` trajectories at ``budgets.lr``, over ``budgets.sampling_steps``).
-
-    Attributes:
-        granularity: ``block`` (down.i, mid, up.i) or ``layer`` (their resnets, attentions and
-            resamplers, as DeepCache caches them).
-        target_macs_ratio: trajectory MACs the pruner aims for, as a fraction of the full sampler's
-            (with ``unit_cost: latency``, the fraction of its measured time).
-        unit_cost: what the sparsity loss counts per unit: ``macs`` (the paper's choice), or
-            ``latency``, each unit's seconds measured on the study's device at
-            ``budgets.latency_batch_size`` (``budgets.latency_repeats`` passes, at least 3): the
-            pruner then prefers to skip what is slow on that device (memory-bound layers, narrow
-            convolutions, 1x1 shortcuts) over what merely has many MACs.
-        sparsity_weight: weight of the sparsity loss.
-        consistency: ``mse`` or ``ssim`` between gated and full samplers' final images.
-        tau: Gumbel-softmax temperature.
-        truncate: backpropagate through at most this many steps at a time (0: all).
-        warmup: fraction of the pruner's iterations over which its target falls from 1.
-        reference_images: fixed noise samples the pruner trains on (not the FID noise).
-        threshold_low, threshold_high: range of the threshold Optuna tunes (a gate computes
-            where the pruner's probability of computing is above it).
-        threshold_log: sample the threshold on a log scale. The optimised scores are nearly
-            binary; their small values (how sure the pruner is that a gate may be skipped) spread
-            over decades, so a log-scale threshold turns gates back on in order of doubt.
-    """
-
-    granularity: str = field(default="layer", metadata={"choices": ("block", "layer")})
-    target_macs_ratio: float = field(default=0.25, metadata={"check": _fraction})
-    unit_cost: str = field(default="macs", metadata={"choices": ("macs", "latency")})
-    sparsity_weight: float = field(default=1.0, metadata={"check": positive})
-    consistency: str = field(default="mse", metadata={"choices": tuple(CONSISTENCY)})
-    tau: float = field(default=1.0, metadata={"check": positive})
-    truncate: int = field(default=0, metadata={"check": lambda v: None if v >= 0 else "must be 0 or more"})
-    warmup: float = field(default=0.6, metadata={"check": _unit_interval})
-    reference_images: int = field(default=64, metadata={"check": positive})
-    threshold_low: float = field(default=1e-4, metadata={"check": _open_interval})
-    threshold_high: float = field(default=0.5, metadata={"check": _open_interval})
-    threshold_log: bool = True
 
 
 class DiPGO(Method):
@@ -92,12 +43,6 @@ class DiPGO(Method):
 
     name = "dipgo"
     options_type = DiPGOOptions
-
-    @classmethod
-    def options_from(cls, config: Any) -> DiPGOOptions:
-        options = super().options_from(config)
-        require_range(config, options, "threshold_low", "threshold_high")
-        return options
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -130,9 +75,9 @@ class DiPGO(Method):
             "weights": self._digest(),
             "model": model_fingerprint(self.teacher.unet),
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return stable_key(payload)
 
-    def prepare(self, workdir: Path | None = None, study: Any = None) -> None:
+    def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.costs = unit_costs(self.teacher.unet, self.units)
         cache = workdir / "dipgo_pruner.json" if workdir is not None else None
         key = self._cache_key()
@@ -172,14 +117,14 @@ class DiPGO(Method):
                 progress=self.progress,
             )
             self.scores = result.scores
-            self.summary = {**result.summary(), "pruner_unit_cost": o.unit_cost}
+            self.summary = {**result.summary(), TrialAttr.PRUNER_UNIT_COST: o.unit_cost}
             if o.unit_cost == "latency":
-                self.summary["pruner_unit_seconds"] = {name: round(v, 6) for name, v in weights.units.items()}
-                self.summary["pruner_forward_seconds"] = round(weights.total, 6)
+                self.summary[TrialAttr.PRUNER_UNIT_SECONDS] = {name: round(v, 6) for name, v in weights.units.items()}
+                self.summary[TrialAttr.PRUNER_FORWARD_SECONDS] = round(weights.total, 6)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n")
-        stacked = self.reference is not self.teacher
+        stacked = self.stacked
         if workdir is not None and (self.weights_dir is None or stacked):
             # a hub teacher, or another study's export that may be overwritten later: the trials'
             # schedules point at one local copy of exactly the weights they were scored on
@@ -209,7 +154,11 @@ class DiPGO(Method):
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         o = self.options
-        return {"threshold": trial.suggest_float("threshold", o.threshold_low, o.threshold_high, log=o.threshold_log)}
+        return {THRESHOLD: trial.suggest_float(THRESHOLD, o.threshold_low, o.threshold_high, log=o.threshold_log)}
+
+    def fingerprint(self, params: dict[str, Any]) -> str:
+        """Thresholds that give the same schedule make the same model."""
+        return self.schedule_for(params[THRESHOLD]).key()
 
     def schedule_for(self, threshold: float) -> Schedule:
         """The binary schedule the pruner's scores give at ``threshold``."""
@@ -226,16 +175,16 @@ class DiPGO(Method):
             },
         )
 
-    def run_trial(self, trial: Any) -> Candidate:
-        threshold = self.suggest(trial)["threshold"]
+    def run_trial(self, params: dict[str, Any], *, number: int = 0) -> Candidate:
+        threshold = params[THRESHOLD]
         schedule = self.schedule_for(threshold)
         unet = self.teacher.unet
         config = {"_class_name": type(unet).__name__, **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
         attrs = {
-            "threshold": threshold,
-            "computed_fraction": schedule.computed_fraction,
-            "granularity": self.options.granularity,
-            "target_macs_ratio": self.options.target_macs_ratio,
+            TrialAttr.THRESHOLD: threshold,
+            TrialAttr.COMPUTED_FRACTION: schedule.computed_fraction,
+            TrialAttr.GRANULARITY: self.options.granularity,
+            TrialAttr.TARGET_MACS_RATIO: self.options.target_macs_ratio,
             **self.summary,
         }
-        return Candidate(unet, config, attrs, schedule=schedule, weights=self.weights_dir, fingerprint=schedule.key())
+        return Candidate(unet, config, attrs, schedule=schedule, weights=self.weights_dir)

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from automl_diff.gating import GateController
 from automl_diff.methods.base import TrainingDiverged
-from automl_diff.methods.dipgo.gates import GateController
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
-from automl_diff.methods.dipgo.schedule import UnitCosts, UnitWeights
+from automl_diff.methods.dipgo.weights import UnitWeights
+from automl_diff.metrics.macs import UnitCosts
+from automl_diff.records import TrialAttr
 from automl_diff.sampling import denoise
 
 __all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
@@ -69,7 +71,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 2.0) -> torch.
     return value.mean()
 
 
-#: Consistency losses between the gated and the full sampler's final images.
+#: Consistency losses between the gated and the full sampler's final images (``CONSISTENCY_LOSSES`` of a config).
 CONSISTENCY = {
     "mse": lambda a, b: F.mse_loss(a, b),
     "ssim": lambda a, b: 1 - ssim(a, b),
@@ -104,9 +106,9 @@ class PrunerResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "pruner_seconds": round(self.seconds, 2),
-            "pruner_consistency": self.final_consistency,
-            "pruner_expected_ratio": self.final_ratio,
+            TrialAttr.PRUNER_SECONDS: round(self.seconds, 2),
+            TrialAttr.PRUNER_CONSISTENCY: self.final_consistency,
+            TrialAttr.PRUNER_EXPECTED_RATIO: self.final_ratio,
         }
 
 

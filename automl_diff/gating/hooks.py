@@ -1,37 +1,18 @@
-"""Executing a gate schedule on a diffusers UNet: computed units, and cached "backup connections".
+"""Executing a gate schedule on a diffusers UNet with removable hooks.
 
-:class:`GateController` attaches removable diffusers hooks (:class:`diffusers.hooks.ModelHook`):
-one on the UNet that tracks the sampling step, and one per prunable unit that either runs the unit
-and caches its output, or returns the cached output without running it. Skipped units cost no
-computation at all, so sampling is faster on the clock, not only in counted MACs.
+:class:`GateController` puts a diffusers hook (:class:`diffusers.hooks.ModelHook`) on the UNet,
+which tracks the step from the timestep it is called with (a timestep not below the last one
+starts a trajectory), and one on each unit, which either runs the unit and caches its output or
+returns the cache without running it; so a schedule's speed is measured on the clock, not only in
+MACs. Pipelines call the UNet once per step (classifier-free guidance batches both halves), so a
+schedule applies to them unchanged.
 
-The step is read from the timestep the UNet is called with: a timestep not below the previous
-one starts a new trajectory (step 0: compute everything, refresh every cache); each smaller one is
-the next step. Diffusers pipelines call the UNet once per step (classifier-free guidance batches
-the conditional and unconditional halves), so schedules apply to them unchanged::
-
-    from automl_diff.methods.dipgo import Schedule, apply_schedule
-
-    pipe = DDIMPipeline.from_pretrained("exports/dipgo/trial_3")
-    handle = apply_schedule(pipe, Schedule.load("exports/dipgo/trial_3/schedule.json"))
-    images = pipe(num_inference_steps=handle.schedule.steps).images
-    handle.remove()  # the plain pipeline again
-
-In an up block, each resnet's input is the concatenation of the block's running state with a
-skip connection. When the resnet reuses its cache, that concatenation is not computed either: a
-hook on the up block marks that skip tensor (a tensor subclass sharing its storage), whose
-concatenation yields a placeholder the resnet's gate never reads. diffusers' block code runs
-unchanged; where something transforms the skip tensor first (FreeU), the concatenation simply runs.
-
-The head (``conv_norm_out``, ``conv_act``, ``conv_out``) reads only the last unit's output; at a
-step where that unit reuses its cache, the head returns its own cached output, which is exactly
-what it would compute again (:func:`~automl_diff.methods.dipgo.schedule.head_input_unit`). Where
-the UNet returns that output as it is, a step at which no unit computes skips the whole call,
-time embedding and ``conv_in`` included, and returns the previous call's output
-(:func:`~automl_diff.methods.dipgo.schedule.idle_steps_free`).
-
-For DiP-GO's gradient optimisation the controller also has a *soft* mode: every unit runs, and its
-output is ``g * new + (1 - g) * cached`` with a differentiable gate ``g`` per step and unit.
+Where a resnet in an up block reuses its cache, the concatenation of its skip input is skipped too:
+the block's hook marks that skip tensor (a subclass sharing its storage) and its ``torch.cat``
+returns a placeholder the resnet's gate never reads, while diffusers' block code runs unchanged.
+The head reuses its output while the unit that feeds it does, and a step that computes no unit
+runs nothing where idle steps are free (:mod:`automl_diff.gating.units`). A *soft* mode, where
+every unit runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differentiate the gates.
 """
 
 from __future__ import annotations
@@ -45,7 +26,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from automl_diff.methods.dipgo.schedule import Schedule, head_input_unit, head_modules, idle_steps_free
+from automl_diff.gating.schedule import Schedule
+from automl_diff.gating.units import head_input_unit, head_modules, idle_steps_free
 from automl_diff.models.blocks import get_block
 
 __all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
@@ -237,7 +219,7 @@ class GateController:
         executed: how many times each unit really ran since the controller was attached.
         head_input: the unit whose output is the head's whole input (None: the head always runs).
         idle_free: a step that computes no unit skips the whole call (see
-            :func:`~automl_diff.methods.dipgo.schedule.idle_steps_free`).
+            :func:`~automl_diff.gating.units.idle_steps_free`).
     """
 
     def __init__(self, unet: nn.Module, units: Sequence[str], steps: int) -> None:

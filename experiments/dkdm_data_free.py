@@ -5,7 +5,7 @@ teacher's (or ``--params``), trains it twice from the same initialisation for th
 iterations (``source: teacher``, the DKDM pool; ``source: dataset``, the standard DDPM loss on the
 real images), and prints params, MACs, FID (same noise, same sample count) and wall time.
 
-    python bench/dkdm_data_free.py --iterations 2000 --fid-samples 1000
+    python experiments/dkdm_data_free.py --iterations 2000 --fid-samples 1000
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ import optuna
 import torch
 
 from automl_diff.config import load_search_space, load_study_config
-from automl_diff.methods.dkdm import DKDM
+from automl_diff.methods import DKDM
 from automl_diff.metrics import count_macs
-from automl_diff.metrics.evaluate import Evaluator
 from automl_diff.models import load_teacher, unet_from_config
+from automl_diff.runners.evaluate import Evaluator
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def half_macs_params(space, teacher_config: dict, teacher_macs: int) -> dict:
     """The space's architecture whose MACs are closest to half the teacher's."""
-    names, choices = zip(*space.parameters().items())
+    names, choices = zip(*space.parameters().items(), strict=True)
     best, best_gap = None, float("inf")
     for values in itertools.product(*choices):
-        params = dict(zip(names, values))
+        params = dict(zip(names, values, strict=True))
         macs = count_macs(unet_from_config(space.to_config(params, teacher_config))).macs
         gap = abs(macs / teacher_macs - 0.5)
         if gap < best_gap:
@@ -70,7 +70,10 @@ def main() -> None:
     teacher_cost = count_macs(teacher.unet)
     space = load_search_space(config.search_space)
     params = args.params or half_macs_params(space, dict(teacher.unet.config), teacher_cost.macs)
-    evaluator = Evaluator(config, scheduler_config=teacher.scheduler_config, teacher_dataset="digits", resolution=16, channels=1, device="cpu")
+    evaluator = Evaluator(
+        config, scheduler_config=teacher.scheduler_config, teacher_dataset=teacher.dataset, resolution=teacher.resolution,
+        channels=teacher.channels, device="cpu",
+    )
 
     rows = []
     start = time.perf_counter()
@@ -81,7 +84,7 @@ def main() -> None:
         method = DKDM(run_config, teacher, device="cpu")
         start = time.perf_counter()
         method.prepare()
-        candidate = method.run_trial(optuna.trial.FixedTrial(params, number=0))
+        candidate = method.run_trial(params, number=0)
         seconds = time.perf_counter() - start
         cost = count_macs(candidate.unet)
         fid = evaluator.fid(candidate.unet)

@@ -8,14 +8,13 @@ plain block and timed at ``--latency-batch``). For each tolerance, the student e
 MACs, params, summed block loss, and the latency of one UNet call at ``--latency-batch``, measured
 for every student and the teacher interleaved.
 
-    python bench/diffnas_block_cost.py --tolerances 0.01 0.02 0.045 0.1 0.3
+    python experiments/diffnas_block_cost.py --tolerances 0.01 0.02 0.045 0.1 0.3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from dataclasses import replace
@@ -24,13 +23,11 @@ from pathlib import Path
 import torch
 
 from automl_diff.bench.presets import PRESETS
-from automl_diff.bench.run import bench_study_config
-from automl_diff.methods.diffnas import DiffNAS, assemble_student
-from automl_diff.methods.dkdm import DKDM
-from automl_diff.methods.dkdm.method import TrainingInputs
+from automl_diff.bench.session import Bench
+from automl_diff.methods import DiffNAS
+from automl_diff.methods.diffnas import assemble_student
 from automl_diff.metrics.latency import time_interleaved
 from automl_diff.metrics.macs import count_macs, example_inputs
-from automl_diff.models import load_teacher
 
 
 def main() -> None:
@@ -41,32 +38,22 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    import diffusers
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     begin = time.perf_counter()
-    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}", flush=True)
-    preset = replace(PRESETS["digits"], latency_batch=args.latency_batch)
-    torch.manual_seed(preset.seed)
-    teacher = load_teacher(preset.teacher)
-    device = torch.device("cpu")
-    pool = {"source": "teacher", "pool_size": preset.pool_size, "pool_steps": preset.pool_steps}
-    dkdm_config = bench_study_config(preset, "dkdm", search_space=preset.dkdm_space, iterations=1, batch_size=preset.batch_size, lr=preset.lr, options=pool)
-    inputs = TrainingInputs(dkdm_config, teacher, DKDM.options_from(dkdm_config), device=device)
-    inputs.prepare()
+    # the teacher, the machine banner and the shared data-free pool, all on the CPU
+    bench = Bench(replace(PRESETS["digits"], latency_batch=args.latency_batch, device="cpu"), log=lambda line: print(line, flush=True))
+    preset, teacher = bench.preset, bench.teacher
+    inputs = bench.inputs
 
     searches = {}
     with tempfile.TemporaryDirectory() as workdir:  # the second search reuses the first one's supernets
         for cost in ("macs", "latency"):
-            config = bench_study_config(
-                preset, "diffnas", search_space=preset.diffnas_space, iterations=0, batch_size=preset.batch_size, lr=preset.lr,
-                options={**pool, "supernet_iterations": preset.supernet_iterations, "subnets_per_step": preset.subnets_per_step,
-                         "search_samples": preset.search_samples, "block_trials": 10_000, "tolerance_low": 1e-9, "tolerance_high": 1e9,
-                         "block_cost": cost},
+            config = bench.study_config(
+                "diffnas", search_space=preset.diffnas_space, iterations=0,
+                options={**bench.pool_options, "supernet_iterations": preset.supernet_iterations,
+                         "subnets_per_step": preset.subnets_per_step, "search_samples": preset.search_samples, "block_trials": 10_000,
+                         "tolerance_low": 1e-9, "tolerance_high": 1e9, "block_cost": cost},
             )
-            nas = DiffNAS(config, teacher, device=device)
-            nas.inputs = inputs
+            nas = DiffNAS(config, teacher, inputs=inputs, device=bench.device)
             start = time.perf_counter()
             nas.prepare(workdir=Path(workdir))
             print(f"block_cost {cost}: supernets and search {time.perf_counter() - start:.0f} s", flush=True)

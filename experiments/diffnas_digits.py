@@ -14,7 +14,7 @@ Rows, all with the same DDIM sampler, steps, seeds and digits-feature FID:
 Then local against global search: evaluations and wall time until each finds a student whose
 mean block loss is at most the local choice's at no more MACs.
 
-    python bench/diffnas_digits.py --retrain-iterations 1500 --fid-samples 1000
+    python experiments/diffnas_digits.py --retrain-iterations 1500 --fid-samples 1000
 """
 
 from __future__ import annotations
@@ -22,24 +22,31 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
+from dataclasses import replace
 from typing import Any
 
 import optuna
 import torch
 
 from automl_diff.bench.peers import torch_pruning_peer
+from automl_diff.bench.presets import PRESETS
+from automl_diff.bench.session import Bench, check_peer
 from automl_diff.config.search_space import load_search_space
-from automl_diff.methods.diffnas import JointLoss, JointWeight, assemble_student, build_supernets, choose_local, global_search, local_search, train_supernets
+from automl_diff.methods.diffnas import (
+    JointLoss,
+    JointWeight,
+    assemble_student,
+    build_supernets,
+    choose_local,
+    global_search,
+    local_search,
+    train_supernets,
+)
 from automl_diff.methods.diffnas.search import record_teacher_blocks
-from automl_diff.methods.dkdm.distill import PoolBatches
-from automl_diff.methods.dkdm.pool import NoisePool
 from automl_diff.methods.training import fit
-from automl_diff.metrics.fid import fid_from_images, get_extractor, reference_statistics
 from automl_diff.metrics.macs import count_macs
-from automl_diff.models import load_teacher
-from automl_diff.sampling import make_scheduler, predict_noise, sample_images
+from automl_diff.sampling import sample_images
 
 
 def main() -> None:
@@ -64,36 +71,24 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    import diffusers
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}", flush=True)
-    torch.manual_seed(args.seed)
-    teacher = load_teacher("digits")
-    unet, scheduler_config = teacher.unet, teacher.scheduler_config
-    extractor = get_extractor("digits")
-    reference = reference_statistics("digits", extractor, resolution=16, channels=1)
+    check_peer("torch_pruning")
+    # the digits teacher, its FID reference, the machine banner and the data-free pool, on the CPU
+    preset = replace(
+        PRESETS["digits"], steps=args.steps, fid_samples=args.fid_samples, seed=args.seed,
+        batch_size=args.batch_size, pool_size=args.pool_size, pool_steps=50, device="cpu",
+    )
+    bench = Bench(preset, log=lambda line: print(line, flush=True))
+    unet, scheduler_config = bench.teacher.unet, bench.teacher.scheduler_config
     teacher_cost = count_macs(unet)
 
     def fid(model: torch.nn.Module) -> float:
         images = sample_images(model, scheduler_config, num_images=args.fid_samples, steps=args.steps, batch_size=250, seed=args.seed)
-        return fid_from_images(images, reference, extractor)
+        return bench.fid(images)
 
-    # data-free inputs: the DKDM pool of the teacher's own generations
-    pool = NoisePool(
-        size=args.pool_size, sample_shape=(1, 16, 16), alphas_cumprod=make_scheduler(scheduler_config, "ddpm").alphas_cumprod,
-        num_steps=50, eta=1.0, generator=torch.Generator().manual_seed(args.seed),
-    )
-    start = time.perf_counter()
-    with torch.no_grad():
-        pool.warm_up(lambda x, t: predict_noise(unet, x, t).float(), batch_size=256)
-    snapshot = pool.state()
-    pool_seconds = time.perf_counter() - start
-
-    def batches(seed: int) -> PoolBatches:
-        pool.load_state(snapshot)
-        pool.generator = torch.Generator().manual_seed(seed)
-        return PoolBatches(unet, pool)
+    # data-free inputs: the DKDM pool of the teacher's own generations (every run starts from the same snapshot)
+    inputs = bench.inputs
+    pool_seconds = bench.pool_seconds
+    batches = inputs.batches
 
     space = load_search_space(args.space)
     space.validate_for(unet)

@@ -1,6 +1,6 @@
 """Quality of the shipped digits models: classifier accuracy, teacher FID, and the real-data floor.
 
-    python bench/digits_zoo.py [--samples 500 1000] [--steps 20 50]
+    python experiments/digits_zoo.py [--samples 500 1000] [--steps 20 50]
 
 FID depends on the sample count, so the floor (real digits drawn without replacement against the
 full dataset's statistics) is printed at the same counts as the teacher's.
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from dataclasses import replace
 
 import torch
 
+from automl_diff.bench.presets import PRESETS
+from automl_diff.bench.session import Bench
 from automl_diff.data import load_digits
-from automl_diff.metrics import count_macs, fid_from_images, get_extractor, reference_statistics
-from automl_diff.models import load_teacher
+from automl_diff.metrics import count_macs
 from automl_diff.sampling import sample_images
 from automl_diff.zoo.digits import DIGITS_DIR, load_classifier
 
@@ -34,10 +37,10 @@ def main() -> None:
     held_out = order[int(0.8 * len(images)) :]
     with torch.no_grad():
         accuracy = (load_classifier()(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
-    teacher = load_teacher("digits")
+    # the digits teacher and its FID reference (digits features); the machine banner goes to stderr
+    bench = Bench(replace(PRESETS["digits"], device="cpu"), log=lambda line: print(line, file=sys.stderr, flush=True))
+    teacher = bench.teacher
     cost = count_macs(teacher.unet)
-    extractor = get_extractor("digits")
-    reference = reference_statistics("digits", extractor, resolution=16, channels=1)
 
     print(f"classifier: held-out accuracy {accuracy:.4f} ({len(held_out)} images), trained in {training['classifier_seconds']:.0f} s")
     print(f"teacher: {cost.params / 1e6:.3f}M params, {cost.macs / 1e6:.1f}M MACs per call, "
@@ -45,12 +48,12 @@ def main() -> None:
     print("| images | real-digits floor | " + " | ".join(f"teacher, {s} DDIM steps" for s in args.steps) + " |")
     print("|---" * (2 + len(args.steps)) + "|")
     for n in args.samples:
-        floor = fid_from_images(images[torch.randperm(len(images), generator=generator)[: min(n, len(images))]], reference, extractor)
+        floor = bench.fid(images[torch.randperm(len(images), generator=generator)[: min(n, len(images))]])
         cells = []
         for steps in args.steps:
             start = time.perf_counter()
             fake = sample_images(teacher.unet, teacher.scheduler_config, num_images=n, steps=steps, seed=0)
-            cells.append(f"{fid_from_images(fake, reference, extractor):.2f} ({time.perf_counter() - start:.0f} s)")
+            cells.append(f"{bench.fid(fake):.2f} ({time.perf_counter() - start:.0f} s)")
         print(f"| {n} | {floor:.2f} | " + " | ".join(cells) + " |")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
+from automl_diff.gating import Schedule, apply_schedule, unit_costs
 from automl_diff.metrics.fid import FeatureExtractor, fid_from_images, get_extractor, reference_statistics
 from automl_diff.metrics.latency import measure_latency
 from automl_diff.metrics.macs import count_macs
@@ -90,7 +91,7 @@ class Evaluator:
             self._reference = reference_statistics(self.dataset, self.extractor, resolution=self.resolution, channels=self.channels)
         return self._reference
 
-    def fid(self, unet: nn.Module, *, schedule: Any = None, desc: str = "sampling") -> float:
+    def fid(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> float:
         """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given."""
         c = self.config
         with _gated(unet, schedule):
@@ -109,7 +110,7 @@ class Evaluator:
         self.last_samples = images[:16].clone()
         return fid_from_images(images, self.reference, self.extractor)
 
-    def evaluate(self, unet: nn.Module, *, schedule: Any = None, desc: str = "sampling") -> ModelMetrics:
+    def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
         b = self.config.budgets
         steps = b.sampling_steps
@@ -118,8 +119,6 @@ class Evaluator:
             macs, macs_no_attention, trajectory = cost.macs, cost.macs_no_attention, cost.macs * steps
             params = cost.params
         else:
-            from automl_diff.methods.dipgo.schedule import unit_costs
-
             if schedule.steps != steps:
                 raise UserError(f"{self.config.path}: budgets.sampling_steps: the schedule has {schedule.steps} steps (got {steps})")
             costs = unit_costs(unet, schedule.units)
@@ -140,10 +139,6 @@ class Evaluator:
         return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency)
 
 
-def _gated(unet: nn.Module, schedule: Any) -> Any:
+def _gated(unet: nn.Module, schedule: Schedule | None) -> Any:
     """A context in which ``unet`` samples under ``schedule`` (nothing to do for None)."""
-    if schedule is None:
-        return contextlib.nullcontext()
-    from automl_diff.methods.dipgo.gates import apply_schedule
-
-    return apply_schedule(unet, schedule)
+    return contextlib.nullcontext() if schedule is None else apply_schedule(unet, schedule)

@@ -5,15 +5,16 @@ a study of 1000 trials.
    trial counts, sampler, ``study.optimize`` with its heartbeat thread, admission, duplicate
    check) runs trials whose objective does every storage call a real trial makes and nothing
    else: the method's ``suggest`` on the quickstart search space, the user attributes a real
-   quickstart trial recorded (replayed from a reference study), the metrics through
-   ``StudySession._record``, the sample-grid artifact and its dashboard note, and the tell. Its
-   time per trial is compared with the wall time of the reference study's real trials.
+   quickstart trial recorded (replayed from a reference study), its fingerprint and the duplicate
+   check, the metrics through ``StudySession._record``, the sample-grid artifact and its dashboard
+   note, and the tell. Its time per trial is compared with the wall time of the reference study's
+   real trials.
 2. ``pareto``: 1000 such trials recorded in an SQLite study, then the ``pareto`` command timed
    end to end (a fresh process) and in-process (load the study, compute the front, format it).
 
 Usage::
 
-    python bench/storage_overhead.py --reference sqlite:///quickstart.db \\
+    python experiments/storage_overhead.py --reference sqlite:///quickstart.db \\
         [--postgres postgresql://user:pw@127.0.0.1:5432/bench] [--trials 50] [--pareto-trials 1000]
 """
 
@@ -25,9 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -36,11 +37,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from automl_diff.config import load_study_config  # noqa: E402
+from automl_diff.config import SamplerSettings, load_study_config  # noqa: E402
 from automl_diff.config.search_space import load_search_space  # noqa: E402
-from automl_diff.metrics.evaluate import ModelMetrics  # noqa: E402
+from automl_diff.records import METRICS, StudyAttr, TrialAttr, stable_key  # noqa: E402
 from automl_diff.runners import local, mask_url, open_storage  # noqa: E402
+from automl_diff.runners.evaluate import ModelMetrics  # noqa: E402
 from automl_diff.runners.trial import StudySession  # noqa: E402
+
+#: What a trial's replayed attributes leave out: the runner writes them itself (metrics, ratios to
+#: the teacher, the fingerprint before the duplicate check).
+WRITTEN_BY_RUNNER = frozenset({*METRICS, TrialAttr.SPEEDUP, TrialAttr.MACS_REDUCTION, TrialAttr.FINGERPRINT, TrialAttr.DUPLICATE_OF})
 
 
 def reference_trials(url: str) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
@@ -51,7 +57,7 @@ def reference_trials(url: str) -> tuple[list[float], dict[str, Any], dict[str, A
     study = optuna.load_study(study_name=name, storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-    return seconds, dict(done[0].user_attrs), dict(study.user_attrs.get("teacher_metrics", {}))
+    return seconds, dict(done[0].user_attrs), dict(study.user_attrs.get(StudyAttr.TEACHER_METRICS, {}))
 
 
 class BookkeepingSession:
@@ -60,11 +66,13 @@ class BookkeepingSession:
     def __init__(self, config: Any, attrs: dict[str, Any], teacher: dict[str, Any], workdir: Path, seed: int = 0) -> None:
         self.config = config
         self.space = load_search_space(config.search_space)
-        self.attrs = {k: v for k, v in attrs.items() if k not in ("macs", "macs_no_attention", "params", "fid", "latency", "speedup", "macs_reduction")}
+        self.attrs = {k: v for k, v in attrs.items() if k not in WRITTEN_BY_RUNNER}
         self.teacher = teacher
         self.workdir = workdir
         self.generator = torch.Generator().manual_seed(seed)
         self.images = torch.rand(16, 1, 16, 16, generator=self.generator) * 2 - 1
+        #: The study's storage, as the runner hands it to a real session (the sample notes name ids in it).
+        self.storage: optuna.storages.BaseStorage | None = None
 
     def record_teacher(self, study: optuna.Study) -> dict[str, Any]:
         return self.teacher
@@ -73,9 +81,12 @@ class BookkeepingSession:
         from automl_diff.runners.artifacts import attach_samples
 
         params = self.space.suggest(trial)
-        duplicate = StudySession._duplicate_of(self, trial.study, trial)
+        fingerprint = stable_key(params)  # a DKDM trial's fingerprint: its parameters
+        trial.set_user_attr(TrialAttr.FINGERPRINT, fingerprint)
+        duplicate = StudySession._duplicate_of(trial.study, trial, fingerprint)
         if duplicate is not None:
-            StudySession._prune_duplicate(trial, duplicate)
+            trial.set_user_attr(TrialAttr.DUPLICATE_OF, duplicate)
+            raise optuna.TrialPruned(f"same model as trial {duplicate}")
         for key, value in self.attrs.items():
             trial.set_user_attr(key, value)
         width = sum(v for k, v in params.items() if k.endswith("channels"))
@@ -89,17 +100,22 @@ class BookkeepingSession:
             latency=macs / 2e9,
         )
         StudySession._record(trial, metrics, self.teacher)
-        attach_samples(trial, self.images, folder=self.workdir / f"trial_{trial.number}", artifact_dir=self.workdir / "artifacts", metrics=metrics.to_dict())
+        attach_samples(
+            trial, self.images, folder=self.workdir / f"trial_{trial.number}", artifact_dir=self.workdir / "artifacts",
+            metrics=metrics.to_dict(), storage=self.storage,
+        )
         return metrics.macs, metrics.fid
 
 
 class StorageClock:
     """Wraps every public method of a storage and adds up the seconds spent in them (all threads:
-    the heartbeat thread's writes count too)."""
+    the heartbeat thread's writes count too). Several storages may be wrapped, one in front of the
+    other: a call counts once, where it enters the outermost wrapped storage."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.calls = 0
+        self._depth = threading.local()
 
     def wrap(self, storage: optuna.storages.BaseStorage) -> None:
         for name in dir(optuna.storages.BaseStorage):
@@ -109,12 +125,16 @@ class StorageClock:
 
     def _timed(self, method: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(self._depth, "value", 0)
+            self._depth.value = depth + 1
             start = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
-                self.calls += 1
+                self._depth.value = depth
+                if depth == 0:
+                    self.seconds += time.perf_counter() - start
+                    self.calls += 1
 
         return timed
 
@@ -127,8 +147,14 @@ def run_bookkeeping(config: Any, url: str, *, trials: int, attrs: dict[str, Any]
     clock = StorageClock()
 
     def start_study(config: Any, *, storage_url: str, study_name: str, progress: bool = False) -> Any:
-        study = local.open_study(config, storage_url=storage_url, study_name=study_name)
-        clock.wrap(study._storage)
+        study, storage = local.open_study(config, storage_url=storage_url, study_name=study_name)
+        # the study's calls go through the cache Optuna puts in front of an RDB storage: load the
+        # study on one we hold, and time both it and the storage the session writes to directly
+        cached = optuna.storages.get_storage(storage)
+        study = optuna.load_study(study_name=study_name, storage=cached, sampler=study.sampler)
+        clock.wrap(cached)
+        clock.wrap(storage)
+        session.storage = storage
         return session, study
 
     from automl_diff.runners import artifacts
@@ -190,14 +216,14 @@ def main() -> None:
                 f"whole runner loop (with sampler and gc) {r['wall'] * 1000:.0f} ms = {100 * r['wall'] / trial_time:.2f}%"
             )
 
-        random_config = config.with_overrides(sampler=SimpleNamespace(name="random", seed=0, options={}))
+        random_config = config.with_overrides(sampler=SamplerSettings("random", 0))
         url = f"sqlite:///{tmp_path / 'pareto.db'}"
         start = time.perf_counter()
         # the same trials, recorded in one optimize call (no per-trial garbage collection)
         session = BookkeepingSession(random_config, attrs, teacher, tmp_path / "pareto")
-        study = local.open_study(random_config, storage_url=url, study_name="bench")
+        study, session.storage = local.open_study(random_config, storage_url=url, study_name="bench")
         session.record_teacher(study)
-        study.set_user_attr("teacher_metrics", teacher)
+        study.set_user_attr(StudyAttr.TEACHER_METRICS, teacher)
         study.optimize(session.objective, n_trials=args.pareto_trials)
         print(f"recorded {args.pareto_trials} trials in {time.perf_counter() - start:.1f} s")
 

@@ -1,0 +1,218 @@
+"""The rows of the benchmark, one function each, over the public API.
+
+Each row builds its model (a :class:`~automl_diff.methods.base.Method` run with fixed parameters,
+a schedule applied with :func:`~automl_diff.gating.apply_schedule`, or a peer) and hands it to
+:meth:`Bench.measure <automl_diff.bench.run.Bench.measure>`. A row that builds on another (the
+Torch-Pruning peer at the DiffNAS student's MACs, DeepCache at DiP-GO's, the stacked schedules on
+the DiffNAS student) names it in :data:`ROWS`; :func:`plan` runs it first. Every row starts from
+the preset's seed, so a row measured alone gives what it gives in the full run.
+
+1. ``teacher``: the teacher itself.
+2. ``dkdm``: a DKDM student (data-free distillation into a fixed architecture of the search space).
+3. ``diffnas``: a DiffNAS student (supernets, local search, the smallest tolerance within
+   ``max_ratio`` of the teacher's MACs and params, each block its cheapest candidate within it in
+   MACs or measured seconds, retrained with the dynamic joint loss).
+4. ``torch_pruning``: the teacher pruned by Torch-Pruning (L2 magnitude, as Diff-Pruning) at the
+   ratio whose MACs are closest to the DiffNAS student's, fine-tuned with the same data-free
+   batches and budget.
+5. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several thresholds).
+6. ``deepcache``: DeepCache at the caching interval whose trajectory MACs are closest to DiP-GO's
+   first schedule at or below 1/4 of the teacher's (else its sparsest).
+7. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
+   yardstick is the original teacher, through the same ``DiPGO(original=...)`` code path as a
+   stacked study (the student stays in memory instead of being exported and loaded again).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from automl_diff.bench.peers import deepcache, torch_pruning_peer
+from automl_diff.bench.presets import BenchPreset
+from automl_diff.bench.session import Bench, Row, check_file, check_peer
+from automl_diff.errors import UserError
+from automl_diff.gating import apply_schedule
+from automl_diff.methods import DKDM, DiffNAS, DiPGO
+from automl_diff.methods.diffnas import assemble_student
+from automl_diff.methods.training import fit
+from automl_diff.metrics.macs import count_macs, executed_macs
+from automl_diff.models.loading import Teacher
+from automl_diff.sampling import sample_images
+
+__all__ = ["ROWS", "RowSpec", "plan"]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """A row of the benchmark: what it runs, the rows it builds on, what it needs installed."""
+
+    run: Callable[[Bench], Any]
+    needs: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+    def check(self, preset: BenchPreset) -> None:
+        """Fail before anything runs, with one line, on a missing peer package or preset file."""
+        for module in self.peers:
+            check_peer(module)
+        for what in self.files:
+            check_file(preset, what, getattr(preset, what))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def teacher_row(bench: Bench) -> None:
+    bench.measure("teacher", "teacher", bench.teacher.unet)
+
+
+def dkdm_row(bench: Bench) -> None:
+    p = bench.preset
+    config = bench.study_config("dkdm", search_space=p.dkdm_space, iterations=p.dkdm_iterations, options={**bench.pool_options, "ema_decay": p.ema_decay})
+    dkdm = DKDM(config, bench.teacher, inputs=bench.inputs, device=bench.device)
+    start = time.perf_counter()
+    candidate = dkdm.run_trial(dict(p.dkdm_params))
+    bench.measure("DKDM student", "method", candidate.unet, search_seconds=bench.pool_seconds + time.perf_counter() - start,
+                  notes=f"{p.dkdm_iterations} steps, {_json(p.dkdm_params)}")
+
+
+def _smallest_tolerance(nas: DiffNAS, max_ratio: float) -> tuple[float, dict[str, str]]:
+    """The smallest tolerance whose DiffNAS student has at most ``max_ratio`` of the teacher's MACs and params."""
+    teacher = count_macs(nas.teacher.unet)
+    tolerances = sorted({s.loss for scores in (nas.block_scores or {}).values() for s in scores})
+    for tolerance in tolerances:
+        choices, _ = nas.choose(tolerance)
+        candidate, _ = assemble_student(nas.teacher.unet, nas.supernets, choices)
+        cost = count_macs(candidate)
+        if cost.macs <= max_ratio * teacher.macs and cost.params <= max_ratio * teacher.params:
+            return max(tolerance * (1 + 1e-9), 1e-9), {n: c.key for n, c in choices.items()}
+    raise UserError(f"no DiffNAS student of the search space has at most {max_ratio} of the teacher's MACs and params")
+
+
+def diffnas_row(bench: Bench) -> None:
+    p = bench.preset
+    config = bench.study_config(
+        "diffnas", search_space=p.diffnas_space, iterations=p.retrain_iterations,
+        options={**bench.pool_options, "supernet_iterations": p.supernet_iterations, "subnets_per_step": p.subnets_per_step,
+                 "search_samples": p.search_samples, "retrain_iterations": [p.retrain_iterations], "ema_decay": p.ema_decay,
+                 "block_trials": 10_000, "tolerance_low": 1e-9, "tolerance_high": 1e9, "block_cost": p.diffnas_block_cost},
+    )
+    nas = DiffNAS(config, bench.teacher, inputs=bench.inputs, device=bench.device)
+    start = time.perf_counter()
+    nas.prepare()
+    tolerance, choice = _smallest_tolerance(nas, p.max_ratio)
+    searched = time.perf_counter() - start
+    student = nas.run_trial({"tolerance": tolerance}).unet
+    seconds = bench.pool_seconds + time.perf_counter() - start
+    how = f", per block the fastest candidate within it (timed at batch {p.latency_batch})" if p.diffnas_block_cost == "latency" else ""
+    bench.measure("DiffNAS student", "method", student, search_seconds=seconds,
+                  notes=f"tolerance {tolerance:.3g}{how}, supernets + search {searched:.0f} s, retrained {p.retrain_iterations} steps; {_json(choice)}")
+    bench.results["diffnas"] = (student, seconds)
+    bench.details.update(tolerance=tolerance, block_choices=choice)
+
+
+def torch_pruning_row(bench: Bench) -> None:
+    p = bench.preset
+    student, _ = bench.results["diffnas"]
+    start = time.perf_counter()
+    pruned, ratio = torch_pruning_peer(bench.teacher.unet, count_macs(student).macs, p.prune_ratios, log=bench.log)
+    tuned = fit(pruned.requires_grad_(True), bench.inputs.batches(p.seed + 2), iterations=p.retrain_iterations, batch_size=p.batch_size,
+                lr=p.lr, ema_decay=p.ema_decay).model.requires_grad_(False)
+    bench.measure("Torch-Pruning peer", "peer", tuned, search_seconds=bench.pool_seconds + time.perf_counter() - start,
+                  notes=f"L2 magnitude, ratio {ratio}, fine-tuned {p.retrain_iterations} steps")
+    bench.details["prune_ratio"] = ratio
+
+
+def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind: str) -> list[Row]:
+    """One row per distinct schedule the method's pruner gives at the preset's thresholds."""
+    o = method.options
+    unit = "MACs" if o.unit_cost == "macs" else "time (units weighed by measured seconds)"
+    pruner = f"pruner ({method.config.budgets.train_iterations} iterations) target {o.target_macs_ratio:g} of the trajectory {unit}"
+    rows, seen = [], set()
+    for threshold in bench.preset.dipgo_thresholds:
+        schedule = method.schedule_for(threshold)
+        if schedule.key() in seen:
+            continue
+        seen.add(schedule.key())
+        rows.append(bench.measure(
+            f"{label}, threshold {threshold:g}", kind, method.teacher.unet, context=lambda m, s=schedule: apply_schedule(m, s), search_seconds=seconds,
+            notes=f"{len(schedule.units)} units x {bench.steps} steps, {schedule.computed_fraction:.3f} of the units computed; {pruner}",
+        ))
+    return rows
+
+
+def _dipgo(bench: Bench, start_model: Teacher, options: dict[str, Any], iterations: int) -> tuple[DiPGO, float]:
+    p = bench.preset
+    config = bench.study_config("dipgo", iterations=iterations, batch_size=p.dipgo_batch, lr=p.dipgo_lr, options=options)
+    method = DiPGO(config, start_model, original=bench.teacher, device=bench.device)
+    start = time.perf_counter()
+    method.prepare()
+    return method, time.perf_counter() - start
+
+
+def dipgo_row(bench: Bench) -> None:
+    method, seconds = _dipgo(bench, bench.teacher, bench.preset.dipgo, bench.preset.dipgo_iterations)
+    bench.results["dipgo"] = _schedule_rows(bench, method, seconds, "DiP-GO", "method")
+
+
+def deepcache_row(bench: Bench) -> None:
+    unet, config, steps = bench.teacher.unet, bench.scheduler_config, bench.steps
+    dipgo_rows: list[Row] = bench.results["dipgo"]
+    teacher_macs = next(r.trajectory_macs for r in bench.rows if r.kind == "teacher")
+    target = next((r for r in sorted(dipgo_rows, key=lambda r: -r.trajectory_macs) if r.trajectory_macs <= teacher_macs / 4), None)
+    target = target or min(dipgo_rows, key=lambda r: r.trajectory_macs)
+    levels = {}
+    for interval in bench.preset.deepcache_intervals:
+        with deepcache(unet, config, steps, interval)():
+            levels[interval] = executed_macs(lambda: sample_images(unet, config, num_images=1, steps=steps, batch_size=1))
+    interval = min(levels, key=lambda i: abs(levels[i] - target.trajectory_macs))
+    bench.measure("DeepCache peer", "peer", unet, context=lambda m: deepcache(m, config, steps, interval)(),
+                  notes=f"interval {interval}, branch 0, matched to '{target.name}'")
+    bench.details["deepcache_levels"] = levels
+
+
+def stacked_row(bench: Bench) -> None:
+    p = bench.preset
+    student, student_seconds = bench.results["diffnas"]
+    start_model = Teacher(student, bench.scheduler_config, "DiffNAS student", dataset=bench.teacher.dataset)
+    method, seconds = _dipgo(bench, start_model, {**p.dipgo, **p.stacked_dipgo}, p.stacked_dipgo_iterations or p.dipgo_iterations)
+    _schedule_rows(bench, method, student_seconds + seconds, "DiffNAS + DiP-GO", "stacked")
+
+
+#: Every row, in the order a full run measures them.
+ROWS: dict[str, RowSpec] = {
+    "teacher": RowSpec(teacher_row),
+    "dkdm": RowSpec(dkdm_row, files=("dkdm_space",)),
+    "diffnas": RowSpec(diffnas_row, files=("diffnas_space",)),
+    "torch_pruning": RowSpec(torch_pruning_row, needs=("diffnas",), peers=("torch_pruning",)),
+    "dipgo": RowSpec(dipgo_row),
+    "deepcache": RowSpec(deepcache_row, needs=("dipgo",), peers=("DeepCache",)),
+    "stacked": RowSpec(stacked_row, needs=("diffnas",)),
+}
+
+
+def plan(names: Sequence[str] | None) -> list[str]:
+    """The rows to run for ``names`` (None: all): the teacher, the rows asked for and the rows
+    they build on, in :data:`ROWS` order.
+
+    Raises:
+        UserError: a name is not a row.
+    """
+    if names is None:
+        return list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise UserError(f"--rows: unknown row '{unknown[0]}'; rows: {', '.join(ROWS)}")
+    wanted = {"teacher"}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += ROWS[name].needs
+    return [name for name in ROWS if name in wanted]

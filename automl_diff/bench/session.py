@@ -1,0 +1,309 @@
+"""What the rows of one benchmark run share, and how each row is measured.
+
+A :class:`Bench` holds what every row shares: the preset, the teacher, the FID reference, the
+data-free pool (filled on first use) and the rows measured so far. A row
+(:mod:`automl_diff.bench.rows`) builds its model through the public API (a
+:class:`~automl_diff.methods.base.Method`, a schedule, a peer) and hands it to :meth:`Bench.measure`,
+which counts the MACs one image's trajectory executes (torch's ``FlopCounterMode``, so cached or
+skipped work costs nothing) and its FID on the same noise as every other row. Latencies are
+measured at the end, all rows in lockstep (:func:`~automl_diff.metrics.latency.sampler_latencies`),
+each on its own copy of its model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from automl_diff.bench.presets import BenchPreset
+from automl_diff.config.study import Budgets, FidSettings, Objective, SamplerSettings, SamplingSettings, StudyConfig, resolve_device
+from automl_diff.errors import UserError
+from automl_diff.methods import DKDM
+from automl_diff.methods.training import TrainingInputs
+from automl_diff.metrics.fid import fid_from_images
+from automl_diff.metrics.latency import sampler_latencies
+from automl_diff.metrics.macs import executed_macs
+from automl_diff.models.loading import Teacher, load_teacher
+from automl_diff.runners.evaluate import Evaluator
+from automl_diff.sampling import sample_images
+
+__all__ = ["PEERS", "Bench", "BenchResult", "Row", "bench_study_config", "check_file", "check_peer", "machine_info"]
+
+logger = logging.getLogger("automl_diff.bench")
+
+#: The peers' packages: import name -> distribution name (the ``bench`` extra).
+PEERS = {"torch_pruning": "torch-pruning", "DeepCache": "DeepCache"}
+
+
+@dataclass
+class Row:
+    """One model of the benchmark.
+
+    Attributes:
+        name: what it is.
+        kind: ``teacher``, ``method``, ``peer`` or ``stacked``.
+        params: parameters of the network that runs.
+        trajectory_macs: MACs one image's ``steps``-step trajectory executes.
+        macs_per_step: ``trajectory_macs / steps``.
+        fid: FID (same noise, features and reference for every row).
+        latency: seconds per image (median of batches timed in lockstep with every other row).
+        search_seconds: wall time of everything that made the model (pool warm-up, supernets,
+            searches, training, pruner optimisation); 0 for the teacher and DeepCache.
+        notes: what was chosen (architecture, threshold, interval, ...).
+    """
+
+    name: str
+    kind: str
+    params: int
+    trajectory_macs: int
+    macs_per_step: float
+    fid: float
+    search_seconds: float
+    latency: float = float("nan")
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult:
+    """All rows, the teacher first, and where they were measured."""
+
+    preset: BenchPreset
+    rows: list[Row]
+    machine: dict[str, str]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def teacher(self) -> Row:
+        return self.rows[0]
+
+    def macs_reduction(self, row: Row) -> float:
+        return self.teacher.trajectory_macs / row.trajectory_macs
+
+    def speedup(self, row: Row) -> float:
+        return self.teacher.latency / row.latency
+
+    def fid_ratio(self, row: Row) -> float:
+        return row.fid / self.teacher.fid
+
+    def stacked_goal(self) -> tuple[Row | None, bool]:
+        """The stacked row that meets the goal with the most MACs reduction (else the stacked row
+        with the lowest FID), and whether it meets the goal."""
+        reduction, fid_ratio, efficiency = self.preset.goal
+        stacked = [r for r in self.rows if r.kind == "stacked"]
+        meets = [
+            r for r in stacked
+            if self.macs_reduction(r) >= reduction and self.fid_ratio(r) <= fid_ratio and self.speedup(r) >= efficiency * self.macs_reduction(r)
+        ]
+        if meets:
+            return max(meets, key=self.macs_reduction), True
+        return (min(stacked, key=lambda r: r.fid) if stacked else None), False
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    """The machine and the versions a run measured on."""
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    import diffusers
+    import optuna
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    info = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {cpus} CPUs",
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "optuna": optuna.__version__,
+    }
+    for module, distribution in PEERS.items():
+        try:
+            info[module] = version(distribution)
+        except PackageNotFoundError:  # a missing peer package is reported by the rows that need it
+            info[module] = "-"
+    return info
+
+
+def bench_study_config(
+    preset: BenchPreset, method: str, *, search_space: str | None, iterations: int, batch_size: int, lr: float, options: dict[str, Any]
+) -> StudyConfig:
+    """The in-memory study config a method of the benchmark runs with."""
+    return StudyConfig(
+        path=f"bench preset {preset.name}",
+        name=f"bench-{preset.name}-{method}",
+        method=method,
+        teacher=preset.teacher,
+        search_space=search_space,
+        objectives=(Objective("trajectory_macs"), Objective("fid")),
+        sampler=SamplerSettings("random", preset.seed),
+        n_trials=1,
+        budgets=Budgets(
+            train_iterations=iterations, batch_size=batch_size, lr=lr, fid_samples=preset.fid_samples,
+            sampling_steps=preset.steps, latency_repeats=preset.latency_repeats, latency_batch_size=preset.latency_batch,
+        ),
+        sampling=SamplingSettings("ddim", 0.0),
+        fid=FidSettings(preset.fid_dataset, preset.fid_features, preset.fid_batch),
+        storage="sqlite:///:memory:",
+        output_dir="runs",
+        device=preset.device,
+        seed=preset.seed,
+        method_options=dict(options),
+    )
+
+
+class Bench:
+    """What the rows of one run share, and the rows measured so far.
+
+    Args:
+        preset: the budgets and the teacher.
+        log: where progress lines go.
+
+    Raises:
+        UserError: the teacher cannot be loaded or the device is not available.
+    """
+
+    def __init__(self, preset: BenchPreset, *, log: Callable[[str], None] = print) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.preset = preset
+        self.log = log
+        self.begin = time.perf_counter()
+        self.device = torch.device(resolve_device(preset.device, source=f"bench preset {preset.name}"))
+        torch.manual_seed(preset.seed)
+        try:
+            self.teacher: Teacher = load_teacher(preset.teacher, device=self.device)
+        except UserError as exc:
+            raise UserError(f"preset {preset.name}: teacher: {exc}") from None
+        self.machine = machine_info(self.device)
+        self.rows: list[Row] = []
+        #: What a row leaves for the rows that build on it (the DiffNAS student, DiP-GO's rows, ...).
+        self.results: dict[str, Any] = {}
+        #: Facts for the JSON output (tolerance, block choices, prune ratio, DeepCache levels, ...).
+        self.details: dict[str, Any] = {}
+        self._timed: dict[str, nn.Module] = {}
+        self._contexts: dict[str, Callable[[nn.Module], Any]] = {}
+        self._inputs: TrainingInputs | None = None
+        base = self.study_config("dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, options={})
+        t = self.teacher
+        self.evaluator = Evaluator(base, scheduler_config=t.scheduler_config, teacher_dataset=t.dataset, resolution=t.resolution, channels=t.channels, device=self.device)
+        self.log(f"# {preset.name}: {self.banner}")
+
+    @property
+    def banner(self) -> str:
+        """The machine and versions, in one line."""
+        m = self.machine
+        return f"{m['machine']}, device {m['device']}, torch {m['torch']}, diffusers {m['diffusers']}"
+
+    @property
+    def steps(self) -> int:
+        return self.preset.steps
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.teacher.scheduler_config
+
+    def study_config(
+        self, method: str, *, search_space: str | None = None, iterations: int, batch_size: int | None = None, lr: float | None = None,
+        options: dict[str, Any],
+    ) -> StudyConfig:
+        """The in-memory study config a method runs with (:func:`bench_study_config`)."""
+        p = self.preset
+        return bench_study_config(p, method, search_space=search_space, iterations=iterations, batch_size=batch_size or p.batch_size,
+                                  lr=lr or p.lr, options=options)
+
+    @property
+    def pool_options(self) -> dict[str, Any]:
+        """The data-free pool every training row draws from."""
+        return {"source": "teacher", "pool_size": self.preset.pool_size, "pool_steps": self.preset.pool_steps}
+
+    @property
+    def inputs(self) -> TrainingInputs:
+        """One data-free pool of the teacher's generations for DKDM, DiffNAS and the fine-tunes,
+        filled on first use; its warm-up time is ``details["pool_seconds"]``."""
+        if self._inputs is None:
+            config = self.study_config("dkdm", search_space=self.preset.dkdm_space, iterations=1, options=self.pool_options)
+            start = time.perf_counter()
+            self._inputs = TrainingInputs(config, self.teacher, DKDM.options_from(config), device=self.device)
+            self._inputs.prepare()
+            self.details["pool_seconds"] = time.perf_counter() - start
+            self.log(f"pool of {self.preset.pool_size} teacher generations: {self.details['pool_seconds']:.0f} s")
+        return self._inputs
+
+    @property
+    def pool_seconds(self) -> float:
+        """The pool's warm-up time, counted in the search cost of every row that trains from it."""
+        return self.details["pool_seconds"] if self._inputs is not None else 0.0
+
+    def measure(
+        self,
+        name: str,
+        kind: str,
+        model: nn.Module,
+        *,
+        context: Callable[[nn.Module], Any] = contextlib.nullcontext,
+        search_seconds: float = 0.0,
+        notes: str = "",
+    ) -> Row:
+        """Trajectory MACs and FID of ``model`` under ``context(model)``; the row is timed at the
+        end, on a copy of the model as it is now, under the same context."""
+        p = self.preset
+        start = time.perf_counter()
+        model.eval()
+        with context(model):
+            trajectory = executed_macs(lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1))
+            images = sample_images(model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=p.seed)
+        fid = self.fid(images)
+        params = sum(q.numel() for q in model.parameters())
+        row = Row(name, kind, params, trajectory, trajectory / self.steps, fid, round(search_seconds, 1), notes=notes)
+        self.rows.append(row)
+        self._timed[name] = copy.deepcopy(model)
+        self._contexts[name] = context
+        self.log(f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s")
+        return row
+
+    def fid(self, images: torch.Tensor) -> float:
+        """FID of ``images`` (in [-1, 1]) against the preset's reference (lower is better)."""
+        return fid_from_images(images, self.evaluator.reference, self.evaluator.extractor)
+
+    def time_rows(self) -> None:
+        """Every row's latency per image, all rows in lockstep (step by step, each on its own copy)."""
+        p = self.preset
+        self.log(f"timing {len(self._timed)} rows in lockstep: {p.latency_repeats} batches of {p.latency_batch} each")
+        seconds = sampler_latencies(
+            self._timed, self.scheduler_config, contexts=self._contexts, steps=self.steps, batch_size=p.latency_batch,
+            repeats=p.latency_repeats, warmup=p.latency_warmup,
+        )
+        for row in self.rows:
+            row.latency = seconds[row.name]
+
+    def result(self) -> BenchResult:
+        return BenchResult(self.preset, self.rows, self.machine, time.perf_counter() - self.begin, self.details)
+
+
+def check_file(preset: BenchPreset, what: str, path: str) -> None:
+    """A file a preset names must exist (one line naming the preset, the field and the path)."""
+    if not Path(path).is_file():
+        raise UserError(f"preset {preset.name}: {what}: the file {path} does not exist (run the benchmark from a checkout)")
+
+
+def check_peer(module: str) -> None:
+    """A peer's package must be installed (one line naming what to install)."""
+    try:
+        __import__(module)
+    except ImportError:
+        raise UserError(f"the benchmark's peers need the {PEERS[module]} package: pip install -e '.[bench]'") from None

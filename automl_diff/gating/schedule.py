@@ -1,0 +1,163 @@
+"""Gate schedules: which prunable unit computes at which sampling step.
+
+For ``steps`` sampling steps and the prunable ``units`` of a UNet
+(:func:`~automl_diff.gating.units.prunable_units`), ``gates[i][u]`` says whether unit ``u``
+computes at step ``i`` or reuses its output from the last step that computed it; step 0 computes
+every unit. DiP-GO learns schedules; a DeepCache-style uniform schedule is just another one. A
+schedule knows the model it was made for, so applying it to another architecture is an error.
+
+On disk (``schedule.json``) the gates are one string of ``1``/``0`` per step, in unit order::
+
+    {"format": "automl_diff.schedule/1", "steps": 20, "units": ["down.0", ...],
+     "gates": ["1111111", "0100110", ...], "model": {...}, "info": {"threshold": 0.4}}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from automl_diff.errors import UserError
+from automl_diff.gating.units import model_fingerprint, prunable_units
+from automl_diff.metrics.macs import UnitCosts, trajectory_macs
+from automl_diff.models.blocks import name_to_module_path
+from automl_diff.records import stable_key
+
+__all__ = ["FORMAT", "Schedule"]
+
+FORMAT = "automl_diff.schedule/1"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A binary gate schedule for ``steps`` sampling steps over ``units``.
+
+    Attributes:
+        steps: sampling steps the schedule is for.
+        units: prunable unit names, in execution order.
+        gates: ``gates[i][u]``: unit ``u`` computes at step ``i`` (row 0 is all True).
+        model: :func:`model_fingerprint` of the model it was made for.
+        info: provenance (threshold, target ratio, ...), JSON-safe.
+    """
+
+    steps: int
+    units: tuple[str, ...]
+    gates: tuple[tuple[bool, ...], ...]
+    model: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.gates) != self.steps or any(len(row) != len(self.units) for row in self.gates):
+            raise ValueError(f"gates must be {self.steps} rows of {len(self.units)} values")
+        if self.steps and not all(self.gates[0]):
+            raise ValueError("step 0 must compute every unit (nothing is cached yet)")
+
+    # construction -------------------------------------------------------------------------------
+    @classmethod
+    def full(cls, unet: nn.Module, steps: int, granularity: str = "block") -> Schedule:
+        """Every unit at every step: the plain sampler."""
+        units = tuple(prunable_units(unet, granularity))
+        return cls(steps, units, tuple(tuple(True for _ in units) for _ in range(steps)), model_fingerprint(unet))
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: np.ndarray | Sequence[Sequence[float]],
+        threshold: float,
+        *,
+        units: Sequence[str],
+        model: dict[str, Any],
+        info: dict[str, Any] | None = None,
+    ) -> Schedule:
+        """Binarise gate scores (probability of computing): a unit computes where its score is
+        above ``threshold``; step 0 always computes. A higher threshold never keeps more units."""
+        scores = np.asarray(scores, dtype=np.float64)
+        keep = scores > threshold
+        keep[0, :] = True
+        gates = tuple(tuple(bool(v) for v in row) for row in keep)
+        return cls(int(scores.shape[0]), tuple(units), gates, dict(model), {"threshold": float(threshold), **(info or {})})
+
+    # costs ----------------------------------------------------------------------------------------
+    @property
+    def computed_fraction(self) -> float:
+        """Fraction of (step, unit) gates that compute."""
+        total = self.steps * len(self.units)
+        return sum(map(sum, self.gates)) / total if total else 1.0
+
+    def trajectory_macs(self, costs: UnitCosts, *, attention: bool = True) -> int:
+        """MACs of one image's whole sampling trajectory under this schedule
+        (:func:`~automl_diff.metrics.macs.trajectory_macs`)."""
+        return trajectory_macs(self.gates, self.units, costs, attention=attention)
+
+    def key(self) -> str:
+        """A short hash of units and gates: equal schedules have equal keys."""
+        return stable_key([list(self.units), self._rows()])
+
+    # validation -----------------------------------------------------------------------------------
+    def check_model(self, unet: nn.Module, *, source: str = "schedule") -> None:
+        """Raise a one-line :class:`UserError` if this schedule was made for another model."""
+        mine = model_fingerprint(unet)
+        if self.model and self.model != mine:
+            diff = [k for k in mine if self.model.get(k) != mine[k]]
+            key = diff[0] if diff else "class"
+            raise UserError(
+                f"{source}: made for another model ({key} {self.model.get(key)!r}; this model has {mine.get(key)!r})"
+            )
+        modules = dict(unet.named_modules())
+        for name in self.units:
+            if name_to_module_path(name) not in modules:
+                raise UserError(f"{source}: units: unknown unit '{name}' for this {type(unet).__name__}")
+
+    # (de)serialisation ----------------------------------------------------------------------------
+    def _rows(self) -> list[str]:
+        return ["".join("1" if g else "0" for g in row) for row in self.gates]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "steps": self.steps, "units": list(self.units), "gates": self._rows(), "model": self.model, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "schedule") -> Schedule:
+        """Validate a schedule's JSON object; errors name ``source`` and the key."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f"{source}: not an automl_diff schedule (format must be {FORMAT!r})")
+        steps, units, rows = data.get("steps"), data.get("units"), data.get("gates")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise UserError(f"{source}: steps: expected a positive integer (got {steps!r})")
+        if not isinstance(units, list) or not units or not all(isinstance(u, str) for u in units):
+            raise UserError(f"{source}: units: expected a non-empty list of unit names (got {units!r})")
+        if not isinstance(rows, list) or len(rows) != steps:
+            raise UserError(f"{source}: gates: expected {steps} rows, one per step (got {len(rows) if isinstance(rows, list) else rows!r})")
+        for i, row in enumerate(rows):
+            if not isinstance(row, str) or len(row) != len(units) or set(row) - {"0", "1"}:
+                raise UserError(f"{source}: gates[{i}]: expected a string of {len(units)} 0/1 characters (got {row!r})")
+        if set(rows[0]) != {"1"}:
+            raise UserError(f"{source}: gates[0]: step 0 must compute every unit (got {rows[0]!r})")
+        model, info = data.get("model", {}), data.get("info", {})
+        if not isinstance(model, dict) or not isinstance(info, dict):
+            raise UserError(f"{source}: model and info must be objects")
+        gates = tuple(tuple(c == "1" for c in row) for row in rows)
+        return cls(steps, tuple(units), gates, model, info)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        """Read ``schedule.json``; a missing or malformed file is a one-line :class:`UserError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"schedule file '{path}' does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,81 @@
+"""What DiP-GO's sparsity loss counts per unit: MACs (the paper's choice) or measured seconds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from automl_diff.gating import GateController, Head, Schedule
+from automl_diff.metrics.latency import synchronize, unit_latencies
+from automl_diff.metrics.macs import UnitCosts, example_inputs
+
+__all__ = ["UnitWeights", "skipped_pass_seconds"]
+
+
+@dataclass(frozen=True)
+class UnitWeights:
+    """What DiP-GO's sparsity loss counts for one forward pass: the whole model and each unit, in
+    MACs (``kind="macs"``, the paper's choice) or in measured seconds (``kind="latency"``, where
+    time on the target device does not follow MACs: memory-bound layers, narrow convolutions).
+    ``idle_free``: a step that computes no unit costs nothing, not even ``always``."""
+
+    kind: str
+    total: float
+    units: Mapping[str, float]
+    idle_free: bool = False
+
+    @property
+    def always(self) -> float:
+        """What every step that computes some unit pays beyond its units."""
+        return self.total - sum(self.units.values())
+
+    @classmethod
+    def of(cls, costs: UnitCosts | UnitWeights) -> UnitWeights:
+        """MAC weights from :class:`UnitCosts`; weights are returned as they are."""
+        if isinstance(costs, UnitWeights):
+            return costs
+        return cls("macs", float(costs.total.macs), {name: float(cost.macs) for name, cost in costs.units.items()}, costs.idle_free)
+
+    @classmethod
+    def measured(cls, unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3, idle_free: bool = False) -> UnitWeights:
+        """Latency weights measured on ``unet``'s device at ``batch_size``: each unit's seconds
+        inside whole forward passes (:func:`~automl_diff.metrics.latency.unit_latencies`; the
+        head's counted in the unit that feeds it), and as the time no unit's gate removes, a pass
+        in which every unit reuses its cache but the call still runs (embeddings, ``conv_in``, the
+        gates themselves), as it does at every step that computes some unit.
+        ``total`` is that fixed time plus the units', so a schedule's expected time is what its
+        steps really cost, not a pass timed with a hook around every unit."""
+        units = tuple(units)
+        head = Head.of(unet, units)
+        _, seconds = unit_latencies(unet, [*units, *head.layers], batch_size=batch_size, repeats=repeats)
+        seconds = head.fold(seconds, lambda a, b: a + b)
+        total = skipped_pass_seconds(unet, units, batch_size=batch_size, repeats=repeats) + sum(seconds.values())
+        return cls("latency", total, seconds, idle_free)
+
+
+@torch.no_grad()
+def skipped_pass_seconds(unet: nn.Module, units: Sequence[str], *, batch_size: int, repeats: int = 3) -> float:
+    """Median seconds of a forward pass at ``batch_size`` in which every unit returns its cached
+    output but the call still runs: what a sampling step costs beyond the units it computes (a
+    step that computes none is skipped whole where :func:`idle_steps_free`; not this pass). Each
+    timed pass follows an untimed one that computes every unit and fills the caches; of
+    ``repeats + 1`` such rounds the first is a warm-up."""
+    units = tuple(units)
+    sample, timestep, *context = example_inputs(unet, batch_size=batch_size)
+    schedule = Schedule(2, units, (tuple(True for _ in units), tuple(False for _ in units)))
+    times = []
+    with GateController(unet, units, 2).use(schedule) as controller:
+        controller.idle_free = False  # time the call itself, not its skipping
+        for _ in range(max(1, repeats) + 1):
+            unet(sample, timestep, *context)  # step 0: computes every unit, fills the caches
+            synchronize(unet)
+            start = time.perf_counter()
+            unet(sample, timestep - 1, *context)  # step 1: every unit reuses its cache
+            synchronize(unet)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])

@@ -1,0 +1,197 @@
+"""What automl_diff keeps in a study: attribute names, the evaluation record, and the folders.
+
+Every study and trial user attribute automl_diff writes or reads is named here, once, so that the
+runners, the methods, analysis, export and the dashboard notes agree on them, and a study written
+by one version stays readable by the next. Trial folders live under
+``<output_dir>/<study>/trial_<n>/`` (:class:`StudyFolder`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["METRICS", "BlockSearchAttr", "Evaluation", "StudyAttr", "StudyFolder", "TrialAttr", "stable_key"]
+
+
+class StudyAttr:
+    """Study user attributes."""
+
+    #: Objective names, in order (a resumed run must optimise the same ones).
+    OBJECTIVES: Final = "objectives"
+    #: The method's registry name.
+    METHOD: Final = "method"
+    #: The model the study compresses, as the config names it.
+    TEACHER: Final = "teacher"
+    #: The study config file, and its search space file.
+    CONFIG_FILE: Final = "config_file"
+    SEARCH_SPACE: Final = "search_space"
+    #: The original teacher's metrics (:data:`METRICS`), measured once per study; written last, so a
+    #: study that has it has every other start-up attribute too.
+    TEACHER_METRICS: Final = "teacher_metrics"
+    #: The starting model's metrics, when the study starts from another study's export (stacking).
+    START_METRICS: Final = "start_metrics"
+    #: The teacher's scheduler config, used to export pipelines.
+    SCHEDULER_CONFIG: Final = "scheduler_config"
+    #: The original teacher (``digits``, a folder or a hub id).
+    ORIGINAL_TEACHER: Final = "original_teacher"
+    #: The studies and trials that made the starting model, oldest first (empty for a pretrained teacher).
+    LINEAGE: Final = "lineage"
+    #: How every model of the study is measured (:class:`Evaluation`).
+    EVALUATION: Final = "evaluation"
+    #: The study's artifact store folder (sample grids for optuna-dashboard).
+    ARTIFACT_DIR: Final = "artifact_dir"
+    #: The folder of the latest Ray Tune experiment (resumed when it was interrupted).
+    RAY_EXPERIMENT: Final = "ray_experiment"
+
+
+class TrialAttr:
+    """Trial user attributes: what the runner records for every trial, then the facts each method adds."""
+
+    # metrics of the trial's model (lower is better), as the evaluator measures them
+    PARAMS: Final = "params"
+    MACS: Final = "macs"
+    MACS_NO_ATTENTION: Final = "macs_no_attention"
+    TRAJECTORY_MACS: Final = "trajectory_macs"
+    FID: Final = "fid"
+    LATENCY: Final = "latency"
+    # against the teacher
+    SPEEDUP: Final = "speedup"
+    MACS_REDUCTION: Final = "macs_reduction"
+    # what the runner keeps
+    WEIGHTS: Final = "weights"
+    MODEL_CONFIG: Final = "model_config"
+    SCHEDULE: Final = "schedule"
+    SCHEDULE_FILE: Final = "schedule_file"
+    SAMPLES: Final = "samples"
+    FINGERPRINT: Final = "fingerprint"
+    DUPLICATE_OF: Final = "duplicate_of"
+    FAIL_REASON: Final = "fail_reason"
+    # training (DKDM, DiffNAS retraining)
+    TRAIN_SECONDS: Final = "train_seconds"
+    TRAIN_LOSS_FIRST: Final = "train_loss_first"
+    TRAIN_LOSS_LAST: Final = "train_loss_last"
+    # DKDM
+    SOURCE: Final = "source"
+    TEACHER_EVALUATIONS: Final = "teacher_evaluations"
+    POOL_TRAJECTORIES_COMPLETED: Final = "pool_trajectories_completed"
+    # DiffNAS
+    BLOCK_CHOICES: Final = "block_choices"
+    BLOCK_LOSSES: Final = "block_losses"
+    RETRAIN_ITERATIONS: Final = "retrain_iterations"
+    JOINT_SCHEDULE: Final = "joint_schedule"
+    SUPERNET_SECONDS: Final = "supernet_seconds"
+    SUPERNET_LOSS_FIRST: Final = "supernet_loss_first"
+    SUPERNET_LOSS_LAST: Final = "supernet_loss_last"
+    SEARCH: Final = "search"
+    BLOCK_COST: Final = "block_cost"
+    SEARCH_SECONDS: Final = "search_seconds"
+    BLOCK_EVALUATIONS: Final = "block_evaluations"
+    # DiP-GO
+    THRESHOLD: Final = "threshold"
+    COMPUTED_FRACTION: Final = "computed_fraction"
+    GRANULARITY: Final = "granularity"
+    TARGET_MACS_RATIO: Final = "target_macs_ratio"
+    PRUNER_UNIT_COST: Final = "pruner_unit_cost"
+    PRUNER_UNIT_SECONDS: Final = "pruner_unit_seconds"
+    PRUNER_FORWARD_SECONDS: Final = "pruner_forward_seconds"
+    PRUNER_SECONDS: Final = "pruner_seconds"
+    PRUNER_CONSISTENCY: Final = "pruner_consistency"
+    PRUNER_EXPECTED_RATIO: Final = "pruner_expected_ratio"
+
+
+class BlockSearchAttr:
+    """Attributes of DiffNAS's block searches, the studies ``<study>/block/<block>`` and ``<study>/global``."""
+
+    #: Study: the key of the supernets its candidates were scored with (another key: another search).
+    SUPERNET: Final = "supernet"
+    #: Trial: the candidate's key (``layers=1,width=0.5,...``), and its costs.
+    CANDIDATE: Final = "candidate"
+    MACS: Final = TrialAttr.MACS
+    LATENCY: Final = TrialAttr.LATENCY
+    #: Trial of the global search: seconds since the search started.
+    SECONDS: Final = "seconds"
+
+
+#: The metrics every evaluated model has, in the order tables show them.
+METRICS: Final = (
+    TrialAttr.PARAMS,
+    TrialAttr.MACS,
+    TrialAttr.MACS_NO_ATTENTION,
+    TrialAttr.TRAJECTORY_MACS,
+    TrialAttr.FID,
+    TrialAttr.LATENCY,
+)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How every model of a study is measured (:attr:`StudyAttr.EVALUATION`)."""
+
+    fid_samples: int | None = None
+    sampling_steps: int | None = None
+    scheduler: str = "ddim"
+    fid_dataset: str | None = None
+    fid_features: str | None = None
+    latency_batch_size: int | None = None
+    seed: int = 0
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Evaluation:
+        """The record as stored (defaults where a key is missing)."""
+        data = data or {}
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> Evaluation:
+        """The record a study's user attributes hold."""
+        return cls.from_dict(attrs.get(StudyAttr.EVALUATION))
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """``<output_dir>/<study>``: trial folders, method caches, the artifact store, Ray experiments."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, output_dir: str | Path, study_name: str) -> StudyFolder:
+        return cls(Path(output_dir).resolve() / study_name)
+
+    def trial(self, number: int) -> Path:
+        """A trial's folder: its weights (``unet/``), ``samples.png`` and ``schedule.json``."""
+        return self.path / f"trial_{number}"
+
+    @staticmethod
+    def weights(trial_folder: Path) -> Path:
+        return trial_folder / "unet"
+
+    @staticmethod
+    def samples(trial_folder: Path) -> Path:
+        return trial_folder / "samples.png"
+
+    @staticmethod
+    def schedule(trial_folder: Path) -> Path:
+        return trial_folder / "schedule.json"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path / "artifacts"
+
+    @property
+    def ray(self) -> Path:
+        return self.path / "ray"
+
+
+def stable_key(payload: Any, *, length: int = 16) -> str:
+    """A short SHA-256 of ``payload`` as sorted JSON (non-JSON values by ``str``): equal payloads
+    get equal keys, across processes and runs. Cache keys and fingerprints use it."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
