@@ -15,7 +15,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["SCHEDULERS", "denoise", "denoising_steps", "make_scheduler", "predict_noise", "sample_grid_png", "sample_images", "sampling_steps"]
+__all__ = [
+    "SCHEDULERS",
+    "denoise",
+    "denoising_steps",
+    "make_scheduler",
+    "predict_noise",
+    "sample_grid_png",
+    "sample_images",
+    "sampling_steps",
+]
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -109,8 +118,16 @@ def denoise(
             with (for truncated backpropagation or progress).
     """
     chain = denoising_steps(
-        unet, scheduler_config, noise, steps=steps, scheduler=scheduler, eta=eta, generator=generator,
-        encoder_hidden_states=encoder_hidden_states, negative_hidden_states=negative_hidden_states, guidance_scale=guidance_scale,
+        unet,
+        scheduler_config,
+        noise,
+        steps=steps,
+        scheduler=scheduler,
+        eta=eta,
+        generator=generator,
+        encoder_hidden_states=encoder_hidden_states,
+        negative_hidden_states=negative_hidden_states,
+        guidance_scale=guidance_scale,
     )
     return _drain(chain, after_step)
 
@@ -166,7 +183,14 @@ def sample_images(
             return x
 
         chain = sampling_steps(
-            unet, scheduler_config, num_images=num_images, steps=steps, batch_size=batch_size, seed=seed, scheduler=scheduler, eta=eta,
+            unet,
+            scheduler_config,
+            num_images=num_images,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            scheduler=scheduler,
+            eta=eta,
         )
         return _drain(chain, tick)
 

@@ -48,10 +48,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:  # the second search reuses the first one's supernets
         for cost in ("macs", "latency"):
             config = bench.study_config(
-                "diffnas", search_space=preset.diffnas_space, iterations=0,
-                options={**bench.pool_options, "supernet_iterations": preset.supernet_iterations,
-                         "subnets_per_step": preset.subnets_per_step, "search_samples": preset.search_samples, "block_trials": 10_000,
-                         "tolerance_low": 1e-9, "tolerance_high": 1e9, "block_cost": cost},
+                "diffnas",
+                search_space=preset.diffnas_space,
+                iterations=0,
+                options={
+                    **bench.pool_options,
+                    "supernet_iterations": preset.supernet_iterations,
+                    "subnets_per_step": preset.subnets_per_step,
+                    "search_samples": preset.search_samples,
+                    "block_trials": 10_000,
+                    "tolerance_low": 1e-9,
+                    "tolerance_high": 1e9,
+                    "block_cost": cost,
+                },
             )
             nas = DiffNAS(config, teacher, inputs=inputs, device=bench.device)
             start = time.perf_counter()
@@ -69,8 +78,17 @@ def main() -> None:
             name = f"tolerance {tolerance:g}, by {cost}"
             models[name] = student
             c = count_macs(student)
-            rows.append({"name": name, "tolerance": tolerance, "block_cost": cost, "macs": c.macs, "params": c.params,
-                         "block_loss": sum(losses.values()), "choices": {n: ch.key for n, ch in choices.items()}})
+            rows.append(
+                {
+                    "name": name,
+                    "tolerance": tolerance,
+                    "block_cost": cost,
+                    "macs": c.macs,
+                    "params": c.params,
+                    "block_loss": sum(losses.values()),
+                    "choices": {n: ch.key for n, ch in choices.items()},
+                }
+            )
     calls = {}
     for name, model in models.items():
         call_inputs = example_inputs(model, batch_size=args.latency_batch)
@@ -78,14 +96,20 @@ def main() -> None:
     with torch.no_grad():
         seconds = time_interleaved(calls, repeats=args.latency_repeats, warmup=1)
     base = seconds["teacher"]
-    print(f"\nteacher: {teacher_cost.macs / 1e6:.1f}M MACs per call, {teacher_cost.params / 1e6:.3f}M params, {base * 1e3:.1f} ms per call at batch {args.latency_batch}")
-    print("\n| tolerance | blocks chosen by | MACs / teacher | params / teacher | summed block loss | time / teacher | speedup / MACs reduction |")
+    print(
+        f"\nteacher: {teacher_cost.macs / 1e6:.1f}M MACs per call, {teacher_cost.params / 1e6:.3f}M params, {base * 1e3:.1f} ms per call at batch {args.latency_batch}"
+    )
+    print(
+        "\n| tolerance | blocks chosen by | MACs / teacher | params / teacher | summed block loss | time / teacher | speedup / MACs reduction |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         macs_ratio, time_ratio = row["macs"] / teacher_cost.macs, seconds[row["name"]] / base
         row.update(seconds=seconds[row["name"]], macs_ratio=macs_ratio, time_ratio=time_ratio)
-        print(f"| {row['tolerance']:g} | {row['block_cost']} | {macs_ratio:.3f} | {row['params'] / teacher_cost.params:.3f} | {row['block_loss']:.3f} "
-              f"| {time_ratio:.3f} | {macs_ratio / time_ratio:.2f} |")
+        print(
+            f"| {row['tolerance']:g} | {row['block_cost']} | {macs_ratio:.3f} | {row['params'] / teacher_cost.params:.3f} | {row['block_loss']:.3f} "
+            f"| {time_ratio:.3f} | {macs_ratio / time_ratio:.2f} |"
+        )
     differ = [t for t in args.tolerances if len({json.dumps(r["choices"], sort_keys=True) for r in rows if r["tolerance"] == t}) > 1]
     print(f"\nthe two searches choose different students at tolerances {differ or 'none'}")
     for row in rows:

@@ -74,8 +74,14 @@ def main() -> None:
     check_peer("torch_pruning")
     # the digits teacher, its FID reference, the machine banner and the data-free pool, on the CPU
     preset = replace(
-        PRESETS["digits"], steps=args.steps, fid_samples=args.fid_samples, seed=args.seed,
-        batch_size=args.batch_size, pool_size=args.pool_size, pool_steps=50, device="cpu",
+        PRESETS["digits"],
+        steps=args.steps,
+        fid_samples=args.fid_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        pool_size=args.pool_size,
+        pool_steps=50,
+        device="cpu",
     )
     bench = Bench(preset, log=lambda line: print(line, flush=True))
     unet, scheduler_config = bench.teacher.unet, bench.teacher.scheduler_config
@@ -95,8 +101,14 @@ def main() -> None:
     supernets = build_supernets(unet, space)
     start = time.perf_counter()
     train_supernets(
-        unet, supernets, batches(args.seed + 1), iterations=args.supernet_iterations, batch_size=args.batch_size,
-        lr=args.supernet_lr, subnets_per_step=args.subnets_per_step, seed=args.seed,
+        unet,
+        supernets,
+        batches(args.seed + 1),
+        iterations=args.supernet_iterations,
+        batch_size=args.batch_size,
+        lr=args.supernet_lr,
+        subnets_per_step=args.subnets_per_step,
+        seed=args.seed,
     )
     supernet_seconds = time.perf_counter() - start
     for s in supernets.values():
@@ -150,7 +162,15 @@ def main() -> None:
         model = copy.deepcopy(model).requires_grad_(True)
         loss = JointLoss(unet, weight, args.retrain_iterations) if weight is not None else None
         kwargs = {"loss": loss} if loss is not None else {}
-        result = fit(model, batches(seed), iterations=args.retrain_iterations, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, **kwargs)
+        result = fit(
+            model,
+            batches(seed),
+            iterations=args.retrain_iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            ema_decay=args.ema_decay,
+            **kwargs,
+        )
         return result.model.requires_grad_(False).eval(), result.seconds
 
     dynamic, seconds = retrain(student, JointWeight("linear", 1.0, 0.0), args.seed + 2)
@@ -167,7 +187,9 @@ def main() -> None:
 
     # local against global search on the same supernets and validation data
     start = time.perf_counter()
-    global_scores = global_search(supernets, data, storage=storage, study_name="bench", key="bench", n_trials=args.global_trials, seed=args.seed)
+    global_scores = global_search(
+        supernets, data, storage=storage, study_name="bench", key="bench", n_trials=args.global_trials, seed=args.seed
+    )
     global_seconds = time.perf_counter() - start
     reached = next((g for g in global_scores if g.loss <= local_loss and g.macs <= local_macs), None)
     search = {

@@ -43,8 +43,10 @@ def main() -> None:
     cost = count_macs(teacher.unet)
 
     print(f"classifier: held-out accuracy {accuracy:.4f} ({len(held_out)} images), trained in {training['classifier_seconds']:.0f} s")
-    print(f"teacher: {cost.params / 1e6:.3f}M params, {cost.macs / 1e6:.1f}M MACs per call, "
-          f"{training['teacher_steps']} steps trained in {training['teacher_seconds'] / 60:.1f} min\n")
+    print(
+        f"teacher: {cost.params / 1e6:.3f}M params, {cost.macs / 1e6:.1f}M MACs per call, "
+        f"{training['teacher_steps']} steps trained in {training['teacher_seconds'] / 60:.1f} min\n"
+    )
     print("| images | real-digits floor | " + " | ".join(f"teacher, {s} DDIM steps" for s in args.steps) + " |")
     print("|---" * (2 + len(args.steps)) + "|")
     for n in args.samples:

@@ -71,8 +71,12 @@ def main() -> None:
     space = load_search_space(config.search_space)
     params = args.params or half_macs_params(space, dict(teacher.unet.config), teacher_cost.macs)
     evaluator = Evaluator(
-        config, scheduler_config=teacher.scheduler_config, teacher_dataset=teacher.dataset, resolution=teacher.resolution,
-        channels=teacher.channels, device="cpu",
+        config,
+        scheduler_config=teacher.scheduler_config,
+        teacher_dataset=teacher.dataset,
+        resolution=teacher.resolution,
+        channels=teacher.channels,
+        device="cpu",
     )
 
     rows = []
@@ -92,8 +96,10 @@ def main() -> None:
         rows.append((label, cost.params, cost.macs, fid, seconds))
 
     print(f"student parameters: {json.dumps(params)}")
-    print(f"{args.iterations} iterations of batch {config.budgets.batch_size}, FID on {args.fid_samples} samples, "
-          f"{config.budgets.sampling_steps} DDIM steps, digits features, seed {args.seed}, torch threads {torch.get_num_threads()}\n")
+    print(
+        f"{args.iterations} iterations of batch {config.budgets.batch_size}, FID on {args.fid_samples} samples, "
+        f"{config.budgets.sampling_steps} DDIM steps, digits features, seed {args.seed}, torch threads {torch.get_num_threads()}\n"
+    )
     print("| model | params | MACs | MACs vs teacher | FID | training wall time |")
     print("|---|---|---|---|---|---|")
     for label, n_params, macs, fid, seconds in rows:

@@ -101,8 +101,12 @@ class BookkeepingSession:
         )
         StudySession._record(trial, metrics, self.teacher)
         attach_samples(
-            trial, self.images, folder=self.workdir / f"trial_{trial.number}", artifact_dir=self.workdir / "artifacts",
-            metrics=metrics.to_dict(), storage=self.storage,
+            trial,
+            self.images,
+            folder=self.workdir / f"trial_{trial.number}",
+            artifact_dir=self.workdir / "artifacts",
+            metrics=metrics.to_dict(),
+            storage=self.storage,
         )
         return metrics.macs, metrics.fid
 
@@ -139,7 +143,9 @@ class StorageClock:
         return timed
 
 
-def run_bookkeeping(config: Any, url: str, *, trials: int, attrs: dict[str, Any], teacher: dict[str, Any], workdir: Path) -> dict[str, float]:
+def run_bookkeeping(
+    config: Any, url: str, *, trials: int, attrs: dict[str, Any], teacher: dict[str, Any], workdir: Path
+) -> dict[str, float]:
     """Per trial of the runner loop with bookkeeping-only trials: seconds in storage calls, their
     count, seconds writing artifact files, and the loop's whole wall time (sampler, garbage
     collection after each trial and the storage included)."""
@@ -200,7 +206,9 @@ def main() -> None:
 
     seconds, attrs, teacher = reference_trials(args.reference)
     trial_time = statistics.median(seconds)
-    print(f"reference: {len(seconds)} quickstart trials, median {trial_time:.1f} s per trial (min {min(seconds):.1f}, max {max(seconds):.1f})")
+    print(
+        f"reference: {len(seconds)} quickstart trials, median {trial_time:.1f} s per trial (min {min(seconds):.1f}, max {max(seconds):.1f})"
+    )
     config = load_study_config(REPO / "studies" / "quickstart.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -243,7 +251,9 @@ def main() -> None:
             start = time.perf_counter()
             pareto_table(load_existing_study(url, None))
             inproc.append(time.perf_counter() - start)
-        print(f"pareto on {args.pareto_trials} trials ({rows} on the front): end to end {min(walls):.2f} s (best of 3; {', '.join(f'{w:.2f}' for w in walls)}), in-process {min(inproc):.3f} s (best of 3)")
+        print(
+            f"pareto on {args.pareto_trials} trials ({rows} on the front): end to end {min(walls):.2f} s (best of 3; {', '.join(f'{w:.2f}' for w in walls)}), in-process {min(inproc):.3f} s (best of 3)"
+        )
 
 
 if __name__ == "__main__":

@@ -94,10 +94,17 @@ def tiny_space(tmp_path: Path) -> Path:
 def tiny_supernet_space(tmp_path: Path) -> Path:
     """A ``family: supernet`` space for the tiny teacher: two blocks, four subnets each."""
     path = tmp_path / "supernet.yaml"
-    path.write_text(yaml.safe_dump({"family": "supernet", "blocks": {
-        "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
-        "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
-    }}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "family": "supernet",
+                "blocks": {
+                    "down.0": {"layers": [0, 1], "width": [0.5, 1.0]},
+                    "up.1": {"layers": [1, 2], "width": [0.5, 1.0]},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -175,13 +182,16 @@ def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2) -> dict:
     import subprocess
     import sys
 
-    script = _BLOCK_AUTOML_DIFF + f"""
+    script = (
+        _BLOCK_AUTOML_DIFF
+        + f"""
 import json, diffusers
 pipe = {call}
 images = pipe(batch_size=2, num_inference_steps={steps}, output_type="np").images
 print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.unet).__module__, "shape": list(images.shape),
                   "imported": sorted(m for m in sys.modules if m.startswith("automl_diff"))}}))
 """
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / ".hf_modules"), "DIFFUSERS_VERBOSITY": "error"}
     env.pop("PYTHONPATH", None)
     done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -244,14 +254,40 @@ def postgres_server():
         as_user = ["runuser", "-u", user, "--"]
     data = root / "data"
     subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", POSTGRES_USER, f"--pwfile={root / 'password'}", "--auth=scram-sha-256", "-E", "UTF8"],
+        [
+            *as_user,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            POSTGRES_USER,
+            f"--pwfile={root / 'password'}",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+        ],
         check=True,
         capture_output=True,
     )
     port = _free_port()
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
-        [*as_user, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
+        [
+            *as_user,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

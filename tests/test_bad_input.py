@@ -99,18 +99,58 @@ def _schedule_for_digits(env: Env) -> Path:
 
 # (id, argv builder, substrings the one line must contain)
 CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] = [
-    ("yaml syntax", lambda e: ["run", str(e.text("s.yaml", "name: x\nbudgets: {lr: 1\n"))], lambda e: [f"{e.tmp}/s.yaml", "invalid YAML at line 3"]),
-    ("top level not a mapping", lambda e: ["run", str(e.text("s.yaml", "- method\n- dkdm\n"))], lambda e: [f"{e.tmp}/s.yaml", "expected a mapping", "got list"]),
-    ("unknown key", lambda e: ["run", str(e.study(storge="sqlite:///x.db"))], lambda e: ["study.yaml", "storge: unknown key", "'sqlite:///x.db'"]),
+    (
+        "yaml syntax",
+        lambda e: ["run", str(e.text("s.yaml", "name: x\nbudgets: {lr: 1\n"))],
+        lambda e: [f"{e.tmp}/s.yaml", "invalid YAML at line 3"],
+    ),
+    (
+        "top level not a mapping",
+        lambda e: ["run", str(e.text("s.yaml", "- method\n- dkdm\n"))],
+        lambda e: [f"{e.tmp}/s.yaml", "expected a mapping", "got list"],
+    ),
+    (
+        "unknown key",
+        lambda e: ["run", str(e.study(storge="sqlite:///x.db"))],
+        lambda e: ["study.yaml", "storge: unknown key", "'sqlite:///x.db'"],
+    ),
     ("wrong type", lambda e: ["run", str(e.study(n_trials="ten"))], lambda e: ["study.yaml", "n_trials: expected an integer", "'ten'"]),
-    ("unknown method", lambda e: ["run", str(e.study(method="magic"))], lambda e: ["study.yaml", "method: must be one of diffnas, dipgo, dkdm", "'magic'"]),
-    ("negative budget", lambda e: ["run", str(e.study(budgets={"batch_size": -1}))], lambda e: ["study.yaml", "budgets.batch_size: must be positive", "-1"]),
-    ("wrong type in execution", lambda e: ["run", str(e.study(execution={"heartbeat": "often"}))], lambda e: ["study.yaml", "execution.heartbeat: expected an integer", "'often'"]),
-    ("unknown method option", lambda e: ["run", str(e.study(method_options={"pool_sise": 8}))], lambda e: ["study.yaml", "method_options.pool_sise: unknown key", "8"]),
-    ("unknown objective", lambda e: ["run", str(e.study(objectives=["macs", "accuracy"]))], lambda e: ["study.yaml", "objectives[1].name: must be one of", "'accuracy'"]),
-    ("bad sampler option", lambda e: ["run", str(e.study(sampler={"name": "random", "options": {"bogus": 1}}))], lambda e: ["study.yaml", "sampler.options", "bogus"]),
+    (
+        "unknown method",
+        lambda e: ["run", str(e.study(method="magic"))],
+        lambda e: ["study.yaml", "method: must be one of diffnas, dipgo, dkdm", "'magic'"],
+    ),
+    (
+        "negative budget",
+        lambda e: ["run", str(e.study(budgets={"batch_size": -1}))],
+        lambda e: ["study.yaml", "budgets.batch_size: must be positive", "-1"],
+    ),
+    (
+        "wrong type in execution",
+        lambda e: ["run", str(e.study(execution={"heartbeat": "often"}))],
+        lambda e: ["study.yaml", "execution.heartbeat: expected an integer", "'often'"],
+    ),
+    (
+        "unknown method option",
+        lambda e: ["run", str(e.study(method_options={"pool_sise": 8}))],
+        lambda e: ["study.yaml", "method_options.pool_sise: unknown key", "8"],
+    ),
+    (
+        "unknown objective",
+        lambda e: ["run", str(e.study(objectives=["macs", "accuracy"]))],
+        lambda e: ["study.yaml", "objectives[1].name: must be one of", "'accuracy'"],
+    ),
+    (
+        "bad sampler option",
+        lambda e: ["run", str(e.study(sampler={"name": "random", "options": {"bogus": 1}}))],
+        lambda e: ["study.yaml", "sampler.options", "bogus"],
+    ),
     ("device missing", lambda e: ["run", str(e.study(device="cuda:99"))], lambda e: ["study.yaml", "device:", "'cuda:99'"]),
-    ("missing teacher path", lambda e: ["run", str(e.study(teacher="./no/such/teacher"))], lambda e: ["study.yaml", "teacher:", "no/such/teacher", "does not exist"]),
+    (
+        "missing teacher path",
+        lambda e: ["run", str(e.study(teacher="./no/such/teacher"))],
+        lambda e: ["study.yaml", "teacher:", "no/such/teacher", "does not exist"],
+    ),
     (
         "teacher folder without weights",
         lambda e: ["run", str(e.study(teacher=str(e.teacher_copy(remove="unet/diffusion_pytorch_model.safetensors"))))],
@@ -121,8 +161,16 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
         lambda e: ["run", str(e.study(teacher=str(e.teacher_copy(remove="scheduler/scheduler_config.json"))))],
         lambda e: ["study.yaml", "teacher:", f"{e.tmp}/exported", "scheduler/scheduler_config.json is missing"],
     ),
-    ("search space missing", lambda e: ["run", str(e.study(search_space=str(e.tmp / "nope.yaml")))], lambda e: ["study.yaml", "search_space:", f"{e.tmp}/nope.yaml", "does not exist"]),
-    ("search space yaml syntax", lambda e: ["run", str(e.study(search_space=str(e.text("sp.yaml", "blocks: [down.0\n"))))], lambda e: [f"{e.tmp}/sp.yaml", "invalid YAML"]),
+    (
+        "search space missing",
+        lambda e: ["run", str(e.study(search_space=str(e.tmp / "nope.yaml")))],
+        lambda e: ["study.yaml", "search_space:", f"{e.tmp}/nope.yaml", "does not exist"],
+    ),
+    (
+        "search space yaml syntax",
+        lambda e: ["run", str(e.study(search_space=str(e.text("sp.yaml", "blocks: [down.0\n"))))],
+        lambda e: [f"{e.tmp}/sp.yaml", "invalid YAML"],
+    ),
     (
         "unknown block",
         lambda e: ["run", str(e.study(search_space=str(e.space_file({"blocks": {"down.7": {"channels": [8]}}}))))],
@@ -145,7 +193,10 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
     ),
     (
         "fixed key that does not exist",
-        lambda e: ["run", str(e.study(search_space=str(e.space_file({"fixed": {"norm_groups": 8}, "blocks": {"down.0": {"channels": [4]}}}))))],
+        lambda e: [
+            "run",
+            str(e.study(search_space=str(e.space_file({"fixed": {"norm_groups": 8}, "blocks": {"down.0": {"channels": [4]}}})))),
+        ],
         lambda e: ["bad_space.yaml", "fixed.norm_groups", "not a UNet2DModel config key"],
     ),
     (
@@ -163,12 +214,32 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
         lambda e: ["run", str(e.study()), "--storage", "postgresql://automl:hunter2@127.0.0.1:1/studies"],
         lambda e: ["cannot open storage 'postgresql://automl:***@127.0.0.1:1/studies'"],
     ),
-    ("storage folder missing", lambda e: ["run", str(e.study(storage=f"sqlite:///{e.tmp}/no/dir/s.db"))], lambda e: [f"sqlite:///{e.tmp}/no/dir/s.db", "does not exist"]),
-    ("storage url malformed", lambda e: ["status", "--storage", "postgres+nodriver://x/y"], lambda e: ["cannot open storage 'postgres+nodriver://x/y'"]),
+    (
+        "storage folder missing",
+        lambda e: ["run", str(e.study(storage=f"sqlite:///{e.tmp}/no/dir/s.db"))],
+        lambda e: [f"sqlite:///{e.tmp}/no/dir/s.db", "does not exist"],
+    ),
+    (
+        "storage url malformed",
+        lambda e: ["status", "--storage", "postgres+nodriver://x/y"],
+        lambda e: ["cannot open storage 'postgres+nodriver://x/y'"],
+    ),
     ("n-trials not positive", lambda e: ["run", str(e.study()), "--n-trials", "0"], lambda e: ["--n-trials", "must be positive (got 0)"]),
-    ("address without ray", lambda e: ["run", str(e.study()), "--address", "10.0.0.1:6379"], lambda e: ["--address 10.0.0.1:6379", "--backend ray"]),
-    ("unknown study", lambda e: ["status", "--storage", e.storage, "--study-name", "nope"], lambda e: [e.storage, "no study 'nope'", "tiny"]),
-    ("unknown trial", lambda e: ["export", "--storage", e.storage, "--trial", "99", "--out", str(e.tmp / "out")], lambda e: ["study 'tiny'", "no trial 99"]),
+    (
+        "address without ray",
+        lambda e: ["run", str(e.study()), "--address", "10.0.0.1:6379"],
+        lambda e: ["--address 10.0.0.1:6379", "--backend ray"],
+    ),
+    (
+        "unknown study",
+        lambda e: ["status", "--storage", e.storage, "--study-name", "nope"],
+        lambda e: [e.storage, "no study 'nope'", "tiny"],
+    ),
+    (
+        "unknown trial",
+        lambda e: ["export", "--storage", e.storage, "--trial", "99", "--out", str(e.tmp / "out")],
+        lambda e: ["study 'tiny'", "no trial 99"],
+    ),
     (
         "trial weights with a file missing",
         lambda e: ["export", "--storage", e.storage, "--trial", "0", "--out", str(e.tmp / "out")],
@@ -184,7 +255,11 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
         lambda e: ["profile", "--model", str(e.teacher), "--schedule", str(_schedule_for_digits(e))],
         lambda e: [f"{e.tmp}/schedule.json"],
     ),
-    ("schedule not json", lambda e: ["profile", "--model", "digits", "--schedule", str(e.text("schedule.json", "{gates: "))], lambda e: [f"{e.tmp}/schedule.json", "not valid JSON"]),
+    (
+        "schedule not json",
+        lambda e: ["profile", "--model", "digits", "--schedule", str(e.text("schedule.json", "{gates: "))],
+        lambda e: [f"{e.tmp}/schedule.json", "not valid JSON"],
+    ),
 ]
 
 
@@ -211,7 +286,9 @@ def test_the_table_has_at_least_twenty_cases():
 
 
 @pytest.mark.parametrize(("argv", "expected"), [pytest.param(c[1], c[2], id=c[0]) for c in CASES])
-def test_bad_input_exits_2_with_one_line_and_leaves_the_storage(argv, expected, tmp_path, tiny_teacher_dir, tiny_space, capfd, log_to_stderr):
+def test_bad_input_exits_2_with_one_line_and_leaves_the_storage(
+    argv, expected, tmp_path, tiny_teacher_dir, tiny_space, capfd, log_to_stderr
+):
     env = _make_env(tmp_path, tiny_teacher_dir, tiny_space)
     args = argv(env)
     before = _snapshot(env)
@@ -248,6 +325,9 @@ def test_mask_url_hides_every_password():
     assert mask_url("postgresql+psycopg2://u:p%40ss:word@h/db") == "postgresql+psycopg2://u:***@h/db"
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
     assert mask_url("sqlite:///a:b@c.db") == "sqlite:///a:b@c.db"
-    assert mask_url("connect failed for postgresql://u:pw@h/db and postgresql://v:xx@g/e") == "connect failed for postgresql://u:***@h/db and postgresql://v:***@g/e"
+    assert (
+        mask_url("connect failed for postgresql://u:pw@h/db and postgresql://v:xx@g/e")
+        == "connect failed for postgresql://u:***@h/db and postgresql://v:***@g/e"
+    )
     data = json.dumps({"url": mask_url("postgresql://u:pw@h/db?password=pw2")})
     assert "pw2" not in data

@@ -54,7 +54,7 @@ def test_report_renders_in_a_browser(finished, tmp_path, shots, capsys):
     assert dom.count('class="main-svg"') >= 5
     assert "scatterlayer" in pareto and 'class="point"' in pareto
     assert 'id="choices-plot"' in dom
-    assert "<table class=\"pareto\">" in dom and "data:image/png;base64," in dom
+    assert '<table class="pareto">' in dom and "data:image/png;base64," in dom
 
 
 def _free_port() -> int:
@@ -67,7 +67,9 @@ def test_dashboard_renders_trials_with_their_samples(finished, tmp_path, shots):
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "automl_diff.study", "dashboard", "--storage", finished, "--port", str(port)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -90,7 +92,10 @@ def test_dashboard_renders_trials_with_their_samples(finished, tmp_path, shots):
         # a second dashboard on the same port: one line, exit 2
         busy = subprocess.run(
             [sys.executable, "-m", "automl_diff.study", "dashboard", "--storage", finished, "--port", str(port)],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert busy.returncode == 2 and f"--port {port}" in busy.stderr and "Traceback" not in busy.stderr
     finally:

@@ -39,7 +39,9 @@ def _space(unet, widths=(0.5, 1.0)) -> SupernetSpace:
     for name in block_names(unet):
         module = get_block(unet, name)
         attends = bool(getattr(module, "attentions", None))
-        blocks.append(SupernetBlock(name, layers=tuple(range(len(module.resnets) + 1)), width=widths, attention=(True, False) if attends else None))
+        blocks.append(
+            SupernetBlock(name, layers=tuple(range(len(module.resnets) + 1)), width=widths, attention=(True, False) if attends else None)
+        )
     return SupernetSpace("space.yaml", tuple(blocks))
 
 
@@ -93,7 +95,12 @@ def test_local_search_picks_the_smallest_candidate_within_tolerance():
         return BlockScore(block, BlockChoice(layers, width, False), loss, macs)
 
     scores = {
-        "down.0": [s("down.0", 0, 1.0, 0.50, 10), s("down.0", 1, 0.5, 0.08, 40), s("down.0", 1, 0.75, 0.04, 60), s("down.0", 1, 1.0, 0.01, 100)],
+        "down.0": [
+            s("down.0", 0, 1.0, 0.50, 10),
+            s("down.0", 1, 0.5, 0.08, 40),
+            s("down.0", 1, 0.75, 0.04, 60),
+            s("down.0", 1, 1.0, 0.01, 100),
+        ],
         "mid": [s("mid", 1, 0.5, 0.30, 20), s("mid", 1, 1.0, 0.20, 50)],
     }
     chosen = choose_local(scores, 0.05)
@@ -190,14 +197,22 @@ def test_supernet_training_lowers_the_block_loss_of_small_subnets(tiny_unet):
     _, val = record_teacher_blocks(teacher, x, t, list(supernets))
 
     def small_loss():
-        return sum(score_candidate(s, s.smallest() if s.smallest().layers else BlockChoice(1, 0.5, False), [val[n]]).loss for n, s in supernets.items())
+        return sum(
+            score_candidate(s, s.smallest() if s.smallest().layers else BlockChoice(1, 0.5, False), [val[n]]).loss
+            for n, s in supernets.items()
+        )
 
     before = small_loss()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     losses = train_supernets(
-        teacher, supernets, lambda n: (torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g)),
-        iterations=25, batch_size=8, lr=3e-3, subnets_per_step=3,
+        teacher,
+        supernets,
+        lambda n: (torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g)),
+        iterations=25,
+        batch_size=8,
+        lr=3e-3,
+        subnets_per_step=3,
     )
     assert len(losses) == 25 and all(v == v for v in losses)
     assert small_loss() < before
@@ -221,8 +236,13 @@ def test_assembled_student_inherits_the_supernet_weights_and_round_trips(tiny_un
     student, config = assemble_student(teacher, supernets, choices)
     assert config["_class_name"] == "StudentUNet2DModel"
     assert config["resnet_widths"] == {
-        "down.0.resnets.0": 4, "mid.resnets.0": 8, "mid.resnets.1": 0, "up.0.resnets.0": 8, "up.0.resnets.1": 0,
-        "up.1.resnets.0": 0, "up.1.resnets.1": 0,
+        "down.0.resnets.0": 4,
+        "mid.resnets.0": 8,
+        "mid.resnets.1": 0,
+        "up.0.resnets.0": 8,
+        "up.0.resnets.1": 0,
+        "up.1.resnets.0": 0,
+        "up.1.resnets.1": 0,
     }
     assert config["skip_attentions"] == ["down.1.attentions.0", "up.0.attentions.1"]
     composite = plug_supernets(teacher, supernets)
@@ -290,10 +310,24 @@ def diffnas_study(study_factory, tiny_supernet_space, tmp_path, capsys):
         method="diffnas",
         search_space=str(space),
         n_trials=3,
-        budgets={"train_iterations": 3, "batch_size": 4, "lr": 0.001, "fid_samples": 16, "sampling_steps": 2,
-                 "latency_repeats": 1, "latency_batch_size": 2},
-        method_options={"pool_size": 16, "pool_steps": 4, "supernet_iterations": 3, "search_samples": 8,
-                        "tolerance_low": 0.001, "tolerance_high": 1.0, "retrain_iterations": [0, 2]},
+        budgets={
+            "train_iterations": 3,
+            "batch_size": 4,
+            "lr": 0.001,
+            "fid_samples": 16,
+            "sampling_steps": 2,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        method_options={
+            "pool_size": 16,
+            "pool_steps": 4,
+            "supernet_iterations": 3,
+            "search_samples": 8,
+            "tolerance_low": 0.001,
+            "tolerance_high": 1.0,
+            "retrain_iterations": [0, 2],
+        },
     )
     code = main(["run", str(config), "--quiet"])
     out, err = capsys.readouterr()
@@ -352,10 +386,28 @@ def test_global_mode_study_and_option_errors(study_factory, tmp_path, capsys):
     space = tmp_path / "supernet.yaml"
     space.write_text(yaml.safe_dump({"family": "supernet", "blocks": {"up.1": {"layers": [1, 2], "width": [0.5, 1.0]}}}))
     common = dict(
-        name="tinyglobal", method="diffnas", search_space=str(space), n_trials=1,
-        budgets={"train_iterations": 1, "batch_size": 4, "fid_samples": 16, "sampling_steps": 2, "latency_repeats": 1, "latency_batch_size": 2},
+        name="tinyglobal",
+        method="diffnas",
+        search_space=str(space),
+        n_trials=1,
+        budgets={
+            "train_iterations": 1,
+            "batch_size": 4,
+            "fid_samples": 16,
+            "sampling_steps": 2,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
     )
-    options = {"pool_size": 8, "pool_steps": 3, "supernet_iterations": 2, "search_samples": 4, "search": "global", "global_trials": 4, "block_cost": "latency"}
+    options = {
+        "pool_size": 8,
+        "pool_steps": 3,
+        "supernet_iterations": 2,
+        "search_samples": 4,
+        "search": "global",
+        "global_trials": 4,
+        "block_cost": "latency",
+    }
     config = study_factory(**common, method_options=options)
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -144,12 +144,11 @@ def test_schedule_macs_are_the_sum_over_computed_units(tiny_unet):
     steps = 4
     schedule = _schedule(tiny_unet, steps, {1: ["up.1", "mid"], 2: ["down.0"], 3: ["up.0", "up.1", "down.1"]})
     costs = unit_costs(tiny_unet, schedule.units)
-    expected = sum(
-        costs.total.macs - sum(costs.units[u].macs for u, on in zip(schedule.units, row) if not on) for row in schedule.gates
-    )
+    expected = sum(costs.total.macs - sum(costs.units[u].macs for u, on in zip(schedule.units, row) if not on) for row in schedule.gates)
     assert schedule.trajectory_macs(costs) == expected
     assert costs.always + sum(c.macs for c in costs.units.values()) == costs.total.macs
     assert Schedule.full(tiny_unet, steps).trajectory_macs(costs) == steps * costs.total.macs
+
     # an independent count of what actually runs (torch's FlopCounterMode) agrees on the fraction saved
     def run():
         sample_images(tiny_unet, SCHEDULER, num_images=1, steps=steps, batch_size=1)
@@ -272,8 +271,19 @@ def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
     units = tuple(prunable_units(tiny_unet, "block"))
     costs = unit_costs(tiny_unet, units)
     result = optimise_pruner(
-        tiny_unet, SCHEDULER, units=units, costs=costs, steps=3, iterations=12, batch_size=2, lr=0.1,
-        target_ratio=0.4, sparsity_weight=10.0, reference_images=4, truncate=2, warmup=0.0,
+        tiny_unet,
+        SCHEDULER,
+        units=units,
+        costs=costs,
+        steps=3,
+        iterations=12,
+        batch_size=2,
+        lr=0.1,
+        target_ratio=0.4,
+        sparsity_weight=10.0,
+        reference_images=4,
+        truncate=2,
+        warmup=0.0,
     )
     assert result.scores.shape == (3, len(units)) and np.all(result.scores[0] == 1)
     assert result.history[-1]["ratio"] < result.history[0]["ratio"]
@@ -322,7 +332,17 @@ def test_latency_weights_drive_the_expected_ratio(tiny_unet):
 
 def test_optimise_pruner_depends_on_its_seed_not_on_what_ran_before(tiny_unet):
     units = tuple(prunable_units(tiny_unet, "block"))
-    kwargs = dict(units=units, costs=unit_costs(tiny_unet, units), steps=3, iterations=3, batch_size=2, lr=0.1, target_ratio=0.4, reference_images=4, warmup=0.0)
+    kwargs = dict(
+        units=units,
+        costs=unit_costs(tiny_unet, units),
+        steps=3,
+        iterations=3,
+        batch_size=2,
+        lr=0.1,
+        target_ratio=0.4,
+        reference_images=4,
+        warmup=0.0,
+    )
     torch.manual_seed(1)
     first = optimise_pruner(tiny_unet, SCHEDULER, **kwargs).scores
     torch.manual_seed(2)
@@ -382,10 +402,16 @@ def dipgo_study(study_factory, tmp_path, capsys):
         search_space=None,
         objectives=[{"name": "trajectory_macs"}, {"name": "fid"}],
         n_trials=3,
-        budgets={"train_iterations": 6, "batch_size": 2, "lr": 0.05, "fid_samples": 16, "sampling_steps": 4,
-                 "latency_repeats": 1, "latency_batch_size": 2},
-        method_options={"granularity": "block", "target_macs_ratio": 0.5, "reference_images": 4, "warmup": 0.0,
-                        "sparsity_weight": 5.0},
+        budgets={
+            "train_iterations": 6,
+            "batch_size": 2,
+            "lr": 0.05,
+            "fid_samples": 16,
+            "sampling_steps": 4,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        method_options={"granularity": "block", "target_macs_ratio": 0.5, "reference_images": 4, "warmup": 0.0, "sparsity_weight": 5.0},
     )
     code = main(["run", str(config), "--quiet"])
     out, err = capsys.readouterr()
@@ -498,9 +524,20 @@ def test_pruner_cached_under_an_older_objective_is_optimised_again(dipgo_study, 
 
 def test_latency_unit_cost_weighs_the_units_by_their_measured_seconds(study_factory, tmp_path, capsys):
     config = study_factory(
-        name="tinylat", method="dipgo", search_space=None, objectives=[{"name": "trajectory_macs"}, {"name": "fid"}], n_trials=1,
-        budgets={"train_iterations": 3, "batch_size": 2, "lr": 0.05, "fid_samples": 8, "sampling_steps": 3,
-                 "latency_repeats": 1, "latency_batch_size": 2},
+        name="tinylat",
+        method="dipgo",
+        search_space=None,
+        objectives=[{"name": "trajectory_macs"}, {"name": "fid"}],
+        n_trials=1,
+        budgets={
+            "train_iterations": 3,
+            "batch_size": 2,
+            "lr": 0.05,
+            "fid_samples": 8,
+            "sampling_steps": 3,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
         method_options={"granularity": "layer", "unit_cost": "latency", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0},
     )
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err

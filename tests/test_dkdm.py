@@ -9,7 +9,9 @@ from automl_diff.sampling import make_scheduler
 
 def _pool(size=6, steps=4, eta=1.0, seed=0):
     alphas = make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod
-    return NoisePool(size=size, sample_shape=(1, 4, 4), alphas_cumprod=alphas, num_steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed))
+    return NoisePool(
+        size=size, sample_shape=(1, 4, 4), alphas_cumprod=alphas, num_steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_pool_timesteps_decrease_and_samples_reset_after_the_last_step():
@@ -104,8 +106,11 @@ def test_any_architecture_can_be_the_student(tiny_unet):
             return self.net(x)
 
     pool = NoisePool(
-        size=32, sample_shape=(1, 16, 16), alphas_cumprod=make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod,
-        num_steps=10, generator=torch.Generator().manual_seed(0),
+        size=32,
+        sample_shape=(1, 16, 16),
+        alphas_cumprod=make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod,
+        num_steps=10,
+        generator=torch.Generator().manual_seed(0),
     )
     torch.manual_seed(0)
     result = fit(ConvStudent(), PoolBatches(tiny_unet, pool), iterations=40, batch_size=8, lr=3e-3)

@@ -6,10 +6,18 @@ from torch import nn
 from automl_diff.metrics.macs import count_macs
 
 DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
 )
 
 

@@ -42,7 +42,9 @@ def test_workers_sharing_a_study_finish_exactly_n_trials(study_factory, postgres
     config = study_factory(storage=postgres_url, n_trials=5)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--quiet"]
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)
+    ]
     outputs = [worker.communicate(timeout=600) for worker in workers]
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err

@@ -44,7 +44,9 @@ def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_
             assert (Path(trial.user_attrs["weights"]) / "diffusion_pytorch_model.safetensors").is_file()
     # Tune kept a checkpoint (the trial folder) per trial
     experiment = Path(study.user_attrs["ray_experiment"])
-    assert len(list(experiment.glob("*/checkpoint_*/unet/diffusion_pytorch_model.safetensors"))) == len([t for t in study.trials if t.state == COMPLETE])
+    assert len(list(experiment.glob("*/checkpoint_*/unet/diffusion_pytorch_model.safetensors"))) == len(
+        [t for t in study.trials if t.state == COMPLETE]
+    )
     assert main(["status", "--storage", storage, "--json"]) == 0
     assert sum(json.loads(capfd.readouterr().out)["states"].values()) == 2
     assert main(["pareto", "--storage", storage, "--json"]) == 0
@@ -61,7 +63,14 @@ def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_
 def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
     """Ctrl-C while a Tune trial runs leaves it running in the study; the same command restores
     the Tune experiment and finishes that very trial."""
-    budgets = {"train_iterations": 40, "batch_size": 8, "fid_samples": 24, "sampling_steps": 2, "latency_repeats": 1, "latency_batch_size": 2}
+    budgets = {
+        "train_iterations": 40,
+        "batch_size": 8,
+        "fid_samples": 24,
+        "sampling_steps": 2,
+        "latency_repeats": 1,
+        "latency_batch_size": 2,
+    }
     config = study_factory(n_trials=1, budgets=budgets, execution={"max_concurrent": 1})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

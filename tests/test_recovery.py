@@ -84,7 +84,14 @@ def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
 def test_worker_killed_mid_trial_is_recovered_by_a_restarted_worker(study_factory, tmp_path):
     """SIGKILL during trial 1, then the same command again: trial 1 is failed for its missing
     heartbeat and retried with its parameters, trial 0 is untouched, two trials finish."""
-    budgets = {"train_iterations": 300, "batch_size": 8, "fid_samples": 24, "sampling_steps": 2, "latency_repeats": 1, "latency_batch_size": 2}
+    budgets = {
+        "train_iterations": 300,
+        "batch_size": 8,
+        "fid_samples": 24,
+        "sampling_steps": 2,
+        "latency_repeats": 1,
+        "latency_batch_size": 2,
+    }
     config = study_factory(n_trials=2, budgets=budgets, execution={"heartbeat": 1})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--quiet"]
@@ -115,5 +122,14 @@ def test_worker_killed_mid_trial_is_recovered_by_a_restarted_worker(study_factor
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in FINISHED
     assert {t.number: (t.values, t.user_attrs) for t in trials if t.number in before} == before
     assert len([t for t in trials if t.state in FINISHED]) == 2
-    rows = json.loads(subprocess.run([sys.executable, "-m", "automl_diff.study", "trials", "--storage", storage, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120).stdout)
+    rows = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "automl_diff.study", "trials", "--storage", storage, "--json"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    )
     assert rows[victim.number]["fail_reason"] == f"no heartbeat (its worker was lost); retried as trial {retries[0].number}"

@@ -45,6 +45,7 @@ def test_time_lockstep_advances_every_run_one_step_in_turn_inside_its_context():
                 time.sleep(pause)
                 events.append(f"{name}{i}")
                 yield i
+
         return steps_of
 
     @contextlib.contextmanager

@@ -48,7 +48,9 @@ def test_every_choice_builds_a_model_with_the_teacher_io(tiny_space):
 
 def test_suggest_uses_dotted_optuna_parameters(tiny_space):
     space = load_search_space(tiny_space)
-    params = space.suggest(optuna.trial.FixedTrial({"down.0.channels": 8, "down.1.channels": 16, "down.1.layers": 2, "down.1.attention": False}))
+    params = space.suggest(
+        optuna.trial.FixedTrial({"down.0.channels": 8, "down.1.channels": 16, "down.1.layers": 2, "down.1.attention": False})
+    )
     assert params["down.1.layers"] == 2
 
 

@@ -49,7 +49,12 @@ def test_yaml_python_tags_are_rejected(tmp_path):
 
 def test_the_package_source_never_unpickles():
     pattern = re.compile(r"pickle\.loads?\(|yaml\.load\(|yaml\.unsafe_load|torch\.load\((?![^)]*weights_only=True)")
-    offenders = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "automl_diff").rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in (REPO / "automl_diff").rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []
 
 

@@ -20,25 +20,67 @@ from tests.conftest import printed_load_calls
 def diffnas_export(study_factory, tiny_supernet_space, tmp_path, capsys):
     """A tiny DiffNAS study, run and its only trial exported."""
     config = study_factory(
-        name="nas", method="diffnas", search_space=str(tiny_supernet_space), n_trials=1,
-        budgets={"train_iterations": 2, "batch_size": 4, "fid_samples": 16, "sampling_steps": 4, "latency_repeats": 1, "latency_batch_size": 2},
-        method_options={"pool_size": 8, "pool_steps": 3, "supernet_iterations": 2, "search_samples": 4, "tolerance_low": 0.5, "tolerance_high": 1.0},
+        name="nas",
+        method="diffnas",
+        search_space=str(tiny_supernet_space),
+        n_trials=1,
+        budgets={
+            "train_iterations": 2,
+            "batch_size": 4,
+            "fid_samples": 16,
+            "sampling_steps": 4,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        method_options={
+            "pool_size": 8,
+            "pool_steps": 3,
+            "supernet_iterations": 2,
+            "search_samples": 4,
+            "tolerance_low": 0.5,
+            "tolerance_high": 1.0,
+        },
     )
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
     out = tmp_path / "exports" / "nas"
-    assert main(["export", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", "nas", "--trial", "0", "--out", str(out)]) == 0
+    assert (
+        main(["export", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", "nas", "--trial", "0", "--out", str(out)]) == 0
+    )
     capsys.readouterr()
     return out
 
 
 def _dipgo_config(tmp_path, teacher, **extra):
     config = {
-        "name": "stacked", "method": "dipgo", "teacher": str(teacher),
-        "objectives": ["trajectory_macs", "fid"], "sampler": {"name": "random", "seed": 0}, "n_trials": 2,
-        "budgets": {"train_iterations": 4, "batch_size": 2, "lr": 0.05, "fid_samples": 16, "sampling_steps": 4, "latency_repeats": 1, "latency_batch_size": 2},
+        "name": "stacked",
+        "method": "dipgo",
+        "teacher": str(teacher),
+        "objectives": ["trajectory_macs", "fid"],
+        "sampler": {"name": "random", "seed": 0},
+        "n_trials": 2,
+        "budgets": {
+            "train_iterations": 4,
+            "batch_size": 2,
+            "lr": 0.05,
+            "fid_samples": 16,
+            "sampling_steps": 4,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
         "fid": {"dataset": "digits", "features": "digits"},
-        "storage": f"sqlite:///{tmp_path / 'stacked.db'}", "output_dir": str(tmp_path / "runs"), "device": "cpu",
-        "method_options": {"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0, "sparsity_weight": 5.0, "threshold_low": 0.05, "threshold_high": 0.9, "threshold_log": False},
+        "storage": f"sqlite:///{tmp_path / 'stacked.db'}",
+        "output_dir": str(tmp_path / "runs"),
+        "device": "cpu",
+        "method_options": {
+            "granularity": "layer",
+            "target_macs_ratio": 0.5,
+            "reference_images": 2,
+            "warmup": 0.0,
+            "sparsity_weight": 5.0,
+            "threshold_low": 0.05,
+            "threshold_high": 0.9,
+            "threshold_log": False,
+        },
         **extra,
     }
     path = tmp_path / "stacked.yaml"

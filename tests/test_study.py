@@ -158,12 +158,25 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, message):
 def test_bad_config_from_a_real_process_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: dkdm\nteacher: digits\nbudgets: {fid_samples: many}\n")
-    proc = subprocess.run([sys.executable, "-m", "automl_diff.study", "run", str(bad)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "automl_diff.study", "run", str(bad)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: budgets.fid_samples: expected an integer (got 'many')"
 
 
-@pytest.mark.parametrize("module", ["automl_diff.export", "automl_diff.runners", "automl_diff.analysis", "automl_diff.methods", "automl_diff.study.cli", "automl_diff.metrics", "automl_diff.config"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "automl_diff.export",
+        "automl_diff.runners",
+        "automl_diff.analysis",
+        "automl_diff.methods",
+        "automl_diff.study.cli",
+        "automl_diff.metrics",
+        "automl_diff.config",
+    ],
+)
 def test_each_subpackage_imports_on_its_own(module):
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -171,6 +184,8 @@ def test_each_subpackage_imports_on_its_own(module):
 
 def test_importing_the_package_has_no_side_effects(tmp_path):
     code = "import automl_diff, sys; print(sorted(m for m in sys.modules if m.startswith(('torch', 'optuna', 'diffusers'))))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=60
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
     assert list(tmp_path.iterdir()) == []

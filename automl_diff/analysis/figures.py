@@ -59,7 +59,10 @@ def pareto_data(study: optuna.Study) -> ParetoData:
         data.fid.append(row.fid)
         data.on_front.append(row.trial in front)
         facts = {
-            "trial": row.trial, key: x, TrialAttr.FID: round(row.fid, 4), TrialAttr.SPEEDUP: attrs.get(TrialAttr.SPEEDUP),
+            "trial": row.trial,
+            key: x,
+            TrialAttr.FID: round(row.fid, 4),
+            TrialAttr.SPEEDUP: attrs.get(TrialAttr.SPEEDUP),
             "params": trials[row.trial].params,
         }
         data.hover.append("<br>".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in facts.items()))
@@ -77,12 +80,19 @@ def pareto_figure(data: ParetoData) -> Any:
         idx = [i for i, f in enumerate(data.on_front) if f == on]
         fig.add_trace(
             go.Scatter(
-                x=[data.x[i] for i in idx], y=[data.fid[i] for i in idx], mode="markers", name=name,
-                marker={"size": size}, text=[data.hover[i] for i in idx], hovertemplate="%{text}<extra></extra>",
+                x=[data.x[i] for i in idx],
+                y=[data.fid[i] for i in idx],
+                mode="markers",
+                name=name,
+                marker={"size": size},
+                text=[data.hover[i] for i in idx],
+                hovertemplate="%{text}<extra></extra>",
             )
         )
     if data.teacher:
-        fig.add_trace(go.Scatter(x=[data.teacher[0]], y=[data.teacher[1]], mode="markers", name="teacher", marker={"symbol": "star", "size": 16}))
+        fig.add_trace(
+            go.Scatter(x=[data.teacher[0]], y=[data.teacher[1]], mode="markers", name="teacher", marker={"symbol": "star", "size": 16})
+        )
     label = "trajectory MACs per image" if data.x_name == "trajectory_macs" else "MACs per UNet call"
     fig.update_layout(title="Pareto front: MACs against FID", xaxis_title=label, yaxis_title="FID (lower is better)")
     return fig
@@ -160,8 +170,15 @@ def schedule_figure(schedule: Any, *, title: str = "DiP-GO schedule") -> Any:
     import plotly.graph_objects as go
 
     z = [[1 if on else 0 for on in row] for row in schedule.gates]
-    fig = go.Figure(go.Heatmap(z=z, x=list(schedule.units), y=list(range(schedule.steps)), colorscale=[[0, "#eeeeee"], [1, "#1f77b4"]], showscale=False))
-    fig.update_layout(title=f"{title}: {schedule.computed_fraction:.0%} of unit computations", xaxis_title="unit", yaxis_title="step", yaxis_autorange="reversed")
+    fig = go.Figure(
+        go.Heatmap(z=z, x=list(schedule.units), y=list(range(schedule.steps)), colorscale=[[0, "#eeeeee"], [1, "#1f77b4"]], showscale=False)
+    )
+    fig.update_layout(
+        title=f"{title}: {schedule.computed_fraction:.0%} of unit computations",
+        xaxis_title="unit",
+        yaxis_title="step",
+        yaxis_autorange="reversed",
+    )
     return fig
 
 
@@ -196,7 +213,9 @@ def choices_figure(data: ChoicesData, *, title: str = "Choices of the front tria
         z.append(line)
     text = [["-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)) for v in row] for row in data.values]
     fig = go.Figure(
-        go.Heatmap(z=z, x=data.names, y=[f"trial {t}" for t in data.trials], text=text, texttemplate="%{text}", colorscale="Blues", showscale=False)
+        go.Heatmap(
+            z=z, x=data.names, y=[f"trial {t}" for t in data.trials], text=text, texttemplate="%{text}", colorscale="Blues", showscale=False
+        )
     )
     fig.update_layout(title=title, xaxis_title="parameter", yaxis_autorange="reversed")
     return fig

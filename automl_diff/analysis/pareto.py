@@ -92,8 +92,14 @@ def trials_frame(study: optuna.Study, *, pareto_only: bool = False) -> Any:
 
 #: Per-trial facts of :func:`all_trials_frame`, beside the state and the parameters.
 TRIAL_FACTS = (
-    TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.SPEEDUP,
-    TrialAttr.DUPLICATE_OF, TrialAttr.FAIL_REASON,
+    TrialAttr.MACS,
+    TrialAttr.TRAJECTORY_MACS,
+    TrialAttr.PARAMS,
+    TrialAttr.FID,
+    TrialAttr.LATENCY,
+    TrialAttr.SPEEDUP,
+    TrialAttr.DUPLICATE_OF,
+    TrialAttr.FAIL_REASON,
 )
 
 

@@ -52,8 +52,13 @@ def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -
     schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
     with apply_schedule(unet, schedule) if schedule else contextlib.nullcontext():
         images = sample_images(
-            unet, scheduler_config, num_images=count, steps=evaluation.sampling_steps or 20,
-            batch_size=count, seed=evaluation.seed, scheduler=evaluation.scheduler,
+            unet,
+            scheduler_config,
+            num_images=count,
+            steps=evaluation.sampling_steps or 20,
+            batch_size=count,
+            seed=evaluation.seed,
+            scheduler=evaluation.scheduler,
         )
     return sample_grid_png(images)
 
@@ -121,7 +126,7 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
 </head><body>
 <h1>{title}</h1>
 <p>Storage: {html.escape(storage_label)}; method {html.escape(str(study.user_attrs.get(StudyAttr.METHOD)))}; teacher {html.escape(str(study.user_attrs.get(StudyAttr.TEACHER)))}; {len(trials)} trials, {len(rows)} on the front.</p>
-{''.join(sections)}
+{"".join(sections)}
 </body></html>
 """
     out.write_text(page)

@@ -19,16 +19,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Teacher, DKDM, DiffNAS, Torch-Pruning, DeepCache, DiP-GO and DiffNAS + DiP-GO on one teacher, measured side by side.",
     )
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
-    parser.add_argument("--out", default=None, help="write the table into this markdown file (its section for the preset), e.g. BENCHMARKS.md")
+    parser.add_argument(
+        "--out", default=None, help="write the table into this markdown file (its section for the preset), e.g. BENCHMARKS.md"
+    )
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--teacher", default=None, help="override the preset's teacher (a diffusers folder or hub id)")
     parser.add_argument("--fid-dataset", default=None, help="override the preset's FID dataset (e.g. folder:PATH)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--rows", default=None, help="run only these rows, comma-separated (with the rows they build on and the teacher): "
-                        "teacher, dkdm, diffnas, torch_pruning, dipgo, deepcache, stacked; not with --out")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="run only these rows, comma-separated (with the rows they build on and the teacher): "
+        "teacher, dkdm, diffnas, torch_pruning, dipgo, deepcache, stacked; not with --out",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    preset = replace(preset, **{k: v for k, v in {"teacher": args.teacher, "fid_dataset": args.fid_dataset, "device": args.device}.items() if v is not None})
+    preset = replace(
+        preset,
+        **{k: v for k, v in {"teacher": args.teacher, "fid_dataset": args.fid_dataset, "device": args.device}.items() if v is not None},
+    )
     command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rows = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
     try:
@@ -45,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + text)
         if args.json:
             rows = [r.to_dict() for r in result.rows]
-            Path(args.json).write_text(json.dumps(
-                {"preset": preset.name, "machine": result.machine, "seconds": result.seconds, "rows": rows, "details": result.details}, indent=1, default=str,
-            ))
+            Path(args.json).write_text(
+                json.dumps(
+                    {"preset": preset.name, "machine": result.machine, "seconds": result.seconds, "rows": rows, "details": result.details},
+                    indent=1,
+                    default=str,
+                )
+            )
             print(f"wrote {args.json}")
         if args.out:
             print(f"wrote {write_section(args.out, preset.name, text)}")

@@ -22,7 +22,9 @@ from automl_diff.metrics.macs import count_macs
 __all__ = ["deepcache", "torch_pruning_peer"]
 
 
-def torch_pruning_peer(teacher: nn.Module, target_macs: int, ratios: Sequence[float], *, log: Callable[[str], None] = print) -> tuple[nn.Module, float]:
+def torch_pruning_peer(
+    teacher: nn.Module, target_macs: int, ratios: Sequence[float], *, log: Callable[[str], None] = print
+) -> tuple[nn.Module, float]:
     """The teacher pruned by Torch-Pruning at the ratio (of ``ratios``) whose MACs are closest to
     ``target_macs``; returns the pruned copy and its ratio. Ratios that break the model (norm
     groups or attention heads no longer divide the channels) are skipped."""
@@ -36,7 +38,10 @@ def torch_pruning_peer(teacher: nn.Module, target_macs: int, ratios: Sequence[fl
     best: tuple[int, nn.Module, float] | None = None
     for ratio in ratios:
         model = copy.deepcopy(teacher).requires_grad_(True)
-        example = {"sample": torch.randn(1, teacher.config.in_channels, size, size, device=device), "timestep": torch.ones(1, dtype=torch.long, device=device)}
+        example = {
+            "sample": torch.randn(1, teacher.config.in_channels, size, size, device=device),
+            "timestep": torch.ones(1, dtype=torch.long, device=device),
+        }
         pruner = tp.pruner.MetaPruner(
             model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=[model.conv_out]
         )
@@ -58,7 +63,9 @@ def torch_pruning_peer(teacher: nn.Module, target_macs: int, ratios: Sequence[fl
     return best[1], best[2]
 
 
-def deepcache(unet: nn.Module, scheduler_config: dict[str, Any], steps: int, interval: int, branch: int = 0) -> Callable[[], contextlib.AbstractContextManager[None]]:
+def deepcache(
+    unet: nn.Module, scheduler_config: dict[str, Any], steps: int, interval: int, branch: int = 0
+) -> Callable[[], contextlib.AbstractContextManager[None]]:
     """A context factory under which ``unet`` samples with DeepCache (``steps`` DDIM steps)."""
 
     @contextlib.contextmanager

@@ -53,8 +53,11 @@ def markdown(result: BenchResult, *, command: str) -> str:
             f"{row.fid:.3f} | {result.fid_ratio(row):.2f} | {_seconds(row.search_seconds)} |"
         )
     goal_reduction, goal_fid, goal_efficiency = p.goal
-    lines += ["", f"Goal for the stacked model: at least {goal_reduction:g}x fewer trajectory MACs than the teacher, FID at most "
-              f"{goal_fid:g}x the teacher's, measured speedup at least {goal_efficiency:g}x the MACs reduction."]
+    lines += [
+        "",
+        f"Goal for the stacked model: at least {goal_reduction:g}x fewer trajectory MACs than the teacher, FID at most "
+        f"{goal_fid:g}x the teacher's, measured speedup at least {goal_efficiency:g}x the MACs reduction.",
+    ]
     if best is not None:
         verdict = "**met**" if met else "**not met**"
         lines.append(

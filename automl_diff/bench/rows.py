@@ -73,12 +73,19 @@ def teacher_row(bench: Bench) -> None:
 
 def dkdm_row(bench: Bench) -> None:
     p = bench.preset
-    config = bench.study_config("dkdm", search_space=p.dkdm_space, iterations=p.dkdm_iterations, options={**bench.pool_options, "ema_decay": p.ema_decay})
+    config = bench.study_config(
+        "dkdm", search_space=p.dkdm_space, iterations=p.dkdm_iterations, options={**bench.pool_options, "ema_decay": p.ema_decay}
+    )
     dkdm = DKDM(config, bench.teacher, inputs=bench.inputs, device=bench.device)
     start = time.perf_counter()
     candidate = dkdm.run_trial(dict(p.dkdm_params))
-    bench.measure("DKDM student", "method", candidate.unet, search_seconds=bench.pool_seconds + time.perf_counter() - start,
-                  notes=f"{p.dkdm_iterations} steps, {_json(p.dkdm_params)}")
+    bench.measure(
+        "DKDM student",
+        "method",
+        candidate.unet,
+        search_seconds=bench.pool_seconds + time.perf_counter() - start,
+        notes=f"{p.dkdm_iterations} steps, {_json(p.dkdm_params)}",
+    )
 
 
 def _smallest_tolerance(nas: DiffNAS, max_ratio: float) -> tuple[float, dict[str, str]]:
@@ -97,10 +104,21 @@ def _smallest_tolerance(nas: DiffNAS, max_ratio: float) -> tuple[float, dict[str
 def diffnas_row(bench: Bench) -> None:
     p = bench.preset
     config = bench.study_config(
-        "diffnas", search_space=p.diffnas_space, iterations=p.retrain_iterations,
-        options={**bench.pool_options, "supernet_iterations": p.supernet_iterations, "subnets_per_step": p.subnets_per_step,
-                 "search_samples": p.search_samples, "retrain_iterations": [p.retrain_iterations], "ema_decay": p.ema_decay,
-                 "block_trials": 10_000, "tolerance_low": 1e-9, "tolerance_high": 1e9, "block_cost": p.diffnas_block_cost},
+        "diffnas",
+        search_space=p.diffnas_space,
+        iterations=p.retrain_iterations,
+        options={
+            **bench.pool_options,
+            "supernet_iterations": p.supernet_iterations,
+            "subnets_per_step": p.subnets_per_step,
+            "search_samples": p.search_samples,
+            "retrain_iterations": [p.retrain_iterations],
+            "ema_decay": p.ema_decay,
+            "block_trials": 10_000,
+            "tolerance_low": 1e-9,
+            "tolerance_high": 1e9,
+            "block_cost": p.diffnas_block_cost,
+        },
     )
     nas = DiffNAS(config, bench.teacher, inputs=bench.inputs, device=bench.device)
     start = time.perf_counter()
@@ -110,8 +128,13 @@ def diffnas_row(bench: Bench) -> None:
     student = nas.run_trial({"tolerance": tolerance}).unet
     seconds = bench.pool_seconds + time.perf_counter() - start
     how = f", per block the fastest candidate within it (timed at batch {p.latency_batch})" if p.diffnas_block_cost == "latency" else ""
-    bench.measure("DiffNAS student", "method", student, search_seconds=seconds,
-                  notes=f"tolerance {tolerance:.3g}{how}, supernets + search {searched:.0f} s, retrained {p.retrain_iterations} steps; {_json(choice)}")
+    bench.measure(
+        "DiffNAS student",
+        "method",
+        student,
+        search_seconds=seconds,
+        notes=f"tolerance {tolerance:.3g}{how}, supernets + search {searched:.0f} s, retrained {p.retrain_iterations} steps; {_json(choice)}",
+    )
     bench.results["diffnas"] = (student, seconds)
     bench.details.update(tolerance=tolerance, block_choices=choice)
 
@@ -121,10 +144,21 @@ def torch_pruning_row(bench: Bench) -> None:
     student, _ = bench.results["diffnas"]
     start = time.perf_counter()
     pruned, ratio = torch_pruning_peer(bench.teacher.unet, count_macs(student).macs, p.prune_ratios, log=bench.log)
-    tuned = fit(pruned.requires_grad_(True), bench.inputs.batches(p.seed + 2), iterations=p.retrain_iterations, batch_size=p.batch_size,
-                lr=p.lr, ema_decay=p.ema_decay).model.requires_grad_(False)
-    bench.measure("Torch-Pruning peer", "peer", tuned, search_seconds=bench.pool_seconds + time.perf_counter() - start,
-                  notes=f"L2 magnitude, ratio {ratio}, fine-tuned {p.retrain_iterations} steps")
+    tuned = fit(
+        pruned.requires_grad_(True),
+        bench.inputs.batches(p.seed + 2),
+        iterations=p.retrain_iterations,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        ema_decay=p.ema_decay,
+    ).model.requires_grad_(False)
+    bench.measure(
+        "Torch-Pruning peer",
+        "peer",
+        tuned,
+        search_seconds=bench.pool_seconds + time.perf_counter() - start,
+        notes=f"L2 magnitude, ratio {ratio}, fine-tuned {p.retrain_iterations} steps",
+    )
     bench.details["prune_ratio"] = ratio
 
 
@@ -139,10 +173,16 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
         if schedule.key() in seen:
             continue
         seen.add(schedule.key())
-        rows.append(bench.measure(
-            f"{label}, threshold {threshold:g}", kind, method.teacher.unet, context=lambda m, s=schedule: apply_schedule(m, s), search_seconds=seconds,
-            notes=f"{len(schedule.units)} units x {bench.steps} steps, {schedule.computed_fraction:.3f} of the units computed; {pruner}",
-        ))
+        rows.append(
+            bench.measure(
+                f"{label}, threshold {threshold:g}",
+                kind,
+                method.teacher.unet,
+                context=lambda m, s=schedule: apply_schedule(m, s),
+                search_seconds=seconds,
+                notes=f"{len(schedule.units)} units x {bench.steps} steps, {schedule.computed_fraction:.3f} of the units computed; {pruner}",
+            )
+        )
     return rows
 
 
@@ -171,8 +211,13 @@ def deepcache_row(bench: Bench) -> None:
         with deepcache(unet, config, steps, interval)():
             levels[interval] = executed_macs(lambda: sample_images(unet, config, num_images=1, steps=steps, batch_size=1))
     interval = min(levels, key=lambda i: abs(levels[i] - target.trajectory_macs))
-    bench.measure("DeepCache peer", "peer", unet, context=lambda m: deepcache(m, config, steps, interval)(),
-                  notes=f"interval {interval}, branch 0, matched to '{target.name}'")
+    bench.measure(
+        "DeepCache peer",
+        "peer",
+        unet,
+        context=lambda m: deepcache(m, config, steps, interval)(),
+        notes=f"interval {interval}, branch 0, matched to '{target.name}'",
+    )
     bench.details["deepcache_levels"] = levels
 
 

@@ -105,8 +105,11 @@ class BenchResult:
         reduction, fid_ratio, efficiency = self.preset.goal
         stacked = [r for r in self.rows if r.kind == "stacked"]
         meets = [
-            r for r in stacked
-            if self.macs_reduction(r) >= reduction and self.fid_ratio(r) <= fid_ratio and self.speedup(r) >= efficiency * self.macs_reduction(r)
+            r
+            for r in stacked
+            if self.macs_reduction(r) >= reduction
+            and self.fid_ratio(r) <= fid_ratio
+            and self.speedup(r) >= efficiency * self.macs_reduction(r)
         ]
         if meets:
             return max(meets, key=self.macs_reduction), True
@@ -152,8 +155,13 @@ def bench_study_config(
         sampler=SamplerSettings("random", preset.seed),
         n_trials=1,
         budgets=Budgets(
-            train_iterations=iterations, batch_size=batch_size, lr=lr, fid_samples=preset.fid_samples,
-            sampling_steps=preset.steps, latency_repeats=preset.latency_repeats, latency_batch_size=preset.latency_batch,
+            train_iterations=iterations,
+            batch_size=batch_size,
+            lr=lr,
+            fid_samples=preset.fid_samples,
+            sampling_steps=preset.steps,
+            latency_repeats=preset.latency_repeats,
+            latency_batch_size=preset.latency_batch,
         ),
         sampling=SamplingSettings("ddim", 0.0),
         fid=FidSettings(preset.fid_dataset, preset.fid_features, preset.fid_batch),
@@ -200,7 +208,14 @@ class Bench:
         self._inputs: TrainingInputs | None = None
         base = self.study_config("dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, options={})
         t = self.teacher
-        self.evaluator = Evaluator(base, scheduler_config=t.scheduler_config, teacher_dataset=t.dataset, resolution=t.resolution, channels=t.channels, device=self.device)
+        self.evaluator = Evaluator(
+            base,
+            scheduler_config=t.scheduler_config,
+            teacher_dataset=t.dataset,
+            resolution=t.resolution,
+            channels=t.channels,
+            device=self.device,
+        )
         self.log(f"# {preset.name}: {self.banner}")
 
     @property
@@ -218,13 +233,26 @@ class Bench:
         return self.teacher.scheduler_config
 
     def study_config(
-        self, method: str, *, search_space: str | None = None, iterations: int, batch_size: int | None = None, lr: float | None = None,
+        self,
+        method: str,
+        *,
+        search_space: str | None = None,
+        iterations: int,
+        batch_size: int | None = None,
+        lr: float | None = None,
         options: dict[str, Any],
     ) -> StudyConfig:
         """The in-memory study config a method runs with (:func:`bench_study_config`)."""
         p = self.preset
-        return bench_study_config(p, method, search_space=search_space, iterations=iterations, batch_size=batch_size or p.batch_size,
-                                  lr=lr or p.lr, options=options)
+        return bench_study_config(
+            p,
+            method,
+            search_space=search_space,
+            iterations=iterations,
+            batch_size=batch_size or p.batch_size,
+            lr=lr or p.lr,
+            options=options,
+        )
 
     @property
     def pool_options(self) -> dict[str, Any]:
@@ -266,14 +294,18 @@ class Bench:
         model.eval()
         with context(model):
             trajectory = executed_macs(lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1))
-            images = sample_images(model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=p.seed)
+            images = sample_images(
+                model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=p.seed
+            )
         fid = self.fid(images)
         params = sum(q.numel() for q in model.parameters())
         row = Row(name, kind, params, trajectory, trajectory / self.steps, fid, round(search_seconds, 1), notes=notes)
         self.rows.append(row)
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
-        self.log(f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s")
+        self.log(
+            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
+        )
         return row
 
     def fid(self, images: torch.Tensor) -> float:
@@ -285,8 +317,13 @@ class Bench:
         p = self.preset
         self.log(f"timing {len(self._timed)} rows in lockstep: {p.latency_repeats} batches of {p.latency_batch} each")
         seconds = sampler_latencies(
-            self._timed, self.scheduler_config, contexts=self._contexts, steps=self.steps, batch_size=p.latency_batch,
-            repeats=p.latency_repeats, warmup=p.latency_warmup,
+            self._timed,
+            self.scheduler_config,
+            contexts=self._contexts,
+            steps=self.steps,
+            batch_size=p.latency_batch,
+            repeats=p.latency_repeats,
+            warmup=p.latency_warmup,
         )
         for row in self.rows:
             row.latency = seconds[row.name]

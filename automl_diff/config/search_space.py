@@ -100,7 +100,13 @@ class SearchSpace:
 
         from diffusers import UNet2DModel
 
-        accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types"}
+        accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {
+            "self",
+            "layers_per_block",
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+        }
         for key in self.fixed:
             if key not in accepted:
                 raise UserError(f"{self.path}: fixed.{key}: not a UNet2DModel config key that a search space may fix")
@@ -119,9 +125,16 @@ class SearchSpace:
             if block.name == "mid" and (block.channels or block.layers):
                 raise UserError(f"{self.path}: {key}: mid keeps the last level's channels; only attention can be chosen")
             level = int(block.name.split(".")[1]) if block.name.startswith("down.") else None
-            attends = any(block.attention) if block.attention is not None else (
-                level is not None
-                and (_DOWN_TYPES.get(base["down_block_types"][level], False) or _UP_TYPES.get(base["up_block_types"][levels - 1 - level], False))
+            attends = (
+                any(block.attention)
+                if block.attention is not None
+                else (
+                    level is not None
+                    and (
+                        _DOWN_TYPES.get(base["down_block_types"][level], False)
+                        or _UP_TYPES.get(base["up_block_types"][levels - 1 - level], False)
+                    )
+                )
             )
             if level == levels - 1:  # the mid block's attention runs at the last level's width
                 mid = next((b for b in self.blocks if b.name == "mid"), None)
@@ -242,7 +255,9 @@ class SupernetSpace:
                 if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
                     raise UserError(f"{self.path}: {key}: resnets that resample are not supported by supernets")
                 if getattr(resnet, "time_embedding_norm", "default") not in ("default", "scale_shift"):
-                    raise UserError(f"{self.path}: {key}: resnet time embedding '{resnet.time_embedding_norm}' is not supported by supernets")
+                    raise UserError(
+                        f"{self.path}: {key}: resnet time embedding '{resnet.time_embedding_norm}' is not supported by supernets"
+                    )
                 channels = resnet.conv1.out_channels
                 per_group = resnet.norm2.num_channels // resnet.norm2.num_groups
                 for w in block.width or ():

@@ -172,13 +172,19 @@ def load_study_config(path: str | Path) -> StudyConfig:
     raw_teacher = top.take("teacher", str)
     teacher = raw_teacher if raw_teacher == "digits" else _resolve(base, raw_teacher)
     if Path(teacher).is_absolute() and not Path(teacher).exists():
-        raise top.error("teacher", raw_teacher, f"the folder {teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)")
+        raise top.error(
+            "teacher", raw_teacher, f"the folder {teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)"
+        )
     raw_original = top.take("original_teacher", str, None)
     original_teacher = None
     if raw_original is not None:
         original_teacher = raw_original if raw_original == "digits" else _resolve(base, raw_original)
         if Path(original_teacher).is_absolute() and not Path(original_teacher).exists():
-            raise top.error("original_teacher", raw_original, f"the folder {original_teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)")
+            raise top.error(
+                "original_teacher",
+                raw_original,
+                f"the folder {original_teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)",
+            )
     raw_space = top.take("search_space", str, None)
     space = None if raw_space is None else _resolve(base, raw_space)
     if space is not None and not Path(space).is_file():
@@ -193,7 +199,9 @@ def load_study_config(path: str | Path) -> StudyConfig:
         if isinstance(item, str):
             item = {"name": item}
         sec = Section(item, file=path, prefix=f"objectives[{i}]")
-        objectives.append(Objective(sec.take("name", str, choices=OBJECTIVES), sec.take("direction", str, "minimize", choices=("minimize", "maximize"))))
+        objectives.append(
+            Objective(sec.take("name", str, choices=OBJECTIVES), sec.take("direction", str, "minimize", choices=("minimize", "maximize")))
+        )
         sec.done()
     if len({o.name for o in objectives}) != len(objectives):
         raise top.error("objectives", [o.name for o in objectives], "repeats an objective")

@@ -73,7 +73,9 @@ def lineage(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage_url
     schedule = attrs.get(TrialAttr.SCHEDULE)
     if schedule:
         step[TrialAttr.SCHEDULE] = {
-            "steps": schedule.get("steps"), "units": len(schedule.get("units", ())), TrialAttr.COMPUTED_FRACTION: attrs.get(TrialAttr.COMPUTED_FRACTION),
+            "steps": schedule.get("steps"),
+            "units": len(schedule.get("units", ())),
+            TrialAttr.COMPUTED_FRACTION: attrs.get(TrialAttr.COMPUTED_FRACTION),
         }
     return [*study.user_attrs.get(StudyAttr.LINEAGE, []), step]
 
@@ -84,7 +86,9 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
     tables = []
     for i, step in enumerate(steps, 1):
         metrics = step.get("metrics") or {}
-        what = {"dkdm": "DKDM student", "diffnas": "DiffNAS student", "dipgo": "DiP-GO schedule"}.get(step.get("method") or "", f"method `{step.get('method')}`")
+        what = {"dkdm": "DKDM student", "diffnas": "DiffNAS student", "dipgo": "DiP-GO schedule"}.get(
+            step.get("method") or "", f"method `{step.get('method')}`"
+        )
         evaluation = Evaluation.from_dict(step.get("evaluation"))
         lines.append(
             f"{i}. {what}: study `{step.get('study')}`"
@@ -96,7 +100,9 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
         )
         if step.get(TrialAttr.BLOCK_CHOICES) and len(steps) > 1:  # a single DiffNAS step has its own table
             rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in step[TrialAttr.BLOCK_CHOICES].items())
-            tables.append(f"\nBlock choices of step {i} (DiffNAS, retrained {step.get(TrialAttr.RETRAIN_ITERATIONS)} steps):\n\n| block | subnet |\n|---|---|\n{rows}\n")
+            tables.append(
+                f"\nBlock choices of step {i} (DiffNAS, retrained {step.get(TrialAttr.RETRAIN_ITERATIONS)} steps):\n\n| block | subnet |\n|---|---|\n{rows}\n"
+            )
     return "\n".join(lines) + "\n" + "".join(tables)
 
 
@@ -117,8 +123,14 @@ def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_
         ("latency per image", TrialAttr.LATENCY, " s"),
     ]
     columns = [attrs, *([start] if start else []), teacher]
-    header = "| metric | this model |" + (" starting model |" if start else "") + " teacher |\n|---|---|" + ("---|" if start else "") + "---|"
-    table = header + "\n" + "\n".join(f"| {name} | " + " | ".join(fmt_number(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
+    header = (
+        "| metric | this model |" + (" starting model |" if start else "") + " teacher |\n|---|---|" + ("---|" if start else "") + "---|"
+    )
+    table = (
+        header
+        + "\n"
+        + "\n".join(f"| {name} | " + " | ".join(fmt_number(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
+    )
     chain = lineage(study, trial, storage_url=storage_url)
     speedup = attrs.get(TrialAttr.SPEEDUP)
     params = json.dumps(trial.params, indent=2, sort_keys=True)

@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from automl_diff.gating.hooks import GateController, ScheduleMismatch, apply_schedule
 from automl_diff.gating.schedule import FORMAT, Schedule
-from automl_diff.gating.units import HEAD, Head, head_input_unit, head_modules, idle_steps_free, model_fingerprint, output_is_head, prunable_units, unit_costs
+from automl_diff.gating.units import (
+    HEAD,
+    Head,
+    head_input_unit,
+    head_modules,
+    idle_steps_free,
+    model_fingerprint,
+    output_is_head,
+    prunable_units,
+    unit_costs,
+)
 
 __all__ = [
     "FORMAT",

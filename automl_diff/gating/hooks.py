@@ -317,16 +317,24 @@ class GateController:
     def _reuses(self, name: str) -> bool:
         """Whether unit ``name`` returns its cache at the current step (binary gates only)."""
         return (
-            self.soft_gates is None and self.gates is not None and self.step > 0
-            and not self.gates[self.step][self._index[name]] and name in self.cache
+            self.soft_gates is None
+            and self.gates is not None
+            and self.step > 0
+            and not self.gates[self.step][self._index[name]]
+            and name in self.cache
         )
 
     def _idle(self) -> bool:
         """Whether the current step runs nothing: no unit computes (each reuses its cache) and such
         a step is free, so the UNet's output is the last call's."""
         return (
-            self.idle_free and self.head_input is not None and self.soft_gates is None and self.gates is not None and self.step > 0
-            and not any(self.gates[self.step]) and all(name in self.cache for name in self.units)
+            self.idle_free
+            and self.head_input is not None
+            and self.soft_gates is None
+            and self.gates is not None
+            and self.step > 0
+            and not any(self.gates[self.step])
+            and all(name in self.cache for name in self.units)
         )
 
     def _advance(self, t: float) -> None:

@@ -106,9 +106,7 @@ class Schedule:
         if self.model and self.model != mine:
             diff = [k for k in mine if self.model.get(k) != mine[k]]
             key = diff[0] if diff else "class"
-            raise UserError(
-                f"{source}: made for another model ({key} {self.model.get(key)!r}; this model has {mine.get(key)!r})"
-            )
+            raise UserError(f"{source}: made for another model ({key} {self.model.get(key)!r}; this model has {mine.get(key)!r})")
         modules = dict(unet.named_modules())
         for name in self.units:
             if name_to_module_path(name) not in modules:
@@ -119,7 +117,14 @@ class Schedule:
         return ["".join("1" if g else "0" for g in row) for row in self.gates]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "steps": self.steps, "units": list(self.units), "gates": self._rows(), "model": self.model, "info": self.info}
+        return {
+            "format": FORMAT,
+            "steps": self.steps,
+            "units": list(self.units),
+            "gates": self._rows(),
+            "model": self.model,
+            "info": self.info,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "schedule") -> Schedule:

@@ -65,7 +65,9 @@ def _digits_extractor(device: torch.device) -> FeatureExtractor:
     from automl_diff.zoo.digits import CLASSIFIER_FILE, load_classifier
 
     if not CLASSIFIER_FILE.is_file():
-        raise UserError(f"the digits feature extractor is missing: {CLASSIFIER_FILE}; retrain it with python -m automl_diff.zoo.train_digits")
+        raise UserError(
+            f"the digits feature extractor is missing: {CLASSIFIER_FILE}; retrain it with python -m automl_diff.zoo.train_digits"
+        )
     model = load_classifier().to(device)
     digest = hashlib.sha256(CLASSIFIER_FILE.read_bytes()).hexdigest()[:12]
 

@@ -14,7 +14,15 @@ from torch import nn
 
 from automl_diff.sampling import sampling_steps
 
-__all__ = ["measure_latency", "measure_latencies", "sampler_latencies", "synchronize", "time_interleaved", "time_lockstep", "unit_latencies"]
+__all__ = [
+    "measure_latency",
+    "measure_latencies",
+    "sampler_latencies",
+    "synchronize",
+    "time_interleaved",
+    "time_lockstep",
+    "unit_latencies",
+]
 
 
 def synchronize(module: nn.Module) -> None:
@@ -40,7 +48,9 @@ def measure_latency(
     batch time divided by ``batch_size``. Measures the same loop that produces FID samples.
     """
     variants = {"model": contextlib.nullcontext}
-    return measure_latencies(unet, scheduler_config, variants, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler)["model"]
+    return measure_latencies(
+        unet, scheduler_config, variants, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler
+    )["model"]
 
 
 def measure_latencies(
@@ -63,7 +73,14 @@ def measure_latencies(
     """
     models = {name: unet if i == 0 else copy.deepcopy(unet) for i, name in enumerate(variants)}
     return sampler_latencies(
-        models, scheduler_config, contexts=variants, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler,
+        models,
+        scheduler_config,
+        contexts=variants,
+        steps=steps,
+        batch_size=batch_size,
+        repeats=repeats,
+        warmup=warmup,
+        scheduler=scheduler,
     )
 
 
@@ -84,11 +101,15 @@ def sampler_latencies(
     contexts = contexts or {}
 
     def run(model: nn.Module) -> Callable[[], Any]:
-        return lambda: sampling_steps(model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler)
+        return lambda: sampling_steps(
+            model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler
+        )
 
     entered = {name: (lambda name=name: contexts[name](models[name])) for name in models if name in contexts}
     sync = next(iter(models.values()), None)
-    seconds = time_lockstep({name: run(model) for name, model in models.items()}, contexts=entered, repeats=repeats, warmup=warmup, sync=sync)
+    seconds = time_lockstep(
+        {name: run(model) for name, model in models.items()}, contexts=entered, repeats=repeats, warmup=warmup, sync=sync
+    )
     return {name: value / batch_size for name, value in seconds.items()}
 
 
@@ -169,7 +190,7 @@ def time_lockstep(
                 synchronize(sync)  # then after every step, so each starts with nothing queued
             turn = 0
             while active:
-                for name in names[turn % len(names):] + names[: turn % len(names)]:
+                for name in names[turn % len(names) :] + names[: turn % len(names)]:
                     if name not in active:
                         continue
                     start = time.perf_counter()
@@ -219,12 +240,14 @@ def unit_latencies(
         def hook(*_: Any) -> None:
             synchronize(unet)
             started[name] = time.perf_counter()
+
         return hook
 
     def after(name: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
             synchronize(unet)
             current[name] += time.perf_counter() - started[name]
+
         return hook
 
     handles = []

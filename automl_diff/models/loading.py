@@ -138,7 +138,9 @@ def load_unet(spec: str | Path, *, weights: bool = True) -> nn.Module:
         config = _read_json(folder / "config.json")
         if not weights:
             return unet_from_config(config, where=str(folder / "config.json"))
-        if not any((folder / name).is_file() for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")):
+        if not any(
+            (folder / name).is_file() for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+        ):
             raise UserError(f"{folder}: diffusion_pytorch_model.safetensors is missing (only safetensors weights are loaded)")
         cls = _class_for(config, str(folder / "config.json"))
         try:
@@ -245,7 +247,11 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
     """The scheduler config beside a local model (``scheduler/`` of a pipeline), else a default
     1000-step DDPM schedule."""
     if path is not None:
-        for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
+        for candidate in (
+            path / "scheduler" / "scheduler_config.json",
+            path / "scheduler_config.json",
+            path.parent / "scheduler" / "scheduler_config.json",
+        ):
             if candidate.is_file():
                 return _read_json(candidate)
     return dict(_DEFAULT_SCHEDULER)
@@ -261,14 +267,20 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
         from automl_diff.zoo.digits import DIGITS_DIR
 
         if not (DIGITS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-            raise UserError(f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}")
+            raise UserError(
+                f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}"
+            )
         unet = load_unet(DIGITS_DIR)
         return Teacher(unet.to(device).eval(), scheduler_config_for(DIGITS_DIR), "digits", dataset="digits", weights_dir=str(DIGITS_DIR))
     path = Path(spec)
     if path.is_file():
         raise UserError(f"teacher '{spec}' is a file; a teacher is a diffusers folder with weights (a bare config.json has none)")
     if path.exists():
-        if (path / "model_index.json").is_file() and "scheduler" in _read_json(path / "model_index.json") and not (path / "scheduler" / "scheduler_config.json").is_file():
+        if (
+            (path / "model_index.json").is_file()
+            and "scheduler" in _read_json(path / "model_index.json")
+            and not (path / "scheduler" / "scheduler_config.json").is_file()
+        ):
             raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
         unet = load_unet(path)
         return Teacher(unet.to(device).eval(), scheduler_config_for(path if path.is_dir() else None), spec, weights_dir=str(path.resolve()))

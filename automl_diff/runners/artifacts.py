@@ -47,7 +47,9 @@ def attach_samples(
     path = StudyFolder.samples(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(sample_grid_png(images))
-    artifact_id = upload_artifact(artifact_store=artifact_store(artifact_dir), file_path=str(path), study_or_trial=trial, mimetype="image/png")
+    artifact_id = upload_artifact(
+        artifact_store=artifact_store(artifact_dir), file_path=str(path), study_or_trial=trial, mimetype="image/png"
+    )
     trial.set_user_attr(TrialAttr.SAMPLES, str(path))
     rows = "\n".join(f"| {k} | {fmt_number(v)} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     note = f"## Trial {trial.number}\n\n| metric | value |\n|---|---|\n{rows}\n"

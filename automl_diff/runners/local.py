@@ -218,6 +218,10 @@ def run_study(
         study.optimize(objective, n_trials=1, callbacks=[lambda _study, trial: outcome.append(trial)], gc_after_trial=True)
         if errors:
             raise errors[0]
-        if outcome and outcome[0].state == _TrialState.FAIL and not str(outcome[0].user_attrs.get(TrialAttr.FAIL_REASON, "")).startswith(SURPLUS):
+        if (
+            outcome
+            and outcome[0].state == _TrialState.FAIL
+            and not str(outcome[0].user_attrs.get(TrialAttr.FAIL_REASON, "")).startswith(SURPLUS)
+        ):
             failed += 1
     return study

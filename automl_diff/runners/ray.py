@@ -90,7 +90,9 @@ def _session(config: StudyConfig, study_name: str) -> StudySession:
 def _result(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     values = trial.values or [math.nan] * len(config.objective_names)
     result: dict[str, Any] = dict(zip(config.objective_names, values))
-    result.update({"optuna_trial": trial.number, "state": trial.state.name, TrialAttr.FAIL_REASON: trial.user_attrs.get(TrialAttr.FAIL_REASON, "")})
+    result.update(
+        {"optuna_trial": trial.number, "state": trial.state.name, TrialAttr.FAIL_REASON: trial.user_attrs.get(TrialAttr.FAIL_REASON, "")}
+    )
     return result
 
 
@@ -131,7 +133,9 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"--address {address}" if address else "a local Ray instance"
-        raise UserError(f"{where}: cannot start or join Ray: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        raise UserError(
+            f"{where}: cannot start or join Ray: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from None
 
 
 def run_study_ray(

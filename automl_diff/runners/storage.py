@@ -89,7 +89,9 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
     try:
         return _create_storage(_with_driver(url), engine_kwargs, kwargs)
     except ImportError:
-        raise UserError(f"cannot open storage '{mask_url(url)}': its database driver is not installed (for PostgreSQL: pip install 'automl_diff[postgres]')") from None
+        raise UserError(
+            f"cannot open storage '{mask_url(url)}': its database driver is not installed (for PostgreSQL: pip install 'automl_diff[postgres]')"
+        ) from None
     except Exception as exc:  # sqlalchemy raises many types: ArgumentError, OperationalError, NoSuchModuleError
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(message)}") from None

@@ -171,7 +171,11 @@ class StudySession:
     def _log_metrics(what: str, metrics: dict[str, Any]) -> None:
         logger.info(
             "%s: %.3gM params, %.3gM MACs per call, FID %.4g, %.4g s per image",
-            what, metrics[TrialAttr.PARAMS] / 1e6, metrics[TrialAttr.MACS] / 1e6, metrics[TrialAttr.FID], metrics[TrialAttr.LATENCY],
+            what,
+            metrics[TrialAttr.PARAMS] / 1e6,
+            metrics[TrialAttr.MACS] / 1e6,
+            metrics[TrialAttr.FID],
+            metrics[TrialAttr.LATENCY],
         )
 
     def prepare(self, study: optuna.Study, storage: optuna.storages.BaseStorage | None = None) -> None:
@@ -243,7 +247,14 @@ class StudySession:
             artifact_dir = self.folder.artifacts
             if study.user_attrs.get(StudyAttr.ARTIFACT_DIR) != str(artifact_dir):
                 study.set_user_attr(StudyAttr.ARTIFACT_DIR, str(artifact_dir))
-            attach_samples(trial, self.evaluator.last_samples, folder=folder, artifact_dir=artifact_dir, metrics=metrics.to_dict(), storage=self.storage)
+            attach_samples(
+                trial,
+                self.evaluator.last_samples,
+                folder=folder,
+                artifact_dir=artifact_dir,
+                metrics=metrics.to_dict(),
+                storage=self.storage,
+            )
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
 

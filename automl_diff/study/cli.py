@@ -18,7 +18,9 @@ __all__ = ["build_parser", "main"]
 
 
 def _study_options(parser: argparse.ArgumentParser, *, storage_default: str | None = DEFAULT_STORAGE) -> None:
-    parser.add_argument("--storage", default=storage_default, help=f"Optuna RDB storage URL (default: {storage_default or 'the config file''s'})")
+    parser.add_argument(
+        "--storage", default=storage_default, help=f"Optuna RDB storage URL (default: {storage_default or 'the config files'})"
+    )
     parser.add_argument("--study-name", default=None, help="study to use (default: the config's name, or the storage's only study)")
 
 
@@ -47,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     _study_options(run, storage_default=None)
     run.add_argument("--n-trials", type=_positive_int, default=None, help="total finished trials to reach (default: the config's)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--backend", choices=("local", "ray"), default="local", help="run trials in this process (local, default) or as Ray Tune trials (ray)")
+    run.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="run trials in this process (local, default) or as Ray Tune trials (ray)",
+    )
     run.add_argument("--address", default=None, help="Ray cluster to join with --backend ray (default: a local Ray instance)")
     run.set_defaults(func=commands.cmd_run)
 
@@ -71,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="a self-contained HTML report: figures, Pareto table, samples of the front models")
     _study_options(report)
     report.add_argument("--out", default=None, help="HTML file to write (default: dashboards/<study>.html)")
-    report.add_argument("--samples", type=int, default=16, help="sample images per front model without a stored grid (0: no samples at all; default 16)")
+    report.add_argument(
+        "--samples", type=int, default=16, help="sample images per front model without a stored grid (0: no samples at all; default 16)"
+    )
     report.set_defaults(func=commands.cmd_report)
 
     dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the study's sample-grid artifacts")
@@ -93,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--model", required=True, help="digits, a hub id, a diffusers/exported folder, or a config.json")
     profile.add_argument("--resolution", type=int, default=None, help="input size (default: the config's sample_size)")
     profile.add_argument("--text-length", type=int, default=77, help="text tokens for conditional UNets (default 77)")
-    profile.add_argument("--schedule", default=None, metavar="FILE", help="a DiP-GO schedule.json: also report trajectory MACs and measured latency against the full sampler")
+    profile.add_argument(
+        "--schedule",
+        default=None,
+        metavar="FILE",
+        help="a DiP-GO schedule.json: also report trajectory MACs and measured latency against the full sampler",
+    )
     profile.add_argument("--steps", type=int, default=None, help="sampling steps for --schedule (default: the schedule's)")
     profile.add_argument("--batch-size", type=int, default=8, help="images per timed batch for --schedule (default 8)")
     profile.add_argument("--repeats", type=int, default=3, help="timed batches per variant for --schedule (default 3)")

@@ -38,12 +38,27 @@ def pareto_table(study: Any) -> str:
     if teacher:
         rows.append(
             [
-                "teacher", fmt_si(teacher[TrialAttr.MACS]), fmt_si(teacher.get(TrialAttr.TRAJECTORY_MACS)), fmt_si(teacher[TrialAttr.PARAMS]),
-                fmt_si(teacher[TrialAttr.FID]), fmt_si(teacher[TrialAttr.LATENCY], "s"), "1x",
+                "teacher",
+                fmt_si(teacher[TrialAttr.MACS]),
+                fmt_si(teacher.get(TrialAttr.TRAJECTORY_MACS)),
+                fmt_si(teacher[TrialAttr.PARAMS]),
+                fmt_si(teacher[TrialAttr.FID]),
+                fmt_si(teacher[TrialAttr.LATENCY], "s"),
+                "1x",
             ]
         )
     for r in pareto_rows(study):
-        rows.append([str(r.trial), fmt_si(r.macs), fmt_si(r.trajectory_macs), fmt_si(r.params), fmt_si(r.fid), fmt_si(r.latency, "s"), fmt_si(r.speedup, "x")])
+        rows.append(
+            [
+                str(r.trial),
+                fmt_si(r.macs),
+                fmt_si(r.trajectory_macs),
+                fmt_si(r.params),
+                fmt_si(r.fid),
+                fmt_si(r.latency, "s"),
+                fmt_si(r.speedup, "x"),
+            ]
+        )
     return _table(header, rows)
 
 
@@ -58,7 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.backend == "ray":
         from automl_diff.runners.ray import run_study_ray
 
-        study = run_study_ray(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, address=args.address, progress=not args.quiet)
+        study = run_study_ray(
+            config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, address=args.address, progress=not args.quiet
+        )
     else:
         study = run_study(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, progress=not args.quiet)
     print(f"\nPareto front of study '{study.study_name}' (MACs per UNet call, trajectory MACs and latency per image, lower FID is better):")
@@ -88,7 +105,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if values:
             best[name] = (min if direction == optuna.study.StudyDirection.MINIMIZE else max)(values)
     if args.json:
-        print(json.dumps({"study": study.study_name, "states": dict(states), "trials": len(trials), "pareto_size": len(front), "best": best}))
+        print(
+            json.dumps({"study": study.study_name, "states": dict(states), "trials": len(trials), "pareto_size": len(front), "best": best})
+        )
         return 0
     print(f"study {study.study_name}: {len(trials)} trials")
     for state, count in sorted(states.items()):

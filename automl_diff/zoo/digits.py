@@ -63,11 +63,17 @@ class DigitsClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4
             nn.Flatten(),
-            nn.Linear(64 * 16, 128), nn.ReLU(),
-            nn.Linear(128, self.feature_dim), nn.ReLU(),
+            nn.Linear(64 * 16, 128),
+            nn.ReLU(),
+            nn.Linear(128, self.feature_dim),
+            nn.ReLU(),
         )
         self.head = nn.Linear(self.feature_dim, 10)
 

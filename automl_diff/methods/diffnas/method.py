@@ -127,7 +127,12 @@ class DiffNAS(Method):
                 logger.info("DiffNAS: reusing the supernets in %s", cache)
         if not loaded:
             o = self.options
-            logger.info("DiffNAS: training %d block supernets (%d iterations, %d subnets per block and step)", len(self.supernets), o.supernet_iterations, o.subnets_per_step)
+            logger.info(
+                "DiffNAS: training %d block supernets (%d iterations, %d subnets per block and step)",
+                len(self.supernets),
+                o.supernet_iterations,
+                o.subnets_per_step,
+            )
             start = time.perf_counter()
             losses = train_supernets(
                 self.teacher.unet,
@@ -167,15 +172,23 @@ class DiffNAS(Method):
         if o.block_cost == "latency":  # scores measured at another batch size or device are not comparable
             key = f"{key}/latency@{self.config.budgets.latency_batch_size}/{self.device.type}"
         if o.search == "local":
-            self.block_scores = local_search(self.supernets, data, storage=storage, study_name=name, key=key, max_trials=o.block_trials, seed=self.config.seed, **cost)
+            self.block_scores = local_search(
+                self.supernets, data, storage=storage, study_name=name, key=key, max_trials=o.block_trials, seed=self.config.seed, **cost
+            )
             evaluations = sum(len(v) for v in self.block_scores.values())
         else:
-            self.global_scores = global_search(self.supernets, data, storage=storage, study_name=name, key=key, n_trials=o.global_trials, seed=self.config.seed, **cost)
+            self.global_scores = global_search(
+                self.supernets, data, storage=storage, study_name=name, key=key, n_trials=o.global_trials, seed=self.config.seed, **cost
+            )
             evaluations = len(self.global_scores) * len(self.supernets)
-        self.summary.update({
-            TrialAttr.SEARCH: o.search, TrialAttr.BLOCK_COST: o.block_cost,
-            TrialAttr.SEARCH_SECONDS: round(time.perf_counter() - start, 3), TrialAttr.BLOCK_EVALUATIONS: evaluations,
-        })
+        self.summary.update(
+            {
+                TrialAttr.SEARCH: o.search,
+                TrialAttr.BLOCK_COST: o.block_cost,
+                TrialAttr.SEARCH_SECONDS: round(time.perf_counter() - start, 3),
+                TrialAttr.BLOCK_EVALUATIONS: evaluations,
+            }
+        )
         logger.info("DiffNAS: %s search scored %d block candidates in %.1f s", o.search, evaluations, time.perf_counter() - start)
 
     # -- trials ----------------------------------------------------------------------------------
@@ -239,11 +252,12 @@ class DiffNAS(Method):
             )
             student = result.model
             tail = max(1, len(result.losses) // 10)
-            attrs.update({
-                TrialAttr.TRAIN_SECONDS: round(result.seconds, 3),
-                TrialAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
-                TrialAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
-            })
+            attrs.update(
+                {
+                    TrialAttr.TRAIN_SECONDS: round(result.seconds, 3),
+                    TrialAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
+                    TrialAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
+                }
+            )
         student.requires_grad_(False).eval()
         return Candidate(student, config, attrs)
-

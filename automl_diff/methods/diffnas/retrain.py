@@ -59,7 +59,9 @@ class JointLoss:
             original teacher); None: ``teacher``.
     """
 
-    def __init__(self, teacher: nn.Module, weight: JointWeight, total: int, *, data_weight: float = 0.0, original: nn.Module | None = None) -> None:
+    def __init__(
+        self, teacher: nn.Module, weight: JointWeight, total: int, *, data_weight: float = 0.0, original: nn.Module | None = None
+    ) -> None:
         self.teacher = teacher
         self.original = original
         self.weight = weight

@@ -71,7 +71,9 @@ class BlockInputs:
     output: Any
 
 
-def record_teacher_blocks(teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, BlockInputs]]:
+def record_teacher_blocks(
+    teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, names: list[str]
+) -> tuple[torch.Tensor, dict[str, BlockInputs]]:
     """Run the teacher once; return its noise prediction and every named block's inputs/output."""
     with torch.no_grad(), record_blocks(teacher, names) as rec:
         eps = predict_noise(teacher, x, t).float()
@@ -195,7 +197,9 @@ def _batch_of(data: list[BlockInputs], size: int) -> tuple[tuple[Any, ...], dict
 
 
 @torch.no_grad()
-def block_seconds(supernet: BlockSupernet, choices: Sequence[BlockChoice], data: list[BlockInputs], *, batch_size: int, repeats: int = 5) -> dict[str, float]:
+def block_seconds(
+    supernet: BlockSupernet, choices: Sequence[BlockChoice], data: list[BlockInputs], *, batch_size: int, repeats: int = 5
+) -> dict[str, float]:
     """Median seconds of each candidate (by :attr:`BlockChoice.key`), cut out as the plain block
     the student will hold (:meth:`BlockSupernet.subnet`), on ``batch_size`` validation samples.
     The candidates are timed interleaved, after one untimed call each, so that drifting machine
@@ -250,7 +254,9 @@ def _open(storage: Any, name: str, directions: list[str], metric_names: list[str
             study.set_metric_names(metric_names)
         study.set_user_attr(BlockSearchAttr.SUPERNET, key)
     elif stored != key:
-        raise UserError(f"study '{name}' was searched with other supernets (options, search space or teacher changed); use another study name")
+        raise UserError(
+            f"study '{name}' was searched with other supernets (options, search space or teacher changed); use another study name"
+        )
     return study
 
 
@@ -308,7 +314,9 @@ def local_search(
     out: dict[str, list[BlockScore]] = {}
     for name, supernet in supernets.items():
         study = _open(storage, f"{study_name}/block/{name}", ["minimize", "minimize"], [cost, "loss"], key, seed)
-        done = {t.user_attrs[BlockSearchAttr.CANDIDATE] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        done = {
+            t.user_attrs[BlockSearchAttr.CANDIDATE] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        }
         candidates = supernet.candidates()
         todo = [c for c in candidates if c.key not in done]
         if len(candidates) > max_trials:
@@ -317,11 +325,19 @@ def local_search(
             study.enqueue_trial(choice.to_params())
         n_trials = len(todo) if len(candidates) <= max_trials else max(0, max_trials - len(done))
         # an exhaustive block's candidates are timed together, interleaved; TPE's one by one
-        timed = block_seconds(supernet, todo, data[name], batch_size=latency_batch) if cost == "latency" and len(candidates) <= max_trials and todo else {}
+        timed = (
+            block_seconds(supernet, todo, data[name], batch_size=latency_batch)
+            if cost == "latency" and len(candidates) <= max_trials and todo
+            else {}
+        )
 
-        def objective(trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name, timed: dict[str, float] = timed) -> tuple[float, float]:
+        def objective(
+            trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name, timed: dict[str, float] = timed
+        ) -> tuple[float, float]:
             choice = _suggest_choice(trial, supernet)
-            score = score_candidate(supernet, choice, data[name], latency_batch=latency_batch if cost == "latency" else None, latency=timed.get(choice.key))
+            score = score_candidate(
+                supernet, choice, data[name], latency_batch=latency_batch if cost == "latency" else None, latency=timed.get(choice.key)
+            )
             trial.set_user_attr(BlockSearchAttr.CANDIDATE, score.choice.key)
             _set_costs(trial, score.macs, score.latency)
             return score.cost(cost), score.loss
@@ -404,7 +420,11 @@ def global_search(
             for n, s in supernets.items()
         }
         macs, latency = _stored_costs(trial)
-        out.append(GlobalScore(choices, float(trial.values[1]), macs, trial.number, float(trial.user_attrs.get(BlockSearchAttr.SECONDS, 0.0)), latency))
+        out.append(
+            GlobalScore(
+                choices, float(trial.values[1]), macs, trial.number, float(trial.user_attrs.get(BlockSearchAttr.SECONDS, 0.0)), latency
+            )
+        )
     return out
 
 

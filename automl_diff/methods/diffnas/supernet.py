@@ -30,7 +30,16 @@ from automl_diff.config.search_space import SupernetSpace
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 from automl_diff.models.student import Shortcut, SkipAttention, StudentUNet2DModel, narrow_resnet
 
-__all__ = ["BlockChoice", "BlockSupernet", "ElasticResnet", "assemble_student", "build_supernets", "iter_tensors", "plug_supernets", "student_config"]
+__all__ = [
+    "BlockChoice",
+    "BlockSupernet",
+    "ElasticResnet",
+    "assemble_student",
+    "build_supernets",
+    "iter_tensors",
+    "plug_supernets",
+    "student_config",
+]
 
 
 @dataclass(frozen=True, order=True)
@@ -181,7 +190,11 @@ class BlockSupernet(nn.Module):
     def from_params(self, params: Mapping[str, Any]) -> BlockChoice:
         largest = self.largest()
         return self.canonical(
-            BlockChoice(int(params.get("layers", largest.layers)), float(params.get("width", largest.width)), bool(params.get("attention", largest.attention)))
+            BlockChoice(
+                int(params.get("layers", largest.layers)),
+                float(params.get("width", largest.width)),
+                bool(params.get("attention", largest.attention)),
+            )
         )
 
     # -- computing ----------------------------------------------------------------------------
@@ -286,7 +299,9 @@ def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, Block
     return out
 
 
-def student_config(teacher_config: Mapping[str, Any], supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]) -> dict[str, Any]:
+def student_config(
+    teacher_config: Mapping[str, Any], supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
+) -> dict[str, Any]:
     """The diffusers config (``StudentUNet2DModel``) of the student that ``choices`` select."""
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     widths = dict(config.pop("resnet_widths", None) or {})

@@ -15,4 +15,14 @@ from automl_diff.methods.dipgo.method import DiPGO
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
 
-__all__ = ["DiPGO", "DiPGOOptions", "GateController", "Schedule", "UnitCosts", "UnitWeights", "apply_schedule", "prunable_units", "unit_costs"]
+__all__ = [
+    "DiPGO",
+    "DiPGOOptions",
+    "GateController",
+    "Schedule",
+    "UnitCosts",
+    "UnitWeights",
+    "apply_schedule",
+    "prunable_units",
+    "unit_costs",
+]

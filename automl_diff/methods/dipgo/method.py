@@ -93,7 +93,11 @@ class DiPGO(Method):
             weights = self._weights()
             logger.info(
                 "DiP-GO: optimising the pruner (%d units x %d steps, target %.2f of the trajectory %s, %d iterations)",
-                len(self.units), self.steps, o.target_macs_ratio, "MACs" if o.unit_cost == "macs" else "time", c.budgets.train_iterations,
+                len(self.units),
+                self.steps,
+                o.target_macs_ratio,
+                "MACs" if o.unit_cost == "macs" else "time",
+                c.budgets.train_iterations,
             )
             result = optimise_pruner(
                 self.teacher.unet,
@@ -123,7 +127,9 @@ class DiPGO(Method):
                 self.summary[TrialAttr.PRUNER_FORWARD_SECONDS] = round(weights.total, 6)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n")
+                cache.write_text(
+                    json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n"
+                )
         stacked = self.stacked
         if workdir is not None and (self.weights_dir is None or stacked):
             # a hub teacher, or another study's export that may be overwritten later: the trials'
@@ -139,11 +145,19 @@ class DiPGO(Method):
         if self.options.unit_cost == "macs":
             return UnitWeights.of(self.costs)
         b = self.config.budgets
-        weights = UnitWeights.measured(self.teacher.unet, self.units, batch_size=b.latency_batch_size, repeats=max(3, b.latency_repeats),
-                                         idle_free=self.costs.idle_free)
+        weights = UnitWeights.measured(
+            self.teacher.unet,
+            self.units,
+            batch_size=b.latency_batch_size,
+            repeats=max(3, b.latency_repeats),
+            idle_free=self.costs.idle_free,
+        )
         logger.info(
             "DiP-GO: one step at batch %d takes %.4g s; the units take %.0f%% of it, the rest is paid at every step%s",
-            b.latency_batch_size, weights.total, 100 * (1 - weights.always / weights.total), " that computes some unit" if weights.idle_free else "",
+            b.latency_batch_size,
+            weights.total,
+            100 * (1 - weights.always / weights.total),
+            " that computes some unit" if weights.idle_free else "",
         )
         return weights
 
@@ -170,8 +184,10 @@ class DiPGO(Method):
             units=self.units,
             model=model_fingerprint(self.teacher.unet),
             info={
-                "target_macs_ratio": self.options.target_macs_ratio, "unit_cost": self.options.unit_cost,
-                "granularity": self.options.granularity, "teacher": self.teacher.source,
+                "target_macs_ratio": self.options.target_macs_ratio,
+                "unit_cost": self.options.unit_cost,
+                "granularity": self.options.granularity,
+                "teacher": self.teacher.source,
             },
         )
 

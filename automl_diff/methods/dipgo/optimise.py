@@ -173,12 +173,12 @@ def optimise_pruner(
 
     def run(indices: torch.Tensor | slice, *, gen_seed: int, after_step: Any = None) -> torch.Tensor:
         extra = {k: v[indices] for k, v in per_image.items()}
-        return denoise(unet, noise=noise[indices], generator=torch.Generator().manual_seed(gen_seed), after_step=after_step, **base, **extra, **shared)
+        return denoise(
+            unet, noise=noise[indices], generator=torch.Generator().manual_seed(gen_seed), after_step=after_step, **base, **extra, **shared
+        )
 
     with torch.no_grad():
-        targets = torch.cat(
-            [run(slice(i, i + batch_size), gen_seed=seed + 1 + i) for i in range(0, reference_images, batch_size)]
-        )
+        targets = torch.cat([run(slice(i, i + batch_size), gen_seed=seed + 1 + i) for i in range(0, reference_images, batch_size)])
     # the pruner's initialisation and Gumbel noise depend on ``seed`` alone, not on what ran before
     rng = contextlib.ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
@@ -215,7 +215,12 @@ def optimise_pruner(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            record = {"iteration": it, "consistency": cons.item(), "ratio": ratio.item(), "hard_ratio": expected_ratio(gates.detach(), weights, units).item()}
+            record = {
+                "iteration": it,
+                "consistency": cons.item(),
+                "ratio": ratio.item(),
+                "hard_ratio": expected_ratio(gates.detach(), weights, units).item(),
+            }
             history.append(record)
             bar.set_postfix(cons=f"{record['consistency']:.4f}", ratio=f"{record['ratio']:.3f}")
     finally:

@@ -93,5 +93,7 @@ class DKDM(Method):
             TrialAttr.SOURCE: self.options.source,
         }
         if isinstance(batches, PoolBatches):
-            attrs.update({TrialAttr.TEACHER_EVALUATIONS: batches.teacher_evals, TrialAttr.POOL_TRAJECTORIES_COMPLETED: self.inputs.pool.completed})
+            attrs.update(
+                {TrialAttr.TEACHER_EVALUATIONS: batches.teacher_evals, TrialAttr.POOL_TRAJECTORIES_COMPLETED: self.inputs.pool.completed}
+            )
         return Candidate(result.model, config, attrs)
