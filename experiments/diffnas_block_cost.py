@@ -97,17 +97,20 @@ def main() -> None:
         seconds = time_interleaved(calls, repeats=args.latency_repeats, warmup=1)
     base = seconds["teacher"]
     print(
-        f"\nteacher: {teacher_cost.macs / 1e6:.1f}M MACs per call, {teacher_cost.params / 1e6:.3f}M params, {base * 1e3:.1f} ms per call at batch {args.latency_batch}"
+        f"\nteacher: {teacher_cost.macs / 1e6:.1f}M MACs per call, {teacher_cost.params / 1e6:.3f}M "
+        f"params, {base * 1e3:.1f} ms per call at batch {args.latency_batch}"
     )
     print(
-        "\n| tolerance | blocks chosen by | MACs / teacher | params / teacher | summed block loss | time / teacher | speedup / MACs reduction |"
+        "\n| tolerance | blocks chosen by | MACs / teacher | params / teacher "
+        "| summed block loss | time / teacher | speedup / MACs reduction |"
     )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         macs_ratio, time_ratio = row["macs"] / teacher_cost.macs, seconds[row["name"]] / base
         row.update(seconds=seconds[row["name"]], macs_ratio=macs_ratio, time_ratio=time_ratio)
         print(
-            f"| {row['tolerance']:g} | {row['block_cost']} | {macs_ratio:.3f} | {row['params'] / teacher_cost.params:.3f} | {row['block_loss']:.3f} "
+            f"| {row['tolerance']:g} | {row['block_cost']} | {macs_ratio:.3f} | "
+            f"{row['params'] / teacher_cost.params:.3f} | {row['block_loss']:.3f} "
             f"| {time_ratio:.3f} | {macs_ratio / time_ratio:.2f} |"
         )
     differ = [t for t in args.tolerances if len({json.dumps(r["choices"], sort_keys=True) for r in rows if r["tolerance"] == t}) > 1]

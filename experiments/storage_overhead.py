@@ -219,8 +219,10 @@ def main() -> None:
             r = run_bookkeeping(config, url, trials=args.trials, attrs=attrs, teacher=teacher, workdir=tmp_path / label)
             bookkeeping = r["storage"] + r["files"]
             print(
-                f"{label} ({mask_url(url)}), {args.trials} trials: per trial {r['calls']:.0f} storage calls in {r['storage'] * 1000:.1f} ms "
-                f"+ artifact files {r['files'] * 1000:.1f} ms = {bookkeeping * 1000:.1f} ms = {100 * bookkeeping / trial_time:.3f}% of a quickstart trial; "
+                f"{label} ({mask_url(url)}), {args.trials} trials: per trial "
+                f"{r['calls']:.0f} storage calls in {r['storage'] * 1000:.1f} ms "
+                f"+ artifact files {r['files'] * 1000:.1f} ms = {bookkeeping * 1000:.1f} "
+                f"ms = {100 * bookkeeping / trial_time:.3f}% of a quickstart trial; "
                 f"whole runner loop (with sampler and gc) {r['wall'] * 1000:.0f} ms = {100 * r['wall'] / trial_time:.2f}%"
             )
 
@@ -252,7 +254,8 @@ def main() -> None:
             pareto_table(load_existing_study(url, None))
             inproc.append(time.perf_counter() - start)
         print(
-            f"pareto on {args.pareto_trials} trials ({rows} on the front): end to end {min(walls):.2f} s (best of 3; {', '.join(f'{w:.2f}' for w in walls)}), in-process {min(inproc):.3f} s (best of 3)"
+            f"pareto on {args.pareto_trials} trials ({rows} on the front): end to end {min(walls):.2f} s "
+            f"(best of 3; {', '.join(f'{w:.2f}' for w in walls)}), in-process {min(inproc):.3f} s (best of 3)"
         )
 
 

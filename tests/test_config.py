@@ -60,7 +60,7 @@ def test_errors_name_file_and_key(tmp_path, change, message):
     data.update(change)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(UserError, match=rf"^{str(path)}: {message}"):
+    with pytest.raises(UserError, match=rf"^{path!s}: {message}"):
         load_study_config(path)
 
 

@@ -360,7 +360,7 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
     assert seen["unet"] == "StudentUNet2DModel" and seen["shape"] == [2, 16, 16, 1] and not seen["imported"]
     import diffusers  # noqa: F401 - the printed call names it
 
-    pipe = eval(call)  # noqa: S307 - the call export printed, verbatim
+    pipe = eval(call)
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
     card = (out_dir / "README.md").read_text()
     assert "DiffNAS chose one subnet per teacher block" in card and "`up.1`" in card

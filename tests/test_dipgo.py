@@ -451,7 +451,7 @@ def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, c
     # re-apply the exported schedule to the pipeline the printed call loads
     import diffusers  # noqa: F401 - the printed call names it
 
-    pipe = eval(call)  # noqa: S307 - the call export printed, verbatim
+    pipe = eval(call)
     with apply_schedule(pipe, Schedule.load(out_dir / "schedule.json")) as handle:
         images = sample_images(pipe.unet, dict(pipe.scheduler.config), num_images=2, steps=4, batch_size=2)
         skipped = 4 * len(schedule.units) - sum(handle.executed.values())

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def test_pool_timesteps_decrease_and_samples_reset_after_the_last_step():
         pool.advance(idx, torch.zeros(3, 1, 4, 4))
         assert not torch.equal(before, pool.x)  # samples really move
         seen.append(pool.timesteps().clone())
-    for earlier, later in zip(seen, seen[1:]):
+    for earlier, later in itertools.pairwise(seen):
         assert (later < earlier).all()
     assert (seen[-1] < 250).all()
     assert pool.completed == 0

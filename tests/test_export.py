@@ -40,7 +40,7 @@ def test_dkdm_export_loads_with_diffusers_alone(tmp_path, tiny_teacher_dir, caps
 
     from automl_diff.models import load_unet
 
-    pipe = eval(call)  # noqa: S307 - the call export printed, verbatim
+    pipe = eval(call)
     study = optuna.load_study(study_name="tiny", storage=storage)
     original = load_unet(study.trials[0].user_attrs["weights"]).state_dict()
     exported = pipe.unet.state_dict()

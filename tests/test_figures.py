@@ -23,7 +23,7 @@ def _study() -> optuna.Study:
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_metric_names(["macs", "fid"])
     study.set_user_attr("teacher_metrics", {"macs": 100, "fid": 5.0, "params": 10, "latency": 1.0})
-    for number, (macs, fid) in enumerate([(50, 9.0), (80, 6.0), (60, 10.0), (30, 12.0)]):
+    for macs, fid in [(50, 9.0), (80, 6.0), (60, 10.0), (30, 12.0)]:
         trial = study.ask()
         trial.suggest_int("width", 1, 10)
         for key, value in {"macs": macs, "fid": fid, "params": 5, "latency": 0.5, "speedup": 2.0}.items():

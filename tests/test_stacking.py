@@ -127,7 +127,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     from automl_diff.gating import apply_schedule
     from automl_diff.sampling import sample_images
 
-    pipe = eval(call)  # noqa: S307 - the call export printed, verbatim
+    pipe = eval(call)
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
     assert pipe.unet.config.resnet_widths == nas_widths
     schedule = Schedule.load(out / "schedule.json")

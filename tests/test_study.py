@@ -94,7 +94,7 @@ def test_export_round_trip_loads_and_samples(finished_study, capsys, tmp_path):
         card = (folder / "README.md").read_text()
         assert "tiny" in card and f"trial {number}" in card and "FID" in card
         assert json.dumps(str(folder)) in calls[str(folder)]
-        pipe = eval(calls[str(folder)])  # noqa: S307 - the call export printed, verbatim
+        pipe = eval(calls[str(folder)])
         trained = study.trials[number].user_attrs["model_config"]["_class_name"]
         assert type(pipe.unet).__name__ == trained
         images = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images

@@ -14,9 +14,9 @@ from automl_diff.analysis.pareto import pareto_rows, teacher_metrics, trial_rows
 from automl_diff.records import TrialAttr
 
 __all__ = [
+    "ChoicesData",
     "HistoryData",
     "ParetoData",
-    "ChoicesData",
     "block_macs_figure",
     "choices_data",
     "choices_figure",

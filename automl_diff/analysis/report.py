@@ -119,13 +119,17 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
         models.append(f"<section class='model' id='trial-{row.trial}'>{''.join(parts)}</section>")
     sections.append("<h2>Front models</h2>" + "".join(models))
     title = html.escape(f"automl_diff report: {study.study_name}")
+    method = html.escape(str(study.user_attrs.get(StudyAttr.METHOD)))
+    teacher_name = html.escape(str(study.user_attrs.get(StudyAttr.TEACHER)))
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <script type="text/javascript">{get_plotlyjs()}</script>
-<style>body{{font-family:sans-serif;margin:2em;}} table.pareto td,table.pareto th{{padding:2px 10px;text-align:right;}} img.samples{{image-rendering:pixelated;border:1px solid #ccc;}}</style>
+<style>body{{font-family:sans-serif;margin:2em;}}
+table.pareto td,table.pareto th{{padding:2px 10px;text-align:right;}}
+img.samples{{image-rendering:pixelated;border:1px solid #ccc;}}</style>
 </head><body>
 <h1>{title}</h1>
-<p>Storage: {html.escape(storage_label)}; method {html.escape(str(study.user_attrs.get(StudyAttr.METHOD)))}; teacher {html.escape(str(study.user_attrs.get(StudyAttr.TEACHER)))}; {len(trials)} trials, {len(rows)} on the front.</p>
+<p>Storage: {html.escape(storage_label)}; method {method}; teacher {teacher_name}; {len(trials)} trials, {len(rows)} on the front.</p>
 {"".join(sections)}
 </body></html>
 """

@@ -39,7 +39,8 @@ def markdown(result: BenchResult, *, command: str) -> str:
         "Search cost is the wall time of everything that made the row's model (the shared data-free pool's warm-up is "
         "counted in each row that uses it).",
         "",
-        "| model | params | MACs per step | trajectory MACs | MACs reduction | latency per image | speedup | speedup / MACs reduction | FID | FID / teacher | search cost |",
+        "| model | params | MACs per step | trajectory MACs | MACs reduction | latency per "
+        "image | speedup | speedup / MACs reduction | FID | FID / teacher | search cost |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     best, met = result.stacked_goal()

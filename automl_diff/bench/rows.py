@@ -133,7 +133,8 @@ def diffnas_row(bench: Bench) -> None:
         "method",
         student,
         search_seconds=seconds,
-        notes=f"tolerance {tolerance:.3g}{how}, supernets + search {searched:.0f} s, retrained {p.retrain_iterations} steps; {_json(choice)}",
+        notes=f"tolerance {tolerance:.3g}{how}, supernets + search {searched:.0f} s, "
+        f"retrained {p.retrain_iterations} steps; {_json(choice)}",
     )
     bench.results["diffnas"] = (student, seconds)
     bench.details.update(tolerance=tolerance, block_choices=choice)
@@ -180,7 +181,8 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
                 method.teacher.unet,
                 context=lambda m, s=schedule: apply_schedule(m, s),
                 search_seconds=seconds,
-                notes=f"{len(schedule.units)} units x {bench.steps} steps, {schedule.computed_fraction:.3f} of the units computed; {pruner}",
+                notes=f"{len(schedule.units)} units x {bench.steps} steps, "
+                f"{schedule.computed_fraction:.3f} of the units computed; {pruner}",
             )
         )
     return rows

@@ -304,7 +304,8 @@ class Bench:
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
         self.log(
-            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
+            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in "
+            f"{search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
         )
         return row
 

@@ -27,7 +27,7 @@ from typing import Any
 from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.errors import UserError
 
-__all__ = ["BlockChoices", "FAMILIES", "SearchSpace", "SupernetBlock", "SupernetSpace", "load_search_space"]
+__all__ = ["FAMILIES", "BlockChoices", "SearchSpace", "SupernetBlock", "SupernetSpace", "load_search_space"]
 
 #: Search-space families: ``unet2d`` (whole student architectures, DKDM) and ``supernet``
 #: (per-block subnet choices of the teacher's blocks, DiffNAS).

@@ -17,16 +17,16 @@ from automl_diff.config.options import METHOD_OPTIONS, read_options
 from automl_diff.errors import UserError
 
 __all__ = [
+    "DEFAULT_STORAGE",
     "OBJECTIVES",
     "Budgets",
+    "ExecutionSettings",
     "FidSettings",
     "Objective",
     "SamplerSettings",
     "SamplingSettings",
     "StudyConfig",
     "load_study_config",
-    "DEFAULT_STORAGE",
-    "ExecutionSettings",
 ]
 
 #: Metrics a study may optimise (all lower-is-better in practice; direction is explicit anyway).
@@ -244,7 +244,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
         fid = replace(fid, dataset="folder:" + _resolve(base, fid.dataset[len("folder:") :]))
 
     e = top.section("execution")
-    not_negative = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
+    not_negative = lambda v: None if v >= 0 else "must not be negative"
     execution = ExecutionSettings(
         heartbeat=e.take("heartbeat", int, ExecutionSettings.heartbeat, check=positive),
         retries=e.take("retries", int, ExecutionSettings.retries, check=not_negative),

@@ -94,14 +94,17 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
             f"{i}. {what}: study `{step.get('study')}`"
             + (f" in `{step['storage']}`" if step.get("storage") else "")
             + f", trial {step.get('trial')}, from `{step.get('teacher')}`; "
-            f"MACs per call {fmt_number(metrics.get(TrialAttr.MACS))}, trajectory MACs {fmt_number(metrics.get(TrialAttr.TRAJECTORY_MACS))}, "
-            f"FID {fmt_number(metrics.get(TrialAttr.FID))} ({evaluation.fid_samples or '?'} samples, {evaluation.sampling_steps or '?'} steps); "
+            f"MACs per call {fmt_number(metrics.get(TrialAttr.MACS))}, trajectory "
+            f"MACs {fmt_number(metrics.get(TrialAttr.TRAJECTORY_MACS))}, "
+            f"FID {fmt_number(metrics.get(TrialAttr.FID))} ({evaluation.fid_samples or '?'} "
+            f"samples, {evaluation.sampling_steps or '?'} steps); "
             f"parameters `{json.dumps(step.get('params', {}), sort_keys=True)}`"
         )
         if step.get(TrialAttr.BLOCK_CHOICES) and len(steps) > 1:  # a single DiffNAS step has its own table
             rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in step[TrialAttr.BLOCK_CHOICES].items())
             tables.append(
-                f"\nBlock choices of step {i} (DiffNAS, retrained {step.get(TrialAttr.RETRAIN_ITERATIONS)} steps):\n\n| block | subnet |\n|---|---|\n{rows}\n"
+                f"\nBlock choices of step {i} (DiffNAS, retrained {step.get(TrialAttr.RETRAIN_ITERATIONS)} "
+                f"steps):\n\n| block | subnet |\n|---|---|\n{rows}\n"
             )
     return "\n".join(lines) + "\n" + "".join(tables)
 

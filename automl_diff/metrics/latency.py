@@ -7,7 +7,8 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +16,8 @@ from torch import nn
 from automl_diff.sampling import sampling_steps
 
 __all__ = [
-    "measure_latency",
     "measure_latencies",
+    "measure_latency",
     "sampler_latencies",
     "synchronize",
     "time_interleaved",

@@ -268,7 +268,8 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
 
         if not (DIGITS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
             raise UserError(
-                f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}"
+                f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain "
+                f"it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}"
             )
         unet = load_unet(DIGITS_DIR)
         return Teacher(unet.to(device).eval(), scheduler_config_for(DIGITS_DIR), "digits", dataset="digits", weights_dir=str(DIGITS_DIR))
@@ -289,6 +290,6 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
         from diffusers import DDPMScheduler
 
         scheduler_config = dict(DDPMScheduler.load_config(spec, subfolder="scheduler"))
-    except Exception:  # noqa: BLE001 - a hub model without a scheduler folder gets the default
+    except Exception:
         scheduler_config = dict(_DEFAULT_SCHEDULER)
     return Teacher(unet.to(device).eval(), scheduler_config, spec)

@@ -18,7 +18,7 @@ from automl_diff.formatting import fmt_number
 from automl_diff.records import StudyFolder, TrialAttr
 from automl_diff.sampling import sample_grid_png
 
-__all__ = ["attach_samples", "artifact_store"]
+__all__ = ["artifact_store", "attach_samples"]
 
 
 def artifact_store(folder: str | Path) -> Any:
@@ -56,6 +56,7 @@ def attach_samples(
     if storage is not None:
         study_id = storage.get_study_id_from_name(trial.study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        note += f"\nSamples (same noise as every trial of the study):\n\n![samples of trial {trial.number}](/artifacts/{study_id}/{trial_id}/{artifact_id})\n"
+        url = f"/artifacts/{study_id}/{trial_id}/{artifact_id}"
+        note += f"\nSamples (same noise as every trial of the study):\n\n![samples of trial {trial.number}]({url})\n"
     save_note(trial, note)
     return artifact_id

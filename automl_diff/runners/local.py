@@ -215,7 +215,7 @@ def run_study(
         # reseeded per trial from the study's size: reproducible alone, different across workers
         study.sampler = make_sampler(config, offset=len(trials))
         outcome: list[optuna.trial.FrozenTrial] = []
-        study.optimize(objective, n_trials=1, callbacks=[lambda _study, trial: outcome.append(trial)], gc_after_trial=True)
+        study.optimize(objective, n_trials=1, callbacks=[lambda _study, trial, outcome=outcome: outcome.append(trial)], gc_after_trial=True)
         if errors:
             raise errors[0]
         if (

@@ -9,7 +9,7 @@ import optuna
 
 from automl_diff.errors import UserError
 
-__all__ = ["mask_url", "open_storage", "load_existing_study", "resolve_study_name"]
+__all__ = ["load_existing_study", "mask_url", "open_storage", "resolve_study_name"]
 
 
 def mask_url(url: str) -> str:
@@ -90,7 +90,8 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
         return _create_storage(_with_driver(url), engine_kwargs, kwargs)
     except ImportError:
         raise UserError(
-            f"cannot open storage '{mask_url(url)}': its database driver is not installed (for PostgreSQL: pip install 'automl_diff[postgres]')"
+            f"cannot open storage '{mask_url(url)}': its database driver is not "
+            "installed (for PostgreSQL: pip install 'automl_diff[postgres]')"
         ) from None
     except Exception as exc:  # sqlalchemy raises many types: ArgumentError, OperationalError, NoSuchModuleError
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

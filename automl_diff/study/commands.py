@@ -82,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(pareto_table(study))
     print(
         "\nExport the front as diffusers pipelines with:\n"
-        f"  python -m automl_diff.study export --storage {mask_url(storage)} --study-name {study.study_name} --pareto --out exports/{study.study_name}"
+        f"  python -m automl_diff.study export --storage {mask_url(storage)} "
+        f"--study-name {study.study_name} --pareto --out exports/{study.study_name}"
     )
     return 0
 

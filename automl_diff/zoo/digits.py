@@ -22,8 +22,8 @@ from torch import nn
 __all__ = [
     "CLASSIFIER_FILE",
     "DIGITS_DIR",
-    "TEACHER_CONFIG",
     "SCHEDULER_CONFIG",
+    "TEACHER_CONFIG",
     "DigitsClassifier",
     "load_classifier",
     "train_classifier",

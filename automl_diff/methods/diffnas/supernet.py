@@ -199,7 +199,7 @@ class BlockSupernet(nn.Module):
 
     # -- computing ----------------------------------------------------------------------------
     def inner_width(self, resnet: ElasticResnet, width: float) -> int:
-        return int(round(width * resnet.full_width))
+        return round(width * resnet.full_width)
 
     def set(self, choice: BlockChoice) -> BlockSupernet:
         """Make the supernet compute ``choice`` (returns self)."""
@@ -232,9 +232,9 @@ class BlockSupernet(nn.Module):
             inner = self.inner_width(resnet, choice.width) if i < choice.layers else 0
             if inner != resnet.full_width:
                 widths[f"{self.name}.resnets.{i}"] = inner
-            if attentions is not None and i < len(attentions) and attentions[i] is not None:
-                if not (choice.attention and i < choice.layers):
-                    skips.append(f"{self.name}.attentions.{i}")
+            has_attention = attentions is not None and i < len(attentions) and attentions[i] is not None
+            if has_attention and not (choice.attention and i < choice.layers):
+                skips.append(f"{self.name}.attentions.{i}")
         return widths, skips
 
     @torch.no_grad()
