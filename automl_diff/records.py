@@ -58,6 +58,11 @@ class TrialAttr:
     TRAJECTORY_MACS: Final = "trajectory_macs"
     FID: Final = "fid"
     LATENCY: Final = "latency"
+    # with ``fid.interval: true``: FID's 95% interval, KID and its standard deviation over subsets
+    FID_LOW: Final = "fid_low"
+    FID_HIGH: Final = "fid_high"
+    KID: Final = "kid"
+    KID_STD: Final = "kid_std"
     # against the teacher
     SPEEDUP: Final = "speedup"
     MACS_REDUCTION: Final = "macs_reduction"

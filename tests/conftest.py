@@ -199,6 +199,56 @@ print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.un
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --- holding a trial mid-run in another process, without timing ---
+
+_HOLD = """
+import threading
+from pathlib import Path
+
+import automl_diff.methods.dkdm.method as _dkdm
+
+_fit = _dkdm.fit
+
+
+def _holding_fit(*args, desc="", on_step=None, **kwargs):
+    def step(i, loss):
+        if on_step is not None:
+            on_step(i, loss)
+        if desc.startswith("trial {trial} ") and i == {at_step}:
+            Path({marker!r}).write_text(desc)
+            threading.Event().wait()  # until the process is killed or interrupted
+
+    return _fit(*args, desc=desc, on_step=step, **kwargs)
+
+
+_dkdm.fit = _holding_fit
+"""
+
+
+def holding_env(folder: Path, *, trial: int, at_step: int = 2) -> tuple[dict[str, str], Path]:
+    """The environment of a ``study run`` subprocess in which DKDM trial ``trial`` writes a marker
+    file at training step ``at_step`` and then holds, until the process is killed or interrupted
+    (a ``sitecustomize`` on ``PYTHONPATH``). Returns the environment and the marker's path: a
+    test waits for the file, so it acts while that very trial runs, whatever the machine's speed."""
+    hold = folder / "hold"
+    hold.mkdir()
+    marker = folder / f"trial_{trial}_running"
+    (hold / "sitecustomize.py").write_text(_HOLD.format(trial=trial, at_step=at_step, marker=str(marker)))
+    return {**os.environ, "PYTHONPATH": f"{hold}{os.pathsep}{REPO}"}, marker
+
+
+def wait_for_file(path: Path, process, *, timeout: float = 600) -> None:
+    """Wait until ``path`` exists; fail at once if ``process`` exits first (a deadline only
+    guards against a hang, it decides nothing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the process exited before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.2)
+
+
 # --- PostgreSQL: a real server started from Debian's binaries for the tests that need one ---
 
 POSTGRES_USER = "automl"

@@ -260,6 +260,26 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
         lambda e: ["profile", "--model", "digits", "--schedule", str(e.text("schedule.json", "{gates: "))],
         lambda e: [f"{e.tmp}/schedule.json", "not valid JSON"],
     ),
+    (
+        "pareto csv into a missing folder",
+        lambda e: ["pareto", "--storage", e.storage, "--csv", str(e.tmp / "no" / "front.csv")],
+        lambda e: ["--csv", f"{e.tmp}/no", "does not exist"],
+    ),
+    (
+        "trials of a missing database",
+        lambda e: ["trials", "--storage", f"sqlite:///{e.tmp}/missing.db"],
+        lambda e: [f"{e.tmp}/missing.db", "does not exist"],
+    ),
+    (
+        "report into a missing folder",
+        lambda e: ["report", "--storage", e.storage, "--out", str(e.tmp / "no" / "report.html")],
+        lambda e: ["--out", f"{e.tmp}/no", "does not exist"],
+    ),
+    (
+        "dashboard of an unknown study",
+        lambda e: ["dashboard", "--storage", e.storage, "--study-name", "nope"],
+        lambda e: [e.storage, "no study 'nope'"],
+    ),
 ]
 
 
@@ -281,8 +301,19 @@ def log_to_stderr():
     root.setLevel(level)
 
 
-def test_the_table_has_at_least_twenty_cases():
-    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
+def test_every_subcommand_has_a_bad_input_case(tmp_path, tiny_teacher_dir, tiny_space):
+    """A subcommand added without a case here fails this test."""
+    import argparse
+
+    from automl_diff.study.cli import build_parser
+
+    commands = set()
+    for i, (_, argv, _) in enumerate(CASES):  # each case builds its inputs in a folder of its own
+        (tmp_path / str(i)).mkdir()
+        commands.add(argv(_make_env(tmp_path / str(i), tiny_teacher_dir, tiny_space))[0])
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert commands == set(sub.choices) and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize(("argv", "expected"), [pytest.param(c[1], c[2], id=c[0]) for c in CASES])

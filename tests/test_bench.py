@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from automl_diff.bench import PRESETS, BenchPreset
 from automl_diff.bench.__main__ import main as bench_main
@@ -27,7 +28,8 @@ def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
         fid_samples=16,
         fid_batch=16,
         latency_batch=2,
-        latency_repeats=1,
+        latency_batches=(1,),
+        latency_repeats=2,
         batch_size=4,
         pool_size=8,
         pool_steps=3,
@@ -48,12 +50,16 @@ def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
         dipgo_lr=0.05,
         dipgo_thresholds=(0.3, 0.7),
         stacked_dipgo={"unit_cost": "latency"},
+        dipgo_weights_batch=1,
         deepcache_intervals=(2, 3),
         device="cpu",
     )
 
 
 def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path):
+    from automl_diff.metrics.macs import executed_macs
+    from automl_diff.models.loading import load_teacher
+
     lines: list[str] = []
     result = run_bench(tiny_preset, log=lines.append)
     rows = {row.name: row for row in result.rows}
@@ -63,21 +69,39 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
     stacked = [r for r in result.rows if r.kind == "stacked"]
     assert dipgo and stacked
     teacher, student = rows["teacher"], rows["DiffNAS student"]
+    # the teacher's trajectory is its steps times one forward pass, counted apart from the sampler
+    unet = load_teacher(tiny_preset.teacher).unet
+    one_call = executed_macs(lambda: unet(torch.zeros(1, 1, 16, 16), torch.tensor([10])))
+    assert teacher.trajectory_macs == tiny_preset.steps * one_call
     for row in result.rows:
-        assert row.trajectory_macs > 0 and math.isfinite(row.fid) and row.latency > 0
-        assert row.macs_per_step == pytest.approx(row.trajectory_macs / tiny_preset.steps)
-    # schedules skip work of the model they gate: executed MACs fall, the network is the same
-    assert all(r.params == teacher.params and r.trajectory_macs <= teacher.trajectory_macs for r in dipgo)
-    assert all(r.params == student.params and r.trajectory_macs <= student.trajectory_macs for r in stacked)
-    assert rows["DeepCache peer"].trajectory_macs < teacher.trajectory_macs
-    assert student.search_seconds > 0 and min(r.search_seconds for r in stacked) > student.search_seconds
+        assert row.fid.low <= row.fid.value <= row.fid.high and row.fid.high > row.fid.low
+        assert math.isfinite(row.kid.mean) and row.kid.std > 0
+        assert set(row.latency) == {1, 2} and all(s.q1 <= s.median <= s.q3 and s.median > 0 for s in row.latency.values())
+    # every row is compared with the teacher on the same noise
+    assert teacher.versus_teacher is None and all(r.versus_teacher is not None for r in result.rows[1:])
+    for row in result.rows[1:]:
+        c = row.versus_teacher
+        assert c.difference.value == pytest.approx(row.fid.value - teacher.fid.value)
+        assert c.ratio.value == pytest.approx(row.fid.value / teacher.fid.value)
+    # the peers are compared with the rows they were matched to, both ways
+    assert rows["Torch-Pruning peer"].versus_peer.other == "DiffNAS student" and student.versus_peer.other == "Torch-Pruning peer"
+    deepcache = rows["DeepCache peer"]
+    assert deepcache.versus_peer.other in {r.name for r in dipgo} and rows[deepcache.versus_peer.other].versus_peer.other == deepcache.name
+    # schedules skip work: fewer executed MACs than the model they gate
+    assert all(r.trajectory_macs < teacher.trajectory_macs for r in dipgo) and deepcache.trajectory_macs < teacher.trajectory_macs
+    assert all(r.trajectory_macs < student.trajectory_macs for r in stacked)
+    # search cost: the stacked run's includes the student's, which includes the shared pool's warm-up
+    assert result.details["pool_seconds"] > 0 and student.search_seconds > result.details["pool_seconds"]
+    assert min(r.search_seconds for r in stacked) > student.search_seconds
     assert "fastest candidate within it (timed at batch 2)" in student.notes
-    assert teacher.search_seconds == 0 == rows["DeepCache peer"].search_seconds
+    # the real-data floor at the same count, with its interval
+    assert result.floor.low <= result.floor.value <= result.floor.high
 
     text = markdown(result, command="python -m automl_diff.bench --preset tiny")
-    assert "| model | params | MACs per step | trajectory MACs |" in text and "search cost |" in text
-    assert "Goal for the stacked model" in text and result.machine["torch"] in text
-    assert text.count("\n| ") == len(result.rows) + 1
+    assert "| model | params | trajectory MACs | MACs reduction | FID [95%] |" in text and "search cost |" in text
+    assert "| model | latency, batch 1 | latency, batch 2 |" in text and "speedup / MACs reduction, batch 2 |" in text
+    assert "Goal for the stacked model" in text and result.machine["torch"] in text and "evaluation seed 1" in text
+    assert text.count("\n| ") == 2 * (len(result.rows) + 1)
 
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nintro\n\n## Older section\n\nkept\n")

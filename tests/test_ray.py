@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 
 from automl_diff.study.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, holding_env, wait_for_file
 
 pytest.importorskip("ray.tune")
 
@@ -73,21 +72,11 @@ def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
     }
     config = study_factory(n_trials=1, budgets=budgets, execution={"max_concurrent": 1})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holding, marker = holding_env(tmp_path, trial=0)  # the Tune trial holds mid-training until interrupted
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--backend", "ray", "--quiet"]
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    driver = subprocess.Popen(command, cwd=tmp_path, env=holding, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while True:
-            assert driver.poll() is None and time.monotonic() < deadline, "no trial started"
-            try:
-                trials = optuna.load_study(study_name="tiny", storage=storage).trials
-            except KeyError:
-                trials = []
-            if any(t.state == RUNNING and t.params for t in trials):
-                break
-            time.sleep(0.5)
-        time.sleep(3)
+        wait_for_file(marker, driver)
         driver.send_signal(signal.SIGINT)
         driver.communicate(timeout=120)
     finally:

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import torch
 
 from automl_diff.study.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, holding_env, wait_for_file
 
 FAIL, COMPLETE, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
 FINISHED = (COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -85,7 +84,7 @@ def test_worker_killed_mid_trial_is_recovered_by_a_restarted_worker(study_factor
     """SIGKILL during trial 1, then the same command again: trial 1 is failed for its missing
     heartbeat and retried with its parameters, trial 0 is untouched, two trials finish."""
     budgets = {
-        "train_iterations": 300,
+        "train_iterations": 6,
         "batch_size": 8,
         "fid_samples": 24,
         "sampling_steps": 2,
@@ -96,22 +95,16 @@ def test_worker_killed_mid_trial_is_recovered_by_a_restarted_worker(study_factor
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    victim = None
+    holding, marker = holding_env(tmp_path, trial=1)  # trial 1 holds mid-training until killed
+    worker = subprocess.Popen(command, cwd=tmp_path, env=holding, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while victim is None:
-            assert time.monotonic() < deadline, "no trial ran"
-            assert worker.poll() is None, worker.stderr.read()
-            trials = _trials(storage)
-            if any(t.state == COMPLETE for t in trials):
-                victim = next((t for t in trials if t.state == RUNNING and t.params), None)
-            time.sleep(0.2)
+        wait_for_file(marker, worker)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
+    victim = _trials(storage)[1]
+    assert [t.state for t in _trials(storage)] == [COMPLETE, RUNNING] and victim.params  # killed mid-trial: nobody closed it
     before = {t.number: (t.values, t.user_attrs) for t in _trials(storage) if t.state == COMPLETE}
-    assert _trials(storage)[victim.number].state == RUNNING  # killed: nobody closed it
 
     restarted = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert restarted.returncode == 0, restarted.stderr

@@ -58,10 +58,25 @@ def test_the_package_source_never_unpickles():
     assert offenders == []
 
 
-def test_dashboard_listens_on_loopback_unless_asked():
-    from automl_diff.study.cli import build_parser
+def test_dashboard_listens_on_loopback_unless_asked(tmp_path, monkeypatch, caplog):
+    import socket
 
-    assert build_parser().parse_args(["dashboard"]).host == "127.0.0.1"
+    import optuna
+    import optuna_dashboard
+
+    from automl_diff.study.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(storage=storage, study_name="s")
+    served = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port, **kw: served.append((host, port)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["dashboard", "--storage", storage, "--port", str(port)]) == 0
+    assert served == [("127.0.0.1", port)] and "anyone who can reach" not in caplog.text
+    assert main(["dashboard", "--storage", storage, "--port", str(port), "--host", "0.0.0.0"]) == 0
+    assert served[-1] == ("0.0.0.0", port) and "anyone who can reach this address" in caplog.text
 
 
 def test_log_lines_mask_storage_passwords(capfd):

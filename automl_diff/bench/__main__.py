@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid-dataset", default=None, help="override the preset's FID dataset (e.g. folder:PATH)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
+        "--eval-seed", type=int, default=None, help="noise seed of every FID (default: the preset's, which differs from its tuning seed)"
+    )
+    parser.add_argument(
         "--rows",
         default=None,
         help="run only these rows, comma-separated (with the rows they build on and the teacher): "
@@ -36,7 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     preset = replace(
         preset,
-        **{k: v for k, v in {"teacher": args.teacher, "fid_dataset": args.fid_dataset, "device": args.device}.items() if v is not None},
+        **{
+            k: v
+            for k, v in {
+                "teacher": args.teacher,
+                "fid_dataset": args.fid_dataset,
+                "device": args.device,
+                "eval_seed": args.eval_seed,
+            }.items()
+            if v is not None
+        },
     )
     command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rows = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
@@ -53,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         text = markdown(result, command=command.strip())
         print("\n" + text)
         if args.json:
-            rows = [r.to_dict() for r in result.rows]
-            Path(args.json).write_text(
-                json.dumps(
-                    {"preset": preset.name, "machine": result.machine, "seconds": result.seconds, "rows": rows, "details": result.details},
-                    indent=1,
-                    default=str,
-                )
-            )
+            data = {
+                "preset": preset.name,
+                "machine": result.machine,
+                "seconds": result.seconds,
+                "eval_seed": preset.eval_seed,
+                "floor": result.floor.to_dict(),
+                "rows": [r.to_dict() for r in result.rows],
+                "details": result.details,
+            }
+            Path(args.json).write_text(json.dumps(data, indent=1, default=str))
             print(f"wrote {args.json}")
         if args.out:
             print(f"wrote {write_section(args.out, preset.name, text)}")

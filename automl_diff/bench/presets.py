@@ -26,9 +26,11 @@ class BenchPreset:
         teacher: ``digits``, a diffusers folder or a hub id.
         fid_dataset, fid_features: FID reference (None: the teacher's, as in a study).
         steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
-        fid_samples: images per FID, drawn from the same noise for every row (``seed``).
-        latency_batch, latency_repeats: images per timed batch, timed batches per row (all rows in lockstep).
-        latency_warmup: untimed batches per row before them.
+        fid_samples: images per FID, drawn from the same noise for every row (``eval_seed``).
+        latency_batch: the batch size the preset samples with, where its speed goal is judged.
+        latency_batches: further batch sizes every row is timed at (people sample with small ones).
+        latency_repeats: timed lockstep rounds per batch size (median and quartiles over them).
+        latency_warmup: untimed rounds before them.
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
@@ -47,11 +49,17 @@ class BenchPreset:
         dipgo_thresholds: thresholds whose schedules are measured (teacher and stacked).
         stacked_dipgo: options of the stacked DiP-GO run on the DiffNAS student, over ``dipgo``
             (its target, say, or ``unit_cost: latency``).
+        dipgo_weights_batch: the batch size DiP-GO's latency unit weights (``unit_cost: latency``)
+            are measured at (None: ``latency_batch``): the speed its schedules are optimised for.
         stacked_dipgo_iterations: that run's pruner iterations (None: ``dipgo_iterations``).
         deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
         device: ``auto``, ``cpu`` or ``cuda``.
-        seed: noise and training seed.
+        seed: training seed, and the seed the preset's values were tuned on.
+        eval_seed: the noise seed of every FID (``--eval-seed``): the verdict is judged on noise
+            the preset was not tuned on.
+        tuned: which of the preset's values were chosen by looking at results, and on which seed
+            (stated in the generated section).
     """
 
     name: str
@@ -62,7 +70,8 @@ class BenchPreset:
     fid_samples: int = 1000
     fid_batch: int = 250
     latency_batch: int = 64
-    latency_repeats: int = 3
+    latency_batches: tuple[int, ...] = (1, 8)
+    latency_repeats: int = 5
     latency_warmup: int = 1
     batch_size: int = 32
     lr: float = 1e-3
@@ -87,10 +96,18 @@ class BenchPreset:
     dipgo_thresholds: tuple[float, ...] = (0.01, 0.1, 0.5)
     stacked_dipgo: dict[str, Any] = field(default_factory=dict)
     stacked_dipgo_iterations: int | None = None
+    dipgo_weights_batch: int | None = None
     deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
     goal: tuple[float, float, float] = (8.0, 1.15, 0.8)
     device: str = "auto"
     seed: int = 0
+    eval_seed: int = 1
+    tuned: str = ""
+
+    @property
+    def timed_batches(self) -> tuple[int, ...]:
+        """Every batch size rows are timed at, the preset's own last."""
+        return (*sorted(set(self.latency_batches) - {self.latency_batch}), self.latency_batch)
 
 
 PRESETS: dict[str, BenchPreset] = {
@@ -98,9 +115,7 @@ PRESETS: dict[str, BenchPreset] = {
         name="digits",
         teacher="digits",
         fid_batch=256,
-        latency_batch=256,
-        latency_repeats=2,
-        latency_warmup=0,
+        latency_batch=64,
         pool_size=2048,
         max_ratio=0.7,
         dkdm_iterations=1000,
@@ -116,9 +131,15 @@ PRESETS: dict[str, BenchPreset] = {
             "down.2.attention": False,
             "mid.attention": False,
         },
-        dipgo={"granularity": "layer", "target_macs_ratio": 0.23, "sparsity_weight": 5.0, "warmup": 0.6},
-        stacked_dipgo={"unit_cost": "latency", "target_macs_ratio": 0.23},
+        dipgo={"granularity": "layer", "unit_cost": "latency", "target_macs_ratio": 0.23, "sparsity_weight": 5.0, "warmup": 0.6},
+        dipgo_weights_batch=8,
         stacked_dipgo_iterations=150,
+        tuned="the DiP-GO target (0.23 of the trajectory), sparsity weight (5) and warm-up (0.6), the pruners' iterations "
+        "(100 on the teacher, 150 on the DiffNAS student), the thresholds 0.2 and 0.5, the DiffNAS size limit (0.7 of the "
+        "teacher's MACs and params) and the training budgets were chosen on earlier runs of this benchmark, whose FID noise "
+        "was seed 0 (the history of BENCHMARKS.md). Measuring DiP-GO's unit weights in seconds at batch 8, and timing at "
+        "batches 1, 8 and 64, were decided from the per-step costs measured on the teacher (BENCHMARKS.md), not from a "
+        "benchmark run.",
     ),
     "ddpm-cifar10": BenchPreset(
         name="ddpm-cifar10",

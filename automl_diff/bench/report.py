@@ -7,6 +7,7 @@ from pathlib import Path
 
 from automl_diff.bench.session import BenchResult
 from automl_diff.formatting import fmt_si
+from automl_diff.metrics.intervals import Interval, Spread
 
 __all__ = ["markdown", "write_section"]
 
@@ -15,10 +16,20 @@ def _seconds(value: float) -> str:
     return "-" if not value else f"{value / 60:.1f} min" if value >= 120 else f"{value:.0f} s"
 
 
+def _interval(i: Interval, digits: str = ".3g") -> str:
+    return f"{i.value:{digits}} [{i.low:{digits}}, {i.high:{digits}}]"
+
+
+def _spread(s: Spread, scale: float = 1.0, digits: str = ".3g", unit: str = "") -> str:
+    return f"{s.median * scale:{digits}}{unit} [{s.q1 * scale:{digits}}-{s.q3 * scale:{digits}}]"
+
+
 def markdown(result: BenchResult, *, command: str) -> str:
-    """The section: command, machine and versions, the table, the goal, what each row chose."""
+    """The section: command, machine and versions, how it measures, the quality and speed tables,
+    paired comparisons, the goal verdicts, what each row ran."""
     p = result.preset
     teacher = result.teacher
+    batches = result.batches
     lines = [
         f"## All methods side by side: `{p.name}` preset",
         "",
@@ -30,42 +41,82 @@ def markdown(result: BenchResult, *, command: str) -> str:
         + ", ".join(f"{k} {v}" for k, v in result.machine.items())
         + ".",
         "",
-        f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0), FID on {p.fid_samples} samples drawn from "
-        f"the same noise (seed {p.seed}); trajectory MACs counted on what executes over one image's trajectory; "
-        f"latency per image in batches of {p.latency_batch}, the median of {p.latency_repeats} batches"
-        + (f" after {p.latency_warmup} untimed" if p.latency_warmup else " (no untimed batch first)")
-        + ", all rows in lockstep (step by step, each row on its own copy of its model, so that changing machine load "
-        "hits every row alike). "
-        "Search cost is the wall time of everything that made the row's model (the shared data-free pool's warm-up is "
-        "counted in each row that uses it).",
+        f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0); FID and KID on {p.fid_samples} samples drawn "
+        f"from the same noise for every row (evaluation seed {p.eval_seed}; the models were trained, and the preset tuned, "
+        f"with seed {p.seed}); trajectory MACs counted on what executes over one image's trajectory (exact, no interval). "
+        "FID's 95% interval is FID +- 1.96 standard errors, the standard error estimated by half-sampling (FID on 100 random "
+        "halves of the samples, their spread / sqrt(2)); a row's FID against the teacher's, or a peer's, is compared paired "
+        "(the same halves of both, as both start from the same noise), as a difference and a ratio with their 95% intervals. "
+        "KID (x1000) is torch-fidelity's unbiased estimate, the mean +- standard deviation over 100 subsets of half the "
+        f"samples. Real digits drawn at the same count score FID {_interval(result.floor)} against the same reference: the "
+        "floor this benchmark resolves.",
         "",
-        "| model | params | MACs per step | trajectory MACs | MACs reduction | latency per "
-        "image | speedup | speedup / MACs reduction | FID | FID / teacher | search cost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | trajectory MACs | MACs reduction | FID [95%] | FID - teacher [95%] | FID / teacher [95%] | "
+        "KID x1000 | search cost |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     best, met = result.stacked_goal()
     for row in result.rows:
-        reduction = result.macs_reduction(row)
-        speedup = result.speedup(row)
         name = f"**{row.name}**" if row is best else row.name
+        versus = row.versus_teacher
+        difference = "-" if versus is None else f"{_interval(versus.difference)} {versus.verdict}"
+        ratio = "-" if versus is None else _interval(versus.ratio, ".2f")
         lines.append(
-            f"| {name} | {fmt_si(row.params)} | {fmt_si(row.macs_per_step)} | {fmt_si(row.trajectory_macs)} | {reduction:.2f}x | "
-            f"{row.latency * 1e3:.2f} ms | {speedup:.2f}x | {'-' if row is teacher else f'{speedup / reduction:.2f}'} | "
-            f"{row.fid:.3f} | {result.fid_ratio(row):.2f} | {_seconds(row.search_seconds)} |"
+            f"| {name} | {fmt_si(row.params)} | {fmt_si(row.trajectory_macs)} | {result.macs_reduction(row):.2f}x | "
+            f"{_interval(row.fid)} | {difference} | {ratio} | {row.kid.mean * 1e3:.2f} +- {row.kid.std * 1e3:.2f} | "
+            f"{_seconds(row.search_seconds)} |"
         )
+    lines += [
+        "",
+        f"Latency per image (median [interquartile range] of {p.latency_repeats} lockstep rounds after {p.latency_warmup} untimed; "
+        "all rows advance step by step in turn, each on its own copy of its model, so that changing machine load hits every "
+        "row alike), and speedup against the teacher and speedup / MACs reduction, round by round, at each batch size "
+        f"({p.latency_batch} is the preset's):",
+        "",
+        "| model | "
+        + " | ".join(f"latency, batch {b}" for b in batches)
+        + " | "
+        + " | ".join(f"speedup, batch {b}" for b in batches)
+        + " | "
+        + " | ".join(f"speedup / MACs reduction, batch {b}" for b in batches)
+        + " |",
+        "|---|" + "---|" * (3 * len(batches)),
+    ]
+    for row in result.rows:
+        cells = [_spread(row.latency[b], 1e3, ".3g", " ms") for b in batches]
+        cells += ["-" if row is teacher else _spread(row.speedup[b], 1, ".2f", "x") for b in batches]
+        cells += ["-" if row is teacher else _spread(result.efficiency(row, b), 1, ".2f") for b in batches]
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    peers = [row for row in result.rows if row.versus_peer is not None and row.kind != "peer"]
+    if peers:
+        lines += ["", "Against the peer at matched trajectory MACs (paired, same noise):", ""]
+        for row in peers:
+            c = row.versus_peer
+            lines.append(
+                f"- {row.name} ({fmt_si(row.trajectory_macs)}) against {c.other} "
+                f"({fmt_si(next(r.trajectory_macs for r in result.rows if r.name == c.other))}): FID difference "
+                f"{_interval(c.difference)}, ratio {_interval(c.ratio, '.2f')}: **{c.verdict}**."
+            )
     goal_reduction, goal_fid, goal_efficiency = p.goal
     lines += [
         "",
         f"Goal for the stacked model: at least {goal_reduction:g}x fewer trajectory MACs than the teacher, FID at most "
-        f"{goal_fid:g}x the teacher's, measured speedup at least {goal_efficiency:g}x the MACs reduction.",
+        f"{goal_fid:g}x the teacher's and a measured speedup of at least {goal_efficiency:g} of the MACs reduction at batch "
+        f"{p.latency_batch}, each judged at its unfavourable end: the high end of the FID ratio's 95% interval, the lower "
+        "quartile of speedup / MACs reduction.",
     ]
     if best is not None:
         verdict = "**met**" if met else "**not met**"
+        versus = best.versus_teacher
+        efficiency = result.efficiency(best, p.latency_batch)
         lines.append(
-            f"{verdict} by `{best.name}`: {result.macs_reduction(best):.2f}x fewer trajectory MACs, FID {best.fid:.3f} against "
-            f"{teacher.fid:.3f} ({result.fid_ratio(best):.2f}x), speedup {result.speedup(best):.2f}x "
-            f"({result.speedup(best) / result.macs_reduction(best):.2f} of the MACs reduction)."
+            f"{verdict} by `{best.name}`: {result.macs_reduction(best):.2f}x fewer trajectory MACs; FID / teacher "
+            f"{versus.ratio.value:.2f} (95% interval {versus.ratio.low:.2f}-{versus.ratio.high:.2f}, judged at "
+            f"{versus.ratio.high:.2f}); speedup / MACs reduction {efficiency.median:.2f} (quartiles {efficiency.q1:.2f}-"
+            f"{efficiency.q3:.2f}, judged at {efficiency.q1:.2f})."
         )
+    if p.tuned:
+        lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seed: {p.tuned}"]
     lines += ["", "What each row ran:", ""]
     lines += [f"- {row.name}: {row.notes}" for row in result.rows if row.notes]
     return "\n".join(lines) + "\n"

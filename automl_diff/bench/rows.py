@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from automl_diff.bench.peers import deepcache, torch_pruning_peer
@@ -159,6 +159,7 @@ def torch_pruning_row(bench: Bench) -> None:
         tuned,
         search_seconds=bench.pool_seconds + time.perf_counter() - start,
         notes=f"L2 magnitude, ratio {ratio}, fine-tuned {p.retrain_iterations} steps",
+        peer_of="DiffNAS student",
     )
     bench.details["prune_ratio"] = ratio
 
@@ -166,7 +167,8 @@ def torch_pruning_row(bench: Bench) -> None:
 def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind: str) -> list[Row]:
     """One row per distinct schedule the method's pruner gives at the preset's thresholds."""
     o = method.options
-    unit = "MACs" if o.unit_cost == "macs" else "time (units weighed by measured seconds)"
+    batch = method.config.budgets.latency_batch_size
+    unit = "MACs" if o.unit_cost == "macs" else f"time (units weighed by their seconds measured at batch {batch})"
     pruner = f"pruner ({method.config.budgets.train_iterations} iterations) target {o.target_macs_ratio:g} of the trajectory {unit}"
     rows, seen = [], set()
     for threshold in bench.preset.dipgo_thresholds:
@@ -191,6 +193,8 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
 def _dipgo(bench: Bench, start_model: Teacher, options: dict[str, Any], iterations: int) -> tuple[DiPGO, float]:
     p = bench.preset
     config = bench.study_config("dipgo", iterations=iterations, batch_size=p.dipgo_batch, lr=p.dipgo_lr, options=options)
+    if p.dipgo_weights_batch is not None:  # latency weights measured at the batch its schedules are for
+        config = replace(config, budgets=replace(config.budgets, latency_batch_size=p.dipgo_weights_batch))
     method = DiPGO(config, start_model, original=bench.teacher, device=bench.device)
     start = time.perf_counter()
     method.prepare()
@@ -219,6 +223,7 @@ def deepcache_row(bench: Bench) -> None:
         unet,
         context=lambda m: deepcache(m, config, steps, interval)(),
         notes=f"interval {interval}, branch 0, matched to '{target.name}'",
+        peer_of=target.name,
     )
     bench.details["deepcache_levels"] = levels
 

@@ -18,10 +18,11 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,19 +31,37 @@ from automl_diff.config.study import Budgets, FidSettings, Objective, SamplerSet
 from automl_diff.errors import UserError
 from automl_diff.methods import DKDM
 from automl_diff.methods.training import TrainingInputs
-from automl_diff.metrics.fid import fid_from_images
-from automl_diff.metrics.latency import sampler_latencies
+from automl_diff.metrics.fid import fid_from_features
+from automl_diff.metrics.intervals import Interval, Kid, Spread, fid_interval, kid, paired_fid, spread, verdict
+from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.loading import Teacher, load_teacher
 from automl_diff.runners.evaluate import Evaluator
 from automl_diff.sampling import sample_images
 
-__all__ = ["PEERS", "Bench", "BenchResult", "Row", "bench_study_config", "check_file", "check_peer", "machine_info"]
+__all__ = ["PEERS", "Bench", "BenchResult", "Comparison", "Row", "bench_study_config", "check_file", "check_peer", "machine_info"]
 
 logger = logging.getLogger("automl_diff.bench")
 
 #: The peers' packages: import name -> distribution name (the ``bench`` extra).
 PEERS = {"torch_pruning": "torch-pruning", "DeepCache": "DeepCache"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A row against another sampled from the same noise: ``FID(row) - FID(other)`` and
+    ``FID(row) / FID(other)`` with their paired 95% intervals, and what the difference says."""
+
+    other: str
+    difference: Interval
+    ratio: Interval
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.difference)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"other": self.other, "difference": self.difference.to_dict(), "ratio": self.ratio.to_dict(), "verdict": self.verdict}
 
 
 @dataclass
@@ -53,13 +72,18 @@ class Row:
         name: what it is.
         kind: ``teacher``, ``method``, ``peer`` or ``stacked``.
         params: parameters of the network that runs.
-        trajectory_macs: MACs one image's ``steps``-step trajectory executes.
+        trajectory_macs: MACs one image's ``steps``-step trajectory executes (exact: counted on
+            what runs).
         macs_per_step: ``trajectory_macs / steps``.
-        fid: FID (same noise, features and reference for every row).
-        latency: seconds per image (median of batches timed in lockstep with every other row).
+        fid: FID with its 95% interval (same noise, features and reference for every row).
+        kid: KID with its standard deviation over subsets.
         search_seconds: wall time of everything that made the model (pool warm-up, supernets,
             searches, training, pruner optimisation); 0 for the teacher and DeepCache.
         notes: what was chosen (architecture, threshold, interval, ...).
+        latency: per timed batch size, seconds per image over the lockstep rounds.
+        speedup: per timed batch size, the teacher's time over this row's, round by round.
+        versus_teacher: the paired FID comparison with the teacher.
+        versus_peer: the paired FID comparison with the peer at matched MACs, if it has one.
     """
 
     name: str
@@ -67,53 +91,82 @@ class Row:
     params: int
     trajectory_macs: int
     macs_per_step: float
-    fid: float
+    fid: Interval
+    kid: Kid
     search_seconds: float
-    latency: float = float("nan")
     notes: str = ""
+    latency: dict[int, Spread] = field(default_factory=dict)
+    speedup: dict[int, Spread] = field(default_factory=dict)
+    versus_teacher: Comparison | None = None
+    versus_peer: Comparison | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "params": self.params,
+            "trajectory_macs": self.trajectory_macs,
+            "macs_per_step": self.macs_per_step,
+            "fid": self.fid.to_dict(),
+            "kid": self.kid.to_dict(),
+            "search_seconds": self.search_seconds,
+            "notes": self.notes,
+            "latency": {batch: s.to_dict() for batch, s in self.latency.items()},
+            "speedup": {batch: s.to_dict() for batch, s in self.speedup.items()},
+            "versus_teacher": self.versus_teacher.to_dict() if self.versus_teacher else None,
+            "versus_peer": self.versus_peer.to_dict() if self.versus_peer else None,
+        }
 
 
 @dataclass
 class BenchResult:
-    """All rows, the teacher first, and where they were measured."""
+    """All rows, the teacher first, where they were measured, and the real-data floor."""
 
     preset: BenchPreset
     rows: list[Row]
     machine: dict[str, str]
     seconds: float
+    floor: Interval
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def teacher(self) -> Row:
         return self.rows[0]
 
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes every row was timed at, the preset's last."""
+        return tuple(self.teacher.latency)
+
     def macs_reduction(self, row: Row) -> float:
+        """Exact: trajectory MACs are counted, not sampled."""
         return self.teacher.trajectory_macs / row.trajectory_macs
 
-    def speedup(self, row: Row) -> float:
-        return self.teacher.latency / row.latency
+    def efficiency(self, row: Row, batch: int) -> Spread:
+        """Speedup over the MACs reduction at ``batch``, round by round."""
+        s, r = row.speedup[batch], self.macs_reduction(row)
+        return Spread(s.median / r, s.q1 / r, s.q3 / r)
 
-    def fid_ratio(self, row: Row) -> float:
-        return row.fid / self.teacher.fid
+    def meets(self, row: Row) -> bool:
+        """The stacked goal at its unfavourable ends: the MACs reduction (exact), the high end of
+        the FID ratio's 95% interval, the lower quartile of speedup / MACs reduction at the
+        preset's batch."""
+        reduction, fid_ratio, efficiency = self.preset.goal
+        assert row.versus_teacher is not None
+        return (
+            self.macs_reduction(row) >= reduction
+            and row.versus_teacher.ratio.high <= fid_ratio
+            and self.efficiency(row, self.preset.latency_batch).q1 >= efficiency
+        )
 
     def stacked_goal(self) -> tuple[Row | None, bool]:
         """The stacked row that meets the goal with the most MACs reduction (else the stacked row
         with the lowest FID), and whether it meets the goal."""
-        reduction, fid_ratio, efficiency = self.preset.goal
         stacked = [r for r in self.rows if r.kind == "stacked"]
-        meets = [
-            r
-            for r in stacked
-            if self.macs_reduction(r) >= reduction
-            and self.fid_ratio(r) <= fid_ratio
-            and self.speedup(r) >= efficiency * self.macs_reduction(r)
-        ]
+        meets = [r for r in stacked if self.meets(r)]
         if meets:
             return max(meets, key=self.macs_reduction), True
-        return (min(stacked, key=lambda r: r.fid) if stacked else None), False
+        return (min(stacked, key=lambda r: r.fid.value) if stacked else None), False
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
@@ -205,6 +258,8 @@ class Bench:
         self.details: dict[str, Any] = {}
         self._timed: dict[str, nn.Module] = {}
         self._contexts: dict[str, Callable[[nn.Module], Any]] = {}
+        self._features: dict[str, np.ndarray] = {}
+        self._peers: dict[str, str] = {}  # method row -> its peer at matched MACs
         self._inputs: TrainingInputs | None = None
         base = self.study_config("dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, options={})
         t = self.teacher
@@ -277,6 +332,11 @@ class Bench:
         """The pool's warm-up time, counted in the search cost of every row that trains from it."""
         return self.details["pool_seconds"] if self._inputs is not None else 0.0
 
+    @property
+    def eval_seed(self) -> int:
+        """The noise seed of every row's FID samples: the verdict's seed, not the tuning seed."""
+        return self.preset.eval_seed
+
     def measure(
         self,
         name: str,
@@ -286,51 +346,102 @@ class Bench:
         context: Callable[[nn.Module], Any] = contextlib.nullcontext,
         search_seconds: float = 0.0,
         notes: str = "",
+        peer_of: str | None = None,
     ) -> Row:
-        """Trajectory MACs and FID of ``model`` under ``context(model)``; the row is timed at the
-        end, on a copy of the model as it is now, under the same context."""
+        """Trajectory MACs, FID (with its interval) and KID of ``model`` under ``context(model)``;
+        the row is timed at the end, on a copy of the model as it is now, under the same context.
+
+        Args:
+            peer_of: the row this one is a peer of at matched MACs (compared with it, paired).
+        """
         p = self.preset
         start = time.perf_counter()
         model.eval()
         with context(model):
             trajectory = executed_macs(lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1))
             images = sample_images(
-                model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=p.seed
+                model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=self.eval_seed
             )
-        fid = self.fid(images)
-        params = sum(q.numel() for q in model.parameters())
-        row = Row(name, kind, params, trajectory, trajectory / self.steps, fid, round(search_seconds, 1), notes=notes)
+        features = self.evaluator.extractor(images)
+        fid = fid_from_features(features, self.evaluator.reference)
+        row = Row(
+            name,
+            kind,
+            sum(q.numel() for q in model.parameters()),
+            trajectory,
+            trajectory / self.steps,
+            fid_interval(fid, features, *self.evaluator.reference, seed=self.eval_seed),
+            kid(features, self.evaluator.reference_set.features, seed=self.eval_seed),
+            round(search_seconds, 1),
+            notes=notes,
+        )
         self.rows.append(row)
+        self._features[name] = features
+        if peer_of is not None:
+            self._peers[peer_of] = name
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
         self.log(
-            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {fid:.3f}, made in "
+            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid}, KID {row.kid}, made in "
             f"{search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
         )
         return row
 
     def fid(self, images: torch.Tensor) -> float:
         """FID of ``images`` (in [-1, 1]) against the preset's reference (lower is better)."""
-        return fid_from_images(images, self.evaluator.reference, self.evaluator.extractor)
+        return fid_from_features(self.evaluator.extractor(images), self.evaluator.reference)
+
+    def floor(self) -> Interval:
+        """FID of ``fid_samples`` real images (drawn without replacement, the evaluation seed)
+        against the whole dataset's statistics, with its interval: what the benchmark can resolve."""
+        features = self.evaluator.reference_set.features
+        n = min(self.preset.fid_samples, len(features))
+        chosen = features[np.random.default_rng(self.eval_seed).permutation(len(features))[:n]]
+        return fid_interval(fid_from_features(chosen, self.evaluator.reference), chosen, *self.evaluator.reference, seed=self.eval_seed)
+
+    def compare(self) -> None:
+        """Every row against the teacher, and each peer against the row it was matched to, paired."""
+        reference = self.evaluator.reference
+        rows = {row.name: row for row in self.rows}
+
+        def comparison(a: Row, b: Row) -> Comparison:
+            difference, ratio = paired_fid(
+                self._features[a.name], self._features[b.name], *reference, points=(a.fid.value, b.fid.value), seed=self.eval_seed
+            )
+            return Comparison(b.name, difference, ratio)
+
+        teacher = self.rows[0]
+        for row in self.rows[1:]:
+            row.versus_teacher = comparison(row, teacher)
+        for method, peer in self._peers.items():
+            if method in rows:
+                rows[method].versus_peer = comparison(rows[method], rows[peer])
+                rows[peer].versus_peer = comparison(rows[peer], rows[method])
 
     def time_rows(self) -> None:
-        """Every row's latency per image, all rows in lockstep (step by step, each on its own copy)."""
+        """Every row's latency per image at each of the preset's batch sizes, all rows in lockstep
+        (step by step, each on its own copy of its model), ``latency_repeats`` rounds after
+        ``latency_warmup`` untimed ones; speedups are the teacher's time over the row's, round by round."""
         p = self.preset
-        self.log(f"timing {len(self._timed)} rows in lockstep: {p.latency_repeats} batches of {p.latency_batch} each")
-        seconds = sampler_latencies(
-            self._timed,
-            self.scheduler_config,
-            contexts=self._contexts,
-            steps=self.steps,
-            batch_size=p.latency_batch,
-            repeats=p.latency_repeats,
-            warmup=p.latency_warmup,
-        )
-        for row in self.rows:
-            row.latency = seconds[row.name]
+        teacher = self.rows[0].name
+        for batch in p.timed_batches:
+            self.log(f"timing {len(self._timed)} rows in lockstep at batch {batch}: {p.latency_warmup} + {p.latency_repeats} rounds")
+            rounds = sampler_rounds(
+                self._timed,
+                self.scheduler_config,
+                contexts=self._contexts,
+                steps=self.steps,
+                batch_size=batch,
+                repeats=p.latency_repeats,
+                warmup=p.latency_warmup,
+            )
+            for row in self.rows:
+                row.latency[batch] = spread(rounds[row.name])
+                row.speedup[batch] = spread([t / r for t, r in zip(rounds[teacher], rounds[row.name], strict=True)])
 
     def result(self) -> BenchResult:
-        return BenchResult(self.preset, self.rows, self.machine, time.perf_counter() - self.begin, self.details)
+        self.compare()
+        return BenchResult(self.preset, self.rows, self.machine, time.perf_counter() - self.begin, self.floor(), self.details)
 
 
 def check_file(preset: BenchPreset, what: str, path: str) -> None:

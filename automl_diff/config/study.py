@@ -76,6 +76,8 @@ class FidSettings:
     dataset: str | None = None
     features: str | None = None
     batch_size: int = 250
+    #: Record FID's 95% interval and KID on every trial (half-sampling; see metrics/intervals.py).
+    interval: bool = False
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
         dataset=f.take("dataset", str, None),
         features=f.take("features", str, None, choices=sorted(FEATURE_EXTRACTORS)),
         batch_size=f.take("batch_size", int, 250, check=positive),
+        interval=f.take("interval", bool, False),
     )
     f.done()
     if fid.dataset and fid.dataset.startswith("folder:"):

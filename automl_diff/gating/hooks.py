@@ -79,7 +79,7 @@ class _StepHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
         c._advance(_timestep_value(args, kwargs))
-        if c._idle() and c._output is not None:  # a fresh wrapper around the same tensor
+        if c._idle and c._output is not None:  # a fresh wrapper around the same tensor
             kind, sample = c._output
             if not kwargs.get("return_dict", True):
                 return (sample,)
@@ -140,11 +140,12 @@ class _ConcatHook(ModelHook):
     def __init__(self, controller: GateController, resnets: Sequence[tuple[int, str]]) -> None:
         super().__init__()
         self.controller = controller
-        self.resnets = tuple(resnets)  # (resnet index in the block, unit name)
+        self.resnets = tuple(resnets)  # (resnet index in the block, unit index, unit name)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        reusing = [(index, name) for index, name in self.resnets if self.controller._reuses(name)]
+        reuse = self.controller._reuse
+        reusing = [(index, name) for index, unit, name in self.resnets if reuse[unit]]
         positional = len(args) > 1
         skips = args[1] if positional else kwargs.get("res_hidden_states_tuple")
         if not reusing or not isinstance(skips, (tuple, list)):
@@ -169,6 +170,8 @@ class _GateHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
+        if c._reuse[self.index]:  # the plan of this step, resolved once when the step began
+            return c.cache[self.name]
         cache = c.cache
         if c.soft_gates is not None:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -178,14 +181,12 @@ class _GateHook(ModelHook):
                 out = _tree_map(lambda new, old: g * new + (1 - g) * old, out, cache[self.name])
             cache[self.name] = out
             return out
-        if not c._reuses(self.name):
-            if args and isinstance(args[0], _Skipped):
-                raise RuntimeError(f"{self.name}: its input concatenation was skipped but the unit computes")
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            c.executed[self.name] += 1
-            cache[self.name] = out
-            return out
-        return cache[self.name]
+        if args and isinstance(args[0], _Skipped):
+            raise RuntimeError(f"{self.name}: its input concatenation was skipped but the unit computes")
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        c.executed[self.name] += 1
+        cache[self.name] = out
+        return out
 
 
 class _HeadHook(ModelHook):
@@ -198,7 +199,7 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
-        if c.head_input is not None and c._reuses(c.head_input) and self.key in c.cache:
+        if c._head_reuses and self.key in c.cache:
             return c.cache[self.key]
         out = self.fn_ref.original_forward(*args, **kwargs)
         if c.soft_gates is None:
@@ -235,16 +236,17 @@ class GateController:
         self._last_t: float | None = None
         self._output: tuple[Any, torch.Tensor] | None = None  # the last call's output: (its type, its sample)
         self._modules = [get_block(unet, name) for name in self.units]
-        self._index = {name: i for i, name in enumerate(self.units)}
-        up_resnets: dict[str, list[tuple[int, str]]] = {}
-        for name in self.units:
+        up_resnets: dict[str, list[tuple[int, int, str]]] = {}
+        for unit, name in enumerate(self.units):
             match = _UP_RESNET.match(name)
             if match:
-                up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), name))
+                up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), unit, name))
         self._concat_blocks = [(get_block(unet, block), resnets) for block, resnets in up_resnets.items()]
         self.head_input = head_input_unit(unet, self.units)
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
         self.idle_free = idle_steps_free(unet, self.units)
+        self._index = {name: i for i, name in enumerate(self.units)}
+        self._plan(None)
         self._attach()
 
     # hooks ------------------------------------------------------------------------------------------
@@ -307,6 +309,7 @@ class GateController:
         self._output = None
         self.step = -1
         self._last_t = None
+        self._plan(None)
 
     def detach_cache(self) -> None:
         """Cut the autograd graph through the caches (truncated backpropagation)."""
@@ -314,28 +317,17 @@ class GateController:
             self.cache[name] = _detach(self.cache[name])
         self._output = None
 
-    def _reuses(self, name: str) -> bool:
-        """Whether unit ``name`` returns its cache at the current step (binary gates only)."""
-        return (
-            self.soft_gates is None
-            and self.gates is not None
-            and self.step > 0
-            and not self.gates[self.step][self._index[name]]
-            and name in self.cache
-        )
-
-    def _idle(self) -> bool:
-        """Whether the current step runs nothing: no unit computes (each reuses its cache) and such
-        a step is free, so the UNet's output is the last call's."""
-        return (
-            self.idle_free
-            and self.head_input is not None
-            and self.soft_gates is None
-            and self.gates is not None
-            and self.step > 0
-            and not any(self.gates[self.step])
-            and all(name in self.cache for name in self.units)
-        )
+    def _plan(self, row: Sequence[bool] | None) -> None:
+        """Resolve the current step once, before any unit runs: which units return their cache
+        (binary gates, past step 0, cached), whether the head does, whether the step runs nothing.
+        The hooks then read one flag each instead of working it out per call."""
+        if row is None:
+            self._reuse = [False] * len(self.units)
+        else:
+            self._reuse = [not on and name in self.cache for on, name in zip(row, self.units)]
+        head = self.head_input
+        self._head_reuses = head is not None and self._reuse[self._index[head]]
+        self._idle = self.idle_free and head is not None and row is not None and all(self._reuse)
 
     def _advance(self, t: float) -> None:
         if self._last_t is None or t >= self._last_t:
@@ -349,6 +341,8 @@ class GateController:
                     f"the schedule has {self.steps} steps but the sampler ran more; sample with num_inference_steps={self.steps}"
                 )
         self._last_t = t
+        binary = self.soft_gates is None and self.gates is not None and self.step > 0
+        self._plan(self.gates[self.step] if binary else None)
 
 
 def apply_schedule(target: Any, schedule: Schedule) -> GateController:

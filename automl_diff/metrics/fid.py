@@ -26,11 +26,14 @@ from automl_diff.errors import UserError
 __all__ = [
     "FEATURE_EXTRACTORS",
     "FeatureExtractor",
+    "ReferenceSet",
     "cache_dir",
     "feature_statistics",
+    "fid_from_features",
     "fid_from_images",
     "frechet_distance",
     "get_extractor",
+    "reference_set",
     "reference_statistics",
 ]
 
@@ -151,6 +154,46 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
+@dataclass(frozen=True)
+class ReferenceSet:
+    """A dataset's features for FID (their mean and covariance) and KID (the features themselves)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray
+
+    @property
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mu, self.sigma
+
+
+def reference_set(
+    dataset: str,
+    extractor: FeatureExtractor,
+    *,
+    resolution: int,
+    channels: int,
+    directory: Path | None = None,
+) -> ReferenceSet:
+    """The features of a whole dataset and their statistics, computed once and cached as ``.npz``."""
+    from automl_diff.data import load_dataset
+    from automl_diff.records import stable_key
+
+    key = stable_key([dataset, extractor.fingerprint, resolution, channels])
+    safe = "".join(c if c.isalnum() else "_" for c in dataset)[-40:]
+    path = (directory or cache_dir()) / "fid_stats" / f"{safe}-{extractor.name}-{resolution}px-{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return ReferenceSet(data["mu"], data["sigma"], data["features"])
+    features = extractor(load_dataset(dataset, resolution=resolution, channels=channels))
+    reference = ReferenceSet(features.mean(axis=0), np.cov(features, rowvar=False), features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mu=reference.mu, sigma=reference.sigma, features=features, dataset=dataset, extractor=extractor.fingerprint)
+    tmp.replace(path)
+    return reference
+
+
 def reference_statistics(
     dataset: str,
     extractor: FeatureExtractor,
@@ -159,25 +202,15 @@ def reference_statistics(
     channels: int,
     directory: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics of a whole dataset, computed once and cached as ``.npz``."""
-    from automl_diff.data import load_dataset
+    """Mean and covariance of a whole dataset's features (:func:`reference_set`, cached)."""
+    return reference_set(dataset, extractor, resolution=resolution, channels=channels, directory=directory).statistics
 
-    key = hashlib.sha256(f"{dataset}|{extractor.fingerprint}|{resolution}|{channels}".encode()).hexdigest()[:16]
-    safe = "".join(c if c.isalnum() else "_" for c in dataset)[-40:]
-    path = (directory or cache_dir()) / "fid_stats" / f"{safe}-{extractor.name}-{resolution}px-{key}.npz"
-    if path.is_file():
-        with np.load(path) as data:
-            return data["mu"], data["sigma"]
-    images = load_dataset(dataset, resolution=resolution, channels=channels)
-    mu, sigma = feature_statistics(images, extractor)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, dataset=dataset, extractor=extractor.fingerprint, count=len(images))
-    tmp.replace(path)
-    return mu, sigma
+
+def fid_from_features(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """FID of generated images' ``features`` against reference statistics."""
+    return frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), *reference)
 
 
 def fid_from_images(images: torch.Tensor, reference: tuple[np.ndarray, np.ndarray], extractor: FeatureExtractor) -> float:
     """FID of generated ``images`` (in [-1, 1]) against reference statistics."""
-    mu, sigma = feature_statistics(images, extractor)
-    return frechet_distance(mu, sigma, *reference)
+    return fid_from_features(extractor(images), reference)

@@ -16,9 +16,11 @@ from torch import nn
 from automl_diff.sampling import sampling_steps
 
 __all__ = [
+    "lockstep_rounds",
     "measure_latencies",
     "measure_latency",
     "sampler_latencies",
+    "sampler_rounds",
     "synchronize",
     "time_interleaved",
     "time_lockstep",
@@ -85,6 +87,37 @@ def measure_latencies(
     )
 
 
+def sampler_rounds(
+    models: dict[str, nn.Module],
+    scheduler_config: dict[str, Any],
+    *,
+    contexts: dict[str, Callable[[nn.Module], ContextManager[Any]]] | None = None,
+    steps: int,
+    batch_size: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    scheduler: str = "ddim",
+) -> dict[str, list[float]]:
+    """Seconds per image of several samplers in each of ``repeats`` rounds (after ``warmup``
+    untimed ones), one batch of ``batch_size`` each, timed in lockstep (:func:`lockstep_rounds`):
+    ``models[name]`` samples under ``contexts[name](model)`` (none: as it is). Models under
+    different contexts must be different objects. Round ``k`` of every sampler ran side by side,
+    so per-round ratios compare like with like."""
+    contexts = contexts or {}
+
+    def run(model: nn.Module) -> Callable[[], Any]:
+        return lambda: sampling_steps(
+            model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler
+        )
+
+    entered = {name: (lambda name=name: contexts[name](models[name])) for name in models if name in contexts}
+    sync = next(iter(models.values()), None)
+    rounds = lockstep_rounds(
+        {name: run(model) for name, model in models.items()}, contexts=entered, repeats=repeats, warmup=warmup, sync=sync
+    )
+    return {name: [value / batch_size for value in values] for name, values in rounds.items()}
+
+
 def sampler_latencies(
     models: dict[str, nn.Module],
     scheduler_config: dict[str, Any],
@@ -96,22 +129,11 @@ def sampler_latencies(
     warmup: int = 1,
     scheduler: str = "ddim",
 ) -> dict[str, float]:
-    """Median seconds per image of several samplers, one batch of ``batch_size`` each, timed in
-    lockstep (:func:`time_lockstep`): ``models[name]`` samples under ``contexts[name](model)``
-    (none: as it is). Models under different contexts must be different objects."""
-    contexts = contexts or {}
-
-    def run(model: nn.Module) -> Callable[[], Any]:
-        return lambda: sampling_steps(
-            model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler
-        )
-
-    entered = {name: (lambda name=name: contexts[name](models[name])) for name in models if name in contexts}
-    sync = next(iter(models.values()), None)
-    seconds = time_lockstep(
-        {name: run(model) for name, model in models.items()}, contexts=entered, repeats=repeats, warmup=warmup, sync=sync
+    """Median seconds per image of several samplers timed in lockstep (:func:`sampler_rounds`)."""
+    rounds = sampler_rounds(
+        models, scheduler_config, contexts=contexts, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler
     )
-    return {name: value / batch_size for name, value in seconds.items()}
+    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 def time_interleaved(
@@ -154,15 +176,15 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def time_lockstep(
+def lockstep_rounds(
     runs: dict[str, Callable[[], Iterator[Any]]],
     *,
     contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
     repeats: int = 3,
     warmup: int = 0,
     sync: nn.Module | None = None,
-) -> dict[str, float]:
-    """Median wall-clock seconds of several step-by-step computations run in lockstep.
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of several step-by-step computations run in lockstep, per timed round.
 
     Each run makes an iterator (:func:`~automl_diff.sampling.sampling_steps`, say); all of them
     advance one step in turn, the first to go rotating every step, and each step's time counts for
@@ -206,7 +228,21 @@ def time_lockstep(
         if round_ >= warmup:
             for name in names:
                 times[name].append(spent[name])
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_lockstep(
+    runs: dict[str, Callable[[], Iterator[Any]]],
+    *,
+    contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
+    repeats: int = 3,
+    warmup: int = 0,
+    sync: nn.Module | None = None,
+) -> dict[str, float]:
+    """Median wall-clock seconds of several step-by-step computations run in lockstep
+    (:func:`lockstep_rounds`)."""
+    rounds = lockstep_rounds(runs, contexts=contexts, repeats=repeats, warmup=warmup, sync=sync)
+    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 @torch.no_grad()

@@ -13,9 +13,11 @@ from torch import nn
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, apply_schedule, unit_costs
-from automl_diff.metrics.fid import FeatureExtractor, fid_from_images, get_extractor, reference_statistics
+from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_features, get_extractor, reference_set
+from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import measure_latency
 from automl_diff.metrics.macs import count_macs
+from automl_diff.records import TrialAttr
 from automl_diff.sampling import sample_images
 
 __all__ = ["Evaluator", "ModelMetrics"]
@@ -33,6 +35,9 @@ class ModelMetrics:
         trajectory_macs: MACs of one image's whole sampling trajectory (``sampling_steps`` calls).
         fid: FID of ``fid_samples`` images against the dataset's reference statistics.
         latency: median seconds per image for ``sampling_steps`` denoising steps.
+        fid_interval: FID's 95% interval (``fid.interval: true``; half-sampling, see
+            :mod:`automl_diff.metrics.intervals`).
+        kid: KID with its standard deviation over subsets (with ``fid.interval: true``).
     """
 
     params: int
@@ -41,9 +46,17 @@ class ModelMetrics:
     trajectory_macs: int
     fid: float
     latency: float
+    fid_interval: Interval | None = None
+    kid: Kid | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The metrics as trial attributes (:class:`~automl_diff.records.TrialAttr`)."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid")}
+        if self.fid_interval is not None:
+            data.update({TrialAttr.FID_LOW: self.fid_interval.low, TrialAttr.FID_HIGH: self.fid_interval.high})
+        if self.kid is not None:
+            data.update({TrialAttr.KID: self.kid.mean, TrialAttr.KID_STD: self.kid.std})
+        return data
 
 
 class Evaluator:
@@ -77,7 +90,9 @@ class Evaluator:
         self._extractor: FeatureExtractor | None = None
         #: The first images of the last FID run (the same noise for every model): for sample grids.
         self.last_samples: torch.Tensor | None = None
-        self._reference: tuple[np.ndarray, np.ndarray] | None = None
+        #: The features of the last FID run's images (row ``i``: the image from noise ``i``).
+        self.last_features: np.ndarray | None = None
+        self._reference: ReferenceSet | None = None
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -86,10 +101,16 @@ class Evaluator:
         return self._extractor
 
     @property
-    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+    def reference_set(self) -> ReferenceSet:
+        """The dataset's features and statistics (computed once, cached on disk)."""
         if self._reference is None:
-            self._reference = reference_statistics(self.dataset, self.extractor, resolution=self.resolution, channels=self.channels)
+            self._reference = reference_set(self.dataset, self.extractor, resolution=self.resolution, channels=self.channels)
         return self._reference
+
+    @property
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dataset's feature mean and covariance."""
+        return self.reference_set.statistics
 
     def fid(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> float:
         """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given."""
@@ -108,7 +129,16 @@ class Evaluator:
                 desc=desc,
             )
         self.last_samples = images[:16].clone()
-        return fid_from_images(images, self.reference, self.extractor)
+        self.last_features = self.extractor(images)
+        return fid_from_features(self.last_features, self.reference)
+
+    def fid_interval(self, fid: float) -> Interval:
+        """The 95% interval of ``fid``, the FID of the last run (:func:`~automl_diff.metrics.intervals.fid_interval`)."""
+        return fid_interval(fid, self.last_features, *self.reference, seed=self.config.seed)
+
+    def kid(self) -> Kid:
+        """KID of the last run's images against the dataset's features."""
+        return kid(self.last_features, self.reference_set.features, seed=self.config.seed)
 
     def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
@@ -136,7 +166,10 @@ class Evaluator:
                 repeats=b.latency_repeats,
                 scheduler=self.config.sampling.scheduler,
             )
-        return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency)
+        extra: dict[str, Any] = {}
+        if self.config.fid.interval:
+            extra.update(fid_interval=self.fid_interval(fid), kid=self.kid())
+        return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency, **extra)
 
 
 def _gated(unet: nn.Module, schedule: Schedule | None) -> Any:

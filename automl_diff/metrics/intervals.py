@@ -1,0 +1,201 @@
+"""Intervals for the figures that decide a verdict: FID and KID of generated samples, paired
+comparisons of models sampled from the same noise, and the spread of repeated timings.
+
+FID's sampling error comes from the generated images (the reference is a whole dataset, fixed).
+Its standard error is estimated by *half-sampling*: FID is recomputed on ``splits`` random halves
+of the samples (drawn without replacement, so no image appears twice) and the standard error at
+the full count ``N`` is the spread of the half-sample FIDs divided by ``sqrt(2)``, as FID's
+sampling variance falls as ``1/N``. The 95% interval is ``FID +- 1.96 SE``. A bootstrap with
+replacement is not used: duplicated images distort the feature covariance and, on the digits
+benchmark, inflated FID's spread threefold against independent sample sets (BENCHMARKS.md has the
+check). Models sampled from the same noise (image ``i`` of every model starts from the same
+latent) are compared *paired*: the same halves for both, so the standard error of the difference
+(or of the log ratio) is that of the paired half-sample differences, as narrow as the shared
+noise allows. KID is unbiased; it is reported with its standard deviation over random subsets
+(torch-fidelity's estimator).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Z95",
+    "Interval",
+    "Kid",
+    "Spread",
+    "fid_interval",
+    "half_sample_fids",
+    "kid",
+    "paired_fid",
+    "spread",
+    "verdict",
+]
+
+#: Two-sided 95% normal quantile.
+Z95 = 1.959964
+#: Random halves of a FID's samples.
+SPLITS = 100
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its 95% interval (``low <= value <= high``)."""
+
+    value: float
+    low: float
+    high: float
+
+    def unfavourable(self, *, lower_is_better: bool = True) -> float:
+        """The end a goal is judged at: the high end where lower is better."""
+        return self.high if lower_is_better else self.low
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "low": self.low, "high": self.high}
+
+    def __str__(self) -> str:
+        return f"{self.value:.3g} [{self.low:.3g}, {self.high:.3g}]"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median and the quartiles of repeated measurements (timed rounds)."""
+
+    median: float
+    q1: float
+    q3: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3}
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} (IQR {self.q1:.3g}-{self.q3:.3g})"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Median and quartiles of ``values`` (``statistics.quantiles``, inclusive method)."""
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return Spread(values[0], values[0], values[0])
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return Spread(median, q1, q3)
+
+
+class _Reference:
+    """What every FID against one reference reuses: its mean, its trace and ``sqrt(sigma)``.
+    ``tr sqrt(S1 S2)`` is the sum of the square roots of the eigenvalues of the symmetric
+    ``sqrt(S2) S1 sqrt(S2)``: pytorch-fid's value, without a matrix square root per sample set."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray) -> None:
+        from scipy import linalg
+
+        self.mu = np.asarray(mu, dtype=np.float64)
+        sigma = np.asarray(sigma, dtype=np.float64)
+        self.trace = float(np.trace(sigma))
+        with warnings.catch_warnings():  # dead features make sigma singular; its root is still right
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            root = linalg.sqrtm(sigma)
+        root = np.real(root)
+        self.root = (root + root.T) / 2
+
+    def fid(self, features: np.ndarray) -> float:
+        sigma = np.cov(features, rowvar=False)
+        eig = np.linalg.eigvalsh(self.root @ sigma @ self.root)
+        diff = features.mean(axis=0) - self.mu
+        return float(diff @ diff + np.trace(sigma) + self.trace - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def _halves(n: int, splits: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n)[: n // 2] for _ in range(splits)]
+
+
+def half_sample_fids(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, splits: int = SPLITS, seed: int = 0) -> np.ndarray:
+    """FID of ``splits`` random halves of the feature rows against ``(mu, sigma)``."""
+    reference = _Reference(mu, sigma)
+    return np.array([reference.fid(features[idx]) for idx in _halves(len(features), splits, seed)])
+
+
+def fid_interval(point: float, features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, splits: int = SPLITS, seed: int = 0) -> Interval:
+    """The 95% interval of a FID ``point`` computed on ``features`` against ``(mu, sigma)``."""
+    se = float(np.std(half_sample_fids(features, mu, sigma, splits=splits, seed=seed), ddof=1)) / math.sqrt(2)
+    return Interval(point, point - Z95 * se, point + Z95 * se)
+
+
+def paired_fid(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    points: tuple[float, float],
+    splits: int = SPLITS,
+    seed: int = 0,
+) -> tuple[Interval, Interval]:
+    """``FID_a - FID_b`` and ``FID_a / FID_b`` with their 95% intervals, for two models sampled from
+    the same noise (row ``i`` of both feature arrays starts from the same latent): the same halves
+    of both, so their standard errors are those of paired differences (of log FIDs for the ratio)."""
+    if len(features_a) != len(features_b):
+        raise ValueError("paired models need the same number of samples")
+    reference = _Reference(mu, sigma)
+    pairs = np.array([(reference.fid(features_a[idx]), reference.fid(features_b[idx])) for idx in _halves(len(features_a), splits, seed)])
+    a, b = points
+    se_diff = float(np.std(pairs[:, 0] - pairs[:, 1], ddof=1)) / math.sqrt(2)
+    se_log = float(np.std(np.log(pairs[:, 0] / pairs[:, 1]), ddof=1)) / math.sqrt(2)
+    ratio = a / b
+    return (
+        Interval(a - b, a - b - Z95 * se_diff, a - b + Z95 * se_diff),
+        Interval(ratio, ratio * math.exp(-Z95 * se_log), ratio * math.exp(Z95 * se_log)),
+    )
+
+
+def verdict(difference: Interval, *, lower_is_better: bool = True) -> str:
+    """``better``, ``worse`` or ``no difference``: whether the 95% interval of ``model - other``
+    lies wholly on one side of zero."""
+    if difference.high < 0:
+        return "better" if lower_is_better else "worse"
+    if difference.low > 0:
+        return "worse" if lower_is_better else "better"
+    return "no difference"
+
+
+@dataclass(frozen=True)
+class Kid:
+    """KID: the mean over random subsets and its standard deviation over them (not an interval)."""
+
+    mean: float
+    std: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3g} +- {self.std:.2g}"
+
+
+def kid(features: np.ndarray, reference: np.ndarray, *, subsets: int = 100, seed: int = 0) -> Kid:
+    """KID (unbiased polynomial-kernel MMD, torch-fidelity's) of ``features`` against the reference
+    dataset's features, over ``subsets`` random subsets of half the smaller set each, so both
+    the generated images and the reference vary between subsets."""
+    import torch
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    out = kid_features_to_metric(
+        torch.as_tensor(features),
+        torch.as_tensor(reference),
+        kid_subsets=subsets,
+        kid_subset_size=max(2, min(len(features), len(reference)) // 2),
+        rng_seed=seed,
+        verbose=False,
+        kid_kernel="poly",
+        kid_kernel_poly_degree=3,
+        kid_kernel_poly_gamma=None,
+        kid_kernel_poly_coef0=1,
+    )
+    return Kid(out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD])
