@@ -144,6 +144,8 @@ class Evaluation:
     latency_batch_size: int | None = None
     seed: int = 0
     device: str | None = None
+    #: FID's 95% interval and KID are recorded on every trial (``fid.interval: true``).
+    fid_interval: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

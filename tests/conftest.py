@@ -202,26 +202,49 @@ print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.un
 # --- holding a trial mid-run in another process, without timing ---
 
 _HOLD = """
+import importlib.util
+import sys
 import threading
 from pathlib import Path
 
-import automl_diff.methods.dkdm.method as _dkdm
-
-_fit = _dkdm.fit
+_TARGET = "automl_diff.methods.dkdm.method"
 
 
-def _holding_fit(*args, desc="", on_step=None, **kwargs):
-    def step(i, loss):
-        if on_step is not None:
-            on_step(i, loss)
-        if desc.startswith("trial {trial} ") and i == {at_step}:
-            Path({marker!r}).write_text(desc)
-            threading.Event().wait()  # until the process is killed or interrupted
+def _hold(module):
+    fit = module.fit
 
-    return _fit(*args, desc=desc, on_step=step, **kwargs)
+    def holding_fit(*args, desc="", on_step=None, **kwargs):
+        def step(i, loss):
+            if on_step is not None:
+                on_step(i, loss)
+            if desc.startswith("trial {trial} ") and i == {at_step}:
+                Path({marker!r}).write_text(desc)
+                threading.Event().wait()  # until the process is killed or interrupted
+
+        return fit(*args, desc=desc, on_step=step, **kwargs)
+
+    module.fit = holding_fit
 
 
-_dkdm.fit = _holding_fit
+class _PatchOnImport:
+    # patches the DKDM module when something imports it, so that every other Python process
+    # (Ray's agents and workers among them) starts as fast as without this file
+    def find_spec(self, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _hold(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _PatchOnImport())
 """
 
 
@@ -244,7 +267,9 @@ def wait_for_file(path: Path, process, *, timeout: float = 600) -> None:
 
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert process.poll() is None, f"the process exited before {path.name} appeared"
+        if process.poll() is not None:
+            err = process.stderr.read()[-3000:] if process.stderr else ""
+            raise AssertionError(f"the process exited ({process.returncode}) before {path.name} appeared: {err}")
         assert time.monotonic() < deadline, f"{path.name} never appeared"
         time.sleep(0.2)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -189,3 +190,14 @@ def test_importing_the_package_has_no_side_effects(tmp_path):
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_interval_and_kid_are_recorded_when_asked(study_factory, tmp_path, capsys):
+    config = study_factory(n_trials=1, fid={"dataset": "digits", "features": "digits", "interval": True})
+    code, _, err = _run(capsys, "run", str(config), "--quiet")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.user_attrs["evaluation"]["fid_interval"] is True
+    for attrs in (study.trials[0].user_attrs, study.user_attrs["teacher_metrics"]):
+        assert attrs["fid_low"] < attrs["fid"] < attrs["fid_high"]
+        assert attrs["kid_std"] > 0 and math.isfinite(attrs["kid"])

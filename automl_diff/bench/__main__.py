@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-seed", type=int, default=None, help="noise seed of every FID (default: the preset's, which differs from its tuning seed)"
     )
+    parser.add_argument("--render", default=None, metavar="JSON", help="write the section of a run saved with --json again (no measuring)")
     parser.add_argument(
         "--rows",
         default=None,
@@ -60,21 +61,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{option}: the folder of {path} does not exist")
         from automl_diff.bench.report import markdown, write_section
         from automl_diff.bench.run import run_bench
+        from automl_diff.bench.session import BenchResult
 
-        result = run_bench(preset, rows=rows, log=lambda line: print(line, flush=True))
+        if args.render:  # a saved run, written again: no measuring
+            data = _read_json(args.render)
+            command = data.get("command", command)
+            result = BenchResult.from_dict(data, replace(preset, eval_seed=data.get("eval_seed", preset.eval_seed)))
+        else:
+            result = run_bench(preset, rows=rows, log=lambda line: print(line, flush=True))
         text = markdown(result, command=command.strip())
+        if args.render:
+            text += f"\nThe section was written again from that run's `--json` with `python -m automl_diff.bench --render {args.render}`.\n"
         print("\n" + text)
         if args.json:
-            data = {
-                "preset": preset.name,
-                "machine": result.machine,
-                "seconds": result.seconds,
-                "eval_seed": preset.eval_seed,
-                "floor": result.floor.to_dict(),
-                "rows": [r.to_dict() for r in result.rows],
-                "details": result.details,
-            }
-            Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+            Path(args.json).write_text(json.dumps({**result.to_dict(), "command": command.strip()}, indent=1, default=str))
             print(f"wrote {args.json}")
         if args.out:
             print(f"wrote {write_section(args.out, preset.name, text)}")
@@ -85,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _read_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--render: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or "rows" not in data:
+        raise UserError(f"--render: {path} is not a run saved with --json")
+    return data
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return {"other": self.other, "difference": self.difference.to_dict(), "ratio": self.ratio.to_dict(), "verdict": self.verdict}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Comparison | None:
+        return None if data is None else cls(data["other"], Interval(**data["difference"]), Interval(**data["ratio"]))
+
 
 @dataclass
 class Row:
@@ -117,6 +121,25 @@ class Row:
             "versus_peer": self.versus_peer.to_dict() if self.versus_peer else None,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Row:
+        """A row as :meth:`to_dict` wrote it (JSON turns the batch sizes into strings)."""
+        return cls(
+            data["name"],
+            data["kind"],
+            data["params"],
+            data["trajectory_macs"],
+            data["macs_per_step"],
+            Interval(**data["fid"]),
+            Kid(**data["kid"]),
+            data["search_seconds"],
+            data["notes"],
+            {int(b): Spread(**v) for b, v in data["latency"].items()},
+            {int(b): Spread(**v) for b, v in data["speedup"].items()},
+            Comparison.from_dict(data["versus_teacher"]),
+            Comparison.from_dict(data["versus_peer"]),
+        )
+
 
 @dataclass
 class BenchResult:
@@ -128,6 +151,23 @@ class BenchResult:
     seconds: float
     floor: Interval
     details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset.name,
+            "eval_seed": self.preset.eval_seed,
+            "machine": self.machine,
+            "seconds": self.seconds,
+            "floor": self.floor.to_dict(),
+            "rows": [row.to_dict() for row in self.rows],
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], preset: BenchPreset) -> BenchResult:
+        """A run as :meth:`to_dict` wrote it, measured with ``preset``."""
+        rows = [Row.from_dict(row) for row in data["rows"]]
+        return cls(preset, rows, data["machine"], data["seconds"], Interval(**data["floor"]), data.get("details", {}))
 
     @property
     def teacher(self) -> Row:

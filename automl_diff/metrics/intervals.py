@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "Z95",
+    "FrechetReference",
     "Interval",
     "Kid",
     "Spread",
@@ -87,9 +88,9 @@ def spread(values: Sequence[float]) -> Spread:
     return Spread(median, q1, q3)
 
 
-class _Reference:
-    """What every FID against one reference reuses: its mean, its trace and ``sqrt(sigma)``.
-    ``tr sqrt(S1 S2)`` is the sum of the square roots of the eigenvalues of the symmetric
+class FrechetReference:
+    """FID against one reference for many sample sets: its mean, trace and ``sqrt(sigma)`` are
+    computed once. ``tr sqrt(S1 S2)`` is the sum of the square roots of the eigenvalues of the symmetric
     ``sqrt(S2) S1 sqrt(S2)``: pytorch-fid's value, without a matrix square root per sample set."""
 
     def __init__(self, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -118,7 +119,7 @@ def _halves(n: int, splits: int, seed: int) -> list[np.ndarray]:
 
 def half_sample_fids(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, splits: int = SPLITS, seed: int = 0) -> np.ndarray:
     """FID of ``splits`` random halves of the feature rows against ``(mu, sigma)``."""
-    reference = _Reference(mu, sigma)
+    reference = FrechetReference(mu, sigma)
     return np.array([reference.fid(features[idx]) for idx in _halves(len(features), splits, seed)])
 
 
@@ -143,7 +144,7 @@ def paired_fid(
     of both, so their standard errors are those of paired differences (of log FIDs for the ratio)."""
     if len(features_a) != len(features_b):
         raise ValueError("paired models need the same number of samples")
-    reference = _Reference(mu, sigma)
+    reference = FrechetReference(mu, sigma)
     pairs = np.array([(reference.fid(features_a[idx]), reference.fid(features_b[idx])) for idx in _halves(len(features_a), splits, seed)])
     a, b = points
     se_diff = float(np.std(pairs[:, 0] - pairs[:, 1], ddof=1)) / math.sqrt(2)

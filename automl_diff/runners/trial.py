@@ -154,6 +154,7 @@ class StudySession:
             latency_batch_size=c.budgets.latency_batch_size,
             seed=c.seed,
             device=str(self.device),
+            fid_interval=c.fid.interval,
         )
         study.set_user_attr(StudyAttr.EVALUATION, evaluation.to_dict())
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
