@@ -185,7 +185,10 @@ class _GateHook(ModelHook):
             raise RuntimeError(f"{self.name}: its input concatenation was skipped but the unit computes")
         out = self.fn_ref.original_forward(*args, **kwargs)
         c.executed[self.name] += 1
-        cache[self.name] = out
+        if c._keep[self.index]:
+            cache[self.name] = out
+        else:  # no later step reads it before the unit computes again: let the memory go
+            cache.pop(self.name, None)
         return out
 
 
@@ -202,7 +205,7 @@ class _HeadHook(ModelHook):
         if c._head_reuses and self.key in c.cache:
             return c.cache[self.key]
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if c.soft_gates is None:
+        if c.soft_gates is None and c._head_keeps:
             c.cache[self.key] = out
         return out
 
@@ -319,14 +322,23 @@ class GateController:
 
     def _plan(self, row: Sequence[bool] | None) -> None:
         """Resolve the current step once, before any unit runs: which units return their cache
-        (binary gates, past step 0, cached), whether the head does, whether the step runs nothing.
-        The hooks then read one flag each instead of working it out per call."""
+        (binary gates, past step 0, cached), which units keep what they compute (those the next
+        step reuses: a cache nobody reads would only hold memory the allocator could reuse),
+        whether the head reuses or keeps, whether the step runs nothing. The hooks then read one
+        flag each instead of working it out per call."""
         if row is None:
             self._reuse = [False] * len(self.units)
         else:
             self._reuse = [not on and name in self.cache for on, name in zip(row, self.units)]
+        if self.soft_gates is not None:
+            self._keep = [True] * len(self.units)
+        elif self.gates is None or self.step + 1 >= self.steps:
+            self._keep = [False] * len(self.units)
+        else:
+            self._keep = [not on for on in self.gates[self.step + 1]]
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
+        self._head_keeps = head is not None and self._keep[self._index[head]]
         self._idle = self.idle_free and head is not None and row is not None and all(self._reuse)
 
     def _advance(self, t: float) -> None:
