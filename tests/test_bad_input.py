@@ -22,6 +22,7 @@ import optuna
 import pytest
 import yaml
 
+from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import write_study
 
@@ -67,10 +68,10 @@ def _make_env(tmp_path: Path, teacher: Path, space: Path) -> Env:
     db = tmp_path / "study.db"
     study = optuna.create_study(storage=f"sqlite:///{db}", study_name="tiny", directions=["minimize", "minimize"])
     study.set_metric_names(["macs", "fid"])
-    study.set_user_attr("objectives", ["macs", "fid"])
-    study.set_user_attr("method", "dkdm")
-    study.set_user_attr("teacher", str(teacher))
-    study.set_user_attr("scheduler_config", {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
+    study.set_user_attr(StudyAttr.OBJECTIVES, ["macs", "fid"])
+    study.set_user_attr(StudyAttr.METHOD, "dkdm")
+    study.set_user_attr(StudyAttr.TEACHER, str(teacher))
+    study.set_user_attr(StudyAttr.SCHEDULER_CONFIG, {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
     weights = tmp_path / "runs" / "tiny" / "trial_0" / "unet"
     weights.mkdir(parents=True)
     shutil.copy(teacher / "unet" / "config.json", weights / "config.json")  # the safetensors file is missing
@@ -81,7 +82,13 @@ def _make_env(tmp_path: Path, teacher: Path, space: Path) -> Env:
                 values=[macs, fid],
                 params={"down.0.channels": [4, 8][i]},
                 distributions={"down.0.channels": distribution},
-                user_attrs={"macs": macs, "fid": fid, "params": 1000, "latency": 0.01, "weights": str(weights)},
+                user_attrs={
+                    TrialAttr.MACS: macs,
+                    TrialAttr.FID: fid,
+                    TrialAttr.PARAMS: 1000,
+                    TrialAttr.LATENCY: 0.01,
+                    TrialAttr.WEIGHTS: str(weights),
+                },
             )
         )
     return Env(tmp_path, teacher, space, db)

@@ -27,6 +27,7 @@ from automl_diff.methods.diffnas.search import BlockScore, record_teacher_blocks
 from automl_diff.methods.diffnas.supernet import iter_tensors, plug_supernets
 from automl_diff.models.blocks import block_names, get_block
 from automl_diff.models.student import StudentUNet2DModel
+from automl_diff.records import BlockSearchAttr, TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff
 
@@ -149,7 +150,7 @@ def test_latency_search_times_each_candidate_as_a_plain_block_at_the_latency_bat
         assert {sc.choice for sc in scores[name]} == set(supernet.candidates())
         assert all(sc.latency > 0 and sc.macs >= 0 for sc in scores[name])
         for trial in study.trials:
-            assert trial.values[0] == trial.user_attrs["latency"] and "macs" in trial.user_attrs
+            assert trial.values[0] == trial.user_attrs[BlockSearchAttr.LATENCY] and BlockSearchAttr.MACS in trial.user_attrs
     # computing nothing (every resnet a shortcut, identity where channels match) is faster than the full block
     up1 = {sc.choice.layers: sc for sc in scores["up.1"] if sc.choice.width == 1.0}
     assert up1[0].latency < up1[2].latency
@@ -343,13 +344,13 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
     study = optuna.load_study(study_name="tinynas", storage=storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete
-    fingerprints = [t.user_attrs["fingerprint"] for t in complete]
+    fingerprints = [t.user_attrs[TrialAttr.FINGERPRINT] for t in complete]
     assert len(set(fingerprints)) == len(fingerprints)  # same student and budget: pruned, not retrained
     trial = complete[-1]
     attrs = trial.user_attrs
-    assert set(attrs["block_choices"]) == set(block_names_of(attrs["model_config"]))
-    assert attrs["retrain_iterations"] in (0, 2) and attrs["search"] == "local"
-    assert attrs["model_config"]["_class_name"] == "StudentUNet2DModel"
+    assert set(attrs[TrialAttr.BLOCK_CHOICES]) == set(block_names_of(attrs[TrialAttr.MODEL_CONFIG]))
+    assert attrs[TrialAttr.RETRAIN_ITERATIONS] in (0, 2) and attrs[TrialAttr.SEARCH] == "local"
+    assert attrs[TrialAttr.MODEL_CONFIG]["_class_name"] == "StudentUNet2DModel"
     assert main(["status", "--storage", storage]) == 0  # the block studies do not hide the only study
     assert "tinynas" in capsys.readouterr().out
     out_dir = tmp_path / "export"
@@ -364,7 +365,7 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
     card = (out_dir / "README.md").read_text()
     assert "DiffNAS chose one subnet per teacher block" in card and "`up.1`" in card
-    assert pipe.unet.config.resnet_widths == attrs["model_config"]["resnet_widths"]
+    assert pipe.unet.config.resnet_widths == attrs[TrialAttr.MODEL_CONFIG]["resnet_widths"]
     images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 16, 16, 1)
 
@@ -413,10 +414,10 @@ def test_global_mode_study_and_option_errors(study_factory, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     search = optuna.load_study(study_name="tinyglobal/global", storage=storage)
     assert len(search.trials) == 4 and search.metric_names == ["latency", "loss"]
-    assert all(t.values[0] == t.user_attrs["latency"] > 0 for t in search.trials)
+    assert all(t.values[0] == t.user_attrs[BlockSearchAttr.LATENCY] > 0 for t in search.trials)
     trial = optuna.load_study(study_name="tinyglobal", storage=storage).best_trials[0]
-    assert trial.user_attrs["search"] == "global" and trial.user_attrs["block_cost"] == "latency"
-    assert json.dumps(trial.user_attrs["block_choices"])
+    assert trial.user_attrs[TrialAttr.SEARCH] == "global" and trial.user_attrs[TrialAttr.BLOCK_COST] == "latency"
+    assert json.dumps(trial.user_attrs[TrialAttr.BLOCK_CHOICES])
 
     for options, match in [
         ({"tolerance_low": 0.5, "tolerance_high": 0.1}, "tolerance_low: must be below"),

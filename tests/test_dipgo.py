@@ -17,6 +17,7 @@ from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import get_block, name_to_module_path
+from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.sampling import denoise, sample_images
 from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff
@@ -513,18 +514,18 @@ def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, c
     assert "trajectory MACs" in out
     study = optuna.load_study(study_name="tinygo", storage=storage)
     assert study.metric_names == ["trajectory_macs", "fid"]
-    teacher = study.user_attrs["teacher_metrics"]
-    assert teacher["trajectory_macs"] == 4 * teacher["macs"]
+    teacher = study.user_attrs[StudyAttr.TEACHER_METRICS]
+    assert teacher[TrialAttr.TRAJECTORY_MACS] == 4 * teacher[TrialAttr.MACS]
     assert (tmp_path / "runs" / "tinygo" / "dipgo_pruner.json").is_file()
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete
-    fingerprints = [t.user_attrs["fingerprint"] for t in complete]
+    fingerprints = [t.user_attrs[TrialAttr.FINGERPRINT] for t in complete]
     assert len(set(fingerprints)) == len(fingerprints)  # equal schedules are pruned as duplicates
     trial = complete[0]
     attrs = trial.user_attrs
-    schedule = Schedule.load(attrs["schedule_file"])
-    assert schedule.to_dict() == attrs["schedule"] and schedule.info["threshold"] == attrs["threshold"]
-    assert trial.values[0] == attrs["trajectory_macs"] <= teacher["trajectory_macs"]
+    schedule = Schedule.load(attrs[TrialAttr.SCHEDULE_FILE])
+    assert schedule.to_dict() == attrs[TrialAttr.SCHEDULE] and schedule.info["threshold"] == attrs[TrialAttr.THRESHOLD]
+    assert trial.values[0] == attrs[TrialAttr.TRAJECTORY_MACS] <= teacher[TrialAttr.TRAJECTORY_MACS]
     assert not (tmp_path / "runs" / "tinygo" / f"trial_{trial.number}" / "unet").exists()  # weights are the teacher's
 
     out_dir = tmp_path / "export"
@@ -559,8 +560,8 @@ def test_trials_lists_every_trial_with_state_and_reason(dipgo_study, tmp_path, c
     assert list(frame["state"]) == [t.state.name.lower() for t in study.trials]
     assert "param:threshold" in frame.columns and "trajectory_macs" in frame.columns
     for t, row in zip(study.trials, frame.to_dict("records")):
-        if "duplicate_of" in t.user_attrs:
-            assert row["duplicate_of"] == t.user_attrs["duplicate_of"]
+        if TrialAttr.DUPLICATE_OF in t.user_attrs:
+            assert row["duplicate_of"] == t.user_attrs[TrialAttr.DUPLICATE_OF]
     capsys.readouterr()
     assert main(["trials", "--storage", storage, "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == len(study.trials)
@@ -632,23 +633,25 @@ def test_latency_unit_cost_weighs_the_units_by_their_measured_seconds(study_fact
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
     study = optuna.load_study(study_name="tinylat", storage=f"sqlite:///{tmp_path / 'study.db'}")
     attrs = study.trials[0].user_attrs
-    seconds = attrs["pruner_unit_seconds"]
-    assert attrs["pruner_unit_cost"] == "latency" and list(seconds) == list(json.loads(Path(attrs["schedule_file"]).read_text())["units"])
-    assert all(v > 0 for v in seconds.values()) and attrs["pruner_forward_seconds"] > 0
+    seconds = attrs[TrialAttr.PRUNER_UNIT_SECONDS]
+    assert attrs[TrialAttr.PRUNER_UNIT_COST] == "latency" and list(seconds) == list(
+        json.loads(Path(attrs[TrialAttr.SCHEDULE_FILE]).read_text())["units"]
+    )
+    assert all(v > 0 for v in seconds.values()) and attrs[TrialAttr.PRUNER_FORWARD_SECONDS] > 0
 
 
 def test_profile_schedule_reports_trajectory_and_latency(dipgo_study, tmp_path, tiny_teacher_dir, capsys):
     config, storage, _ = dipgo_study
     study = optuna.load_study(study_name="tinygo", storage=storage)
     trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-    path = trial.user_attrs["schedule_file"]
+    path = trial.user_attrs[TrialAttr.SCHEDULE_FILE]
     code = main(["profile", "--model", str(tiny_teacher_dir), "--schedule", path, "--json", "--repeats", "1", "--batch-size", "2"])
     out, err = capsys.readouterr()
     assert code == 0, err
     data = json.loads(out)
     for key in ("trajectory_macs", "full_trajectory_macs", "latency", "full_latency", "speedup", "macs_reduction"):
         assert key in data, key
-    assert data["trajectory_macs"] == trial.user_attrs["trajectory_macs"]
+    assert data["trajectory_macs"] == trial.user_attrs[TrialAttr.TRAJECTORY_MACS]
     assert data["full_trajectory_macs"] == 4 * data["macs"]
     assert data["macs_reduction"] == pytest.approx(data["full_trajectory_macs"] / data["trajectory_macs"])
     assert main(["profile", "--model", str(tiny_teacher_dir), "--schedule", path, "--steps", "7"]) == 2

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from automl_diff.records import TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff, write_study
 
@@ -42,7 +43,7 @@ def test_dkdm_export_loads_with_diffusers_alone(tmp_path, tiny_teacher_dir, caps
 
     pipe = eval(call)
     study = optuna.load_study(study_name="tiny", storage=storage)
-    original = load_unet(study.trials[0].user_attrs["weights"]).state_dict()
+    original = load_unet(study.trials[0].user_attrs[TrialAttr.WEIGHTS]).state_dict()
     exported = pipe.unet.state_dict()
     assert list(original) == list(exported)
     assert all(torch.equal(original[name], exported[name]) for name in original)

@@ -17,16 +17,23 @@ from automl_diff.analysis.figures import (
     schedule_figure,
 )
 from automl_diff.gating import Schedule
+from automl_diff.records import StudyAttr, TrialAttr
 
 
 def _study() -> optuna.Study:
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_metric_names(["macs", "fid"])
-    study.set_user_attr("teacher_metrics", {"macs": 100, "fid": 5.0, "params": 10, "latency": 1.0})
+    study.set_user_attr(StudyAttr.TEACHER_METRICS, {TrialAttr.MACS: 100, TrialAttr.FID: 5.0, TrialAttr.PARAMS: 10, TrialAttr.LATENCY: 1.0})
     for macs, fid in [(50, 9.0), (80, 6.0), (60, 10.0), (30, 12.0)]:
         trial = study.ask()
         trial.suggest_int("width", 1, 10)
-        for key, value in {"macs": macs, "fid": fid, "params": 5, "latency": 0.5, "speedup": 2.0}.items():
+        for key, value in {
+            TrialAttr.MACS: macs,
+            TrialAttr.FID: fid,
+            TrialAttr.PARAMS: 5,
+            TrialAttr.LATENCY: 0.5,
+            TrialAttr.SPEEDUP: 2.0,
+        }.items():
             trial.set_user_attr(key, value)
         study.tell(trial, [macs, fid])
     return study

@@ -10,6 +10,7 @@ from collections import Counter
 
 import optuna
 
+from automl_diff.records import TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import POSTGRES_PASSWORD, REPO
 
@@ -54,7 +55,7 @@ def test_workers_sharing_a_study_finish_exactly_n_trials(study_factory, postgres
     assert states[optuna.trial.TrialState.COMPLETE] + states[optuna.trial.TrialState.PRUNED] == 5
     assert states[optuna.trial.TrialState.RUNNING] == states[optuna.trial.TrialState.WAITING] == 0
     # a trial that started when the study was already full failed as surplus, doing nothing
-    assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in trials if t.state == optuna.trial.TrialState.FAIL)
+    assert all(t.user_attrs[TrialAttr.FAIL_REASON].startswith("surplus") for t in trials if t.state == optuna.trial.TrialState.FAIL)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == len(complete)
     assert sorted(t.number for t in trials) == list(range(len(trials)))

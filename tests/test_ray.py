@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import REPO, holding_env, wait_for_file
 
@@ -35,14 +36,16 @@ def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.trials) == 2 and all(t.state in FINISHED for t in study.trials)
-    assert study.user_attrs["teacher_metrics"]["macs"] > 0
+    assert study.user_attrs[StudyAttr.TEACHER_METRICS][TrialAttr.MACS] > 0
     for trial in study.trials:
         if trial.state == COMPLETE:
-            assert {"macs", "fid", "latency", "weights", "model_config", "speedup"} <= set(trial.user_attrs)
-            assert trial.values == [trial.user_attrs["macs"], trial.user_attrs["fid"]]
-            assert (Path(trial.user_attrs["weights"]) / "diffusion_pytorch_model.safetensors").is_file()
+            assert {TrialAttr.MACS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.WEIGHTS, TrialAttr.MODEL_CONFIG, TrialAttr.SPEEDUP} <= set(
+                trial.user_attrs
+            )
+            assert trial.values == [trial.user_attrs[TrialAttr.MACS], trial.user_attrs[TrialAttr.FID]]
+            assert (Path(trial.user_attrs[TrialAttr.WEIGHTS]) / "diffusion_pytorch_model.safetensors").is_file()
     # Tune kept a checkpoint (the trial folder) per trial
-    experiment = Path(study.user_attrs["ray_experiment"])
+    experiment = Path(study.user_attrs[StudyAttr.RAY_EXPERIMENT])
     assert len(list(experiment.glob("*/checkpoint_*/unet/diffusion_pytorch_model.safetensors"))) == len(
         [t for t in study.trials if t.state == COMPLETE]
     )

@@ -12,6 +12,7 @@ import sys
 import optuna
 import torch
 
+from automl_diff.records import TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import REPO, holding_env, wait_for_file
 
@@ -48,8 +49,8 @@ def test_diverged_and_out_of_memory_trials_fail_with_their_reason(study_factory,
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
     failed = [t for t in study.trials if t.state == FAIL]
     assert [t.number for t in failed] == [0, 1]
-    assert failed[0].user_attrs["fail_reason"].startswith("TrainingDiverged: loss became nan")
-    assert failed[1].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert failed[0].user_attrs[TrialAttr.FAIL_REASON].startswith("TrainingDiverged: loss became nan")
+    assert failed[1].user_attrs[TrialAttr.FAIL_REASON] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert len([t for t in study.trials if t.state in FINISHED]) == 2
     assert main(["trials", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--json"]) == 0
     rows = json.loads(capfd.readouterr().out)

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from automl_diff.gating import Schedule
+from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls
 
@@ -97,15 +98,17 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     storage = f"sqlite:///{tmp_path / 'stacked.db'}"
     study = optuna.load_study(study_name="stacked", storage=storage)
     attrs = study.user_attrs
-    teacher, start = attrs["teacher_metrics"], attrs["start_metrics"]
-    assert attrs["original_teacher"] == str(tiny_teacher_dir)
-    assert [s["study"] for s in attrs["lineage"]] == ["nas"]
+    teacher, start = attrs[StudyAttr.TEACHER_METRICS], attrs[StudyAttr.START_METRICS]
+    assert attrs[StudyAttr.ORIGINAL_TEACHER] == str(tiny_teacher_dir)
+    assert [s["study"] for s in attrs[StudyAttr.LINEAGE]] == ["nas"]
     # the yardstick is the original teacher; the starting model is the smaller DiffNAS student
-    assert start["params"] == nas_info["metrics"]["params"] < teacher["params"]
-    assert start["macs"] < teacher["macs"]
+    assert start[TrialAttr.PARAMS] == nas_info["metrics"]["params"] < teacher[TrialAttr.PARAMS]
+    assert start[TrialAttr.MACS] < teacher[TrialAttr.MACS]
     trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-    assert trial.user_attrs["macs_reduction"] == pytest.approx(teacher["trajectory_macs"] / trial.user_attrs["trajectory_macs"])
-    assert trial.user_attrs["trajectory_macs"] <= start["trajectory_macs"] < teacher["trajectory_macs"]
+    assert trial.user_attrs[TrialAttr.MACS_REDUCTION] == pytest.approx(
+        teacher[TrialAttr.TRAJECTORY_MACS] / trial.user_attrs[TrialAttr.TRAJECTORY_MACS]
+    )
+    assert trial.user_attrs[TrialAttr.TRAJECTORY_MACS] <= start[TrialAttr.TRAJECTORY_MACS] < teacher[TrialAttr.TRAJECTORY_MACS]
 
     # the trials keep their own copy of the weights they were scheduled for: the starting export
     # may be overwritten or deleted afterwards
@@ -131,7 +134,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
     assert pipe.unet.config.resnet_widths == nas_widths
     schedule = Schedule.load(out / "schedule.json")
-    assert schedule.to_dict() == trial.user_attrs["schedule"]
+    assert schedule.to_dict() == trial.user_attrs[TrialAttr.SCHEDULE]
     with apply_schedule(pipe, schedule):
         images = sample_images(pipe.unet, dict(pipe.scheduler.config), num_images=2, steps=4, batch_size=2)
     assert images.shape == (2, 1, 16, 16)

@@ -11,6 +11,7 @@ import optuna
 import pytest
 import torch
 
+from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.study.cli import main
 from tests.conftest import REPO, printed_load_calls
 
@@ -34,24 +35,32 @@ def test_run_records_trials_and_resumes_without_duplicates(finished_study, capsy
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.trials) == 2
     assert study.metric_names == ["macs", "fid"]
-    teacher = study.user_attrs["teacher_metrics"]
-    assert teacher["macs"] > 0 and teacher["fid"] > 0
+    teacher = study.user_attrs[StudyAttr.TEACHER_METRICS]
+    assert teacher[TrialAttr.MACS] > 0 and teacher[TrialAttr.FID] > 0
     for trial in study.trials:
         if trial.state != optuna.trial.TrialState.COMPLETE:
-            assert trial.user_attrs.get("duplicate_of") is not None
+            assert trial.user_attrs.get(TrialAttr.DUPLICATE_OF) is not None
             continue
         attrs = trial.user_attrs
-        for key in ("macs", "params", "fid", "latency", "model_config", "weights", "speedup"):
+        for key in (
+            TrialAttr.MACS,
+            TrialAttr.PARAMS,
+            TrialAttr.FID,
+            TrialAttr.LATENCY,
+            TrialAttr.MODEL_CONFIG,
+            TrialAttr.WEIGHTS,
+            TrialAttr.SPEEDUP,
+        ):
             assert key in attrs, key
-        assert trial.values[0] == attrs["macs"] and trial.values[1] == attrs["fid"]
+        assert trial.values[0] == attrs[TrialAttr.MACS] and trial.values[1] == attrs[TrialAttr.FID]
         assert (tmp_path / "runs" / "tiny" / f"trial_{trial.number}" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-        assert attrs["model_config"]["_class_name"] in ("UNet2DModel", "StudentUNet2DModel")
+        assert attrs[TrialAttr.MODEL_CONFIG]["_class_name"] in ("UNet2DModel", "StudentUNet2DModel")
     # a second run of the same config resumes: no new trial, teacher not re-measured
     code, out, _ = _run(capsys, "run", str(finished_study), "--quiet")
     assert code == 0 and "Pareto front" in out and "export" in out
     again = optuna.load_study(study_name="tiny", storage=storage)
     assert len(again.trials) == 2
-    assert again.user_attrs["teacher_metrics"] == teacher
+    assert again.user_attrs[StudyAttr.TEACHER_METRICS] == teacher
     # asking for more trials adds exactly the difference
     code, _, _ = _run(capsys, "run", str(finished_study), "--quiet", "--n-trials", "3")
     study = optuna.load_study(study_name="tiny", storage=storage)
@@ -96,14 +105,14 @@ def test_export_round_trip_loads_and_samples(finished_study, capsys, tmp_path):
         assert "tiny" in card and f"trial {number}" in card and "FID" in card
         assert json.dumps(str(folder)) in calls[str(folder)]
         pipe = eval(calls[str(folder)])
-        trained = study.trials[number].user_attrs["model_config"]["_class_name"]
+        trained = study.trials[number].user_attrs[TrialAttr.MODEL_CONFIG]["_class_name"]
         assert type(pipe.unet).__name__ == trained
         images = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
         assert images.shape == (2, 16, 16, 1)
         # the exported weights are the trial's weights
         from automl_diff.models import load_unet
 
-        original = load_unet(study.trials[number].user_attrs["weights"]).state_dict()
+        original = load_unet(study.trials[number].user_attrs[TrialAttr.WEIGHTS]).state_dict()
         exported = pipe.unet.state_dict()
         assert list(original) == list(exported)
         for name in original:
@@ -197,7 +206,7 @@ def test_fid_interval_and_kid_are_recorded_when_asked(study_factory, tmp_path, c
     code, _, err = _run(capsys, "run", str(config), "--quiet")
     assert code == 0, err
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert study.user_attrs["evaluation"]["fid_interval"] is True
-    for attrs in (study.trials[0].user_attrs, study.user_attrs["teacher_metrics"]):
-        assert attrs["fid_low"] < attrs["fid"] < attrs["fid_high"]
-        assert attrs["kid_std"] > 0 and math.isfinite(attrs["kid"])
+    assert study.user_attrs[StudyAttr.EVALUATION]["fid_interval"] is True
+    for attrs in (study.trials[0].user_attrs, study.user_attrs[StudyAttr.TEACHER_METRICS]):
+        assert attrs[TrialAttr.FID_LOW] < attrs[TrialAttr.FID] < attrs[TrialAttr.FID_HIGH]
+        assert attrs[TrialAttr.KID_STD] > 0 and math.isfinite(attrs[TrialAttr.KID])
