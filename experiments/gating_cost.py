@@ -21,7 +21,7 @@ import torch
 
 from automl_diff.bench.presets import PRESETS
 from automl_diff.bench.session import Bench
-from automl_diff.gating import Schedule, apply_schedule, model_fingerprint, prunable_units
+from automl_diff.gating import Schedule, apply_schedule, model_fingerprint
 from automl_diff.sampling import make_scheduler
 
 
@@ -34,9 +34,9 @@ def main() -> None:
 
     bench = Bench(replace(PRESETS["digits"], device="cpu"), log=lambda line: print(line, file=sys.stderr))
     unet = bench.teacher.unet
-    units = tuple(prunable_units(unet, args.granularity))
     steps = args.repeats + 2
-    every = Schedule(steps, units, tuple(tuple(True for _ in units) for _ in range(steps)), model_fingerprint(unet))
+    every = Schedule.full(unet, steps, args.granularity)
+    units = every.units
     off = tuple(tuple(False for _ in units) for _ in range(steps - 1))
     none = Schedule(steps, units, (every.gates[0], *off), model_fingerprint(unet))
     computing, reusing = copy.deepcopy(unet), copy.deepcopy(unet)

@@ -2,7 +2,7 @@
 
 Each row builds its model (a :class:`~automl_diff.methods.base.Method` run with fixed parameters,
 a schedule applied with :func:`~automl_diff.gating.apply_schedule`, or a peer) and hands it to
-:meth:`Bench.measure <automl_diff.bench.run.Bench.measure>`. A row that builds on another (the
+:meth:`Bench.measure <automl_diff.bench.session.Bench.measure>`. A row that builds on another (the
 Torch-Pruning peer at the DiffNAS student's MACs, DeepCache at DiP-GO's, the stacked schedules on
 the DiffNAS student) names it in :data:`ROWS`; :func:`plan` runs it first. Every row starts from
 the preset's seed, so a row measured alone gives what it gives in the full run.

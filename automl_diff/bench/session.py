@@ -6,7 +6,7 @@ data-free pool (filled on first use) and the rows measured so far. A row
 :class:`~automl_diff.methods.base.Method`, a schedule, a peer) and hands it to :meth:`Bench.measure`,
 which counts the MACs one image's trajectory executes (torch's ``FlopCounterMode``, so cached or
 skipped work costs nothing) and its FID on the same noise as every other row. Latencies are
-measured at the end, all rows in lockstep (:func:`~automl_diff.metrics.latency.sampler_latencies`),
+measured at the end, all rows in lockstep (:func:`~automl_diff.metrics.latency.sampler_rounds`),
 each on its own copy of its model.
 """
 
@@ -195,7 +195,7 @@ class BenchResult:
         assert row.versus_teacher is not None
         return (
             self.macs_reduction(row) >= reduction
-            and row.versus_teacher.ratio.high <= fid_ratio
+            and row.versus_teacher.ratio.unfavourable() <= fid_ratio
             and self.efficiency(row, self.preset.latency_batch).q1 >= efficiency
         )
 

@@ -15,6 +15,7 @@ from typing import Any
 from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.config.options import METHOD_OPTIONS, read_options
 from automl_diff.errors import UserError
+from automl_diff.records import TrialAttr
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 #: Metrics a study may optimise (all lower-is-better in practice; direction is explicit anyway).
-OBJECTIVES = ("macs", "trajectory_macs", "params", "fid", "latency")
+OBJECTIVES = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_STORAGE = "sqlite:///automl_diff.db"
 

@@ -2,9 +2,9 @@
 
 :class:`GateController` puts a diffusers hook (:class:`diffusers.hooks.ModelHook`) on the UNet,
 which tracks the step from the timestep it is called with (a timestep not below the last one
-starts a trajectory), and one on each unit, which either runs the unit and caches its output or
-returns the cache without running it; so a schedule's speed is measured on the clock, not only in
-MACs. Pipelines call the UNet once per step (classifier-free guidance batches both halves), so a
+starts a trajectory), and one on each unit, which either runs the unit or returns its cache without
+running it; a unit keeps what it computes only when the next step reuses it. So a schedule's speed
+is measured on the clock, not only in MACs. Pipelines call the UNet once per step (classifier-free guidance batches both halves), so a
 schedule applies to them unchanged.
 
 Where a resnet in an up block reuses its cache, the concatenation of its skip input is skipped too:
@@ -137,7 +137,7 @@ class _ConcatHook(ModelHook):
     """On an up block with gated resnets: the skip tensors of the resnets that reuse their cache at
     this step are marked, so their concatenations are not computed."""
 
-    def __init__(self, controller: GateController, resnets: Sequence[tuple[int, str]]) -> None:
+    def __init__(self, controller: GateController, resnets: Sequence[tuple[int, int, str]]) -> None:
         super().__init__()
         self.controller = controller
         self.resnets = tuple(resnets)  # (resnet index in the block, unit index, unit name)
@@ -185,10 +185,7 @@ class _GateHook(ModelHook):
             raise RuntimeError(f"{self.name}: its input concatenation was skipped but the unit computes")
         out = self.fn_ref.original_forward(*args, **kwargs)
         c.executed[self.name] += 1
-        if c._keep[self.index]:
-            cache[self.name] = out
-        else:  # no later step reads it before the unit computes again: let the memory go
-            cache.pop(self.name, None)
+        c._store(self.name, out, c._keep[self.index])
         return out
 
 
@@ -205,8 +202,7 @@ class _HeadHook(ModelHook):
         if c._head_reuses and self.key in c.cache:
             return c.cache[self.key]
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if c.soft_gates is None and c._head_keeps:
-            c.cache[self.key] = out
+        c._store(self.key, out, c._head_keeps)
         return out
 
 
@@ -338,8 +334,16 @@ class GateController:
             self._keep = [not on for on in self.gates[self.step + 1]]
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
-        self._head_keeps = head is not None and self._keep[self._index[head]]
+        self._head_keeps = self.soft_gates is None and head is not None and self._keep[self._index[head]]
         self._idle = self.idle_free and head is not None and row is not None and all(self._reuse)
+
+    def _store(self, key: str, out: Any, keep: bool) -> None:
+        """Keep ``out`` for a later step, or drop the older cache no step will read again, so the
+        allocator can reuse its memory."""
+        if keep:
+            self.cache[key] = out
+        else:
+            self.cache.pop(key, None)
 
     def _advance(self, t: float) -> None:
         if self._last_t is None or t >= self._last_t:

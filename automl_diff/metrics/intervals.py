@@ -32,6 +32,7 @@ __all__ = [
     "Kid",
     "Spread",
     "fid_interval",
+    "frechet_reference",
     "half_sample_fids",
     "kid",
     "paired_fid",
@@ -112,6 +113,21 @@ class FrechetReference:
         return float(diff @ diff + np.trace(sigma) + self.trace - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
+_recent: list[tuple[np.ndarray, np.ndarray, FrechetReference]] = []
+
+
+def frechet_reference(mu: np.ndarray, sigma: np.ndarray) -> FrechetReference:
+    """The :class:`FrechetReference` of ``(mu, sigma)``, built once for the same two arrays (a
+    study or a benchmark passes its one reference to every call; its square root costs seconds
+    for 2048-d Inception features)."""
+    for m, s, reference in _recent:
+        if m is mu and s is sigma:
+            return reference
+    reference = FrechetReference(mu, sigma)
+    _recent[:] = [(mu, sigma, reference)]
+    return reference
+
+
 def _halves(n: int, splits: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.permutation(n)[: n // 2] for _ in range(splits)]
@@ -119,7 +135,7 @@ def _halves(n: int, splits: int, seed: int) -> list[np.ndarray]:
 
 def half_sample_fids(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, splits: int = SPLITS, seed: int = 0) -> np.ndarray:
     """FID of ``splits`` random halves of the feature rows against ``(mu, sigma)``."""
-    reference = FrechetReference(mu, sigma)
+    reference = frechet_reference(mu, sigma)
     return np.array([reference.fid(features[idx]) for idx in _halves(len(features), splits, seed)])
 
 
@@ -144,7 +160,7 @@ def paired_fid(
     of both, so their standard errors are those of paired differences (of log FIDs for the ratio)."""
     if len(features_a) != len(features_b):
         raise ValueError("paired models need the same number of samples")
-    reference = FrechetReference(mu, sigma)
+    reference = frechet_reference(mu, sigma)
     pairs = np.array([(reference.fid(features_a[idx]), reference.fid(features_b[idx])) for idx in _halves(len(features_a), splits, seed)])
     a, b = points
     se_diff = float(np.std(pairs[:, 0] - pairs[:, 1], ddof=1)) / math.sqrt(2)
