@@ -26,6 +26,7 @@ def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
         fid_features="digits",
         steps=4,
         fid_samples=16,
+        fid_sets=3,
         fid_batch=16,
         latency_batch=2,
         latency_batches=(1,),
@@ -79,10 +80,16 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
         assert set(row.latency) == {1, 2} and all(s.q1 <= s.median <= s.q3 and s.median > 0 for s in row.latency.values())
     # every row is compared with the teacher on the same noise
     assert teacher.versus_teacher is None and all(r.versus_teacher is not None for r in result.rows[1:])
+    # one FID per evaluation seed, the row's FID their mean; paired set by set
+    assert tiny_preset.eval_seeds == (1, 2, 3) and all(len(row.fid_sets) == 3 for row in result.rows)
+    assert len(set(teacher.fid_sets)) == 3, "each set has its own noise"
     for row in result.rows[1:]:
         c = row.versus_teacher
+        assert row.fid.value == pytest.approx(sum(row.fid_sets) / 3)
         assert c.difference.value == pytest.approx(row.fid.value - teacher.fid.value)
-        assert c.ratio.value == pytest.approx(row.fid.value / teacher.fid.value)
+        ratios = [a / b for a, b in zip(row.fid_sets, teacher.fid_sets, strict=True)]
+        assert c.ratio.value == pytest.approx(math.prod(ratios) ** (1 / 3))
+        assert c.ratio.low <= min(ratios) <= max(ratios) <= c.ratio.high
     # the peers are compared with the rows they were matched to, both ways
     assert rows["Torch-Pruning peer"].versus_peer.other == "DiffNAS student" and student.versus_peer.other == "Torch-Pruning peer"
     deepcache = rows["DeepCache peer"]
@@ -100,8 +107,19 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
     text = markdown(result, command="python -m automl_diff.bench --preset tiny")
     assert "| model | params | trajectory MACs | MACs reduction | FID [95%] |" in text and "search cost |" in text
     assert "| model | latency, batch 1 | latency, batch 2 |" in text and "speedup / MACs reduction, batch 2 |" in text
-    assert "Goal for the stacked model" in text and result.machine["torch"] in text and "evaluation seed 1" in text
+    assert "Goal for the stacked model" in text and result.machine["torch"] in text and "(seeds 1 to 3)" in text
     assert text.count("\n| ") == 2 * (len(result.rows) + 1)
+
+    # a run saved with --json is written again without measuring, to the same section
+    import json
+
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({**result.to_dict(), "command": "python -m automl_diff.bench --preset tiny"}, default=str))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PRESETS, "tiny", tiny_preset)
+        rendered = tmp_path / "RENDERED.md"
+        assert bench_main(["--preset", "tiny", "--render", str(saved), "--out", str(rendered)]) == 0
+    assert markdown(result, command="python -m automl_diff.bench --preset tiny") in rendered.read_text()
 
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nintro\n\n## Older section\n\nkept\n")

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.render:  # a saved run, written again: no measuring
             data = _read_json(args.render)
             command = data.get("command", command)
-            result = BenchResult.from_dict(data, replace(preset, eval_seed=data.get("eval_seed", preset.eval_seed)))
+            seeds = data["eval_seeds"]
+            result = BenchResult.from_dict(data, replace(preset, eval_seed=seeds[0], fid_sets=len(seeds), fid_samples=data["fid_samples"]))
         else:
             result = run_bench(preset, rows=rows, log=lambda line: print(line, flush=True))
         text = markdown(result, command=command.strip())
@@ -94,6 +95,8 @@ def _read_json(path: str) -> dict:
         raise UserError(f"--render: cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or "rows" not in data:
         raise UserError(f"--render: {path} is not a run saved with --json")
+    if "eval_seeds" not in data:
+        raise UserError(f"--render: {path} was saved before FID was measured on several sample sets; run the benchmark again")
     return data
 
 

@@ -1,7 +1,7 @@
 """Benchmark presets: one teacher, one sampler and FID setup, and the budget of every method and peer.
 
-``digits`` runs on 2 CPU cores in under an hour (the shipped digits teacher, 100 DDIM steps,
-1000-sample FID). ``ddpm-cifar10`` is the same benchmark at CIFAR-10 scale for a GPU: the
+``digits`` runs on 2 CPU cores in about an hour (the shipped digits teacher, 100 DDIM steps,
+FID on 5 sets of 500 samples). ``ddpm-cifar10`` is the same benchmark at CIFAR-10 scale for a GPU: the
 ``google/ddpm-cifar10-32`` teacher (a hub id, or its downloaded folder with ``--teacher``) and
 Inception FID against a folder of CIFAR-10 training images (``--fid-dataset folder:PATH``).
 """
@@ -26,7 +26,10 @@ class BenchPreset:
         teacher: ``digits``, a diffusers folder or a hub id.
         fid_dataset, fid_features: FID reference (None: the teacher's, as in a study).
         steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
-        fid_samples: images per FID, drawn from the same noise for every row (``eval_seed``).
+        fid_samples: images per FID sample set, drawn from the same noise for every row.
+        fid_sets: independent sample sets per row, one per evaluation seed (``eval_seed``,
+            ``eval_seed + 1``, ...): a row's FID is their mean with a t-interval, and rows are
+            compared set by set.
         latency_batch: the batch size the preset samples with, where its speed goal is judged.
         latency_batches: further batch sizes every row is timed at (people sample with small ones).
         latency_repeats: timed lockstep rounds per batch size (median and quartiles over them).
@@ -56,8 +59,8 @@ class BenchPreset:
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: training seed, and the seed the preset's values were tuned on.
-        eval_seed: the noise seed of every FID (``--eval-seed``): the verdict is judged on noise
-            the preset was not tuned on.
+        eval_seed: the first noise seed of the FID sets (``--eval-seed``): the verdict is judged on
+            noise the preset was not tuned on.
         tuned: which of the preset's values were chosen by looking at results, and on which seed
             (stated in the generated section).
     """
@@ -68,6 +71,7 @@ class BenchPreset:
     fid_features: str | None = None
     steps: int = 100
     fid_samples: int = 1000
+    fid_sets: int = 5
     fid_batch: int = 250
     latency_batch: int = 64
     latency_batches: tuple[int, ...] = (1, 8)
@@ -105,6 +109,11 @@ class BenchPreset:
     tuned: str = ""
 
     @property
+    def eval_seeds(self) -> tuple[int, ...]:
+        """The noise seed of each FID sample set."""
+        return tuple(range(self.eval_seed, self.eval_seed + self.fid_sets))
+
+    @property
     def timed_batches(self) -> tuple[int, ...]:
         """Every batch size rows are timed at, the preset's own last."""
         return (*sorted(set(self.latency_batches) - {self.latency_batch}), self.latency_batch)
@@ -114,6 +123,8 @@ PRESETS: dict[str, BenchPreset] = {
     "digits": BenchPreset(
         name="digits",
         teacher="digits",
+        fid_samples=500,
+        fid_sets=5,
         fid_batch=256,
         latency_batch=64,
         pool_size=2048,
@@ -147,6 +158,7 @@ PRESETS: dict[str, BenchPreset] = {
         fid_dataset="folder:" + str(_ROOT / "data" / "cifar10_train"),
         fid_features="inception",
         fid_samples=10000,
+        fid_sets=5,
         fid_batch=500,
         latency_batch=128,
         batch_size=128,

@@ -24,6 +24,10 @@ def _spread(s: Spread, scale: float = 1.0, digits: str = ".3g", unit: str = "") 
     return f"{s.median * scale:{digits}}{unit} [{s.q1 * scale:{digits}}-{s.q3 * scale:{digits}}]"
 
 
+def _seeds(seeds: tuple[int, ...]) -> str:
+    return f"seeds {seeds[0]} to {seeds[-1]}" if len(seeds) > 2 else "seeds " + " and ".join(map(str, seeds))
+
+
 def markdown(result: BenchResult, *, command: str) -> str:
     """The section: command, machine and versions, how it measures, the quality and speed tables,
     paired comparisons, the goal verdicts, what each row ran."""
@@ -41,16 +45,18 @@ def markdown(result: BenchResult, *, command: str) -> str:
         + ", ".join(f"{k} {v}" for k, v in result.machine.items())
         + ".",
         "",
-        f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0); FID and KID on {p.fid_samples} samples drawn "
-        f"from the same noise for every row (evaluation seed {p.eval_seed}; the models were trained, and the preset tuned, "
-        f"with seed {p.seed}); trajectory MACs counted on what executes over one image's trajectory (exact, no interval). "
-        "FID's 95% interval is FID +- 1.96 standard errors, the standard error estimated by half-sampling (FID on 100 random "
-        "halves of the samples, their spread / sqrt(2)); a row's FID against the teacher's, or a peer's, is compared paired "
-        "(the same halves of both, as both start from the same noise), as a difference and a ratio with their 95% intervals. "
-        "KID is torch-fidelity's unbiased estimate (polynomial kernel on the same features), the mean +- standard deviation "
-        "over 100 subsets of half the samples. "
-        f"Real digits drawn at the same count score FID {_interval(result.floor)} against the same reference: the "
-        "floor this benchmark resolves.",
+        f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0); trajectory MACs counted on what executes over "
+        "one image's trajectory (exact, no interval). "
+        f"FID on {p.fid_sets} independent sets of {p.fid_samples} samples, each set drawn from its own noise seed "
+        f"({_seeds(p.eval_seeds)}), the same seeds for every row; the models were trained, and the preset tuned, with seed "
+        f"{p.seed}. A row's FID is the mean over the sets with its 95% interval (Student's t on their spread, "
+        f"{p.fid_sets - 1} degrees of freedom). A row is compared with the teacher, or a peer, set by set (paired: both "
+        "start from the same noise): the mean of the per-set differences and the geometric mean of the per-set ratios, "
+        "with t-intervals (on the logs for the ratio); the verdict word says whether the difference's interval excludes "
+        "zero. KID is torch-fidelity's unbiased estimate (polynomial kernel on the same features) on all the sets' "
+        "samples together, the mean +- standard deviation over 100 subsets of half of them. "
+        f"Real images drawn the same way ({p.fid_sets} sets of {p.fid_samples}) score FID {_interval(result.floor)} "
+        "against the same reference: the floor this benchmark resolves.",
         "",
         "| model | params | trajectory MACs | MACs reduction | FID [95%] | FID - teacher [95%] | FID / teacher [95%] | KID | search cost |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -89,7 +95,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
     peers = [row for row in result.rows if row.versus_peer is not None and row.kind != "peer"]
     if peers:
-        lines += ["", "Against the peer at matched trajectory MACs (paired, same noise):", ""]
+        lines += ["", "Against the peer at matched trajectory MACs (paired, set by set):", ""]
         for row in peers:
             c = row.versus_peer
             lines.append(
@@ -116,7 +122,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
             f"{efficiency.q3:.2f}, judged at {efficiency.q1:.2f})."
         )
     if p.tuned:
-        lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seed: {p.tuned}"]
+        lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seeds: {p.tuned}"]
     lines += ["", "What each row ran:", ""]
     lines += [f"- {row.name}: {row.notes}" for row in result.rows if row.notes]
     return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ from automl_diff.errors import UserError
 from automl_diff.methods import DKDM
 from automl_diff.methods.training import TrainingInputs
 from automl_diff.metrics.fid import fid_from_features
-from automl_diff.metrics.intervals import Interval, Kid, Spread, fid_interval, kid, paired_fid, spread, verdict
+from automl_diff.metrics.intervals import Interval, Kid, Spread, across_sets, kid, paired_across_sets, spread, verdict
 from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.loading import Teacher, load_teacher
@@ -50,7 +50,8 @@ PEERS = {"torch_pruning": "torch-pruning", "DeepCache": "DeepCache"}
 @dataclass(frozen=True)
 class Comparison:
     """A row against another sampled from the same noise: ``FID(row) - FID(other)`` and
-    ``FID(row) / FID(other)`` with their paired 95% intervals, and what the difference says."""
+    ``FID(row) / FID(other)`` with their 95% intervals, paired set by set
+    (:func:`~automl_diff.metrics.intervals.paired_across_sets`), and what the difference says."""
 
     other: str
     difference: Interval
@@ -79,8 +80,9 @@ class Row:
         trajectory_macs: MACs one image's ``steps``-step trajectory executes (exact: counted on
             what runs).
         macs_per_step: ``trajectory_macs / steps``.
-        fid: FID with its 95% interval (same noise, features and reference for every row).
-        kid: KID with its standard deviation over subsets.
+        fid: the mean FID of the sample sets with its 95% interval (the same noise seeds, features
+            and reference for every row).
+        kid: KID of all the sets' samples together, with its standard deviation over subsets.
         search_seconds: wall time of everything that made the model (pool warm-up, supernets,
             searches, training, pruner optimisation); 0 for the teacher and DeepCache.
         notes: what was chosen (architecture, threshold, interval, ...).
@@ -88,6 +90,7 @@ class Row:
         speedup: per timed batch size, the teacher's time over this row's, round by round.
         versus_teacher: the paired FID comparison with the teacher.
         versus_peer: the paired FID comparison with the peer at matched MACs, if it has one.
+        fid_sets: FID of each sample set, in the order of the evaluation seeds.
     """
 
     name: str
@@ -103,6 +106,7 @@ class Row:
     speedup: dict[int, Spread] = field(default_factory=dict)
     versus_teacher: Comparison | None = None
     versus_peer: Comparison | None = None
+    fid_sets: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +123,7 @@ class Row:
             "speedup": {batch: s.to_dict() for batch, s in self.speedup.items()},
             "versus_teacher": self.versus_teacher.to_dict() if self.versus_teacher else None,
             "versus_peer": self.versus_peer.to_dict() if self.versus_peer else None,
+            "fid_sets": list(self.fid_sets),
         }
 
     @classmethod
@@ -138,6 +143,7 @@ class Row:
             {int(b): Spread(**v) for b, v in data["speedup"].items()},
             Comparison.from_dict(data["versus_teacher"]),
             Comparison.from_dict(data["versus_peer"]),
+            tuple(data.get("fid_sets", ())),
         )
 
 
@@ -156,6 +162,8 @@ class BenchResult:
         return {
             "preset": self.preset.name,
             "eval_seed": self.preset.eval_seed,
+            "eval_seeds": list(self.preset.eval_seeds),
+            "fid_samples": self.preset.fid_samples,
             "machine": self.machine,
             "seconds": self.seconds,
             "floor": self.floor.to_dict(),
@@ -298,7 +306,6 @@ class Bench:
         self.details: dict[str, Any] = {}
         self._timed: dict[str, nn.Module] = {}
         self._contexts: dict[str, Callable[[nn.Module], Any]] = {}
-        self._features: dict[str, np.ndarray] = {}
         self._peers: dict[str, str] = {}  # method row -> its peer at matched MACs
         self._inputs: TrainingInputs | None = None
         base = self.study_config("dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, options={})
@@ -373,9 +380,9 @@ class Bench:
         return self.details["pool_seconds"] if self._inputs is not None else 0.0
 
     @property
-    def eval_seed(self) -> int:
-        """The noise seed of every row's FID samples: the verdict's seed, not the tuning seed."""
-        return self.preset.eval_seed
+    def eval_seeds(self) -> tuple[int, ...]:
+        """The noise seeds of the FID sample sets: the verdict's seeds, not the tuning seed."""
+        return self.preset.eval_seeds
 
     def measure(
         self,
@@ -388,8 +395,9 @@ class Bench:
         notes: str = "",
         peer_of: str | None = None,
     ) -> Row:
-        """Trajectory MACs, FID (with its interval) and KID of ``model`` under ``context(model)``;
-        the row is timed at the end, on a copy of the model as it is now, under the same context.
+        """Trajectory MACs, FID (one per sample set, their mean with its interval) and KID of
+        ``model`` under ``context(model)``; the row is timed at the end, on a copy of the model as
+        it is now, under the same context.
 
         Args:
             peer_of: the row this one is a peer of at matched MACs (compared with it, paired).
@@ -397,33 +405,35 @@ class Bench:
         p = self.preset
         start = time.perf_counter()
         model.eval()
+        features = []
         with context(model):
             trajectory = executed_macs(lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1))
-            images = sample_images(
-                model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=self.eval_seed
-            )
-        features = self.evaluator.extractor(images)
-        fid = fid_from_features(features, self.evaluator.reference)
+            for seed in self.eval_seeds:
+                images = sample_images(
+                    model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=seed
+                )
+                features.append(self.evaluator.extractor(images))
+        fids = tuple(fid_from_features(f, self.evaluator.reference) for f in features)
         row = Row(
             name,
             kind,
             sum(q.numel() for q in model.parameters()),
             trajectory,
             trajectory / self.steps,
-            fid_interval(fid, features, *self.evaluator.reference, seed=self.eval_seed),
-            kid(features, self.evaluator.reference_set.features, seed=self.eval_seed),
+            across_sets(fids),
+            kid(np.concatenate(features), self.evaluator.reference_set.features, seed=p.eval_seed),
             round(search_seconds, 1),
             notes=notes,
+            fid_sets=fids,
         )
         self.rows.append(row)
-        self._features[name] = features
         if peer_of is not None:
             self._peers[peer_of] = name
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
         self.log(
-            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid}, KID {row.kid}, made in "
-            f"{search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
+            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid} (sets {', '.join(f'{f:.3g}' for f in fids)}), "
+            f"KID {row.kid}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
         )
         return row
 
@@ -432,23 +442,21 @@ class Bench:
         return fid_from_features(self.evaluator.extractor(images), self.evaluator.reference)
 
     def floor(self) -> Interval:
-        """FID of ``fid_samples`` real images (drawn without replacement, the evaluation seed)
-        against the whole dataset's statistics, with its interval: what the benchmark can resolve."""
+        """FID of real images against the whole dataset's statistics, with its interval: one set
+        of ``fid_samples`` (drawn without replacement) per evaluation seed, as the rows are
+        measured. What the benchmark can resolve."""
         features = self.evaluator.reference_set.features
         n = min(self.preset.fid_samples, len(features))
-        chosen = features[np.random.default_rng(self.eval_seed).permutation(len(features))[:n]]
-        return fid_interval(fid_from_features(chosen, self.evaluator.reference), chosen, *self.evaluator.reference, seed=self.eval_seed)
+        sets = [features[np.random.default_rng(seed).permutation(len(features))[:n]] for seed in self.eval_seeds]
+        return across_sets([fid_from_features(chosen, self.evaluator.reference) for chosen in sets])
 
     def compare(self) -> None:
-        """Every row against the teacher, and each peer against the row it was matched to, paired."""
-        reference = self.evaluator.reference
+        """Every row against the teacher, and each peer against the row it was matched to, paired
+        set by set."""
         rows = {row.name: row for row in self.rows}
 
         def comparison(a: Row, b: Row) -> Comparison:
-            difference, ratio = paired_fid(
-                self._features[a.name], self._features[b.name], *reference, points=(a.fid.value, b.fid.value), seed=self.eval_seed
-            )
-            return Comparison(b.name, difference, ratio)
+            return Comparison(b.name, *paired_across_sets(a.fid_sets, b.fid_sets))
 
         teacher = self.rows[0]
         for row in self.rows[1:]:

@@ -2,17 +2,28 @@
 comparisons of models sampled from the same noise, and the spread of repeated timings.
 
 FID's sampling error comes from the generated images (the reference is a whole dataset, fixed).
-Its standard error is estimated by *half-sampling*: FID is recomputed on ``splits`` random halves
-of the samples (drawn without replacement, so no image appears twice) and the standard error at
-the full count ``N`` is the spread of the half-sample FIDs divided by ``sqrt(2)``, as FID's
-sampling variance falls as ``1/N``. The 95% interval is ``FID +- 1.96 SE``. A bootstrap with
-replacement is not used: duplicated images distort the feature covariance and, on the digits
-benchmark, inflated FID's spread threefold against independent sample sets (BENCHMARKS.md has the
-check). Models sampled from the same noise (image ``i`` of every model starts from the same
-latent) are compared *paired*: the same halves for both, so the standard error of the difference
-(or of the log ratio) is that of the paired half-sample differences, as narrow as the shared
-noise allows. KID is unbiased; it is reported with its standard deviation over random subsets
-(torch-fidelity's estimator).
+Two estimates are offered, for two uses:
+
+- *Independent sample sets* (:func:`across_sets`, :func:`paired_across_sets`), what a benchmark
+  uses: FID is computed on ``k`` sets of ``n`` samples, each from its own noise seed; the figure is
+  their mean and its 95% interval Student's t on their spread (``k - 1`` degrees of freedom).
+  Models sampled from the same seeds are compared *paired*, set by set: the mean of the per-set
+  differences, and the geometric mean of the per-set ratios (a t-interval on their logs). The
+  spread across seeds is what a rerun on other noise would see, so these intervals cover it by
+  construction, at ``k`` times the sampling cost.
+- *Half-sampling* (:func:`fid_interval`), for one FID of one sample set (a study's
+  ``fid.interval``): FID is recomputed on ``splits`` random halves of the ``N`` samples (drawn
+  without replacement, so no image appears twice), and their standard deviation is the standard
+  error at ``N``: a half of ``N/2`` samples drawn from the ``N`` deviates from the full set's value
+  by ``Var(N/2) - Var(N) = Var(N)`` where the variance falls as ``1/N`` (the finite-population
+  correction of a half-sample). The interval is ``FID +- 1.96 SE``. Where FID is dominated by its
+  small-sample bias (near the real-data floor) the halves vary more than that and the interval
+  errs wide. It describes one model's FID; two models' halves share their noise, so it is not
+  offered for comparisons. A bootstrap with replacement is not used: duplicated images distort
+  the feature covariance and inflated FID's spread threefold (BENCHMARKS.md has the check).
+
+KID is unbiased; it is reported with its standard deviation over random subsets (torch-fidelity's
+estimator).
 """
 
 from __future__ import annotations
@@ -31,12 +42,14 @@ __all__ = [
     "Interval",
     "Kid",
     "Spread",
+    "across_sets",
     "fid_interval",
     "frechet_reference",
     "half_sample_fids",
     "kid",
-    "paired_fid",
+    "paired_across_sets",
     "spread",
+    "t95",
     "verdict",
 ]
 
@@ -141,35 +154,46 @@ def half_sample_fids(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *,
 
 def fid_interval(point: float, features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, splits: int = SPLITS, seed: int = 0) -> Interval:
     """The 95% interval of a FID ``point`` computed on ``features`` against ``(mu, sigma)``."""
-    se = float(np.std(half_sample_fids(features, mu, sigma, splits=splits, seed=seed), ddof=1)) / math.sqrt(2)
+    se = float(np.std(half_sample_fids(features, mu, sigma, splits=splits, seed=seed), ddof=1))
     return Interval(point, point - Z95 * se, point + Z95 * se)
 
 
-def paired_fid(
-    features_a: np.ndarray,
-    features_b: np.ndarray,
-    mu: np.ndarray,
-    sigma: np.ndarray,
-    *,
-    points: tuple[float, float],
-    splits: int = SPLITS,
-    seed: int = 0,
-) -> tuple[Interval, Interval]:
-    """``FID_a - FID_b`` and ``FID_a / FID_b`` with their 95% intervals, for two models sampled from
-    the same noise (row ``i`` of both feature arrays starts from the same latent): the same halves
-    of both, so their standard errors are those of paired differences (of log FIDs for the ratio)."""
-    if len(features_a) != len(features_b):
-        raise ValueError("paired models need the same number of samples")
-    reference = frechet_reference(mu, sigma)
-    pairs = np.array([(reference.fid(features_a[idx]), reference.fid(features_b[idx])) for idx in _halves(len(features_a), splits, seed)])
-    a, b = points
-    se_diff = float(np.std(pairs[:, 0] - pairs[:, 1], ddof=1)) / math.sqrt(2)
-    se_log = float(np.std(np.log(pairs[:, 0] / pairs[:, 1]), ddof=1)) / math.sqrt(2)
-    ratio = a / b
-    return (
-        Interval(a - b, a - b - Z95 * se_diff, a - b + Z95 * se_diff),
-        Interval(ratio, ratio * math.exp(-Z95 * se_log), ratio * math.exp(Z95 * se_log)),
-    )
+def t95(sets: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``sets - 1`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, sets - 1))
+
+
+def across_sets(values: Sequence[float]) -> Interval:
+    """The mean of ``values``, one per independent sample set, with its 95% t-interval.
+
+    Raises:
+        ValueError: fewer than 2 sets (no spread to estimate).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        raise ValueError("an interval across sample sets needs at least 2 sets")
+    mean = float(x.mean())
+    half = t95(len(x)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return Interval(mean, mean - half, mean + half)
+
+
+def paired_across_sets(a: Sequence[float], b: Sequence[float]) -> tuple[Interval, Interval]:
+    """``a - b`` and ``a / b`` with their 95% intervals, for two models' FIDs on the same sample
+    sets (set ``i`` of both starts from the same noise): the mean per-set difference with its
+    t-interval, and the geometric mean per-set ratio with the t-interval of the log ratios.
+
+    Raises:
+        ValueError: the models have different numbers of sets, or fewer than 2.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError("paired models need the same sample sets")
+    difference = across_sets(x - y)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a non-positive FID has no ratio: nan
+        log_ratio = across_sets(np.log(x / y))
+    return difference, Interval(math.exp(log_ratio.value), math.exp(log_ratio.low), math.exp(log_ratio.high))
 
 
 def verdict(difference: Interval, *, lower_is_better: bool = True) -> str:
