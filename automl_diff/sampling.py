@@ -3,12 +3,16 @@
 The loop is the one ``DDIMPipeline`` runs (``set_timesteps``, then ``scheduler.step`` on the
 UNet's noise prediction), written out so that it batches, seeds per image and returns tensors in
 [-1, 1] for FID, and so that latency is measured on exactly the computation that produces samples.
+With a :class:`Prompts` it is the loop of ``StableDiffusionPipeline``: the UNet denoises latents
+conditioned on text embeddings, classifier-free guidance runs both halves in one batched call per
+step, and the final latents are decoded into images.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +21,7 @@ from tqdm import tqdm
 
 __all__ = [
     "SCHEDULERS",
+    "Prompts",
     "denoise",
     "denoising_steps",
     "make_scheduler",
@@ -49,6 +54,41 @@ def make_scheduler(scheduler_config: dict[str, Any], name: str = "ddim") -> Any:
     return _schedulers()[name].from_config(scheduler_config)
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """Text conditioning for sampling: image ``i`` is generated from prompt
+    ``(i // images_per_prompt) % len(embeddings)``.
+
+    Attributes:
+        embeddings: ``encoder_hidden_states`` of each prompt, shape ``(prompts, tokens, dim)``.
+        negative: the negative (or empty) prompt's, shape ``(1, tokens, dim)``: the unconditional
+            half of classifier-free guidance.
+        guidance_scale: ``uncond + scale * (cond - uncond)``; 1 runs the conditional half alone.
+        images_per_prompt: consecutive images sharing a prompt.
+        decode: turns final latents into images in [-1, 1] (a VAE's decoder); None: the latents
+            are the images.
+    """
+
+    embeddings: torch.Tensor
+    negative: torch.Tensor
+    guidance_scale: float = 7.5
+    images_per_prompt: int = 1
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def prompt_of(self, index: int) -> int:
+        """The prompt image ``index`` is generated from."""
+        return (index // self.images_per_prompt) % len(self.embeddings)
+
+    def for_images(self, start: int, count: int) -> dict[str, Any]:
+        """:func:`denoise`'s conditioning arguments for images ``start`` to ``start + count``."""
+        rows = torch.tensor([self.prompt_of(i) for i in range(start, start + count)])
+        return {
+            "encoder_hidden_states": self.embeddings[rows.to(self.embeddings.device)],
+            "negative_hidden_states": self.negative.expand(count, *self.negative.shape[1:]),
+            "guidance_scale": self.guidance_scale,
+        }
+
+
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -74,7 +114,7 @@ def denoising_steps(
     device = noise.device
     x = noise * sched.init_noise_sigma
     step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
-    guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale != 1.0
+    guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale > 1.0
     context = torch.cat([negative_hidden_states, encoder_hidden_states]) if guided else None
     for t in sched.timesteps:
         model_in = sched.scale_model_input(x, t)
@@ -158,6 +198,7 @@ def sample_images(
     eta: float = 0.0,
     progress: bool = False,
     desc: str = "sampling",
+    prompts: Prompts | None = None,
 ) -> torch.Tensor:
     """Generate ``num_images`` images in [-1, 1], shape ``(N, C, H, W)``, on the CPU.
 
@@ -174,6 +215,8 @@ def sample_images(
         scheduler: ``ddim``, ``ddpm`` or ``dpm``.
         eta: DDIM's stochasticity (0: deterministic).
         progress: show a progress bar (stderr).
+        prompts: text conditioning of a text-to-image UNet (guided, decoded); the noise is the
+            latents'.
     """
     total = -(-num_images // batch_size) * steps
     with tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False) as bar:
@@ -191,6 +234,7 @@ def sample_images(
             seed=seed,
             scheduler=scheduler,
             eta=eta,
+            prompts=prompts,
         )
         return _drain(chain, tick)
 
@@ -206,6 +250,7 @@ def sampling_steps(
     seed: int = 0,
     scheduler: str = "ddim",
     eta: float = 0.0,
+    prompts: Prompts | None = None,
 ) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """:func:`sample_images` one denoising step at a time: yields the latents after every step of
     every batch and returns the images. Timing several of these in lockstep
@@ -224,7 +269,12 @@ def sampling_steps(
         for start in range(0, num_images, batch_size):
             x = noise[start : start + batch_size].to(device=device, dtype=dtype)
             step_generator = torch.Generator().manual_seed(seed + 1 + start)
-            x = yield from denoising_steps(unet, scheduler_config, x, steps=steps, scheduler=scheduler, eta=eta, generator=step_generator)
+            text = prompts.for_images(start, len(x)) if prompts is not None else {}
+            x = yield from denoising_steps(
+                unet, scheduler_config, x, steps=steps, scheduler=scheduler, eta=eta, generator=step_generator, **text
+            )
+            if prompts is not None and prompts.decode is not None:
+                x = prompts.decode(x)
             out.append(x.float().clamp(-1, 1).cpu())
     finally:
         unet.train(was_training)

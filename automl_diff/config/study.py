@@ -24,6 +24,7 @@ __all__ = [
     "ExecutionSettings",
     "FidSettings",
     "Objective",
+    "PromptSettings",
     "SamplerSettings",
     "SamplingSettings",
     "StudyConfig",
@@ -62,12 +63,40 @@ class Budgets:
     sampling_steps: int = 20
     latency_repeats: int = 3
     latency_batch_size: int = 8
+    #: Text-to-image teachers: consecutive evaluation images generated from one prompt.
+    images_per_prompt: int = 1
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """The sampler every model of a study runs (its FID, latency and DiP-GO's pruner).
+    ``guidance_scale`` and ``negative_prompt`` apply to text-to-image teachers: classifier-free
+    guidance with both halves in one UNet call, as diffusers' pipelines run it."""
+
     scheduler: str = "ddim"
     eta: float = 0.0
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The prompt sets of a text-to-image study (read from the files the config names).
+
+    Attributes:
+        train: what a method may use (DiP-GO's pruner, distillation).
+        eval: what FID and text alignment are measured on.
+        train_file, eval_file: the files they were read from.
+    """
+
+    train: tuple[str, ...] = ()
+    eval: tuple[str, ...] = ()
+    train_file: str | None = None
+    eval_file: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return bool(self.train or self.eval)
 
 
 @dataclass(frozen=True)
@@ -128,6 +157,7 @@ class StudyConfig:
     seed: int
     method_options: dict[str, Any]
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    prompts: PromptSettings = field(default_factory=PromptSettings)
     #: Stacking: the teacher a chain of studies started from, when ``teacher`` is an export of
     #: another study (None: the export's own record, or ``teacher`` itself).
     original_teacher: str | None = None
@@ -227,12 +257,20 @@ def load_study_config(path: str | Path) -> StudyConfig:
         sampling_steps=b.take("sampling_steps", int, defaults.sampling_steps, check=positive),
         latency_repeats=b.take("latency_repeats", int, defaults.latency_repeats, check=positive),
         latency_batch_size=b.take("latency_batch_size", int, defaults.latency_batch_size, check=positive),
+        images_per_prompt=b.take("images_per_prompt", int, defaults.images_per_prompt, check=positive),
     )
     b.done()
 
     s = top.section("sampling")
-    sampling = SamplingSettings(s.take("scheduler", str, "ddim", choices=SCHEDULERS), s.take("eta", float, 0.0))
+    sampling = SamplingSettings(
+        s.take("scheduler", str, "ddim", choices=SCHEDULERS),
+        s.take("eta", float, 0.0),
+        s.take("guidance_scale", float, SamplingSettings.guidance_scale, check=lambda v: None if v >= 1 else "must be at least 1"),
+        s.take("negative_prompt", str, ""),
+    )
     s.done()
+
+    prompts = _prompt_settings(top.section("prompts"), base)
 
     f = top.section("fid")
     from automl_diff.metrics.fid import FEATURE_EXTRACTORS
@@ -278,11 +316,29 @@ def load_study_config(path: str | Path) -> StudyConfig:
         seed=top.take("seed", int, 0),
         method_options=dict(top.take("method_options", dict, {})),
         execution=execution,
+        prompts=prompts,
         original_teacher=original_teacher,
     )
     top.done()
     read_options(METHOD_OPTIONS[method], config.method_options, file=config.path)  # now, naming the file
     return config
+
+
+def _prompt_settings(section: Section, base: Path) -> PromptSettings:
+    """``prompts: {train: FILE, eval: FILE, column: NAME}``: the files relative to the config."""
+    from automl_diff.data import read_prompts
+
+    column = section.take("column", str, None)
+    read: dict[str, tuple[tuple[str, ...], str | None]] = {}
+    for key in ("train", "eval"):
+        raw = section.take(key, str, None)
+        if raw is None:
+            read[key] = ((), None)
+            continue
+        file = (base / Path(raw).expanduser()).resolve()
+        read[key] = (read_prompts(file, column=column, where=f"{section.file}: {section.key(key)}"), str(file))
+    section.done()
+    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1])
 
 
 def resolve_device(name: str, *, source: str | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Image datasets, used for FID reference statistics and data-based baselines (never by DKDM training).
+"""Image datasets, used for FID reference statistics and data-based baselines (never by DKDM
+training), and prompt sets for text-to-image studies (:func:`read_prompts`).
 
 A small explicit registry: ``digits`` (scikit-learn's handwritten digits at 16x16, one channel) and
 ``folder:PATH`` (every PNG/JPEG under a folder). Images are float tensors ``(N, C, H, W)`` in [-1, 1].
@@ -7,5 +8,6 @@ A small explicit registry: ``digits`` (scikit-learn's handwritten digits at 16x1
 from __future__ import annotations
 
 from automl_diff.data._datasets import DATASETS, load_dataset, load_digits
+from automl_diff.data.prompts import read_prompts
 
-__all__ = ["DATASETS", "load_dataset", "load_digits"]
+__all__ = ["DATASETS", "load_dataset", "load_digits", "read_prompts"]

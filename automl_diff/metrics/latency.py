@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from automl_diff.sampling import sampling_steps
+from automl_diff.sampling import Prompts, sampling_steps
 
 __all__ = [
     "lockstep_rounds",
@@ -44,15 +44,26 @@ def measure_latency(
     repeats: int = 3,
     warmup: int = 1,
     scheduler: str = "ddim",
+    prompts: Prompts | None = None,
 ) -> float:
     """Median wall-clock seconds per image to sample a batch with ``steps`` denoising steps.
 
     Runs ``warmup`` untimed batches first, then ``repeats`` timed ones, and returns the median
-    batch time divided by ``batch_size``. Measures the same loop that produces FID samples.
+    batch time divided by ``batch_size``. Measures the same loop that produces FID samples (for a
+    text-to-image UNet with ``prompts``: guided steps and the VAE's decoding; the prompts'
+    embeddings are computed beforehand, once).
     """
     variants = {"model": contextlib.nullcontext}
     return measure_latencies(
-        unet, scheduler_config, variants, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler
+        unet,
+        scheduler_config,
+        variants,
+        steps=steps,
+        batch_size=batch_size,
+        repeats=repeats,
+        warmup=warmup,
+        scheduler=scheduler,
+        prompts=prompts,
     )["model"]
 
 
@@ -66,6 +77,7 @@ def measure_latencies(
     repeats: int = 3,
     warmup: int = 1,
     scheduler: str = "ddim",
+    prompts: Prompts | None = None,
 ) -> dict[str, float]:
     """Median seconds per image of several variants of one model, measured side by side.
 
@@ -84,6 +96,7 @@ def measure_latencies(
         repeats=repeats,
         warmup=warmup,
         scheduler=scheduler,
+        prompts=prompts,
     )
 
 
@@ -97,6 +110,7 @@ def sampler_rounds(
     repeats: int = 3,
     warmup: int = 1,
     scheduler: str = "ddim",
+    prompts: Prompts | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per image of several samplers in each of ``repeats`` rounds (after ``warmup``
     untimed ones), one batch of ``batch_size`` each, timed in lockstep (:func:`lockstep_rounds`):
@@ -107,7 +121,7 @@ def sampler_rounds(
 
     def run(model: nn.Module) -> Callable[[], Any]:
         return lambda: sampling_steps(
-            model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler
+            model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler, prompts=prompts
         )
 
     entered = {name: (lambda name=name: contexts[name](models[name])) for name in models if name in contexts}
@@ -128,10 +142,19 @@ def sampler_latencies(
     repeats: int = 3,
     warmup: int = 1,
     scheduler: str = "ddim",
+    prompts: Prompts | None = None,
 ) -> dict[str, float]:
     """Median seconds per image of several samplers timed in lockstep (:func:`sampler_rounds`)."""
     rounds = sampler_rounds(
-        models, scheduler_config, contexts=contexts, steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup, scheduler=scheduler
+        models,
+        scheduler_config,
+        contexts=contexts,
+        steps=steps,
+        batch_size=batch_size,
+        repeats=repeats,
+        warmup=warmup,
+        scheduler=scheduler,
+        prompts=prompts,
     )
     return {name: statistics.median(values) for name, values in rounds.items()}
 

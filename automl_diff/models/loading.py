@@ -2,7 +2,9 @@
 
 A *teacher* is a UNet plus the noise-scheduler config it was trained with, and the dataset its
 samples are compared against for FID (known for ``digits``; set ``fid.dataset`` in a study
-otherwise).
+otherwise). A text-to-image pipeline folder (``StableDiffusionPipeline``) is a teacher too: its
+UNet is what a study compresses, and its VAE, text encoder and tokenizer come with it
+(:class:`~automl_diff.models.text.TextToImage`), frozen.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from automl_diff.errors import UserError
+from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, TextToImage, is_text_to_image_folder, load_text_to_image
 
 __all__ = [
     "EXPORT_INFO",
@@ -63,6 +66,8 @@ class Teacher:
         source: how the user named it (``digits``, a path, or a hub id).
         dataset: the dataset for FID reference statistics, when known.
         weights_dir: a local folder ``load_unet`` reloads it from (None for a hub model).
+        text: the frozen VAE, text encoder and tokenizer of a text-to-image teacher (None for an
+            unconditional UNet).
     """
 
     unet: nn.Module
@@ -71,15 +76,23 @@ class Teacher:
     dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     weights_dir: str | None = None
+    text: TextToImage | None = None
 
     @property
-    def resolution(self) -> int:
+    def latent_resolution(self) -> int:
+        """The side of what the UNet denoises (the image itself for a pixel-space UNet)."""
         size = self.unet.config.sample_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @property
+    def resolution(self) -> int:
+        """The side of the images it generates (decoded, for a latent model)."""
+        return self.latent_resolution * (self.text.vae_scale_factor if self.text is not None else 1)
+
+    @property
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """The channels of the images it generates."""
+        return self.text.image_channels if self.text is not None else int(self.unet.config.in_channels)
 
 
 def _class_for(config: dict[str, Any], where: str) -> type:
@@ -277,6 +290,8 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
     if path.is_file():
         raise UserError(f"teacher '{spec}' is a file; a teacher is a diffusers folder with weights (a bare config.json has none)")
     if path.exists():
+        if path.is_dir() and is_text_to_image_folder(path):
+            return _text_to_image_teacher(path, spec, device)
         if (
             (path / "model_index.json").is_file()
             and "scheduler" in _read_json(path / "model_index.json")
@@ -285,6 +300,9 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
             raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
         unet = load_unet(path)
         return Teacher(unet.to(device).eval(), scheduler_config_for(path if path.is_dir() else None), spec, weights_dir=str(path.resolve()))
+    folder = _text_to_image_snapshot(spec)
+    if folder is not None:
+        return _text_to_image_teacher(folder, spec, device)
     unet = _load_from_hub(spec, weights=True)
     try:
         from diffusers import DDPMScheduler
@@ -293,3 +311,53 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
     except Exception:
         scheduler_config = dict(_DEFAULT_SCHEDULER)
     return Teacher(unet.to(device).eval(), scheduler_config, spec)
+
+
+def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
+    """A text-to-image pipeline folder as a teacher: its UNet, scheduler and frozen parts."""
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
+    if not (path / "unet" / "config.json").is_file():
+        raise UserError(f"{path}: unet/ is missing or has no config.json (model_index.json names a unet)")
+    text = load_text_to_image(path)
+    unet = load_unet(path)
+    if getattr(unet.config, "cross_attention_dim", None) != text.text_encoder.config.hidden_size:
+        raise UserError(
+            f"{path}: the UNet's cross_attention_dim ({getattr(unet.config, 'cross_attention_dim', None)}) differs from the text "
+            f"encoder's hidden_size ({text.text_encoder.config.hidden_size})"
+        )
+    return Teacher(
+        unet.to(device).eval(),
+        scheduler_config_for(path),
+        source,
+        weights_dir=str(path.resolve()),
+        text=text.to(device),
+    )
+
+
+def _text_to_image_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a hub text-to-image pipeline (downloaded once, safetensors only), or
+    None where the hub id names another kind of model. Errors as :func:`load_unet`'s for the hub."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise UserError(f"model '{repo_id}' is not an existing local folder or file, nor a hub id (org/name)")
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise UserError(f"model '{repo_id}' is not a local path and the hub is unreachable ({reason}); download it and pass the folder")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text())
+    except Exception:  # a UNet repo without a pipeline index: the UNet loader reports what is wrong
+        return None
+    if index.get("_class_name") not in TEXT_TO_IMAGE_PIPELINES:
+        return None
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["model_index.json", "*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"],
+            ignore_patterns=["*fp16*", "*non_ema*", "*ema-only*"],
+        )
+    except Exception as exc:  # the hub client raises many types for offline/missing repos
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"model '{repo_id}': cannot download the pipeline: {why}") from None
+    return Path(folder)

@@ -1,0 +1,135 @@
+"""The frozen parts of a text-to-image pipeline around its UNet: VAE, text encoder and tokenizer.
+
+A Stable Diffusion-family teacher is a pipeline folder (``model_index.json`` naming ``vae``,
+``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``). Studies compress the UNet only; the
+parts here are loaded once, frozen, and shared by every trial: :meth:`TextToImage.encode` turns
+prompts into the ``encoder_hidden_states`` the UNet is called with (cached per prompt list), and
+:meth:`TextToImage.decode` turns final latents into images in [-1, 1], as diffusers'
+``StableDiffusionPipeline`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from automl_diff.errors import UserError
+
+__all__ = ["PIPELINE_PARTS", "TEXT_TO_IMAGE_PIPELINES", "TextToImage", "is_text_to_image_folder", "load_text_to_image"]
+
+#: Pipeline classes whose folders a study accepts as text-to-image teachers.
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline",)
+#: The components such a folder holds besides the UNet and the scheduler.
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+@dataclass
+class TextToImage:
+    """What a text-to-image UNet needs around it to sample images from prompts.
+
+    Attributes:
+        vae: the ``AutoencoderKL`` whose latent space the UNet denoises in.
+        text_encoder: the ``CLIPTextModel`` that turns tokens into ``encoder_hidden_states``.
+        tokenizer: its ``CLIPTokenizer``.
+        pipeline_class: the class the pipeline folder names (an export writes the same class).
+        folder: the pipeline folder the parts were read from (None when built in memory).
+    """
+
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    pipeline_class: str = "StableDiffusionPipeline"
+    folder: str | None = None
+    _cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for part in (self.vae, self.text_encoder):
+            part.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    def to(self, device: str | torch.device) -> TextToImage:
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        self._cache.clear()
+        return self
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many image pixels one latent pixel stands for, per side (diffusers' rule)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.vae.config.out_channels)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``encoder_hidden_states`` of ``prompts``, shape ``(len(prompts), tokens, dim)``, as
+        ``StableDiffusionPipeline.encode_prompt`` computes them (padded to the tokenizer's maximum
+        length, the text encoder's last hidden state); computed once per prompt list."""
+        key = tuple(prompts)
+        if key not in self._cache:
+            tokens = self.tokenizer(
+                list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            )
+            mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+            attention = tokens.attention_mask.to(self.device) if mask else None
+            states = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=attention)[0]
+            self._cache[key] = states.to(dtype=self.text_encoder.dtype)
+        return self._cache[key]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from final latents (``vae.decode(latents / scaling_factor)``)."""
+        scale = self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype) / scale, return_dict=False)[0].float().clamp(-1, 1)
+
+
+def _model_index(folder: Path) -> dict[str, Any] | None:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read JSON: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def is_text_to_image_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a pipeline folder of a text-to-image class (``model_index.json``)."""
+    index = _model_index(folder) if folder.is_dir() else None
+    return index is not None and index.get("_class_name") in TEXT_TO_IMAGE_PIPELINES
+
+
+def load_text_to_image(folder: Path) -> TextToImage:
+    """The VAE, text encoder and tokenizer of a text-to-image pipeline folder.
+
+    Raises:
+        UserError: a component ``model_index.json`` names is missing or cannot be loaded.
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index = _model_index(folder) or {}
+    for part in PIPELINE_PARTS:
+        if part not in index or not index[part] or index[part][0] is None:
+            raise UserError(f"{folder / 'model_index.json'}: names no {part}; a {index.get('_class_name')} teacher needs one")
+        config = folder / part / ("tokenizer_config.json" if part == "tokenizer" else "config.json")
+        if not config.is_file():
+            raise UserError(f"{folder}: {part}/ is missing or has no {config.name} (model_index.json names a {part})")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{folder}: cannot load the pipeline's parts: {str(exc).splitlines()[0]}") from None
+    return TextToImage(vae, text_encoder, tokenizer, index["_class_name"], str(folder))
