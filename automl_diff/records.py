@@ -46,6 +46,9 @@ class StudyAttr:
     ARTIFACT_DIR: Final = "artifact_dir"
     #: The folder of the latest Ray Tune experiment (resumed when it was interrupted).
     RAY_EXPERIMENT: Final = "ray_experiment"
+    #: A text-to-image teacher's pipeline: ``{"class": ..., "folder": ...}``, the folder its VAE,
+    #: text encoder and tokenizer are exported from (absent for an unconditional teacher).
+    PIPELINE: Final = "pipeline"
 
 
 class TrialAttr:
@@ -146,6 +149,12 @@ class Evaluation:
     device: str | None = None
     #: FID's 95% interval and KID are recorded on every trial (``fid.interval: true``).
     fid_interval: bool = False
+    #: Text-to-image teachers: classifier-free guidance, the negative prompt, images per prompt,
+    #: and the evaluation prompts (None: an unconditional teacher).
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    images_per_prompt: int | None = None
+    eval_prompts: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

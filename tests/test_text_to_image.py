@@ -97,3 +97,129 @@ def test_gated_units_of_a_conditional_unet_do_not_run(tiny_sd_dir):
     assert all(controller.executed[name] == 1 for name in skipped)
     assert all(controller.executed[name] == steps for name in units if name not in skipped)
     assert gated.shape == full.shape and (gated - full).abs().max() > 0
+
+
+# --- a DiP-GO study on the tiny Stable Diffusion pipeline ---------------------------------------
+
+
+def _t2i_study(tmp_path, tiny_sd_dir, **overrides):
+    from tests.conftest import write_study
+
+    (tmp_path / "train.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    (tmp_path / "eval.csv").write_text("id,caption\n1,a handwritten seven\n2,the digit 2\n")
+    config = {
+        "name": "t2igo",
+        "method": "dipgo",
+        "search_space": None,
+        "objectives": [{"name": "trajectory_macs"}, {"name": "fid"}],
+        "n_trials": 3,
+        "budgets": {
+            "train_iterations": 4,
+            "batch_size": 2,
+            "lr": 0.05,
+            "fid_samples": 8,
+            "images_per_prompt": 2,
+            "sampling_steps": 4,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        "sampling": {"guidance_scale": 4.0},
+        "prompts": {"train": "train.txt", "eval": "eval.csv", "column": "caption"},
+        "method_options": {"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 4, "warmup": 0.0, "sparsity_weight": 5.0},
+        **overrides,
+    }
+    return write_study(tmp_path, tiny_sd_dir, tmp_path / "unused.yaml", **config)
+
+
+def test_dipgo_study_on_a_text_to_image_pipeline_runs_resumes_and_exports(tiny_sd_dir, tmp_path, capsys):
+    import optuna
+    from diffusers import StableDiffusionPipeline
+
+    from automl_diff import Schedule, apply_schedule
+    from automl_diff.records import StudyAttr, TrialAttr
+    from automl_diff.study.cli import main
+    from tests.conftest import printed_load_calls
+
+    config = _t2i_study(tmp_path, tiny_sd_dir)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="t2igo", storage=storage)
+    evaluation = study.user_attrs[StudyAttr.EVALUATION]
+    assert evaluation["eval_prompts"] == ["a handwritten seven", "the digit 2"] and evaluation["guidance_scale"] == 4.0
+    teacher = study.user_attrs[StudyAttr.TEACHER_METRICS]
+    # a guided step runs both halves: twice one batch-1 forward pass per image
+    from automl_diff.metrics.macs import count_macs
+
+    teacher_model = load_teacher(str(tiny_sd_dir))
+    assert teacher[TrialAttr.MACS] == 2 * count_macs(teacher_model.unet, text_length=24).macs
+    assert teacher[TrialAttr.TRAJECTORY_MACS] == 4 * teacher[TrialAttr.MACS]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs[TrialAttr.TRAJECTORY_MACS] < teacher[TrialAttr.TRAJECTORY_MACS] for t in complete)
+    units = complete[0].user_attrs[TrialAttr.SCHEDULE]["units"]
+    assert any(".attentions." in unit for unit in units)  # the transformer (cross-attention) layers are units
+    # resume: more trials, the pruner's scores reused
+    n = len(study.trials)
+    assert main(["run", str(config), "--quiet", "--n-trials", "5"]) == 0
+    capsys.readouterr()
+    assert len(optuna.load_study(study_name="t2igo", storage=storage).trials) > n
+
+    trial = complete[0]
+    out_dir = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "t2igo", "--trial", str(trial.number), "--out", str(out_dir)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    assert call.startswith("diffusers.StableDiffusionPipeline.from_pretrained(")
+    assert "text-to-image" in (out_dir / "README.md").read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(str(out_dir))
+    schedule = Schedule.load(out_dir / "schedule.json")
+
+    def sample():
+        seed = torch.Generator().manual_seed(0)
+        return pipe("a handwritten seven", num_inference_steps=4, guidance_scale=4.0, generator=seed, output_type="pt")
+
+    full = sample()
+    with apply_schedule(pipe, schedule) as controller:
+        gated = sample()
+        skipped = 4 * len(schedule.units) - sum(controller.executed.values())
+    assert gated.images.shape == full.images.shape == (1, 1, 16, 16)
+    assert skipped == sum(not g for row in schedule.gates for g in row) > 0
+
+
+def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, tiny_space, tmp_path, capsys):
+    from automl_diff.study.cli import main
+
+    config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "train.txt"})
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {config}: prompts.eval: required for a text-to-image teacher (a file of prompts FID is measured on)"
+    config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"eval": "eval.csv", "column": "caption"})
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert "prompts.train: required for method dipgo" in capsys.readouterr().err
+    config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "train.txt", "eval": "eval.csv", "column": "text"})
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: prompts.eval: ") and "has no column 'text' (columns: id, caption)" in err
+    config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "missing.txt", "eval": "eval.csv", "column": "caption"})
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert "prompts.train: the prompt file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "empty.txt", "eval": "eval.csv", "column": "caption"})
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    # a method that does not take text-to-image teachers yet says so
+    config = _t2i_study(tmp_path, tiny_sd_dir, method="dkdm", search_space=str(tiny_space), method_options={"pool_size": 8})
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert "is a text-to-image pipeline; method dkdm" in capsys.readouterr().err
+    # prompts for an unconditional teacher
+    from tests.conftest import write_study
+
+    config = write_study(
+        tmp_path,
+        tiny_teacher_dir,
+        tmp_path / "train.txt",
+        method="dipgo",
+        search_space=None,
+        prompts={"train": "train.txt"},
+        method_options={},
+    )
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert "is not a text-to-image pipeline" in capsys.readouterr().err

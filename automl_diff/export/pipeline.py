@@ -1,5 +1,9 @@
 """Exporting trials as diffusers pipelines (``unet/`` + ``scheduler/``) with a model card.
 
+A trial of a text-to-image study is exported as a pipeline of its teacher's own class
+(``StableDiffusionPipeline``): the trial's UNet beside the teacher's VAE, text encoder, tokenizer
+and a DDIM scheduler of its config.
+
 An export loads where only diffusers is installed, with the call :func:`export_trial` returns.
 Students that stock diffusers can express are saved as plain ``UNet2DModel``
 (``DDIMPipeline.from_pretrained(folder)``). The others (per-level depths, DiffNAS's per-resnet
@@ -41,16 +45,17 @@ class Export:
     folder: Path
     custom_code: bool
     schedule: Path | None = None
+    pipeline: str = "DDIMPipeline"
 
     @property
     def load_call(self) -> str:
         """The Python expression that loads this export with diffusers alone."""
-        return load_call(str(self.folder), custom_code=self.custom_code)
+        return load_call(str(self.folder), custom_code=self.custom_code, pipeline=self.pipeline)
 
 
-def load_call(folder: str, *, custom_code: bool) -> str:
-    """``diffusers.DDIMPipeline.from_pretrained("<folder>"[, trust_remote_code=True])``."""
-    return f"diffusers.DDIMPipeline.from_pretrained({json.dumps(folder)}{', trust_remote_code=True' if custom_code else ''})"
+def load_call(folder: str, *, custom_code: bool, pipeline: str = "DDIMPipeline") -> str:
+    """``diffusers.<pipeline>.from_pretrained("<folder>"[, trust_remote_code=True])``."""
+    return f"diffusers.{pipeline}.from_pretrained({json.dumps(folder)}{', trust_remote_code=True' if custom_code else ''})"
 
 
 def lineage(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage_url: str) -> list[dict[str, Any]]:
@@ -109,7 +114,9 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
     return "\n".join(lines) + "\n" + "".join(tables)
 
 
-def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False) -> str:
+def model_card(
+    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False, pipeline: str = "DDIMPipeline"
+) -> str:
     """A Hugging Face style README: metrics against the teacher (and the starting model of a
     stacked study), the lineage from the original teacher, source study and trial, usage."""
     attrs = trial.user_attrs
@@ -139,11 +146,18 @@ def model_card(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_
     params = json.dumps(trial.params, indent=2, sort_keys=True)
     steps = evaluation.sampling_steps or 20
     schedule_note = ""
-    load = load_call("path/to/this/folder", custom_code=custom_code)
+    load = load_call("path/to/this/folder", custom_code=custom_code, pipeline=pipeline)
+    if evaluation.eval_prompts:
+        call = (
+            f"pipe({json.dumps(evaluation.eval_prompts[0])}, num_inference_steps={steps}, "
+            f"guidance_scale={evaluation.guidance_scale:g}).images"
+        )
+    else:
+        call = f"pipe(batch_size=4, num_inference_steps={steps}).images"
     use = f"""import diffusers
 
 pipe = {load}
-images = pipe(batch_size=4, num_inference_steps={steps}).images"""
+images = {call}"""
     if attrs.get(TrialAttr.SCHEDULE):
         schedule_note = f"""
 This model samples with a DiP-GO gate schedule (`schedule.json`, {steps} steps): at each step some
@@ -155,7 +169,7 @@ from automl_diff import Schedule, apply_schedule  # the schedule needs automl_di
 
 pipe = {load}
 apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
-images = pipe(batch_size=4, num_inference_steps={steps}).images"""
+images = {call}"""
     if attrs.get(TrialAttr.BLOCK_CHOICES) and len(chain) == 1:
         lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs[TrialAttr.BLOCK_CHOICES].items())
         schedule_note += f"""
@@ -180,7 +194,7 @@ library_name: diffusers
 tags:
 - automl_diff
 - {method or "unknown"}
-- unconditional-image-generation
+- {"text-to-image" if evaluation.eval_prompts else "unconditional-image-generation"}
 ---
 
 # {study.study_name} — trial {trial.number}
@@ -194,7 +208,7 @@ Speedup against the teacher (measured latency): {fmt_number(speedup, "x")}.
 {schedule_note}
 FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling_steps or "?"} {evaluation.scheduler} steps,
 features `{evaluation.fid_features}`, dataset `{evaluation.fid_dataset}`, seed {evaluation.seed};
-latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.
+latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.{_prompts_note(evaluation)}
 
 ## Lineage
 
@@ -215,6 +229,42 @@ latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}
 {use}
 ```
 {custom_note}"""
+
+
+def _prompts_note(evaluation: Evaluation) -> str:
+    if not evaluation.eval_prompts:
+        return ""
+    prompts = evaluation.eval_prompts
+    shown = ", ".join(f"`{p}`" for p in prompts[:5]) + (f" and {len(prompts) - 5} more" if len(prompts) > 5 else "")
+    return (
+        f"\nImages from {len(prompts)} evaluation prompts ({shown}), {evaluation.images_per_prompt} per prompt, "
+        f"classifier-free guidance {evaluation.guidance_scale:g}; MACs per image count both halves of guidance."
+    )
+
+
+def _save_text_to_image(pipeline: dict[str, Any], unet: Any, scheduler: Any, out: Path) -> str:
+    """The teacher's text-to-image pipeline with ``unet`` and ``scheduler`` in it, saved at ``out``."""
+    import diffusers
+
+    from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, load_text_to_image
+
+    name, folder = pipeline.get("class"), pipeline.get("folder")
+    if name not in TEXT_TO_IMAGE_PIPELINES or not folder or not Path(folder).is_dir():
+        raise UserError(f"the study's text-to-image teacher '{folder}' ({name}) is not on this machine; its VAE and text encoder go in")
+    text = load_text_to_image(Path(folder))
+    cls = getattr(diffusers, name)
+    pipe = cls(
+        vae=text.vae,
+        text_encoder=text.text_encoder,
+        tokenizer=text.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return name
 
 
 def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str) -> Export:
@@ -252,7 +302,14 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     scheduler = DDIMScheduler.from_config(scheduler_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    pipeline = study.user_attrs.get(StudyAttr.PIPELINE)
+    if pipeline:
+        if custom_code:
+            raise UserError(f"trial {trial_number}: a student UNet in a text-to-image pipeline cannot be exported yet")
+        pipeline_class = _save_text_to_image(pipeline, unet, scheduler, out)
+    else:
+        pipeline_class = "DDIMPipeline"
+        DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     if custom_code:  # diffusers' custom components: the code in the component's folder, named in model_index.json
         import automl_diff.models.student as student_module
 
@@ -260,7 +317,8 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         index = json.loads((out / "model_index.json").read_text())
         index["unet"] = [Path(MODULE_FILE).stem, type(unet).__name__]
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(study=study, trial=trial, storage_url=storage_url, custom_code=custom_code))
+    card = model_card(study=study, trial=trial, storage_url=storage_url, custom_code=custom_code, pipeline=pipeline_class)
+    (out / "README.md").write_text(card)
     metrics = {k: trial.user_attrs.get(k) for k in _METRICS}
     summary = {
         "study": study.study_name,
@@ -278,4 +336,4 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         schedule_path = schedule.save(StudyFolder.schedule(out))
         summary["schedule"] = schedule_path.name
     (out / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
-    return Export(out, custom_code, schedule_path)
+    return Export(out, custom_code, schedule_path, pipeline_class)

@@ -139,11 +139,12 @@ class Head:
         return out
 
 
-def unit_costs(unet: nn.Module, units: Sequence[str]) -> UnitCosts:
-    """MACs of the whole model and of each unit (fvcore, attention included); the head's MACs
-    count as those of the unit that feeds it (:class:`Head`)."""
+def unit_costs(unet: nn.Module, units: Sequence[str], *, text_length: int = 77) -> UnitCosts:
+    """MACs of the whole model and of each unit (fvcore, attention included; a conditional UNet
+    with ``text_length`` tokens of text); the head's MACs count as those of the unit that feeds it
+    (:class:`Head`)."""
     head = Head.of(unet, units)
-    total, per_unit = count_unit_macs(unet, [*units, *head.layers])
+    total, per_unit = count_unit_macs(unet, [*units, *head.layers], text_length=text_length)
 
     def add(a: BlockCost, b: BlockCost) -> BlockCost:
         return BlockCost(a.name, a.params + b.params, a.macs + b.macs, a.macs_no_attention + b.macs_no_attention)

@@ -20,6 +20,7 @@ from torch import nn
 
 from automl_diff.config.options import read_options
 from automl_diff.config.study import StudyConfig
+from automl_diff.errors import UserError
 from automl_diff.gating import Schedule
 from automl_diff.models.loading import Teacher
 from automl_diff.records import stable_key
@@ -70,6 +71,8 @@ class Method(ABC):
     name: ClassVar[str]
     #: Dataclass of the method's ``method_options`` (:mod:`automl_diff.config.options`).
     options_type: ClassVar[type]
+    #: Whether the method compresses the UNet of a text-to-image teacher (a pipeline folder).
+    text_to_image: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -85,6 +88,11 @@ class Method(ABC):
         self.original = original if original is not None else teacher
         self.device = torch.device(device)
         self.progress = progress
+        if teacher.text is not None and not self.text_to_image:
+            raise UserError(
+                f"{config.path}: teacher: '{teacher.source}' is a text-to-image pipeline; method {self.name} compresses "
+                "unconditional UNets only so far (method dipgo takes text-to-image teachers)"
+            )
         self.options = self.options_from(config)
 
     @classmethod

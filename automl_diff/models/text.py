@@ -126,10 +126,17 @@ def load_text_to_image(folder: Path) -> TextToImage:
         config = folder / part / ("tokenizer_config.json" if part == "tokenizer" else "config.json")
         if not config.is_file():
             raise UserError(f"{folder}: {part}/ is missing or has no {config.name} (model_index.json names a {part})")
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # one bar per loaded model, on every trial's stderr
     try:
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{folder}: cannot load the pipeline's parts: {str(exc).splitlines()[0]}") from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     return TextToImage(vae, text_encoder, tokenizer, index["_class_name"], str(folder))

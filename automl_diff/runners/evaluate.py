@@ -1,4 +1,9 @@
-"""One evaluation for every model of a study: params, MACs, FID and latency, measured the same way."""
+"""One evaluation for every model of a study: params, MACs, FID and latency, measured the same way.
+
+For a text-to-image teacher every model samples the study's evaluation prompts with the teacher's
+frozen text encoder, guidance and VAE (:class:`~automl_diff.sampling.Prompts`); MACs count what
+a guided step executes per image (both halves of guidance), and latency includes the decoding.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_fea
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import measure_latency
 from automl_diff.metrics.macs import count_macs
+from automl_diff.models.text import TextToImage
 from automl_diff.records import TrialAttr
-from automl_diff.sampling import sample_images
+from automl_diff.sampling import Prompts, sample_images
 
 __all__ = ["Evaluator", "ModelMetrics"]
 
@@ -29,8 +35,9 @@ class ModelMetrics:
 
     Attributes:
         params: parameter count.
-        macs: MACs of one UNet forward pass (attention matmuls included); with a DiP-GO schedule,
-            the mean over the steps of the trajectory.
+        macs: MACs of one denoising step per image (one UNet forward pass, two with
+            classifier-free guidance; attention matmuls included); with a DiP-GO schedule, the
+            mean over the steps of the trajectory.
         macs_no_attention: the same without the attention matmuls.
         trajectory_macs: MACs of one image's whole sampling trajectory (``sampling_steps`` calls).
         fid: FID of ``fid_samples`` images against the dataset's reference statistics.
@@ -63,7 +70,12 @@ class Evaluator:
     """Evaluates models against a study's teacher, dataset and budgets.
 
     Every model is sampled from the same initial noise (``config.seed``) with the same scheduler
-    and step count, so FID and latency compare like with like.
+    and step count (and, for a text-to-image teacher, ``text``, the same prompts and guidance),
+    so FID and latency compare like with like.
+
+    Raises:
+        UserError: no FID dataset is known, or a text-to-image teacher's study has no
+            evaluation prompts.
     """
 
     def __init__(
@@ -76,8 +88,22 @@ class Evaluator:
         channels: int,
         device: str | torch.device,
         progress: bool = False,
+        text: TextToImage | None = None,
     ) -> None:
         self.config = config
+        self.text = text
+        self.prompts: Prompts | None = None
+        if text is not None:
+            if not config.prompts.eval:
+                raise UserError(f"{config.path}: prompts.eval: required for a text-to-image teacher (a file of prompts FID is measured on)")
+            s = config.sampling
+            self.prompts = Prompts(
+                text.encode(config.prompts.eval),
+                text.encode([s.negative_prompt]),
+                s.guidance_scale,
+                config.budgets.images_per_prompt,
+                decode=text.decode,
+            )
         self.scheduler_config = scheduler_config
         self.dataset = config.fid.dataset or teacher_dataset
         if self.dataset is None:
@@ -127,6 +153,7 @@ class Evaluator:
                 eta=c.sampling.eta,
                 progress=self.progress,
                 desc=desc,
+                prompts=self.prompts,
             )
         self.last_samples = images[:16].clone()
         self.last_features = self.extractor(images)
@@ -140,21 +167,32 @@ class Evaluator:
         """KID of the last run's images against the dataset's features."""
         return kid(self.last_features, self.reference_set.features, seed=self.config.seed)
 
+    @property
+    def text_length(self) -> int:
+        """Tokens of the text conditioning MACs are counted with (the tokenizer's; CLIP's 77)."""
+        return int(self.text.tokenizer.model_max_length) if self.text is not None else 77
+
+    @property
+    def calls_per_step(self) -> int:
+        """UNet rows one image costs per step: 2 under classifier-free guidance (both halves)."""
+        return 2 if self.prompts is not None and self.prompts.guidance_scale > 1 else 1
+
     def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
         b = self.config.budgets
         steps = b.sampling_steps
+        calls = self.calls_per_step
         if schedule is None:
-            cost = count_macs(unet)
-            macs, macs_no_attention, trajectory = cost.macs, cost.macs_no_attention, cost.macs * steps
+            cost = count_macs(unet, text_length=self.text_length)
+            macs, macs_no_attention, trajectory = calls * cost.macs, calls * cost.macs_no_attention, calls * cost.macs * steps
             params = cost.params
         else:
             if schedule.steps != steps:
                 raise UserError(f"{self.config.path}: budgets.sampling_steps: the schedule has {schedule.steps} steps (got {steps})")
-            costs = unit_costs(unet, schedule.units)
-            trajectory = schedule.trajectory_macs(costs)
+            costs = unit_costs(unet, schedule.units, text_length=self.text_length)
+            trajectory = calls * schedule.trajectory_macs(costs)
             macs = round(trajectory / steps)
-            macs_no_attention = round(schedule.trajectory_macs(costs, attention=False) / steps)
+            macs_no_attention = round(calls * schedule.trajectory_macs(costs, attention=False) / steps)
             params = costs.total.params
         fid = self.fid(unet, schedule=schedule, desc=desc)
         with _gated(unet, schedule):
@@ -165,6 +203,7 @@ class Evaluator:
                 batch_size=b.latency_batch_size,
                 repeats=b.latency_repeats,
                 scheduler=self.config.sampling.scheduler,
+                prompts=self.prompts,
             )
         extra: dict[str, Any] = {}
         if self.config.fid.interval:

@@ -104,6 +104,8 @@ class StudySession:
                     f"{config.path}: original_teacher: '{original}' makes {self.original.channels}x{self.original.resolution}px "
                     f"images, the teacher {self.teacher.channels}x{self.teacher.resolution}px"
                 )
+        if config.prompts.given and self.original.text is None:
+            raise UserError(f"{config.path}: prompts: the teacher '{self.original.source}' is not a text-to-image pipeline")
         self.method = METHODS[config.method](config, self.teacher, original=self.original, device=self.device, progress=progress)
         self.evaluator = Evaluator(
             config,
@@ -113,6 +115,7 @@ class StudySession:
             channels=self.teacher.channels,
             device=self.device,
             progress=progress,
+            text=self.original.text,
         )
         #: The study's storage, once a runner has opened it (methods keep their own searches beside
         #: the study; sample notes name the study's and trial's ids in it).
@@ -144,6 +147,9 @@ class StudySession:
         study.set_user_attr(StudyAttr.SCHEDULER_CONFIG, dict(self.teacher.scheduler_config))
         study.set_user_attr(StudyAttr.ORIGINAL_TEACHER, self.original.source)
         study.set_user_attr(StudyAttr.LINEAGE, self.lineage)
+        text = self.original.text
+        if text is not None:
+            study.set_user_attr(StudyAttr.PIPELINE, {"class": text.pipeline_class, "folder": text.folder})
         c = self.config
         evaluation = Evaluation(
             fid_samples=c.budgets.fid_samples,
@@ -155,6 +161,16 @@ class StudySession:
             seed=c.seed,
             device=str(self.device),
             fid_interval=c.fid.interval,
+            **(
+                {
+                    "guidance_scale": c.sampling.guidance_scale,
+                    "negative_prompt": c.sampling.negative_prompt,
+                    "images_per_prompt": c.budgets.images_per_prompt,
+                    "eval_prompts": list(c.prompts.eval),
+                }
+                if self.evaluator.prompts is not None
+                else {}
+            ),
         )
         study.set_user_attr(StudyAttr.EVALUATION, evaluation.to_dict())
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)

@@ -29,6 +29,7 @@ from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
 from automl_diff.models.loading import weights_digest
 from automl_diff.records import TrialAttr, stable_key
+from automl_diff.sampling import Prompts
 
 __all__ = ["THRESHOLD", "DiPGO"]
 
@@ -43,14 +44,20 @@ class DiPGO(Method):
 
     name = "dipgo"
     options_type = DiPGOOptions
+    text_to_image = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         unet = self.teacher.unet
-        if getattr(unet.config, "cross_attention_dim", None) is not None:
+        if getattr(unet.config, "cross_attention_dim", None) is not None and self.teacher.text is None:
             raise UserError(
-                f"teacher '{self.teacher.source}': the study runner samples unconditional UNets only; prune a text-to-image "
-                "UNet with the Python API (optimise_pruner(..., conditioning=...) and apply_schedule(pipe, schedule))"
+                f"{self.config.path}: teacher: '{self.teacher.source}' is a text-conditional UNet without its pipeline; name the "
+                "pipeline folder (model_index.json with vae, text_encoder, tokenizer, unet, scheduler) as the teacher"
+            )
+        if self.teacher.text is not None and not self.config.prompts.train:
+            raise UserError(
+                f"{self.config.path}: prompts.train: required for method dipgo on a text-to-image teacher (the prompts its pruner "
+                "trains on)"
             )
         self.units = tuple(prunable_units(unet, self.options.granularity))
         self.costs: UnitCosts | None = None
@@ -70,6 +77,7 @@ class DiPGO(Method):
             "options": asdict(self.options),
             "budgets": [c.budgets.train_iterations, c.budgets.batch_size, c.budgets.lr, c.budgets.sampling_steps],
             "sampling": [c.sampling.scheduler, c.sampling.eta],
+            "text": self._text_key(),
             "seed": c.seed,
             "teacher": self.teacher.source,
             "weights": self._digest(),
@@ -77,8 +85,29 @@ class DiPGO(Method):
         }
         return stable_key(payload)
 
+    def _text_key(self) -> list[Any] | None:
+        """What the pruner's trajectories are conditioned on (None: an unconditional teacher)."""
+        if self.teacher.text is None:
+            return None
+        s = self.config.sampling
+        return [list(self.config.prompts.train), s.guidance_scale, s.negative_prompt]
+
+    @property
+    def text_length(self) -> int:
+        text = self.teacher.text
+        return int(text.tokenizer.model_max_length) if text is not None else 77
+
+    def _conditioning(self) -> dict[str, Any] | None:
+        """The training prompts' conditioning of each of the pruner's reference trajectories."""
+        text = self.teacher.text
+        if text is None:
+            return None
+        s = self.config.sampling
+        prompts = Prompts(text.encode(self.config.prompts.train), text.encode([s.negative_prompt]), s.guidance_scale)
+        return prompts.for_images(0, self.options.reference_images)
+
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
-        self.costs = unit_costs(self.teacher.unet, self.units)
+        self.costs = unit_costs(self.teacher.unet, self.units, text_length=self.text_length)
         cache = workdir / "dipgo_pruner.json" if workdir is not None else None
         key = self._cache_key()
         if cache is not None and cache.is_file():
@@ -118,6 +147,7 @@ class DiPGO(Method):
                 scheduler=c.sampling.scheduler,
                 eta=c.sampling.eta,
                 seed=c.seed + 1000,  # training noise differs from the FID noise (seed)
+                conditioning=self._conditioning(),
                 progress=self.progress,
             )
             self.scores = result.scores
