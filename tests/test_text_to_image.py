@@ -223,3 +223,32 @@ def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, 
     )
     assert main(["run", str(config), "--quiet"]) == 2
     assert "is not a text-to-image pipeline" in capsys.readouterr().err
+
+
+def test_profile_times_a_schedule_on_a_pipeline_and_on_a_bare_conditional_unet(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    from automl_diff.gating import Schedule, model_fingerprint, prunable_units
+    from automl_diff.metrics.macs import count_macs
+    from automl_diff.study.cli import main
+    from tests.conftest import TINY_COND_UNET
+
+    teacher = load_teacher(str(tiny_sd_dir))
+    units = tuple(prunable_units(teacher.unet, "block"))
+    steps = 3
+    gates = tuple(tuple(step == 0 or unit.startswith("down") for unit in units) for step in range(steps))
+    path = tmp_path / "schedule.json"
+    Schedule(steps, units, gates, model=model_fingerprint(teacher.unet)).save(path)
+    args = ["--schedule", str(path), "--json", "--repeats", "1", "--batch-size", "1"]
+    assert main(["profile", "--model", str(tiny_sd_dir), *args]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # guided: both halves of every step, with the tokenizer's 24 tokens
+    assert data["guidance_scale"] == 7.5
+    assert data["full_trajectory_macs"] == 2 * steps * count_macs(teacher.unet, text_length=24).macs
+    assert data["macs_reduction"] > 1 and data["latency"] > 0 and data["full_latency"] > 0
+    # the architecture alone (random weights), from random text embeddings
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_COND_UNET}))
+    assert main(["profile", "--model", str(config), *args, "--text-length", "16", "--guidance-scale", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "guidance_scale" not in data and data["full_trajectory_macs"] == steps * count_macs(teacher.unet, text_length=16).macs

@@ -271,11 +271,22 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
 
 
 def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
-    """Load the teacher a study names: ``digits``, a local pipeline/UNet folder, or a hub id.
+    """Load the teacher a study names: ``digits``, ``digits-t2i``, a local pipeline/UNet folder, or a hub id.
 
     The scheduler config comes from the pipeline's ``scheduler/`` folder (or the hub repo's);
     a bare UNet folder without one gets a default 1000-step DDPM schedule.
     """
+    if spec == "digits-t2i":
+        from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR
+
+        if not (DIGITS_T2I_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+            raise UserError(
+                f"the built-in digits-t2i teacher is missing from {DIGITS_T2I_DIR}; retrain "
+                f"it with python -m automl_diff.zoo.train_digits_t2i --out {DIGITS_T2I_DIR}"
+            )
+        teacher = _text_to_image_teacher(DIGITS_T2I_DIR, "digits-t2i", device)
+        teacher.dataset = "digits"
+        return teacher
     if spec == "digits":
         from automl_diff.zoo.digits import DIGITS_DIR
 

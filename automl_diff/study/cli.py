@@ -99,9 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=commands.cmd_export)
 
     profile = sub.add_parser("profile", help="params and MACs per block and in total")
-    profile.add_argument("--model", required=True, help="digits, a hub id, a diffusers/exported folder, or a config.json")
+    profile.add_argument(
+        "--model",
+        required=True,
+        help="digits, digits-t2i, a hub id, a diffusers or exported folder (a text-to-image pipeline too), or a config.json",
+    )
     profile.add_argument("--resolution", type=int, default=None, help="input size (default: the config's sample_size)")
-    profile.add_argument("--text-length", type=int, default=77, help="text tokens for conditional UNets (default 77)")
+    profile.add_argument(
+        "--text-length", type=int, default=None, help="text tokens for conditional UNets (default: the pipeline tokenizer's, else 77)"
+    )
+    profile.add_argument("--prompt", default="a photograph", help="prompt a text-to-image pipeline samples with for --schedule")
+    profile.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance for --schedule (default 7.5)")
     profile.add_argument(
         "--schedule",
         default=None,

@@ -230,32 +230,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any) -> dict[str, Any]:
-    """Trajectory MACs and measured latency of a DiP-GO schedule against the full sampler."""
+def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_length: int) -> dict[str, Any]:
+    """Trajectory MACs and measured latency of a DiP-GO schedule against the full sampler. A
+    text-to-image pipeline samples ``--prompt`` with guidance and its VAE; a bare conditional UNet
+    (a config, random weights) samples from random text embeddings of ``text_length`` tokens,
+    with guidance too (both halves in one call)."""
     import contextlib
+
+    import torch
 
     from automl_diff.gating import Schedule, apply_schedule, unit_costs
     from automl_diff.metrics.latency import measure_latencies
-    from automl_diff.models.loading import scheduler_config_for
+    from automl_diff.models.loading import load_teacher, scheduler_config_for
+    from automl_diff.models.text import is_text_to_image_folder
+    from automl_diff.sampling import Prompts
 
     schedule = Schedule.load(args.schedule)
     steps = args.steps or schedule.steps
     if steps != schedule.steps:
         raise UserError(f"--steps {steps}: the schedule {args.schedule} is for {schedule.steps} steps")
     schedule.check_model(unet, source=args.schedule)
-    if getattr(unet.config, "cross_attention_dim", None) is not None:
-        raise UserError(f"--schedule: latency is measured with unconditional sampling; {args.model} is a text-conditional UNet")
-    costs = unit_costs(unet, schedule.units)
-    trajectory = schedule.trajectory_macs(costs)
-    full = costs.total.macs * steps
     path = Path(source)
+    scheduler_config = scheduler_config_for(path if path.exists() else None)
+    prompts = None
+    if getattr(unet.config, "cross_attention_dim", None) is not None:
+        if path.is_dir() and is_text_to_image_folder(path):
+            teacher = load_teacher(str(path))
+            unet, text, scheduler_config = teacher.unet, teacher.text, teacher.scheduler_config
+            prompts = Prompts(text.encode([args.prompt]), text.encode([""]), args.guidance_scale, decode=text.decode)
+        else:
+            generator = torch.Generator().manual_seed(0)
+            embeddings = torch.randn((1, text_length, unet.config.cross_attention_dim), generator=generator)
+            prompts = Prompts(embeddings, torch.zeros_like(embeddings), args.guidance_scale)
+    calls = 2 if prompts is not None and prompts.guidance_scale > 1 else 1
+    costs = unit_costs(unet, schedule.units, text_length=text_length)
+    trajectory = calls * schedule.trajectory_macs(costs)
+    full = calls * costs.total.macs * steps
     latencies = measure_latencies(
         unet,
-        scheduler_config_for(path if path.exists() else None),
+        scheduler_config,
         {"full": contextlib.nullcontext, "schedule": lambda model: apply_schedule(model, schedule)},
         steps=steps,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        prompts=prompts,
     )
     return {
         "steps": steps,
@@ -266,20 +284,28 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any) -> dict[
         "latency": latencies["schedule"],
         "full_latency": latencies["full"],
         "speedup": latencies["full"] / latencies["schedule"],
+        **({"guidance_scale": prompts.guidance_scale} if calls == 2 else {}),
     }
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from automl_diff.metrics import count_macs
     from automl_diff.models.loading import load_unet
+    from automl_diff.models.text import is_text_to_image_folder, load_text_to_image
     from automl_diff.zoo.digits import DIGITS_DIR
+    from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR
 
     if args.steps is not None and args.schedule is None:
         raise UserError("--steps: only meaningful with --schedule FILE")
-    source = DIGITS_DIR if args.model == "digits" else args.model
+    source = {"digits": DIGITS_DIR, "digits-t2i": DIGITS_T2I_DIR}.get(args.model, args.model)
     unet = load_unet(source, weights=False)
-    report = count_macs(unet, resolution=args.resolution, text_length=args.text_length)
-    trajectory = _profile_schedule(args, unet, source) if args.schedule else None
+    text_length = args.text_length
+    if text_length is None:
+        path = Path(source)
+        pipeline = path.is_dir() and is_text_to_image_folder(path)
+        text_length = int(load_text_to_image(path).tokenizer.model_max_length) if pipeline else 77
+    report = count_macs(unet, resolution=args.resolution, text_length=text_length)
+    trajectory = _profile_schedule(args, unet, source, text_length) if args.schedule else None
     if args.json:
         data = report.to_dict()
         data["blocks"] = [{k: b[k] for k in ("name", "params", "macs", "macs_no_attention")} for b in data["blocks"]]
@@ -293,10 +319,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(_table(["block", "params", "MACs", "MACs w/o attn matmuls"], rows))
     if trajectory:
         t = trajectory
-        print(f"\nschedule {args.schedule}: {t['steps']} steps, {t['computed_fraction']:.1%} of the unit computations")
+        guided = f", guidance {t['guidance_scale']:g} (both halves counted)" if "guidance_scale" in t else ""
+        print(f"\nschedule {args.schedule}: {t['steps']} steps, {t['computed_fraction']:.1%} of the unit computations{guided}")
         print(
             _table(
-                ["", "trajectory MACs", "latency per image"],
+                ["", "trajectory MACs per image", "latency per image"],
                 [
                     ["full sampler", fmt_si(t["full_trajectory_macs"]), fmt_si(t["full_latency"], "s")],
                     ["with schedule", fmt_si(t["trajectory_macs"]), fmt_si(t["latency"], "s")],
