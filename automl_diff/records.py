@@ -66,6 +66,10 @@ class TrialAttr:
     FID_HIGH: Final = "fid_high"
     KID: Final = "kid"
     KID_STD: Final = "kid_std"
+    # text-to-image teachers: how well images follow their prompts (higher is better), its interval
+    PROMPT_ACCURACY: Final = "prompt_accuracy"
+    PROMPT_ACCURACY_LOW: Final = "prompt_accuracy_low"
+    PROMPT_ACCURACY_HIGH: Final = "prompt_accuracy_high"
     # against the teacher
     SPEEDUP: Final = "speedup"
     MACS_REDUCTION: Final = "macs_reduction"
@@ -155,6 +159,7 @@ class Evaluation:
     negative_prompt: str | None = None
     images_per_prompt: int | None = None
     eval_prompts: list[str] | None = None
+    alignment: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

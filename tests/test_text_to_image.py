@@ -111,7 +111,7 @@ def _t2i_study(tmp_path, tiny_sd_dir, **overrides):
         "name": "t2igo",
         "method": "dipgo",
         "search_space": None,
-        "objectives": [{"name": "trajectory_macs"}, {"name": "fid"}],
+        "objectives": [{"name": "trajectory_macs"}, {"name": "fid"}, {"name": "prompt_accuracy", "direction": "maximize"}],
         "n_trials": 3,
         "budgets": {
             "train_iterations": 4,
@@ -155,6 +155,11 @@ def test_dipgo_study_on_a_text_to_image_pipeline_runs_resumes_and_exports(tiny_s
     assert teacher[TrialAttr.TRAJECTORY_MACS] == 4 * teacher[TrialAttr.MACS]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(t.user_attrs[TrialAttr.TRAJECTORY_MACS] < teacher[TrialAttr.TRAJECTORY_MACS] for t in complete)
+    assert evaluation["alignment"] == "prompt_accuracy" and study.directions[2] == optuna.study.StudyDirection.MAXIMIZE
+    for t in complete:
+        a = t.user_attrs
+        assert t.values[2] == a[TrialAttr.PROMPT_ACCURACY] and 0 <= a[TrialAttr.PROMPT_ACCURACY_LOW] <= a[TrialAttr.PROMPT_ACCURACY]
+        assert a[TrialAttr.PROMPT_ACCURACY] <= a[TrialAttr.PROMPT_ACCURACY_HIGH] <= 1
     units = complete[0].user_attrs[TrialAttr.SCHEDULE]["units"]
     assert any(".attentions." in unit for unit in units)  # the transformer (cross-attention) layers are units
     # resume: more trials, the pruner's scores reused
@@ -252,3 +257,31 @@ def test_profile_times_a_schedule_on_a_pipeline_and_on_a_bare_conditional_unet(t
     assert main(["profile", "--model", str(config), *args, "--text-length", "16", "--guidance-scale", "1"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "guidance_scale" not in data and data["full_trajectory_macs"] == steps * count_macs(teacher.unet, text_length=16).macs
+
+
+def test_prompt_accuracy_reads_the_prompted_digit_on_held_out_digits():
+    from automl_diff.data import load_digits
+    from automl_diff.metrics.alignment import prompt_accuracy, prompt_digits
+    from automl_diff.zoo.digits import classifier_split
+
+    images, labels = load_digits(resolution=16, with_labels=True)
+    _, held_out = classifier_split(len(images))
+    images, labels = images[held_out], labels[held_out]
+    prompts = [
+        f"a handwritten {['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'][d]}" for d in labels.tolist()
+    ]
+    right = prompt_accuracy(images, prompt_digits(prompts))
+    assert right.value > 0.9 and right.low < right.value < right.high <= 1
+    wrong = prompt_accuracy(images, [(d + 1) % 10 for d in labels.tolist()])
+    assert wrong.value < 0.1 and wrong.high < right.low
+    with pytest.raises(UserError, match="names no digit"):
+        prompt_digits(["a cat"], where="eval.txt")
+
+
+def test_wilson_interval_stays_within_zero_and_one():
+    from automl_diff.metrics.intervals import proportion_interval
+
+    assert proportion_interval(0, 20).low == 0 and 0 < proportion_interval(0, 20).high < 0.2
+    assert proportion_interval(20, 20).high == 1 and 0.8 < proportion_interval(20, 20).low < 1
+    half = proportion_interval(50, 100)
+    assert half.value == 0.5 and half.low == pytest.approx(0.404, abs=1e-3) and half.high == pytest.approx(0.596, abs=1e-3)

@@ -31,8 +31,10 @@ __all__ = [
     "load_study_config",
 ]
 
-#: Metrics a study may optimise (all lower-is-better in practice; direction is explicit anyway).
-OBJECTIVES = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)
+#: Metrics a study may optimise (direction is explicit: ``prompt_accuracy`` is maximised).
+OBJECTIVES = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.PROMPT_ACCURACY)
+#: Objectives that measure text alignment (text-to-image teachers; higher is better).
+ALIGNMENT_OBJECTIVES = (TrialAttr.PROMPT_ACCURACY,)
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_STORAGE = "sqlite:///automl_diff.db"
 
@@ -87,12 +89,15 @@ class PromptSettings:
         train: what a method may use (DiP-GO's pruner, distillation).
         eval: what FID and text alignment are measured on.
         train_file, eval_file: the files they were read from.
+        alignment: the text-alignment metric every model is measured with (``prompt_accuracy``
+            for ``digits-t2i``; None: FID only); an alignment objective implies it.
     """
 
     train: tuple[str, ...] = ()
     eval: tuple[str, ...] = ()
     train_file: str | None = None
     eval_file: str | None = None
+    alignment: str | None = None
 
     @property
     def given(self) -> bool:
@@ -271,6 +276,11 @@ def load_study_config(path: str | Path) -> StudyConfig:
     s.done()
 
     prompts = _prompt_settings(top.section("prompts"), base)
+    wanted = [o.name for o in objectives if o.name in ALIGNMENT_OBJECTIVES]
+    if wanted:
+        if prompts.alignment not in (None, wanted[0]):
+            raise top.error("prompts", prompts.alignment, f"alignment is {prompts.alignment} but the objectives name {wanted[0]}")
+        prompts = replace(prompts, alignment=wanted[0])
 
     f = top.section("fid")
     from automl_diff.metrics.fid import FEATURE_EXTRACTORS
@@ -329,6 +339,7 @@ def _prompt_settings(section: Section, base: Path) -> PromptSettings:
     from automl_diff.data import read_prompts
 
     column = section.take("column", str, None)
+    alignment = section.take("alignment", str, None, choices=ALIGNMENT_OBJECTIVES)
     read: dict[str, tuple[tuple[str, ...], str | None]] = {}
     for key in ("train", "eval"):
         raw = section.take(key, str, None)
@@ -338,7 +349,7 @@ def _prompt_settings(section: Section, base: Path) -> PromptSettings:
         file = (base / Path(raw).expanduser()).resolve()
         read[key] = (read_prompts(file, column=column, where=f"{section.file}: {section.key(key)}"), str(file))
     section.done()
-    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1])
+    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1], alignment)
 
 
 def resolve_device(name: str, *, source: str | None = None) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "half_sample_fids",
     "kid",
     "paired_across_sets",
+    "proportion_interval",
     "spread",
     "t95",
     "verdict",
@@ -194,6 +195,17 @@ def paired_across_sets(a: Sequence[float], b: Sequence[float]) -> tuple[Interval
     with np.errstate(divide="ignore", invalid="ignore"):  # a non-positive FID has no ratio: nan
         log_ratio = across_sets(np.log(x / y))
     return difference, Interval(math.exp(log_ratio.value), math.exp(log_ratio.low), math.exp(log_ratio.high))
+
+
+def proportion_interval(successes: int, trials: int) -> Interval:
+    """``successes / trials`` with Wilson's 95% score interval (within [0, 1], sound near 0 and 1)."""
+    if trials <= 0:
+        raise ValueError("a proportion needs at least one trial")
+    p = successes / trials
+    z2 = Z95**2
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = Z95 * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials**2)) / (1 + z2 / trials)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
 def verdict(difference: Interval, *, lower_is_better: bool = True) -> str:

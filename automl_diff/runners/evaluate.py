@@ -18,6 +18,7 @@ from torch import nn
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, apply_schedule, unit_costs
+from automl_diff.metrics.alignment import prompt_accuracy, prompt_digits
 from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_features, get_extractor, reference_set
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import measure_latency
@@ -45,6 +46,8 @@ class ModelMetrics:
         fid_interval: FID's 95% interval (``fid.interval: true``; half-sampling, see
             :mod:`automl_diff.metrics.intervals`).
         kid: KID with its standard deviation over subsets (with ``fid.interval: true``).
+        prompt_accuracy: the share of the FID images that show the digit their prompt names, with
+            its 95% interval (``prompts.alignment: prompt_accuracy``; higher is better).
     """
 
     params: int
@@ -55,10 +58,14 @@ class ModelMetrics:
     latency: float
     fid_interval: Interval | None = None
     kid: Kid | None = None
+    prompt_accuracy: Interval | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as trial attributes (:class:`~automl_diff.records.TrialAttr`)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid", "prompt_accuracy")}
+        if self.prompt_accuracy is not None:
+            a = self.prompt_accuracy
+            data.update({TrialAttr.PROMPT_ACCURACY: a.value, TrialAttr.PROMPT_ACCURACY_LOW: a.low, TrialAttr.PROMPT_ACCURACY_HIGH: a.high})
         if self.fid_interval is not None:
             data.update({TrialAttr.FID_LOW: self.fid_interval.low, TrialAttr.FID_HIGH: self.fid_interval.high})
         if self.kid is not None:
@@ -93,6 +100,10 @@ class Evaluator:
         self.config = config
         self.text = text
         self.prompts: Prompts | None = None
+        #: The digit each FID image's prompt names (``prompts.alignment: prompt_accuracy``).
+        self.digits: list[int] | None = None
+        if config.prompts.alignment is not None and text is None:
+            raise UserError(f"{config.path}: prompts.alignment: {config.prompts.alignment} needs a text-to-image teacher")
         if text is not None:
             if not config.prompts.eval:
                 raise UserError(f"{config.path}: prompts.eval: required for a text-to-image teacher (a file of prompts FID is measured on)")
@@ -104,6 +115,9 @@ class Evaluator:
                 config.budgets.images_per_prompt,
                 decode=text.decode,
             )
+            if config.prompts.alignment == "prompt_accuracy":
+                digits = prompt_digits(config.prompts.eval, where=f"{config.path}: prompts.eval")
+                self.digits = [digits[self.prompts.prompt_of(i)] for i in range(config.budgets.fid_samples)]
         self.scheduler_config = scheduler_config
         self.dataset = config.fid.dataset or teacher_dataset
         if self.dataset is None:
@@ -118,6 +132,8 @@ class Evaluator:
         self.last_samples: torch.Tensor | None = None
         #: The features of the last FID run's images (row ``i``: the image from noise ``i``).
         self.last_features: np.ndarray | None = None
+        #: The last FID run's prompt accuracy (``prompts.alignment: prompt_accuracy``).
+        self.last_accuracy: Interval | None = None
         self._reference: ReferenceSet | None = None
 
     @property
@@ -156,6 +172,7 @@ class Evaluator:
                 prompts=self.prompts,
             )
         self.last_samples = images[:16].clone()
+        self.last_accuracy = prompt_accuracy(images, self.digits) if self.digits is not None else None
         self.last_features = self.extractor(images)
         return fid_from_features(self.last_features, self.reference)
 
@@ -205,7 +222,7 @@ class Evaluator:
                 scheduler=self.config.sampling.scheduler,
                 prompts=self.prompts,
             )
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"prompt_accuracy": self.last_accuracy}
         if self.config.fid.interval:
             extra.update(fid_interval=self.fid_interval(fid), kid=self.kid())
         return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency, **extra)

@@ -167,6 +167,7 @@ class StudySession:
                     "negative_prompt": c.sampling.negative_prompt,
                     "images_per_prompt": c.budgets.images_per_prompt,
                     "eval_prompts": list(c.prompts.eval),
+                    "alignment": c.prompts.alignment,
                 }
                 if self.evaluator.prompts is not None
                 else {}
