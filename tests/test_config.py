@@ -19,6 +19,10 @@ def test_shipped_study_configs_load(tmp_path):
             path.write_text((REPO / "studies" / "stacked_digits.yaml").read_text())
             config = load_study_config(path)
             assert config.teacher == str(tmp_path / "exports" / "diffnas_digits" / "trial_0") and config.original_teacher == "digits"
+        if path.name == "dipgo_sd15.yaml":  # its prompt files and reference images are the user's
+            with pytest.raises(UserError, match=r"dipgo_sd15\.yaml: prompts\.train: the prompt file .*sd_train\.txt does not exist"):
+                load_study_config(path)
+            continue
         config = load_study_config(path)
         assert config.objective_names
         assert config.search_space is None or config.search_space.endswith(".yaml")
@@ -86,3 +90,12 @@ def test_every_method_has_its_options_and_the_same_choices():
     assert set(METHOD_OPTIONS) == set(METHODS)
     assert all(METHODS[name].options_type is METHOD_OPTIONS[name] for name in METHODS)
     assert tuple(CONSISTENCY) == CONSISTENCY_LOSSES
+
+
+def test_text_to_image_study_reads_its_prompt_sets():
+    config = load_study_config(REPO / "studies" / "dipgo_digits_t2i.yaml")
+    assert config.teacher == "digits-t2i" and config.prompts.alignment == "prompt_accuracy"
+    assert len(config.prompts.train) == 60 and len(config.prompts.eval) == 20
+    assert not set(config.prompts.train) & set(config.prompts.eval)
+    assert config.budgets.fid_samples == config.budgets.images_per_prompt * len(config.prompts.eval)
+    assert config.sampling.guidance_scale == 3.0 and config.directions[2] == "maximize"
