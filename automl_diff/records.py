@@ -79,6 +79,8 @@ class TrialAttr:
     SCHEDULE: Final = "schedule"
     SCHEDULE_FILE: Final = "schedule_file"
     SAMPLES: Final = "samples"
+    #: Text-to-image trials: the prompt of each image of the sample grid, in grid order.
+    SAMPLE_PROMPTS: Final = "sample_prompts"
     FINGERPRINT: Final = "fingerprint"
     DUPLICATE_OF: Final = "duplicate_of"
     FAIL_REASON: Final = "fail_reason"

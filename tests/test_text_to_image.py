@@ -160,6 +160,10 @@ def test_dipgo_study_on_a_text_to_image_pipeline_runs_resumes_and_exports(tiny_s
         a = t.user_attrs
         assert t.values[2] == a[TrialAttr.PROMPT_ACCURACY] and 0 <= a[TrialAttr.PROMPT_ACCURACY_LOW] <= a[TrialAttr.PROMPT_ACCURACY]
         assert a[TrialAttr.PROMPT_ACCURACY] <= a[TrialAttr.PROMPT_ACCURACY_HIGH] <= 1
+    # the sample grid holds the first image of each evaluation prompt, captioned in the report
+    assert complete[0].user_attrs[TrialAttr.SAMPLE_PROMPTS] == ["a handwritten seven", "the digit 2"]
+    assert main(["report", "--storage", storage, "--study-name", "t2igo", "--out", str(tmp_path / "report.html")]) == 0
+    assert "<ol class='prompts'><li>a handwritten seven</li><li>the digit 2</li></ol>" in (tmp_path / "report.html").read_text()
     units = complete[0].user_attrs[TrialAttr.SCHEDULE]["units"]
     assert any(".attentions." in unit for unit in units)  # the transformer (cross-attention) layers are units
     # resume: more trials, the pruner's scores reused

@@ -47,6 +47,8 @@ def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -
     if not weights or not Path(weights).exists() or not scheduler_config:
         return None
     evaluation = Evaluation.of(study.user_attrs)
+    if evaluation.eval_prompts:  # a text-to-image model samples only with its pipeline's parts
+        return None
     unet = load_unet(weights).eval()
     stored_schedule = trial.user_attrs.get(TrialAttr.SCHEDULE)
     schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
@@ -116,6 +118,10 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
         if png is not None:
             data = base64.b64encode(png).decode()
             parts.append(f"<img class='samples' alt='samples of trial {row.trial}' src='data:image/png;base64,{data}'>")
+            prompts = trial.user_attrs.get(TrialAttr.SAMPLE_PROMPTS)
+            if prompts:
+                items = "".join(f"<li>{html.escape(str(p))}</li>" for p in prompts)
+                parts.append(f"<p>Prompts, in grid order (left to right, top to bottom):</p><ol class='prompts'>{items}</ol>")
         models.append(f"<section class='model' id='trial-{row.trial}'>{''.join(parts)}</section>")
     sections.append("<h2>Front models</h2>" + "".join(models))
     title = html.escape(f"automl_diff report: {study.study_name}")

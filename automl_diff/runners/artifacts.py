@@ -37,10 +37,12 @@ def attach_samples(
     artifact_dir: Path,
     metrics: dict[str, Any],
     storage: optuna.storages.BaseStorage | None = None,
+    prompts: list[str] | None = None,
 ) -> str:
     """Save ``images`` as ``folder/samples.png``, upload it, and write the trial's note; returns
     the artifact id. The note shows the image where ``storage`` names the study's and the trial's
-    ids (the dashboard serves artifacts under them); without it, it lists the metrics only."""
+    ids (the dashboard serves artifacts under them); without it, it lists the metrics only. A
+    text-to-image trial's ``prompts`` (one per image, grid order) are listed with it."""
     from optuna.artifacts import upload_artifact
     from optuna_dashboard import save_note
 
@@ -58,5 +60,9 @@ def attach_samples(
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         url = f"/artifacts/{study_id}/{trial_id}/{artifact_id}"
         note += f"\nSamples (same noise as every trial of the study):\n\n![samples of trial {trial.number}]({url})\n"
+    if prompts:
+        trial.set_user_attr(TrialAttr.SAMPLE_PROMPTS, list(prompts))
+        listed = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
+        note += f"\nPrompts, in grid order (left to right, top to bottom):\n\n{listed}\n"
     save_note(trial, note)
     return artifact_id

@@ -128,8 +128,10 @@ class Evaluator:
         self.device = torch.device(device)
         self.progress = progress
         self._extractor: FeatureExtractor | None = None
-        #: The first images of the last FID run (the same noise for every model): for sample grids.
+        #: The first images of the last FID run (the same noise for every model): for sample grids;
+        #: for a text-to-image teacher the first image of each prompt, and those prompts.
         self.last_samples: torch.Tensor | None = None
+        self.last_prompts: list[str] | None = None
         #: The features of the last FID run's images (row ``i``: the image from noise ``i``).
         self.last_features: np.ndarray | None = None
         #: The last FID run's prompt accuracy (``prompts.alignment: prompt_accuracy``).
@@ -171,7 +173,13 @@ class Evaluator:
                 desc=desc,
                 prompts=self.prompts,
             )
-        self.last_samples = images[:16].clone()
+        if self.prompts is not None:  # one image per prompt, so the grid shows what each prompt gives
+            per = self.prompts.images_per_prompt
+            first = [i * per for i in range(min(16, len(c.prompts.eval))) if i * per < len(images)]
+            self.last_samples = images[first].clone()
+            self.last_prompts = [c.prompts.eval[self.prompts.prompt_of(i)] for i in first]
+        else:
+            self.last_samples = images[:16].clone()
         self.last_accuracy = prompt_accuracy(images, self.digits) if self.digits is not None else None
         self.last_features = self.extractor(images)
         return fid_from_features(self.last_features, self.reference)

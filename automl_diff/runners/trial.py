@@ -272,6 +272,7 @@ class StudySession:
                 artifact_dir=artifact_dir,
                 metrics=metrics.to_dict(),
                 storage=self.storage,
+                prompts=self.evaluator.last_prompts,
             )
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
