@@ -70,6 +70,9 @@ class TrialAttr:
     PROMPT_ACCURACY: Final = "prompt_accuracy"
     PROMPT_ACCURACY_LOW: Final = "prompt_accuracy_low"
     PROMPT_ACCURACY_HIGH: Final = "prompt_accuracy_high"
+    CLIP_SCORE: Final = "clip_score"
+    CLIP_SCORE_LOW: Final = "clip_score_low"
+    CLIP_SCORE_HIGH: Final = "clip_score_high"
     # against the teacher
     SPEEDUP: Final = "speedup"
     MACS_REDUCTION: Final = "macs_reduction"

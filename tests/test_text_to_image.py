@@ -289,3 +289,54 @@ def test_wilson_interval_stays_within_zero_and_one():
     assert proportion_interval(20, 20).high == 1 and 0.8 < proportion_interval(20, 20).low < 1
     half = proportion_interval(50, 100)
     assert half.value == 0.5 and half.low == pytest.approx(0.404, abs=1e-3) and half.high == pytest.approx(0.596, abs=1e-3)
+
+
+def _tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from automl_diff.zoo.digits_t2i import _vocabulary, word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(_vocabulary())
+    vocab = tokenizer.get_vocab()
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text.update(max_position_embeddings=12, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    vision = {
+        "image_size": 16,
+        "patch_size": 8,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_uses_a_local_clip_model_and_names_what_to_download(tmp_path):
+    from automl_diff.data import load_digits
+    from automl_diff.metrics.alignment import ClipScorer
+
+    scorer = ClipScorer(str(_tiny_clip(tmp_path / "clip")))
+    images = load_digits(resolution=16)[:6]
+    score = scorer(images, ["a handwritten seven"] * 3 + ["the digit 2"] * 3)
+    assert 0 <= score.value <= 100 and score.low <= score.value <= score.high
+    # the score is CLIP's own cosine: 100 x the image and text embeddings' dot product, at least 0
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(tmp_path / "clip"), CLIPProcessor.from_pretrained(tmp_path / "clip")
+    pixels = ((images[:1] + 1) * 127.5).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    inputs = processor(text=["a handwritten seven"], images=list(pixels), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    image, text = (getattr(x, "pooler_output", x) for x in (image, text))
+    expected = max(0.0, 100 * torch.nn.functional.cosine_similarity(image, text).item())
+    assert scorer.scores(images[:1], ["a handwritten seven"])[0] == pytest.approx(expected, abs=1e-3)
+    # the same images against other prompts score otherwise
+    assert scorer(images, ["a 4"] * 6).value != score.value
+    with pytest.raises(UserError) as error:
+        ClipScorer("openai/not-a-cached-clip")
+    assert "huggingface-cli download openai/not-a-cached-clip" in str(error.value) and "\n" not in str(error.value)

@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 #: Metrics a study may optimise (direction is explicit: ``prompt_accuracy`` is maximised).
-OBJECTIVES = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.PROMPT_ACCURACY)
 #: Objectives that measure text alignment (text-to-image teachers; higher is better).
-ALIGNMENT_OBJECTIVES = (TrialAttr.PROMPT_ACCURACY,)
+ALIGNMENT_OBJECTIVES = (TrialAttr.PROMPT_ACCURACY, TrialAttr.CLIP_SCORE)
+OBJECTIVES = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, *ALIGNMENT_OBJECTIVES)
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_STORAGE = "sqlite:///automl_diff.db"
 
@@ -90,7 +90,9 @@ class PromptSettings:
         eval: what FID and text alignment are measured on.
         train_file, eval_file: the files they were read from.
         alignment: the text-alignment metric every model is measured with (``prompt_accuracy``
-            for ``digits-t2i``; None: FID only); an alignment objective implies it.
+            for ``digits-t2i``, ``clip_score`` for real models; None: FID only); an alignment
+            objective implies it.
+        clip_model: the CLIP model of ``clip_score`` (a hub id in the local cache, or a folder).
     """
 
     train: tuple[str, ...] = ()
@@ -98,6 +100,7 @@ class PromptSettings:
     train_file: str | None = None
     eval_file: str | None = None
     alignment: str | None = None
+    clip_model: str = "openai/clip-vit-base-patch16"
 
     @property
     def given(self) -> bool:
@@ -340,6 +343,7 @@ def _prompt_settings(section: Section, base: Path) -> PromptSettings:
 
     column = section.take("column", str, None)
     alignment = section.take("alignment", str, None, choices=ALIGNMENT_OBJECTIVES)
+    clip_model = _resolve(base, section.take("clip_model", str, PromptSettings.clip_model))
     read: dict[str, tuple[tuple[str, ...], str | None]] = {}
     for key in ("train", "eval"):
         raw = section.take(key, str, None)
@@ -349,7 +353,7 @@ def _prompt_settings(section: Section, base: Path) -> PromptSettings:
         file = (base / Path(raw).expanduser()).resolve()
         read[key] = (read_prompts(file, column=column, where=f"{section.file}: {section.key(key)}"), str(file))
     section.done()
-    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1], alignment)
+    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1], alignment, clip_model)
 
 
 def resolve_device(name: str, *, source: str | None = None) -> str:

@@ -1,24 +1,34 @@
 """Text alignment of generated images: does an image show what its prompt asked for?
 
-``prompt_accuracy`` (the shipped ``digits-t2i`` teacher and its students): the fraction of images
-that the shipped digits classifier reads as the digit their prompt names
-(:func:`~automl_diff.zoo.digits_t2i.digit_of`). Higher is better; its 95% interval is Wilson's
-score interval for a proportion.
+- ``prompt_accuracy`` (the shipped ``digits-t2i`` teacher and its students): the fraction of
+  images that the shipped digits classifier reads as the digit their prompt names
+  (:func:`~automl_diff.zoo.digits_t2i.digit_of`), with Wilson's 95% score interval.
+- ``clip_score`` (real models): the CLIP score as torchmetrics and the text-to-image literature
+  define it, ``max(100 * cos(image embedding, text embedding), 0)`` from a transformers
+  ``CLIPModel`` read from the local Hugging Face cache (or a folder), the mean over the images with
+  its 95% t-interval. The embeddings come from ``CLIPModel``'s own forward pass (projected and
+  normalised there); torchmetrics' helper is not called, as its 1.9 release reads
+  ``get_image_features`` as a tensor, which transformers 5 no longer returns.
+
+Higher is better for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from automl_diff.errors import UserError
-from automl_diff.metrics.intervals import Interval, proportion_interval
+from automl_diff.metrics.intervals import Interval, across_sets, proportion_interval
 
-__all__ = ["ALIGNMENT_METRICS", "prompt_accuracy", "prompt_digits"]
+__all__ = ["ALIGNMENT_METRICS", "CLIP_MODEL", "ClipScorer", "prompt_accuracy", "prompt_digits"]
 
 #: Text-alignment metrics a study may record or optimise (higher is better).
-ALIGNMENT_METRICS = ("prompt_accuracy",)
+ALIGNMENT_METRICS = ("prompt_accuracy", "clip_score")
+#: The CLIP model ``clip_score`` uses unless the study names another (a hub id or a folder).
+CLIP_MODEL = "openai/clip-vit-base-patch16"
 
 
 def prompt_digits(prompts: Sequence[str], *, where: str = "prompts") -> list[int]:
@@ -50,3 +60,54 @@ def prompt_accuracy(images: torch.Tensor, digits: Sequence[int], *, batch_size: 
     predicted = torch.cat([classifier(images[i : i + batch_size].float().cpu()).argmax(1) for i in range(0, len(images), batch_size)])
     correct = int((predicted == torch.as_tensor(list(digits))).sum())
     return proportion_interval(correct, len(images))
+
+
+class ClipScorer:
+    """torchmetrics' CLIP score of images against their prompts, with a CLIP model loaded once
+    from the local Hugging Face cache (never downloaded: an offline machine gets one line saying
+    what to download) or from a folder holding a ``CLIPModel`` and its ``CLIPProcessor``.
+
+    Raises:
+        UserError: the model is not in the local cache or the folder cannot be loaded.
+    """
+
+    def __init__(self, model: str = CLIP_MODEL, *, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.name = model
+        self.device = torch.device(device)
+        try:
+            self.model = CLIPModel.from_pretrained(model, local_files_only=True).to(self.device).eval()
+            self.processor = CLIPProcessor.from_pretrained(model, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"clip_score needs the CLIP model '{model}' on this machine ({str(exc).splitlines()[0]}); download it once with "
+                f"`huggingface-cli download {model}`, or name a local CLIP folder in prompts.clip_model"
+            ) from None
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, prompts: Sequence[str], *, batch_size: int = 64) -> list[float]:
+        """The CLIP score of each image (``(N, C, H, W)`` in [-1, 1]; grey ones are repeated to
+        RGB) against ``prompts[i]``."""
+        if len(images) != len(prompts):
+            raise ValueError("one prompt per image")
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.repeat(1, 3, 1, 1)
+        scores: list[Any] = []
+        for start in range(0, len(pixels), batch_size):
+            inputs = self.processor(
+                text=list(prompts[start : start + batch_size]),
+                images=list(pixels[start : start + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+            )
+            out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+            cosine = (out.image_embeds * out.text_embeds).sum(-1)
+            scores += (100 * cosine).clamp(min=0).float().cpu().tolist()
+        return scores
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], *, batch_size: int = 64) -> Interval:
+        """The mean CLIP score of ``images`` against their prompts, with its 95% interval."""
+        return across_sets(self.scores(images, prompts, batch_size=batch_size))

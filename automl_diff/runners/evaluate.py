@@ -18,7 +18,7 @@ from torch import nn
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, apply_schedule, unit_costs
-from automl_diff.metrics.alignment import prompt_accuracy, prompt_digits
+from automl_diff.metrics.alignment import ClipScorer, prompt_accuracy, prompt_digits
 from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_features, get_extractor, reference_set
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import measure_latency
@@ -46,8 +46,8 @@ class ModelMetrics:
         fid_interval: FID's 95% interval (``fid.interval: true``; half-sampling, see
             :mod:`automl_diff.metrics.intervals`).
         kid: KID with its standard deviation over subsets (with ``fid.interval: true``).
-        prompt_accuracy: the share of the FID images that show the digit their prompt names, with
-            its 95% interval (``prompts.alignment: prompt_accuracy``; higher is better).
+        alignment: the text alignment of the FID images with their prompts (``prompts.alignment``:
+            ``prompt_accuracy`` or ``clip_score``, higher is better), with its 95% interval.
     """
 
     params: int
@@ -58,14 +58,14 @@ class ModelMetrics:
     latency: float
     fid_interval: Interval | None = None
     kid: Kid | None = None
-    prompt_accuracy: Interval | None = None
+    alignment: tuple[str, Interval] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as trial attributes (:class:`~automl_diff.records.TrialAttr`)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid", "prompt_accuracy")}
-        if self.prompt_accuracy is not None:
-            a = self.prompt_accuracy
-            data.update({TrialAttr.PROMPT_ACCURACY: a.value, TrialAttr.PROMPT_ACCURACY_LOW: a.low, TrialAttr.PROMPT_ACCURACY_HIGH: a.high})
+        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid", "alignment")}
+        if self.alignment is not None:
+            name, a = self.alignment  # prompt_accuracy, prompt_accuracy_low, prompt_accuracy_high; clip_score, ...
+            data.update({name: a.value, f"{name}_low": a.low, f"{name}_high": a.high})
         if self.fid_interval is not None:
             data.update({TrialAttr.FID_LOW: self.fid_interval.low, TrialAttr.FID_HIGH: self.fid_interval.high})
         if self.kid is not None:
@@ -102,6 +102,7 @@ class Evaluator:
         self.prompts: Prompts | None = None
         #: The digit each FID image's prompt names (``prompts.alignment: prompt_accuracy``).
         self.digits: list[int] | None = None
+        self._clip: ClipScorer | None = None
         if config.prompts.alignment is not None and text is None:
             raise UserError(f"{config.path}: prompts.alignment: {config.prompts.alignment} needs a text-to-image teacher")
         if text is not None:
@@ -118,6 +119,11 @@ class Evaluator:
             if config.prompts.alignment == "prompt_accuracy":
                 digits = prompt_digits(config.prompts.eval, where=f"{config.path}: prompts.eval")
                 self.digits = [digits[self.prompts.prompt_of(i)] for i in range(config.budgets.fid_samples)]
+            elif config.prompts.alignment == "clip_score":
+                try:
+                    self._clip = ClipScorer(config.prompts.clip_model, device=self.device)
+                except UserError as exc:
+                    raise UserError(f"{config.path}: prompts.alignment: {exc}") from None
         self.scheduler_config = scheduler_config
         self.dataset = config.fid.dataset or teacher_dataset
         if self.dataset is None:
@@ -134,8 +140,8 @@ class Evaluator:
         self.last_prompts: list[str] | None = None
         #: The features of the last FID run's images (row ``i``: the image from noise ``i``).
         self.last_features: np.ndarray | None = None
-        #: The last FID run's prompt accuracy (``prompts.alignment: prompt_accuracy``).
-        self.last_accuracy: Interval | None = None
+        #: The last FID run's text alignment (``prompts.alignment``): its name and interval.
+        self.last_alignment: tuple[str, Interval] | None = None
         self._reference: ReferenceSet | None = None
 
     @property
@@ -180,9 +186,17 @@ class Evaluator:
             self.last_prompts = [c.prompts.eval[self.prompts.prompt_of(i)] for i in first]
         else:
             self.last_samples = images[:16].clone()
-        self.last_accuracy = prompt_accuracy(images, self.digits) if self.digits is not None else None
+        self.last_alignment = self._alignment(images)
         self.last_features = self.extractor(images)
         return fid_from_features(self.last_features, self.reference)
+
+    def _alignment(self, images: torch.Tensor) -> tuple[str, Interval] | None:
+        if self.digits is not None:
+            return "prompt_accuracy", prompt_accuracy(images, self.digits)
+        if self._clip is not None and self.prompts is not None:
+            prompts = [self.config.prompts.eval[self.prompts.prompt_of(i)] for i in range(len(images))]
+            return "clip_score", self._clip(images, prompts)
+        return None
 
     def fid_interval(self, fid: float) -> Interval:
         """The 95% interval of ``fid``, the FID of the last run (:func:`~automl_diff.metrics.intervals.fid_interval`)."""
@@ -230,7 +244,7 @@ class Evaluator:
                 scheduler=self.config.sampling.scheduler,
                 prompts=self.prompts,
             )
-        extra: dict[str, Any] = {"prompt_accuracy": self.last_accuracy}
+        extra: dict[str, Any] = {"alignment": self.last_alignment}
         if self.config.fid.interval:
             extra.update(fid_interval=self.fid_interval(fid), kid=self.kid())
         return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency, **extra)
