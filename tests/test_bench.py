@@ -178,3 +178,60 @@ def test_presets_fit_their_teachers(name):
     student = unet_from_config(space.to_config(preset.dkdm_params, dict(teacher.config)))
     assert count_macs(student).macs < 0.6 * count_macs(teacher).macs
     load_search_space(preset.diffnas_space).validate_for(teacher)
+
+
+def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny_sd_dir, tmp_path):
+    """The digits-t2i preset's rows on the tiny Stable Diffusion pipeline: guided, decoded FID
+    and prompt accuracy per set, DiP-GO against DeepCache at matched MACs, the goal with alignment."""
+    from dataclasses import replace
+
+    from automl_diff.metrics.macs import executed_macs
+    from automl_diff.models.loading import load_teacher
+
+    (tmp_path / "train.txt").write_text("a handwritten seven\nthe digit 2\na three\n")
+    (tmp_path / "eval.txt").write_text("the number four\na 1\n")
+    preset = replace(
+        PRESETS["digits-t2i"],
+        name="tiny-t2i",
+        teacher=str(tiny_sd_dir),
+        fid_dataset="digits",
+        fid_features="digits",
+        steps=4,
+        fid_samples=8,
+        fid_sets=2,
+        fid_batch=8,
+        latency_batch=2,
+        latency_repeats=2,
+        prompts_train=str(tmp_path / "train.txt"),
+        prompts_eval=str(tmp_path / "eval.txt"),
+        images_per_prompt=2,
+        dipgo={"granularity": "layer", "target_macs_ratio": 0.4, "reference_images": 3, "warmup": 0.0, "sparsity_weight": 5.0},
+        dipgo_iterations=3,
+        dipgo_batch=2,
+        dipgo_lr=0.05,
+        dipgo_thresholds=(0.3, 0.7),
+        deepcache_intervals=(2, 3),
+        device="cpu",
+    )
+    result = run_bench(preset, log=lambda line: None)
+    rows = {row.name: row for row in result.rows}
+    assert result.rows[0].kind == "teacher" and "DeepCache peer" in rows
+    assert not {"DKDM student", "DiffNAS student"} & set(rows)  # the preset's rows only
+    teacher = rows["teacher"]
+    # guided steps: both halves of the UNet per step, nothing of the text encoder or the VAE
+    unet = load_teacher(str(tiny_sd_dir)).unet
+    guided_call = executed_macs(lambda: unet(torch.zeros(2, 4, 8, 8), torch.tensor([10]), encoder_hidden_states=torch.zeros(2, 24, 12)))
+    assert teacher.trajectory_macs == 4 * guided_call
+    for row in result.rows:
+        assert len(row.alignment_sets) == 2 and all(0 <= a <= 1 for a in row.alignment_sets)
+        assert row.alignment.value == pytest.approx(sum(row.alignment_sets) / 2)
+    for row in result.rows[1:]:
+        c = row.versus_teacher
+        assert c.alignment.value == pytest.approx(row.alignment.value - teacher.alignment.value)
+    dipgo = [r for r in result.rows if r.name.startswith("DiP-GO")]
+    assert dipgo and all(r.trajectory_macs < teacher.trajectory_macs for r in dipgo)
+    assert rows["DeepCache peer"].versus_peer.other in {r.name for r in dipgo}
+    text = markdown(result, command="python -m automl_diff.bench --preset tiny-t2i")
+    assert "| prompt_accuracy [95%] | prompt_accuracy - teacher [95%] |" in text
+    assert "classifier-free guidance 3" in text and "Goal for each method's row" in text
+    assert text.count("\n| ") == 2 * (len(result.rows) + 1)

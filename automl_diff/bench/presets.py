@@ -63,6 +63,15 @@ class BenchPreset:
             noise the preset was not tuned on.
         tuned: which of the preset's values were chosen by looking at results, and on which seed
             (stated in the generated section).
+        rows: the rows a full run measures (None: every row of :data:`~automl_diff.bench.rows.ROWS`).
+        prompts_train, prompts_eval: a text-to-image teacher's prompt files (DiP-GO's pruner
+            trains on the first; FID and alignment are measured on the second).
+        guidance_scale: classifier-free guidance of every sampler of a text-to-image teacher.
+        images_per_prompt: consecutive FID images per evaluation prompt.
+        alignment: the text-alignment metric every row is measured with (``prompt_accuracy``).
+        alignment_drop: the goal's largest fall in alignment below the teacher's (judged at the
+            unfavourable end of the paired difference's interval).
+        goal_kind: the kind of row the goal is judged on (``stacked``, or ``method``).
     """
 
     name: str
@@ -107,6 +116,14 @@ class BenchPreset:
     seed: int = 0
     eval_seed: int = 1
     tuned: str = ""
+    rows: tuple[str, ...] | None = None
+    prompts_train: str | None = None
+    prompts_eval: str | None = None
+    guidance_scale: float = 7.5
+    images_per_prompt: int = 1
+    alignment: str | None = None
+    alignment_drop: float = 0.02
+    goal_kind: str = "stacked"
 
     @property
     def eval_seeds(self) -> tuple[int, ...]:
@@ -151,6 +168,33 @@ PRESETS: dict[str, BenchPreset] = {
         "was seed 0 (the history of BENCHMARKS.md). Measuring DiP-GO's unit weights in seconds at batch 8, and timing at "
         "batches 1, 8 and 64, were decided from the per-step costs measured on the teacher (BENCHMARKS.md), not from a "
         "benchmark run.",
+    ),
+    "digits-t2i": BenchPreset(
+        name="digits-t2i",
+        teacher="digits-t2i",
+        fid_dataset="digits",
+        fid_features="digits",
+        steps=50,
+        fid_samples=500,
+        fid_sets=5,
+        fid_batch=250,
+        latency_batch=8,
+        latency_batches=(1,),
+        rows=("teacher", "dipgo", "deepcache"),
+        prompts_train=str(_ROOT / "studies" / "prompts" / "digits_train.txt"),
+        prompts_eval=str(_ROOT / "studies" / "prompts" / "digits_eval.txt"),
+        guidance_scale=3.0,
+        images_per_prompt=25,
+        alignment="prompt_accuracy",
+        dipgo={"granularity": "layer", "target_macs_ratio": 0.25, "sparsity_weight": 5.0, "warmup": 0.6, "reference_images": 60},
+        dipgo_iterations=100,
+        dipgo_batch=4,
+        dipgo_thresholds=(0.2, 0.5),
+        deepcache_intervals=tuple(range(2, 8)),
+        goal=(3.0, 1.1, 0.8),
+        goal_kind="method",
+        tuned="nothing was tuned on this preset's results: the pruner's target (0.25 of the trajectory MACs) was set before it "
+        "first ran, and its sparsity weight, warm-up, iterations and thresholds are the digits preset's.",
     ),
     "ddpm-cifar10": BenchPreset(
         name="ddpm-cifar10",

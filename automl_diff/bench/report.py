@@ -45,8 +45,16 @@ def markdown(result: BenchResult, *, command: str) -> str:
         + ", ".join(f"{k} {v}" for k, v in result.machine.items())
         + ".",
         "",
-        f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0); trajectory MACs counted on what executes over "
-        "one image's trajectory (exact, no interval). "
+        f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0)"
+        + (
+            f", the prompts of `{Path(p.prompts_eval).name}` ({p.images_per_prompt} consecutive images each) with classifier-free "
+            f"guidance {p.guidance_scale:g}, decoded by the teacher's VAE (DiP-GO's pruners train on `{Path(p.prompts_train).name}`)"
+            if p.prompts_eval and p.prompts_train
+            else ""
+        )
+        + "; trajectory MACs counted on what executes over one image's trajectory (exact, no interval"
+        + ("; both halves of guidance, not the text encoder or the VAE" if p.prompts_eval else "")
+        + "). "
         f"FID on {p.fid_sets} independent sets of {p.fid_samples} samples, each set drawn from its own noise seed "
         f"({_seeds(p.eval_seeds)}), the same seeds for every row; the models were trained, and the preset tuned, with seed "
         f"{p.seed}. A row's FID is the mean over the sets with its 95% interval (Student's t on their spread, "
@@ -57,19 +65,35 @@ def markdown(result: BenchResult, *, command: str) -> str:
         "samples together, the mean +- standard deviation over 100 subsets of half of them. "
         f"Real images drawn the same way ({p.fid_sets} sets of {p.fid_samples}) score FID {_interval(result.floor)} "
         "against the same reference: the floor this benchmark resolves.",
-        "",
-        "| model | params | trajectory MACs | MACs reduction | FID [95%] | FID - teacher [95%] | FID / teacher [95%] | KID | search cost |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    best, met = result.stacked_goal()
+    aligned = p.alignment if any(row.alignment is not None for row in result.rows) else None
+    if aligned:
+        lines[-1] += (
+            f" {aligned} is each set's share of images the shipped digits classifier reads as the digit their prompt names, "
+            "the mean over the sets with its t-interval, compared with the teacher's set by set (higher is better)."
+        )
+    extra = f" {aligned} [95%] | {aligned} - teacher [95%] |" if aligned else ""
+    lines += [
+        "",
+        "| model | params | trajectory MACs | MACs reduction | FID [95%] | FID - teacher [95%] | FID / teacher [95%] |"
+        + extra
+        + " KID | search cost |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if aligned else "") + "---|---|",
+    ]
+    best, met = result.goal()
     for row in result.rows:
         name = f"**{row.name}**" if row is best else row.name
         versus = row.versus_teacher
         difference = "-" if versus is None else f"{_interval(versus.difference)} {versus.verdict}"
         ratio = "-" if versus is None else _interval(versus.ratio, ".2f")
+        cells = ""
+        if aligned:
+            own = "-" if row.alignment is None else _interval(row.alignment)
+            paired = "-" if versus is None or versus.alignment is None else f"{_interval(versus.alignment)} {versus.alignment_verdict}"
+            cells = f" {own} | {paired} |"
         lines.append(
             f"| {name} | {fmt_si(row.params)} | {fmt_si(row.trajectory_macs)} | {result.macs_reduction(row):.2f}x | "
-            f"{_interval(row.fid)} | {difference} | {ratio} | {row.kid} | "
+            f"{_interval(row.fid)} | {difference} | {ratio} |{cells} {row.kid} | "
             f"{_seconds(row.search_seconds)} |"
         )
     lines += [
@@ -101,14 +125,21 @@ def markdown(result: BenchResult, *, command: str) -> str:
             lines.append(
                 f"- {row.name} ({fmt_si(row.trajectory_macs)}) against {c.other} "
                 f"({fmt_si(next(r.trajectory_macs for r in result.rows if r.name == c.other))}): FID difference "
-                f"{_interval(c.difference)}, ratio {_interval(c.ratio, '.2f')}: **{c.verdict}**."
+                f"{_interval(c.difference)}, ratio {_interval(c.ratio, '.2f')}: **{c.verdict}**"
+                + (f"; {aligned} difference {_interval(c.alignment)}: {c.alignment_verdict}." if aligned and c.alignment else ".")
             )
     goal_reduction, goal_fid, goal_efficiency = p.goal
+    subject = "the stacked model" if p.goal_kind == "stacked" else "each method's row"
+    alignment_goal = (
+        f", {aligned} at most {100 * p.alignment_drop:g} points below the teacher's (the low end of the paired difference)"
+        if aligned
+        else ""
+    )
     lines += [
         "",
-        f"Goal for the stacked model: at least {goal_reduction:g}x fewer trajectory MACs than the teacher, FID at most "
-        f"{goal_fid:g}x the teacher's and a measured speedup of at least {goal_efficiency:g} of the MACs reduction at batch "
-        f"{p.latency_batch}, each judged at its unfavourable end: the high end of the FID ratio's 95% interval, the lower "
+        f"Goal for {subject}: at least {goal_reduction:g}x fewer trajectory MACs than the teacher, FID at most "
+        f"{goal_fid:g}x the teacher's{alignment_goal} and a measured speedup of at least {goal_efficiency:g} of the MACs reduction "
+        f"at batch {p.latency_batch}, each judged at its unfavourable end: the high end of the FID ratio's 95% interval, the lower "
         "quartile of speedup / MACs reduction.",
     ]
     if best is not None:
@@ -119,7 +150,13 @@ def markdown(result: BenchResult, *, command: str) -> str:
             f"{verdict} by `{best.name}`: {result.macs_reduction(best):.2f}x fewer trajectory MACs; FID / teacher "
             f"{versus.ratio.value:.2f} (95% interval {versus.ratio.low:.2f}-{versus.ratio.high:.2f}, judged at "
             f"{versus.ratio.high:.2f}); speedup / MACs reduction {efficiency.median:.2f} (quartiles {efficiency.q1:.2f}-"
-            f"{efficiency.q3:.2f}, judged at {efficiency.q1:.2f})."
+            f"{efficiency.q3:.2f}, judged at {efficiency.q1:.2f})"
+            + (
+                f"; {aligned} - teacher {versus.alignment.value:.3f} (95% interval {versus.alignment.low:.3f}-"
+                f"{versus.alignment.high:.3f}, judged at {versus.alignment.low:.3f})."
+                if aligned and versus.alignment is not None
+                else "."
+            )
         )
     if p.tuned:
         lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seeds: {p.tuned}"]

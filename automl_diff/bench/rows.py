@@ -39,9 +39,8 @@ from automl_diff.gating import apply_schedule
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
 from automl_diff.methods.training import fit
-from automl_diff.metrics.macs import count_macs, executed_macs
+from automl_diff.metrics.macs import count_macs
 from automl_diff.models.loading import Teacher
-from automl_diff.sampling import sample_images
 
 __all__ = ["ROWS", "RowSpec", "plan"]
 
@@ -215,7 +214,7 @@ def deepcache_row(bench: Bench) -> None:
     levels = {}
     for interval in bench.preset.deepcache_intervals:
         with deepcache(unet, config, steps, interval)():
-            levels[interval] = executed_macs(lambda: sample_images(unet, config, num_images=1, steps=steps, batch_size=1))
+            levels[interval] = bench.trajectory_macs(unet)
     interval = min(levels, key=lambda i: abs(levels[i] - target.trajectory_macs))
     bench.measure(
         "DeepCache peer",
@@ -248,13 +247,15 @@ ROWS: dict[str, RowSpec] = {
 }
 
 
-def plan(names: Sequence[str] | None) -> list[str]:
-    """The rows to run for ``names`` (None: all): the teacher, the rows asked for and the rows
-    they build on, in :data:`ROWS` order.
+def plan(names: Sequence[str] | None, preset: BenchPreset | None = None) -> list[str]:
+    """The rows to run for ``names`` (None: the preset's rows, else all): the teacher, the rows
+    asked for and the rows they build on, in :data:`ROWS` order.
 
     Raises:
         UserError: a name is not a row.
     """
+    if names is None and preset is not None and preset.rows is not None:
+        names = preset.rows
     if names is None:
         return list(ROWS)
     unknown = [n for n in names if n not in ROWS]

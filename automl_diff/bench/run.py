@@ -21,7 +21,7 @@ def run_bench(preset: BenchPreset, *, rows: Sequence[str] | None = None, log: Ca
     Raises:
         UserError: an unknown row, a missing peer package, search space or teacher.
     """
-    order = plan(rows)
+    order = plan(rows, preset)
     for name in order:
         ROWS[name].check(preset)
     bench = Bench(preset, log=log)

@@ -18,7 +18,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,16 @@ import torch
 from torch import nn
 
 from automl_diff.bench.presets import BenchPreset
-from automl_diff.config.study import Budgets, FidSettings, Objective, SamplerSettings, SamplingSettings, StudyConfig, resolve_device
+from automl_diff.config.study import (
+    Budgets,
+    FidSettings,
+    Objective,
+    PromptSettings,
+    SamplerSettings,
+    SamplingSettings,
+    StudyConfig,
+    resolve_device,
+)
 from automl_diff.errors import UserError
 from automl_diff.methods import DKDM
 from automl_diff.methods.training import TrainingInputs
@@ -56,17 +65,29 @@ class Comparison:
     other: str
     difference: Interval
     ratio: Interval
+    #: The row's text alignment minus the other's, paired set by set (higher is better).
+    alignment: Interval | None = None
 
     @property
     def verdict(self) -> str:
         return verdict(self.difference)
 
+    @property
+    def alignment_verdict(self) -> str | None:
+        return None if self.alignment is None else verdict(self.alignment, lower_is_better=False)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"other": self.other, "difference": self.difference.to_dict(), "ratio": self.ratio.to_dict(), "verdict": self.verdict}
+        data = {"other": self.other, "difference": self.difference.to_dict(), "ratio": self.ratio.to_dict(), "verdict": self.verdict}
+        if self.alignment is not None:
+            data.update(alignment=self.alignment.to_dict(), alignment_verdict=self.alignment_verdict)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Comparison | None:
-        return None if data is None else cls(data["other"], Interval(**data["difference"]), Interval(**data["ratio"]))
+        if data is None:
+            return None
+        alignment = Interval(**data["alignment"]) if data.get("alignment") else None
+        return cls(data["other"], Interval(**data["difference"]), Interval(**data["ratio"]), alignment)
 
 
 @dataclass
@@ -91,6 +112,9 @@ class Row:
         versus_teacher: the paired FID comparison with the teacher.
         versus_peer: the paired FID comparison with the peer at matched MACs, if it has one.
         fid_sets: FID of each sample set, in the order of the evaluation seeds.
+        alignment: text alignment (the preset's ``alignment``, higher is better): the mean over the
+            sample sets with its t-interval; None for an unconditional teacher.
+        alignment_sets: its value on each sample set.
     """
 
     name: str
@@ -107,6 +131,8 @@ class Row:
     versus_teacher: Comparison | None = None
     versus_peer: Comparison | None = None
     fid_sets: tuple[float, ...] = ()
+    alignment: Interval | None = None
+    alignment_sets: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +150,8 @@ class Row:
             "versus_teacher": self.versus_teacher.to_dict() if self.versus_teacher else None,
             "versus_peer": self.versus_peer.to_dict() if self.versus_peer else None,
             "fid_sets": list(self.fid_sets),
+            "alignment": self.alignment.to_dict() if self.alignment else None,
+            "alignment_sets": list(self.alignment_sets),
         }
 
     @classmethod
@@ -144,6 +172,8 @@ class Row:
             Comparison.from_dict(data["versus_teacher"]),
             Comparison.from_dict(data["versus_peer"]),
             tuple(data.get("fid_sets", ())),
+            Interval(**data["alignment"]) if data.get("alignment") else None,
+            tuple(data.get("alignment_sets", ())),
         )
 
 
@@ -196,25 +226,28 @@ class BenchResult:
         return Spread(s.median / r, s.q1 / r, s.q3 / r)
 
     def meets(self, row: Row) -> bool:
-        """The stacked goal at its unfavourable ends: the MACs reduction (exact), the high end of
+        """The preset's goal at its unfavourable ends: the MACs reduction (exact), the high end of
         the FID ratio's 95% interval, the lower quartile of speedup / MACs reduction at the
-        preset's batch."""
+        preset's batch and, with text alignment, the low end of its paired difference from the
+        teacher's against ``-alignment_drop``."""
         reduction, fid_ratio, efficiency = self.preset.goal
-        assert row.versus_teacher is not None
+        versus = row.versus_teacher
+        assert versus is not None
         return (
             self.macs_reduction(row) >= reduction
-            and row.versus_teacher.ratio.unfavourable() <= fid_ratio
+            and versus.ratio.unfavourable() <= fid_ratio
             and self.efficiency(row, self.preset.latency_batch).q1 >= efficiency
+            and (versus.alignment is None or versus.alignment.unfavourable(lower_is_better=False) >= -self.preset.alignment_drop)
         )
 
-    def stacked_goal(self) -> tuple[Row | None, bool]:
-        """The stacked row that meets the goal with the most MACs reduction (else the stacked row
-        with the lowest FID), and whether it meets the goal."""
-        stacked = [r for r in self.rows if r.kind == "stacked"]
-        meets = [r for r in stacked if self.meets(r)]
+    def goal(self) -> tuple[Row | None, bool]:
+        """The row of the goal's kind (``preset.goal_kind``) that meets the goal with the most MACs
+        reduction (else the one with the lowest FID), and whether it meets the goal."""
+        candidates = [r for r in self.rows if r.kind == self.preset.goal_kind]
+        meets = [r for r in candidates if self.meets(r)]
         if meets:
             return max(meets, key=self.macs_reduction), True
-        return (min(stacked, key=lambda r: r.fid.value) if stacked else None), False
+        return (min(candidates, key=lambda r: r.fid.value) if candidates else None), False
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
@@ -245,7 +278,20 @@ def machine_info(device: torch.device) -> dict[str, str]:
 def bench_study_config(
     preset: BenchPreset, method: str, *, search_space: str | None, iterations: int, batch_size: int, lr: float, options: dict[str, Any]
 ) -> StudyConfig:
-    """The in-memory study config a method of the benchmark runs with."""
+    """The in-memory study config a method of the benchmark runs with (a text-to-image teacher's
+    with the preset's prompt sets, guidance and alignment metric)."""
+    from automl_diff.data import read_prompts
+
+    prompts = PromptSettings()
+    if preset.prompts_eval is not None:
+        where = f"preset {preset.name}"
+        prompts = PromptSettings(
+            read_prompts(preset.prompts_train, where=f"{where}: prompts_train") if preset.prompts_train else (),
+            read_prompts(preset.prompts_eval, where=f"{where}: prompts_eval"),
+            preset.prompts_train,
+            preset.prompts_eval,
+            preset.alignment,
+        )
     return StudyConfig(
         path=f"bench preset {preset.name}",
         name=f"bench-{preset.name}-{method}",
@@ -263,14 +309,16 @@ def bench_study_config(
             sampling_steps=preset.steps,
             latency_repeats=preset.latency_repeats,
             latency_batch_size=preset.latency_batch,
+            images_per_prompt=preset.images_per_prompt,
         ),
-        sampling=SamplingSettings("ddim", 0.0),
+        sampling=SamplingSettings("ddim", 0.0, preset.guidance_scale),
         fid=FidSettings(preset.fid_dataset, preset.fid_features, preset.fid_batch),
         storage="sqlite:///:memory:",
         output_dir="runs",
         device=preset.device,
         seed=preset.seed,
         method_options=dict(options),
+        prompts=prompts,
     )
 
 
@@ -317,7 +365,10 @@ class Bench:
             resolution=t.resolution,
             channels=t.channels,
             device=self.device,
+            text=t.text,
         )
+        #: The evaluation prompts' conditioning of a text-to-image teacher (guided, decoded).
+        self.prompts = self.evaluator.prompts
         self.log(f"# {preset.name}: {self.banner}")
 
     @property
@@ -405,14 +456,23 @@ class Bench:
         p = self.preset
         start = time.perf_counter()
         model.eval()
-        features = []
+        features, alignment = [], []
         with context(model):
-            trajectory = executed_macs(lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1))
+            trajectory = self.trajectory_macs(model)
             for seed in self.eval_seeds:
                 images = sample_images(
-                    model, self.scheduler_config, num_images=p.fid_samples, steps=self.steps, batch_size=p.fid_batch, seed=seed
+                    model,
+                    self.scheduler_config,
+                    num_images=p.fid_samples,
+                    steps=self.steps,
+                    batch_size=p.fid_batch,
+                    seed=seed,
+                    prompts=self.prompts,
                 )
                 features.append(self.evaluator.extractor(images))
+                aligned = self.evaluator.alignment(images)
+                if aligned is not None:
+                    alignment.append(aligned[1].value)
         fids = tuple(fid_from_features(f, self.evaluator.reference) for f in features)
         row = Row(
             name,
@@ -425,17 +485,29 @@ class Bench:
             round(search_seconds, 1),
             notes=notes,
             fid_sets=fids,
+            alignment=across_sets(alignment) if alignment else None,
+            alignment_sets=tuple(alignment),
         )
         self.rows.append(row)
         if peer_of is not None:
             self._peers[peer_of] = name
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
+        aligned = f", {p.alignment} {row.alignment}" if row.alignment is not None else ""
         self.log(
-            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid} (sets {', '.join(f'{f:.3g}' for f in fids)}), "
+            f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid} (sets {', '.join(f'{f:.3g}' for f in fids)}){aligned}, "
             f"KID {row.kid}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
         )
         return row
+
+    def trajectory_macs(self, model: nn.Module) -> int:
+        """MACs one image's trajectory executes (counted on what runs): for a text-to-image
+        teacher both halves of every guided step, not the prompt encoding or the VAE's decoding,
+        which are the same for every row."""
+        prompts = replace(self.prompts, decode=None) if self.prompts is not None else None
+        return executed_macs(
+            lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1, prompts=prompts)
+        )
 
     def fid(self, images: torch.Tensor) -> float:
         """FID of ``images`` (in [-1, 1]) against the preset's reference (lower is better)."""
@@ -456,7 +528,8 @@ class Bench:
         rows = {row.name: row for row in self.rows}
 
         def comparison(a: Row, b: Row) -> Comparison:
-            return Comparison(b.name, *paired_across_sets(a.fid_sets, b.fid_sets))
+            alignment = paired_across_sets(a.alignment_sets, b.alignment_sets)[0] if a.alignment_sets and b.alignment_sets else None
+            return Comparison(b.name, *paired_across_sets(a.fid_sets, b.fid_sets), alignment)
 
         teacher = self.rows[0]
         for row in self.rows[1:]:
@@ -482,6 +555,7 @@ class Bench:
                 batch_size=batch,
                 repeats=p.latency_repeats,
                 warmup=p.latency_warmup,
+                prompts=self.prompts,
             )
             for row in self.rows:
                 row.latency[batch] = spread(rounds[row.name])

@@ -186,11 +186,13 @@ class Evaluator:
             self.last_prompts = [c.prompts.eval[self.prompts.prompt_of(i)] for i in first]
         else:
             self.last_samples = images[:16].clone()
-        self.last_alignment = self._alignment(images)
+        self.last_alignment = self.alignment(images)
         self.last_features = self.extractor(images)
         return fid_from_features(self.last_features, self.reference)
 
-    def _alignment(self, images: torch.Tensor) -> tuple[str, Interval] | None:
+    def alignment(self, images: torch.Tensor) -> tuple[str, Interval] | None:
+        """The text alignment of ``images`` (an evaluation's, in order) with their prompts:
+        ``(metric, interval)``, or None where the study measures none."""
         if self.digits is not None:
             return "prompt_accuracy", prompt_accuracy(images, self.digits)
         if self._clip is not None and self.prompts is not None:
