@@ -165,6 +165,8 @@ class Evaluation:
     images_per_prompt: int | None = None
     eval_prompts: list[str] | None = None
     alignment: str | None = None
+    #: The teacher's precision (``dtype:``).
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -340,3 +340,25 @@ def test_clip_score_uses_a_local_clip_model_and_names_what_to_download(tmp_path)
     with pytest.raises(UserError) as error:
         ClipScorer("openai/not-a-cached-clip")
     assert "huggingface-cli download openai/not-a-cached-clip" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_reduced_precision_teacher_samples_and_is_recorded(tiny_sd_dir, tiny_space, tmp_path, capsys):
+    import optuna
+
+    from automl_diff.records import StudyAttr, TrialAttr
+    from automl_diff.study.cli import main
+
+    config = _t2i_study(tmp_path, tiny_sd_dir, dtype="bfloat16", n_trials=1)
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="t2igo", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.user_attrs[StudyAttr.EVALUATION]["dtype"] == "bfloat16"
+    (trial,) = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trial.user_attrs[TrialAttr.FID] > 0
+    config = _t2i_study(tmp_path, tiny_sd_dir, dtype="float16", device="cpu")
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"error: {config}: dtype: float16 needs a CUDA device (device is cpu); use bfloat16 or float32"
+    )
+    config = _t2i_study(tmp_path, tiny_sd_dir, dtype="float16", method="dkdm", search_space=str(tiny_space), method_options={})
+    assert main(["run", str(config), "--quiet"]) == 2
+    assert "dtype: only method dipgo samples a reduced-precision teacher" in capsys.readouterr().err

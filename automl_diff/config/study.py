@@ -36,6 +36,8 @@ __all__ = [
 ALIGNMENT_OBJECTIVES = (TrialAttr.PROMPT_ACCURACY, TrialAttr.CLIP_SCORE)
 OBJECTIVES = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, *ALIGNMENT_OBJECTIVES)
 SAMPLERS = ("tpe", "nsga2", "random")
+#: Precisions a teacher may be loaded in (``dtype:``).
+DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_STORAGE = "sqlite:///automl_diff.db"
 
 
@@ -166,6 +168,9 @@ class StudyConfig:
     method_options: dict[str, Any]
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     prompts: PromptSettings = field(default_factory=PromptSettings)
+    #: The teacher's precision: ``float32``, or ``float16``/``bfloat16`` (method dipgo, whose
+    #: trials sample the teacher itself; float16 on a CUDA device).
+    dtype: str = "float32"
     #: Stacking: the teacher a chain of studies started from, when ``teacher`` is an export of
     #: another study (None: the export's own record, or ``teacher`` itself).
     original_teacher: str | None = None
@@ -330,8 +335,11 @@ def load_study_config(path: str | Path) -> StudyConfig:
         method_options=dict(top.take("method_options", dict, {})),
         execution=execution,
         prompts=prompts,
+        dtype=top.take("dtype", str, "float32", choices=DTYPES),
         original_teacher=original_teacher,
     )
+    if config.dtype != "float32" and method != "dipgo":
+        raise top.error("dtype", config.dtype, "only method dipgo samples a reduced-precision teacher (the others train students)")
     top.done()
     read_options(METHOD_OPTIONS[method], config.method_options, file=config.path)  # now, naming the file
     return config

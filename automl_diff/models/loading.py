@@ -270,12 +270,22 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
     return dict(_DEFAULT_SCHEDULER)
 
 
-def load_teacher(spec: str, *, device: str | torch.device = "cpu") -> Teacher:
+def load_teacher(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:
     """Load the teacher a study names: ``digits``, ``digits-t2i``, a local pipeline/UNet folder, or a hub id.
 
     The scheduler config comes from the pipeline's ``scheduler/`` folder (or the hub repo's);
-    a bare UNet folder without one gets a default 1000-step DDPM schedule.
+    a bare UNet folder without one gets a default 1000-step DDPM schedule. ``dtype`` casts the
+    UNet (and a text-to-image pipeline's VAE and text encoder), e.g. ``torch.float16`` on a GPU.
     """
+    teacher = _load_teacher(spec, device)
+    if dtype != torch.float32:
+        teacher.unet.to(dtype=dtype)
+        if teacher.text is not None:
+            teacher.text.to(device, dtype=dtype)
+    return teacher
+
+
+def _load_teacher(spec: str, device: str | torch.device) -> Teacher:
     if spec == "digits-t2i":
         from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR
 

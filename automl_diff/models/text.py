@@ -56,9 +56,9 @@ class TextToImage:
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    def to(self, device: str | torch.device) -> TextToImage:
-        self.vae.to(device)
-        self.text_encoder.to(device)
+    def to(self, device: str | torch.device, *, dtype: torch.dtype | None = None) -> TextToImage:
+        self.vae.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device, dtype=dtype)
         self._cache.clear()
         return self
 

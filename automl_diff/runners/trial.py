@@ -86,9 +86,12 @@ class StudySession:
         self.study_name = study_name
         self.progress = progress
         self.device = resolve_device(config.device, source=config.path)
+        if config.dtype == "float16" and not self.device.startswith("cuda"):
+            raise UserError(f"{config.path}: dtype: float16 needs a CUDA device (device is {self.device}); use bfloat16 or float32")
+        dtype = getattr(torch, config.dtype)
         original, info = resolve_original_teacher(config)
         try:
-            self.teacher: Teacher = load_teacher(config.teacher, device=self.device)
+            self.teacher: Teacher = load_teacher(config.teacher, device=self.device, dtype=dtype)
         except UserError as exc:
             raise UserError(f"{config.path}: teacher: {exc}") from None
         #: The studies and trials that made the teacher, oldest first (empty: a pretrained teacher).
@@ -96,7 +99,7 @@ class StudySession:
         self.original: Teacher = self.teacher
         if original != config.teacher:
             try:
-                self.original = load_teacher(original, device=self.device)
+                self.original = load_teacher(original, device=self.device, dtype=dtype)
             except UserError as exc:
                 raise UserError(f"{config.path}: original_teacher: {exc}") from None
             if (self.original.resolution, self.original.channels) != (self.teacher.resolution, self.teacher.channels):
@@ -161,6 +164,7 @@ class StudySession:
             seed=c.seed,
             device=str(self.device),
             fid_interval=c.fid.interval,
+            dtype=c.dtype,
             **(
                 {
                     "guidance_scale": c.sampling.guidance_scale,
