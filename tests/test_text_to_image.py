@@ -362,3 +362,26 @@ def test_a_reduced_precision_teacher_samples_and_is_recorded(tiny_sd_dir, tiny_s
     config = _t2i_study(tmp_path, tiny_sd_dir, dtype="float16", method="dkdm", search_space=str(tiny_space), method_options={})
     assert main(["run", str(config), "--quiet"]) == 2
     assert "dtype: only method dipgo samples a reduced-precision teacher" in capsys.readouterr().err
+
+
+def test_the_shipped_digits_t2i_teacher_loads_and_samples_with_guidance(capsys):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from automl_diff.study.cli import main
+    from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR, digit_of
+
+    files = [f for f in DIGITS_T2I_DIR.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 15 * 2**20
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt")]  # safetensors only
+    teacher = load_teacher("digits-t2i")
+    assert teacher.dataset == "digits" and (teacher.resolution, teacher.channels, teacher.latent_resolution) == (16, 1, 8)
+    kinds = {type(block).__name__ for block in [*teacher.unet.down_blocks, teacher.unet.mid_block, *teacher.unet.up_blocks]}
+    assert {"CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D"} <= kinds
+    pipe = StableDiffusionPipeline.from_pretrained(str(DIGITS_T2I_DIR))
+    out = pipe(["a handwritten seven", "the digit 2"], num_inference_steps=3, guidance_scale=3.0, output_type="np")
+    assert out.images.shape == (2, 16, 16, 1)
+    assert digit_of("a picture of a nine") == 9 and digit_of("number 4 written by hand") == 4 and digit_of("a cat") is None
+    assert main(["profile", "--model", "digits-t2i", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == sum(p.numel() for p in teacher.unet.parameters())
