@@ -233,5 +233,5 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
     assert rows["DeepCache peer"].versus_peer.other in {r.name for r in dipgo}
     text = markdown(result, command="python -m automl_diff.bench --preset tiny-t2i")
     assert "| prompt_accuracy [95%] | prompt_accuracy - teacher [95%] |" in text
-    assert "classifier-free guidance 3" in text and "Goal for each method's row" in text
+    assert "classifier-free guidance 1.5" in text and "Goal for each method's row" in text
     assert text.count("\n| ") == 2 * (len(result.rows) + 1)

@@ -98,4 +98,4 @@ def test_text_to_image_study_reads_its_prompt_sets():
     assert len(config.prompts.train) == 60 and len(config.prompts.eval) == 20
     assert not set(config.prompts.train) & set(config.prompts.eval)
     assert config.budgets.fid_samples == config.budgets.images_per_prompt * len(config.prompts.eval)
-    assert config.sampling.guidance_scale == 3.0 and config.directions[2] == "maximize"
+    assert config.sampling.guidance_scale == 1.5 and config.directions[2] == "maximize"

@@ -57,8 +57,8 @@ class TextToImage:
         return next(self.text_encoder.parameters()).device
 
     def to(self, device: str | torch.device, *, dtype: torch.dtype | None = None) -> TextToImage:
-        self.vae.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        for part in (self.vae, self.text_encoder):
+            part.to(device) if dtype is None else part.to(device=device, dtype=dtype)
         self._cache.clear()
         return self
 
@@ -131,7 +131,7 @@ def load_text_to_image(folder: Path) -> TextToImage:
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # one bar per loaded model, on every trial's stderr
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     except (OSError, ValueError, RuntimeError) as exc:
