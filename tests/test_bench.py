@@ -154,17 +154,26 @@ def test_bench_command_errors_are_one_line(monkeypatch, tiny_preset, capsys):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_fit_their_teachers(name):
     """Each preset's DKDM student is a complete point of its search space and its supernet space
-    fits the teacher's architecture (google/ddpm-cifar10-32's, built locally with random weights)."""
+    fits the teacher's architecture (google/ddpm-cifar10-32's, built locally with random weights);
+    a text-to-image preset's prompt files name a digit in every prompt."""
     import optuna
     import torch
     from diffusers import UNet2DModel
 
+    from automl_diff.bench.rows import plan
     from automl_diff.config.search_space import load_search_space
+    from automl_diff.data import read_prompts
+    from automl_diff.metrics.alignment import prompt_digits
     from automl_diff.metrics.macs import count_macs
     from automl_diff.models.loading import load_unet, unet_from_config
     from tests.test_macs import DDPM_CIFAR10
 
     preset = PRESETS[name]
+    if preset.prompts_eval is not None:
+        assert not {"dkdm", "diffnas"} & set(plan(None, preset))
+        train, evaluate = read_prompts(preset.prompts_train), read_prompts(preset.prompts_eval)
+        assert prompt_digits(train) and sorted(set(prompt_digits(evaluate))) == list(range(10)) and not set(train) & set(evaluate)
+        return
     torch.manual_seed(0)
     if preset.teacher == "digits":
         from automl_diff.zoo.digits import DIGITS_DIR
