@@ -244,26 +244,12 @@ def _prompts_note(evaluation: Evaluation) -> str:
 
 def _save_text_to_image(pipeline: dict[str, Any], unet: Any, scheduler: Any, out: Path) -> str:
     """The teacher's text-to-image pipeline with ``unet`` and ``scheduler`` in it, saved at ``out``."""
-    import diffusers
-
     from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, load_text_to_image
 
     name, folder = pipeline.get("class"), pipeline.get("folder")
     if name not in TEXT_TO_IMAGE_PIPELINES or not folder or not Path(folder).is_dir():
         raise UserError(f"the study's text-to-image teacher '{folder}' ({name}) is not on this machine; its VAE and text encoder go in")
-    text = load_text_to_image(Path(folder))
-    cls = getattr(diffusers, name)
-    pipe = cls(
-        vae=text.vae,
-        text_encoder=text.text_encoder,
-        tokenizer=text.tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    load_text_to_image(Path(folder)).pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
     return name
 
 

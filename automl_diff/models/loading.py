@@ -180,12 +180,17 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
+def _check_hub_id(repo_id: str) -> None:
+    """``repo_id`` must look like a hub id and the hub must answer (one line otherwise)."""
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise UserError(f"model '{repo_id}' is not an existing local folder or file, nor a hub id (org/name)")
     reason = _hub_unreachable()
     if reason is not None:
         raise UserError(f"model '{repo_id}' is not a local path and the hub is unreachable ({reason}); download it and pass the folder")
+
+
+def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
+    _check_hub_id(repo_id)
     from diffusers import UNet2DModel
 
     try:
@@ -359,11 +364,7 @@ def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) 
 def _text_to_image_snapshot(repo_id: str) -> Path | None:
     """The local snapshot of a hub text-to-image pipeline (downloaded once, safetensors only), or
     None where the hub id names another kind of model. Errors as :func:`load_unet`'s for the hub."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise UserError(f"model '{repo_id}' is not an existing local folder or file, nor a hub id (org/name)")
-    reason = _hub_unreachable()
-    if reason is not None:
-        raise UserError(f"model '{repo_id}' is not a local path and the hub is unreachable ({reason}); download it and pass the folder")
+    _check_hub_id(repo_id)
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:

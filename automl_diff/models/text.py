@@ -21,12 +21,22 @@ from torch import nn
 
 from automl_diff.errors import UserError
 
-__all__ = ["PIPELINE_PARTS", "TEXT_TO_IMAGE_PIPELINES", "TextToImage", "is_text_to_image_folder", "load_text_to_image"]
+__all__ = [
+    "CLIP_TOKENS",
+    "PIPELINE_PARTS",
+    "TEXT_TO_IMAGE_PIPELINES",
+    "TextToImage",
+    "is_text_to_image_folder",
+    "load_text_to_image",
+    "text_length",
+]
 
 #: Pipeline classes whose folders a study accepts as text-to-image teachers.
 TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline",)
 #: The components such a folder holds besides the UNet and the scheduler.
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer")
+#: Text tokens a conditional UNet is counted with when no tokenizer says otherwise (CLIP's).
+CLIP_TOKENS = 77
 
 
 @dataclass
@@ -87,10 +97,31 @@ class TextToImage:
             self._cache[key] = states.to(dtype=self.text_encoder.dtype)
         return self._cache[key]
 
+    def pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
+        """A diffusers pipeline of :attr:`pipeline_class` with these parts around ``unet`` and
+        ``scheduler`` (no safety checker), ready for ``save_pretrained``."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from final latents (``vae.decode(latents / scaling_factor)``)."""
         scale = self.vae.config.scaling_factor
         return self.vae.decode(latents.to(self.vae.dtype) / scale, return_dict=False)[0].float().clamp(-1, 1)
+
+
+def text_length(text: TextToImage | None) -> int:
+    """Tokens of the text conditioning: the tokenizer's padded length, else :data:`CLIP_TOKENS`."""
+    return int(text.tokenizer.model_max_length) if text is not None else CLIP_TOKENS
 
 
 def _model_index(folder: Path) -> dict[str, Any] | None:

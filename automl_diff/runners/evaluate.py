@@ -23,7 +23,7 @@ from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_fea
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import measure_latency
 from automl_diff.metrics.macs import count_macs
-from automl_diff.models.text import TextToImage
+from automl_diff.models.text import TextToImage, text_length
 from automl_diff.records import TrialAttr
 from automl_diff.sampling import Prompts, sample_images
 
@@ -211,7 +211,7 @@ class Evaluator:
     @property
     def text_length(self) -> int:
         """Tokens of the text conditioning MACs are counted with (the tokenizer's; CLIP's 77)."""
-        return int(self.text.tokenizer.model_max_length) if self.text is not None else 77
+        return text_length(self.text)
 
     @property
     def calls_per_step(self) -> int:

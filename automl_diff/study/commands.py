@@ -230,19 +230,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_length: int) -> dict[str, Any]:
+def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_length: int, text: Any = None) -> dict[str, Any]:
     """Trajectory MACs and measured latency of a DiP-GO schedule against the full sampler. A
     text-to-image pipeline samples ``--prompt`` with guidance and its VAE; a bare conditional UNet
     (a config, random weights) samples from random text embeddings of ``text_length`` tokens,
-    with guidance too (both halves in one call)."""
+    with guidance too (both halves in one call). ``text``: the pipeline's parts, loaded once by
+    the caller."""
     import contextlib
 
     import torch
 
     from automl_diff.gating import Schedule, apply_schedule, unit_costs
     from automl_diff.metrics.latency import measure_latencies
-    from automl_diff.models.loading import load_teacher, scheduler_config_for
-    from automl_diff.models.text import is_text_to_image_folder
+    from automl_diff.models.loading import load_unet, scheduler_config_for
     from automl_diff.sampling import Prompts
 
     schedule = Schedule.load(args.schedule)
@@ -254,9 +254,8 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     scheduler_config = scheduler_config_for(path if path.exists() else None)
     prompts = None
     if getattr(unet.config, "cross_attention_dim", None) is not None:
-        if path.is_dir() and is_text_to_image_folder(path):
-            teacher = load_teacher(str(path))
-            unet, text, scheduler_config = teacher.unet, teacher.text, teacher.scheduler_config
+        if text is not None:
+            unet = load_unet(path).eval()
             prompts = Prompts(text.encode([args.prompt]), text.encode([""]), args.guidance_scale, decode=text.decode)
         else:
             generator = torch.Generator().manual_seed(0)
@@ -291,7 +290,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
 def cmd_profile(args: argparse.Namespace) -> int:
     from automl_diff.metrics import count_macs
     from automl_diff.models.loading import load_unet
-    from automl_diff.models.text import is_text_to_image_folder, load_text_to_image
+    from automl_diff.models.text import is_text_to_image_folder, load_text_to_image, text_length
     from automl_diff.zoo.digits import DIGITS_DIR
     from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR
 
@@ -299,13 +298,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise UserError("--steps: only meaningful with --schedule FILE")
     source = {"digits": DIGITS_DIR, "digits-t2i": DIGITS_T2I_DIR}.get(args.model, args.model)
     unet = load_unet(source, weights=False)
-    text_length = args.text_length
-    if text_length is None:
-        path = Path(source)
-        pipeline = path.is_dir() and is_text_to_image_folder(path)
-        text_length = int(load_text_to_image(path).tokenizer.model_max_length) if pipeline else 77
-    report = count_macs(unet, resolution=args.resolution, text_length=text_length)
-    trajectory = _profile_schedule(args, unet, source, text_length) if args.schedule else None
+    path = Path(source)
+    text = load_text_to_image(path) if path.is_dir() and is_text_to_image_folder(path) else None
+    tokens = args.text_length if args.text_length is not None else text_length(text)
+    report = count_macs(unet, resolution=args.resolution, text_length=tokens)
+    trajectory = _profile_schedule(args, unet, source, tokens, text) if args.schedule else None
     if args.json:
         data = report.to_dict()
         data["blocks"] = [{k: b[k] for k in ("name", "params", "macs", "macs_no_attention")} for b in data["blocks"]]

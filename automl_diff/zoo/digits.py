@@ -28,6 +28,7 @@ __all__ = [
     "load_classifier",
     "train_classifier",
     "train_teacher",
+    "warmup_cosine",
 ]
 
 DIGITS_DIR = Path(__file__).resolve().parent / "digits"
@@ -144,6 +145,18 @@ def train_classifier(*, seed: int = 0, epochs: int = 30, batch_size: int = 64) -
     return ClassifierResult(model, accuracy, time.perf_counter() - start)
 
 
+def warmup_cosine(steps: int, warmup: int = 200) -> Callable[[int], float]:
+    """The learning-rate factor of step ``step``: linear warm-up over ``warmup`` steps, then a
+    cosine decay to 0 at ``steps`` (the shipped teachers' schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
 @dataclass(frozen=True)
 class TeacherResult:
     unet: nn.Module
@@ -182,14 +195,7 @@ def train_teacher(
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    warmup = 200
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     start = time.perf_counter()
     loss_value = float("nan")
     unet.train()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import tempfile
 import time
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from automl_diff.zoo.digits import warmup_cosine
 
 __all__ = [
     "DIGITS_T2I_DIR",
@@ -180,15 +181,6 @@ def _text_encoder(tokenizer: Any) -> nn.Module:
     )
 
 
-def _schedule(steps: int, warmup: int = 200) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
-
-
 @dataclass(frozen=True)
 class VaeResult:
     vae: nn.Module
@@ -217,7 +209,7 @@ def train_vae(
     images = load_digits(resolution=16)
     vae = AutoencoderKL(**VAE_CONFIG)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     start = time.perf_counter()
     vae.train()
     loss_value = float("nan")
@@ -296,7 +288,7 @@ def train_text_to_image(
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     start = time.perf_counter()
     unet.train()
     text_encoder.train()

@@ -28,6 +28,7 @@ from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_prune
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
 from automl_diff.models.loading import weights_digest
+from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr, stable_key
 from automl_diff.sampling import Prompts
 
@@ -92,11 +93,6 @@ class DiPGO(Method):
         s = self.config.sampling
         return [list(self.config.prompts.train), s.guidance_scale, s.negative_prompt]
 
-    @property
-    def text_length(self) -> int:
-        text = self.teacher.text
-        return int(text.tokenizer.model_max_length) if text is not None else 77
-
     def _conditioning(self) -> dict[str, Any] | None:
         """The training prompts' conditioning of each of the pruner's reference trajectories."""
         text = self.teacher.text
@@ -107,7 +103,7 @@ class DiPGO(Method):
         return prompts.for_images(0, self.options.reference_images)
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
-        self.costs = unit_costs(self.teacher.unet, self.units, text_length=self.text_length)
+        self.costs = unit_costs(self.teacher.unet, self.units, text_length=text_length(self.teacher.text))
         cache = workdir / "dipgo_pruner.json" if workdir is not None else None
         key = self._cache_key()
         if cache is not None and cache.is_file():
