@@ -5,11 +5,13 @@ A trial of a text-to-image study is exported as a pipeline of its teacher's own 
 and a DDIM scheduler of its config.
 
 An export loads where only diffusers is installed, with the call :func:`export_trial` returns.
-Students that stock diffusers can express are saved as plain ``UNet2DModel``
-(``DDIMPipeline.from_pretrained(folder)``). The others (per-level depths, DiffNAS's per-resnet
-widths and dropped layers) are :class:`~automl_diff.models.student.StudentUNet2DModel`, shipped as
-custom component code in ``unet/student_unet.py`` that ``model_index.json`` names, diffusers'
-convention for custom components: ``DDIMPipeline.from_pretrained(folder, trust_remote_code=True)``.
+Students that stock diffusers can express are saved as plain ``UNet2DModel`` or
+``UNet2DConditionModel`` (``DDIMPipeline.from_pretrained(folder)``). The others (per-level depths
+of an unconditional UNet, DiffNAS's per-resnet widths, dropped layers and shallower transformers)
+are :mod:`~automl_diff.models.student` classes, shipped as custom component code in
+``unet/student_unet.py`` that ``model_index.json`` names, diffusers' convention for custom
+components: ``DDIMPipeline.from_pretrained(folder, trust_remote_code=True)``
+(``StableDiffusionPipeline`` for a text-to-image export).
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ images = {call}"""
         lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs[TrialAttr.BLOCK_CHOICES].items())
         schedule_note += f"""
 DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
-shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped),
+shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped;
+`depth`: transformer layers kept, where chosen),
 then retrained the student for {attrs.get(TrialAttr.RETRAIN_ITERATIONS)} steps with the joint loss
 (`{attrs.get(TrialAttr.JOINT_SCHEDULE)}` block-feature weight):
 
@@ -182,8 +185,9 @@ then retrained the student for {attrs.get(TrialAttr.RETRAIN_ITERATIONS)} steps w
 |---|---|
 {lines}
 """
+    student_name = "StudentUNet2DModel" if pipeline == "DDIMPipeline" else "StudentUNet2DConditionModel"
     custom_note = (
-        "\nThe UNet is a `StudentUNet2DModel` (per-level depths, searched widths or dropped layers) whose code ships in\n"
+        f"\nThe UNet is a `{student_name}` (per-level depths, searched widths or dropped layers) whose code ships in\n"
         "`unet/student_unet.py`; `trust_remote_code=True` lets diffusers import it. Read it before you trust it.\n"
         if custom_code
         else ""
@@ -262,10 +266,10 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     Raises:
         UserError: no such completed trial, or its weights are gone.
     """
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    from diffusers import DDIMPipeline, DDIMScheduler
 
     from automl_diff.models.loading import EXPORT_INFO, load_unet
-    from automl_diff.models.student import MODULE_FILE, StudentUNet2DModel, plain_config
+    from automl_diff.models.student import MODULE_FILE, STUDENT_CLASSES, plain_config
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial_number not in trials:
@@ -280,18 +284,17 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     if not scheduler_config:
         raise UserError(f"study '{study.study_name}' has no scheduler config recorded; was it created by automl_diff?")
     unet = load_unet(weights)
-    if isinstance(unet, StudentUNet2DModel) and (plain := plain_config(dict(unet.config))) is not None:
+    student = STUDENT_CLASSES.get(type(unet).__name__)
+    if student is not None and (plain := plain_config(dict(unet.config))) is not None:
         state = unet.state_dict()
-        unet = UNet2DModel.from_config(plain)
+        unet = student[1].from_config(plain)
         unet.load_state_dict(state, strict=True)
-    custom_code = isinstance(unet, StudentUNet2DModel)
+    custom_code = type(unet).__name__ in STUDENT_CLASSES
     scheduler = DDIMScheduler.from_config(scheduler_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = study.user_attrs.get(StudyAttr.PIPELINE)
     if pipeline:
-        if custom_code:
-            raise UserError(f"trial {trial_number}: a student UNet in a text-to-image pipeline cannot be exported yet")
         pipeline_class = _save_text_to_image(pipeline, unet, scheduler, out)
     else:
         pipeline_class = "DDIMPipeline"

@@ -41,17 +41,17 @@ EXPORT_INFO = "automl_diff.json"
 def _unet_classes() -> dict[str, type]:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    from automl_diff.models.student import StudentUNet2DModel
+    from automl_diff.models.student import STUDENT_CLASSES
 
     return {
         "UNet2DModel": UNet2DModel,
         "UNet2DConditionModel": UNet2DConditionModel,
-        "StudentUNet2DModel": StudentUNet2DModel,
+        **{name: cls for name, (cls, _) in STUDENT_CLASSES.items()},
     }
 
 
 #: Model classes a ``config.json`` may name in ``_class_name``.
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "StudentUNet2DModel")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "StudentUNet2DModel", "StudentUNet2DConditionModel")
 
 _DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 

@@ -1,7 +1,7 @@
-"""A ``UNet2DModel`` whose levels, layers and widths can differ from what stock diffusers builds.
+"""Diffusers UNets whose levels, layers and widths can differ from what stock diffusers builds.
 
 Stock ``UNet2DModel`` takes one ``layers_per_block`` for every level and one width per level.
-Searched students need more, expressed as three optional config keys:
+Searched students need more, expressed as optional config keys:
 
 * ``layers_per_block`` as a list, one depth per level (``down.i`` has ``layers_per_block[i]``
   resnets, the mirrored up block one more, as in diffusers): DKDM students.
@@ -9,14 +9,21 @@ Searched students need more, expressed as three optional config keys:
   named resnets; ``0`` keeps only the resnet's shortcut (identity, or its 1x1 ``conv_shortcut``
   where channels change), so the layer's input and output shapes stay the teacher's: DiffNAS.
 * ``skip_attentions``: ``["down.2.attentions.0", ...]``, attention layers replaced by identity:
-  DiffNAS.
+  DiffNAS, and the BK-SDM peer's removed pairs.
+* ``transformer_depths``: ``{"down.1.attentions.0": 1, ...}``, how many of a ``Transformer2DModel``'s
+  transformer layers are kept (the first ones): DiffNAS on cross-attention blocks.
+
+:class:`StudentUNet2DModel` is the unconditional student and :class:`StudentUNet2DConditionModel`
+the text-conditioned one (a ``UNet2DConditionModel``, which takes per-level depths itself), so a
+``StableDiffusionPipeline`` holds it where SD's UNet was.
 
 Everything else, including ``forward``, ``save_pretrained`` and ``from_pretrained``, is diffusers'
 own. Exported students that stock diffusers can express are saved as plain ``UNet2DModel`` instead.
 
 This module imports nothing but torch and diffusers: an export copies it into its ``unet/`` folder
 as custom component code (:data:`MODULE_FILE`), so that ``DDIMPipeline.from_pretrained(folder,
-trust_remote_code=True)`` loads the student where only diffusers is installed.
+trust_remote_code=True)`` (or ``StableDiffusionPipeline``'s) loads the student where only diffusers
+is installed.
 """
 
 from __future__ import annotations
@@ -26,11 +33,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, UNet2DModel  # noqa: F401 - ModelMixin: see below
+from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel  # noqa: F401 - ModelMixin: see below
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-__all__ = ["MODULE_FILE", "Shortcut", "SkipAttention", "StudentUNet2DModel", "narrow_resnet", "plain_config"]
+__all__ = [
+    "LAYOUT_KEYS",
+    "MODULE_FILE",
+    "STUDENT_CLASSES",
+    "Shortcut",
+    "SkipAttention",
+    "StudentUNet2DConditionModel",
+    "StudentUNet2DModel",
+    "narrow_resnet",
+    "plain_config",
+]
 
 #: The file name this module gets inside an exported pipeline's ``unet/`` folder (custom code that
 #: ``model_index.json`` names as the unet's library).
@@ -66,10 +83,11 @@ class Shortcut(nn.Module):
 
 
 class SkipAttention(nn.Module):
-    """An attention layer that was dropped: returns its input."""
+    """An attention layer that was dropped: returns its input (as a 1-tuple where the caller asks
+    for ``return_dict=False``, as cross-attention blocks call their ``Transformer2DModel``)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if kwargs.get("return_dict", True) is False else hidden_states
 
 
 def narrow_resnet(resnet: nn.Module, width: int) -> None:
@@ -91,6 +109,45 @@ def narrow_resnet(resnet: nn.Module, width: int) -> None:
         resnet.time_emb_proj = nn.Linear(proj.in_features, width * factor, bias=proj.bias is not None)
 
 
+#: The student config keys stock diffusers does not know.
+LAYOUT_KEYS = ("resnet_widths", "skip_attentions", "transformer_depths")
+
+
+def _apply_layout(
+    model: nn.Module,
+    resnet_widths: dict[str, int] | None,
+    skip_attentions: Sequence[str] | None,
+    transformer_depths: dict[str, int] | None,
+) -> None:
+    """Narrow, reduce and drop the named layers of a freshly built UNet in place."""
+
+    def layer(name: str, kind: str) -> nn.Module:
+        parts = name.split(".")
+        if len(parts) < 3 or parts[-2] != kind:
+            raise ValueError(f"'{name}' is not a {kind[:-1]} layer name (e.g. down.1.{kind}.0)")
+        return model.get_submodule(_module_path(name))
+
+    def replace(name: str, module: nn.Module) -> None:
+        parent, _, index = _module_path(name).rpartition(".")
+        model.get_submodule(parent)[int(index)] = module
+
+    for name, width in (resnet_widths or {}).items():
+        resnet = layer(name, "resnets")
+        if int(width) == 0:
+            replace(name, Shortcut(resnet.conv_shortcut, resnet.output_scale_factor))
+        elif int(width) != resnet.conv1.out_channels:
+            narrow_resnet(resnet, int(width))
+    for name, depth in (transformer_depths or {}).items():
+        attention = layer(name, "attentions")
+        blocks = getattr(attention, "transformer_blocks", None)
+        if blocks is None or not 1 <= int(depth) <= len(blocks):
+            raise ValueError(f"'{name}' has no {depth} transformer layers to keep")
+        attention.transformer_blocks = nn.ModuleList(list(blocks)[: int(depth)])
+    for name in skip_attentions or ():
+        if not isinstance(layer(name, "attentions"), SkipAttention):
+            replace(name, SkipAttention())
+
+
 class StudentUNet2DModel(UNet2DModel):
     """``UNet2DModel`` with per-level depths, per-resnet widths and dropped attentions.
 
@@ -98,6 +155,7 @@ class StudentUNet2DModel(UNet2DModel):
         layers_per_block: an int, or one depth per level.
         resnet_widths: inner width per named resnet (``0``: shortcut only).
         skip_attentions: named attention layers replaced by identity.
+        transformer_depths: unused by ``UNet2DModel``'s attention (accepted for one schema).
 
     All other arguments are those of :class:`diffusers.UNet2DModel`.
     """
@@ -108,6 +166,7 @@ class StudentUNet2DModel(UNet2DModel):
         layers_per_block: int | Sequence[int] = 2,
         resnet_widths: dict[str, int] | None = None,
         skip_attentions: Sequence[str] | None = None,
+        transformer_depths: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         depths = [layers_per_block] if isinstance(layers_per_block, int) else list(layers_per_block)
@@ -132,54 +191,76 @@ class StudentUNet2DModel(UNet2DModel):
             up.resnets = nn.ModuleList([up.resnets[i] for i in keep])
             if hasattr(up, "attentions"):
                 up.attentions = nn.ModuleList([up.attentions[i] for i in keep])
-        for name, width in (resnet_widths or {}).items():
-            resnet = self._layer(name, "resnets")
-            if int(width) == 0:
-                self._replace(name, Shortcut(resnet.conv_shortcut, resnet.output_scale_factor))
-            elif int(width) != resnet.conv1.out_channels:
-                narrow_resnet(resnet, int(width))
-        for name in skip_attentions or ():
-            if not isinstance(self._layer(name, "attentions"), SkipAttention):
-                self._replace(name, SkipAttention())
+        _apply_layout(self, resnet_widths, skip_attentions, transformer_depths)
 
-    def _layer(self, name: str, kind: str) -> nn.Module:
-        parts = name.split(".")
-        if len(parts) < 3 or parts[-2] != kind:
-            raise ValueError(f"'{name}' is not a {kind[:-1]} layer name (e.g. down.1.{kind}.0)")
-        return self.get_submodule(_module_path(name))
 
-    def _replace(self, name: str, module: nn.Module) -> None:
-        parent, _, index = _module_path(name).rpartition(".")
-        self.get_submodule(parent)[int(index)] = module
+class StudentUNet2DConditionModel(UNet2DConditionModel):
+    """``UNet2DConditionModel`` with per-resnet widths, dropped attentions and shallower
+    transformers (per-level depths are stock: ``layers_per_block`` takes a list).
+
+    Args:
+        resnet_widths: inner width per named resnet (``0``: shortcut only).
+        skip_attentions: named attention layers (``Transformer2DModel``) replaced by identity.
+        transformer_depths: transformer layers kept per named attention layer.
+
+    All other arguments are those of :class:`diffusers.UNet2DConditionModel`.
+    """
+
+    def __init__(
+        self,
+        *,
+        resnet_widths: dict[str, int] | None = None,
+        skip_attentions: Sequence[str] | None = None,
+        transformer_depths: dict[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _apply_layout(self, resnet_widths, skip_attentions, transformer_depths)
 
 
 # diffusers reads a model's config keys from the signature of its ``__init__`` (``from_config``,
-# ``register_to_config``): give ours the parent's keyword parameters, with the list-valued depth.
-_PARENT_SIGNATURE = inspect.signature(UNet2DModel.__init__)
-_PARENT_DEFAULTS = {name: p.default for name, p in _PARENT_SIGNATURE.parameters.items() if name != "self"}
-StudentUNet2DModel.__init__.__signature__ = _PARENT_SIGNATURE.replace(  # type: ignore[attr-defined]
-    parameters=[
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation="int | Sequence[int]")
-        if p.name == "layers_per_block"
-        else (p if p.name == "self" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
-        for p in _PARENT_SIGNATURE.parameters.values()
+# ``register_to_config``): give ours the parent's keyword parameters and the layout keys.
+def _signature(cls: type, parent: type, depth_list: bool) -> None:
+    signature = inspect.signature(parent.__init__)
+    params = [
+        p
+        if p.name == "self"
+        else p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation="int | Sequence[int]")
+        if p.name == "layers_per_block" and depth_list
+        else p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in signature.parameters.values()
     ]
-    + [
-        inspect.Parameter("resnet_widths", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("skip_attentions", inspect.Parameter.KEYWORD_ONLY, default=None),
-    ]
-)
-StudentUNet2DModel.__init__ = register_to_config(StudentUNet2DModel.__init__)  # type: ignore[method-assign]
+    params += [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None) for key in LAYOUT_KEYS]
+    cls.__init__.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    cls.__init__ = register_to_config(cls.__init__)  # type: ignore[method-assign]
+
+
+_PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items() if name != "self"}
+_signature(StudentUNet2DModel, UNet2DModel, depth_list=True)
+_signature(StudentUNet2DConditionModel, UNet2DConditionModel, depth_list=False)
+
+#: Student class name -> (class, the stock class whose config it extends).
+STUDENT_CLASSES: dict[str, tuple[type, type]] = {
+    "StudentUNet2DModel": (StudentUNet2DModel, UNet2DModel),
+    "StudentUNet2DConditionModel": (StudentUNet2DConditionModel, UNet2DConditionModel),
+}
 
 
 def plain_config(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``UNet2DModel`` config of a student config that stock diffusers can express (one depth
-    for every level, no narrowed resnet, no dropped attention), else None. Both build the same
-    modules under the same names, so the student's weights load into it unchanged."""
+    """The stock diffusers config of a student config that stock diffusers can express (no
+    narrowed resnet, dropped attention or shallower transformer; for ``UNet2DModel`` one depth for
+    every level), else None. Both build the same modules under the same names, so the student's
+    weights load into it unchanged."""
+    if any(config.get(key) for key in LAYOUT_KEYS):
+        return None
+    name = config.get("_class_name", "StudentUNet2DModel")
+    plain = {k: v for k, v in config.items() if k not in LAYOUT_KEYS}
+    if name == "StudentUNet2DConditionModel":
+        plain["_class_name"] = "UNet2DConditionModel"
+        return plain
     depths = config.get("layers_per_block", 2)
     depths = [depths] if isinstance(depths, int) else list(depths)
-    if len(set(depths)) != 1 or config.get("resnet_widths") or config.get("skip_attentions"):
+    if len(set(depths)) != 1:
         return None
-    plain = {k: v for k, v in config.items() if k not in ("resnet_widths", "skip_attentions")}
     plain.update(_class_name="UNet2DModel", layers_per_block=depths[0])
     return plain
