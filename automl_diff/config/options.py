@@ -67,12 +67,17 @@ class PoolOptions:
             batches (see BENCHMARKS.md); warm-up costs about pool_size * pool_steps / 2 teacher calls.
         pool_steps: DDIM steps of a pool trajectory, from pure noise to a clean image.
         pool_eta: stochasticity of the pool's steps (1.0 ancestral-like, 0.0 deterministic DDIM).
+        prompt_dropout: text-to-image teachers: the share of pool entries (or dataset images) that
+            carry the unconditional prompt (``sampling.negative_prompt``) instead of a training
+            prompt (or caption), so that students learn the unconditional prediction that
+            classifier-free guidance needs.
     """
 
     source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
     pool_size: int = field(default=4096, metadata={"check": positive})
     pool_steps: int = field(default=50, metadata={"check": positive})
     pool_eta: float = field(default=1.0, metadata={"check": _unit_interval})
+    prompt_dropout: float = field(default=0.1, metadata={"check": _unit_interval})
 
 
 @dataclass(frozen=True)

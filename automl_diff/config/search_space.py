@@ -2,7 +2,8 @@
 
 Schema (every key is optional except ``blocks``)::
 
-    family: unet2d            # student family; unet2d = diffusers UNet2DModel (+ per-level depths)
+    family: unet2d            # unet2d: diffusers UNet2DModel (+ per-level depths);
+                              # unet2d_condition: UNet2DConditionModel (text-to-image)
     fixed:                    # config keys copied onto the teacher's config (e.g. norm_num_groups: 8)
       norm_num_groups: 8
     blocks:
@@ -16,6 +17,12 @@ A block's choices become Optuna parameters with stable dotted names (``down.2.ch
 ``channels`` and ``layers`` are declared on its ``down.i`` block: the mirrored up block follows it,
 as in diffusers (``up.j`` mirrors ``down.{K-1-j}``). ``up.j.attention`` defaults to the mirrored
 down block's choice. What a file does not declare keeps the teacher's value.
+
+``family: unet2d_condition`` is the same schema for text-conditioned students: a level with
+attention is a ``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D`` (its transformers keep the teacher's
+cross attention to the text), one without a ``DownBlock2D``/``UpBlock2D``, and ``mid.attention``
+chooses ``UNetMidBlock2DCrossAttn`` or ``UNetMidBlock2D``. Every student is a stock
+``UNet2DConditionModel`` (per-level depths included) that ``StableDiffusionPipeline`` loads.
 """
 
 from __future__ import annotations
@@ -29,12 +36,35 @@ from automl_diff.errors import UserError
 
 __all__ = ["FAMILIES", "BlockChoices", "SearchSpace", "SupernetBlock", "SupernetSpace", "load_search_space"]
 
-#: Search-space families: ``unet2d`` (whole student architectures, DKDM) and ``supernet``
-#: (per-block subnet choices of the teacher's blocks, DiffNAS).
-FAMILIES = ("unet2d", "supernet")
+#: Search-space families: ``unet2d`` and ``unet2d_condition`` (whole student architectures,
+#: DKDM; unconditional and text-conditioned) and ``supernet`` (per-block subnet choices of the
+#: teacher's blocks, DiffNAS).
+FAMILIES = ("unet2d", "unet2d_condition", "supernet")
 
-_DOWN_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}
-_UP_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+@dataclass(frozen=True)
+class _Family:
+    """How a whole-architecture family spells attention per level in diffusers' config."""
+
+    model: str
+    down: dict[str, bool]
+    up: dict[str, bool]
+    mid: dict[str, bool] | None  # mid_block_type -> attention (None: ``add_attention``)
+
+
+_ARCHITECTURES = {
+    "unet2d": _Family("UNet2DModel", {"DownBlock2D": False, "AttnDownBlock2D": True}, {"UpBlock2D": False, "AttnUpBlock2D": True}, None),
+    "unet2d_condition": _Family(
+        "UNet2DConditionModel",
+        {"DownBlock2D": False, "CrossAttnDownBlock2D": True},
+        {"UpBlock2D": False, "CrossAttnUpBlock2D": True},
+        {"UNetMidBlock2D": False, "UNetMidBlock2DCrossAttn": True},
+    ),
+}
+
+
+def _type_for(types: dict[str, bool], attention: bool) -> str:
+    return next(name for name, attends in types.items() if attends == attention)
 
 
 @dataclass(frozen=True)
@@ -62,7 +92,7 @@ class SearchSpace:
 
     Attributes:
         path: the YAML file it came from.
-        family: the student family (``unet2d``).
+        family: the student family (``unet2d`` or ``unet2d_condition``).
         blocks: declared choices, in block order.
         fixed: config keys set on every student.
     """
@@ -90,6 +120,16 @@ class SearchSpace:
         """Ask an Optuna trial (or ``FixedTrial``) for one value per parameter."""
         return {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.parameters().items()}
 
+    @property
+    def architecture(self) -> _Family:
+        return _ARCHITECTURES[self.family]
+
+    def _mid_attention(self, base: dict[str, Any]) -> bool:
+        mid = self.architecture.mid
+        if mid is None:
+            return bool(base.get("add_attention", True))
+        return mid.get(base.get("mid_block_type") or "", False)
+
     def validate_for(self, teacher_config: dict[str, Any]) -> None:
         """Check that every declared block exists in the teacher and every choice builds a valid model.
 
@@ -98,23 +138,41 @@ class SearchSpace:
         """
         import inspect
 
-        from diffusers import UNet2DModel
+        import diffusers
 
-        accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {
+        arch = self.architecture
+        conditional = teacher_config.get("cross_attention_dim") is not None
+        if conditional != (self.family == "unet2d_condition"):
+            kind, other = ("a text-conditioned", "unet2d_condition") if conditional else ("an unconditional", "unet2d")
+            raise UserError(f"{self.path}: family: {self.family} does not fit {kind} teacher; use family: {other}")
+        accepted = set(inspect.signature(getattr(diffusers, arch.model).__init__).parameters) - {
             "self",
             "layers_per_block",
             "block_out_channels",
             "down_block_types",
             "up_block_types",
+            "mid_block_type",
         }
         for key in self.fixed:
             if key not in accepted:
-                raise UserError(f"{self.path}: fixed.{key}: not a UNet2DModel config key that a search space may fix")
+                raise UserError(f"{self.path}: fixed.{key}: not a {arch.model} config key that a search space may fix")
         base = self._base(teacher_config)
+        for i, t in enumerate(base["down_block_types"]):
+            if t not in arch.down:
+                raise UserError(f"{self.path}: family {self.family} supports {', '.join(arch.down)} blocks; the teacher's down.{i} is {t}")
+        for i, t in enumerate(base["up_block_types"]):
+            if t not in arch.up:
+                raise UserError(f"{self.path}: family {self.family} supports {', '.join(arch.up)} blocks; the teacher's up.{i} is {t}")
+        if arch.mid is not None and base.get("mid_block_type") not in arch.mid:
+            raise UserError(
+                f"{self.path}: family {self.family} supports mid blocks {', '.join(arch.mid)}; "
+                f"the teacher's is {base.get('mid_block_type')}"
+            )
         levels = len(base["block_out_channels"])
         known = [f"down.{i}" for i in range(levels)] + ["mid"] + [f"up.{i}" for i in range(levels)]
         groups = int(base.get("norm_num_groups") or 32)
         head_dim = base.get("attention_head_dim")
+        head_dim = head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim
         for block in self.blocks:
             key = f"blocks.{block.name}"
             if block.name not in known:
@@ -131,43 +189,41 @@ class SearchSpace:
                 else (
                     level is not None
                     and (
-                        _DOWN_TYPES.get(base["down_block_types"][level], False)
-                        or _UP_TYPES.get(base["up_block_types"][levels - 1 - level], False)
+                        arch.down.get(base["down_block_types"][level], False)
+                        or arch.up.get(base["up_block_types"][levels - 1 - level], False)
                     )
                 )
             )
             if level == levels - 1:  # the mid block's attention runs at the last level's width
                 mid = next((b for b in self.blocks if b.name == "mid"), None)
-                attends = attends or (any(mid.attention) if mid and mid.attention is not None else bool(base.get("add_attention", True)))
+                attends = attends or (any(mid.attention) if mid and mid.attention is not None else self._mid_attention(base))
             for c in block.channels or ():
                 if c % groups:
                     raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by norm_num_groups={groups}")
                 if head_dim and attends and c % int(head_dim):
                     raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by attention_head_dim={head_dim}")
-        for i, t in enumerate(base["down_block_types"]):
-            if t not in _DOWN_TYPES:
-                raise UserError(f"{self.path}: family unet2d supports {', '.join(_DOWN_TYPES)} blocks; the teacher's down.{i} is {t}")
-        for i, t in enumerate(base["up_block_types"]):
-            if t not in _UP_TYPES:
-                raise UserError(f"{self.path}: family unet2d supports {', '.join(_UP_TYPES)} blocks; the teacher's up.{i} is {t}")
 
     def _base(self, teacher_config: dict[str, Any]) -> dict[str, Any]:
         base = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        for key in ("resnet_widths", "skip_attentions", "transformer_depths"):  # a student teacher's layout
+            base.pop(key, None)
         base.update(self.fixed)
         return base
 
     def to_config(self, params: dict[str, Any], teacher_config: dict[str, Any]) -> dict[str, Any]:
         """The diffusers config of the student that ``params`` selects (JSON-safe).
 
-        Levels of equal depth give a plain ``UNet2DModel``; otherwise ``StudentUNet2DModel``.
+        ``unet2d``: levels of equal depth give a plain ``UNet2DModel``, otherwise
+        ``StudentUNet2DModel``. ``unet2d_condition``: a ``UNet2DConditionModel``.
         """
+        arch = self.architecture
         base = self._base(teacher_config)
         levels = len(base["block_out_channels"])
         depths = base.get("layers_per_block", 2)
         depths = [int(depths)] * levels if isinstance(depths, int) else [int(d) for d in depths]
         channels = [int(c) for c in base["block_out_channels"]]
-        down_attn = [_DOWN_TYPES[t] for t in base["down_block_types"]]
-        up_attn = [_UP_TYPES[t] for t in base["up_block_types"]]
+        down_attn = [arch.down[t] for t in base["down_block_types"]]
+        up_attn = [arch.up[t] for t in base["up_block_types"]]
         for level in range(levels):
             channels[level] = int(params.get(f"down.{level}.channels", channels[level]))
             depths[level] = int(params.get(f"down.{level}.layers", depths[level]))
@@ -175,14 +231,20 @@ class SearchSpace:
         for j in range(levels):
             mirrored = f"down.{levels - 1 - j}.attention"
             up_attn[j] = bool(params.get(f"up.{j}.attention", params.get(mirrored, up_attn[j])))
+        mid_attention = bool(params.get("mid.attention", self._mid_attention(base)))
         config = dict(base)
         config.update(
             block_out_channels=channels,
-            down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
-            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
-            add_attention=bool(params.get("mid.attention", base.get("add_attention", True))),
+            down_block_types=[_type_for(arch.down, a) for a in down_attn],
+            up_block_types=[_type_for(arch.up, a) for a in up_attn],
         )
-        if len(set(depths)) == 1:
+        if arch.mid is None:
+            config["add_attention"] = mid_attention
+        else:
+            config["mid_block_type"] = _type_for(arch.mid, mid_attention)
+        if self.family == "unet2d_condition":
+            config.update(_class_name="UNet2DConditionModel", layers_per_block=depths)
+        elif len(set(depths)) == 1:
             config.update(_class_name="UNet2DModel", layers_per_block=depths[0])
         else:
             config.update(_class_name="StudentUNet2DModel", layers_per_block=depths)
@@ -199,12 +261,15 @@ class SupernetBlock:
             the rest keep only their shortcut, so the block's output shape is the teacher's.
         width: inner width of the computed resnets, as a fraction of the block's channels.
         attention: whether the computed layers keep their attention.
+        depth: transformer layers each kept ``Transformer2DModel`` attention computes (cross-attention
+            blocks; the first ones).
     """
 
     name: str
     layers: tuple[int, ...] | None = None
     width: tuple[float, ...] | None = None
     attention: tuple[bool, ...] | None = None
+    depth: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -218,7 +283,9 @@ class SupernetSpace:
         blocks:
           down.1: {layers: [0, 1], width: [0.25, 0.5, 1.0]}
           mid:    {layers: [1, 2], width: [0.5, 1.0], attention: [true, false]}
-          up.1:   {layers: [1, 2], width: [0.25, 0.5, 0.75, 1.0]}
+          up.1:   {layers: [1, 2], width: [0.25, 0.5, 0.75, 1.0], depth: [1, 2]}
+
+    ``depth`` applies to the ``Transformer2DModel`` attentions of cross-attention blocks.
     """
 
     path: str
@@ -251,6 +318,12 @@ class SupernetSpace:
                     raise UserError(f"{self.path}: {key}.layers: {n} is more than the block's {len(resnets)} resnets")
             if block.attention is not None and any(block.attention) and not attentions:
                 raise UserError(f"{self.path}: {key}.attention: true, but the teacher's {block.name} has no attention")
+            transformer = min((len(getattr(a, "transformer_blocks", ())) for a in attentions), default=0)
+            for d in block.depth or ():
+                if not transformer:
+                    raise UserError(f"{self.path}: {key}.depth: {d}, but the teacher's {block.name} has no transformer attention")
+                if d > transformer:
+                    raise UserError(f"{self.path}: {key}.depth: {d} is more than the {transformer} transformer layers of {block.name}")
             for resnet in resnets:
                 if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
                     raise UserError(f"{self.path}: {key}: resnets that resample are not supported by supernets")
@@ -284,6 +357,7 @@ def _load_supernet_space(path: str | Path, top: Section) -> SupernetSpace:
                 layers=block.take_list("layers", int, None, check=lambda v: None if v >= 0 else "must be at least 0"),
                 width=block.take_list("width", float, None, check=_fraction),
                 attention=block.take_list("attention", bool, None),
+                depth=block.take_list("depth", int, None, check=positive),
             )
         )
         block.done()
