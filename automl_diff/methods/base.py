@@ -91,7 +91,7 @@ class Method(ABC):
         if teacher.text is not None and not self.text_to_image:
             raise UserError(
                 f"{config.path}: teacher: '{teacher.source}' is a text-to-image pipeline; method {self.name} compresses "
-                "unconditional UNets only so far (method dipgo takes text-to-image teachers)"
+                "unconditional UNets only"
             )
         self.options = self.options_from(config)
 

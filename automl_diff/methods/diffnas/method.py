@@ -40,6 +40,7 @@ from automl_diff.methods.diffnas.search import (
 )
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets
 from automl_diff.methods.training import TrainingInputs, fit
+from automl_diff.methods.training.loop import conditioning
 from automl_diff.models.loading import weights_digest
 from automl_diff.records import TrialAttr, stable_key
 
@@ -63,14 +64,13 @@ class DiffNAS(Method):
 
     name = "diffnas"
     options_type = DiffNASOptions
+    text_to_image = True
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.config.search_space is None:
             raise UserError(f"{self.config.path}: search_space: required for method diffnas")
         unet = self.teacher.unet
-        if getattr(unet.config, "cross_attention_dim", None) is not None:
-            raise UserError(f"teacher '{self.teacher.source}': method diffnas supports unconditional UNet2DModel teachers")
         space = load_search_space(self.config.search_space)
         if not isinstance(space, SupernetSpace):
             raise UserError(f"{self.config.search_space}: family: method diffnas needs family supernet (per-block subnet choices)")
@@ -103,8 +103,8 @@ class DiffNAS(Method):
         remaining = self.options.search_samples
         while remaining > 0:
             n = min(remaining, self.config.budgets.batch_size)
-            x, t = batches(n)[:2]
-            _, recorded = record_teacher_blocks(self.teacher.unet, x, t, list(self.supernets))
+            batch = batches(n)
+            _, recorded = record_teacher_blocks(self.teacher.unet, batch[0], batch[1], list(self.supernets), **conditioning(batch))
             for name, value in recorded.items():
                 data[name].append(value)
             remaining -= n

@@ -6,9 +6,10 @@ At step ``s`` of ``S``::
          + (1 - w(s)) * MSE(eps_student, eps_teacher)
          [+ data_weight * MSE(eps_student, noise)]        (dataset source only)
 
-``F_b`` are the outputs of block ``b`` in each model's own forward pass, recorded through
-removable hooks. The block terms continue what the supernets were trained on and give every block
-a short gradient path; the output term is what sampling needs. ``w`` moves from ``start`` to
+``F_b`` are the outputs of block ``b`` in each model's own forward pass (every model called with
+the batch's text conditioning, if any), recorded through removable hooks. The block terms
+continue what the supernets were trained on and give every block a short gradient path; the
+output term is what sampling needs. ``w`` moves from ``start`` to
 ``end`` over training (``linear`` or ``cosine``), or stays at ``start`` (``static``, the ablation).
 """
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_diff.methods.diffnas.search import block_loss
+from automl_diff.methods.training.loop import conditioning
 from automl_diff.models.blocks import block_names, record_blocks
 from automl_diff.sampling import predict_noise
 
@@ -72,12 +74,13 @@ class JointLoss:
 
     def __call__(self, student: nn.Module, batch: Any, step: int) -> torch.Tensor:
         x, t, target = batch[:3]
+        kwargs = conditioning(batch)
         with torch.no_grad(), record_blocks(self.teacher, self.names) as teacher_rec:
-            eps_teacher = predict_noise(self.teacher, x, t).float()
+            eps_teacher = predict_noise(self.teacher, x, t, **kwargs).float()
             if self.original is not None:
-                eps_teacher = predict_noise(self.original, x, t).float()
+                eps_teacher = predict_noise(self.original, x, t, **kwargs).float()
         with record_blocks(student, self.names, detach=False) as student_rec:
-            eps = predict_noise(student, x, t).float()
+            eps = predict_noise(student, x, t, **kwargs).float()
         features = torch.stack([block_loss(student_rec[n].outputs[0], teacher_rec[n].outputs[0]) for n in self.names]).sum()
         output = F.mse_loss(eps, eps_teacher)
         w = self.weight(step, self.total)

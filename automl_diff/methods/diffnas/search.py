@@ -39,6 +39,7 @@ from tqdm import tqdm
 from automl_diff.config.options import BLOCK_COSTS
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, iter_tensors
+from automl_diff.methods.training.loop import conditioning
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import map_tensors, record_blocks
 from automl_diff.records import BlockSearchAttr
@@ -72,11 +73,13 @@ class BlockInputs:
 
 
 def record_teacher_blocks(
-    teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, names: list[str]
+    teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, names: list[str], **conditioning: Any
 ) -> tuple[torch.Tensor, dict[str, BlockInputs]]:
-    """Run the teacher once; return its noise prediction and every named block's inputs/output."""
+    """Run the teacher once (with ``conditioning``: ``encoder_hidden_states``); return its noise
+    prediction and every named block's inputs/output. A cross-attention block's recorded inputs
+    hold the text conditioning it was called with."""
     with torch.no_grad(), record_blocks(teacher, names) as rec:
-        eps = predict_noise(teacher, x, t).float()
+        eps = predict_noise(teacher, x, t, **conditioning).float()
     return eps, {n: BlockInputs(rec[n].args[0], rec[n].kwargs[0], rec[n].outputs[0]) for n in names}
 
 
@@ -106,7 +109,8 @@ def train_supernets(
     Args:
         teacher: the frozen teacher.
         supernets: block name -> supernet (trained in place).
-        batches: ``batches(n)`` gives ``(x_t, t, ...)``: a DKDM pool or a dataset.
+        batches: ``batches(n)`` gives ``(x_t, t, ...)`` batches (with their conditioning): a DKDM
+            pool or a dataset.
         iterations: optimiser steps.
         batch_size: samples per step.
         lr: peak learning rate (AdamW, cosine decay).
@@ -130,8 +134,8 @@ def train_supernets(
     losses: list[float] = []
     bar = tqdm(range(iterations), desc="supernets", unit="it", disable=not progress, file=sys.stderr, leave=False, mininterval=1)
     for step in bar:
-        x, t = batches(batch_size)[:2]
-        _, inputs = record_teacher_blocks(teacher, x, t, names)
+        batch = batches(batch_size)
+        _, inputs = record_teacher_blocks(teacher, batch[0], batch[1], names, **conditioning(batch))
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for name, supernet in supernets.items():
@@ -233,11 +237,13 @@ def score_candidate(
 
 
 def _suggest_choice(trial: optuna.Trial, supernet: BlockSupernet, prefix: str = "") -> BlockChoice:
+    depth = trial.suggest_categorical(f"{prefix}depth", list(supernet.depths)) if len(supernet.depths) > 1 else 0
     return supernet.canonical(
         BlockChoice(
             trial.suggest_categorical(f"{prefix}layers", list(supernet.layers)),
             trial.suggest_categorical(f"{prefix}width", list(supernet.widths)),
             trial.suggest_categorical(f"{prefix}attention", list(supernet.attention_choices)),
+            depth,
         )
     )
 

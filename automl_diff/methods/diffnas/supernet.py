@@ -3,14 +3,17 @@
 A :class:`BlockSupernet` is a copy of one teacher block (``down.1``, ``mid``, ``up.0`` ...) whose
 resnets and attentions become elastic: a :class:`BlockChoice` sets how many of the block's resnets
 compute (``layers``; each attention follows its resnet), their inner width (``width``, a fraction
-of the block's channels; narrower subnets use the first channels of the shared weights) and whether
-attention is kept. A resnet that does not compute keeps its shortcut (identity, or the 1x1
+of the block's channels; narrower subnets use the first channels of the shared weights), whether
+attention is kept and, for the ``Transformer2DModel`` attentions of cross-attention blocks
+(``CrossAttnDownBlock2D``, ``UNetMidBlock2DCrossAttn``, ``CrossAttnUpBlock2D``), how many of their
+transformer layers compute (``depth``). The text conditioning reaches every candidate as the
+teacher block's own call arguments (``encoder_hidden_states``). A resnet that does not compute keeps its shortcut (identity, or the 1x1
 ``conv_shortcut`` where channels change), so every candidate maps the teacher block's inputs to
 outputs of the teacher block's shapes and plugs in where the block was.
 
 :meth:`BlockSupernet.subnet` cuts a candidate out as a plain diffusers block (the layout
-:class:`~automl_diff.models.student.StudentUNet2DModel` builds from ``resnet_widths`` and
-``skip_attentions``), and :func:`assemble_student` puts the chosen subnets of every block into one
+:mod:`~automl_diff.models.student` builds from ``resnet_widths`` and
+``skip_attentions``, ``transformer_depths``), and :func:`assemble_student` puts the chosen subnets of every block into one
 student that inherits their weights.
 """
 
@@ -28,7 +31,7 @@ from torch import nn
 
 from automl_diff.config.search_space import SupernetSpace
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
-from automl_diff.models.student import Shortcut, SkipAttention, StudentUNet2DModel, narrow_resnet
+from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, narrow_resnet
 
 __all__ = [
     "BlockChoice",
@@ -38,6 +41,7 @@ __all__ = [
     "build_supernets",
     "iter_tensors",
     "plug_supernets",
+    "student_class",
     "student_config",
 ]
 
@@ -50,18 +54,21 @@ class BlockChoice:
         layers: resnets that compute (the first ``layers``); the others keep their shortcut.
         width: inner width of the computing resnets, as a fraction of their full width.
         attention: whether computing layers keep the attention that follows them.
+        depth: transformer layers each kept attention computes (0: all of the teacher's).
     """
 
     layers: int
     width: float
     attention: bool
+    depth: int = 0
 
     @property
     def key(self) -> str:
-        return f"layers={self.layers},width={self.width:g},attention={str(self.attention).lower()}"
+        key = f"layers={self.layers},width={self.width:g},attention={str(self.attention).lower()}"
+        return key + (f",depth={self.depth}" if self.depth else "")
 
     def to_params(self) -> dict[str, Any]:
-        return {"layers": self.layers, "width": self.width, "attention": self.attention}
+        return {"layers": self.layers, "width": self.width, "attention": self.attention, "depth": self.depth}
 
 
 class ElasticResnet(nn.Module):
@@ -124,15 +131,31 @@ def _proj_rows(full: int, width: int, out_features: int, device: torch.device) -
 
 
 class ElasticAttention(nn.Module):
-    """An attention layer that can be switched off (identity)."""
+    """An attention layer that can be switched off (identity) and, for a ``Transformer2DModel``,
+    run only its first ``depth`` transformer layers (0: all)."""
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()
         self.attention = attention
         self.active = True
+        self.depth = 0
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.attention(hidden_states, *args, **kwargs) if self.active else hidden_states
+    @property
+    def full_depth(self) -> int:
+        """Transformer layers of the wrapped attention (0 where it is not a transformer)."""
+        return len(getattr(self.attention, "transformer_blocks", ()))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return SkipAttention()(hidden_states, *args, **kwargs)
+        if not self.depth or self.depth >= self.full_depth:
+            return self.attention(hidden_states, *args, **kwargs)
+        full = self.attention.transformer_blocks
+        self.attention.transformer_blocks = full[: self.depth]
+        try:
+            return self.attention(hidden_states, *args, **kwargs)
+        finally:
+            self.attention.transformer_blocks = full
 
 
 class BlockSupernet(nn.Module):
@@ -141,7 +164,7 @@ class BlockSupernet(nn.Module):
     Args:
         name: the block's name (``down.1``).
         block: the teacher's block (copied; the teacher is not modified).
-        layers, width, attention: the choices (None: the teacher's only).
+        layers, width, attention, depth: the choices (None: the teacher's only).
     """
 
     def __init__(
@@ -152,6 +175,7 @@ class BlockSupernet(nn.Module):
         layers: tuple[int, ...] | None = None,
         width: tuple[float, ...] | None = None,
         attention: tuple[bool, ...] | None = None,
+        depth: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -162,11 +186,18 @@ class BlockSupernet(nn.Module):
         self.has_attention = bool(attentions) and any(a is not None for a in attentions)
         if attentions is not None:
             self.block.attentions = nn.ModuleList([a if a is None else ElasticAttention(a) for a in attentions])
-        depth = len(self.block.resnets)
-        self.layers = tuple(sorted(set(layers if layers is not None else (depth,))))
+        self.layers = tuple(sorted(set(layers if layers is not None else (len(self.block.resnets),))))
         self.widths = tuple(sorted(set(width if width is not None else (1.0,))))
         self.attention_choices = tuple(sorted(set(attention if attention is not None else (self.has_attention,))))
+        self.full_depth = max((a.full_depth for a in self.block.attentions if a is not None), default=0) if attentions else 0
+        self.depths = tuple(
+            sorted({0 if d >= self.full_depth else d for d in (depth if depth is not None else (0,))}, key=self._depth_order)
+        )
         self.choice = self.largest()
+
+    def _depth_order(self, depth: int) -> int:
+        """Depths ordered by how much they compute (0, all layers, last)."""
+        return depth or self.full_depth
 
     # -- candidates ----------------------------------------------------------------------------
     def canonical(self, choice: BlockChoice) -> BlockChoice:
@@ -174,18 +205,20 @@ class BlockSupernet(nn.Module):
         width and attention; a block without attention has ``attention=False``)."""
         if choice.layers == 0:
             return BlockChoice(0, max(self.widths), False)
-        return BlockChoice(choice.layers, choice.width, choice.attention and self.has_attention)
+        attention = choice.attention and self.has_attention
+        depth = choice.depth if attention and 0 < choice.depth < self.full_depth else 0
+        return BlockChoice(choice.layers, choice.width, attention, depth)
 
     def candidates(self) -> list[BlockChoice]:
         """Every distinct candidate, smallest first."""
-        every = {self.canonical(BlockChoice(*c)) for c in itertools.product(self.layers, self.widths, self.attention_choices)}
+        every = {self.canonical(BlockChoice(*c)) for c in itertools.product(self.layers, self.widths, self.attention_choices, self.depths)}
         return sorted(every)
 
     def largest(self) -> BlockChoice:
-        return self.canonical(BlockChoice(max(self.layers), max(self.widths), max(self.attention_choices)))
+        return self.canonical(BlockChoice(max(self.layers), max(self.widths), max(self.attention_choices), self.depths[-1]))
 
     def smallest(self) -> BlockChoice:
-        return self.canonical(BlockChoice(min(self.layers), min(self.widths), min(self.attention_choices)))
+        return self.canonical(BlockChoice(min(self.layers), min(self.widths), min(self.attention_choices), self.depths[0]))
 
     def from_params(self, params: Mapping[str, Any]) -> BlockChoice:
         largest = self.largest()
@@ -194,6 +227,7 @@ class BlockSupernet(nn.Module):
                 int(params.get("layers", largest.layers)),
                 float(params.get("width", largest.width)),
                 bool(params.get("attention", largest.attention)),
+                int(params.get("depth", largest.depth)),
             )
         )
 
@@ -210,6 +244,7 @@ class BlockSupernet(nn.Module):
             resnet.width = self.inner_width(resnet, choice.width)
             if attentions is not None and i < len(attentions) and attentions[i] is not None:
                 attentions[i].active = choice.attention and i < choice.layers
+                attentions[i].depth = choice.depth
         self.choice = choice
         return self
 
@@ -222,11 +257,13 @@ class BlockSupernet(nn.Module):
         return self.block(*args, **kwargs)
 
     # -- cutting out ----------------------------------------------------------------------------
-    def layout(self, choice: BlockChoice) -> tuple[dict[str, int], list[str]]:
-        """``resnet_widths`` and ``skip_attentions`` entries (student config) of a candidate."""
+    def layout(self, choice: BlockChoice) -> tuple[dict[str, int], list[str], dict[str, int]]:
+        """``resnet_widths``, ``skip_attentions`` and ``transformer_depths`` entries (student
+        config) of a candidate."""
         choice = self.canonical(choice)
         widths: dict[str, int] = {}
         skips: list[str] = []
+        depths: dict[str, int] = {}
         attentions = getattr(self.block, "attentions", None)
         for i, resnet in enumerate(self.block.resnets):
             inner = self.inner_width(resnet, choice.width) if i < choice.layers else 0
@@ -235,7 +272,9 @@ class BlockSupernet(nn.Module):
             has_attention = attentions is not None and i < len(attentions) and attentions[i] is not None
             if has_attention and not (choice.attention and i < choice.layers):
                 skips.append(f"{self.name}.attentions.{i}")
-        return widths, skips
+            elif has_attention and choice.depth:
+                depths[f"{self.name}.attentions.{i}"] = choice.depth
+        return widths, skips, depths
 
     @torch.no_grad()
     def subnet(self, choice: BlockChoice) -> nn.Module:
@@ -272,6 +311,9 @@ class BlockSupernet(nn.Module):
                     for i, a in enumerate(attentions)
                 ]
             )
+            for attention in block.attentions:
+                if choice.depth and hasattr(attention, "transformer_blocks"):
+                    attention.transformer_blocks = attention.transformer_blocks[: choice.depth]
         return block.requires_grad_(False)
 
 
@@ -295,33 +337,44 @@ def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, Block
     out = {}
     for name in block_names(teacher):
         spec = space.block(name)
-        out[name] = BlockSupernet(name, get_block(teacher, name), layers=spec.layers, width=spec.width, attention=spec.attention)
+        block = get_block(teacher, name)
+        out[name] = BlockSupernet(name, block, layers=spec.layers, width=spec.width, attention=spec.attention, depth=spec.depth)
     return out
+
+
+def student_class(teacher_config: Mapping[str, Any]) -> str:
+    """The student class of a teacher's config: conditional UNets get the conditional student."""
+    conditional = teacher_config.get("cross_attention_dim") is not None
+    return "StudentUNet2DConditionModel" if conditional else "StudentUNet2DModel"
 
 
 def student_config(
     teacher_config: Mapping[str, Any], supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
 ) -> dict[str, Any]:
-    """The diffusers config (``StudentUNet2DModel``) of the student that ``choices`` select."""
+    """The diffusers config (``StudentUNet2DModel``, or ``StudentUNet2DConditionModel`` for a
+    text-conditioned teacher) of the student that ``choices`` select."""
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     widths = dict(config.pop("resnet_widths", None) or {})
     skips = list(config.pop("skip_attentions", None) or [])
+    depths = dict(config.pop("transformer_depths", None) or {})
     for name, supernet in supernets.items():
-        w, s = supernet.layout(choices.get(name, supernet.largest()))
+        w, s, d = supernet.layout(choices.get(name, supernet.largest()))
         widths.update(w)
         skips += [a for a in s if a not in skips]
-    config.update(_class_name="StudentUNet2DModel", resnet_widths=widths, skip_attentions=skips)
+        depths.update(d)
+    depths = {k: v for k, v in depths.items() if k not in skips}
+    config.update(_class_name=student_class(config), resnet_widths=widths, skip_attentions=skips, transformer_depths=depths)
     return config
 
 
 @torch.no_grad()
 def assemble_student(
     teacher: nn.Module, supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
-) -> tuple[StudentUNet2DModel, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any]]:
     """The student with each block's chosen subnet, inheriting the supernets' weights (and the
     teacher's outside the blocks). Returns the model and its config."""
     config = student_config(teacher.config, supernets, choices)
-    student = StudentUNet2DModel.from_config(config)
+    student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("down_blocks.", "up_blocks.", "mid_block."))}
     for name, supernet in supernets.items():
         prefix = name_to_module_path(name) + "."

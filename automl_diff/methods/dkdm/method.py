@@ -36,6 +36,7 @@ class DKDM(Method):
 
     name = "dkdm"
     options_type = DKDMOptions
+    text_to_image = True
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,7 +47,9 @@ class DKDM(Method):
             raise UserError(f"teacher '{self.original.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
         space = load_search_space(self.config.search_space)
         if not isinstance(space, SearchSpace):
-            raise UserError(f"{self.config.search_space}: family: method dkdm needs family unet2d (student architectures)")
+            raise UserError(
+                f"{self.config.search_space}: family: method dkdm needs family unet2d or unet2d_condition (student architectures)"
+            )
         self.space: SearchSpace = space
         self.space.validate_for(dict(self.teacher.unet.config))
         if self.options.pool_size < self.config.budgets.batch_size:

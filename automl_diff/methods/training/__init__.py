@@ -9,8 +9,19 @@
 
 from __future__ import annotations
 
-from automl_diff.methods.training.inputs import BatchSource, DataBatches, PoolBatches, TrainingInputs
+from automl_diff.methods.training.inputs import Batch, BatchSource, DataBatches, PoolBatches, TrainingInputs
 from automl_diff.methods.training.loop import FitResult, fit, noise_loss
 from automl_diff.methods.training.pool import NoisePool, PoolState
 
-__all__ = ["BatchSource", "DataBatches", "FitResult", "NoisePool", "PoolBatches", "PoolState", "TrainingInputs", "fit", "noise_loss"]
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "DataBatches",
+    "FitResult",
+    "NoisePool",
+    "PoolBatches",
+    "PoolState",
+    "TrainingInputs",
+    "fit",
+    "noise_loss",
+]

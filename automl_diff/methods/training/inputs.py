@@ -1,5 +1,8 @@
 """Where distillation batches ``(x_t, t, target)`` come from, shared by every method that trains.
 
+Each batch is a :class:`Batch`: ``x_t``, ``t``, the target and, for a text-to-image teacher, the
+text conditioning of each sample, which every model in the training step is called with.
+
 * :class:`PoolBatches` (data-free, DKDM's idea): ``(x_t, t)`` from a
   :class:`~automl_diff.methods.training.pool.NoisePool` of the teacher's own generations; the
   target is the teacher's ``eps(x_t, t)``, and the same prediction advances the pool. No dataset
@@ -14,7 +17,7 @@ supernet training and retraining, and the benchmark's Torch-Pruning fine-tune al
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -26,11 +29,31 @@ from automl_diff.methods.training.pool import NoisePool, PoolState
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import make_scheduler, predict_noise
 
-__all__ = ["BatchSource", "DataBatches", "PoolBatches", "TrainingInputs"]
+__all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs"]
+
+
+class Batch(NamedTuple):
+    """One distillation batch: ``x_t``, ``t``, the target noise and, for a text-to-image teacher,
+    the ``encoder_hidden_states`` each sample is conditioned on (None: unconditional)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    context: torch.Tensor | None = None
+
+    @property
+    def conditioning(self) -> dict[str, Any]:
+        """The UNet keyword arguments of the batch's conditioning (``predict_noise(m, x, t, **c)``)."""
+        return {} if self.context is None else {"encoder_hidden_states": self.context}
 
 
 class BatchSource(Protocol):
-    def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def __call__(self, batch_size: int) -> Batch: ...
+
+
+def _context(table: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+    """The conditioning rows of ``labels`` (prompt indices into ``table``)."""
+    return None if table is None else table[labels.to(table.device)]
 
 
 class PoolBatches:
@@ -39,51 +62,83 @@ class PoolBatches:
     Args:
         teacher: noise-prediction model (frozen).
         pool: the noisy-sample pool.
+        prompts: a text-to-image teacher's conditioning per pool label, ``(labels + 1, tokens,
+            dim)``, the unconditional prompt last; each entry is labelled and advanced with its
+            own prompt's prediction.
     """
 
-    def __init__(self, teacher: nn.Module, pool: NoisePool) -> None:
+    def __init__(self, teacher: nn.Module, pool: NoisePool, prompts: torch.Tensor | None = None) -> None:
         self.teacher = teacher
         self.pool = pool
+        self.prompts = prompts
         self.teacher_evals = 0
 
     @torch.no_grad()
-    def label(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def label(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self.teacher_evals += len(x)
-        return predict_noise(self.teacher, x, t).float()
+        kwargs = {} if context is None else {"encoder_hidden_states": context}
+        return predict_noise(self.teacher, x, t, **kwargs).float()
 
-    def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, batch_size: int) -> Batch:
         idx = self.pool.draw(batch_size)
         x, t = self.pool.batch(idx)  # copies: advancing the pool leaves this batch as it is
-        eps = self.label(x, t)
+        context = _context(self.prompts, self.pool.labels[idx])
+        eps = self.label(x, t, context)
         self.pool.advance(idx, eps)
-        return x, t, eps
+        return Batch(x, t, eps, context)
 
 
 class DataBatches:
-    """Baseline batches from real images: ``x_t = sqrt(a) x_0 + sqrt(1-a) noise``, target = noise."""
+    """Baseline batches from real images: ``x_t = sqrt(a) x_0 + sqrt(1-a) noise``, target = noise.
 
-    def __init__(self, images: torch.Tensor, alphas_cumprod: torch.Tensor, *, generator: torch.Generator, device: torch.device) -> None:
+    For a text-to-image teacher ``images`` are latents and ``labels`` index each one's caption in
+    ``captions`` (the unconditional prompt last, used for a ``dropout`` share of the samples).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        labels: torch.Tensor | None = None,
+        captions: torch.Tensor | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         self.images = images
         self.alphas_cumprod = alphas_cumprod.float()
         self.generator = generator
         self.device = device
+        self.labels = labels
+        self.captions = captions
+        self.dropout = dropout
 
-    def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, batch_size: int) -> Batch:
         idx = torch.randint(0, len(self.images), (batch_size,), generator=self.generator)
         x0 = self.images[idx]
         t = torch.randint(0, len(self.alphas_cumprod), (batch_size,), generator=self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return x.to(self.device), t.to(self.device), noise.to(self.device)
+        context = None
+        if self.labels is not None and self.captions is not None:
+            labels = self.labels[idx]
+            dropped = torch.rand(batch_size, generator=self.generator) < self.dropout
+            context = _context(self.captions, torch.where(dropped, torch.full_like(labels, len(self.captions) - 1), labels))
+        return Batch(x.to(self.device), t.to(self.device), noise.to(self.device), context)
 
 
 class TrainingInputs:
-    """Batches ``(x_t, t, target)`` for distilling a teacher, per :class:`PoolOptions`.
+    """Batches ``(x_t, t, target[, context])`` for distilling a teacher, per :class:`PoolOptions`.
 
     ``prepare`` fills the pool once (data-free) or loads the dataset; ``batches(seed)`` then gives
     a fresh batch source that starts from the same pool snapshot, so runs differ only by seed.
     The target is the teacher's noise prediction (pool) or the true noise (dataset).
+
+    A text-to-image teacher's pool holds latents, each trajectory generated for one of the study's
+    training prompts (``prompts.train``) or, for ``prompt_dropout`` of them, the unconditional
+    prompt; its dataset is the captioned images encoded by the teacher's VAE.
     """
 
     def __init__(self, config: StudyConfig, teacher: Teacher, options: PoolOptions, *, device: torch.device) -> None:
@@ -92,29 +147,62 @@ class TrainingInputs:
         self.options = options
         self.device = device
         self.pool: NoisePool | None = None
+        self.prompts: torch.Tensor | None = None
         self._snapshot: PoolState | None = None
         self._dataset: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        if teacher.text is not None and options.source == "teacher" and not config.prompts.train:
+            raise UserError(
+                f"{config.path}: prompts.train: required to distil a text-to-image teacher data-free "
+                "(the prompts its generations are conditioned on)"
+            )
 
     def alphas_cumprod(self) -> torch.Tensor:
         return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
 
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """Conditioning of ``prompts`` and, last, of the unconditional prompt (float32, on device)."""
+        text = self.teacher.text
+        table = torch.cat([text.encode(prompts), text.encode([self.config.sampling.negative_prompt])])
+        return table.to(self.device, next(self.teacher.unet.parameters()).dtype)
+
+    @torch.no_grad()
+    def _load_dataset(self) -> None:
+        from automl_diff.data import load_captioned_dataset, load_dataset
+
+        dataset = self.config.fid.dataset or self.teacher.dataset
+        if dataset is None:
+            raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
+        t = self.teacher
+        if t.text is None:
+            self._dataset = load_dataset(dataset, resolution=t.resolution, channels=t.channels)
+            return
+        images, captions = load_captioned_dataset(dataset, resolution=t.resolution, channels=t.channels)
+        unique = sorted(set(captions))
+        self.prompts = self._encode(unique)
+        self._labels = torch.tensor([unique.index(c) for c in captions])
+        vae = t.text.vae
+        latents = []
+        for start in range(0, len(images), 256):  # the latent mean: the same x_0 on every draw
+            batch = images[start : start + 256].to(t.text.device, vae.dtype)
+            latents.append(vae.encode(batch).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+        self._dataset = torch.cat(latents)
+
     def prepare(self) -> None:
         if self.options.source == "dataset":
-            if self._dataset is not None:
-                return
-            from automl_diff.data import load_dataset
-
-            dataset = self.config.fid.dataset or self.teacher.dataset
-            if dataset is None:
-                raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
-            self._dataset = load_dataset(dataset, resolution=self.teacher.resolution, channels=self.teacher.channels)
+            if self._dataset is None:
+                self._load_dataset()
             return
         if self._snapshot is not None:
             return
+        unet = self.teacher.unet
+        if self.teacher.text is not None:
+            self.prompts = self._encode(list(self.config.prompts.train))
         scheduler_config = self.teacher.scheduler_config
+        size = self.teacher.latent_resolution
         self.pool = NoisePool(
             size=self.options.pool_size,
-            sample_shape=(self.teacher.channels, self.teacher.resolution, self.teacher.resolution),
+            sample_shape=(int(unet.config.in_channels), size, size),
             alphas_cumprod=self.alphas_cumprod(),
             num_steps=self.options.pool_steps,
             eta=self.options.pool_eta,
@@ -122,10 +210,13 @@ class TrainingInputs:
             clip_range=float(scheduler_config.get("clip_sample_range", 1.0)),
             generator=torch.Generator().manual_seed(self.config.seed),
             device=self.device,
+            num_labels=0 if self.prompts is None else len(self.prompts) - 1,
+            label_dropout=self.options.prompt_dropout,
         )
+        labeller = PoolBatches(unet, self.pool, self.prompts)
         with torch.no_grad():
             self.pool.warm_up(
-                lambda x, t: predict_noise(self.teacher.unet, x, t).float(),
+                lambda x, t, labels: labeller.label(x, t, _context(self.prompts, labels)),
                 batch_size=max(self.config.budgets.batch_size, 256),
             )
         self._snapshot = self.pool.state()
@@ -135,8 +226,16 @@ class TrainingInputs:
         self.prepare()
         generator = torch.Generator().manual_seed(seed)
         if self.options.source == "dataset":
-            return DataBatches(self._dataset, self.alphas_cumprod(), generator=generator, device=self.device)
+            return DataBatches(
+                self._dataset,
+                self.alphas_cumprod(),
+                generator=generator,
+                device=self.device,
+                labels=self._labels,
+                captions=self.prompts,
+                dropout=self.options.prompt_dropout,
+            )
         self.pool.load_state(self._snapshot)
         self.pool.generator = generator
         self.pool.completed = 0
-        return PoolBatches(self.teacher.unet, self.pool)
+        return PoolBatches(self.teacher.unet, self.pool, self.prompts)

@@ -23,13 +23,20 @@ from tqdm import tqdm
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.sampling import predict_noise
 
-__all__ = ["FitResult", "fit", "noise_loss"]
+__all__ = ["FitResult", "conditioning", "fit", "noise_loss"]
+
+
+def conditioning(batch: Any) -> dict[str, Any]:
+    """The UNet keyword arguments a batch's samples are conditioned with (none for a plain
+    ``(x_t, t, target)`` tuple)."""
+    return getattr(batch, "conditioning", {})
 
 
 def noise_loss(model: nn.Module, batch: Any, step: int) -> torch.Tensor:
-    """MSE between the model's noise prediction for ``(x_t, t)`` and the batch's target."""
+    """MSE between the model's noise prediction for ``(x_t, t)`` (with the batch's conditioning)
+    and the batch's target."""
     x, t, target = batch[:3]
-    return F.mse_loss(predict_noise(model, x, t).float(), target)
+    return F.mse_loss(predict_noise(model, x, t, **conditioning(batch)).float(), target)
 
 
 @dataclass

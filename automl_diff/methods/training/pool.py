@@ -8,6 +8,11 @@ The pool is larger than the batch and batches are drawn at random, so a batch mi
 
 Each trajectory gets a random offset in ``[0, T/num_steps)`` added to its timestep grid, so that
 across trajectories the student sees every timestep, not just ``num_steps`` of them.
+
+For a text-to-image teacher each trajectory also carries a label: the index of the prompt it is
+generated for (drawn when the trajectory starts), or ``num_labels`` for the unconditional prompt
+(a ``label_dropout`` share of the trajectories). The pool stores only the labels; the caller turns
+them into the teacher's conditioning.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class PoolState:
     x: torch.Tensor
     position: torch.Tensor
     offset: torch.Tensor
+    labels: torch.Tensor
 
 
 class NoisePool:
@@ -40,8 +46,10 @@ class NoisePool:
         eta: DDIM stochasticity of the pool's steps (1.0: ancestral-like, 0.0: deterministic).
         clip_sample: clip the predicted clean image (as the teacher's scheduler does).
         clip_range: the clipping bound (the scheduler's ``clip_sample_range``).
-        generator: CPU random generator (noise, batch draws, offsets).
+        generator: CPU random generator (noise, batch draws, offsets, labels).
         device: where the pool lives.
+        num_labels: prompts a trajectory can be generated for (0: unconditional teacher).
+        label_dropout: share of trajectories generated for the unconditional prompt.
     """
 
     def __init__(
@@ -56,6 +64,8 @@ class NoisePool:
         clip_range: float = 1.0,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
+        num_labels: int = 0,
+        label_dropout: float = 0.0,
     ) -> None:
         if size < 1 or num_steps < 1:
             raise ValueError("pool size and num_steps must be positive")
@@ -70,6 +80,9 @@ class NoisePool:
         self.clip_sample = clip_sample
         self.clip_range = clip_range
         self.generator = generator or torch.Generator().manual_seed(0)
+        self.num_labels = num_labels
+        self.label_dropout = label_dropout
+        self.labels = torch.full((size,), num_labels, dtype=torch.long, device=self.device)
         self.x = torch.empty((size, *self.sample_shape), device=self.device)
         self.position = torch.zeros(size, dtype=torch.long, device=self.device)
         self.offset = torch.zeros(size, dtype=torch.long, device=self.device)
@@ -96,6 +109,10 @@ class NoisePool:
         self.x[idx] = self._randn(len(idx))
         self.position[idx] = 0
         self.offset[idx] = torch.randint(0, self.stride, (len(idx),), generator=self.generator).to(self.device)
+        if self.num_labels:
+            labels = torch.randint(0, self.num_labels, (len(idx),), generator=self.generator)
+            dropped = torch.rand(len(idx), generator=self.generator) < self.label_dropout
+            self.labels[idx] = torch.where(dropped, torch.full_like(labels, self.num_labels), labels).to(self.device)
 
     def draw(self, batch_size: int) -> torch.Tensor:
         """Indices of a random batch of distinct entries."""
@@ -130,11 +147,12 @@ class NoisePool:
             self._reset(done)
 
     @torch.no_grad()
-    def warm_up(self, teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, batch_size: int = 256) -> None:
+    def warm_up(self, teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], *, batch_size: int = 256) -> None:
         """Spread the entries over the trajectory so that batches mix timesteps from the start.
 
-        Entry ``i`` is advanced by the teacher to a random position in ``[0, num_steps)``; this costs
-        about ``size * num_steps / 2`` teacher evaluations, once per pool.
+        Entry ``i`` is advanced by the teacher, ``teacher(x_t, t, labels)``, to a random position
+        in ``[0, num_steps)``; this costs about ``size * num_steps / 2`` teacher evaluations, once
+        per pool.
         """
         target = torch.randint(0, self.num_steps, (self.size,), generator=self.generator).to(self.device)
         for step in range(self.num_steps):
@@ -142,13 +160,14 @@ class NoisePool:
             for start in range(0, len(active), batch_size):
                 idx = active[start : start + batch_size]
                 x, t = self.batch(idx)
-                self.advance(idx, teacher(x, t))
+                self.advance(idx, teacher(x, t, self.labels[idx]))
         self.completed = 0
 
     def state(self) -> PoolState:
-        return PoolState(self.x.clone(), self.position.clone(), self.offset.clone())
+        return PoolState(self.x.clone(), self.position.clone(), self.offset.clone(), self.labels.clone())
 
     def load_state(self, state: PoolState) -> None:
         self.x.copy_(state.x)
         self.position.copy_(state.position)
         self.offset.copy_(state.offset)
+        self.labels.copy_(state.labels)
