@@ -4,6 +4,10 @@
   importance at a uniform ratio, as Diff-Pruning does, ``conv_out`` kept.
 * DeepCache (``DeepCache``): its ``DeepCacheSDHelper`` on a ``DDIMPipeline`` of the teacher,
   uniform caching of the skip branch 0 every ``interval`` steps.
+* BK-SDM (Kim et al., 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable
+  Diffusion"): block removal. :func:`bk_sdm_peer` removes what its variants remove from SD's UNet
+  and keeps the teacher's remaining weights; the benchmark retrains it with output plus
+  block-feature distillation through the same training loop as the DiffNAS student.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from torch import nn
 from automl_diff.errors import UserError
 from automl_diff.metrics.macs import count_macs
 
-__all__ = ["deepcache", "torch_pruning_peer"]
+__all__ = ["BK_SDM_VARIANTS", "bk_sdm_peer", "bk_sdm_removed", "deepcache", "torch_pruning_peer"]
+
+#: BK-SDM's variants this peer follows: ``base`` (BK-SDM-Base: one resnet and attention pair removed
+#: from each down and up stage) and ``small`` (BK-SDM-Small: also the whole mid block).
+BK_SDM_VARIANTS = ("base", "small")
 
 
 def torch_pruning_peer(
@@ -84,3 +92,62 @@ def deepcache(
             helper.disable()
 
     return context
+
+
+def bk_sdm_removed(unet: nn.Module, variant: str = "base") -> list[str]:
+    """The layers BK-SDM removes from ``unet``, as block names (``down.0.resnets.1``, ...).
+
+    Per down stage the last resnet and the attention after it (SD-1.x: ``down.i.resnets.1``,
+    ``down.i.attentions.1``); per up stage the pair before the last (SD-1.x: ``up.i.resnets.1``,
+    ``up.i.attentions.1``, the middle of three), so the stage keeps the resnet that takes the skip
+    from the level above; ``small`` also removes the mid block's resnets and attention. On SD-1.x
+    these are the layers BK-SDM-Base and BK-SDM-Small drop.
+    """
+    from automl_diff.models.blocks import block_names, get_block
+
+    if variant not in BK_SDM_VARIANTS:
+        raise UserError(f"unknown BK-SDM variant '{variant}'; variants: {', '.join(BK_SDM_VARIANTS)}")
+    removed = []
+    for name in block_names(unet):
+        block = get_block(unet, name)
+        depth = len(block.resnets)
+        if name == "mid":
+            picks = range(depth) if variant == "small" else ()
+        else:
+            picks = (depth - 1,) if name.startswith("down.") else (depth - 2,)
+        attentions = getattr(block, "attentions", None) or ()
+        for i in picks:
+            if i < 0:
+                continue
+            removed.append(f"{name}.resnets.{i}")
+            if name == "mid":
+                removed += [f"mid.attentions.{j}" for j in range(len(attentions)) if f"mid.attentions.{j}" not in removed]
+            elif i < len(attentions) and attentions[i] is not None:
+                removed.append(f"{name}.attentions.{i}")
+    return removed
+
+
+def bk_sdm_peer(teacher: nn.Module, variant: str = "base") -> tuple[nn.Module, dict[str, Any], list[str]]:
+    """BK-SDM's student of ``teacher``: the removed layers (:func:`bk_sdm_removed`) compute
+    nothing (a removed resnet keeps its 1x1 shortcut where it changes channels, so every skip
+    connection keeps its width), every other weight is the teacher's. Returns the student, its
+    config (a :mod:`~automl_diff.models.student` class that the pipeline loads) and the removed
+    layers."""
+    from automl_diff.methods.diffnas.supernet import student_class
+    from automl_diff.models.student import STUDENT_CLASSES
+
+    removed = bk_sdm_removed(teacher, variant)
+    config = {k: v for k, v in dict(teacher.config).items() if not k.startswith("_")}
+    widths = dict(config.pop("resnet_widths", None) or {})
+    skips = list(config.pop("skip_attentions", None) or [])
+    widths.update({name: 0 for name in removed if ".resnets." in name})
+    skips += [name for name in removed if ".attentions." in name and name not in skips]
+    config.update(_class_name=student_class(config), resnet_widths=widths, skip_attentions=skips)
+    student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
+    state = teacher.state_dict()
+    student.load_state_dict({k: state[k] for k in student.state_dict()}, strict=True)
+    param = next(teacher.parameters())
+    student.to(param.device)
+    if param.dtype != torch.float32:
+        student.to(param.dtype)
+    return student.eval(), config, removed

@@ -12,9 +12,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "BenchPreset"]
+__all__ = ["PRESETS", "BenchPreset", "Goal"]
 
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal one row is judged on, each part at its unfavourable end.
+
+    Attributes:
+        row: the rows judged: every row whose name starts with this (the best of them is named).
+        against: the row it is compared with, set by set (paired): ``teacher`` or another row's name.
+        macs: at least this many times fewer trajectory MACs than the teacher (exact, counted).
+        params: at least this many times fewer parameters than the teacher.
+        fid_ratio: FID / ``against``'s at most this: the high end of the paired ratio's 95% interval.
+        fid_lower: FID below ``against``'s: the high end of the paired difference's interval below 0.
+        alignment_drop: text alignment at most this below ``against``'s: the low end of the paired
+            difference's interval.
+        matched_macs: ``against`` has at least the row's trajectory MACs (compared at equal or
+            fewer MACs).
+    """
+
+    row: str
+    against: str = "teacher"
+    macs: float = 1.0
+    params: float = 1.0
+    fid_ratio: float | None = None
+    fid_lower: bool = False
+    alignment_drop: float | None = None
+    matched_macs: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.macs > 1:
+            parts.append(f"at least {self.macs:g}x fewer trajectory MACs")
+        if self.params > 1:
+            parts.append(f"at least {self.params:g}x fewer parameters")
+        if self.fid_ratio is not None:
+            parts.append(f"FID at most {self.fid_ratio:g}x {self.against}'s")
+        if self.fid_lower:
+            parts.append(f"FID below {self.against}'s")
+        if self.alignment_drop is not None:
+            parts.append(f"text alignment at most {100 * self.alignment_drop:g} points below {self.against}'s")
+        if self.matched_macs:
+            parts.append(f"at no more trajectory MACs than {self.against}")
+        return f"{self.row}: " + ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -72,6 +115,10 @@ class BenchPreset:
         alignment_drop: the goal's largest fall in alignment below the teacher's (judged at the
             unfavourable end of the paired difference's interval).
         goal_kind: the kind of row the goal is judged on (``stacked``, or ``method``).
+        goals: further goals, each on named rows (:class:`Goal`).
+        bk_sdm_variant: the BK-SDM variant of the ``bk_sdm`` row (``base`` or ``small``).
+        dkdm_dataset: the dataset the ``dkdm_data`` row's baseline trains the DKDM student on
+            (captioned for a text-to-image teacher; None: the teacher's).
     """
 
     name: str
@@ -124,6 +171,9 @@ class BenchPreset:
     alignment: str | None = None
     alignment_drop: float = 0.02
     goal_kind: str = "stacked"
+    goals: tuple[Goal, ...] = ()
+    bk_sdm_variant: str = "base"
+    dkdm_dataset: str | None = None
 
     @property
     def eval_seeds(self) -> tuple[int, ...]:
@@ -180,7 +230,26 @@ PRESETS: dict[str, BenchPreset] = {
         fid_batch=250,
         latency_batch=8,
         latency_batches=(1,),
-        rows=("teacher", "dipgo", "deepcache"),
+        rows=("teacher", "dkdm", "dkdm_data", "diffnas", "bk_sdm", "dipgo", "deepcache", "stacked"),
+        pool_size=2048,
+        dkdm_space=str(_ROOT / "search_spaces" / "digits_t2i_dkdm.yaml"),
+        dkdm_params={
+            "down.0.channels": 24,
+            "down.0.attention": True,
+            "down.1.channels": 48,
+            "down.1.layers": 1,
+            "down.1.attention": True,
+            "down.2.channels": 48,
+            "down.2.layers": 1,
+            "mid.attention": True,
+        },
+        dkdm_iterations=1500,
+        dkdm_dataset="digits",
+        diffnas_space=str(_ROOT / "search_spaces" / "digits_t2i_supernet.yaml"),
+        supernet_iterations=300,
+        retrain_iterations=1500,
+        max_ratio=0.46,
+        bk_sdm_variant="base",
         prompts_train=str(_ROOT / "studies" / "prompts" / "digits_train.txt"),
         prompts_eval=str(_ROOT / "studies" / "prompts" / "digits_eval.txt"),
         guidance_scale=1.5,
@@ -191,11 +260,26 @@ PRESETS: dict[str, BenchPreset] = {
         dipgo_batch=4,
         dipgo_thresholds=(0.2, 0.5),
         deepcache_intervals=tuple(range(2, 8)),
+        stacked_dipgo={"target_macs_ratio": 0.33},
+        stacked_dipgo_iterations=100,
         goal=(3.0, 1.1, 0.8),
         goal_kind="method",
+        goals=(
+            Goal("DiffNAS student", macs=2.0, params=2.0, fid_ratio=1.1, alignment_drop=0.02),
+            Goal("DiffNAS student", against="BK-SDM peer (BK-SDM-Base)", fid_lower=True, matched_macs=True),
+            Goal("DiffNAS + DiP-GO", macs=6.0, fid_ratio=1.15),
+            Goal("DKDM student", against="DKDM architecture, trained on the dataset", fid_ratio=1.2),
+        ),
         tuned="the guidance scale (1.5: the lowest FID among 1.5, 2 and 3 whose prompt accuracy is at least 0.99, on 500 teacher "
         "images of noise seed 0). Nothing was tuned on this preset's results: the pruner's target (0.25 of the trajectory MACs) "
-        "was set before it first ran, and its sparsity weight, warm-up, iterations and thresholds are the digits preset's.",
+        "was set before it first ran, and its sparsity weight, warm-up, iterations and thresholds are the digits preset's. The "
+        "DiffNAS size limit (0.46 of the teacher's MACs and params) is BK-SDM-Base's MACs on this teacher (0.467, counted), so "
+        "that the two are compared at equal or fewer MACs; the stacked pruner's target (0.33 of the student's trajectory) is "
+        "1/6 of the teacher's over that limit; the DKDM student (channels 24/48/48) and the training budgets (1500 steps for "
+        "DKDM, DiffNAS and BK-SDM alike, 300 supernet steps, 100 pruner iterations on the student) were sized from the "
+        "measured seconds per step so that the preset fits 75 minutes on 2 CPU cores. A first run with 2000 steps and 400 "
+        "supernet steps was stopped after its DKDM row, on time alone (it would have run about 85 minutes); its figures "
+        "decided nothing here.",
     ),
     "ddpm-cifar10": BenchPreset(
         name="ddpm-cifar10",

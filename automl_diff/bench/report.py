@@ -117,7 +117,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         cells += ["-" if row is teacher else _spread(row.speedup[b], 1, ".2f", "x") for b in batches]
         cells += ["-" if row is teacher else _spread(result.efficiency(row, b), 1, ".2f") for b in batches]
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
-    peers = [row for row in result.rows if row.versus_peer is not None and row.kind != "peer"]
+    peers = [row for row in result.rows if row.versus_peer is not None and row.kind not in ("peer", "baseline")]
     if peers:
         lines += ["", "Against the peer at matched trajectory MACs (paired, set by set):", ""]
         for row in peers:
@@ -158,6 +158,12 @@ def markdown(result: BenchResult, *, command: str) -> str:
                 else "."
             )
         )
+    if p.goals:
+        lines += ["", "Further goals, each judged at its unfavourable end (FID and alignment paired set by set):", ""]
+        for goal in p.goals:
+            row, met, figures = result.judge(goal)
+            verdict = "**met**" if met else "**not met**"
+            lines.append(f"- {goal.describe()}: {verdict}" + (f" by `{row.name}`: {figures}." if row is not None else f": {figures}."))
     if p.tuned:
         lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seeds: {p.tuned}"]
     lines += ["", "What each row ran:", ""]

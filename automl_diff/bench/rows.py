@@ -15,10 +15,18 @@ the preset's seed, so a row measured alone gives what it gives in the full run.
 4. ``torch_pruning``: the teacher pruned by Torch-Pruning (L2 magnitude, as Diff-Pruning) at the
    ratio whose MACs are closest to the DiffNAS student's, fine-tuned with the same data-free
    batches and budget.
-5. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several thresholds).
-6. ``deepcache``: DeepCache at the caching interval whose trajectory MACs are closest to DiP-GO's
+5. ``bk_sdm``: BK-SDM's block removal (its Base or Small variant) of the teacher, the remaining
+   weights kept, retrained with output plus block-feature distillation from the same data-free
+   batches at the DiffNAS student's budget, through the same loop (:class:`JointLoss` at a static
+   weight of 1/2: BK-SDM's equal weights of the output and feature terms; on data-free batches its
+   task loss is the output term).
+6. ``dkdm_data``: the DKDM student's architecture trained at its budget on the dataset (real images,
+   captioned for a text-to-image teacher) instead of the teacher's generations: what data-free
+   distillation gives up.
+7. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several thresholds).
+8. ``deepcache``: DeepCache at the caching interval whose trajectory MACs are closest to DiP-GO's
    first schedule at or below 1/4 of the teacher's (else its sparsest).
-7. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
+9. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
    yardstick is the original teacher, through the same ``DiPGO(original=...)`` code path as a
    stacked study (the student stays in memory instead of being exported and loaded again).
 """
@@ -31,13 +39,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from automl_diff.bench.peers import deepcache, torch_pruning_peer
+from automl_diff.bench.peers import bk_sdm_peer, deepcache, torch_pruning_peer
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
 from automl_diff.gating import apply_schedule
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
+from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.loading import Teacher
@@ -84,6 +93,29 @@ def dkdm_row(bench: Bench) -> None:
         candidate.unet,
         search_seconds=bench.pool_seconds + time.perf_counter() - start,
         notes=f"{p.dkdm_iterations} steps, {_json(p.dkdm_params)}",
+    )
+
+
+def dkdm_data_row(bench: Bench) -> None:
+    p = bench.preset
+    config = bench.study_config(
+        "dkdm", search_space=p.dkdm_space, iterations=p.dkdm_iterations, options={"source": "dataset", "ema_decay": p.ema_decay}
+    )
+    if p.dkdm_dataset is not None:
+        config = replace(config, fid=replace(config.fid, dataset=p.dkdm_dataset))
+    dkdm = DKDM(config, bench.teacher, device=bench.device)
+    start = time.perf_counter()
+    dkdm.prepare()
+    candidate = dkdm.run_trial(dict(p.dkdm_params))
+    what = "captioned images" if bench.teacher.text is not None else "images"
+    bench.measure(
+        "DKDM architecture, trained on the dataset",
+        "baseline",
+        candidate.unet,
+        search_seconds=time.perf_counter() - start,
+        notes=f"the DKDM student's architecture and budget ({p.dkdm_iterations} steps), trained on the "
+        f"{config.fid.dataset or bench.teacher.dataset} {what} (noise-prediction loss): not data-free",
+        peer_of="DKDM student",
     )
 
 
@@ -163,6 +195,32 @@ def torch_pruning_row(bench: Bench) -> None:
     bench.details["prune_ratio"] = ratio
 
 
+def bk_sdm_row(bench: Bench) -> None:
+    p = bench.preset
+    start = time.perf_counter()
+    student, _, removed = bk_sdm_peer(bench.teacher.unet, p.bk_sdm_variant)
+    weight = JointWeight("static", 0.5, 0.5)
+    tuned = fit(
+        student.requires_grad_(True),
+        bench.inputs.batches(p.seed + 3),
+        iterations=p.retrain_iterations,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        ema_decay=p.ema_decay,
+        loss=JointLoss(bench.teacher.unet, weight, p.retrain_iterations),
+    ).model.requires_grad_(False)
+    variant = {"base": "BK-SDM-Base", "small": "BK-SDM-Small"}[p.bk_sdm_variant]
+    bench.measure(
+        f"BK-SDM peer ({variant})",
+        "peer",
+        tuned,
+        search_seconds=bench.pool_seconds + time.perf_counter() - start,
+        notes=f"{variant}'s block removal ({', '.join(removed)}), the teacher's remaining weights, retrained "
+        f"{p.retrain_iterations} steps with output + block-feature distillation (equal weights)",
+        peer_of="DiffNAS student",
+    )
+
+
 def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind: str) -> list[Row]:
     """One row per distinct schedule the method's pruner gives at the preset's thresholds."""
     o = method.options
@@ -230,7 +288,7 @@ def deepcache_row(bench: Bench) -> None:
 def stacked_row(bench: Bench) -> None:
     p = bench.preset
     student, student_seconds = bench.results["diffnas"]
-    start_model = Teacher(student, bench.scheduler_config, "DiffNAS student", dataset=bench.teacher.dataset)
+    start_model = Teacher(student, bench.scheduler_config, "DiffNAS student", dataset=bench.teacher.dataset, text=bench.teacher.text)
     method, seconds = _dipgo(bench, start_model, {**p.dipgo, **p.stacked_dipgo}, p.stacked_dipgo_iterations or p.dipgo_iterations)
     _schedule_rows(bench, method, student_seconds + seconds, "DiffNAS + DiP-GO", "stacked")
 
@@ -241,6 +299,8 @@ ROWS: dict[str, RowSpec] = {
     "dkdm": RowSpec(dkdm_row, files=("dkdm_space",)),
     "diffnas": RowSpec(diffnas_row, files=("diffnas_space",)),
     "torch_pruning": RowSpec(torch_pruning_row, needs=("diffnas",), peers=("torch_pruning",)),
+    "bk_sdm": RowSpec(bk_sdm_row, needs=("diffnas",)),
+    "dkdm_data": RowSpec(dkdm_data_row, needs=("dkdm",), files=("dkdm_space",)),
     "dipgo": RowSpec(dipgo_row),
     "deepcache": RowSpec(deepcache_row, needs=("dipgo",), peers=("DeepCache",)),
     "stacked": RowSpec(stacked_row, needs=("diffnas",)),

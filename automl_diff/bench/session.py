@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl_diff.bench.presets import BenchPreset
+from automl_diff.bench.presets import BenchPreset, Goal
 from automl_diff.config.study import (
     Budgets,
     FidSettings,
@@ -248,6 +248,47 @@ class BenchResult:
         if meets:
             return max(meets, key=self.macs_reduction), True
         return (min(candidates, key=lambda r: r.fid.value) if candidates else None), False
+
+    def judge(self, goal: Goal) -> tuple[Row | None, bool, str]:
+        """The row of ``goal`` that meets it with the most MACs reduction (else the one with the
+        lowest FID), whether it does, and its figures at their unfavourable ends."""
+        rows = {row.name: row for row in self.rows}
+        against = self.teacher if goal.against == "teacher" else rows.get(goal.against)
+        candidates = [r for r in self.rows if r.name.startswith(goal.row) and r is not against]
+        if against is None or not candidates:
+            return None, False, f"not measured ({goal.row} or {goal.against} is not a row of this run)"
+
+        def figures(row: Row) -> tuple[bool, str]:
+            difference, ratio = paired_across_sets(row.fid_sets, against.fid_sets)
+            params = self.teacher.params / row.params
+            checks = [(self.macs_reduction(row) >= goal.macs, f"{self.macs_reduction(row):.2f}x fewer trajectory MACs")]
+            if goal.params > 1:
+                checks.append((params >= goal.params, f"{params:.2f}x fewer parameters"))
+            if goal.fid_ratio is not None:
+                checks.append((ratio.high <= goal.fid_ratio, f"FID / {against.name} {ratio.value:.2f} [{ratio.low:.2f}, {ratio.high:.2f}]"))
+            if goal.fid_lower:
+                checks.append(
+                    (difference.high < 0, f"FID - {against.name} {difference.value:.2f} [{difference.low:.2f}, {difference.high:.2f}]")
+                )
+            if goal.alignment_drop is not None and row.alignment_sets and against.alignment_sets:
+                drop = paired_across_sets(row.alignment_sets, against.alignment_sets)[0]
+                checks.append(
+                    (drop.low >= -goal.alignment_drop, f"alignment - {against.name} {drop.value:.4f} [{drop.low:.4f}, {drop.high:.4f}]")
+                )
+            if goal.matched_macs:
+                checks.append(
+                    (
+                        row.trajectory_macs <= against.trajectory_macs,
+                        f"{row.trajectory_macs / against.trajectory_macs:.2f}x {against.name}'s MACs",
+                    )
+                )
+            return all(ok for ok, _ in checks), "; ".join(text + ("" if ok else " (missed)") for ok, text in checks)
+
+        judged = [(row, *figures(row)) for row in candidates]
+        meets = [j for j in judged if j[1]]
+        if meets:
+            return max(meets, key=lambda j: self.macs_reduction(j[0]))
+        return min(judged, key=lambda j: j[0].fid.value)
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
