@@ -77,10 +77,11 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_PROMPTS = ("a handwritten seven", "the digit 2", "a three")
 
 
-def build_tiny_sd_pipeline(folder: Path) -> Path:
+def build_tiny_sd_pipeline(folder: Path, unet: dict | None = None) -> Path:
     """A real ``StableDiffusionPipeline`` with random weights, saved with diffusers: a tiny VAE
-    (16x16 grey images like the digits, 8x8 latents), a tiny CLIP text model with a character-level tokenizer, a
-    conditional UNet with SD's block kinds, and a DDIM scheduler with SD's betas."""
+    (16x16 grey images like the digits, 8x8 latents), a tiny CLIP text model with a character-level
+    tokenizer, a conditional UNet with SD's block kinds (``unet``: another config), and a DDIM
+    scheduler with SD's betas."""
     import json
     import string
 
@@ -93,7 +94,7 @@ def build_tiny_sd_pipeline(folder: Path) -> Path:
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     words = folder / "words"
-    words.mkdir(parents=True)
+    words.mkdir(parents=True, exist_ok=True)
     (words / "vocab.json").write_text(json.dumps(vocab))
     (words / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>", model_max_length=24)
@@ -127,13 +128,13 @@ def build_tiny_sd_pipeline(folder: Path) -> Path:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**TINY_COND_UNET),
+        unet=UNet2DConditionModel(**(unet or TINY_COND_UNET)),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out = folder / "pipeline"
+    out = folder / ("pipeline" if unet is None else "pipeline_custom")
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 

@@ -169,13 +169,15 @@ def test_presets_fit_their_teachers(name):
     from tests.test_macs import DDPM_CIFAR10
 
     preset = PRESETS[name]
+    torch.manual_seed(0)
     if preset.prompts_eval is not None:
-        assert not {"dkdm", "diffnas"} & set(plan(None, preset))
+        from automl_diff.models.loading import load_teacher
+
         train, evaluate = read_prompts(preset.prompts_train), read_prompts(preset.prompts_eval)
         assert prompt_digits(train) and sorted(set(prompt_digits(evaluate))) == list(range(10)) and not set(train) & set(evaluate)
-        return
-    torch.manual_seed(0)
-    if preset.teacher == "digits":
+        assert {"dkdm", "dkdm_data", "diffnas", "bk_sdm", "stacked"} <= set(plan(None, preset))
+        teacher = load_teacher(preset.teacher).unet
+    elif preset.teacher == "digits":
         from automl_diff.zoo.digits import DIGITS_DIR
 
         teacher = load_unet(DIGITS_DIR)
@@ -199,6 +201,11 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
 
     (tmp_path / "train.txt").write_text("a handwritten seven\nthe digit 2\na three\n")
     (tmp_path / "eval.txt").write_text("the number four\na 1\n")
+    (tmp_path / "dkdm.yaml").write_text("family: unet2d_condition\nblocks:\n  down.0: {channels: [4, 8]}\n  down.1: {channels: [8, 16]}\n")
+    (tmp_path / "supernet.yaml").write_text(
+        "family: supernet\nblocks:\n  down.0: {layers: [0, 1], width: [0.5, 1.0], attention: [true, false]}\n"
+        "  up.1: {layers: [1, 2], width: [0.5, 1.0], attention: [true, false]}\n"
+    )
     preset = replace(
         PRESETS["digits-t2i"],
         name="tiny-t2i",
@@ -221,11 +228,28 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
         dipgo_thresholds=(0.3, 0.7),
         deepcache_intervals=(2, 3),
         device="cpu",
+        batch_size=4,
+        pool_size=16,
+        pool_steps=4,
+        dkdm_space=str(tmp_path / "dkdm.yaml"),
+        dkdm_params={"down.0.channels": 4, "down.1.channels": 8},
+        dkdm_iterations=3,
+        diffnas_space=str(tmp_path / "supernet.yaml"),
+        supernet_iterations=2,
+        search_samples=8,
+        retrain_iterations=3,
+        max_ratio=0.9,
+        stacked_dipgo_iterations=2,
     )
     result = run_bench(preset, log=lambda line: None)
     rows = {row.name: row for row in result.rows}
     assert result.rows[0].kind == "teacher" and "DeepCache peer" in rows
-    assert not {"DKDM student", "DiffNAS student"} & set(rows)  # the preset's rows only
+    assert "Torch-Pruning peer" not in rows  # the preset's rows only
+    students = ("DKDM student", "DKDM architecture, trained on the dataset", "DiffNAS student", "BK-SDM peer (BK-SDM-Base)")
+    assert set(students) <= set(rows) and any(name.startswith("DiffNAS + DiP-GO") for name in rows)
+    assert rows["DKDM student"].versus_peer.other == "DKDM architecture, trained on the dataset"
+    assert rows["DiffNAS student"].versus_peer.other == "BK-SDM peer (BK-SDM-Base)"
+    assert all(rows[name].trajectory_macs < rows["teacher"].trajectory_macs for name in students)
     teacher = rows["teacher"]
     # guided steps: both halves of the UNet per step, nothing of the text encoder or the VAE
     unet = load_teacher(str(tiny_sd_dir)).unet
@@ -243,4 +267,6 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
     text = markdown(result, command="python -m automl_diff.bench --preset tiny-t2i")
     assert "| prompt_accuracy [95%] | prompt_accuracy - teacher [95%] |" in text
     assert "classifier-free guidance 1.5" in text and "Goal for each method's row" in text
+    for goal in preset.goals:  # every goal gets its verdict, with its figures
+        assert f"- {goal.describe()}: **" in text
     assert text.count("\n| ") == 2 * (len(result.rows) + 1)

@@ -9,18 +9,21 @@ from tests.conftest import REPO
 
 
 def test_shipped_study_configs_load(tmp_path):
+    (tmp_path / "studies" / "prompts").mkdir(parents=True)
+    for name in ("digits_train.txt", "digits_eval.txt"):
+        (tmp_path / "studies" / "prompts" / name).write_text((REPO / "studies" / "prompts" / name).read_text())
     for path in sorted((REPO / "studies").glob("*.yaml")):
-        if path.name == "stacked_digits.yaml":  # its starting model is an export made first
-            with pytest.raises(UserError, match=r"stacked_digits\.yaml: teacher: .*does not exist"):
+        if path.name.startswith("stacked_digits"):  # its starting model is an export made first
+            with pytest.raises(UserError, match=rf"{path.stem}\.yaml: teacher: .*does not exist"):
                 load_study_config(path)
-            (tmp_path / "studies").mkdir()
-            (tmp_path / "exports" / "diffnas_digits" / "trial_0").mkdir(parents=True)
+            start = "diffnas_digits_t2i" if path.name == "stacked_digits_t2i.yaml" else "diffnas_digits"
+            (tmp_path / "exports" / start / "trial_0").mkdir(parents=True)
             path = tmp_path / "studies" / path.name
-            path.write_text((REPO / "studies" / "stacked_digits.yaml").read_text())
+            path.write_text((REPO / "studies" / path.name).read_text())
             config = load_study_config(path)
-            assert config.teacher == str(tmp_path / "exports" / "diffnas_digits" / "trial_0") and config.original_teacher == "digits"
-        if path.name == "dipgo_sd15.yaml":  # its prompt files and reference images are the user's
-            with pytest.raises(UserError, match=r"dipgo_sd15\.yaml: prompts\.train: the prompt file .*sd_train\.txt does not exist"):
+            assert config.teacher == str(tmp_path / "exports" / start / "trial_0") and config.original_teacher.startswith("digits")
+        if path.name.endswith("_sd15.yaml"):  # its prompt files and reference images are the user's
+            with pytest.raises(UserError, match=rf"{path.stem}\.yaml: prompts\.train: the prompt file .*sd_train\.txt does not exist"):
                 load_study_config(path)
             continue
         config = load_study_config(path)

@@ -54,7 +54,7 @@ def test_pool_step_is_ddim_with_the_teacher_prediction():
 def test_warm_up_spreads_the_pool_and_batches_mix_timesteps(tiny_unet):
     pool = _pool(size=32, steps=8)
     with torch.no_grad():
-        pool.warm_up(lambda x, t: tiny_unet(x, t).sample)
+        pool.warm_up(lambda x, t, labels: tiny_unet(x, t).sample)
     assert len(set(pool.position.tolist())) >= 5
     idx = pool.draw(8)
     assert len(set(idx.tolist())) == 8

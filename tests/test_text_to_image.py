@@ -214,10 +214,11 @@ def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, 
     config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "empty.txt", "eval": "eval.csv", "column": "caption"})
     assert main(["run", str(config), "--quiet"]) == 2
     assert "holds no prompts" in capsys.readouterr().err
-    # a method that does not take text-to-image teachers yet says so
+    # an unconditional search-space family for a text-to-image teacher names the one that fits
     config = _t2i_study(tmp_path, tiny_sd_dir, method="dkdm", search_space=str(tiny_space), method_options={"pool_size": 8})
     assert main(["run", str(config), "--quiet"]) == 2
-    assert "is a text-to-image pipeline; method dkdm" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tiny_space}: family: unet2d does not fit a text-conditioned teacher; use family: unet2d_condition"
     # prompts for an unconditional teacher
     from tests.conftest import write_study
 
