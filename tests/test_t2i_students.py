@@ -72,7 +72,7 @@ def test_cross_attention_candidates_keep_shapes_and_the_largest_is_the_teacher_b
         for a, b in zip(iter_tensors(out), iter_tensors(data.output), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # the cut-out subnet computes what the supernet computes, transformer depth included
-    choice = next(c for c in supernets["up.2"].candidates() if c.depth == 1 and c.attention and c.width == 0.5)
+    choice = next(c for c in supernets["up.2"].candidates() if c.depth == 1 and c.attention and c.width == 0.5 and c.layers == 3)
     data = recorded["up.2"]
     with torch.no_grad():
         cut = supernets["up.2"].subnet(choice)(*data.args, **data.kwargs)
@@ -147,7 +147,9 @@ def test_the_conditional_pool_advances_entries_with_their_own_prompts_and_reads_
     for row in batch.context:
         assert any(torch.equal(row, p) for p in inputs.prompts)
     assert any(torch.equal(row, negative) for row in inputs.prompts)
-    assert torch.equal(pool.labels, idx_before) or pool.completed > 0  # labels change only for fresh trajectories
+    # a trajectory keeps its prompt until it reaches the clean image; then it draws a new one
+    fresh = pool.position == 0
+    assert torch.equal(pool.labels[~fresh], idx_before[~fresh])
 
 
 def test_captioned_dataset_batches_carry_their_captions(tiny_sd_dir, tmp_path):
@@ -262,9 +264,13 @@ def test_dkdm_and_diffnas_studies_on_a_text_to_image_pipeline_run_resume_and_exp
     config = _study(tmp_path, tiny_sd_dir, method, space, method_options=options)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    front = capsys.readouterr().out.split("Pareto front of study")[1].splitlines()
+    assert front[1].split() == ["trial", "MACs", "trajectory", "MACs", "params", "FID", "prompt_accuracy", "latency", "speedup"]
     name = f"t2i-{method}"
     complete = [t for t in optuna.load_study(study_name=name, storage=storage).trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2 and all(0 <= t.user_attrs[TrialAttr.PROMPT_ACCURACY] <= 1 for t in complete)
+    assert main(["trials", "--storage", storage, "--study-name", name]) == 0
+    assert "prompt_accuracy" in capsys.readouterr().out.splitlines()[0]
     assert main(["run", str(config), "--quiet", "--n-trials", "3"]) == 0  # resumed: one more trial
     assert len(optuna.load_study(study_name=name, storage=storage).trials) == 3
     capsys.readouterr()
@@ -321,6 +327,7 @@ def test_bk_sdm_removes_the_layers_the_paper_names():
     from diffusers import UNet2DConditionModel
 
     from automl_diff.bench.peers import bk_sdm_peer, bk_sdm_removed
+    from tests.conftest import TINY_COND_UNET
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD_LAYOUT).eval()  # SD-1.x's layout
@@ -331,12 +338,25 @@ def test_bk_sdm_removes_the_layers_the_paper_names():
     assert base == expected
     small = bk_sdm_removed(unet, "small")  # BK-SDM-Small: also the whole mid block
     assert set(small) - set(base) == {"mid.resnets.0", "mid.resnets.1", "mid.attentions.0"}
+    # on SD's layout the student is BK-SDM's own: a stock UNet2DConditionModel, one pair fewer per stage
     student, config, removed = bk_sdm_peer(unet, "small")
-    assert removed == small and config["_class_name"] == "StudentUNet2DConditionModel"
-    # kept layers hold the teacher's weights; removed ones compute nothing (the mid block is the identity)
+    assert removed == small and config["_class_name"] == "UNet2DConditionModel" and student.mid_block is None
+    assert config["layers_per_block"] == [1, 1, 1, 1] and [len(b.resnets) for b in student.up_blocks] == [2, 2, 2, 2]
+    # kept layers hold the teacher's weights: up stages' last pair moves down one place, as BK-SDM copies it
     torch.testing.assert_close(student.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
-    h = torch.randn(1, 64, 1, 1)
-    assert torch.equal(student.mid_block(h, torch.zeros(1, 128), encoder_hidden_states=torch.zeros(1, 3, 12)), h)
+    torch.testing.assert_close(student.up_blocks[1].resnets[1].conv1.weight, unet.up_blocks[1].resnets[2].conv1.weight)
+    torch.testing.assert_close(student.up_blocks[2].attentions[1].proj_in.weight, unet.up_blocks[2].attentions[2].proj_in.weight)
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 12)
+    assert student(x, t, encoder_hidden_states=context).sample.shape == (1, 4, 8, 8)
+    # a teacher with one pair per down stage: the removed layers stay in place and compute nothing
+    shallow = UNet2DConditionModel(**TINY_COND_UNET).eval()
+    student, config, removed = bk_sdm_peer(shallow, "small")
+    assert removed[:3] == ["down.0.resnets.0", "down.0.attentions.0", "down.1.resnets.0"]
+    assert config["_class_name"] == "StudentUNet2DConditionModel" and config["resnet_widths"]["down.0.resnets.0"] == 0
+    h = torch.randn(1, 16, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(student.mid_block(h, torch.zeros(1, 32), encoder_hidden_states=torch.zeros(1, 3, 12)), h)
+        assert student(x, t, encoder_hidden_states=context).sample.shape == (1, 4, 8, 8)
     with pytest.raises(UserError, match=r"unknown BK-SDM variant 'tiny'; variants: base, small"):
         bk_sdm_removed(unet, "tiny")
 

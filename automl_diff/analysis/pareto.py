@@ -10,7 +10,18 @@ import optuna
 
 from automl_diff.records import StudyAttr, TrialAttr
 
-__all__ = ["COLUMNS", "TrialRow", "all_trials_frame", "pareto_rows", "teacher_metrics", "trial_rows", "trials_frame"]
+__all__ = [
+    "ALIGNMENT_METRICS",
+    "COLUMNS",
+    "TrialRow",
+    "alignment_name",
+    "alignment_of",
+    "all_trials_frame",
+    "pareto_rows",
+    "teacher_metrics",
+    "trial_rows",
+    "trials_frame",
+]
 
 #: Columns of ``pareto --json``/``--csv``, in order.
 COLUMNS = ("trial", TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.SPEEDUP)
@@ -20,7 +31,8 @@ COLUMNS = ("trial", TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.L
 class TrialRow:
     """One finished trial. MACs per UNet forward pass (the mean over the steps for a DiP-GO
     schedule); trajectory MACs for one image's whole sampling run; latency in seconds per image;
-    speedup is the teacher's latency divided by this one's (higher is faster); FID lower is better."""
+    speedup is the teacher's latency divided by this one's (higher is faster); FID lower is better;
+    ``alignment`` is a text-to-image trial's ``prompt_accuracy`` or ``clip_score`` (higher is better)."""
 
     trial: int
     macs: int
@@ -32,6 +44,7 @@ class TrialRow:
     trajectory_macs: int | None = None
     weights: str | None = None
     schedule_file: str | None = None
+    alignment: float | None = None
 
     def to_dict(self, columns: tuple[str, ...] = COLUMNS) -> dict[str, Any]:
         data = asdict(self)
@@ -58,7 +71,26 @@ def _row(trial: optuna.trial.FrozenTrial) -> TrialRow | None:
         trajectory_macs=attrs.get(TrialAttr.TRAJECTORY_MACS),
         weights=attrs.get(TrialAttr.WEIGHTS),
         schedule_file=attrs.get(TrialAttr.SCHEDULE_FILE),
+        alignment=alignment_of(attrs),
     )
+
+
+#: Text-alignment metrics a trial may record, in the order they are looked for.
+ALIGNMENT_METRICS = (TrialAttr.PROMPT_ACCURACY, TrialAttr.CLIP_SCORE)
+
+
+def alignment_of(metrics: dict[str, Any]) -> float | None:
+    """The text alignment a trial's (or the teacher's) metrics hold, if any."""
+    return next((float(metrics[k]) for k in ALIGNMENT_METRICS if metrics.get(k) is not None), None)
+
+
+def alignment_name(study: optuna.Study) -> str | None:
+    """The text-alignment metric a study's trials record (None: an unconditional study)."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for key in ALIGNMENT_METRICS:
+            if trial.user_attrs.get(key) is not None:
+                return key
+    return None
 
 
 def trial_rows(study: optuna.Study) -> list[TrialRow]:
@@ -105,7 +137,8 @@ TRIAL_FACTS = (
 
 def all_trials_frame(study: optuna.Study) -> Any:
     """A pandas DataFrame of every trial, whatever its state: number, state, the metrics it has
-    (empty where it has none), why it was pruned or failed, and its parameters (``param:<name>``)."""
+    (empty where it has none; a text-to-image study's alignment metric too), why it was pruned or
+    failed, and its parameters (``param:<name>``)."""
     import pandas as pd
 
     trials = study.get_trials(deepcopy=False)
@@ -115,10 +148,13 @@ def all_trials_frame(study: optuna.Study) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         histories = {t.number: optuna.storages.RetryFailedTrialCallback.retry_history(t) for t in trials}
     retried_as = {history[-1]: number for number, history in histories.items() if history}
+    aligned = alignment_name(study)
     records = []
     for t in trials:
         record: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         record.update({k: t.user_attrs.get(k) for k in TRIAL_FACTS})
+        if aligned:  # a text-to-image study's alignment metric
+            record[aligned] = t.user_attrs.get(aligned)
         if t.state == optuna.trial.TrialState.FAIL and t.number in retried_as and not record[TrialAttr.FAIL_REASON]:
             record[TrialAttr.FAIL_REASON] = f"no heartbeat (its worker was lost); retried as trial {retried_as[t.number]}"
         record.update({f"param:{k}": v for k, v in t.params.items()})

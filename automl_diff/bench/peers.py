@@ -101,7 +101,9 @@ def bk_sdm_removed(unet: nn.Module, variant: str = "base") -> list[str]:
     ``down.i.attentions.1``); per up stage the pair before the last (SD-1.x: ``up.i.resnets.1``,
     ``up.i.attentions.1``, the middle of three), so the stage keeps the resnet that takes the skip
     from the level above; ``small`` also removes the mid block's resnets and attention. On SD-1.x
-    these are the layers BK-SDM-Base and BK-SDM-Small drop.
+    these are the layers BK-SDM-Base and BK-SDM-Small drop. BK-SDM defines its variants on SD's
+    two pairs per down stage; on a teacher with one (digits-t2i) the same rule removes that pair,
+    leaving the stage its downsampler, and the first of the up stage's two pairs.
     """
     from automl_diff.models.blocks import block_names, get_block
 
@@ -128,24 +130,52 @@ def bk_sdm_removed(unet: nn.Module, variant: str = "base") -> list[str]:
 
 
 def bk_sdm_peer(teacher: nn.Module, variant: str = "base") -> tuple[nn.Module, dict[str, Any], list[str]]:
-    """BK-SDM's student of ``teacher``: the removed layers (:func:`bk_sdm_removed`) compute
-    nothing (a removed resnet keeps its 1x1 shortcut where it changes channels, so every skip
-    connection keeps its width), every other weight is the teacher's. Returns the student, its
-    config (a :mod:`~automl_diff.models.student` class that the pipeline loads) and the removed
-    layers."""
+    """BK-SDM's student of ``teacher``, initialised with the teacher's remaining weights. Returns
+    the student, its diffusers config and the removed layers (:func:`bk_sdm_removed`).
+
+    Where every down stage has at least two pairs (SD-1.x and SD-2.x), the student is what BK-SDM
+    builds: a stock ``UNet2DConditionModel`` with one pair fewer per stage (``layers_per_block``
+    minus one; ``mid_block_type: None`` for Small), each kept layer holding the teacher's weights
+    (the up stage's last pair moves down one place, as BK-SDM copies ``up.i.resnets.2`` into
+    ``resnets.1``). On a shallower teacher (one pair per down stage, as digits-t2i) stock diffusers
+    cannot hold an empty stage, so the removed layers stay in place computing nothing: a removed
+    resnet keeps only its shortcut (identity, or the 1x1 ``conv_shortcut`` where channels change)
+    and a removed attention is the identity (:class:`~automl_diff.models.student.StudentUNet2DConditionModel`),
+    so the stage passes its input on and every skip connection keeps its width.
+    """
+    from diffusers import UNet2DConditionModel
+
     from automl_diff.methods.diffnas.supernet import student_class
-    from automl_diff.models.student import STUDENT_CLASSES
+    from automl_diff.models.student import LAYOUT_KEYS, STUDENT_CLASSES
 
     removed = bk_sdm_removed(teacher, variant)
     config = {k: v for k, v in dict(teacher.config).items() if not k.startswith("_")}
-    widths = dict(config.pop("resnet_widths", None) or {})
-    skips = list(config.pop("skip_attentions", None) or [])
-    widths.update({name: 0 for name in removed if ".resnets." in name})
-    skips += [name for name in removed if ".attentions." in name and name not in skips]
-    config.update(_class_name=student_class(config), resnet_widths=widths, skip_attentions=skips)
-    student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
     state = teacher.state_dict()
-    student.load_state_dict({k: state[k] for k in student.state_dict()}, strict=True)
+    depths = [len(block.resnets) for block in teacher.down_blocks]
+    stock = isinstance(teacher, UNet2DConditionModel) and not any(config.get(k) for k in LAYOUT_KEYS) and min(depths) >= 2
+    if stock:
+        config.update(_class_name="UNet2DConditionModel", layers_per_block=[d - 1 for d in depths])
+        if variant == "small":
+            config["mid_block_type"] = None
+        student = UNet2DConditionModel.from_config(config)
+
+        def source(key: str) -> str:
+            parts = key.split(".")
+            if parts[0] == "up_blocks" and parts[2] in ("resnets", "attentions"):
+                kept = len(student.up_blocks[int(parts[1])].resnets)  # the teacher's up stage had one more
+                if int(parts[3]) >= kept - 1:
+                    parts[3] = str(int(parts[3]) + 1)
+            return ".".join(parts)
+
+        student.load_state_dict({k: state[source(k)] for k in student.state_dict()}, strict=True)
+    else:
+        widths = dict(config.pop("resnet_widths", None) or {})
+        skips = list(config.pop("skip_attentions", None) or [])
+        widths.update({name: 0 for name in removed if ".resnets." in name})
+        skips += [name for name in removed if ".attentions." in name and name not in skips]
+        config.update(_class_name=student_class(config), resnet_widths=widths, skip_attentions=skips)
+        student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
+        student.load_state_dict({k: state[k] for k in student.state_dict()}, strict=True)
     param = next(teacher.parameters())
     student.to(param.device)
     if param.dtype != torch.float32:

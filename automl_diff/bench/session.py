@@ -270,7 +270,9 @@ class BenchResult:
                 checks.append(
                     (difference.high < 0, f"FID - {against.name} {difference.value:.2f} [{difference.low:.2f}, {difference.high:.2f}]")
                 )
-            if goal.alignment_drop is not None and row.alignment_sets and against.alignment_sets:
+            if goal.alignment_drop is not None and not (row.alignment_sets and against.alignment_sets):
+                checks.append((False, "alignment not measured"))
+            elif goal.alignment_drop is not None:
                 drop = paired_across_sets(row.alignment_sets, against.alignment_sets)[0]
                 checks.append(
                     (drop.low >= -goal.alignment_drop, f"alignment - {against.name} {drop.value:.4f} [{drop.low:.4f}, {drop.high:.4f}]")

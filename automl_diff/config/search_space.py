@@ -318,7 +318,7 @@ class SupernetSpace:
                     raise UserError(f"{self.path}: {key}.layers: {n} is more than the block's {len(resnets)} resnets")
             if block.attention is not None and any(block.attention) and not attentions:
                 raise UserError(f"{self.path}: {key}.attention: true, but the teacher's {block.name} has no attention")
-            transformer = min((len(getattr(a, "transformer_blocks", ())) for a in attentions), default=0)
+            transformer = max((len(getattr(a, "transformer_blocks", ())) for a in attentions), default=0)
             for d in block.depth or ():
                 if not transformer:
                     raise UserError(f"{self.path}: {key}.depth: {d}, but the teacher's {block.name} has no transformer attention")

@@ -18,7 +18,8 @@ the text-conditioned one (a ``UNet2DConditionModel``, which takes per-level dept
 ``StableDiffusionPipeline`` holds it where SD's UNet was.
 
 Everything else, including ``forward``, ``save_pretrained`` and ``from_pretrained``, is diffusers'
-own. Exported students that stock diffusers can express are saved as plain ``UNet2DModel`` instead.
+own. Exported students that stock diffusers can express are saved as plain ``UNet2DModel`` or
+``UNet2DConditionModel`` instead.
 
 This module imports nothing but torch and diffusers: an export copies it into its ``unet/`` folder
 as custom component code (:data:`MODULE_FILE`), so that ``DDIMPipeline.from_pretrained(folder,
@@ -155,7 +156,8 @@ class StudentUNet2DModel(UNet2DModel):
         layers_per_block: an int, or one depth per level.
         resnet_widths: inner width per named resnet (``0``: shortcut only).
         skip_attentions: named attention layers replaced by identity.
-        transformer_depths: unused by ``UNet2DModel``'s attention (accepted for one schema).
+        transformer_depths: must stay empty: ``UNet2DModel``'s attention has no transformer layers
+            (the key exists so that both students share one schema).
 
     All other arguments are those of :class:`diffusers.UNet2DModel`.
     """

@@ -30,12 +30,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def pareto_table(study: Any) -> str:
     """The Pareto front as a text table, the teacher first."""
-    from automl_diff.analysis import pareto_rows, teacher_metrics
+    from automl_diff.analysis.pareto import alignment_name, pareto_rows, teacher_metrics
 
-    header = ["trial", "MACs", "trajectory MACs", "params", "FID", "latency", "speedup"]
+    aligned = alignment_name(study)
+    header = ["trial", "MACs", "trajectory MACs", "params", "FID", *([aligned] if aligned else []), "latency", "speedup"]
     rows = []
     teacher = teacher_metrics(study)
     if teacher:
+        alignment = [fmt_si(teacher.get(aligned))] if aligned else []
         rows.append(
             [
                 "teacher",
@@ -43,6 +45,7 @@ def pareto_table(study: Any) -> str:
                 fmt_si(teacher.get(TrialAttr.TRAJECTORY_MACS)),
                 fmt_si(teacher[TrialAttr.PARAMS]),
                 fmt_si(teacher[TrialAttr.FID]),
+                *alignment,
                 fmt_si(teacher[TrialAttr.LATENCY], "s"),
                 "1x",
             ]
@@ -55,6 +58,7 @@ def pareto_table(study: Any) -> str:
                 fmt_si(r.trajectory_macs),
                 fmt_si(r.params),
                 fmt_si(r.fid),
+                *([fmt_si(r.alignment)] if aligned else []),
                 fmt_si(r.latency, "s"),
                 fmt_si(r.speedup, "x"),
             ]
@@ -63,6 +67,7 @@ def pareto_table(study: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from automl_diff.analysis.pareto import alignment_name
     from automl_diff.config import load_study_config
     from automl_diff.runners import mask_url, run_study
 
@@ -78,7 +83,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     else:
         study = run_study(config, storage_url=storage, study_name=args.study_name, n_trials=args.n_trials, progress=not args.quiet)
-    print(f"\nPareto front of study '{study.study_name}' (MACs per UNet call, trajectory MACs and latency per image, lower FID is better):")
+    aligned = ", higher text alignment is better" if alignment_name(study) else ""
+    print(
+        f"\nPareto front of study '{study.study_name}' (MACs per UNet call, trajectory MACs and latency per image, "
+        f"lower FID is better{aligned}):"
+    )
     print(pareto_table(study))
     print(
         "\nExport the front as diffusers pipelines with:\n"
@@ -144,6 +153,7 @@ def _csv_path(value: str) -> Path:
 
 def cmd_trials(args: argparse.Namespace) -> int:
     from automl_diff.analysis import all_trials_frame
+    from automl_diff.analysis.pareto import ALIGNMENT_METRICS
     from automl_diff.runners import load_existing_study
 
     study = load_existing_study(args.storage, args.study_name)
@@ -166,9 +176,11 @@ def cmd_trials(args: argparse.Namespace) -> int:
             note = reason if isinstance(reason, str) else ""
             if cell(duplicate) != "-":
                 note = f"same as trial {duplicate}"
-            metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r[TrialAttr.FID]), cell(r[TrialAttr.SPEEDUP], "x")]
-            rows.append([str(r["trial"]), r["state"], *metrics, note])
-        print(_table(["trial", "state", "MACs", "trajectory MACs", "FID", "speedup", "note"], rows))
+            aligned = [cell(r[name]) for name in ALIGNMENT_METRICS if name in r]
+            metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r[TrialAttr.FID]), *aligned]
+            rows.append([str(r["trial"]), r["state"], *metrics, cell(r[TrialAttr.SPEEDUP], "x"), note])
+        alignment = [name for name in ALIGNMENT_METRICS if name in frame.columns]
+        print(_table(["trial", "state", "MACs", "trajectory MACs", "FID", *alignment, "speedup", "note"], rows))
     return 0
 
 

@@ -94,6 +94,9 @@ class DiffNAS(Method):
             "teacher": [self.teacher.source, weights_digest(self.teacher.unet)],
             "reference": [self.original.source, weights_digest(self.original.unet) if self.stacked else None],
         }
+        if self.teacher.text is not None:  # what the pool's trajectories are conditioned on
+            s = self.config.sampling
+            payload["conditioning"] = [list(self.config.prompts.train), o.prompt_dropout, s.negative_prompt, self.config.fid.dataset]
         return stable_key(payload)
 
     def _validation(self) -> dict[str, list[BlockInputs]]:

@@ -237,7 +237,8 @@ def score_candidate(
 
 
 def _suggest_choice(trial: optuna.Trial, supernet: BlockSupernet, prefix: str = "") -> BlockChoice:
-    depth = trial.suggest_categorical(f"{prefix}depth", list(supernet.depths)) if len(supernet.depths) > 1 else 0
+    # blocks without depth choices (0: all layers) keep the parameters they always had
+    depth = trial.suggest_categorical(f"{prefix}depth", list(supernet.depths)) if supernet.depths != (0,) else 0
     return supernet.canonical(
         BlockChoice(
             trial.suggest_categorical(f"{prefix}layers", list(supernet.layers)),
@@ -398,7 +399,7 @@ def global_search(
     latency_batch: int = 8,
 ) -> list[GlobalScore]:
     """Search all blocks jointly in one Optuna study ``<study_name>/global``: parameters
-    ``<block>.layers``/``.width``/``.attention``, objectives the blocks' total cost (``cost``:
+    ``<block>.layers``/``.width``/``.attention`` (and ``.depth`` where a block chooses it), objectives the blocks' total cost (``cost``:
     MACs, or seconds at ``latency_batch``) and mean block loss. The largest and the smallest
     students are tried first. Returns every evaluated student in trial order."""
     _check_cost(cost)

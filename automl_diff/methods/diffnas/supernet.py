@@ -202,11 +202,13 @@ class BlockSupernet(nn.Module):
     # -- candidates ----------------------------------------------------------------------------
     def canonical(self, choice: BlockChoice) -> BlockChoice:
         """The representative of the candidates that compute the same thing (``layers=0`` ignores
-        width and attention; a block without attention has ``attention=False``)."""
+        width and attention; a block without attention has ``attention=False``; a candidate without
+        attention ignores depth). Its depth is always one of :attr:`depths`."""
         if choice.layers == 0:
-            return BlockChoice(0, max(self.widths), False)
+            return BlockChoice(0, max(self.widths), False, self.depths[-1])
         attention = choice.attention and self.has_attention
-        depth = choice.depth if attention and 0 < choice.depth < self.full_depth else 0
+        depth = 0 if choice.depth >= self.full_depth else choice.depth
+        depth = depth if attention and depth in self.depths else self.depths[-1]
         return BlockChoice(choice.layers, choice.width, attention, depth)
 
     def candidates(self) -> list[BlockChoice]:

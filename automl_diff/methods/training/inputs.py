@@ -161,7 +161,8 @@ class TrainingInputs:
         return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        """Conditioning of ``prompts`` and, last, of the unconditional prompt (float32, on device)."""
+        """Conditioning of ``prompts`` and, last, of the unconditional prompt (in the UNet's dtype,
+        on the device)."""
         text = self.teacher.text
         table = torch.cat([text.encode(prompts), text.encode([self.config.sampling.negative_prompt])])
         return table.to(self.device, next(self.teacher.unet.parameters()).dtype)
@@ -183,8 +184,8 @@ class TrainingInputs:
         self._labels = torch.tensor([unique.index(c) for c in captions])
         vae = t.text.vae
         latents = []
-        for start in range(0, len(images), 256):  # the latent mean: the same x_0 on every draw
-            batch = images[start : start + 256].to(t.text.device, vae.dtype)
+        for start in range(0, len(images), 16):  # the latent mean: the same x_0 on every draw
+            batch = images[start : start + 16].to(t.text.device, vae.dtype)
             latents.append(vae.encode(batch).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
         self._dataset = torch.cat(latents)
 
