@@ -64,7 +64,7 @@ def test_cross_attention_candidates_keep_shapes_and_the_largest_is_the_teacher_b
     for name in ("down.0", "mid", "up.2"):
         supernet, data = supernets[name], recorded[name]
         candidates = supernet.candidates()
-        assert any(c.depth == 1 for c in candidates) and len(candidates) > 8
+        assert any(c.depth == 1 for c in candidates) and len(candidates) >= 7
         reference = [o.shape for o in iter_tensors(data.output)]
         for choice in candidates:
             assert [o.shape for o in iter_tensors(supernet.set(choice)(*data.args, **data.kwargs))] == reference, (name, choice)
