@@ -3,7 +3,8 @@
 ``digits`` runs on 2 CPU cores in about an hour (the shipped digits teacher, 100 DDIM steps,
 FID on 5 sets of 500 samples). ``digits-t2i`` is the text-to-image benchmark on the shipped
 ``digits-t2i`` pipeline (50 guided DDIM steps, FID and prompt accuracy on 5 sets of 500 images of
-the evaluation prompts), every method, BK-SDM and DeepCache, in about 75 minutes on 2 CPU cores. ``ddpm-cifar10`` is the same benchmark at CIFAR-10 scale for a GPU: the
+the evaluation prompts), every method, BK-SDM and DeepCache, in about 75 minutes on 2 CPU cores.
+``ddpm-cifar10`` is the same benchmark at CIFAR-10 scale for a GPU: the
 ``google/ddpm-cifar10-32`` teacher (a hub id, or its downloaded folder with ``--teacher``) and
 Inception FID against a folder of CIFAR-10 training images (``--fid-dataset folder:PATH``).
 """
