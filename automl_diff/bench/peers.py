@@ -25,9 +25,10 @@ from automl_diff.metrics.macs import count_macs
 
 __all__ = ["BK_SDM_VARIANTS", "bk_sdm_peer", "bk_sdm_removed", "deepcache", "torch_pruning_peer"]
 
-#: BK-SDM's variants this peer follows: ``base`` (BK-SDM-Base: one resnet and attention pair removed
-#: from each down and up stage) and ``small`` (BK-SDM-Small: also the whole mid block).
-BK_SDM_VARIANTS = ("base", "small")
+#: BK-SDM's variants this peer follows, with the paper's names: ``base`` (BK-SDM-Base: one resnet
+#: and attention pair removed from each down and up stage) and ``small`` (BK-SDM-Small: also the
+#: whole mid block).
+BK_SDM_VARIANTS = {"base": "BK-SDM-Base", "small": "BK-SDM-Small"}
 
 
 def torch_pruning_peer(
@@ -145,8 +146,7 @@ def bk_sdm_peer(teacher: nn.Module, variant: str = "base") -> tuple[nn.Module, d
     """
     from diffusers import UNet2DConditionModel
 
-    from automl_diff.methods.diffnas.supernet import student_class
-    from automl_diff.models.student import LAYOUT_KEYS, STUDENT_CLASSES
+    from automl_diff.models.student import LAYOUT_KEYS, STUDENT_CLASSES, with_layout
 
     removed = bk_sdm_removed(teacher, variant)
     config = {k: v for k, v in dict(teacher.config).items() if not k.startswith("_")}
@@ -169,11 +169,11 @@ def bk_sdm_peer(teacher: nn.Module, variant: str = "base") -> tuple[nn.Module, d
 
         student.load_state_dict({k: state[source(k)] for k in student.state_dict()}, strict=True)
     else:
-        widths = dict(config.pop("resnet_widths", None) or {})
-        skips = list(config.pop("skip_attentions", None) or [])
-        widths.update({name: 0 for name in removed if ".resnets." in name})
-        skips += [name for name in removed if ".attentions." in name and name not in skips]
-        config.update(_class_name=student_class(config), resnet_widths=widths, skip_attentions=skips)
+        config = with_layout(
+            config,
+            resnet_widths={name: 0 for name in removed if ".resnets." in name},
+            skip_attentions=[name for name in removed if ".attentions." in name],
+        )
         student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
         student.load_state_dict({k: state[k] for k in student.state_dict()}, strict=True)
     param = next(teacher.parameters())

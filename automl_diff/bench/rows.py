@@ -39,7 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from automl_diff.bench.peers import bk_sdm_peer, deepcache, torch_pruning_peer
+from torch import nn
+
+from automl_diff.bench.peers import BK_SDM_VARIANTS, bk_sdm_peer, deepcache, torch_pruning_peer
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
@@ -47,7 +49,7 @@ from automl_diff.gating import apply_schedule
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
-from automl_diff.methods.training import fit
+from automl_diff.methods.training import fit, noise_loss
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.loading import Teacher
 
@@ -171,19 +173,26 @@ def diffnas_row(bench: Bench) -> None:
     bench.details.update(tolerance=tolerance, block_choices=choice)
 
 
+def _retrain_peer(bench: Bench, model: nn.Module, seed: int, loss: Callable[[nn.Module, Any, int], Any] = noise_loss) -> nn.Module:
+    """A peer retrained at the DiffNAS student's budget on the shared data-free batches."""
+    p = bench.preset
+    return fit(
+        model.requires_grad_(True),
+        bench.inputs.batches(seed),
+        iterations=p.retrain_iterations,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        ema_decay=p.ema_decay,
+        loss=loss,
+    ).model.requires_grad_(False)
+
+
 def torch_pruning_row(bench: Bench) -> None:
     p = bench.preset
     student, _ = bench.results["diffnas"]
     start = time.perf_counter()
     pruned, ratio = torch_pruning_peer(bench.teacher.unet, count_macs(student).macs, p.prune_ratios, log=bench.log)
-    tuned = fit(
-        pruned.requires_grad_(True),
-        bench.inputs.batches(p.seed + 2),
-        iterations=p.retrain_iterations,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        ema_decay=p.ema_decay,
-    ).model.requires_grad_(False)
+    tuned = _retrain_peer(bench, pruned, p.seed + 2)
     bench.measure(
         "Torch-Pruning peer",
         "peer",
@@ -199,17 +208,9 @@ def bk_sdm_row(bench: Bench) -> None:
     p = bench.preset
     start = time.perf_counter()
     student, _, removed = bk_sdm_peer(bench.teacher.unet, p.bk_sdm_variant)
-    weight = JointWeight("static", 0.5, 0.5)
-    tuned = fit(
-        student.requires_grad_(True),
-        bench.inputs.batches(p.seed + 3),
-        iterations=p.retrain_iterations,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        ema_decay=p.ema_decay,
-        loss=JointLoss(bench.teacher.unet, weight, p.retrain_iterations),
-    ).model.requires_grad_(False)
-    variant = {"base": "BK-SDM-Base", "small": "BK-SDM-Small"}[p.bk_sdm_variant]
+    loss = JointLoss(bench.teacher.unet, JointWeight("static", 0.5, 0.5), p.retrain_iterations)
+    tuned = _retrain_peer(bench, student, p.seed + 3, loss)
+    variant = BK_SDM_VARIANTS[p.bk_sdm_variant]
     bench.measure(
         f"BK-SDM peer ({variant})",
         "peer",

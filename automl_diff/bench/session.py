@@ -259,7 +259,8 @@ class BenchResult:
             return None, False, f"not measured ({goal.row} or {goal.against} is not a row of this run)"
 
         def figures(row: Row) -> tuple[bool, str]:
-            difference, ratio = paired_across_sets(row.fid_sets, against.fid_sets)
+            versus = compare_rows(row, against)
+            difference, ratio, drop = versus.difference, versus.ratio, versus.alignment
             params = self.teacher.params / row.params
             checks = [(self.macs_reduction(row) >= goal.macs, f"{self.macs_reduction(row):.2f}x fewer trajectory MACs")]
             if goal.params > 1:
@@ -270,10 +271,9 @@ class BenchResult:
                 checks.append(
                     (difference.high < 0, f"FID - {against.name} {difference.value:.2f} [{difference.low:.2f}, {difference.high:.2f}]")
                 )
-            if goal.alignment_drop is not None and not (row.alignment_sets and against.alignment_sets):
+            if goal.alignment_drop is not None and drop is None:
                 checks.append((False, "alignment not measured"))
             elif goal.alignment_drop is not None:
-                drop = paired_across_sets(row.alignment_sets, against.alignment_sets)[0]
                 checks.append(
                     (drop.low >= -goal.alignment_drop, f"alignment - {against.name} {drop.value:.4f} [{drop.low:.4f}, {drop.high:.4f}]")
                 )
@@ -291,6 +291,13 @@ class BenchResult:
         if meets:
             return max(meets, key=lambda j: self.macs_reduction(j[0]))
         return min(judged, key=lambda j: j[0].fid.value)
+
+
+def compare_rows(a: Row, b: Row) -> Comparison:
+    """Row ``a`` against row ``b``, paired set by set: FID difference and ratio, and the text
+    alignment difference where both were measured."""
+    alignment = paired_across_sets(a.alignment_sets, b.alignment_sets)[0] if a.alignment_sets and b.alignment_sets else None
+    return Comparison(b.name, *paired_across_sets(a.fid_sets, b.fid_sets), alignment)
 
 
 def machine_info(device: torch.device) -> dict[str, str]:
@@ -569,18 +576,13 @@ class Bench:
         """Every row against the teacher, and each peer against the row it was matched to, paired
         set by set."""
         rows = {row.name: row for row in self.rows}
-
-        def comparison(a: Row, b: Row) -> Comparison:
-            alignment = paired_across_sets(a.alignment_sets, b.alignment_sets)[0] if a.alignment_sets and b.alignment_sets else None
-            return Comparison(b.name, *paired_across_sets(a.fid_sets, b.fid_sets), alignment)
-
         teacher = self.rows[0]
         for row in self.rows[1:]:
-            row.versus_teacher = comparison(row, teacher)
+            row.versus_teacher = compare_rows(row, teacher)
         for method, peer in self._peers.items():
             if method in rows:
-                rows[method].versus_peer = comparison(rows[method], rows[peer])
-                rows[peer].versus_peer = comparison(rows[peer], rows[method])
+                rows[method].versus_peer = compare_rows(rows[method], rows[peer])
+                rows[peer].versus_peer = compare_rows(rows[peer], rows[method])
 
     def time_rows(self) -> None:
         """Every row's latency per image at each of the preset's batch sizes, all rows in lockstep

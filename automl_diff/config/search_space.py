@@ -204,8 +204,10 @@ class SearchSpace:
                     raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by attention_head_dim={head_dim}")
 
     def _base(self, teacher_config: dict[str, Any]) -> dict[str, Any]:
+        from automl_diff.models.student import LAYOUT_KEYS
+
         base = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-        for key in ("resnet_widths", "skip_attentions", "transformer_depths"):  # a student teacher's layout
+        for key in LAYOUT_KEYS:  # a student teacher's layout
             base.pop(key, None)
         base.update(self.fixed)
         return base

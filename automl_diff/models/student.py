@@ -48,6 +48,7 @@ __all__ = [
     "StudentUNet2DModel",
     "narrow_resnet",
     "plain_config",
+    "with_layout",
 ]
 
 #: The file name this module gets inside an exported pipeline's ``unet/`` folder (custom code that
@@ -246,6 +247,28 @@ STUDENT_CLASSES: dict[str, tuple[type, type]] = {
     "StudentUNet2DModel": (StudentUNet2DModel, UNet2DModel),
     "StudentUNet2DConditionModel": (StudentUNet2DConditionModel, UNet2DConditionModel),
 }
+
+
+def with_layout(
+    config: dict[str, Any],
+    *,
+    resnet_widths: dict[str, int] | None = None,
+    skip_attentions: Sequence[str] = (),
+    transformer_depths: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The student config of ``config`` (a teacher's, or a student's whose own layout entries are
+    kept) with more resnets narrowed, attentions dropped and transformers made shallower; its class
+    is the student of the config's kind (``StudentUNet2DConditionModel`` where the UNet attends to
+    text). A dropped attention needs no depth."""
+    out = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    widths = {**(out.pop("resnet_widths", None) or {}), **(resnet_widths or {})}
+    skips = list(out.pop("skip_attentions", None) or [])
+    skips += [a for a in skip_attentions if a not in skips]
+    depths = {**(out.pop("transformer_depths", None) or {}), **(transformer_depths or {})}
+    depths = {k: v for k, v in depths.items() if k not in skips}
+    name = "StudentUNet2DConditionModel" if out.get("cross_attention_dim") is not None else "StudentUNet2DModel"
+    out.update(_class_name=name, resnet_widths=widths, skip_attentions=skips, transformer_depths=depths)
+    return out
 
 
 def plain_config(config: dict[str, Any]) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from automl_diff.data import DIGIT_WORDS
 from automl_diff.zoo.digits import warmup_cosine
 
 __all__ = [
@@ -51,7 +52,8 @@ __all__ = [
 
 DIGITS_T2I_DIR = Path(__file__).resolve().parent / "digits_t2i"
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+#: The digits' names (the captioned ``digits`` dataset's words).
+NUMBER_WORDS = DIGIT_WORDS
 
 #: Phrasings of "digit d": ``{word}`` is its name, ``{num}`` its numeral.
 TEMPLATES = (

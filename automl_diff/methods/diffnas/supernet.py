@@ -31,7 +31,7 @@ from torch import nn
 
 from automl_diff.config.search_space import SupernetSpace
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
-from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, narrow_resnet
+from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, narrow_resnet, with_layout
 
 __all__ = [
     "BlockChoice",
@@ -41,7 +41,6 @@ __all__ = [
     "build_supernets",
     "iter_tensors",
     "plug_supernets",
-    "student_class",
     "student_config",
 ]
 
@@ -344,29 +343,20 @@ def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, Block
     return out
 
 
-def student_class(teacher_config: Mapping[str, Any]) -> str:
-    """The student class of a teacher's config: conditional UNets get the conditional student."""
-    conditional = teacher_config.get("cross_attention_dim") is not None
-    return "StudentUNet2DConditionModel" if conditional else "StudentUNet2DModel"
-
-
 def student_config(
     teacher_config: Mapping[str, Any], supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
 ) -> dict[str, Any]:
     """The diffusers config (``StudentUNet2DModel``, or ``StudentUNet2DConditionModel`` for a
     text-conditioned teacher) of the student that ``choices`` select."""
-    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-    widths = dict(config.pop("resnet_widths", None) or {})
-    skips = list(config.pop("skip_attentions", None) or [])
-    depths = dict(config.pop("transformer_depths", None) or {})
+    widths: dict[str, int] = {}
+    skips: list[str] = []
+    depths: dict[str, int] = {}
     for name, supernet in supernets.items():
         w, s, d = supernet.layout(choices.get(name, supernet.largest()))
         widths.update(w)
-        skips += [a for a in s if a not in skips]
+        skips += s
         depths.update(d)
-    depths = {k: v for k, v in depths.items() if k not in skips}
-    config.update(_class_name=student_class(config), resnet_widths=widths, skip_attentions=skips, transformer_depths=depths)
-    return config
+    return with_layout(dict(teacher_config), resnet_widths=widths, skip_attentions=skips, transformer_depths=depths)
 
 
 @torch.no_grad()

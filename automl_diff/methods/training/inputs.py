@@ -25,7 +25,7 @@ from torch import nn
 from automl_diff.config.options import PoolOptions
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
-from automl_diff.methods.training.pool import NoisePool, PoolState
+from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import make_scheduler, predict_noise
 
@@ -44,7 +44,11 @@ class Batch(NamedTuple):
     @property
     def conditioning(self) -> dict[str, Any]:
         """The UNet keyword arguments of the batch's conditioning (``predict_noise(m, x, t, **c)``)."""
-        return {} if self.context is None else {"encoder_hidden_states": self.context}
+        return _unet_kwargs(self.context)
+
+
+def _unet_kwargs(context: torch.Tensor | None) -> dict[str, Any]:
+    return {} if context is None else {"encoder_hidden_states": context}
 
 
 class BatchSource(Protocol):
@@ -76,8 +80,7 @@ class PoolBatches:
     @torch.no_grad()
     def label(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self.teacher_evals += len(x)
-        kwargs = {} if context is None else {"encoder_hidden_states": context}
-        return predict_noise(self.teacher, x, t, **kwargs).float()
+        return predict_noise(self.teacher, x, t, **_unet_kwargs(context)).float()
 
     def __call__(self, batch_size: int) -> Batch:
         idx = self.pool.draw(batch_size)
@@ -123,9 +126,7 @@ class DataBatches:
         x = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = None
         if self.labels is not None and self.captions is not None:
-            labels = self.labels[idx]
-            dropped = torch.rand(batch_size, generator=self.generator) < self.dropout
-            context = _context(self.captions, torch.where(dropped, torch.full_like(labels, len(self.captions) - 1), labels))
+            context = _context(self.captions, drop_labels(self.labels[idx], len(self.captions) - 1, self.dropout, self.generator))
         return Batch(x.to(self.device), t.to(self.device), noise.to(self.device), context)
 
 

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NoisePool", "PoolState"]
+__all__ = ["NoisePool", "PoolState", "drop_labels"]
+
+
+def drop_labels(labels: torch.Tensor, unconditional: int, share: float, generator: torch.Generator) -> torch.Tensor:
+    """``labels`` with each replaced by ``unconditional`` (the unconditional prompt's index) with
+    probability ``share``: prompt dropout, so that students learn what guidance's other half needs."""
+    dropped = torch.rand(len(labels), generator=generator) < share
+    return torch.where(dropped, torch.full_like(labels, unconditional), labels)
 
 
 @dataclass
@@ -111,8 +118,7 @@ class NoisePool:
         self.offset[idx] = torch.randint(0, self.stride, (len(idx),), generator=self.generator).to(self.device)
         if self.num_labels:
             labels = torch.randint(0, self.num_labels, (len(idx),), generator=self.generator)
-            dropped = torch.rand(len(idx), generator=self.generator) < self.label_dropout
-            self.labels[idx] = torch.where(dropped, torch.full_like(labels, self.num_labels), labels).to(self.device)
+            self.labels[idx] = drop_labels(labels, self.num_labels, self.label_dropout, self.generator).to(self.device)
 
     def draw(self, batch_size: int) -> torch.Tensor:
         """Indices of a random batch of distinct entries."""
