@@ -87,10 +87,23 @@ class TrialAttr:
     FINGERPRINT: Final = "fingerprint"
     DUPLICATE_OF: Final = "duplicate_of"
     FAIL_REASON: Final = "fail_reason"
+    # early stopping: the score at each rung reached (``{"0": 0.031, ...}``), the training
+    # iteration of each rung, the MACs the pruner ranked the trial by, and why it was stopped
+    RUNG_SCORES: Final = "rung_scores"
+    RUNG_ITERATIONS: Final = "rung_iterations"
+    RUNG_MACS: Final = "rung_macs"
+    PRUNED_AT_RUNG: Final = "pruned_at_rung"
+    PRUNE_REASON: Final = "prune_reason"
     # training (DKDM, DiffNAS retraining)
     TRAIN_SECONDS: Final = "train_seconds"
     TRAIN_LOSS_FIRST: Final = "train_loss_first"
     TRAIN_LOSS_LAST: Final = "train_loss_last"
+    #: ``teacher`` (weights cut from the teacher's) or ``random``, and the share of the student's
+    #: parameters that came from the teacher.
+    INIT: Final = "init"
+    INHERITED_FRACTION: Final = "inherited_fraction"
+    #: Processes that trained the model (torch DDP above 1).
+    TRAIN_PROCESSES: Final = "train_processes"
     # DKDM
     SOURCE: Final = "source"
     TEACHER_EVALUATIONS: Final = "teacher_evaluations"

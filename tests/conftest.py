@@ -273,29 +273,16 @@ print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.un
 
 # --- holding a trial mid-run in another process, without timing ---
 
-_HOLD = """
+_PATCH_DKDM = """
 import importlib.util
 import sys
 import threading
+import time
 from pathlib import Path
 
 _TARGET = "automl_diff.methods.dkdm.method"
 
-
-def _hold(module):
-    fit = module.fit
-
-    def holding_fit(*args, desc="", on_step=None, **kwargs):
-        def step(i, loss):
-            if on_step is not None:
-                on_step(i, loss)
-            if desc.startswith("trial {trial} ") and i == {at_step}:
-                Path({marker!r}).write_text(desc)
-                threading.Event().wait()  # until the process is killed or interrupted
-
-        return fit(*args, desc=desc, on_step=step, **kwargs)
-
-    module.fit = holding_fit
+{patch}
 
 
 class _PatchOnImport:
@@ -310,7 +297,7 @@ class _PatchOnImport:
 
         def exec_module(module):
             run(module)
-            _hold(module)
+            _patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -319,17 +306,51 @@ class _PatchOnImport:
 sys.meta_path.insert(0, _PatchOnImport())
 """
 
+_HOLD = """
+def _patch(module):
+    fit = module.fit
+
+    def holding_fit(*args, desc="", on_step=None, **kwargs):
+        def step(i, loss):
+            if on_step is not None:
+                on_step(i, loss)
+            if desc.startswith("trial {trial} ") and i == {at_step}:
+                Path({marker!r}).write_text(desc)
+                threading.Event().wait()  # until the process is killed or interrupted
+
+        return fit(*args, desc=desc, on_step=step, **kwargs)
+
+    module.fit = holding_fit
+"""
+
+#: Every rung score is the clock: a later trial always scores worse at a rung than earlier ones.
+_LATER_IS_WORSE = """
+def _patch(module):
+    module.held_out_loss = lambda model, batch: time.time() - 1.7e9
+"""
+
+
+def patched_dkdm_env(folder: Path, patch: str) -> dict[str, str]:
+    """The environment of a subprocess whose DKDM module gets ``patch`` (a ``_patch(module)``
+    function) when it is imported: a ``sitecustomize`` on ``PYTHONPATH``."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_PATCH_DKDM.replace("{patch}", patch))
+    return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{REPO}"}
+
 
 def holding_env(folder: Path, *, trial: int, at_step: int = 2) -> tuple[dict[str, str], Path]:
     """The environment of a ``study run`` subprocess in which DKDM trial ``trial`` writes a marker
     file at training step ``at_step`` and then holds, until the process is killed or interrupted
     (a ``sitecustomize`` on ``PYTHONPATH``). Returns the environment and the marker's path: a
     test waits for the file, so it acts while that very trial runs, whatever the machine's speed."""
-    hold = folder / "hold"
-    hold.mkdir()
     marker = folder / f"trial_{trial}_running"
-    (hold / "sitecustomize.py").write_text(_HOLD.format(trial=trial, at_step=at_step, marker=str(marker)))
-    return {**os.environ, "PYTHONPATH": f"{hold}{os.pathsep}{REPO}"}, marker
+    env = patched_dkdm_env(folder / "hold", _HOLD.format(trial=trial, at_step=at_step, marker=str(marker)))
+    return env, marker
+
+
+def later_trials_score_worse_env(folder: Path) -> dict[str, str]:
+    """The environment of a subprocess in which every DKDM rung score is the time it was taken."""
+    return patched_dkdm_env(folder / "clock", _LATER_IS_WORSE)
 
 
 def wait_for_file(path: Path, process, *, timeout: float = 600) -> None:

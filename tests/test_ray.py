@@ -14,7 +14,7 @@ import pytest
 
 from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.study.cli import main
-from tests.conftest import REPO, holding_env, wait_for_file
+from tests.conftest import REPO, holding_env, later_trials_score_worse_env, wait_for_file
 
 pytest.importorskip("ray.tune")
 
@@ -22,8 +22,8 @@ COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RU
 FINISHED = (COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def _run_ray(config: Path, cwd: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run_ray(config: Path, cwd: Path, *extra: str, timeout: int = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--backend", "ray", "--quiet", *extra]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -92,3 +92,34 @@ def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
     assert "resuming the interrupted Ray Tune experiment" in resumed.stderr
     trials = optuna.load_study(study_name="tiny", storage=storage).trials
     assert [t.state for t in trials] == [COMPLETE]
+
+
+def test_ray_asha_stops_a_trial_at_a_rung_and_the_study_records_it_pruned(study_factory, tmp_path, capfd):
+    """Tune's ASHA scheduler on the rung scores: each trial scores worse than the ones before it
+    (the patched score is the clock), so ASHA stops the later ones at the first rung."""
+    config = study_factory(
+        n_trials=3,
+        sampler={"name": "tpe", "seed": 3},
+        execution={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 0},
+        budgets={
+            "train_iterations": 8,
+            "batch_size": 8,
+            "fid_samples": 24,
+            "sampling_steps": 2,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        pruner={"name": "mo_asha", "rungs": [0.25, 0.5], "reduction_factor": 2},
+    )
+    done = _run_ray(config, tmp_path, env=later_trials_score_worse_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(study.trials) == 3 and all(t.state in FINISHED for t in study.trials)
+    assert study.trials[0].state == COMPLETE
+    stopped = [t for t in study.trials if TrialAttr.PRUNE_REASON in t.user_attrs]
+    assert stopped and all(t.state == optuna.trial.TrialState.PRUNED for t in stopped)
+    assert all("by Ray Tune's ASHA" in t.user_attrs[TrialAttr.PRUNE_REASON] for t in stopped)
+    assert all(t.user_attrs[TrialAttr.RUNG_SCORES] and t.user_attrs[TrialAttr.RUNG_MACS] > 0 for t in stopped)
+    assert {t.number for t in stopped}.isdisjoint(t.number for t in study.best_trials)
+    assert main(["trials", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", "tiny"]) == 0
+    assert "by Ray Tune's ASHA" in capfd.readouterr().out

@@ -132,13 +132,17 @@ TRIAL_FACTS = (
     TrialAttr.SPEEDUP,
     TrialAttr.DUPLICATE_OF,
     TrialAttr.FAIL_REASON,
+    TrialAttr.PRUNE_REASON,
+    TrialAttr.PRUNED_AT_RUNG,
+    TrialAttr.RUNG_SCORES,
 )
 
 
 def all_trials_frame(study: optuna.Study) -> Any:
     """A pandas DataFrame of every trial, whatever its state: number, state, the metrics it has
     (empty where it has none; a text-to-image study's alignment metric too), why it was pruned or
-    failed, and its parameters (``param:<name>``)."""
+    failed (a trial stopped early: the rung, its score at each rung, the reason), and its
+    parameters (``param:<name>``)."""
     import pandas as pd
 
     trials = study.get_trials(deepcopy=False)
@@ -153,6 +157,8 @@ def all_trials_frame(study: optuna.Study) -> Any:
     for t in trials:
         record: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower()}
         record.update({k: t.user_attrs.get(k) for k in TRIAL_FACTS})
+        if record[TrialAttr.MACS] is None and t.user_attrs.get(TrialAttr.RUNG_MACS) is not None:
+            record[TrialAttr.MACS] = t.user_attrs[TrialAttr.RUNG_MACS]  # a trial stopped early: counted before training
         if aligned:  # a text-to-image study's alignment metric
             record[aligned] = t.user_attrs.get(aligned)
         if t.state == optuna.trial.TrialState.FAIL and t.number in retried_as and not record[TrialAttr.FAIL_REASON]:
@@ -160,6 +166,6 @@ def all_trials_frame(study: optuna.Study) -> Any:
         record.update({f"param:{k}": v for k, v in t.params.items()})
         records.append(record)
     frame = pd.DataFrame.from_records(records, columns=None if records else ["trial", "state", *TRIAL_FACTS])
-    for column in (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.DUPLICATE_OF):
+    for column in (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.DUPLICATE_OF, TrialAttr.PRUNED_AT_RUNG):
         frame[column] = pd.to_numeric(frame[column]).round().astype("Int64")  # integers with gaps
     return frame

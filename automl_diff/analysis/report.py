@@ -26,7 +26,7 @@ from automl_diff.analysis.figures import (
 )
 from automl_diff.analysis.pareto import TrialRow, pareto_rows, teacher_metrics
 from automl_diff.errors import UserError
-from automl_diff.formatting import fmt_number
+from automl_diff.formatting import fmt_number, fmt_si
 from automl_diff.gating import Schedule, apply_schedule
 from automl_diff.metrics import count_macs
 from automl_diff.models.loading import load_unet, unet_from_config
@@ -73,6 +73,25 @@ def _table(rows: list[TrialRow], teacher: dict[str, Any] | None) -> str:
         body.append(["teacher", *(teacher.get(key) for key in keys), 1.0])
     body += [[r.trial, r.macs, r.trajectory_macs, r.params, r.fid, r.latency, r.speedup] for r in rows]
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_number(v))}</td>" for v in row) + "</tr>" for row in body)
+    return f"<table class='pareto'><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead><tbody>{cells}</tbody></table>"
+
+
+def _stopped_table(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """The trials the pruner stopped: rung, MACs, held-out loss at each rung reached, and why."""
+    rows = []
+    for t in trials:
+        reason = t.user_attrs.get(TrialAttr.PRUNE_REASON)
+        if t.state != optuna.trial.TrialState.PRUNED or not reason:
+            continue
+        scores = t.user_attrs.get(TrialAttr.RUNG_SCORES) or {}
+        iterations = t.user_attrs.get(TrialAttr.RUNG_ITERATIONS) or {}
+        losses = ", ".join(f"{fmt_number(v)} @ {iterations.get(k, '?')}" for k, v in scores.items())
+        macs = fmt_si(t.user_attrs.get(TrialAttr.RUNG_MACS) or 0)
+        rows.append([t.number, t.user_attrs.get(TrialAttr.PRUNED_AT_RUNG), macs, losses, reason])
+    if not rows:
+        return ""
+    header = ["trial", "rung", "MACs", "held-out loss @ iteration", "reason"]
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table class='pareto'><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead><tbody>{cells}</tbody></table>"
 
 
@@ -124,6 +143,9 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
                 parts.append(f"<p>Prompts, in grid order (left to right, top to bottom):</p><ol class='prompts'>{items}</ol>")
         models.append(f"<section class='model' id='trial-{row.trial}'>{''.join(parts)}</section>")
     sections.append("<h2>Front models</h2>" + "".join(models))
+    stopped = _stopped_table(list(trials.values()))
+    if stopped:
+        sections.append(f"<h2>Trials stopped early</h2>{stopped}")
     title = html.escape(f"automl_diff report: {study.study_name}")
     method = html.escape(str(study.user_attrs.get(StudyAttr.METHOD)))
     teacher_name = html.escape(str(study.user_attrs.get(StudyAttr.TEACHER)))

@@ -86,9 +86,13 @@ class DKDMOptions(PoolOptions):
 
     Attributes:
         ema_decay: weight EMA of the student (0 turns it off).
+        init: where a student's weights start: ``teacher`` (cut from the teacher's: layers kept
+            by position, channels by L1 importance, :mod:`automl_diff.models.inherit`; layers the
+            teacher lacks start random) or ``random`` (diffusers' own init).
     """
 
     ema_decay: float = field(default=0.995, metadata={"check": _decay})
+    init: str = field(default="teacher", metadata={"choices": ("teacher", "random")})
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ __all__ = [
     "FidSettings",
     "Objective",
     "PromptSettings",
+    "PrunerSettings",
     "SamplerSettings",
     "SamplingSettings",
     "StudyConfig",
@@ -135,6 +136,9 @@ class ExecutionSettings:
         gpus_per_trial: GPUs Ray reserves for each trial; fractions share a GPU.
         max_concurrent: trials Ray runs at once (0: as many as the resources allow).
         max_failures: times Ray restarts a trial whose worker crashed (Tune ``FailureConfig``).
+        processes_per_trial: data-parallel training processes of one trial (torch DDP: ``torchrun``
+            for a local worker, Ray Train's ``TorchTrainer`` on the Ray backend); 0 follows
+            ``gpus_per_trial`` (one process per whole GPU, at least one).
     """
 
     heartbeat: int = 60
@@ -144,6 +148,40 @@ class ExecutionSettings:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 0
     max_failures: int = 2
+    processes_per_trial: int = 0
+
+    @property
+    def processes(self) -> int:
+        """Training processes per trial."""
+        return self.processes_per_trial or max(1, int(self.gpus_per_trial))
+
+
+@dataclass(frozen=True)
+class PrunerSettings:
+    """``pruner:``: early stopping of trials whose intermediate score is hopeless.
+
+    A trial reports a score at each rung (a fraction of its training budget); ``mo_asha`` stops it
+    when, given its MACs, its score ranks it outside the best ``1 / reduction_factor`` of the trials
+    that reached the rung and off their first non-dominated front (multi-objective asynchronous
+    successive halving); the Ray backend runs Tune's ASHA scheduler on the same score.
+
+    Attributes:
+        name: ``none`` (every trial trains in full) or ``mo_asha``.
+        rungs: fractions of the training budget at which a trial reports (increasing, in (0, 1)).
+        reduction_factor: the share ``1 / reduction_factor`` of a rung's trials that go on.
+        min_trials: trials that must have reached a rung before it stops any.
+        score_samples: noisy samples of the held-out batch the score is measured on.
+    """
+
+    name: str = "none"
+    rungs: tuple[float, ...] = (0.1, 0.3)
+    reduction_factor: float = 3.0
+    min_trials: int = 3
+    score_samples: int = 256
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
 
 
 @dataclass(frozen=True)
@@ -168,6 +206,7 @@ class StudyConfig:
     method_options: dict[str, Any]
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     prompts: PromptSettings = field(default_factory=PromptSettings)
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
     #: The teacher's precision: ``float32``, or ``float16``/``bfloat16`` (method dipgo, whose
     #: trials sample the teacher itself; float16 on a CUDA device).
     dtype: str = "float32"
@@ -313,8 +352,10 @@ def load_study_config(path: str | Path) -> StudyConfig:
         gpus_per_trial=e.take("gpus_per_trial", float, ExecutionSettings.gpus_per_trial, check=not_negative),
         max_concurrent=e.take("max_concurrent", int, ExecutionSettings.max_concurrent, check=not_negative),
         max_failures=e.take("max_failures", int, ExecutionSettings.max_failures, check=not_negative),
+        processes_per_trial=e.take("processes_per_trial", int, ExecutionSettings.processes_per_trial, check=not_negative),
     )
     e.done()
+    pruner = _pruner_settings(top.section("pruner"))
 
     config = StudyConfig(
         path=str(path),
@@ -335,6 +376,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
         method_options=dict(top.take("method_options", dict, {})),
         execution=execution,
         prompts=prompts,
+        pruner=pruner,
         dtype=top.take("dtype", str, "float32", choices=DTYPES),
         original_teacher=original_teacher,
     )
@@ -343,6 +385,29 @@ def load_study_config(path: str | Path) -> StudyConfig:
     top.done()
     read_options(METHOD_OPTIONS[method], config.method_options, file=config.path)  # now, naming the file
     return config
+
+
+def _pruner_settings(section: Section) -> PrunerSettings:
+    default = PrunerSettings()
+
+    def rungs(values: list[Any]) -> str | None:
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values):
+            return "must be a list of fractions of the training budget, each between 0 and 1"
+        if list(values) != sorted(set(values)):
+            return "must be increasing"
+        return None
+
+    settings = PrunerSettings(
+        name=section.take("name", str, default.name, choices=("none", "mo_asha")),
+        rungs=tuple(float(v) for v in section.take("rungs", list, list(default.rungs), check=rungs)),
+        reduction_factor=section.take(
+            "reduction_factor", float, default.reduction_factor, check=lambda v: None if v > 1 else "must be above 1"
+        ),
+        min_trials=section.take("min_trials", int, default.min_trials, check=positive),
+        score_samples=section.take("score_samples", int, default.score_samples, check=positive),
+    )
+    section.done()
+    return settings
 
 
 def _prompt_settings(section: Section, base: Path) -> PromptSettings:

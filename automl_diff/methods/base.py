@@ -11,6 +11,7 @@ the same way (MACs, FID, latency), saves its weights and records everything in t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,11 +26,30 @@ from automl_diff.gating import Schedule
 from automl_diff.models.loading import Teacher
 from automl_diff.records import stable_key
 
-__all__ = ["Candidate", "Method", "TrainingDiverged"]
+__all__ = ["Candidate", "Method", "Rungs", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
     """A method's loss became NaN or infinite; the trial fails with this reason, the study goes on."""
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Where a trial reports intermediate scores, so that a runner can stop it early.
+
+    Attributes:
+        fractions: the rungs, as fractions of the trial's training budget.
+        report: ``report(rung, iteration, score, model)``: the score (lower is better) of
+            ``model`` after ``iteration`` training iterations; raises ``optuna.TrialPruned`` (or
+            whatever the runner stops trials with) to end the trial there.
+    """
+
+    fractions: tuple[float, ...]
+    report: Callable[[int, int, float, nn.Module], None]
+
+    def iterations(self, total: int) -> list[int]:
+        """The iteration counts, within a run of ``total`` iterations, at which to report."""
+        return sorted({max(1, min(total - 1, round(f * total))) for f in self.fractions}) if total > 1 else []
 
 
 @dataclass
@@ -73,6 +93,8 @@ class Method(ABC):
     options_type: ClassVar[type]
     #: Whether the method compresses the UNet of a text-to-image teacher (a pipeline folder).
     text_to_image: ClassVar[bool] = False
+    #: Whether :meth:`run_trial` reports intermediate scores at :class:`Rungs` (early stopping).
+    reports_rungs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -127,11 +149,13 @@ class Method(ABC):
         return stable_key(params)
 
     @abstractmethod
-    def run_trial(self, params: dict[str, Any], *, number: int = 0) -> Candidate:
+    def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
         """Build and train the model ``params`` select.
 
         Args:
             params: what :meth:`suggest` returned (or the parameters of a finished trial, to
                 rebuild its model).
             number: the trial's number (seeds differ per trial).
+            rungs: where to report intermediate scores (methods with :attr:`reports_rungs`;
+                None: train in full without reporting).
         """

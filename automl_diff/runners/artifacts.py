@@ -18,7 +18,7 @@ from automl_diff.formatting import fmt_number
 from automl_diff.records import StudyFolder, TrialAttr
 from automl_diff.sampling import sample_grid_png
 
-__all__ = ["artifact_store", "attach_samples"]
+__all__ = ["artifact_store", "attach_samples", "note_stopped"]
 
 
 def artifact_store(folder: str | Path) -> Any:
@@ -66,3 +66,11 @@ def attach_samples(
         note += f"\nPrompts, in grid order (left to right, top to bottom):\n\n{listed}\n"
     save_note(trial, note)
     return artifact_id
+
+
+def note_stopped(trial: optuna.Trial, reason: str, scores: dict[str, float], iterations: dict[str, int]) -> None:
+    """The optuna-dashboard note of a trial stopped early: why, and its score at each rung."""
+    from optuna_dashboard import save_note
+
+    rows = "\n".join(f"| {k} | {iterations.get(k, '-')} | {fmt_number(v)} |" for k, v in scores.items())
+    save_note(trial, f"## Trial {trial.number}: stopped early\n\n{reason}\n\n| rung | iteration | held-out loss |\n|---|---|---|\n{rows}\n")

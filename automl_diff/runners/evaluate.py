@@ -218,6 +218,10 @@ class Evaluator:
         """UNet rows one image costs per step: 2 under classifier-free guidance (both halves)."""
         return 2 if self.prompts is not None and self.prompts.guidance_scale > 1 else 1
 
+    def macs(self, unet: nn.Module) -> int:
+        """MACs of one denoising step of ``unet`` per image, as :meth:`evaluate` counts them."""
+        return self.calls_per_step * count_macs(unet, text_length=self.text_length).macs
+
     def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
         b = self.config.budgets

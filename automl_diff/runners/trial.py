@@ -19,11 +19,12 @@ import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
 from automl_diff.errors import UserError
-from automl_diff.methods import METHODS, TrainingDiverged
+from automl_diff.methods import METHODS, Rungs, TrainingDiverged
 from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
 from automl_diff.records import Evaluation, StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.artifacts import attach_samples
 from automl_diff.runners.evaluate import Evaluator, ModelMetrics
+from automl_diff.runners.pruning import MOASHA
 
 __all__ = ["FINISHED_STATES", "StudySession", "resolve_original_teacher"]
 
@@ -110,6 +111,12 @@ class StudySession:
         if config.prompts.given and self.original.text is None:
             raise UserError(f"{config.path}: prompts: the teacher '{self.original.source}' is not a text-to-image pipeline")
         self.method = METHODS[config.method](config, self.teacher, original=self.original, device=self.device, progress=progress)
+        if config.pruner.enabled and not self.method.reports_rungs:
+            raise UserError(
+                f"{config.path}: pruner.name: method {config.method} reports no intermediate scores; use pruner: {{name: none}}"
+            )
+        #: Builds a trial's rung reporter (the Ray backend installs Tune's; default: MO-ASHA).
+        self.rung_reporter = lambda trial: MOASHA(config.pruner, trial, self.evaluator.macs)
         self.evaluator = Evaluator(
             config,
             scheduler_config=self.teacher.scheduler_config,
@@ -249,7 +256,8 @@ class StudySession:
             trial.set_user_attr(TrialAttr.DUPLICATE_OF, duplicate)
             logger.info("trial %d repeats trial %d: pruned", trial.number, duplicate)
             raise optuna.TrialPruned(f"same model as trial {duplicate}")
-        candidate = self.method.run_trial(params, number=trial.number)
+        rungs = Rungs(self.config.pruner.rungs, self.rung_reporter(trial)) if self.config.pruner.enabled else None
+        candidate = self.method.run_trial(params, number=trial.number, rungs=rungs)
         folder = self.folder.trial(trial.number)
         weights = candidate.weights
         if weights is None:

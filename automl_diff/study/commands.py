@@ -172,10 +172,12 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
         rows = []
         for r in frame.to_dict("records"):
-            reason, duplicate = r[TrialAttr.FAIL_REASON], r[TrialAttr.DUPLICATE_OF]
+            reason, duplicate, stopped = r[TrialAttr.FAIL_REASON], r[TrialAttr.DUPLICATE_OF], r[TrialAttr.PRUNE_REASON]
             note = reason if isinstance(reason, str) else ""
             if cell(duplicate) != "-":
                 note = f"same as trial {duplicate}"
+            elif isinstance(stopped, str):
+                note = stopped
             aligned = [cell(r[name]) for name in ALIGNMENT_METRICS if name in r]
             metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r[TrialAttr.FID]), *aligned]
             rows.append([str(r["trial"]), r["state"], *metrics, cell(r[TrialAttr.SPEEDUP], "x"), note])

@@ -25,7 +25,7 @@ import torch
 from automl_diff.config.options import DiffNASOptions
 from automl_diff.config.search_space import SupernetSpace, load_search_space
 from automl_diff.errors import UserError
-from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.base import Candidate, Method, Rungs
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
     BlockInputs,
@@ -40,7 +40,7 @@ from automl_diff.methods.diffnas.search import (
 )
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets
 from automl_diff.methods.training import TrainingInputs, fit
-from automl_diff.methods.training.loop import conditioning
+from automl_diff.methods.training.loop import conditioning, held_out_loss
 from automl_diff.models.loading import weights_digest
 from automl_diff.records import TrialAttr, stable_key
 
@@ -65,6 +65,7 @@ class DiffNAS(Method):
     name = "diffnas"
     options_type = DiffNASOptions
     text_to_image = True
+    reports_rungs = True
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -224,7 +225,7 @@ class DiffNAS(Method):
         choices, _ = self.choose(params[TOLERANCE])
         return stable_key({"choices": {n: c.key for n, c in choices.items()}, "iterations": self._iterations(params)})
 
-    def run_trial(self, params: dict[str, Any], *, number: int = 0) -> Candidate:
+    def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
         choices, losses = self.choose(params[TOLERANCE])
         iterations = self._iterations(params)
         seed = self.config.seed + number
@@ -239,6 +240,8 @@ class DiffNAS(Method):
             **self.summary,
         }
         if iterations > 0:
+            at = rungs.iterations(iterations) if rungs is not None else []
+            held_out = self.inputs.held_out(self.config.pruner.score_samples) if at else None
             weight = JointWeight(o.joint_schedule, o.joint_start, o.joint_end)
             original = self.original.unet if self.stacked else None
             loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight, original=original)
@@ -252,6 +255,8 @@ class DiffNAS(Method):
                 progress=self.progress,
                 desc=f"trial {number} retraining",
                 loss=loss,
+                rungs=at,
+                on_rung=(lambda k, it, model: rungs.report(k, it, held_out_loss(model, held_out), model)) if at else None,
             )
             student = result.model
             tail = max(1, len(result.losses) // 10)

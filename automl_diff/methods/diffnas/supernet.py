@@ -31,7 +31,8 @@ from torch import nn
 
 from automl_diff.config.search_space import SupernetSpace
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
-from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, narrow_resnet, with_layout
+from automl_diff.models.inherit import cut_resnet
+from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, with_layout
 
 __all__ = [
     "BlockChoice",
@@ -290,19 +291,8 @@ class BlockSupernet(nn.Module):
                 resnets.append(Shortcut(r.conv_shortcut, r.output_scale_factor))
                 continue
             width = self.inner_width(elastic, choice.width)
-            if width != elastic.full_width:
-                old = _Full(r.conv1, r.norm2, r.conv2, r.time_emb_proj)
-                narrow_resnet(r, width)
-                _copy_slice(r.conv1.weight, old.conv1.weight[:width])
-                _copy_slice(r.conv1.bias, None if old.conv1.bias is None else old.conv1.bias[:width])
-                _copy_slice(r.norm2.weight, None if old.norm2.weight is None else old.norm2.weight[:width])
-                _copy_slice(r.norm2.bias, None if old.norm2.bias is None else old.norm2.bias[:width])
-                _copy_slice(r.conv2.weight, old.conv2.weight[:, :width])
-                _copy_slice(r.conv2.bias, old.conv2.bias)
-                if old.time_emb_proj is not None:
-                    rows = _proj_rows(elastic.full_width, width, old.time_emb_proj.out_features, old.time_emb_proj.weight.device)
-                    _copy_slice(r.time_emb_proj.weight, old.time_emb_proj.weight[rows])
-                    _copy_slice(r.time_emb_proj.bias, None if old.time_emb_proj.bias is None else old.time_emb_proj.bias[rows])
+            if width != elastic.full_width:  # the leading channels: the width elastic steps trained
+                cut_resnet(r, torch.arange(width))
             resnets.append(r)
         block.resnets = nn.ModuleList(resnets)
         if attentions is not None:
@@ -316,21 +306,6 @@ class BlockSupernet(nn.Module):
                 if choice.depth and hasattr(attention, "transformer_blocks"):
                     attention.transformer_blocks = attention.transformer_blocks[: choice.depth]
         return block.requires_grad_(False)
-
-
-@dataclass
-class _Full:
-    """A resnet's full-width layers, kept while it is narrowed."""
-
-    conv1: nn.Conv2d
-    norm2: nn.GroupNorm
-    conv2: nn.Conv2d
-    time_emb_proj: nn.Linear | None
-
-
-def _copy_slice(target: torch.Tensor | None, source: torch.Tensor | None) -> None:
-    if target is not None and source is not None:
-        target.data.copy_(source.to(target.device, target.dtype))
 
 
 def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, BlockSupernet]:

@@ -23,7 +23,7 @@ import numpy as np
 from automl_diff.config.options import DiPGOOptions
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
-from automl_diff.methods.base import Candidate, Method
+from automl_diff.methods.base import Candidate, Method, Rungs
 from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
@@ -217,7 +217,7 @@ class DiPGO(Method):
             },
         )
 
-    def run_trial(self, params: dict[str, Any], *, number: int = 0) -> Candidate:
+    def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
         threshold = params[THRESHOLD]
         schedule = self.schedule_for(threshold)
         unet = self.teacher.unet

@@ -25,11 +25,12 @@ from torch import nn
 from automl_diff.config.options import PoolOptions
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
+from automl_diff.methods.training.loop import world
 from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import make_scheduler, predict_noise
 
-__all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs"]
+__all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs", "restore_batches"]
 
 
 class Batch(NamedTuple):
@@ -79,8 +80,23 @@ class PoolBatches:
 
     @torch.no_grad()
     def label(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's prediction for a batch. Under data-parallel training every rank holds
+        the same pool and batch: each labels its share, and the shares are gathered."""
+        rank, size = world()
+        if size > 1 and len(x) % size == 0:
+            n = len(x) // size
+            part = slice(rank * n, (rank + 1) * n)
+            mine = predict_noise(self.teacher, x[part], t[part], **_unet_kwargs(None if context is None else context[part])).float()
+            shares = [torch.empty_like(mine) for _ in range(size)]
+            torch.distributed.all_gather(shares, mine.contiguous())
+            self.teacher_evals += len(x)
+            return torch.cat(shares)
         self.teacher_evals += len(x)
         return predict_noise(self.teacher, x, t, **_unet_kwargs(context)).float()
+
+    def record(self) -> dict[str, Any]:
+        """This source as it is now (its teacher aside), for :func:`restore_batches`."""
+        return {"kind": "pool", "pool": self.pool.record(), "prompts": None if self.prompts is None else self.prompts.cpu()}
 
     def __call__(self, batch_size: int) -> Batch:
         idx = self.pool.draw(batch_size)
@@ -117,6 +133,18 @@ class DataBatches:
         self.captions = captions
         self.dropout = dropout
 
+    def record(self) -> dict[str, Any]:
+        """This source as it is now, for :func:`restore_batches`."""
+        return {
+            "kind": "data",
+            "images": self.images.cpu(),
+            "alphas_cumprod": self.alphas_cumprod.cpu(),
+            "generator": self.generator.get_state(),
+            "labels": self.labels,
+            "captions": None if self.captions is None else self.captions.cpu(),
+            "dropout": self.dropout,
+        }
+
     def __call__(self, batch_size: int) -> Batch:
         idx = torch.randint(0, len(self.images), (batch_size,), generator=self.generator)
         x0 = self.images[idx]
@@ -128,6 +156,26 @@ class DataBatches:
         if self.labels is not None and self.captions is not None:
             context = _context(self.captions, drop_labels(self.labels[idx], len(self.captions) - 1, self.dropout, self.generator))
         return Batch(x.to(self.device), t.to(self.device), noise.to(self.device), context)
+
+
+def restore_batches(record: dict[str, Any], *, teacher: nn.Module | None, device: torch.device) -> PoolBatches | DataBatches:
+    """The batch source a ``record()`` describes, on ``device``; a pool's labels come from ``teacher``."""
+    if record["kind"] == "pool":
+        prompts = record["prompts"]
+        pool = NoisePool.from_record(record["pool"], device=device)
+        return PoolBatches(teacher, pool, None if prompts is None else prompts.to(device))
+    generator = torch.Generator()
+    generator.set_state(record["generator"])
+    captions = record["captions"]
+    return DataBatches(
+        record["images"],
+        record["alphas_cumprod"],
+        generator=generator,
+        device=device,
+        labels=record["labels"],
+        captions=None if captions is None else captions.to(device),
+        dropout=record["dropout"],
+    )
 
 
 class TrainingInputs:
@@ -152,6 +200,7 @@ class TrainingInputs:
         self._snapshot: PoolState | None = None
         self._dataset: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
+        self._held_out: Batch | None = None
         if teacher.text is not None and options.source == "teacher" and not config.prompts.train:
             raise UserError(
                 f"{config.path}: prompts.train: required to distil a text-to-image teacher data-free "
@@ -222,6 +271,39 @@ class TrainingInputs:
                 batch_size=max(self.config.budgets.batch_size, 256),
             )
         self._snapshot = self.pool.state()
+
+    def held_out(self, samples: int) -> Batch:
+        """A fixed batch that every run is scored on and none trains on: ``samples`` of the
+        teacher's trajectories, taken from the pool's snapshot and moved one step on with noise
+        of their own (states the training pool never holds), labelled by the teacher; or
+        ``samples`` noised images of the dataset. The same batch on every call."""
+        self.prepare()
+        if self._held_out is None or len(self._held_out[0]) != samples:
+            generator = torch.Generator().manual_seed(self.config.seed + 7919)
+            if self.options.source == "dataset":
+                source = DataBatches(
+                    self._dataset,
+                    self.alphas_cumprod(),
+                    generator=generator,
+                    device=self.device,
+                    labels=self._labels,
+                    captions=self.prompts,
+                    dropout=self.options.prompt_dropout,
+                )
+                self._held_out = source(samples)
+            else:
+                self.pool.load_state(self._snapshot)
+                saved, self.pool.generator = self.pool.generator, generator
+                labeller = PoolBatches(self.teacher.unet, self.pool, self.prompts)
+                idx = self.pool.draw(samples)
+                x, t = self.pool.batch(idx)
+                self.pool.advance(idx, labeller.label(x, t, _context(self.prompts, self.pool.labels[idx])))
+                x, t = self.pool.batch(idx)
+                context = _context(self.prompts, self.pool.labels[idx])
+                self._held_out = Batch(x, t, labeller.label(x, t, context), context)
+                self.pool.generator = saved
+                self.pool.load_state(self._snapshot)
+        return self._held_out
 
     def batches(self, seed: int) -> PoolBatches | DataBatches:
         """A batch source for one run, seeded with ``seed``."""

@@ -3,6 +3,11 @@
 A method supplies where batches come from and, optionally, its loss. The default loss is the
 noise-prediction MSE on ``(x_t, t, target)`` batches (DKDM); DiffNAS passes its joint block-feature
 and output loss.
+
+Under ``torch.distributed`` (a ``torchrun`` job, see :mod:`automl_diff.methods.training.ddp`) the
+loop is data-parallel: every rank draws the same global batch, trains on its share of it through
+``DistributedDataParallel`` (gradients averaged over ranks), and so takes the step a single
+process takes on the whole batch; the reported loss is the global batch's.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +28,29 @@ from tqdm import tqdm
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.sampling import predict_noise
 
-__all__ = ["FitResult", "conditioning", "fit", "noise_loss"]
+__all__ = ["FitResult", "conditioning", "fit", "held_out_loss", "noise_loss", "shard", "world"]
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in ``torch.distributed`` (``(0, 1)`` outside it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(batch: Any, rank: int, size: int) -> Any:
+    """This rank's contiguous share of a batch (a tuple of tensors or None entries)."""
+    if size == 1:
+        return batch
+    n = len(batch[0])
+    if n % size:
+        raise ValueError(f"a batch of {n} samples does not split over {size} processes")
+    return _rebuild(batch, slice(rank * n // size, (rank + 1) * n // size))
+
+
+def _rebuild(batch: Any, part: slice) -> Any:
+    values = [None if v is None else v[part] for v in batch]
+    return type(batch)(*values) if hasattr(batch, "_fields") else tuple(values)
 
 
 def conditioning(batch: Any) -> dict[str, Any]:
@@ -37,6 +64,19 @@ def noise_loss(model: nn.Module, batch: Any, step: int) -> torch.Tensor:
     and the batch's target."""
     x, t, target = batch[:3]
     return F.mse_loss(predict_noise(model, x, t, **conditioning(batch)).float(), target)
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, batch: Any, *, chunk: int = 256) -> float:
+    """:func:`noise_loss` of ``model`` on a fixed batch, in eval mode: a score that compares runs."""
+    was_training = model.training
+    model.eval()
+    n, total = len(batch[0]), 0.0
+    for start in range(0, n, chunk):
+        part = _rebuild(batch, slice(start, start + chunk))
+        total += noise_loss(model, part, 0).item() * len(part[0])
+    model.train(was_training)
+    return total / n
 
 
 @dataclass
@@ -66,6 +106,8 @@ def fit(
     desc: str = "training",
     on_step: Callable[[int, float], Any] | None = None,
     loss: Callable[[nn.Module, Any, int], torch.Tensor] = noise_loss,
+    rungs: Sequence[int] = (),
+    on_rung: Callable[[int, int, nn.Module], Any] | None = None,
 ) -> FitResult:
     """Train ``student`` on ``loss``; AdamW, warm-up + cosine LR.
 
@@ -82,11 +124,18 @@ def fit(
         progress: show a progress bar (stderr).
         on_step: called as ``on_step(step, loss)``.
         loss: ``loss(student, batch, step)``, a scalar tensor (default :func:`noise_loss`).
+        rungs: iteration counts after which ``on_rung`` is called.
+        on_rung: ``on_rung(rung, iteration, model)`` with the model as it would be returned then
+            (the EMA when EMA is on); it may raise to end training.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
     """
     student.train()
+    rank, size = world()
+    model: nn.Module = student
+    if size > 1:
+        model = nn.parallel.DistributedDataParallel(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(warmup, max(1, iterations // 5))
 
@@ -99,12 +148,19 @@ def fit(
     ema = copy.deepcopy(student).requires_grad_(False).eval() if ema_decay > 0 else None
     result = FitResult(student)
     start = time.perf_counter()
-    bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress, file=sys.stderr, leave=False, mininterval=1)
+    bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress or rank > 0, file=sys.stderr, leave=False, mininterval=1)
+    rung_at = {iteration: k for k, iteration in enumerate(sorted(rungs))}
     for step in bar:
-        value_t = loss(student, batches(batch_size), step)
-        if not torch.isfinite(value_t):
+        value_t = loss(model, shard(batches(batch_size), rank, size), step)
+        if size > 1:  # the global batch's loss, as one process computes it
+            reported = value_t.detach().clone()
+            torch.distributed.all_reduce(reported)
+            reported /= size
+        else:
+            reported = value_t.detach()
+        if not torch.isfinite(reported):
             bar.close()
-            raise TrainingDiverged(f"loss became {value_t.item()} at iteration {step}")
+            raise TrainingDiverged(f"loss became {reported.item()} at iteration {step}")
         optimizer.zero_grad(set_to_none=True)
         value_t.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
@@ -115,12 +171,20 @@ def fit(
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), student.parameters()):
                     p_ema.lerp_(p, 1 - decay)
-        value = value_t.item()
+        value = reported.item()
         result.losses.append(value)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{value:.4f}")
         if on_step is not None:
             on_step(step, value)
+        if on_rung is not None and step + 1 in rung_at:
+            result.seconds = time.perf_counter() - start
+            try:
+                on_rung(rung_at[step + 1], step + 1, ema if ema is not None else student)
+            except BaseException:
+                bar.close()
+                raise
+            student.train()
     bar.close()
     result.seconds = time.perf_counter() - start
     student.eval()

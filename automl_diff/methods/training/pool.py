@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -171,6 +172,50 @@ class NoisePool:
 
     def state(self) -> PoolState:
         return PoolState(self.x.clone(), self.position.clone(), self.offset.clone(), self.labels.clone())
+
+    def record(self) -> dict[str, Any]:
+        """Everything that rebuilds this pool as it is now, generator included: tensors and plain
+        values only (``torch.load(..., weights_only=True)`` reads it back)."""
+        return {
+            "size": self.size,
+            "sample_shape": list(self.sample_shape),
+            "alphas_cumprod": self.alphas_cumprod.cpu(),
+            "num_steps": self.num_steps,
+            "eta": self.eta,
+            "clip_sample": self.clip_sample,
+            "clip_range": self.clip_range,
+            "num_labels": self.num_labels,
+            "label_dropout": self.label_dropout,
+            "generator": self.generator.get_state(),
+            "completed": self.completed,
+            "x": self.x.cpu(),
+            "position": self.position.cpu(),
+            "offset": self.offset.cpu(),
+            "labels": self.labels.cpu(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], *, device: str | torch.device = "cpu") -> NoisePool:
+        """The pool :meth:`record` describes, on ``device``."""
+        generator = torch.Generator()
+        generator.set_state(record["generator"])
+        pool = cls(
+            size=record["size"],
+            sample_shape=tuple(record["sample_shape"]),
+            alphas_cumprod=record["alphas_cumprod"],
+            num_steps=record["num_steps"],
+            eta=record["eta"],
+            clip_sample=record["clip_sample"],
+            clip_range=record["clip_range"],
+            generator=torch.Generator(),
+            device=device,
+            num_labels=record["num_labels"],
+            label_dropout=record["label_dropout"],
+        )
+        pool.load_state(PoolState(record["x"], record["position"], record["offset"], record["labels"]))
+        pool.generator = generator
+        pool.completed = record["completed"]
+        return pool
 
     def load_state(self, state: PoolState) -> None:
         self.x.copy_(state.x)
