@@ -1,6 +1,6 @@
 """Search cost to a front: the DKDM digits sweep four ways, hypervolume against wall time.
 
-Runs one study config (default ``studies/quickstart.yaml``) four times in this process, each in its
+Runs one study config (default ``studies/dkdm_digits_sweep.yaml``: five trials of 300 steps) four times in this process, each in its
 own SQLite storage, with the same sampler seed and the same number of trials started:
 
 * ``random``: students start from diffusers' random init, every trial trains in full;
@@ -14,12 +14,14 @@ teacher MACs, FID / teacher FID) against the reference point (1, 10), the time a
 first reached the ``random`` run's final hypervolume, and the best FID among students with at
 most half the teacher's MACs (with its interval where ``fid.interval`` is on).
 
-With ``--judge-seeds``, the front students of the ``both`` run (the quickstart's settings) with at
-most half the teacher's MACs are then judged on noise seeds the study never sampled: each student
+With ``--judge-seeds``, the front students of the ``both`` run (or, with ``--judge-only
+--judge-config``, of any study already run, such as the quickstart's) with at most half the
+teacher's MACs are then judged on noise seeds the study never sampled: each student
 and the teacher draw ``fid_samples`` images from each seed, and the student's FID over the
 teacher's is the geometric mean of the per-seed ratios with its 95% t-interval (paired sets).
 
     python experiments/search_cost.py --json search_cost.json --judge-seeds 101 102 103 104 105
+    python experiments/search_cost.py --judge-only --judge-config studies/quickstart.yaml --judge-seeds 201 202 203 204 205
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def judge(config: StudyConfig, study: optuna.Study, seeds: list[int]) -> list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="studies/quickstart.yaml")
+    parser.add_argument("--config", default="studies/dkdm_digits_sweep.yaml")
     parser.add_argument("--n-trials", type=int, default=None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rungs", type=float, nargs="+", default=list(PrunerSettings.rungs))
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--judge-seeds", type=int, nargs="*", default=[], help="judge the both run's front on these noise seeds")
     parser.add_argument("--judge-only", action="store_true", help="judge the both run already in --workdir, run nothing")
+    parser.add_argument("--judge-config", default=None, help="with --judge-only: judge this config's study instead")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="search_cost_"))
     base = load_study_config(args.config)
@@ -178,9 +181,11 @@ def main() -> None:
     if args.judge_seeds:
         folder = workdir / "both"
         config = replace(base, name="search_cost_both", storage=f"sqlite:///{folder / 'study.db'}", output_dir=str(folder / "runs"))
+        if args.judge_config:
+            config = load_study_config(args.judge_config)
         study = studies.get("both") or optuna.load_study(study_name=config.name, storage=config.storage)
         verdicts = judge(config, study, args.judge_seeds)
-        print(f"\nfront students of the both run with <= 0.5x the teacher's MACs, judged on seeds {args.judge_seeds}:")
+        print(f"\nfront students of study {config.name} with <= 0.5x the teacher's MACs, judged on seeds {args.judge_seeds}:")
         for v in verdicts:
             r = v["fid_ratio"]
             print(
