@@ -272,6 +272,17 @@ class TrainingInputs:
             )
         self._snapshot = self.pool.state()
 
+    def _data_batches(self, generator: torch.Generator) -> DataBatches:
+        return DataBatches(
+            self._dataset,
+            self.alphas_cumprod(),
+            generator=generator,
+            device=self.device,
+            labels=self._labels,
+            captions=self.prompts,
+            dropout=self.options.prompt_dropout,
+        )
+
     def held_out(self, samples: int) -> Batch:
         """A fixed batch that every run is scored on and none trains on: ``samples`` of the
         teacher's trajectories, taken from the pool's snapshot and moved one step on with noise
@@ -281,16 +292,7 @@ class TrainingInputs:
         if self._held_out is None or len(self._held_out[0]) != samples:
             generator = torch.Generator().manual_seed(self.config.seed + 7919)
             if self.options.source == "dataset":
-                source = DataBatches(
-                    self._dataset,
-                    self.alphas_cumprod(),
-                    generator=generator,
-                    device=self.device,
-                    labels=self._labels,
-                    captions=self.prompts,
-                    dropout=self.options.prompt_dropout,
-                )
-                self._held_out = source(samples)
+                self._held_out = self._data_batches(generator)(samples)
             else:
                 self.pool.load_state(self._snapshot)
                 saved, self.pool.generator = self.pool.generator, generator
@@ -310,15 +312,7 @@ class TrainingInputs:
         self.prepare()
         generator = torch.Generator().manual_seed(seed)
         if self.options.source == "dataset":
-            return DataBatches(
-                self._dataset,
-                self.alphas_cumprod(),
-                generator=generator,
-                device=self.device,
-                labels=self._labels,
-                captions=self.prompts,
-                dropout=self.options.prompt_dropout,
-            )
+            return self._data_batches(generator)
         self.pool.load_state(self._snapshot)
         self.pool.generator = generator
         self.pool.completed = 0
