@@ -180,6 +180,17 @@ def tiny_supernet_space(tmp_path: Path) -> Path:
     return path
 
 
+#: The budgets of :func:`write_study`'s tiny study (a test that trains longer overrides ``train_iterations``).
+TINY_BUDGETS = {
+    "train_iterations": 4,
+    "batch_size": 8,
+    "fid_samples": 24,
+    "sampling_steps": 2,
+    "latency_repeats": 1,
+    "latency_batch_size": 2,
+}
+
+
 def write_study(tmp_path: Path, teacher: Path, space: Path, **overrides) -> Path:
     """A tiny DKDM study config (seconds per trial); keys in ``overrides`` replace the defaults
     (a None value removes the key)."""
@@ -191,14 +202,7 @@ def write_study(tmp_path: Path, teacher: Path, space: Path, **overrides) -> Path
         "objectives": [{"name": "macs", "direction": "minimize"}, {"name": "fid", "direction": "minimize"}],
         "sampler": {"name": "random", "seed": 0},
         "n_trials": 2,
-        "budgets": {
-            "train_iterations": 4,
-            "batch_size": 8,
-            "fid_samples": 24,
-            "sampling_steps": 2,
-            "latency_repeats": 1,
-            "latency_batch_size": 2,
-        },
+        "budgets": dict(TINY_BUDGETS),
         "fid": {"dataset": "digits", "features": "digits"},
         "storage": f"sqlite:///{tmp_path / 'study.db'}",
         "output_dir": str(tmp_path / "runs"),

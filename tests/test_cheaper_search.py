@@ -18,7 +18,7 @@ from automl_diff.models.loading import load_teacher, unet_from_config
 from automl_diff.records import TrialAttr
 from automl_diff.runners import run_study
 from automl_diff.runners.pruning import MOASHA, non_dominated_fronts, rank_order
-from tests.conftest import TINY_COND_UNET
+from tests.conftest import TINY_BUDGETS, TINY_COND_UNET
 
 # --- teacher-initialised students ---------------------------------------------------------------
 
@@ -146,14 +146,7 @@ def test_a_study_with_the_pruner_records_stopped_trials_off_the_front(study_fact
     monkeypatch.setattr("automl_diff.methods.dkdm.method.held_out_loss", lambda model, batch: next(scores))
     path = study_factory(
         n_trials=3,
-        budgets={
-            "train_iterations": 8,
-            "batch_size": 8,
-            "fid_samples": 24,
-            "sampling_steps": 2,
-            "latency_repeats": 1,
-            "latency_batch_size": 2,
-        },
+        budgets={**TINY_BUDGETS, "train_iterations": 8},
         pruner={"name": "mo_asha", "rungs": [0.25, 0.5], "reduction_factor": 100, "min_trials": 2},
     )
     study = run_study(load_study_config(path))
@@ -194,14 +187,7 @@ def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_pat
     """``execution.processes_per_trial: 2`` trains over torchrun and gloo: the same losses, rung
     scores and weights as one process on the same global batch."""
     path = study_factory(
-        budgets={
-            "train_iterations": 6,
-            "batch_size": 8,
-            "fid_samples": 24,
-            "sampling_steps": 2,
-            "latency_repeats": 1,
-            "latency_batch_size": 2,
-        },
+        budgets={**TINY_BUDGETS, "train_iterations": 6},
         method_options={"pool_size": 16, "pool_steps": 5, "ema_decay": 0.9, "init": "random"},
         pruner={"name": "mo_asha", "rungs": [0.5]},
     )

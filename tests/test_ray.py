@@ -14,7 +14,7 @@ import pytest
 
 from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.study.cli import main
-from tests.conftest import REPO, holding_env, later_trials_score_worse_env, wait_for_file
+from tests.conftest import REPO, TINY_BUDGETS, holding_env, later_trials_score_worse_env, wait_for_file
 
 pytest.importorskip("ray.tune")
 
@@ -101,14 +101,7 @@ def test_ray_asha_stops_a_trial_at_a_rung_and_the_study_records_it_pruned(study_
         n_trials=3,
         sampler={"name": "tpe", "seed": 3},
         execution={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 0},
-        budgets={
-            "train_iterations": 8,
-            "batch_size": 8,
-            "fid_samples": 24,
-            "sampling_steps": 2,
-            "latency_repeats": 1,
-            "latency_batch_size": 2,
-        },
+        budgets={**TINY_BUDGETS, "train_iterations": 8},
         pruner={"name": "mo_asha", "rungs": [0.25, 0.5], "reduction_factor": 2},
     )
     done = _run_ray(config, tmp_path, env=later_trials_score_worse_env(tmp_path))

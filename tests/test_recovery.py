@@ -14,7 +14,7 @@ import torch
 
 from automl_diff.records import TrialAttr
 from automl_diff.study.cli import main
-from tests.conftest import REPO, holding_env, wait_for_file
+from tests.conftest import REPO, TINY_BUDGETS, holding_env, wait_for_file
 
 FAIL, COMPLETE, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
 FINISHED = (COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -84,14 +84,7 @@ def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
 def test_worker_killed_mid_trial_is_recovered_by_a_restarted_worker(study_factory, tmp_path):
     """SIGKILL during trial 1, then the same command again: trial 1 is failed for its missing
     heartbeat and retried with its parameters, trial 0 is untouched, two trials finish."""
-    budgets = {
-        "train_iterations": 6,
-        "batch_size": 8,
-        "fid_samples": 24,
-        "sampling_steps": 2,
-        "latency_repeats": 1,
-        "latency_batch_size": 2,
-    }
+    budgets = {**TINY_BUDGETS, "train_iterations": 6}
     config = study_factory(n_trials=2, budgets=budgets, execution={"heartbeat": 1})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--quiet"]

@@ -72,7 +72,12 @@ def _table(rows: list[TrialRow], teacher: dict[str, Any] | None) -> str:
         keys = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)
         body.append(["teacher", *(teacher.get(key) for key in keys), 1.0])
     body += [[r.trial, r.macs, r.trajectory_macs, r.params, r.fid, r.latency, r.speedup] for r in rows]
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_number(v))}</td>" for v in row) + "</tr>" for row in body)
+    return _html_table(header, [[fmt_number(v) for v in row] for row in body])
+
+
+def _html_table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table of the report's style; cells are escaped."""
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table class='pareto'><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead><tbody>{cells}</tbody></table>"
 
 
@@ -90,9 +95,7 @@ def _stopped_table(trials: list[optuna.trial.FrozenTrial]) -> str:
         rows.append([t.number, t.user_attrs.get(TrialAttr.PRUNED_AT_RUNG), macs, losses, reason])
     if not rows:
         return ""
-    header = ["trial", "rung", "MACs", "held-out loss @ iteration", "reason"]
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table class='pareto'><thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead><tbody>{cells}</tbody></table>"
+    return _html_table(["trial", "rung", "MACs", "held-out loss @ iteration", "reason"], rows)
 
 
 def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, storage_label: str = "") -> Path:

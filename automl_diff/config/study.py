@@ -136,8 +136,8 @@ class ExecutionSettings:
         gpus_per_trial: GPUs Ray reserves for each trial; fractions share a GPU.
         max_concurrent: trials Ray runs at once (0: as many as the resources allow).
         max_failures: times Ray restarts a trial whose worker crashed (Tune ``FailureConfig``).
-        processes_per_trial: data-parallel training processes of one trial (torch DDP: ``torchrun``
-            for a local worker, Ray Train's ``TorchTrainer`` on the Ray backend); 0 follows
+        processes_per_trial: data-parallel training processes of one trial (torch DDP under
+            ``torchrun``, inside the trial's Ray worker on the Ray backend: one node); 0 follows
             ``gpus_per_trial`` (one process per whole GPU, at least one).
     """
 

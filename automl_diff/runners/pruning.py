@@ -128,19 +128,13 @@ class MOASHA(RungRecorder):
         settings: the study's ``pruner:``.
         trial: the running Optuna trial.
         macs_of: the MACs the evaluator would count for a model (per denoising step).
-        stop: raised to stop the trial (default ``optuna.TrialPruned``).
+
+    Raises ``optuna.TrialPruned`` to stop the trial.
     """
 
-    def __init__(
-        self,
-        settings: PrunerSettings,
-        trial: optuna.Trial,
-        macs_of: Callable[[Any], int],
-        stop: type[BaseException] = optuna.TrialPruned,
-    ) -> None:
+    def __init__(self, settings: PrunerSettings, trial: optuna.Trial, macs_of: Callable[[Any], int]) -> None:
         super().__init__(trial, macs_of)
         self.settings = settings
-        self.stop = stop
 
     def __call__(self, rung: int, iteration: int, score: float, model: Any) -> None:
         self.record(rung, iteration, score, model)
@@ -167,4 +161,4 @@ class MOASHA(RungRecorder):
             f"ranks {position + 1} of {n} trials at this rung, past the best {keep} and off their front"
         )
         self.stopped(reason)
-        raise self.stop(reason)
+        raise optuna.TrialPruned(reason)

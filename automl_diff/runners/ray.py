@@ -141,14 +141,14 @@ def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: 
         trial = optuna.Trial(study, trial_id)
         session = _session(config, study_name)
         session.storage = storage
-        reporters: list[_TuneRungs] = []
-        session.rung_reporter = lambda t: reporters.append(_TuneRungs(t, session.evaluator.macs, config.objective_names)) or reporters[-1]
+        reporter = _TuneRungs(trial, session.evaluator.macs, config.objective_names)
+        session.rung_reporter = lambda _trial: reporter
         try:
             values = session.objective(trial)
         except SystemExit:  # Tune's ASHA stopped the trial at its last rung report
-            if reporters and reporters[-1].last is not None:
-                rung, iteration, score = reporters[-1].last
-                reporters[-1].stopped(f"stopped at rung {rung} (iteration {iteration}) by Ray Tune's ASHA: held-out loss {score:.4g}")
+            if reporter.last is not None:
+                rung, iteration, score = reporter.last
+                reporter.stopped(f"stopped at rung {rung} (iteration {iteration}) by Ray Tune's ASHA: held-out loss {score:.4g}")
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             raise
         except optuna.TrialPruned:

@@ -178,7 +178,6 @@ def fit(
         if on_step is not None:
             on_step(step, value)
         if on_rung is not None and step + 1 in rung_at:
-            result.seconds = time.perf_counter() - start
             try:
                 on_rung(rung_at[step + 1], step + 1, ema if ema is not None else student)
             except BaseException:
