@@ -139,6 +139,104 @@ def build_tiny_sd_pipeline(folder: Path, unet: dict | None = None) -> Path:
     return out
 
 
+#: Stable Diffusion's UNet layout at tiny widths: four levels, cross attention in the first three,
+#: two resnet + transformer pairs per down stage and three per up stage, a mid block with attention.
+SD_LAYOUT = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 12,
+}
+
+#: The words of the user's prompts in :func:`build_user_pipeline`'s tests.
+USER_WORDS = ("a", "an", "red", "green", "blue", "yellow", "square", "circle", "on", "black", "white", "background", "small", "big")
+
+
+def build_user_pipeline(folder: Path) -> Path:
+    """A user's own text-to-image pipeline, unlike the shipped teachers: SD's UNet layout
+    (:data:`SD_LAYOUT`), RGB images (a VAE from 16x16x3 to 8x8x4), a word-piece ``BertTokenizer``
+    and its ``CLIPTextModel`` (another tokenizer class than SD's), and SD's own PNDM scheduler;
+    random weights, saved with diffusers."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import BertTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    words = folder / "wordpiece"
+    words.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *USER_WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    (words / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(words / "vocab.txt"), model_max_length=16)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=12,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=vocab.index("[CLS]"),
+            eos_token_id=vocab.index("[SEP]"),
+            pad_token_id=vocab.index("[PAD]"),
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[8, 16],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD_LAYOUT),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = folder / "user_pipeline"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_clip(folder: Path, words: tuple[str, ...] | None = None) -> Path:
+    """A tiny random ``CLIPModel`` with its ``CLIPProcessor`` (16x16 images, a word-level CLIP
+    tokenizer over ``words``, default the digits-t2i vocabulary), saved as a local CLIP folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from automl_diff.zoo.digits_t2i import _vocabulary, word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(list(words) if words is not None else _vocabulary())
+    vocab = tokenizer.get_vocab()
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text.update(max_position_embeddings=12, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    vision = {
+        "image_size": 16,
+        "patch_size": 8,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random ``StableDiffusionPipeline`` folder (see :func:`build_tiny_sd_pipeline`)."""
@@ -250,10 +348,11 @@ def printed_load_calls(out: str) -> list[str]:
     return [line.split("load with:", 1)[1].strip() for line in out.splitlines() if "load with:" in line]
 
 
-def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2) -> dict:
-    """Run ``pipe = <call>`` and sample two images in a fresh Python in which ``automl_diff``
-    cannot be imported (an import blocker in front of every finder); returns what it saw:
-    the UNet's class name, the images' shape, and the modules named automl_diff it imported."""
+def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2, prompt: str | None = None) -> dict:
+    """Run ``pipe = <call>`` and sample two images (from ``prompt`` for a text-to-image pipeline)
+    in a fresh Python in which ``automl_diff`` cannot be imported (an import blocker in front of
+    every finder); returns what it saw: the UNet's class name, the images' shape, and the modules
+    named automl_diff it imported."""
     import json
     import subprocess
     import sys
@@ -263,7 +362,7 @@ def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2) -> dict:
         + f"""
 import json, diffusers
 pipe = {call}
-images = pipe(batch_size=2, num_inference_steps={steps}, output_type="np").images
+images = pipe({"batch_size=2" if prompt is None else f"[{prompt!r}] * 2"}, num_inference_steps={steps}, output_type="np").images
 print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.unet).__module__, "shape": list(images.shape),
                   "imported": sorted(m for m in sys.modules if m.startswith("automl_diff"))}}))
 """

@@ -16,22 +16,9 @@ from automl_diff.errors import UserError
 from automl_diff.methods.diffnas.search import record_teacher_blocks
 from automl_diff.methods.diffnas.supernet import assemble_student, build_supernets, iter_tensors
 from automl_diff.models.loading import load_teacher
-from tests.conftest import TINY_PROMPTS, build_tiny_sd_pipeline, printed_load_calls, write_study
+from tests.conftest import SD_LAYOUT, TINY_PROMPTS, build_tiny_sd_pipeline, printed_load_calls, write_study
 
 REPO = Path(__file__).resolve().parents[1]
-
-#: SD-1.x's UNet layout (block kinds, two resnet/transformer pairs per down block, three per up
-#: block) at tiny widths, with two transformer layers per attention so that depth can be chosen.
-SD_LAYOUT = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [32, 32, 64, 64],
-    "layers_per_block": 2,
-    "norm_num_groups": 8,
-    "attention_head_dim": 4,
-    "cross_attention_dim": 12,
-}
 
 
 @pytest.fixture(scope="module")

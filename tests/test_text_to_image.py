@@ -11,7 +11,7 @@ import torch
 from automl_diff.errors import UserError
 from automl_diff.models.loading import load_teacher
 from automl_diff.sampling import Prompts, sample_images
-from tests.conftest import TINY_PROMPTS
+from tests.conftest import TINY_PROMPTS, build_tiny_clip
 
 
 def _prompts(teacher, *, scale: float = 5.0, per_prompt: int = 1) -> Prompts:
@@ -292,35 +292,11 @@ def test_wilson_interval_stays_within_zero_and_one():
     assert half.value == 0.5 and half.low == pytest.approx(0.404, abs=1e-3) and half.high == pytest.approx(0.596, abs=1e-3)
 
 
-def _tiny_clip(folder):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from automl_diff.zoo.digits_t2i import _vocabulary, word_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer(_vocabulary())
-    vocab = tokenizer.get_vocab()
-    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text.update(max_position_embeddings=12, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
-    vision = {
-        "image_size": 16,
-        "patch_size": 8,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
 def test_clip_score_uses_a_local_clip_model_and_names_what_to_download(tmp_path):
     from automl_diff.data import load_digits
     from automl_diff.metrics.alignment import ClipScorer
 
-    scorer = ClipScorer(str(_tiny_clip(tmp_path / "clip")))
+    scorer = ClipScorer(str(build_tiny_clip(tmp_path / "clip")))
     images = load_digits(resolution=16)[:6]
     score = scorer(images, ["a handwritten seven"] * 3 + ["the digit 2"] * 3)
     assert 0 <= score.value <= 100 and score.low <= score.value <= score.high

@@ -95,7 +95,8 @@ class PromptSettings:
         alignment: the text-alignment metric every model is measured with (``prompt_accuracy``
             for ``digits-t2i``, ``clip_score`` for real models; None: FID only); an alignment
             objective implies it.
-        clip_model: the CLIP model of ``clip_score`` (a hub id in the local cache, or a folder).
+        clip_model: the CLIP model of ``clip_score`` and of ``fid.features: clip`` (a hub id in the
+            local cache, or a folder).
     """
 
     train: tuple[str, ...] = ()

@@ -21,14 +21,13 @@ from typing import Any
 import torch
 
 from automl_diff.errors import UserError
+from automl_diff.metrics.clip import CLIP_MODEL, load_clip
 from automl_diff.metrics.intervals import Interval, across_sets, proportion_interval
 
 __all__ = ["ALIGNMENT_METRICS", "CLIP_MODEL", "ClipScorer", "prompt_accuracy", "prompt_digits"]
 
 #: Text-alignment metrics a study may record or optimise (higher is better).
 ALIGNMENT_METRICS = ("prompt_accuracy", "clip_score")
-#: The CLIP model ``clip_score`` uses unless the study names another (a hub id or a folder).
-CLIP_MODEL = "openai/clip-vit-base-patch16"
 
 
 def prompt_digits(prompts: Sequence[str], *, where: str = "prompts") -> list[int]:
@@ -63,27 +62,21 @@ def prompt_accuracy(images: torch.Tensor, digits: Sequence[int], *, batch_size: 
 
 
 class ClipScorer:
-    """torchmetrics' CLIP score of images against their prompts, with a CLIP model loaded once
-    from the local Hugging Face cache (never downloaded: an offline machine gets one line saying
-    what to download) or from a folder holding a ``CLIPModel`` and its ``CLIPProcessor``.
+    """The CLIP score of images against their prompts, with a CLIP model loaded once from the local
+    Hugging Face cache (never downloaded: an offline machine gets one line saying what to download)
+    or from a folder holding a ``CLIPModel`` and its ``CLIPProcessor``
+    (:func:`~automl_diff.metrics.clip.load_clip`).
 
     Raises:
         UserError: the model is not in the local cache or the folder cannot be loaded.
     """
 
     def __init__(self, model: str = CLIP_MODEL, *, device: str | torch.device = "cpu") -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
+        clip = load_clip(model, device=device)
         self.name = model
-        self.device = torch.device(device)
-        try:
-            self.model = CLIPModel.from_pretrained(model, local_files_only=True).to(self.device).eval()
-            self.processor = CLIPProcessor.from_pretrained(model, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"clip_score needs the CLIP model '{model}' on this machine ({str(exc).splitlines()[0]}); download it once with "
-                f"`huggingface-cli download {model}`, or name a local CLIP folder in prompts.clip_model"
-            ) from None
+        self.device = clip.device
+        self.model = clip.model
+        self.processor = clip.processor
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts: Sequence[str], *, batch_size: int = 64) -> list[float]:

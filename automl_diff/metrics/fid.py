@@ -1,8 +1,10 @@
 """FID: pytorch-fid's Fréchet distance between feature statistics (lower is better).
 
 Features come from a small registry: ``inception`` (pytorch-fid's InceptionV3 pool3, 2048-d, the
-standard for RGB images; weights from the torch hub cache) or ``digits`` (the shipped digits
-classifier, 64-d, for the built-in benchmark). Reference statistics of a dataset are computed
+standard for RGB images; weights from the torch hub cache), ``clip`` (a CLIP model's projected
+image embeddings, the Fréchet CLIP distance of clean-fid and later work; the study's CLIP model,
+from the local cache or a folder) or ``digits`` (the shipped digits classifier, 64-d, for the
+built-in benchmark). Reference statistics of a dataset are computed
 once and cached on disk, keyed by dataset, extractor (and its weights), resolution and channels.
 
 FID depends on the number of samples; compare models only at the same ``fid_samples``.
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_diff.errors import UserError
+from automl_diff.metrics.clip import CLIP_MODEL, load_clip
 
 __all__ = [
     "FEATURE_EXTRACTORS",
@@ -64,7 +67,7 @@ class FeatureExtractor:
         return torch.cat(feats).numpy()
 
 
-def _digits_extractor(device: torch.device) -> FeatureExtractor:
+def _digits_extractor(device: torch.device, **_: str) -> FeatureExtractor:
     from automl_diff.zoo.digits import CLASSIFIER_FILE, load_classifier
 
     if not CLASSIFIER_FILE.is_file():
@@ -91,7 +94,7 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(FID_WEIGHTS_URL)
 
 
-def _inception_extractor(device: torch.device) -> FeatureExtractor:
+def _inception_extractor(device: torch.device, **_: str) -> FeatureExtractor:
     import functools
 
     import pytorch_fid.inception as fid_inception
@@ -121,18 +124,26 @@ def _inception_extractor(device: torch.device) -> FeatureExtractor:
     return FeatureExtractor("inception", f"inception-{weights.name}", run, device)
 
 
-#: Feature extractors by name.
-FEATURE_EXTRACTORS: dict[str, Callable[[torch.device], FeatureExtractor]] = {
+def _clip_extractor(device: torch.device, *, clip_model: str = CLIP_MODEL, **_: str) -> FeatureExtractor:
+    clip = load_clip(clip_model, device=device)
+    weights = clip.model.visual_projection.weight.detach().float().cpu().numpy().tobytes()
+    digest = hashlib.sha256(weights).hexdigest()[:12]
+    return FeatureExtractor("clip", f"clip-{digest}", clip.image_embeddings, device)
+
+
+#: Feature extractors by name; each takes the device and the study's ``clip_model``.
+FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
     "digits": _digits_extractor,
     "inception": _inception_extractor,
+    "clip": _clip_extractor,
 }
 
 
-def get_extractor(name: str, *, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The feature extractor registered as ``name``."""
+def get_extractor(name: str, *, device: str | torch.device = "cpu", clip_model: str = CLIP_MODEL) -> FeatureExtractor:
+    """The feature extractor registered as ``name`` (``clip``: the CLIP model ``clip_model``)."""
     if name not in FEATURE_EXTRACTORS:
         raise UserError(f"unknown FID features '{name}'; known: {', '.join(FEATURE_EXTRACTORS)}")
-    return FEATURE_EXTRACTORS[name](torch.device(device))
+    return FEATURE_EXTRACTORS[name](torch.device(device), clip_model=clip_model)
 
 
 def feature_statistics(images: torch.Tensor, extractor: FeatureExtractor) -> tuple[np.ndarray, np.ndarray]:

@@ -45,8 +45,9 @@ class TextToImage:
 
     Attributes:
         vae: the ``AutoencoderKL`` whose latent space the UNet denoises in.
-        text_encoder: the ``CLIPTextModel`` that turns tokens into ``encoder_hidden_states``.
-        tokenizer: its ``CLIPTokenizer``.
+        text_encoder: the text model that turns tokens into ``encoder_hidden_states`` (SD's
+            ``CLIPTextModel``, or whichever class the pipeline folder names).
+        tokenizer: its tokenizer (SD's ``CLIPTokenizer``, or any transformers tokenizer).
         pipeline_class: the class the pipeline folder names (an export writes the same class).
         folder: the pipeline folder the parts were read from (None when built in memory).
     """
@@ -141,15 +142,26 @@ def is_text_to_image_folder(folder: Path) -> bool:
     return index is not None and index.get("_class_name") in TEXT_TO_IMAGE_PIPELINES
 
 
+def _part_class(folder: Path, part: str, entry: Sequence[Any]) -> type:
+    """The class ``model_index.json`` names for a part (``["transformers", "CLIPTextModel"]``), as
+    diffusers resolves it: a tokenizer or text encoder of any transformers class loads."""
+    import importlib
+
+    library, name = [*entry, None, None][:2]
+    if library not in ("diffusers", "transformers") or not isinstance(name, str):
+        raise UserError(f"{folder / 'model_index.json'}: {part}: {list(entry)} is not a diffusers or transformers class")
+    cls = getattr(importlib.import_module(library), name, None)
+    if not isinstance(cls, type):
+        raise UserError(f"{folder / 'model_index.json'}: {part}: {library} has no class {name}")
+    return cls
+
+
 def load_text_to_image(folder: Path) -> TextToImage:
     """The VAE, text encoder and tokenizer of a text-to-image pipeline folder.
 
     Raises:
         UserError: a component ``model_index.json`` names is missing or cannot be loaded.
     """
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     index = _model_index(folder) or {}
     for part in PIPELINE_PARTS:
         if part not in index or not index[part] or index[part][0] is None:
@@ -162,9 +174,10 @@ def load_text_to_image(folder: Path) -> TextToImage:
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # one bar per loaded model, on every trial's stderr
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True, low_cpu_mem_usage=False)
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        parts = {part: _part_class(folder, part, index[part]) for part in PIPELINE_PARTS}
+        vae = parts["vae"].from_pretrained(str(folder / "vae"), use_safetensors=True, low_cpu_mem_usage=False)
+        text_encoder = parts["text_encoder"].from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
+        tokenizer = parts["tokenizer"].from_pretrained(str(folder / "tokenizer"))
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{folder}: cannot load the pipeline's parts: {str(exc).splitlines()[0]}") from None
     finally:

@@ -99,6 +99,7 @@ class Evaluator:
     ) -> None:
         self.config = config
         self.text = text
+        self.device = torch.device(device)
         self.prompts: Prompts | None = None
         #: The digit each FID image's prompt names (``prompts.alignment: prompt_accuracy``).
         self.digits: list[int] | None = None
@@ -131,7 +132,6 @@ class Evaluator:
         self.features = config.fid.features or ("digits" if self.dataset == "digits" else "inception")
         self.resolution = resolution
         self.channels = channels
-        self.device = torch.device(device)
         self.progress = progress
         self._extractor: FeatureExtractor | None = None
         #: The first images of the last FID run (the same noise for every model): for sample grids;
@@ -147,7 +147,7 @@ class Evaluator:
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = get_extractor(self.features, device=self.device)
+            self._extractor = get_extractor(self.features, device=self.device, clip_model=self.config.prompts.clip_model)
         return self._extractor
 
     @property
