@@ -57,7 +57,7 @@ def test_quickstart_defaults_and_paths():
         ({"method_options": {"pool_eta": 2}}, r"method_options\.pool_eta: must be in \[0, 1\]"),
         ({"method_options": {"source": "web"}}, r"method_options\.source: must be one of teacher, dataset"),
         ({"method_options": {"unknown_option": 1}}, r"method_options\.unknown_option: unknown key"),
-        ({"fid": {"features": "clip"}}, r"fid\.features: must be one of digits, inception"),
+        ({"fid": {"features": "dino"}}, r"fid\.features: must be one of clip, digits, inception"),
         ({"teacher": None}, r"teacher: expected a string"),
     ],
 )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,5 +65,19 @@ def test_missing_inception_weights_offline_is_one_clear_error(tmp_path, monkeypa
 
 
 def test_unknown_extractor():
-    with pytest.raises(UserError, match="unknown FID features 'clip'"):
-        get_extractor("clip")
+    with pytest.raises(UserError, match="unknown FID features 'dino'; known: digits, inception, clip"):
+        get_extractor("dino")
+
+
+def test_clip_features_come_from_a_local_clip_model_and_name_what_to_download(tmp_path):
+    """``features: clip``: the projected image embeddings of the study's CLIP model; the same
+    images give the same features, other images others."""
+    from tests.conftest import build_tiny_clip
+
+    extractor = get_extractor("clip", clip_model=str(build_tiny_clip(tmp_path / "clip")))
+    images = load_digits(resolution=16)[:6]
+    features = extractor(images)
+    assert features.shape == (6, 8) and extractor.fingerprint.startswith("clip-")
+    assert np.allclose(extractor(images[:3]), features[:3]) and not np.allclose(features[0], features[1])
+    with pytest.raises(UserError, match="huggingface-cli download openai/not-a-cached-clip"):
+        get_extractor("clip", clip_model="openai/not-a-cached-clip")
