@@ -144,7 +144,6 @@ def denoise(
     encoder_hidden_states: torch.Tensor | None = None,
     negative_hidden_states: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run one batch of noise through the whole sampling chain and return the final latents.
 
@@ -152,10 +151,6 @@ def denoise(
     With ``encoder_hidden_states`` the UNet is conditional; with ``negative_hidden_states`` too
     and ``guidance_scale != 1``, classifier-free guidance runs both halves in one batched call per
     step, as diffusers' pipelines do.
-
-    Args:
-        after_step: called as ``after_step(i, x)`` after step ``i``; returns the latents to go on
-            with (for truncated backpropagation or progress).
     """
     chain = denoising_steps(
         unet,
@@ -169,7 +164,7 @@ def denoise(
         negative_hidden_states=negative_hidden_states,
         guidance_scale=guidance_scale,
     )
-    return _drain(chain, after_step)
+    return _drain(chain)
 
 
 def _drain(chain: Generator[Any, Any, Any], after_step: Callable[[int, Any], Any] | None = None) -> Any:

@@ -12,7 +12,7 @@ import torch
 
 from automl_diff.errors import UserError
 from automl_diff.gating import GateController, Schedule, ScheduleMismatch, apply_schedule, model_fingerprint, prunable_units, unit_costs
-from automl_diff.methods.dipgo.optimise import expected_ratio, optimise_pruner, ssim
+from automl_diff.methods.dipgo.optimise import CheckpointedSteps, expected_ratio, optimise_pruner, ssim
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import executed_macs
@@ -304,6 +304,43 @@ def test_gradients_reach_the_pruner(tiny_unet):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pruner.parameters())
 
 
+def _consistency_backward(unet, units, steps, gates, *, checkpoint: bool, scheduler: str = "ddim", eta: float = 0.0):
+    """The pruner's consistency loss alone (no sparsity term), backpropagated to ``gates`` through
+    the whole trajectory, as :func:`optimise_pruner` runs it."""
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    run = {"steps": steps, "scheduler": scheduler, "eta": eta}
+    with torch.no_grad():
+        target = denoise(unet, SCHEDULER, noise, generator=torch.Generator().manual_seed(1), **run)
+    with GateController(unet, units, steps) as controller:
+        controller.use_soft(gates)
+        model = CheckpointedSteps(unet, controller).reset() if checkpoint else unet
+        images = denoise(model, SCHEDULER, noise, generator=torch.Generator().manual_seed(1), **run)
+        torch.nn.functional.mse_loss(images, target).backward()
+
+
+def test_every_steps_gates_learn_from_the_consistency_loss_through_checkpointed_steps(tiny_unet):
+    """Over a trajectory of six checkpointed steps (six segments of one step), the consistency
+    term alone reaches the gate logits of every step but the first (which always computes), and
+    the checkpointed gradients are full backpropagation's."""
+    unet = tiny_unet.requires_grad_(False)
+    units, steps = tuple(prunable_units(unet, "layer")), 6
+    torch.manual_seed(0)
+    pruner = PrunerNetwork(steps, len(units))
+    gates = pruner.sample(1.0)
+    # a trajectory that skips some units, so that later steps read earlier caches
+    mixed = (gates * torch.tensor([[1.0 if (i + u) % 3 else 0.3 for u in range(len(units))] for i in range(steps)])).detach()
+    _consistency_backward(unet, units, steps, gates, checkpoint=True)
+    per_step = pruner.gate_queries.grad.abs().sum(dim=(1, 2))
+    assert per_step[0] == 0 and bool((per_step[1:] > 0).all()), per_step
+    grads = []
+    for checkpoint in (True, False):
+        leaf = mixed.clone().requires_grad_(True)
+        _consistency_backward(unet, units, steps, leaf, checkpoint=checkpoint, scheduler="ddpm", eta=1.0)
+        grads.append(leaf.grad)
+    assert bool((grads[0][1:].abs().sum(dim=1) > 0).all())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
 def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
     units = tuple(prunable_units(tiny_unet, "block"))
     costs = unit_costs(tiny_unet, units)
@@ -319,7 +356,6 @@ def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
         target_ratio=0.4,
         sparsity_weight=10.0,
         reference_images=4,
-        truncate=2,
         warmup=0.0,
     )
     assert result.scores.shape == (3, len(units)) and np.all(result.scores[0] == 1)
@@ -671,6 +707,13 @@ def test_dipgo_options_are_validated(study_factory, capsys):
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert "method_options.unit_cost" in err and "latency" in err
+    config = study_factory(method="dipgo", method_options={}, execution={"processes_per_trial": 2})
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "execution.processes_per_trial: method dipgo trains its pruner in one process" in err and "\n" not in err
+    config = study_factory(method="dipgo", method_options={"truncate": 10})  # gone: every step backpropagates, checkpointed
+    assert main(["run", str(config)]) == 2
+    assert "method_options.truncate: unknown key" in capsys.readouterr().err
 
 
 def test_idle_free_expected_ratio_charges_always_only_to_busy_steps():

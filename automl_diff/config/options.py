@@ -161,7 +161,10 @@ class DiPGOOptions:
         sparsity_weight: weight of the sparsity loss.
         consistency: ``mse`` or ``ssim`` between gated and full samplers' final images.
         tau: Gumbel-softmax temperature.
-        truncate: backpropagate through at most this many steps at a time (0: all).
+        checkpoint: gradient checkpointing per sampling step while the pruner trains: the
+            consistency loss backpropagates through the whole trajectory with one step's
+            activations in memory at a time (recomputed in the backward pass); false keeps every
+            step's activations (faster where they fit).
         warmup: fraction of the pruner's iterations over which its target falls from 1.
         reference_images: fixed noise samples the pruner trains on (not the FID noise).
         threshold_low, threshold_high: range of the threshold Optuna tunes (a gate computes
@@ -177,7 +180,7 @@ class DiPGOOptions:
     sparsity_weight: float = field(default=1.0, metadata={"check": positive})
     consistency: str = field(default="mse", metadata={"choices": CONSISTENCY_LOSSES})
     tau: float = field(default=1.0, metadata={"check": positive})
-    truncate: int = field(default=0, metadata={"check": lambda v: None if v >= 0 else "must be 0 or more"})
+    checkpoint: bool = True
     warmup: float = field(default=0.6, metadata={"check": _unit_interval})
     reference_images: int = field(default=64, metadata={"check": positive})
     threshold_low: float = field(default=1e-4, metadata={"check": _open_interval})

@@ -12,14 +12,17 @@ the block's hook marks that skip tensor (a subclass sharing its storage) and its
 returns a placeholder the resnet's gate never reads, while diffusers' block code runs unchanged.
 The head reuses its output while the unit that feeds it does, and a step that computes no unit
 runs nothing where idle steps are free (:mod:`automl_diff.gating.units`). A *soft* mode, where
-every unit runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differentiate the gates.
+every unit runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differentiate the gates;
+:meth:`GateController.pinned` runs one step of it from given caches, so that each step can be
+recomputed under gradient checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -55,10 +58,6 @@ def _tree_map(fn: Any, *values: Any) -> Any:
     return first
 
 
-def _detach(value: Any) -> Any:
-    return _tree_map(lambda t: t.detach(), value)
-
-
 def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if isinstance(t, torch.Tensor):
@@ -78,7 +77,8 @@ class _StepHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
-        c._advance(_timestep_value(args, kwargs))
+        if c._pinned is None:
+            c._advance(_timestep_value(args, kwargs))
         if c._idle and c._output is not None:  # a fresh wrapper around the same tensor
             kind, sample = c._output
             if not kwargs.get("return_dict", True):
@@ -233,6 +233,7 @@ class GateController:
         self.executed: Counter[str] = Counter()
         self.schedule: Schedule | None = None
         self._last_t: float | None = None
+        self._pinned: int | None = None  # the step of every call while pinned (:meth:`pinned`)
         self._output: tuple[Any, torch.Tensor] | None = None  # the last call's output: (its type, its sample)
         self._modules = [get_block(unet, name) for name in self.units]
         up_resnets: dict[str, list[tuple[int, int, str]]] = {}
@@ -310,11 +311,23 @@ class GateController:
         self._last_t = None
         self._plan(None)
 
-    def detach_cache(self) -> None:
-        """Cut the autograd graph through the caches (truncated backpropagation)."""
-        for name in list(self.cache):
-            self.cache[name] = _detach(self.cache[name])
-        self._output = None
+    @contextlib.contextmanager
+    def pinned(self, step: int, cache: dict[str, Any]) -> Iterator[None]:
+        """Soft gates only: calls inside the block run step ``step`` with ``cache`` as the units'
+        outputs from the step before, whatever timestep they are called with; the step's own
+        outputs are in :attr:`cache` afterwards. Running the same call twice gives the same
+        result, which gradient checkpointing needs: the backward pass recomputes a step from
+        its saved inputs."""
+        if self.soft_gates is None:
+            raise RuntimeError("pinned steps need soft gates (use_soft)")
+        self.cache = dict(cache)
+        self.step = step
+        self._pinned = step
+        self._plan(None)
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     def _plan(self, row: Sequence[bool] | None) -> None:
         """Resolve the current step once, before any unit runs: which units return their cache

@@ -60,6 +60,13 @@ class DiPGO(Method):
                 f"{self.config.path}: prompts.train: required for method dipgo on a text-to-image teacher (the prompts its pruner "
                 "trains on)"
             )
+        processes = self.config.execution.processes
+        if processes > 1:
+            raise UserError(
+                f"{self.config.path}: execution.processes_per_trial: method dipgo trains its pruner in one process; "
+                f"{processes} data-parallel processes (processes_per_trial, or gpus_per_trial) are for dkdm and diffnas: "
+                "set processes_per_trial: 1"
+            )
         self.units = tuple(prunable_units(unet, self.options.granularity))
         self.costs: UnitCosts | None = None
         self.scores: np.ndarray | None = None
@@ -137,7 +144,7 @@ class DiPGO(Method):
                 sparsity_weight=o.sparsity_weight,
                 consistency=o.consistency,
                 tau=o.tau,
-                truncate=o.truncate,
+                checkpoint=o.checkpoint,
                 warmup=o.warmup,
                 reference_images=o.reference_images,
                 scheduler=c.sampling.scheduler,

@@ -10,9 +10,15 @@ where the expected ratio is the trajectory MACs under the gates' probabilities d
 full sampler's, and ``target_i`` moves linearly from 1 (all gates on, where the pruner starts)
 to the target over the first ``warmup`` fraction of the iterations, so that gates turn off one by
 one in order of how little they matter, as in gradual pruning. With latency weights
-(:class:`~automl_diff.methods.dipgo.schedule.UnitWeights`), the ratio counts each unit's measured
-seconds instead of its MACs. Memory grows with the number of steps kept in the graph;
-``truncate=k`` cuts the graph every ``k`` steps (truncated backpropagation) for large models.
+(:class:`~automl_diff.methods.dipgo.weights.UnitWeights`), the ratio counts each unit's measured
+seconds instead of its MACs.
+
+The consistency loss is backpropagated through the whole trajectory, as in the paper, so every
+step's gates learn what skipping costs the final image. With ``checkpoint`` (the default) each
+step's UNet call runs under gradient checkpointing (:class:`CheckpointedSteps`): its activations
+are dropped after the forward pass and recomputed, one step at a time, in the backward pass, so
+memory grows with the steps times the latents and the units' cached outputs (what one step hands
+the next), not times a UNet's activations, at about one more forward pass per step.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from tqdm import tqdm
 
 from automl_diff.gating import GateController
@@ -36,9 +44,9 @@ from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
 from automl_diff.records import TrialAttr
-from automl_diff.sampling import denoise
+from automl_diff.sampling import denoise, predict_noise
 
-__all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
+__all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "CheckpointedSteps", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
 
 #: Version of the pruner's objective; part of a DiP-GO study's pruner cache key, so that scores
 #: optimised under an older loss (or expected-cost model) are not reused. Bump it when either changes.
@@ -93,6 +101,54 @@ def expected_ratio(probs: torch.Tensor, costs: UnitCosts | UnitWeights, units: t
     return (weights.always * busy.sum() + (probs * unit).sum()) / (weights.total * probs.shape[0])
 
 
+class CheckpointedSteps(nn.Module):
+    """A soft-gated UNet whose every call (one sampling step) runs under gradient checkpointing.
+
+    The sampler calls it in place of the UNet. Each call is a pure function of the step's latents
+    and the units' cached outputs from the step before (:meth:`GateController.pinned`): the
+    forward pass keeps only those inputs and the call's outputs (the noise prediction and the new
+    caches), and the backward pass recomputes the step's activations from them. Gradients reach
+    the gates of every step through the latents and the caches that the later steps read.
+
+    Args:
+        unet: the gated UNet (a :class:`GateController` in soft mode on it).
+        controller: that controller.
+    """
+
+    def __init__(self, unet: nn.Module, controller: GateController) -> None:
+        super().__init__()
+        self.unet = unet
+        self.controller = controller
+        self.step = 0
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    def reset(self) -> CheckpointedSteps:
+        """The next call is the first step of a trajectory."""
+        self.step = 0
+        self.controller.reset()
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        controller, step = self.controller, self.step
+        self.step += 1
+        leaves, spec = pytree.tree_flatten(controller.cache)
+        out_spec: list[Any] = []
+
+        def run(x: torch.Tensor, *cached: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with controller.pinned(step, pytree.tree_unflatten(list(cached), spec)):
+                eps = predict_noise(self.unet, x, t, **kwargs)
+            new, new_spec = pytree.tree_flatten(controller.cache)
+            out_spec[:] = [new_spec]
+            return (eps, *new)
+
+        eps, *cache = torch_checkpoint(run, x, *leaves, use_reentrant=False)
+        controller.cache = pytree.tree_unflatten(cache, out_spec[0])
+        return eps
+
+
 @dataclass
 class PrunerResult:
     """What the optimisation produced: gate scores and a summary of the run."""
@@ -126,7 +182,7 @@ def optimise_pruner(
     sparsity_weight: float = 1.0,
     consistency: str = "mse",
     tau: float = 1.0,
-    truncate: int = 0,
+    checkpoint: bool = True,
     warmup: float = 0.6,
     reference_images: int = 64,
     scheduler: str = "ddim",
@@ -147,7 +203,8 @@ def optimise_pruner(
         sparsity_weight: weight of the squared distance to ``target_ratio``.
         consistency: ``mse`` or ``ssim``.
         tau: Gumbel-softmax temperature.
-        truncate: cut the graph every ``truncate`` steps (0: backpropagate through all steps).
+        checkpoint: recompute each step's activations in the backward pass (gradient
+            checkpointing per step) instead of keeping every step's in memory.
         warmup: fraction of the iterations over which the target moves from 1 to ``target_ratio``.
         reference_images: fixed noise samples (and full-sampler targets) batches are drawn from.
         conditioning: for conditional UNets, ``encoder_hidden_states`` (and
@@ -171,11 +228,9 @@ def optimise_pruner(
     base = {"scheduler_config": scheduler_config, "steps": steps, "scheduler": scheduler, "eta": eta}
     start = time.perf_counter()
 
-    def run(indices: torch.Tensor | slice, *, gen_seed: int, after_step: Any = None) -> torch.Tensor:
+    def run(indices: torch.Tensor | slice, *, gen_seed: int, model: nn.Module = unet) -> torch.Tensor:
         extra = {k: v[indices] for k, v in per_image.items()}
-        return denoise(
-            unet, noise=noise[indices], generator=torch.Generator().manual_seed(gen_seed), after_step=after_step, **base, **extra, **shared
-        )
+        return denoise(model, noise=noise[indices], generator=torch.Generator().manual_seed(gen_seed), **base, **extra, **shared)
 
     with torch.no_grad():
         targets = torch.cat([run(slice(i, i + batch_size), gen_seed=seed + 1 + i) for i in range(0, reference_images, batch_size)])
@@ -187,24 +242,22 @@ def optimise_pruner(
     optimiser = torch.optim.Adam(pruner.parameters(), lr=lr)
     loss_fn = CONSISTENCY[consistency]
     controller = GateController(unet, units, steps)
+    model = CheckpointedSteps(unet, controller) if checkpoint else unet
     history: list[dict[str, float]] = []
     sampler = torch.Generator().manual_seed(seed + 7)
     bar = tqdm(range(iterations), desc="pruner", unit="it", disable=not progress, file=sys.stderr, leave=False)
-
-    def cut(i: int, x: torch.Tensor) -> torch.Tensor:
-        if truncate and (i + 1) % truncate == 0:
-            controller.detach_cache()
-            return x.detach()
-        return x
 
     weights = UnitWeights.of(costs)  # converted once, not in every iteration
     cons = ratio = torch.tensor(math.nan)
     try:
         for it in bar:
+            began = time.perf_counter()
             idx = torch.randperm(reference_images, generator=sampler)[:batch_size]
             gates = pruner.sample(tau)
             controller.use_soft(gates.to(dtype))
-            images = run(idx.to(device), gen_seed=seed + 1 + int(idx[0]), after_step=cut)
+            if checkpoint:
+                model.reset()
+            images = run(idx.to(device), gen_seed=seed + 1 + int(idx[0]), model=model)
             cons = loss_fn(images.float(), targets[idx.to(device)].float())
             ratio = expected_ratio(pruner.probs(), weights, units)
             progress_frac = min(1.0, (it + 1) / max(1.0, warmup * iterations))
@@ -220,6 +273,7 @@ def optimise_pruner(
                 "consistency": cons.item(),
                 "ratio": ratio.item(),
                 "hard_ratio": expected_ratio(gates.detach(), weights, units).item(),
+                "seconds": time.perf_counter() - began,
             }
             history.append(record)
             bar.set_postfix(cons=f"{record['consistency']:.4f}", ratio=f"{record['ratio']:.3f}")
