@@ -383,13 +383,13 @@ import threading
 import time
 from pathlib import Path
 
-_TARGET = "automl_diff.methods.dkdm.method"
+_TARGET = {target!r}
 
 {patch}
 
 
 class _PatchOnImport:
-    # patches the DKDM module when something imports it, so that every other Python process
+    # patches the target module when something imports it, so that every other Python process
     # (Ray's agents and workers among them) starts as fast as without this file
     def find_spec(self, name, path=None, target=None):
         if name != _TARGET:
@@ -433,11 +433,12 @@ def _patch(module):
 """
 
 
-def patched_dkdm_env(folder: Path, patch: str) -> dict[str, str]:
-    """The environment of a subprocess whose DKDM module gets ``patch`` (a ``_patch(module)``
-    function) when it is imported: a ``sitecustomize`` on ``PYTHONPATH``."""
+def patched_dkdm_env(folder: Path, patch: str, *, target: str = "automl_diff.methods.dkdm.method") -> dict[str, str]:
+    """The environment of a subprocess (and of every Python process it starts) whose module
+    ``target`` (default: DKDM's) gets ``patch`` (a ``_patch(module)`` function) when it is
+    imported: a ``sitecustomize`` on ``PYTHONPATH``."""
     folder.mkdir()
-    (folder / "sitecustomize.py").write_text(_PATCH_DKDM.replace("{patch}", patch))
+    (folder / "sitecustomize.py").write_text(_PATCH_DKDM.replace("{target!r}", repr(target)).replace("{patch}", patch))
     return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{REPO}"}
 
 

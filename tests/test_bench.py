@@ -245,10 +245,15 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
     rows = {row.name: row for row in result.rows}
     assert result.rows[0].kind == "teacher" and "DeepCache peer" in rows
     assert "Torch-Pruning peer" not in rows  # the preset's rows only
-    students = ("DKDM student", "DKDM architecture, trained on the dataset", "DiffNAS student", "BK-SDM peer (BK-SDM-Base)")
+    students = (
+        "DKDM student",
+        "DKDM architecture, trained on the dataset",
+        "DiffNAS student",
+        "BK-SDM peer (BK-SDM-Base's rule, every down stage emptied)",
+    )
     assert set(students) <= set(rows) and any(name.startswith("DiffNAS + DiP-GO") for name in rows)
     assert rows["DKDM student"].versus_peer.other == "DKDM architecture, trained on the dataset"
-    assert rows["DiffNAS student"].versus_peer.other == "BK-SDM peer (BK-SDM-Base)"
+    assert rows["DiffNAS student"].versus_peer.other == "BK-SDM peer (BK-SDM-Base's rule, every down stage emptied)"
     assert all(rows[name].trajectory_macs < rows["teacher"].trajectory_macs for name in students)
     teacher = rows["teacher"]
     # guided steps: both halves of the UNet per step, nothing of the text encoder or the VAE

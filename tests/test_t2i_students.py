@@ -348,6 +348,48 @@ def test_bk_sdm_removes_the_layers_the_paper_names():
         bk_sdm_removed(unet, "tiny")
 
 
+@pytest.mark.parametrize("variant", ["base", "small"])
+def test_bk_sdm_retrains_on_sds_layout_with_its_own_loss(sd_layout_dir, tmp_path, variant):
+    """BK-SDM-Base and -Small, built on SD's layout, retrain end to end on the data-free pool of a
+    conditional teacher with BK-SDM's loss (task + output + stage features, weight 1 each)."""
+    import torch.nn.functional as F
+
+    from automl_diff.bench.peers import BkSdmLoss, bk_sdm_label, retrain_bk_sdm
+    from automl_diff.config.options import DKDMOptions
+    from automl_diff.config.study import load_study_config
+    from automl_diff.methods.training import TrainingInputs
+    from automl_diff.models.blocks import record_blocks
+    from automl_diff.sampling import predict_noise
+
+    (tmp_path / "train.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    config = load_study_config(write_study(tmp_path, sd_layout_dir, tmp_path / "s.yaml", prompts={"train": "train.txt"}, search_space=None))
+    teacher = load_teacher(str(sd_layout_dir))
+    inputs = TrainingInputs(config, teacher, DKDMOptions(pool_size=8, pool_steps=3), device=torch.device("cpu"))
+    result, student_config, removed = retrain_bk_sdm(teacher.unet, variant, inputs.batches(0), iterations=4, batch_size=4, lr=1e-3)
+    assert student_config["_class_name"] == "UNet2DConditionModel" and len(result.losses) == 4
+    assert all(torch.isfinite(torch.tensor(result.losses))) and (result.model.mid_block is None) == (variant == "small")
+    assert bk_sdm_label(teacher.unet, variant) == {"base": "BK-SDM-Base", "small": "BK-SDM-Small"}[variant]
+    # the loss is BK-SDM's: the three MSE terms summed, features on the down and up stages' hidden states
+    batch = inputs.batches(1)(2)
+    loss = BkSdmLoss(teacher.unet)
+    value = loss(result.model, batch, 0)
+    stages = [f"down.{i}" for i in range(4)] + [f"up.{i}" for i in range(4)]
+    assert loss.stages == stages
+    with torch.no_grad(), record_blocks(teacher.unet, stages) as t, record_blocks(result.model, stages) as s:
+        eps_t = predict_noise(teacher.unet, batch.x, batch.t, **batch.conditioning)
+        eps_s = predict_noise(result.model, batch.x, batch.t, **batch.conditioning)
+    hidden = lambda out: out[0] if isinstance(out, tuple) else out
+    features = sum(F.mse_loss(hidden(s[n].outputs[0]), hidden(t[n].outputs[0])) for n in stages)
+    expected = F.mse_loss(eps_s, batch.target) + F.mse_loss(eps_s, eps_t) + features
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    # one pair per down stage: the rule empties every down stage, and the row says so
+    from diffusers import UNet2DConditionModel
+
+    from tests.conftest import TINY_COND_UNET
+
+    assert bk_sdm_label(UNet2DConditionModel(**TINY_COND_UNET), variant).endswith("'s rule, every down stage emptied")
+
+
 def test_the_sd15_diffnas_study_runs_offline_on_a_tiny_pipeline_of_sd15s_layout(sd_layout_dir, tmp_path, capsys):
     """studies/diffnas_sd15.yaml and its search space, unchanged but for the teacher, the user's
     files and the budgets: SD-1.5's block layout at tiny widths."""

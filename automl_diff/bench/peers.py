@@ -6,8 +6,10 @@
   uniform caching of the skip branch 0 every ``interval`` steps.
 * BK-SDM (Kim et al., 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable
   Diffusion"): block removal. :func:`bk_sdm_peer` removes what its variants remove from SD's UNet
-  and keeps the teacher's remaining weights; the benchmark retrains it with output plus
-  block-feature distillation through the same training loop as the DiffNAS student.
+  and keeps the teacher's remaining weights; :func:`retrain_bk_sdm` retrains it with BK-SDM's own
+  loss (:class:`BkSdmLoss`: task + output distillation + feature distillation on the stage
+  outputs, plain MSE, weight 1 each, as its ``kd_train_text_to_image.py``) through the training
+  loop every method shares.
 """
 
 from __future__ import annotations
@@ -18,12 +20,27 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from automl_diff.errors import UserError
+from automl_diff.methods.training import FitResult, fit
+from automl_diff.methods.training.loop import conditioning
 from automl_diff.metrics.macs import count_macs
+from automl_diff.models.blocks import block_names, record_blocks
+from automl_diff.sampling import predict_noise
 
-__all__ = ["BK_SDM_VARIANTS", "bk_sdm_peer", "bk_sdm_removed", "deepcache", "torch_pruning_peer"]
+__all__ = [
+    "BK_SDM_VARIANTS",
+    "BkSdmLoss",
+    "bk_sdm_defined",
+    "bk_sdm_label",
+    "bk_sdm_peer",
+    "bk_sdm_removed",
+    "deepcache",
+    "retrain_bk_sdm",
+    "torch_pruning_peer",
+]
 
 #: BK-SDM's variants this peer follows, with the paper's names: ``base`` (BK-SDM-Base: one resnet
 #: and attention pair removed from each down and up stage) and ``small`` (BK-SDM-Small: also the
@@ -106,7 +123,7 @@ def bk_sdm_removed(unet: nn.Module, variant: str = "base") -> list[str]:
     two pairs per down stage; on a teacher with one (digits-t2i) the same rule removes that pair,
     leaving the stage its downsampler, and the first of the up stage's two pairs.
     """
-    from automl_diff.models.blocks import block_names, get_block
+    from automl_diff.models.blocks import get_block
 
     if variant not in BK_SDM_VARIANTS:
         raise UserError(f"unknown BK-SDM variant '{variant}'; variants: {', '.join(BK_SDM_VARIANTS)}")
@@ -128,6 +145,71 @@ def bk_sdm_removed(unet: nn.Module, variant: str = "base") -> list[str]:
             elif i < len(attentions) and attentions[i] is not None:
                 removed.append(f"{name}.attentions.{i}")
     return removed
+
+
+def bk_sdm_defined(unet: nn.Module) -> bool:
+    """Whether BK-SDM's variants are defined on ``unet``: every down stage has at least two
+    resnet + attention pairs (SD-1.x and SD-2.x), so removing one leaves each stage a pair."""
+    return all(len(block.resnets) >= 2 for block in unet.down_blocks)
+
+
+def bk_sdm_label(unet: nn.Module, variant: str) -> str:
+    """What the peer is on ``unet``: the paper's name where its variant is defined, else what the
+    rule does there (on one pair per down stage it empties every down stage)."""
+    name = BK_SDM_VARIANTS[variant]
+    return name if bk_sdm_defined(unet) else f"{name}'s rule, every down stage emptied"
+
+
+class BkSdmLoss:
+    """BK-SDM's distillation loss as a :func:`~automl_diff.methods.training.fit` loss::
+
+        MSE(eps_student, target) + MSE(eps_student, eps_teacher)
+            + sum over the down and up stages of MSE(stage output of the student, of the teacher)
+
+    plain MSE with weight 1 each, as BK-SDM's ``kd_train_text_to_image.py`` (its
+    ``lambda_sd``, ``lambda_kd_output``, ``lambda_kd_feat``). A stage's output is a down block's
+    hidden state (not its skip connections) or an up block's output; the mid block is not a
+    feature target (BK-SDM-Small has none). The task target is the batch's: the true noise on
+    captioned images, the teacher's own prediction on data-free batches (where the task and output
+    terms coincide). Every model is called with the batch's text conditioning.
+    """
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher = teacher
+        self.stages = [name for name in block_names(teacher) if name != "mid"]
+        self.last: dict[str, float] = {}
+
+    @staticmethod
+    def _hidden(output: Any) -> torch.Tensor:
+        return output[0] if isinstance(output, tuple) else output
+
+    def __call__(self, student: nn.Module, batch: Any, step: int) -> torch.Tensor:
+        x, t, target = batch[:3]
+        kwargs = conditioning(batch)
+        with torch.no_grad(), record_blocks(self.teacher, self.stages) as teacher_rec:
+            eps_teacher = predict_noise(self.teacher, x, t, **kwargs).float()
+        model = getattr(student, "module", student)  # hooks go on the model inside a DDP wrapper
+        with record_blocks(model, self.stages, detach=False) as student_rec:
+            eps = predict_noise(student, x, t, **kwargs).float()
+        task = F.mse_loss(eps, target.float())
+        output = F.mse_loss(eps, eps_teacher)
+        features = sum(
+            F.mse_loss(self._hidden(student_rec[n].outputs[0]).float(), self._hidden(teacher_rec[n].outputs[0]).float())
+            for n in self.stages
+        )
+        self.last = {"task": task.detach().item(), "output": output.detach().item(), "features": float(features.detach())}
+        return task + output + features
+
+
+def retrain_bk_sdm(teacher: nn.Module, variant: str, batches: Any, **fit_options: Any) -> tuple[FitResult, dict[str, Any], list[str]]:
+    """BK-SDM's student of ``teacher`` (:func:`bk_sdm_peer`) retrained with :class:`BkSdmLoss` on
+    ``batches`` through :func:`~automl_diff.methods.training.fit` (``fit_options``: iterations,
+    batch size, learning rate, EMA). Returns the training result, the student's config and the
+    removed layers."""
+    student, config, removed = bk_sdm_peer(teacher, variant)
+    result = fit(student.requires_grad_(True), batches, loss=BkSdmLoss(teacher), **fit_options)
+    result.model.requires_grad_(False)
+    return result, config, removed
 
 
 def bk_sdm_peer(teacher: nn.Module, variant: str = "base") -> tuple[nn.Module, dict[str, Any], list[str]]:

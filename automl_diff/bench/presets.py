@@ -274,7 +274,9 @@ PRESETS: dict[str, BenchPreset] = {
         goal_kind="method",
         goals=(
             Goal("DiffNAS student", macs=2.0, params=2.0, fid_ratio=1.1, alignment_drop=0.02),
-            Goal("DiffNAS student", against="BK-SDM peer (BK-SDM-Base)", fid_lower=True, matched_macs=True),
+            Goal(
+                "DiffNAS student", against="BK-SDM peer (BK-SDM-Base's rule, every down stage emptied)", fid_lower=True, matched_macs=True
+            ),
             Goal("DiffNAS + DiP-GO", macs=6.0, fid_ratio=1.15),
             Goal("DKDM student", against="DKDM architecture, trained on the dataset", fid_ratio=1.2),
         ),

@@ -16,10 +16,10 @@ the preset's seed, so a row measured alone gives what it gives in the full run.
    ratio whose MACs are closest to the DiffNAS student's, fine-tuned with the same data-free
    batches and budget.
 5. ``bk_sdm``: BK-SDM's block removal (its Base or Small variant) of the teacher, the remaining
-   weights kept, retrained with output plus block-feature distillation from the same data-free
-   batches at the DiffNAS student's budget, through the same loop (:class:`JointLoss` at a static
-   weight of 1/2: BK-SDM's equal weights of the output and feature terms; on data-free batches its
-   task loss is the output term).
+   weights kept, retrained with BK-SDM's own loss (task + output distillation + stage-feature
+   distillation, weight 1 each; on data-free batches the task target is the teacher's prediction)
+   from the same data-free batches at the DiffNAS student's budget, through the same loop. Named
+   for what it is: on a teacher with one pair per down stage the rule empties every down stage.
 6. ``dkdm_data``: the DKDM student's architecture trained at its budget on the dataset (real images,
    captioned for a text-to-image teacher) instead of the teacher's generations: what data-free
    distillation gives up.
@@ -41,15 +41,14 @@ from typing import Any
 
 from torch import nn
 
-from automl_diff.bench.peers import BK_SDM_VARIANTS, bk_sdm_peer, deepcache, torch_pruning_peer
+from automl_diff.bench.peers import BK_SDM_VARIANTS, bk_sdm_label, deepcache, retrain_bk_sdm, torch_pruning_peer
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
 from automl_diff.gating import apply_schedule
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
-from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
-from automl_diff.methods.training import fit, noise_loss
+from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.loading import Teacher
 
@@ -184,7 +183,7 @@ def diffnas_row(bench: Bench) -> None:
     bench.details.update(tolerance=tolerance, block_choices=choice)
 
 
-def _retrain_peer(bench: Bench, model: nn.Module, seed: int, loss: Callable[[nn.Module, Any, int], Any] = noise_loss) -> nn.Module:
+def _retrain_peer(bench: Bench, model: nn.Module, seed: int) -> nn.Module:
     """A peer retrained at the DiffNAS student's budget on the shared data-free batches."""
     p = bench.preset
     return fit(
@@ -194,7 +193,6 @@ def _retrain_peer(bench: Bench, model: nn.Module, seed: int, loss: Callable[[nn.
         batch_size=p.batch_size,
         lr=p.lr,
         ema_decay=p.ema_decay,
-        loss=loss,
     ).model.requires_grad_(False)
 
 
@@ -218,17 +216,24 @@ def torch_pruning_row(bench: Bench) -> None:
 def bk_sdm_row(bench: Bench) -> None:
     p = bench.preset
     start = time.perf_counter()
-    student, _, removed = bk_sdm_peer(bench.teacher.unet, p.bk_sdm_variant)
-    loss = JointLoss(bench.teacher.unet, JointWeight("static", 0.5, 0.5), p.retrain_iterations)
-    tuned = _retrain_peer(bench, student, p.seed + 3, loss)
-    variant = BK_SDM_VARIANTS[p.bk_sdm_variant]
+    teacher = bench.teacher.unet
+    result, _, removed = retrain_bk_sdm(
+        teacher,
+        p.bk_sdm_variant,
+        bench.inputs.batches(p.seed + 3),
+        iterations=p.retrain_iterations,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        ema_decay=p.ema_decay,
+    )
+    label = bk_sdm_label(teacher, p.bk_sdm_variant)
     bench.measure(
-        f"BK-SDM peer ({variant})",
+        f"BK-SDM peer ({label})",
         "peer",
-        tuned,
+        result.model,
         search_seconds=bench.pool_seconds + time.perf_counter() - start,
-        notes=f"{variant}'s block removal ({', '.join(removed)}), the teacher's remaining weights, retrained "
-        f"{p.retrain_iterations} steps with output + block-feature distillation (equal weights)",
+        notes=f"{BK_SDM_VARIANTS[p.bk_sdm_variant]}'s block removal ({', '.join(removed)}), the teacher's remaining weights, "
+        f"retrained {p.retrain_iterations} steps with BK-SDM's loss (task + output + stage-feature MSE, weight 1 each)",
         peer_of="DiffNAS student",
     )
 
