@@ -94,25 +94,32 @@ def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
     assert [t.state for t in trials] == [COMPLETE]
 
 
-def test_ray_asha_stops_a_trial_at_a_rung_and_the_study_records_it_pruned(study_factory, tmp_path, capfd):
-    """Tune's ASHA scheduler on the rung scores: each trial scores worse than the ones before it
-    (the patched score is the clock), so ASHA stops the later ones at the first rung."""
+def test_ray_trials_stop_at_rungs_by_the_same_multi_objective_decision_as_local_ones(study_factory, tmp_path, capfd):
+    """Each trial scores worse than the ones before it (the patched score is the clock). Trial 1
+    (more MACs than trial 0, a worse score) is dominated and stopped at its first rung; trial 2 has
+    the worst score of all but the fewest MACs, so it stays on the rung's front and completes,
+    where a single-objective scheduler (Tune's ASHA) would have stopped it first."""
     config = study_factory(
         n_trials=3,
-        sampler={"name": "tpe", "seed": 3},
         execution={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 0},
         budgets={**TINY_BUDGETS, "train_iterations": 8},
-        pruner={"name": "mo_asha", "rungs": [0.25, 0.5], "reduction_factor": 2},
+        pruner={"name": "mo_asha", "rungs": [0.25, 0.5], "reduction_factor": 2, "min_trials": 2},
     )
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="tiny", storage=storage, directions=["minimize", "minimize"])
+    large = {"down.0.channels": 8, "down.1.channels": 16, "down.1.layers": 2}
+    for params in ({**large, "down.1.attention": False}, {**large, "down.1.attention": True}):
+        study.enqueue_trial(params)
+    study.enqueue_trial({"down.0.channels": 4, "down.1.channels": 8, "down.1.layers": 1, "down.1.attention": False})
     done = _run_ray(config, tmp_path, env=later_trials_score_worse_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert len(study.trials) == 3 and all(t.state in FINISHED for t in study.trials)
-    assert study.trials[0].state == COMPLETE
-    stopped = [t for t in study.trials if TrialAttr.PRUNE_REASON in t.user_attrs]
-    assert stopped and all(t.state == optuna.trial.TrialState.PRUNED for t in stopped)
-    assert all("by Ray Tune's ASHA" in t.user_attrs[TrialAttr.PRUNE_REASON] for t in stopped)
-    assert all(t.user_attrs[TrialAttr.RUNG_SCORES] and t.user_attrs[TrialAttr.RUNG_MACS] > 0 for t in stopped)
-    assert {t.number for t in stopped}.isdisjoint(t.number for t in study.best_trials)
-    assert main(["trials", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", "tiny"]) == 0
-    assert "by Ray Tune's ASHA" in capfd.readouterr().out
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    macs = [t.user_attrs[TrialAttr.RUNG_MACS] for t in trials]
+    scores = [t.user_attrs[TrialAttr.RUNG_SCORES]["0"] for t in trials]
+    assert macs[2] < macs[0] < macs[1] and scores[0] < scores[1] < scores[2]
+    stopped = trials[1].user_attrs
+    assert stopped[TrialAttr.PRUNED_AT_RUNG] == 0 and "off their front" in stopped[TrialAttr.PRUNE_REASON]
+    assert set(trials[2].user_attrs[TrialAttr.RUNG_SCORES]) == {"0", "1"}
+    assert main(["trials", "--storage", storage, "--study-name", "tiny"]) == 0
+    assert "off their front" in capfd.readouterr().out

@@ -164,7 +164,7 @@ class PrunerSettings:
     A trial reports a score at each rung (a fraction of its training budget); ``mo_asha`` stops it
     when, given its MACs, its score ranks it outside the best ``1 / reduction_factor`` of the trials
     that reached the rung and off their first non-dominated front (multi-objective asynchronous
-    successive halving); the Ray backend runs Tune's ASHA scheduler on the same score.
+    successive halving), on the local and the Ray backend alike.
 
     Attributes:
         name: ``none`` (every trial trains in full) or ``mo_asha``.

@@ -1,7 +1,8 @@
 """Early stopping of hopeless trials in a multi-objective study: MO-ASHA at rungs.
 
-Optuna's pruners need ``trial.report``, which multi-objective studies refuse, so the local runner
-rules itself, in the spirit of multi-objective asynchronous successive halving (MO-ASHA,
+Optuna's pruners need ``trial.report``, which multi-objective studies refuse, and Ray Tune's
+schedulers rank by one metric, so both backends (the local runner and Ray's trainables) ask the
+same decision here, in the spirit of multi-objective asynchronous successive halving (MO-ASHA,
 Schmucker et al. 2021):
 
 * a trial reports a score at each rung (DKDM: the distillation loss of its weights on a fixed
@@ -122,7 +123,9 @@ class RungRecorder:
 
 
 class MOASHA(RungRecorder):
-    """The local runner's rung reporter: records each score and stops the trial when MO-ASHA says so.
+    """A trial's rung reporter on every backend: records each score and stops the trial when
+    MO-ASHA says so. It reads the other trials' rung scores from the study's storage, so trials
+    run by several workers or Ray nodes are ranked together.
 
     Args:
         settings: the study's ``pruner:``.

@@ -17,11 +17,12 @@ remaining trials to Ray Tune:
 * An interrupted experiment (driver stopped, trials left running) is resumed with
   ``Tuner.restore`` by running the same command again; otherwise each run starts a new Tune
   experiment for the trials still missing from ``n_trials``.
-* With ``pruner:`` on, each trial reports its held-out score at the rungs to Tune, whose
-  ``ASHAScheduler`` (metric ``rung_score``, time ``iteration``, grace period the first rung,
-  the study's reduction factor) may stop it there; the trainable then records the trial as PRUNED
-  with its rung scores and the reason, as the local runner's MO-ASHA does. ASHA ranks by the score
-  alone: Tune's schedulers are single-objective.
+* With ``pruner:`` on, a trial stops early exactly as a local one does: at each rung the
+  trainable records its held-out score on its Optuna trial and asks the shared MO-ASHA decision
+  (:class:`~automl_diff.runners.pruning.MOASHA`), which ranks it against the other trials' rung
+  scores in the same storage on (MACs, score); a stopped trial is recorded PRUNED with its rung
+  scores and the reason. Tune's own schedulers are single-objective (they would stop the cheap,
+  less accurate students of the front's low-MACs end first), so none is used.
 * With ``execution.processes_per_trial`` (or ``gpus_per_trial``) above 1, a trial trains with DDP
   over the GPUs Ray reserved for it (``torchrun`` inside its worker, one node).
 """
@@ -39,7 +40,6 @@ from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.local import begin_run, finished_trials, make_sampler
-from automl_diff.runners.pruning import RungRecorder
 from automl_diff.runners.storage import open_storage
 from automl_diff.runners.trial import StudySession
 
@@ -49,8 +49,6 @@ logger = logging.getLogger("automl_diff")
 
 #: Key of the Tune config that names the Optuna trial (its number) a trainable runs.
 TRIAL_NUMBER_KEY = "optuna_trial"
-#: The metric and time attribute rung reports carry (Tune's ASHA scheduler reads them).
-RUNG_METRIC, RUNG_TIME = "rung_score", "iteration"
 
 _sessions: dict[tuple[str, str], StudySession] = {}
 
@@ -81,10 +79,6 @@ def _searcher_class() -> type:
         """OptunaSearch whose trainables record their own outcome in the study (as local trials
         do); the searcher only fails the trials whose worker crashed for good."""
 
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if RUNG_METRIC not in result:  # rung reports are the scheduler's; the trainable records them
-                super().on_trial_result(trial_id, result)
-
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if error:
                 super().on_trial_complete(trial_id, result=None, error=True)
@@ -106,27 +100,7 @@ def _result(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict[str, A
     result.update(
         {"optuna_trial": trial.number, "state": trial.state.name, TrialAttr.FAIL_REASON: trial.user_attrs.get(TrialAttr.FAIL_REASON, "")}
     )
-    if config.pruner.enabled:  # Tune checks that every report names the scheduler's metric (no time: ASHA ignores it)
-        result[RUNG_METRIC] = math.nan
     return result
-
-
-class _TuneRungs(RungRecorder):
-    """A trial's rung reporter under Tune: records the score on the Optuna trial and reports it
-    to Tune, whose scheduler may stop the trial inside ``tune.report`` (Tune raises
-    ``SystemExit`` in the trial's thread then)."""
-
-    def __init__(self, trial: optuna.Trial, macs_of: Any, objective_names: list[str]) -> None:
-        super().__init__(trial, macs_of)
-        self.objective_names = objective_names
-
-    def __call__(self, rung: int, iteration: int, score: float, model: Any) -> None:
-        from ray import tune
-
-        self.record(rung, iteration, score, model)
-        # the objectives are not known yet: NaN (Tune checks that every report names them)
-        objectives = dict.fromkeys(self.objective_names, math.nan)
-        tune.report({**objectives, RUNG_TIME: iteration, RUNG_METRIC: score, TRIAL_NUMBER_KEY: self.trial.number})
 
 
 def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: str, storage_url: str) -> None:
@@ -141,16 +115,8 @@ def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: 
         trial = optuna.Trial(study, trial_id)
         session = _session(config, study_name)
         session.storage = storage
-        reporter = _TuneRungs(trial, session.evaluator.macs, config.objective_names)
-        session.rung_reporter = lambda _trial: reporter
         try:
-            values = session.objective(trial)
-        except SystemExit:  # Tune's ASHA stopped the trial at its last rung report
-            if reporter.last is not None:
-                rung, iteration, score = reporter.last
-                reporter.stopped(f"stopped at rung {rung} (iteration {iteration}) by Ray Tune's ASHA: held-out loss {score:.4g}")
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            raise
+            values = session.objective(trial)  # rungs: the shared MO-ASHA decision, as in a local run
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         except UserError as exc:
@@ -204,7 +170,6 @@ def run_study_ray(
     """
     try:
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search import ConcurrencyLimiter
     except ImportError:
         raise UserError("--backend ray: Ray Tune is not installed (pip install 'automl_diff[ray]')") from None
@@ -241,20 +206,9 @@ def run_study_ray(
         root = StudyFolder.of(config.output_dir, study_name).ray
         name = f"run_{len(study.trials)}"
         study.set_user_attr(StudyAttr.RAY_EXPERIMENT, str(root / name))
-        scheduler = None
-        if config.pruner.enabled:
-            total_iterations = config.budgets.train_iterations
-            scheduler = ASHAScheduler(
-                time_attr=RUNG_TIME,
-                metric=RUNG_METRIC,
-                mode="min",
-                grace_period=max(1, round(config.pruner.rungs[0] * total_iterations)),
-                max_t=total_iterations,
-                reduction_factor=config.pruner.reduction_factor,
-            )
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining, reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(root),
