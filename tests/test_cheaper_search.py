@@ -182,10 +182,30 @@ def test_pruner_config_errors_name_the_key(study_factory, capsys):
 # --- data-parallel trials ----------------------------------------------------------------------------
 
 
+def _flat_close(one: torch.nn.Module, two: torch.nn.Module, lr: float, iterations: int) -> None:
+    """Two trainings of one model on the same global batches reached the same weights."""
+    state_one, state_two = one.state_dict(), two.state_dict()
+    assert state_one.keys() == state_two.keys()
+    flat_one = torch.cat([v.flatten() for v in state_one.values()])
+    flat_two = torch.cat([state_two[k].flatten() for k in state_one])
+    # the same model within float noise, except that Adam divides each step by the gradient's own
+    # size: a bias whose gradient is zero up to rounding (a conv before a one-channel norm group)
+    # moves by up to the learning rate either way, so single entries may differ by a few steps' lr
+    assert ((flat_two - flat_one).norm() / flat_one.norm()).item() < 1e-3
+    assert (flat_two - flat_one).abs().max().item() <= 2 * lr * iterations
+
+
+def _ranks(folder) -> list[dict]:
+    import json
+
+    return [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_path):
     """``execution.processes_per_trial: 2`` trains over torchrun and gloo: the same losses, rung
-    scores and weights as one process on the same global batch."""
+    scores, weights and pool counters as one process on the same global batch, each rank on its
+    own half of every batch, in a world of the size asked for."""
     path = study_factory(
         budgets={**TINY_BUDGETS, "train_iterations": 6},
         method_options={"pool_size": 16, "pool_steps": 5, "ema_decay": 0.9, "init": "random"},
@@ -202,18 +222,93 @@ def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_pat
         reported: list[tuple[int, int, float]] = []
         candidate = method.run_trial(params, rungs=Rungs((0.5,), lambda k, it, score, model, into=reported: into.append((k, it, score))))
         outcome[processes] = (candidate, reported)
+    first = method.inputs.batches(config.seed)(config.budgets.batch_size).x  # trial 0's first global batch
     (one, one_rungs), (two, two_rungs) = outcome[1], outcome[2]
     assert two.attrs[TrialAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrialAttr.TRAIN_PROCESSES] == 1
     for key in (TrialAttr.TRAIN_LOSS_FIRST, TrialAttr.TRAIN_LOSS_LAST):
         assert two.attrs[key] == pytest.approx(one.attrs[key], rel=1e-4, abs=1e-6)
+    # the pool's counters come back from the workers: every label and finished trajectory counted once
+    for key in (TrialAttr.TEACHER_EVALUATIONS, TrialAttr.POOL_TRAJECTORIES_COMPLETED):
+        assert two.attrs[key] == one.attrs[key]
+    assert two.attrs[TrialAttr.TEACHER_EVALUATIONS] == 6 * config.budgets.batch_size
     assert [r[:2] for r in two_rungs] == [r[:2] for r in one_rungs] == [(0, 3)]
     assert two_rungs[0][2] == pytest.approx(one_rungs[0][2], rel=1e-4)
-    state_one, state_two = one.unet.state_dict(), two.unet.state_dict()
-    assert state_one.keys() == state_two.keys()
-    flat_one = torch.cat([v.flatten() for v in state_one.values()])
-    flat_two = torch.cat([state_two[k].flatten() for k in state_one])
-    # the same model within float noise, except that Adam divides each step by the gradient's own
-    # size: a bias whose gradient is zero up to rounding (a conv before a one-channel norm group)
-    # moves by up to the learning rate either way, so single entries may differ by a few steps' lr
-    assert ((flat_two - flat_one).norm() / flat_one.norm()).item() < 1e-3
-    assert (flat_two - flat_one).abs().max().item() <= 2 * config.budgets.lr * config.budgets.train_iterations
+    _flat_close(one.unet, two.unet, config.budgets.lr, config.budgets.train_iterations)
+    # each rank saw a world of two and trained on its own half of every global batch
+    ranks = _ranks(tmp_path / "p2" / "ddp" / "trial_0")
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    half = config.budgets.batch_size // 2
+    assert [r["samples"] for r in ranks] == [6 * half, 6 * half]
+    assert ranks[0]["shard_sums"][0] == pytest.approx(first[:half].double().sum().item(), rel=1e-6)
+    assert ranks[1]["shard_sums"][0] == pytest.approx(first[half:].double().sum().item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_diffnas_trains_its_supernets_and_retrains_data_parallel(tiny_teacher_dir, tiny_supernet_space, tmp_path):
+    """DiffNAS with two processes: supernet training and joint-loss retraining over torchrun give
+    the losses and weights of one process on the same global batches."""
+    from automl_diff.methods.diffnas import DiffNAS
+    from tests.conftest import write_study
+
+    options = {"pool_size": 16, "pool_steps": 5, "supernet_iterations": 3, "search_samples": 8, "retrain_iterations": [4]}
+    path = write_study(tmp_path, tiny_teacher_dir, tiny_supernet_space, method="diffnas", method_options=options)
+    config = load_study_config(path)
+    teacher = load_teacher(config.teacher)
+    outcome = {}
+    for processes in (1, 2):
+        run = dataclasses.replace(config, execution=dataclasses.replace(config.execution, processes_per_trial=processes))
+        method = DiffNAS(run, teacher)
+        method.prepare(tmp_path / f"p{processes}")
+        outcome[processes] = (method, method.run_trial({"tolerance": 0.05}))
+    (m1, one), (m2, two) = outcome[1], outcome[2]
+    for key in (TrialAttr.SUPERNET_LOSS_FIRST, TrialAttr.SUPERNET_LOSS_LAST, TrialAttr.TRAIN_LOSS_FIRST, TrialAttr.TRAIN_LOSS_LAST):
+        assert two.attrs[key] == pytest.approx(one.attrs[key], rel=1e-4, abs=1e-7), key
+    assert two.attrs[TrialAttr.BLOCK_CHOICES] == one.attrs[TrialAttr.BLOCK_CHOICES]
+    assert two.attrs[TrialAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrialAttr.TRAIN_PROCESSES] == 1
+    for name in m1.supernets:
+        _flat_close(m1.supernets[name], m2.supernets[name], 1e-3, 3)
+    _flat_close(one.unet, two.unet, config.budgets.lr, 4)
+    half = config.budgets.batch_size // 2
+    for job, steps in (("supernets", 3), ("trial_0", 4)):
+        ranks = _ranks(tmp_path / "p2" / "ddp" / job)
+        assert [r["world_size"] for r in ranks] == [2, 2] and [r["samples"] for r in ranks] == [steps * half] * 2
+        assert ranks[0]["shard_sums"][0] != ranks[1]["shard_sums"][0]
+
+
+_FAIL_RANK_1_ONCE = """
+def _patch(module):
+    import os
+    fit = module.fit
+    marker = Path({marker!r})
+
+    def failing_fit(*args, **kwargs):
+        if os.environ.get("RANK") == "1" and not marker.exists():
+            marker.write_text("failed")
+            raise RuntimeError("rank 1 lost its device")
+        return fit(*args, **kwargs)
+
+    module.fit = failing_fit
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_its_trial_and_the_study_goes_on(study_factory, tmp_path):
+    """Rank 1 of the first trial's data-parallel job raises: that trial fails with the rank's
+    error as its reason, without a traceback, and the next trial completes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import patched_dkdm_env
+
+    config = study_factory(execution={"processes_per_trial": 2}, method_options={"pool_size": 16, "pool_steps": 5, "init": "random"})
+    patch = _FAIL_RANK_1_ONCE.format(marker=str(tmp_path / "rank_1_failed"))
+    env = patched_dkdm_env(tmp_path / "fail", patch, target="automl_diff.methods.training.loop")
+    command = [sys.executable, "-m", "automl_diff.study", "run", str(config), "--quiet"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    reason = trials[0].user_attrs[TrialAttr.FAIL_REASON]
+    assert reason.startswith("TrainingFailed: a data-parallel rank failed") and "RuntimeError: rank 1 lost its device" in reason
+    assert trials[1].user_attrs[TrialAttr.TRAIN_PROCESSES] == 2

@@ -14,7 +14,7 @@ loop with its data-free inputs (:mod:`~automl_diff.methods.training`). Their opt
 
 from __future__ import annotations
 
-from automl_diff.methods.base import Candidate, Method, Rungs, TrainingDiverged
+from automl_diff.methods.base import Candidate, Method, Rungs, TrainingDiverged, TrainingFailed
 from automl_diff.methods.diffnas import DiffNAS
 from automl_diff.methods.dipgo import DiPGO
 from automl_diff.methods.dkdm import DKDM
@@ -26,4 +26,4 @@ METHODS: dict[str, type[Method]] = {
     DiPGO.name: DiPGO,
 }
 
-__all__ = ["METHODS", "Candidate", "Method", "Rungs", "TrainingDiverged"]
+__all__ = ["METHODS", "Candidate", "Method", "Rungs", "TrainingDiverged", "TrainingFailed"]

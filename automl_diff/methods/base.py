@@ -26,11 +26,16 @@ from automl_diff.gating import Schedule
 from automl_diff.models.loading import Teacher
 from automl_diff.records import stable_key
 
-__all__ = ["Candidate", "Method", "Rungs", "TrainingDiverged"]
+__all__ = ["Candidate", "Method", "Rungs", "TrainingDiverged", "TrainingFailed"]
 
 
 class TrainingDiverged(RuntimeError):
     """A method's loss became NaN or infinite; the trial fails with this reason, the study goes on."""
+
+
+class TrainingFailed(RuntimeError):
+    """A trial's training processes failed (a data-parallel rank exited with an error); the trial
+    fails with this reason, the study goes on."""
 
 
 @dataclass(frozen=True)

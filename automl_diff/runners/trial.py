@@ -19,7 +19,7 @@ import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
 from automl_diff.errors import UserError
-from automl_diff.methods import METHODS, Rungs, TrainingDiverged
+from automl_diff.methods import METHODS, Rungs, TrainingDiverged, TrainingFailed
 from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
 from automl_diff.records import Evaluation, StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.artifacts import attach_samples
@@ -33,7 +33,7 @@ logger = logging.getLogger("automl_diff")
 #: Trial states that count towards ``n_trials``.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Exceptions that fail one trial (reason recorded) but let the study go on.
-TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, torch.OutOfMemoryError)
+TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, TrainingFailed, torch.OutOfMemoryError)
 
 
 def resolve_original_teacher(config: StudyConfig) -> tuple[str, ExportInfo | None]:
@@ -115,8 +115,6 @@ class StudySession:
             raise UserError(
                 f"{config.path}: pruner.name: method {config.method} reports no intermediate scores; use pruner: {{name: none}}"
             )
-        #: Builds a trial's rung reporter (the Ray backend installs Tune's; default: MO-ASHA).
-        self.rung_reporter = lambda trial: MOASHA(config.pruner, trial, self.evaluator.macs)
         self.evaluator = Evaluator(
             config,
             scheduler_config=self.teacher.scheduler_config,
@@ -256,7 +254,8 @@ class StudySession:
             trial.set_user_attr(TrialAttr.DUPLICATE_OF, duplicate)
             logger.info("trial %d repeats trial %d: pruned", trial.number, duplicate)
             raise optuna.TrialPruned(f"same model as trial {duplicate}")
-        rungs = Rungs(self.config.pruner.rungs, self.rung_reporter(trial)) if self.config.pruner.enabled else None
+        pruner = self.config.pruner
+        rungs = Rungs(pruner.rungs, MOASHA(pruner, trial, self.evaluator.macs)) if pruner.enabled else None
         candidate = self.method.run_trial(params, number=trial.number, rungs=rungs)
         folder = self.folder.trial(trial.number)
         weights = candidate.weights

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,15 @@ from automl_diff.methods.diffnas.search import (
 )
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets
 from automl_diff.methods.training import TrainingInputs, fit
+from automl_diff.methods.training.ddp import fit_data_parallel, run_job
 from automl_diff.methods.training.loop import conditioning, held_out_loss
 from automl_diff.models.loading import weights_digest
 from automl_diff.records import TrialAttr, stable_key
 
 __all__ = ["RETRAIN_ITERATIONS", "TOLERANCE", "DiffNAS"]
+
+#: The module ``torchrun`` runs for DiffNAS's data-parallel jobs (:mod:`automl_diff.methods.diffnas.ddp`).
+DIFFNAS_WORKER = "automl_diff.methods.diffnas.ddp"
 
 #: The Optuna parameters of a DiffNAS trial: the block-loss tolerance, and the retraining budget
 #: where ``retrain_iterations`` lists several.
@@ -83,6 +88,8 @@ class DiffNAS(Method):
         self.block_scores: dict[str, list[BlockScore]] | None = None
         self.global_scores: list[GlobalScore] | None = None
         self.summary: dict[str, Any] = {}
+        #: Where data-parallel jobs are written (the study's folder once prepared).
+        self.workdir = Path(self.config.output_dir)
 
     # -- prepare ---------------------------------------------------------------------------------
     def _key(self) -> str:
@@ -118,6 +125,8 @@ class DiffNAS(Method):
         from safetensors.torch import load_file, save_file
 
         key = self._key()
+        if workdir is not None:
+            self.workdir = Path(workdir)
         cache = workdir / "diffnas_supernets.safetensors" if workdir is not None else None
         loaded = False
         if cache is not None and cache.is_file() and cache.with_suffix(".json").is_file():
@@ -138,17 +147,18 @@ class DiffNAS(Method):
                 o.subnets_per_step,
             )
             start = time.perf_counter()
-            losses = train_supernets(
-                self.teacher.unet,
-                self.supernets,
-                self.inputs.batches(self.config.seed + 1),
-                iterations=o.supernet_iterations,
-                batch_size=self.config.budgets.batch_size,
-                lr=o.supernet_lr,
-                subnets_per_step=o.subnets_per_step,
-                seed=self.config.seed,
-                progress=self.progress,
-            )
+            training = {
+                "iterations": o.supernet_iterations,
+                "batch_size": self.config.budgets.batch_size,
+                "lr": o.supernet_lr,
+                "subnets_per_step": o.subnets_per_step,
+                "seed": self.config.seed,
+            }
+            batches = self.inputs.batches(self.config.seed + 1)
+            if self.processes > 1:
+                losses = self._train_supernets_data_parallel(batches, training, self.workdir)
+            else:
+                losses = train_supernets(self.teacher.unet, self.supernets, batches, progress=self.progress, **training)
             tail = max(1, len(losses) // 10)
             self.summary = {
                 TrialAttr.SUPERNET_SECONDS: round(time.perf_counter() - start, 3),
@@ -163,6 +173,41 @@ class DiffNAS(Method):
         for supernet in self.supernets.values():
             supernet.requires_grad_(False).eval()
         self._search(storage, study_name or self.config.name, key)
+
+    @property
+    def processes(self) -> int:
+        """Data-parallel ranks of supernet training and retraining (``execution``)."""
+        return self.config.execution.processes
+
+    def _job(self, task: dict[str, Any]) -> dict[str, Any]:
+        """What every data-parallel task of DiffNAS's names: the starting model and the stack."""
+        return {**task, "start": self.teacher.source, "stacked": self.stacked}
+
+    def _check_split(self) -> None:
+        batch = self.config.budgets.batch_size
+        if batch % self.processes:
+            raise UserError(
+                f"{self.config.path}: budgets.batch_size: {batch} does not split over {self.processes} processes "
+                "(execution.processes_per_trial)"
+            )
+
+    def _train_supernets_data_parallel(self, batches: Any, training: dict[str, Any], workdir: Path) -> list[float]:
+        """:func:`train_supernets` over the data-parallel ranks; the trained weights come back here."""
+        self._check_split()
+        state = {f"{n}.{k}": v for n, s in self.supernets.items() for k, v in s.state_dict().items()}
+        job = {
+            "teacher": self.original.source,
+            "dtype": str(next(self.original.unet.parameters()).dtype).removeprefix("torch."),
+            "batches": batches.record(),
+            "held_out": None,
+            "rungs": [],
+            "fit": training,
+            "task": self._job({"kind": "supernets", "space": self.space.path, "state": state}),
+        }
+        done = run_job(job, processes=self.processes, folder=workdir / "ddp" / "supernets", worker=DIFFNAS_WORKER)
+        for name, supernet in self.supernets.items():
+            supernet.load_state_dict({k[len(name) + 1 :]: v for k, v in done.result["state"].items() if k.startswith(name + ".")})
+        return list(done.result["losses"])
 
     def _search(self, storage: Any, name: str, key: str) -> None:
         import optuna
@@ -243,21 +288,43 @@ class DiffNAS(Method):
             at = rungs.iterations(iterations) if rungs is not None else []
             held_out = self.inputs.held_out(self.config.pruner.score_samples) if at else None
             weight = JointWeight(o.joint_schedule, o.joint_start, o.joint_end)
-            original = self.original.unet if self.stacked else None
-            loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight, original=original)
-            result = fit(
-                student.requires_grad_(True),
-                self.inputs.batches(seed),
-                iterations=iterations,
-                batch_size=self.config.budgets.batch_size,
-                lr=self.config.budgets.lr,
-                ema_decay=o.ema_decay,
-                progress=self.progress,
-                desc=f"trial {number} retraining",
-                loss=loss,
-                rungs=at,
-                on_rung=(lambda k, it, model: rungs.report(k, it, held_out_loss(model, held_out), model)) if at else None,
-            )
+            batches = self.inputs.batches(seed)
+            options = {
+                "iterations": iterations,
+                "batch_size": self.config.budgets.batch_size,
+                "lr": self.config.budgets.lr,
+                "ema_decay": o.ema_decay,
+                "progress": self.progress,
+                "desc": f"trial {number} retraining",
+            }
+            student.requires_grad_(True)
+            if self.processes > 1:
+                self._check_split()
+                result = fit_data_parallel(
+                    student,
+                    batches,
+                    student_config=config,
+                    teacher_source=self.original.source,
+                    processes=self.processes,
+                    folder=self.workdir / "ddp" / f"trial_{number}",
+                    held_out=held_out,
+                    rungs=at,
+                    on_rung=(lambda k, it, score: rungs.report(k, it, score, student)) if at else None,
+                    worker=DIFFNAS_WORKER,
+                    task=self._job({"kind": "retrain", "weight": asdict(weight), "total": iterations, "data_weight": o.data_weight}),
+                    **options,
+                )
+            else:
+                original = self.original.unet if self.stacked else None
+                loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight, original=original)
+                result = fit(
+                    student,
+                    batches,
+                    loss=loss,
+                    rungs=at,
+                    on_rung=(lambda k, it, model: rungs.report(k, it, held_out_loss(model, held_out), model)) if at else None,
+                    **options,
+                )
             student = result.model
             tail = max(1, len(result.losses) // 10)
             attrs.update(
@@ -265,6 +332,7 @@ class DiffNAS(Method):
                     TrialAttr.TRAIN_SECONDS: round(result.seconds, 3),
                     TrialAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
                     TrialAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
+                    TrialAttr.TRAIN_PROCESSES: result.processes,
                 }
             )
         student.requires_grad_(False).eval()

@@ -79,7 +79,8 @@ class JointLoss:
             eps_teacher = predict_noise(self.teacher, x, t, **kwargs).float()
             if self.original is not None:
                 eps_teacher = predict_noise(self.original, x, t, **kwargs).float()
-        with record_blocks(student, self.names, detach=False) as student_rec:
+        model = getattr(student, "module", student)  # hooks go on the model inside a DDP wrapper
+        with record_blocks(model, self.names, detach=False) as student_rec:
             eps = predict_noise(student, x, t, **kwargs).float()
         features = torch.stack([block_loss(student_rec[n].outputs[0], teacher_rec[n].outputs[0]) for n in self.names]).sum()
         output = F.mse_loss(eps, eps_teacher)

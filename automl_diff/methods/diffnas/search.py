@@ -39,7 +39,7 @@ from tqdm import tqdm
 from automl_diff.config.options import BLOCK_COSTS
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, iter_tensors
-from automl_diff.methods.training.loop import conditioning
+from automl_diff.methods.training.loop import conditioning, shard, world
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import map_tensors, record_blocks
 from automl_diff.records import BlockSearchAttr
@@ -83,10 +83,24 @@ def record_teacher_blocks(
     return eps, {n: BlockInputs(rec[n].args[0], rec[n].kwargs[0], rec[n].outputs[0]) for n in names}
 
 
+def _global_mean(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the ranks of a data-parallel job (itself outside one)."""
+    _, size = world()
+    if size == 1:
+        return value
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / size
+
+
 def block_loss(output: Any, target: Any) -> torch.Tensor:
-    """Relative MSE between two block outputs, averaged over the tensors they hold."""
+    """Relative MSE between two block outputs, averaged over the tensors they hold.
+
+    In a data-parallel job each rank holds a share of the batch: the target's mean square (the
+    normaliser) is the whole batch's, averaged over the ranks, so the ranks' averaged gradients
+    are the whole batch's as in one process. Every rank calls it in the same order then."""
     losses = [
-        (a.float() - b.float()).pow(2).mean() / (b.float().pow(2).mean() + 1e-8)
+        (a.float() - b.float()).pow(2).mean() / (_global_mean(b.float().pow(2).mean()) + 1e-8)
         for a, b in zip(iter_tensors(output), iter_tensors(target), strict=True)
     ]
     return torch.stack(losses).mean()
@@ -103,8 +117,14 @@ def train_supernets(
     subnets_per_step: int = 4,
     seed: int = 0,
     progress: bool = False,
+    on_shard: Callable[[Any], None] | None = None,
 ) -> list[float]:
     """Train every block supernet on the teacher's block inputs and outputs.
+
+    Under ``torch.distributed`` (a data-parallel job, :mod:`automl_diff.methods.training.ddp`)
+    every rank draws the same global batch and the same subnets, records the teacher's blocks on
+    its own share of the batch, and the supernets' gradients are averaged over the ranks: the step
+    one process takes on the whole batch.
 
     Args:
         teacher: the frozen teacher.
@@ -117,9 +137,10 @@ def train_supernets(
         subnets_per_step: subnets trained per block and step; the largest and the smallest are
             always among them, the rest are drawn at random.
         seed: draws of the random subnets.
+        on_shard: called with each share of a batch this process trains on.
 
     Returns:
-        The summed block loss per step.
+        The summed block loss per step (the whole batch's).
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
@@ -133,8 +154,11 @@ def train_supernets(
         s.train()
     losses: list[float] = []
     bar = tqdm(range(iterations), desc="supernets", unit="it", disable=not progress, file=sys.stderr, leave=False, mininterval=1)
+    rank, size = world()
     for step in bar:
-        batch = batches(batch_size)
+        batch = shard(batches(batch_size), rank, size)
+        if on_shard is not None:
+            on_shard(batch)
         _, inputs = record_teacher_blocks(teacher, batch[0], batch[1], names, **conditioning(batch))
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -152,6 +176,12 @@ def train_supernets(
                 if loss.requires_grad:  # a subnet that computes nothing (all shortcuts) has no weights to train
                     (loss / len(chosen)).backward()
                 total += loss.item() / len(chosen)
+        if size > 1:  # every rank trained the same subnets: the same parameters have gradients
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= size
+            total = float(_global_mean(torch.tensor(total)))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()

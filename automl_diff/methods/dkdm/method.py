@@ -137,7 +137,7 @@ class DKDM(Method):
             TrialAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
             TrialAttr.SOURCE: self.options.source,
             TrialAttr.INIT: self.options.init,
-            TrialAttr.TRAIN_PROCESSES: processes,
+            TrialAttr.TRAIN_PROCESSES: result.processes,
         }
         if inherited is not None:
             attrs[TrialAttr.INHERITED_FRACTION] = round(inherited, 4)

@@ -98,6 +98,15 @@ class PoolBatches:
         """This source as it is now (its teacher aside), for :func:`restore_batches`."""
         return {"kind": "pool", "pool": self.pool.record(), "prompts": None if self.prompts is None else self.prompts.cpu()}
 
+    def counters(self) -> dict[str, int]:
+        """What this source has cost: teacher evaluations, pool trajectories finished."""
+        return {"teacher_evals": self.teacher_evals, "completed": self.pool.completed}
+
+    def set_counters(self, counters: dict[str, int]) -> None:
+        """Take over the counters of another copy of this source (a data-parallel job's)."""
+        self.teacher_evals = int(counters["teacher_evals"])
+        self.pool.completed = int(counters["completed"])
+
     def __call__(self, batch_size: int) -> Batch:
         idx = self.pool.draw(batch_size)
         x, t = self.pool.batch(idx)  # copies: advancing the pool leaves this batch as it is

@@ -81,11 +81,13 @@ def held_out_loss(model: nn.Module, batch: Any, *, chunk: int = 256) -> float:
 
 @dataclass
 class FitResult:
-    """What training produced. ``model`` is the EMA of the weights when EMA is on."""
+    """What training produced. ``model`` is the EMA of the weights when EMA is on; ``processes``
+    the data-parallel ranks that trained it (the world size they saw)."""
 
     model: nn.Module
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    processes: int = 1
 
     def mean_loss(self, first: int, last: int) -> float:
         window = self.losses[first:last]
@@ -146,7 +148,7 @@ def fit(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ema = copy.deepcopy(student).requires_grad_(False).eval() if ema_decay > 0 else None
-    result = FitResult(student)
+    result = FitResult(student, processes=size)
     start = time.perf_counter()
     bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress or rank > 0, file=sys.stderr, leave=False, mininterval=1)
     rung_at = {iteration: k for k, iteration in enumerate(sorted(rungs))}
