@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits-t2i", "sd15"), default="digits-t2i")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--full-steps", type=int, nargs="*", default=None, help="full backpropagation at these step counts (default: --steps)")
+    parser.add_argument("--full-steps", type=int, nargs="*", default=None, help="full backpropagation at these steps (default: --steps)")
     parser.add_argument("--child", nargs=3, metavar=("STEPS", "CHECKPOINT", "ITERATIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
