@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from automl_diff.data import read_prompts
-from automl_diff.metrics.alignment import prompt_accuracy, prompt_digits
+from automl_diff.metrics.alignment import prompt_accuracy, prompt_labels
 from automl_diff.metrics.fid import fid_from_features, get_extractor, reference_set
 from automl_diff.metrics.intervals import across_sets
 from automl_diff.models.loading import load_teacher
 from automl_diff.sampling import Prompts, sample_images
+from automl_diff.zoo import JUDGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,8 @@ def main() -> None:
     reference = reference_set("digits", extractor, resolution=16, channels=1)
     prompts = read_prompts(ROOT / "studies" / "prompts" / "digits_eval.txt")
     per_prompt = args.samples // len(prompts)
-    digits = prompt_digits(prompts)
+    judge = JUDGES["digits"]
+    digits = prompt_labels(prompts, judge)
     teacher = load_teacher("digits-t2i")
     text = teacher.text
     seeds = range(1, args.sets + 1)
@@ -65,7 +67,7 @@ def main() -> None:
             fids.append(fid_from_features(extractor(batch), reference.statistics))
             images.append(batch)
         wanted = [digits[conditioning.prompt_of(i)] for i in range(args.samples)] * args.sets
-        accuracy = prompt_accuracy(torch.cat(images), wanted)
+        accuracy = prompt_accuracy(torch.cat(images), wanted, judge)
         print(f"| digits-t2i | {scale:g} | {across_sets(fids)} | {accuracy} | {time.perf_counter() - start:.0f} |", flush=True)
     start = time.perf_counter()
     plain = load_teacher("digits")

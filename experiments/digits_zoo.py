@@ -18,10 +18,9 @@ import torch
 
 from automl_diff.bench.presets import PRESETS
 from automl_diff.bench.session import Bench
-from automl_diff.data import load_digits
 from automl_diff.metrics import count_macs
 from automl_diff.sampling import sample_images
-from automl_diff.zoo.digits import DIGITS_DIR, load_classifier
+from automl_diff.zoo.digits import DIGITS_DIR, load_classifier, load_digits
 
 
 def main() -> None:

@@ -163,7 +163,7 @@ def test_presets_fit_their_teachers(name):
     from automl_diff.bench.rows import plan
     from automl_diff.config.search_space import load_search_space
     from automl_diff.data import read_prompts
-    from automl_diff.metrics.alignment import prompt_digits
+    from automl_diff.metrics.alignment import prompt_labels
     from automl_diff.metrics.macs import count_macs
     from automl_diff.models.loading import load_unet, unet_from_config
     from tests.test_macs import DDPM_CIFAR10
@@ -172,9 +172,12 @@ def test_presets_fit_their_teachers(name):
     torch.manual_seed(0)
     if preset.prompts_eval is not None:
         from automl_diff.models.loading import load_teacher
+        from automl_diff.zoo import JUDGES, TEACHERS
 
+        judge = JUDGES[preset.judge or TEACHERS[preset.teacher].judge]
         train, evaluate = read_prompts(preset.prompts_train), read_prompts(preset.prompts_eval)
-        assert prompt_digits(train) and sorted(set(prompt_digits(evaluate))) == list(range(10)) and not set(train) & set(evaluate)
+        assert prompt_labels(train, judge) and sorted(set(prompt_labels(evaluate, judge))) == list(range(10))
+        assert not set(train) & set(evaluate)
         assert {"dkdm", "dkdm_data", "diffnas", "bk_sdm", "stacked"} <= set(plan(None, preset))
         teacher = load_teacher(preset.teacher).unet
     elif preset.teacher == "digits":
@@ -210,6 +213,7 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
         PRESETS["digits-t2i"],
         name="tiny-t2i",
         teacher=str(tiny_sd_dir),
+        judge="digits",
         fid_dataset="digits",
         fid_features="digits",
         steps=4,

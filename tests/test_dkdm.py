@@ -70,9 +70,9 @@ def test_distillation_loss_falls_and_no_data_is_read(tiny_unet, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("DKDM read the dataset")
 
-    monkeypatch.setattr("automl_diff.data._datasets.load_digits", no_data)
-    monkeypatch.setattr("automl_diff.data.load_dataset", no_data)
-    monkeypatch.setattr("automl_diff.data.load_digits", no_data)
+    monkeypatch.setattr("automl_diff.zoo.digits.load_digits", no_data)
+    monkeypatch.setattr("automl_diff.zoo.registry.dataset_images", no_data)
+    monkeypatch.setattr("automl_diff.zoo.dataset_images", no_data)
     alphas = make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod
     pool = NoisePool(size=64, sample_shape=(1, 16, 16), alphas_cumprod=alphas, num_steps=10, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)

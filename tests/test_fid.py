@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from automl_diff.data import load_digits
 from automl_diff.errors import UserError
 from automl_diff.metrics.fid import feature_statistics, fid_from_images, get_extractor, reference_statistics
+from automl_diff.zoo.digits import load_digits
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_reference_statistics_are_cached(digits_extractor, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the dataset was read again")
 
-    monkeypatch.setattr("automl_diff.data.load_dataset", fail)
+    monkeypatch.setattr("automl_diff.metrics.fid.dataset_images", fail)
     second = reference_statistics("digits", digits_extractor, resolution=16, channels=1)
     assert (first[0] == second[0]).all() and (first[1] == second[1]).all()
 
@@ -65,7 +65,7 @@ def test_missing_inception_weights_offline_is_one_clear_error(tmp_path, monkeypa
 
 
 def test_unknown_extractor():
-    with pytest.raises(UserError, match="unknown FID features 'dino'; known: digits, inception, clip"):
+    with pytest.raises(UserError, match="unknown FID features 'dino'; known: inception, clip, digits"):
         get_extractor("dino")
 
 

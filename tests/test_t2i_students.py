@@ -91,7 +91,7 @@ def test_an_assembled_student_round_trips_through_stable_diffusion_pipeline(sd_l
 
 
 def test_the_conditional_pool_advances_entries_with_their_own_prompts_and_reads_no_dataset(tiny_sd_dir, monkeypatch, tmp_path):
-    import automl_diff.data
+    import automl_diff.zoo
     from automl_diff.config.options import DKDMOptions
     from automl_diff.config.study import load_study_config
     from automl_diff.methods.training import TrainingInputs
@@ -100,8 +100,8 @@ def test_the_conditional_pool_advances_entries_with_their_own_prompts_and_reads_
     def no_dataset(*args, **kwargs):
         raise AssertionError("the data-free pool read a dataset")
 
-    monkeypatch.setattr(automl_diff.data, "load_dataset", no_dataset)
-    monkeypatch.setattr(automl_diff.data, "load_captioned_dataset", no_dataset)
+    monkeypatch.setattr(automl_diff.zoo, "dataset_images", no_dataset)
+    monkeypatch.setattr(automl_diff.zoo, "captioned_images", no_dataset)
     (tmp_path / "train.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
     (tmp_path / "eval.txt").write_text("a handwritten seven\n")
     config = load_study_config(
@@ -144,8 +144,8 @@ def test_captioned_dataset_batches_carry_their_captions(tiny_sd_dir, tmp_path):
 
     from automl_diff.config.options import DKDMOptions
     from automl_diff.config.study import load_study_config
-    from automl_diff.data import load_captioned_dataset
     from automl_diff.methods.training import TrainingInputs
+    from automl_diff.zoo import captioned_images as load_captioned_dataset
 
     images, captions = load_captioned_dataset("digits", resolution=16, channels=1)
     assert len(images) == len(captions) == 1797 and captions[0] == "a handwritten zero"
@@ -224,7 +224,7 @@ def _study(tmp_path, teacher, method, space, **overrides):
             "latency_batch_size": 2,
         },
         "sampling": {"guidance_scale": 2.0},
-        "prompts": {"train": "train.txt", "eval": "eval.txt"},
+        "prompts": {"train": "train.txt", "eval": "eval.txt", "judge": "digits"},
         **overrides,
     }
     return write_study(tmp_path, teacher, Path(space), **config)

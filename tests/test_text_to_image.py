@@ -124,7 +124,7 @@ def _t2i_study(tmp_path, tiny_sd_dir, **overrides):
             "latency_batch_size": 2,
         },
         "sampling": {"guidance_scale": 4.0},
-        "prompts": {"train": "train.txt", "eval": "eval.csv", "column": "caption"},
+        "prompts": {"train": "train.txt", "eval": "eval.csv", "column": "caption", "judge": "digits"},
         "method_options": {"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 4, "warmup": 0.0, "sparsity_weight": 5.0},
         **overrides,
     }
@@ -265,9 +265,9 @@ def test_profile_times_a_schedule_on_a_pipeline_and_on_a_bare_conditional_unet(t
 
 
 def test_prompt_accuracy_reads_the_prompted_digit_on_held_out_digits():
-    from automl_diff.data import load_digits
-    from automl_diff.metrics.alignment import prompt_accuracy, prompt_digits
-    from automl_diff.zoo.digits import classifier_split
+    from automl_diff.metrics.alignment import prompt_accuracy, prompt_labels
+    from automl_diff.zoo import JUDGES
+    from automl_diff.zoo.digits import classifier_split, load_digits
 
     images, labels = load_digits(resolution=16, with_labels=True)
     _, held_out = classifier_split(len(images))
@@ -275,12 +275,13 @@ def test_prompt_accuracy_reads_the_prompted_digit_on_held_out_digits():
     prompts = [
         f"a handwritten {['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'][d]}" for d in labels.tolist()
     ]
-    right = prompt_accuracy(images, prompt_digits(prompts))
+    judge = JUDGES["digits"]
+    right = prompt_accuracy(images, prompt_labels(prompts, judge), judge)
     assert right.value > 0.9 and right.low < right.value < right.high <= 1
-    wrong = prompt_accuracy(images, [(d + 1) % 10 for d in labels.tolist()])
+    wrong = prompt_accuracy(images, [(d + 1) % 10 for d in labels.tolist()], judge)
     assert wrong.value < 0.1 and wrong.high < right.low
     with pytest.raises(UserError, match="names no digit"):
-        prompt_digits(["a cat"], where="eval.txt")
+        prompt_labels(["a cat"], judge, where="eval.txt")
 
 
 def test_wilson_interval_stays_within_zero_and_one():
@@ -293,8 +294,8 @@ def test_wilson_interval_stays_within_zero_and_one():
 
 
 def test_clip_score_uses_a_local_clip_model_and_names_what_to_download(tmp_path):
-    from automl_diff.data import load_digits
     from automl_diff.metrics.alignment import ClipScorer
+    from automl_diff.zoo.digits import load_digits
 
     scorer = ClipScorer(str(build_tiny_clip(tmp_path / "clip")))
     images = load_digits(resolution=16)[:6]

@@ -120,6 +120,7 @@ class BenchPreset:
         guidance_scale: classifier-free guidance of every sampler of a text-to-image teacher.
         images_per_prompt: consecutive FID images per evaluation prompt.
         alignment: the text-alignment metric every row is measured with (``prompt_accuracy``).
+        judge: the prompt judge of ``prompt_accuracy`` (None: the teacher's own).
         alignment_drop: the goal's largest fall in alignment below the teacher's (judged at the
             unfavourable end of the paired difference's interval).
         goal_kind: the kind of row the goal is judged on (``stacked``, or ``method``).
@@ -177,6 +178,7 @@ class BenchPreset:
     guidance_scale: float = 7.5
     images_per_prompt: int = 1
     alignment: str | None = None
+    judge: str | None = None
     alignment_drop: float = 0.02
     goal_kind: str = "stacked"
     goals: tuple[Goal, ...] = ()

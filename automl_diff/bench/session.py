@@ -341,6 +341,7 @@ def bench_study_config(
             preset.prompts_train,
             preset.prompts_eval,
             preset.alignment,
+            judge=preset.judge,
         )
     return StudyConfig(
         path=f"bench preset {preset.name}",
@@ -416,6 +417,7 @@ class Bench:
             channels=t.channels,
             device=self.device,
             text=t.text,
+            judge=t.judge,
         )
         #: The evaluation prompts' conditioning of a text-to-image teacher (guided, decoded).
         self.prompts = self.evaluator.prompts

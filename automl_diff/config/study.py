@@ -16,6 +16,7 @@ from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.config.options import METHOD_OPTIONS, read_options
 from automl_diff.errors import UserError
 from automl_diff.records import TrialAttr
+from automl_diff.zoo import JUDGES, TEACHERS
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -97,6 +98,8 @@ class PromptSettings:
             objective implies it.
         clip_model: the CLIP model of ``clip_score`` and of ``fid.features: clip`` (a hub id in the
             local cache, or a folder).
+        judge: the built-in prompt judge of ``prompt_accuracy`` (:data:`automl_diff.zoo.JUDGES`);
+            None: the teacher's own (a built-in text-to-image teacher has one).
     """
 
     train: tuple[str, ...] = ()
@@ -105,6 +108,7 @@ class PromptSettings:
     eval_file: str | None = None
     alignment: str | None = None
     clip_model: str = "openai/clip-vit-base-patch16"
+    judge: str | None = None
 
     @property
     def given(self) -> bool:
@@ -256,7 +260,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     name = top.take("name", str, path.stem)
     method = top.take("method", str, choices=sorted(METHOD_OPTIONS))
     raw_teacher = top.take("teacher", str)
-    teacher = raw_teacher if raw_teacher == "digits" else _resolve(base, raw_teacher)
+    teacher = raw_teacher if raw_teacher in TEACHERS else _resolve(base, raw_teacher)
     if Path(teacher).is_absolute() and not Path(teacher).exists():
         raise top.error(
             "teacher", raw_teacher, f"the folder {teacher} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)"
@@ -264,7 +268,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     raw_original = top.take("original_teacher", str, None)
     original_teacher = None
     if raw_original is not None:
-        original_teacher = raw_original if raw_original == "digits" else _resolve(base, raw_original)
+        original_teacher = raw_original if raw_original in TEACHERS else _resolve(base, raw_original)
         if Path(original_teacher).is_absolute() and not Path(original_teacher).exists():
             raise top.error(
                 "original_teacher",
@@ -418,6 +422,7 @@ def _prompt_settings(section: Section, base: Path) -> PromptSettings:
     column = section.take("column", str, None)
     alignment = section.take("alignment", str, None, choices=ALIGNMENT_OBJECTIVES)
     clip_model = _resolve(base, section.take("clip_model", str, PromptSettings.clip_model))
+    judge = section.take("judge", str, None, choices=sorted(JUDGES))
     read: dict[str, tuple[tuple[str, ...], str | None]] = {}
     for key in ("train", "eval"):
         raw = section.take(key, str, None)
@@ -427,7 +432,7 @@ def _prompt_settings(section: Section, base: Path) -> PromptSettings:
         file = (base / Path(raw).expanduser()).resolve()
         read[key] = (read_prompts(file, column=column, where=f"{section.file}: {section.key(key)}"), str(file))
     section.done()
-    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1], alignment, clip_model)
+    return PromptSettings(read["train"][0], read["eval"][0], read["train"][1], read["eval"][1], alignment, clip_model, judge)
 
 
 def resolve_device(name: str, *, source: str | None = None) -> str:

@@ -1,14 +1,15 @@
-"""Image datasets, used for FID reference statistics and data-based baselines (never by DKDM
+"""Image folders, used for FID reference statistics and data-based baselines (never by DKDM
 training), and prompt sets for text-to-image studies (:func:`read_prompts`).
 
-A small explicit registry: ``digits`` (scikit-learn's handwritten digits at 16x16, one channel) and
-``folder:PATH`` (every PNG/JPEG under a folder); :func:`load_captioned_dataset` adds a caption per
-image (text-to-image baselines). Images are float tensors ``(N, C, H, W)`` in [-1, 1].
+A folder is every PNG/JPEG under it (:func:`load_image_folder`); a captioned folder adds a caption
+per image from its ``metadata.jsonl`` (:func:`load_captioned_folder`, text-to-image baselines).
+Images are float tensors ``(N, C, H, W)`` in [-1, 1]. Named datasets, and the ``folder:PATH``
+spec studies use, are resolved by :mod:`automl_diff.zoo`.
 """
 
 from __future__ import annotations
 
-from automl_diff.data._datasets import DATASETS, DIGIT_WORDS, load_captioned_dataset, load_dataset, load_digits
+from automl_diff.data._datasets import load_captioned_folder, load_image_folder
 from automl_diff.data.prompts import read_prompts
 
-__all__ = ["DATASETS", "DIGIT_WORDS", "load_captioned_dataset", "load_dataset", "load_digits", "read_prompts"]
+__all__ = ["load_captioned_folder", "load_image_folder", "read_prompts"]

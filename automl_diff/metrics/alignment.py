@@ -1,8 +1,8 @@
 """Text alignment of generated images: does an image show what its prompt asked for?
 
-- ``prompt_accuracy`` (the shipped ``digits-t2i`` teacher and its students): the fraction of
-  images that the shipped digits classifier reads as the digit their prompt names
-  (:func:`~automl_diff.zoo.digits_t2i.digit_of`), with Wilson's 95% score interval.
+- ``prompt_accuracy`` (a built-in teacher with a prompt judge, :data:`automl_diff.zoo.JUDGES`):
+  the fraction of images that the judge's classifier reads as the class their prompt names, with
+  Wilson's 95% score interval.
 - ``clip_score`` (real models): the CLIP score as torchmetrics and the text-to-image literature
   define it, ``max(100 * cos(image embedding, text embedding), 0)`` from a transformers
   ``CLIPModel`` read from the local Hugging Face cache (or a folder), the mean over the images with
@@ -23,41 +23,39 @@ import torch
 from automl_diff.errors import UserError
 from automl_diff.metrics.clip import CLIP_MODEL, load_clip
 from automl_diff.metrics.intervals import Interval, across_sets, proportion_interval
+from automl_diff.zoo import PromptJudge
 
-__all__ = ["ALIGNMENT_METRICS", "CLIP_MODEL", "ClipScorer", "prompt_accuracy", "prompt_digits"]
+__all__ = ["ALIGNMENT_METRICS", "CLIP_MODEL", "ClipScorer", "prompt_accuracy", "prompt_labels"]
 
 #: Text-alignment metrics a study may record or optimise (higher is better).
 ALIGNMENT_METRICS = ("prompt_accuracy", "clip_score")
 
 
-def prompt_digits(prompts: Sequence[str], *, where: str = "prompts") -> list[int]:
-    """The digit each prompt names.
+def prompt_labels(prompts: Sequence[str], judge: PromptJudge, *, where: str = "prompts") -> list[int]:
+    """The class each prompt asks for, as ``judge`` reads it.
 
     Raises:
-        UserError: a prompt names no digit (``prompt_accuracy`` cannot judge it).
+        UserError: a prompt names no class (``prompt_accuracy`` cannot judge it).
     """
-    from automl_diff.zoo.digits_t2i import digit_of
-
-    digits = []
+    labels = []
     for prompt in prompts:
-        digit = digit_of(prompt)
-        if digit is None:
-            raise UserError(f"{where}: the prompt '{prompt}' names no digit, so prompt_accuracy cannot judge its images")
-        digits.append(digit)
-    return digits
+        label = judge.label_of(prompt)
+        if label is None:
+            raise UserError(f"{where}: the prompt '{prompt}' names no {judge.what}, so prompt_accuracy cannot judge its images")
+        labels.append(label)
+    return labels
 
 
 @torch.no_grad()
-def prompt_accuracy(images: torch.Tensor, digits: Sequence[int], *, batch_size: int = 500) -> Interval:
-    """The fraction of ``images`` (``(N, 1, 16, 16)`` in [-1, 1]) the shipped digits classifier
-    reads as ``digits[i]``, with its 95% interval."""
-    from automl_diff.zoo.digits import load_classifier
-
-    if images.shape[1:] != (1, 16, 16):
-        raise UserError(f"prompt_accuracy judges 16x16 grey digits; the images are {tuple(images.shape[1:])}")
-    classifier = load_classifier()
+def prompt_accuracy(images: torch.Tensor, labels: Sequence[int], judge: PromptJudge, *, batch_size: int = 500) -> Interval:
+    """The fraction of ``images`` (in [-1, 1]) the judge's classifier reads as ``labels[i]``, with
+    its 95% interval."""
+    if tuple(images.shape[1:]) != judge.image_shape:
+        shape = tuple(images.shape[1:])
+        raise UserError(f"prompt_accuracy ({judge.name}) judges images of shape {judge.image_shape}; the images are {shape}")
+    classifier = judge.load()
     predicted = torch.cat([classifier(images[i : i + batch_size].float().cpu()).argmax(1) for i in range(0, len(images), batch_size)])
-    correct = int((predicted == torch.as_tensor(list(digits))).sum())
+    correct = int((predicted == torch.as_tensor(list(labels))).sum())
     return proportion_interval(correct, len(images))
 
 

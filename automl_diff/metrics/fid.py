@@ -3,9 +3,10 @@
 Features come from a small registry: ``inception`` (pytorch-fid's InceptionV3 pool3, 2048-d, the
 standard for RGB images; weights from the torch hub cache), ``clip`` (a CLIP model's projected
 image embeddings, the Fréchet CLIP distance of clean-fid and later work; the study's CLIP model,
-from the local cache or a folder) or ``digits`` (the shipped digits classifier, 64-d, for the
-built-in benchmark). Reference statistics of a dataset are computed
-once and cached on disk, keyed by dataset, extractor (and its weights), resolution and channels.
+from the local cache or a folder) or one the package ships for its built-in teachers
+(:data:`automl_diff.zoo.FEATURES`: the digits classifier's 64-d features). Reference statistics
+of a dataset are computed once and cached on disk, keyed by dataset, extractor (and its weights),
+resolution and channels.
 
 FID depends on the number of samples; compare models only at the same ``fid_samples``.
 """
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.metrics.clip import CLIP_MODEL, load_clip
+from automl_diff.zoo import FEATURES, dataset_images
 
 __all__ = [
     "FEATURE_EXTRACTORS",
@@ -67,31 +68,21 @@ class FeatureExtractor:
         return torch.cat(feats).numpy()
 
 
-def _digits_extractor(device: torch.device, **_: str) -> FeatureExtractor:
-    from automl_diff.zoo.digits import CLASSIFIER_FILE, load_classifier
-
-    if not CLASSIFIER_FILE.is_file():
-        raise UserError(
-            f"the digits feature extractor is missing: {CLASSIFIER_FILE}; retrain it with python -m automl_diff.zoo.train_digits"
-        )
-    model = load_classifier().to(device)
-    digest = hashlib.sha256(CLASSIFIER_FILE.read_bytes()).hexdigest()[:12]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != 1:
-            x = x.mean(1, keepdim=True)
-        if x.shape[-1] != 16 or x.shape[-2] != 16:
-            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-        return model.features(x.float())
-
-    return FeatureExtractor("digits", f"digits-{digest}", run, device)
-
-
 def inception_weights_path() -> Path:
     """Where pytorch-fid looks for its Inception weights (the torch hub checkpoint cache)."""
     from pytorch_fid.inception import FID_WEIGHTS_URL
 
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(FID_WEIGHTS_URL)
+
+
+def _builtin_extractor(name: str) -> Callable[..., FeatureExtractor]:
+    """A feature space the package ships (:data:`automl_diff.zoo.FEATURES`)."""
+
+    def make(device: torch.device, **_: str) -> FeatureExtractor:
+        fingerprint, model = FEATURES[name].model(device)
+        return FeatureExtractor(name, fingerprint, model, device)
+
+    return make
 
 
 def _inception_extractor(device: torch.device, **_: str) -> FeatureExtractor:
@@ -133,9 +124,9 @@ def _clip_extractor(device: torch.device, *, clip_model: str = CLIP_MODEL, **_: 
 
 #: Feature extractors by name; each takes the device and the study's ``clip_model``.
 FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
-    "digits": _digits_extractor,
     "inception": _inception_extractor,
     "clip": _clip_extractor,
+    **{name: _builtin_extractor(name) for name in FEATURES},
 }
 
 
@@ -187,7 +178,6 @@ def reference_set(
     directory: Path | None = None,
 ) -> ReferenceSet:
     """The features of a whole dataset and their statistics, computed once and cached as ``.npz``."""
-    from automl_diff.data import load_dataset
     from automl_diff.records import stable_key
 
     key = stable_key([dataset, extractor.fingerprint, resolution, channels])
@@ -196,7 +186,7 @@ def reference_set(
     if path.is_file():
         with np.load(path) as data:
             return ReferenceSet(data["mu"], data["sigma"], data["features"])
-    features = extractor(load_dataset(dataset, resolution=resolution, channels=channels))
+    features = extractor(dataset_images(dataset, resolution=resolution, channels=channels))
     reference = ReferenceSet(features.mean(axis=0), np.cov(features, rowvar=False), features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

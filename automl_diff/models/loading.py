@@ -1,9 +1,10 @@
-"""Loading UNets and teachers: the built-in ``digits``, a local folder, a bare ``config.json``, or a hub id.
+"""Loading UNets and teachers: a built-in one, a local folder, a bare ``config.json``, or a hub id.
 
 A *teacher* is a UNet plus the noise-scheduler config it was trained with, and the dataset its
-samples are compared against for FID (known for ``digits``; set ``fid.dataset`` in a study
-otherwise). A text-to-image pipeline folder (``StableDiffusionPipeline``) is a teacher too: its
-UNet is what a study compresses, and its VAE, text encoder and tokenizer come with it
+samples are compared against for FID (known for the built-in teachers,
+:data:`automl_diff.zoo.TEACHERS`; set ``fid.dataset`` in a study otherwise). A text-to-image
+pipeline folder (``StableDiffusionPipeline``) is a teacher too: its UNet is what a study
+compresses, and its VAE, text encoder and tokenizer come with it
 (:class:`~automl_diff.models.text.TextToImage`), frozen.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, TextToImage, is_text_to_image_folder, load_text_to_image
+from automl_diff.zoo import TEACHERS
 
 __all__ = [
     "EXPORT_INFO",
@@ -63,8 +65,9 @@ class Teacher:
     Attributes:
         unet: the noise-prediction network.
         scheduler_config: the config of the scheduler it was trained with (dict, JSON-safe).
-        source: how the user named it (``digits``, a path, or a hub id).
-        dataset: the dataset for FID reference statistics, when known.
+        source: how the user named it (a built-in teacher's name, a path, or a hub id).
+        dataset: the dataset for FID reference statistics, when known (a built-in teacher's).
+        judge: the prompt judge of a built-in text-to-image teacher (``prompt_accuracy``).
         weights_dir: a local folder ``load_unet`` reloads it from (None for a hub model).
         text: the frozen VAE, text encoder and tokenizer of a text-to-image teacher (None for an
             unconditional UNet).
@@ -77,6 +80,7 @@ class Teacher:
     info: dict[str, Any] = field(default_factory=dict)
     weights_dir: str | None = None
     text: TextToImage | None = None
+    judge: str | None = None
 
     @property
     def latent_resolution(self) -> int:
@@ -276,7 +280,8 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
 
 
 def load_teacher(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:
-    """Load the teacher a study names: ``digits``, ``digits-t2i``, a local pipeline/UNet folder, or a hub id.
+    """Load the teacher a study names: a built-in one (:data:`automl_diff.zoo.TEACHERS`), a local
+    pipeline/UNet folder, or a hub id.
 
     The scheduler config comes from the pipeline's ``scheduler/`` folder (or the hub repo's);
     a bare UNet folder without one gets a default 1000-step DDPM schedule. ``dtype`` casts the
@@ -291,27 +296,12 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu", dtype: torch.
 
 
 def _load_teacher(spec: str, device: str | torch.device) -> Teacher:
-    if spec == "digits-t2i":
-        from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR
-
-        if not (DIGITS_T2I_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-            raise UserError(
-                f"the built-in digits-t2i teacher is missing from {DIGITS_T2I_DIR}; retrain "
-                f"it with python -m automl_diff.zoo.train_digits_t2i --out {DIGITS_T2I_DIR}"
-            )
-        teacher = _text_to_image_teacher(DIGITS_T2I_DIR, "digits-t2i", device)
-        teacher.dataset = "digits"
+    builtin = TEACHERS.get(spec)
+    if builtin is not None:
+        builtin.check()
+        teacher = _load_teacher(str(builtin.folder), device)
+        teacher.source, teacher.dataset, teacher.judge = spec, builtin.dataset, builtin.judge
         return teacher
-    if spec == "digits":
-        from automl_diff.zoo.digits import DIGITS_DIR
-
-        if not (DIGITS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-            raise UserError(
-                f"the built-in digits teacher is missing from {DIGITS_DIR}; retrain "
-                f"it with python -m automl_diff.zoo.train_digits --out {DIGITS_DIR}"
-            )
-        unet = load_unet(DIGITS_DIR)
-        return Teacher(unet.to(device).eval(), scheduler_config_for(DIGITS_DIR), "digits", dataset="digits", weights_dir=str(DIGITS_DIR))
     path = Path(spec)
     if path.is_file():
         raise UserError(f"teacher '{spec}' is a file; a teacher is a diffusers folder with weights (a bare config.json has none)")

@@ -18,7 +18,7 @@ from torch import nn
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, apply_schedule, unit_costs
-from automl_diff.metrics.alignment import ClipScorer, prompt_accuracy, prompt_digits
+from automl_diff.metrics.alignment import ClipScorer, prompt_accuracy, prompt_labels
 from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_features, get_extractor, reference_set
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import measure_latency
@@ -26,6 +26,7 @@ from automl_diff.metrics.macs import count_macs
 from automl_diff.models.text import TextToImage, text_length
 from automl_diff.records import TrialAttr
 from automl_diff.sampling import Prompts, sample_images
+from automl_diff.zoo import JUDGES, PromptJudge, default_features
 
 __all__ = ["Evaluator", "ModelMetrics"]
 
@@ -96,13 +97,15 @@ class Evaluator:
         device: str | torch.device,
         progress: bool = False,
         text: TextToImage | None = None,
+        judge: str | None = None,
     ) -> None:
         self.config = config
         self.text = text
         self.device = torch.device(device)
         self.prompts: Prompts | None = None
-        #: The digit each FID image's prompt names (``prompts.alignment: prompt_accuracy``).
-        self.digits: list[int] | None = None
+        #: The class each FID image's prompt names, and the judge that reads it (``prompt_accuracy``).
+        self.labels: list[int] | None = None
+        self.judge: PromptJudge | None = None
         self._clip: ClipScorer | None = None
         if config.prompts.alignment is not None and text is None:
             raise UserError(f"{config.path}: prompts.alignment: {config.prompts.alignment} needs a text-to-image teacher")
@@ -118,8 +121,15 @@ class Evaluator:
                 decode=text.decode,
             )
             if config.prompts.alignment == "prompt_accuracy":
-                digits = prompt_digits(config.prompts.eval, where=f"{config.path}: prompts.eval")
-                self.digits = [digits[self.prompts.prompt_of(i)] for i in range(config.budgets.fid_samples)]
+                judge = config.prompts.judge or judge
+                if judge is None:
+                    raise UserError(
+                        f"{config.path}: prompts.judge: prompt_accuracy needs a prompt judge ({', '.join(JUDGES)}); this teacher "
+                        "has none of its own: name one, or measure clip_score"
+                    )
+                self.judge = JUDGES[judge]
+                labels = prompt_labels(config.prompts.eval, self.judge, where=f"{config.path}: prompts.eval")
+                self.labels = [labels[self.prompts.prompt_of(i)] for i in range(config.budgets.fid_samples)]
             elif config.prompts.alignment == "clip_score":
                 try:
                     self._clip = ClipScorer(config.prompts.clip_model, device=self.device)
@@ -129,7 +139,7 @@ class Evaluator:
         self.dataset = config.fid.dataset or teacher_dataset
         if self.dataset is None:
             raise UserError(f"{config.path}: fid.dataset: required for a teacher other than digits (a dataset name or folder:PATH)")
-        self.features = config.fid.features or ("digits" if self.dataset == "digits" else "inception")
+        self.features = config.fid.features or default_features(self.dataset)
         self.resolution = resolution
         self.channels = channels
         self.progress = progress
@@ -193,8 +203,8 @@ class Evaluator:
     def alignment(self, images: torch.Tensor) -> tuple[str, Interval] | None:
         """The text alignment of ``images`` (an evaluation's, in order) with their prompts:
         ``(metric, interval)``, or None where the study measures none."""
-        if self.digits is not None:
-            return "prompt_accuracy", prompt_accuracy(images, self.digits)
+        if self.labels is not None and self.judge is not None:
+            return "prompt_accuracy", prompt_accuracy(images, self.labels, self.judge)
         if self._clip is not None and self.prompts is not None:
             prompts = [self.config.prompts.eval[self.prompts.prompt_of(i)] for i in range(len(images))]
             return "clip_score", self._clip(images, prompts)

@@ -25,6 +25,7 @@ from automl_diff.records import Evaluation, StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.artifacts import attach_samples
 from automl_diff.runners.evaluate import Evaluator, ModelMetrics
 from automl_diff.runners.pruning import MOASHA
+from automl_diff.zoo import TEACHERS
 
 __all__ = ["FINISHED_STATES", "StudySession", "resolve_original_teacher"]
 
@@ -48,7 +49,7 @@ def resolve_original_teacher(config: StudyConfig) -> tuple[str, ExportInfo | Non
             teacher it records is not on this machine, or ``original_teacher`` is set for a
             teacher that is not an export.
     """
-    info = None if config.teacher == "digits" else read_export_info(config.teacher)
+    info = None if config.teacher in TEACHERS else read_export_info(config.teacher)
     if info is not None and info.schedule:
         raise UserError(
             f"{config.path}: teacher: {config.teacher} samples with a DiP-GO schedule ({info.schedule}), which a further "
@@ -124,6 +125,7 @@ class StudySession:
             device=self.device,
             progress=progress,
             text=self.original.text,
+            judge=self.original.judge,
         )
         #: The study's storage, once a runner has opened it (methods keep their own searches beside
         #: the study; sample notes name the study's and trial's ids in it).

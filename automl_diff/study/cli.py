@@ -13,6 +13,7 @@ import sys
 from automl_diff.config.study import DEFAULT_STORAGE
 from automl_diff.errors import UserError
 from automl_diff.study import commands
+from automl_diff.zoo import TEACHERS
 
 __all__ = ["build_parser", "main"]
 
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--model",
         required=True,
-        help="digits, digits-t2i, a hub id, a diffusers or exported folder (a text-to-image pipeline too), or a config.json",
+        help=f"{', '.join(TEACHERS)}, a hub id, a diffusers or exported folder (a text-to-image pipeline too), or a config.json",
     )
     profile.add_argument("--resolution", type=int, default=None, help="input size (default: the config's sample_size)")
     profile.add_argument(

@@ -305,12 +305,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from automl_diff.metrics import count_macs
     from automl_diff.models.loading import load_unet
     from automl_diff.models.text import is_text_to_image_folder, load_text_to_image, text_length
-    from automl_diff.zoo.digits import DIGITS_DIR
-    from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR
+    from automl_diff.zoo import TEACHERS
 
     if args.steps is not None and args.schedule is None:
         raise UserError("--steps: only meaningful with --schedule FILE")
-    source = {"digits": DIGITS_DIR, "digits-t2i": DIGITS_T2I_DIR}.get(args.model, args.model)
+    source = str(TEACHERS[args.model].folder) if args.model in TEACHERS else args.model
     unet = load_unet(source, weights=False)
     path = Path(source)
     text = load_text_to_image(path) if path.is_dir() and is_text_to_image_folder(path) else None

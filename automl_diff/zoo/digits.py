@@ -22,10 +22,13 @@ from torch import nn
 __all__ = [
     "CLASSIFIER_FILE",
     "DIGITS_DIR",
+    "DIGIT_WORDS",
     "SCHEDULER_CONFIG",
     "TEACHER_CONFIG",
     "DigitsClassifier",
+    "captioned_digits",
     "load_classifier",
+    "load_digits",
     "train_classifier",
     "train_teacher",
     "warmup_cosine",
@@ -33,6 +36,35 @@ __all__ = [
 
 DIGITS_DIR = Path(__file__).resolve().parent / "digits"
 CLASSIFIER_FILE = DIGITS_DIR / "classifier.safetensors"
+
+#: The words the digits are named by (``a handwritten seven``: the captioned ``digits`` dataset).
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def load_digits(*, resolution: int = 16, with_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 handwritten digits, resized (bilinear) to ``resolution``, in [-1, 1].
+
+    Returns:
+        ``(1797, 1, resolution, resolution)`` float32 images, plus the labels if ``with_labels``.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    if resolution != images.shape[-1]:
+        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 2 - 1).contiguous()
+    if with_labels:
+        return images, torch.from_numpy(bunch.target.astype(np.int64))
+    return images
+
+
+def captioned_digits(*, resolution: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """The digits with a caption each: ``a handwritten <digit>``."""
+    images, labels = load_digits(resolution=resolution, with_labels=True)
+    return images, [f"a handwritten {DIGIT_WORDS[int(label)]}" for label in labels]
+
 
 #: The teacher: a diffusers UNet2DModel, 16x16x1, three levels, attention at 4x4.
 TEACHER_CONFIG: dict[str, Any] = {
@@ -120,8 +152,6 @@ def classifier_split(count: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.
 def train_classifier(*, seed: int = 0, epochs: int = 30, batch_size: int = 64) -> ClassifierResult:
     """Train the digits classifier on a fixed 80/20 split (:func:`classifier_split`); accuracy is
     on the held-out 20%."""
-    from automl_diff.data import load_digits
-
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, labels = load_digits(resolution=16, with_labels=True)
@@ -185,8 +215,6 @@ def train_teacher(
         progress: called as ``progress(step, loss)`` after each step.
     """
     from diffusers import DDPMScheduler, UNet2DModel
-
-    from automl_diff.data import load_digits
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automl_diff.data import DIGIT_WORDS
-from automl_diff.zoo.digits import warmup_cosine
+from automl_diff.zoo.digits import DIGIT_WORDS, load_digits, warmup_cosine
 
 __all__ = [
     "DIGITS_T2I_DIR",
@@ -204,8 +203,6 @@ def train_vae(
     its ``scaling_factor`` to one over the latents' standard deviation."""
     from diffusers import AutoencoderKL
 
-    from automl_diff.data import load_digits
-
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images = load_digits(resolution=16)
@@ -265,8 +262,6 @@ def train_text_to_image(
     weights of both.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-
-    from automl_diff.data import load_digits
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -228,16 +228,16 @@ class TrainingInputs:
 
     @torch.no_grad()
     def _load_dataset(self) -> None:
-        from automl_diff.data import load_captioned_dataset, load_dataset
+        from automl_diff.zoo import captioned_images, dataset_images
 
         dataset = self.config.fid.dataset or self.teacher.dataset
         if dataset is None:
             raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
         t = self.teacher
         if t.text is None:
-            self._dataset = load_dataset(dataset, resolution=t.resolution, channels=t.channels)
+            self._dataset = dataset_images(dataset, resolution=t.resolution, channels=t.channels)
             return
-        images, captions = load_captioned_dataset(dataset, resolution=t.resolution, channels=t.channels)
+        images, captions = captioned_images(dataset, resolution=t.resolution, channels=t.channels)
         unique = sorted(set(captions))
         self.prompts = self._encode(unique)
         self._labels = torch.tensor([unique.index(c) for c in captions])
