@@ -1,35 +1,29 @@
 """Sampling images from a UNet with a real diffusers scheduler (DDIM by default).
 
-The loop is the one ``DDIMPipeline`` runs (``set_timesteps``, then ``scheduler.step`` on the
-UNet's noise prediction), written out so that it batches, seeds per image and returns tensors in
-[-1, 1] for FID, and so that latency is measured on exactly the computation that produces samples.
-With a :class:`Prompts` it is the loop of ``StableDiffusionPipeline``: the UNet denoises latents
-conditioned on text embeddings, classifier-free guidance runs both halves in one batched call per
-step, and the final latents are decoded into images.
+A :class:`Sampler` is how a study samples: the teacher's scheduler config, which diffusers
+scheduler runs it, the number of steps, DDIM's eta and, for a text-to-image UNet, the
+:class:`Prompts` with their guidance. Evaluation, latency, DiP-GO's pruner and ``profile`` all
+sample through one; its chain (:meth:`Sampler.chain`) is the loop ``DDIMPipeline`` runs
+(``set_timesteps``, then ``scheduler.step`` on the UNet's noise prediction), written out so that
+it batches, seeds per image and returns tensors in [-1, 1] for FID, and so that latency is
+measured on exactly the computation that produces samples. With prompts it is the loop of
+``StableDiffusionPipeline``: the UNet denoises latents conditioned on text embeddings,
+classifier-free guidance runs both halves in one batched call per step, and the final latents are
+decoded into images.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = [
-    "SCHEDULERS",
-    "Prompts",
-    "denoise",
-    "denoising_steps",
-    "make_scheduler",
-    "predict_noise",
-    "sample_grid_png",
-    "sample_images",
-    "sampling_steps",
-]
+__all__ = ["SCHEDULERS", "Prompts", "Sampler", "make_scheduler", "predict_noise", "sample_grid_png"]
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -49,9 +43,9 @@ def _schedulers() -> dict[str, type]:
 SCHEDULERS = ("ddim", "ddpm", "dpm")
 
 
-def make_scheduler(scheduler_config: dict[str, Any], name: str = "ddim") -> Any:
-    """A fresh scheduler of kind ``name`` built from the teacher's scheduler config."""
-    return _schedulers()[name].from_config(scheduler_config)
+def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "ddim") -> Any:
+    """A fresh scheduler of kind ``name`` built from a teacher's scheduler config."""
+    return _schedulers()[name].from_config(dict(scheduler_config))
 
 
 @dataclass(frozen=True)
@@ -75,205 +69,181 @@ class Prompts:
     images_per_prompt: int = 1
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    @property
+    def guided(self) -> bool:
+        """Whether both halves of classifier-free guidance run (a scale above 1)."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def calls_per_step(self) -> int:
+        """UNet rows one image costs per step: 2 under guidance (both halves in one call), else 1."""
+        return 2 if self.guided else 1
+
     def prompt_of(self, index: int) -> int:
         """The prompt image ``index`` is generated from."""
         return (index // self.images_per_prompt) % len(self.embeddings)
 
-    def for_images(self, start: int, count: int) -> dict[str, Any]:
-        """:func:`denoise`'s conditioning arguments for images ``start`` to ``start + count``."""
-        rows = torch.tensor([self.prompt_of(i) for i in range(start, start + count)])
-        return {
-            "encoder_hidden_states": self.embeddings[rows.to(self.embeddings.device)],
-            "negative_hidden_states": self.negative.expand(count, *self.negative.shape[1:]),
-            "guidance_scale": self.guidance_scale,
-        }
+    def context(self, images: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and the negative embeddings of ``images`` (image indices), a row each."""
+        rows = torch.tensor([self.prompt_of(int(i)) for i in images], dtype=torch.long)
+        return self.embeddings[rows.to(self.embeddings.device)], self.negative.expand(len(rows), *self.negative.shape[1:])
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+@dataclass(frozen=True)
+class Sampler:
+    """How a study samples: a diffusers scheduler of the teacher's config, steps, eta, prompts.
 
-
-def denoising_steps(
-    unet: nn.Module,
-    scheduler_config: dict[str, Any],
-    noise: torch.Tensor,
-    *,
-    steps: int,
-    scheduler: str = "ddim",
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    encoder_hidden_states: torch.Tensor | None = None,
-    negative_hidden_states: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The sampling chain of :func:`denoise` one step at a time: yields the latents after each
-    step (latents sent back replace them) and returns the final ones. Lets a caller interleave
-    several samplers step by step (:func:`~automl_diff.metrics.latency.time_lockstep`)."""
-    sched = make_scheduler(scheduler_config, scheduler)  # fresh per batch: multistep solvers keep state
-    sched.set_timesteps(steps)
-    device = noise.device
-    x = noise * sched.init_noise_sigma
-    step_kwargs: dict[str, Any] = {"eta": eta} if scheduler == "ddim" else {}
-    guided = encoder_hidden_states is not None and negative_hidden_states is not None and guidance_scale > 1.0
-    context = torch.cat([negative_hidden_states, encoder_hidden_states]) if guided else None
-    for t in sched.timesteps:
-        model_in = sched.scale_model_input(x, t)
-        if guided:
-            uncond, cond = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context).chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        elif encoder_hidden_states is not None:
-            eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=encoder_hidden_states)
-        else:
-            eps = predict_noise(unet, model_in, t.to(device))
-        x = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
-        replaced = yield x
-        if replaced is not None:
-            x = replaced
-    return x
-
-
-def denoise(
-    unet: nn.Module,
-    scheduler_config: dict[str, Any],
-    noise: torch.Tensor,
-    *,
-    steps: int,
-    scheduler: str = "ddim",
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    encoder_hidden_states: torch.Tensor | None = None,
-    negative_hidden_states: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-) -> torch.Tensor:
-    """Run one batch of noise through the whole sampling chain and return the final latents.
-
-    Differentiable when called with gradients enabled (DiP-GO backpropagates through it).
-    With ``encoder_hidden_states`` the UNet is conditional; with ``negative_hidden_states`` too
-    and ``guidance_scale != 1``, classifier-free guidance runs both halves in one batched call per
-    step, as diffusers' pipelines do.
+    Attributes:
+        scheduler_config: the teacher's scheduler config (its noise schedule).
+        scheduler: ``ddim``, ``ddpm`` or ``dpm``: the diffusers scheduler that runs it.
+        steps: denoising steps.
+        eta: DDIM's stochasticity (0: deterministic).
+        prompts: the text conditioning of a text-to-image UNet (guided, decoded); None: an
+            unconditional UNet.
     """
-    chain = denoising_steps(
-        unet,
-        scheduler_config,
-        noise,
-        steps=steps,
-        scheduler=scheduler,
-        eta=eta,
-        generator=generator,
-        encoder_hidden_states=encoder_hidden_states,
-        negative_hidden_states=negative_hidden_states,
-        guidance_scale=guidance_scale,
-    )
-    return _drain(chain)
+
+    scheduler_config: Mapping[str, Any] = field(repr=False)
+    scheduler: str = "ddim"
+    steps: int = 20
+    eta: float = 0.0
+    prompts: Prompts | None = field(default=None, repr=False)
+
+    @property
+    def calls_per_step(self) -> int:
+        """UNet rows one image costs per step (both halves of guidance count)."""
+        return self.prompts.calls_per_step if self.prompts is not None else 1
+
+    def with_prompts(self, prompts: Prompts | None) -> Sampler:
+        """The same sampler with other prompts (another prompt set, or none)."""
+        return replace(self, prompts=prompts)
+
+    def with_steps(self, steps: int) -> Sampler:
+        return replace(self, steps=steps)
+
+    def make_scheduler(self) -> Any:
+        """A fresh diffusers scheduler with its timesteps set (multistep solvers keep state)."""
+        scheduler = make_scheduler(self.scheduler_config, self.scheduler)
+        scheduler.set_timesteps(self.steps)
+        return scheduler
+
+    def chain(
+        self,
+        unet: nn.Module,
+        noise: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        images: Sequence[int] | None = None,
+    ) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The sampling chain of one batch one step at a time: yields the latents after each step
+        (latents sent back replace them) and returns the final ones (not decoded). Lets a caller
+        interleave several samplers step by step
+        (:func:`~automl_diff.metrics.latency.lockstep_rounds`).
+
+        Args:
+            unet: the noise-prediction model.
+            noise: the batch's starting noise (latents for a text-to-image UNet).
+            generator: the scheduler's noise (DDPM, DDIM with ``eta`` above 0).
+            images: the index of each noise row among the study's images, which picks its prompt
+                (default: ``0 .. len(noise) - 1``).
+        """
+        sched = self.make_scheduler()
+        device = noise.device
+        x = noise * sched.init_noise_sigma
+        step_kwargs: dict[str, Any] = {"eta": self.eta} if self.scheduler == "ddim" else {}
+        p = self.prompts
+        context = None
+        if p is not None:
+            cond, negative = p.context(range(len(noise)) if images is None else images)
+            context = torch.cat([negative, cond]) if p.guided else cond
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(x, t)
+            if p is not None and p.guided:
+                both = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context)
+                uncond, cond_eps = both.chunk(2)
+                eps = uncond + p.guidance_scale * (cond_eps - uncond)
+            elif context is not None:
+                eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=context)
+            else:
+                eps = predict_noise(unet, model_in, t.to(device))
+            x = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+            replaced = yield x
+            if replaced is not None:
+                x = replaced
+        return x
+
+    def denoise(
+        self, unet: nn.Module, noise: torch.Tensor, *, generator: torch.Generator | None = None, images: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Run one batch of noise through the whole chain (:meth:`chain`) and return the final
+        latents. Differentiable when called with gradients enabled (DiP-GO backpropagates
+        through it)."""
+        return _drain(self.chain(unet, noise, generator=generator, images=images))
+
+    @torch.no_grad()
+    def batches(
+        self, unet: nn.Module, *, num_images: int, batch_size: int = 250, seed: int = 0
+    ) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`sample` one denoising step at a time: yields the latents after every step of
+        every batch and returns the images. Timing several of these in lockstep
+        (:func:`~automl_diff.metrics.latency.lockstep_rounds`) exposes them all to the same load."""
+        was_training = unet.training
+        unet.eval()
+        param = next(unet.parameters())
+        config = unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        noise = torch.randn((num_images, config.in_channels, height, width), generator=torch.Generator().manual_seed(seed))
+        out = []
+        try:
+            for start in range(0, num_images, batch_size):
+                x = noise[start : start + batch_size].to(device=param.device, dtype=param.dtype)
+                step_generator = torch.Generator().manual_seed(seed + 1 + start)
+                x = yield from self.chain(unet, x, generator=step_generator, images=range(start, start + len(x)))
+                if self.prompts is not None and self.prompts.decode is not None:
+                    x = self.prompts.decode(x)
+                out.append(x.float().clamp(-1, 1).cpu())
+        finally:
+            unet.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        unet: nn.Module,
+        *,
+        num_images: int,
+        batch_size: int = 250,
+        seed: int = 0,
+        progress: bool = False,
+        desc: str = "sampling",
+    ) -> torch.Tensor:
+        """Generate ``num_images`` images in [-1, 1], shape ``(N, C, H, W)``, on the CPU.
+
+        The initial noise of image ``i`` depends only on ``seed`` and ``i`` (drawn on the CPU), so
+        two models sampled with the same seed start from the same noise whatever the batch size
+        or device.
+        """
+        total = -(-num_images // batch_size) * self.steps
+        with tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False) as bar:
+
+            def tick(x: torch.Tensor) -> torch.Tensor:
+                bar.update(1)
+                return x
+
+            return _drain(self.batches(unet, num_images=num_images, batch_size=batch_size, seed=seed), tick)
 
 
-def _drain(chain: Generator[Any, Any, Any], after_step: Callable[[int, Any], Any] | None = None) -> Any:
-    """Run a step generator to its end (``after_step(i, value)`` replaces each yielded value) and
-    return what it returns."""
+def _drain(chain: Generator[Any, Any, Any], each: Callable[[Any], Any] | None = None) -> Any:
+    """Run a step generator to its end (``each(value)`` replaces each yielded value) and return
+    what it returns."""
     try:
-        value, i = next(chain), 0
+        value = next(chain)
         while True:
-            if after_step is not None:
-                value = after_step(i, value)
-            value, i = chain.send(value), i + 1
+            if each is not None:
+                value = each(value)
+            value = chain.send(value)
     except StopIteration as stop:
         return stop.value
-
-
-@torch.no_grad()
-def sample_images(
-    unet: nn.Module,
-    scheduler_config: dict[str, Any],
-    *,
-    num_images: int,
-    steps: int,
-    batch_size: int = 250,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    eta: float = 0.0,
-    progress: bool = False,
-    desc: str = "sampling",
-    prompts: Prompts | None = None,
-) -> torch.Tensor:
-    """Generate ``num_images`` images in [-1, 1], shape ``(N, C, H, W)``, on the CPU.
-
-    The initial noise of image ``i`` depends only on ``seed`` and ``i`` (drawn on the CPU), so two
-    models sampled with the same seed start from the same noise whatever the batch size or device.
-
-    Args:
-        unet: noise-prediction model (``UNet2DModel``-like: ``unet(x, t).sample``).
-        scheduler_config: the teacher's scheduler config.
-        num_images: how many images.
-        steps: denoising steps.
-        batch_size: images per forward pass.
-        seed: noise seed.
-        scheduler: ``ddim``, ``ddpm`` or ``dpm``.
-        eta: DDIM's stochasticity (0: deterministic).
-        progress: show a progress bar (stderr).
-        prompts: text conditioning of a text-to-image UNet (guided, decoded); the noise is the
-            latents'.
-    """
-    total = -(-num_images // batch_size) * steps
-    with tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False) as bar:
-
-        def tick(i: int, x: torch.Tensor) -> torch.Tensor:
-            bar.update(1)
-            return x
-
-        chain = sampling_steps(
-            unet,
-            scheduler_config,
-            num_images=num_images,
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-            scheduler=scheduler,
-            eta=eta,
-            prompts=prompts,
-        )
-        return _drain(chain, tick)
-
-
-@torch.no_grad()
-def sampling_steps(
-    unet: nn.Module,
-    scheduler_config: dict[str, Any],
-    *,
-    num_images: int,
-    steps: int,
-    batch_size: int = 250,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    eta: float = 0.0,
-    prompts: Prompts | None = None,
-) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """:func:`sample_images` one denoising step at a time: yields the latents after every step of
-    every batch and returns the images. Timing several of these in lockstep
-    (:func:`~automl_diff.metrics.latency.time_lockstep`) exposes them all to the same machine load."""
-    was_training = unet.training
-    unet.eval()
-    device = _device(unet)
-    dtype = next(unet.parameters()).dtype
-    config = unet.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num_images, config.in_channels, height, width), generator=generator)
-    out = []
-    try:
-        for start in range(0, num_images, batch_size):
-            x = noise[start : start + batch_size].to(device=device, dtype=dtype)
-            step_generator = torch.Generator().manual_seed(seed + 1 + start)
-            text = prompts.for_images(start, len(x)) if prompts is not None else {}
-            x = yield from denoising_steps(
-                unet, scheduler_config, x, steps=steps, scheduler=scheduler, eta=eta, generator=step_generator, **text
-            )
-            if prompts is not None and prompts.decode is not None:
-                x = prompts.decode(x)
-            out.append(x.float().clamp(-1, 1).cpu())
-    finally:
-        unet.train(was_training)
-    return torch.cat(out)
 
 
 def sample_grid_png(images: Any, *, columns: int = 8, scale: int = 3) -> bytes:

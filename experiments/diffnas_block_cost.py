@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -26,7 +27,7 @@ from automl_diff.bench.presets import PRESETS
 from automl_diff.bench.session import Bench
 from automl_diff.methods import DiffNAS
 from automl_diff.methods.diffnas import assemble_student
-from automl_diff.metrics.latency import time_interleaved
+from automl_diff.metrics.latency import lockstep_rounds, once
 from automl_diff.metrics.macs import count_macs, example_inputs
 
 
@@ -92,9 +93,10 @@ def main() -> None:
     calls = {}
     for name, model in models.items():
         call_inputs = example_inputs(model, batch_size=args.latency_batch)
-        calls[name] = lambda model=model, call_inputs=call_inputs: model(*call_inputs)
+        calls[name] = once(lambda model=model, call_inputs=call_inputs: model(*call_inputs))
     with torch.no_grad():
-        seconds = time_interleaved(calls, repeats=args.latency_repeats, warmup=1)
+        rounds = lockstep_rounds(calls, repeats=args.latency_repeats, warmup=1)
+    seconds = {name: statistics.median(values) for name, values in rounds.items()}
     base = seconds["teacher"]
     print(
         f"\nteacher: {teacher_cost.macs / 1e6:.1f}M MACs per call, {teacher_cost.params / 1e6:.3f}M "

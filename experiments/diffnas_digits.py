@@ -46,7 +46,6 @@ from automl_diff.methods.diffnas import (
 from automl_diff.methods.diffnas.search import record_teacher_blocks
 from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
-from automl_diff.sampling import sample_images
 
 
 def main() -> None:
@@ -84,11 +83,12 @@ def main() -> None:
         device="cpu",
     )
     bench = Bench(preset, log=lambda line: print(line, flush=True))
-    unet, scheduler_config = bench.teacher.unet, bench.teacher.scheduler_config
+    unet = bench.teacher.unet
+    sampler = bench.teacher.sampler(steps=args.steps)
     teacher_cost = count_macs(unet)
 
     def fid(model: torch.nn.Module) -> float:
-        images = sample_images(model, scheduler_config, num_images=args.fid_samples, steps=args.steps, batch_size=250, seed=args.seed)
+        images = sampler.sample(model, num_images=args.fid_samples, batch_size=250, seed=args.seed)
         return bench.fid(images)
 
     # data-free inputs: the DKDM pool of the teacher's own generations (every run starts from the same snapshot)

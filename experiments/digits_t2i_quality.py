@@ -24,7 +24,6 @@ from automl_diff.metrics.alignment import prompt_accuracy, prompt_labels
 from automl_diff.metrics.fid import fid_from_features, get_extractor, reference_set
 from automl_diff.metrics.intervals import across_sets
 from automl_diff.models.loading import load_teacher
-from automl_diff.sampling import Prompts, sample_images
 from automl_diff.zoo import JUDGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,17 +51,11 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for scale in args.guidance:
         start = time.perf_counter()
-        conditioning = Prompts(text.encode(prompts), text.encode([""]), scale, per_prompt, decode=text.decode)
+        conditioning = text.prompts(prompts, guidance_scale=scale, images_per_prompt=per_prompt)
         fids, images = [], []
         for seed in seeds:
-            batch = sample_images(
-                teacher.unet,
-                teacher.scheduler_config,
-                num_images=args.samples,
-                steps=args.steps,
-                batch_size=250,
-                seed=seed,
-                prompts=conditioning,
+            batch = teacher.sampler(steps=args.steps, prompts=conditioning).sample(
+                teacher.unet, num_images=args.samples, batch_size=250, seed=seed
             )
             fids.append(fid_from_features(extractor(batch), reference.statistics))
             images.append(batch)
@@ -73,9 +66,7 @@ def main() -> None:
     plain = load_teacher("digits")
     fids = [
         fid_from_features(
-            extractor(
-                sample_images(plain.unet, plain.scheduler_config, num_images=args.samples, steps=args.steps, batch_size=250, seed=seed)
-            ),
+            extractor(plain.sampler(steps=args.steps).sample(plain.unet, num_images=args.samples, batch_size=250, seed=seed)),
             reference.statistics,
         )
         for seed in seeds

@@ -19,7 +19,6 @@ import torch
 from automl_diff.bench.presets import PRESETS
 from automl_diff.bench.session import Bench
 from automl_diff.metrics import count_macs
-from automl_diff.sampling import sample_images
 from automl_diff.zoo.digits import DIGITS_DIR, load_classifier, load_digits
 
 
@@ -53,7 +52,7 @@ def main() -> None:
         cells = []
         for steps in args.steps:
             start = time.perf_counter()
-            fake = sample_images(teacher.unet, teacher.scheduler_config, num_images=n, steps=steps, seed=0)
+            fake = teacher.sampler(steps=steps).sample(teacher.unet, num_images=n, seed=0)
             cells.append(f"{bench.fid(fake):.2f} ({time.perf_counter() - start:.0f} s)")
         print(f"| {n} | {floor:.2f} | " + " | ".join(cells) + " |")
 

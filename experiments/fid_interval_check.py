@@ -22,7 +22,6 @@ from automl_diff.bench.presets import PRESETS
 from automl_diff.bench.session import Bench
 from automl_diff.metrics.fid import fid_from_features
 from automl_diff.metrics.intervals import FrechetReference, half_sample_fids
-from automl_diff.sampling import sample_images
 
 
 def main() -> None:
@@ -40,12 +39,10 @@ def main() -> None:
     if cache is not None and cache.is_file():
         features = np.load(cache)
     else:
-        unet, config = bench.teacher.unet, bench.scheduler_config
+        unet, sampler = bench.teacher.unet, bench.teacher.sampler(steps=args.steps)
         features = np.stack(
             [
-                bench.evaluator.extractor(
-                    sample_images(unet, config, num_images=args.samples, steps=args.steps, batch_size=250, seed=100 + k)
-                )
+                bench.evaluator.extractor(sampler.sample(unet, num_images=args.samples, batch_size=250, seed=100 + k))
                 for k in range(args.sets)
             ]
         )

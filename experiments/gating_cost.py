@@ -22,7 +22,6 @@ import torch
 from automl_diff.bench.presets import PRESETS
 from automl_diff.bench.session import Bench
 from automl_diff.gating import Schedule, apply_schedule, model_fingerprint
-from automl_diff.sampling import make_scheduler
 
 
 def main() -> None:
@@ -58,8 +57,7 @@ def _fastest(bench: Bench, unet: torch.nn.Module, computing: tuple, reusing: tup
     ``reusing`` are a gated copy of the model and its controller."""
     (computing, on), (reusing, off) = computing, reusing
     x = torch.zeros(batch, unet.config.in_channels, 16, 16)
-    scheduler = make_scheduler(bench.scheduler_config, "ddim")
-    scheduler.set_timesteps(repeats + 2)
+    scheduler = bench.teacher.sampler(steps=repeats + 2).make_scheduler()
     on.reset()
     off.reset()
     reusing(x, torch.tensor([999]))  # step 0 fills the caches

@@ -26,7 +26,6 @@ from automl_diff.bench.session import Bench
 from automl_diff.methods.training import fit
 from automl_diff.metrics.fid import fid_from_features
 from automl_diff.metrics.intervals import Z95, Interval, fid_interval, frechet_reference
-from automl_diff.sampling import sample_images
 
 
 def half_sample_ratio(features_a: np.ndarray, features_b: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, seed: int) -> Interval:
@@ -62,9 +61,7 @@ def main() -> None:
     for seed in args.seeds:
         features, fids = [], []
         for model in (bench.teacher.unet, student):
-            images = sample_images(
-                model, bench.scheduler_config, num_images=p.fid_samples, steps=bench.steps, batch_size=p.fid_batch, seed=seed
-            )
+            images = bench.sampler.sample(model, num_images=p.fid_samples, batch_size=p.fid_batch, seed=seed)
             features.append(bench.evaluator.extractor(images))
             fids.append(fid_from_features(features[-1], reference))
         ratio_interval = half_sample_ratio(features[1], features[0], *reference, seed=seed)

@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 
+from automl_diff.config.options import DiPGOOptions
 from automl_diff.errors import UserError
 from automl_diff.gating import GateController, Schedule, ScheduleMismatch, apply_schedule, model_fingerprint, prunable_units, unit_costs
 from automl_diff.methods.dipgo.optimise import CheckpointedSteps, expected_ratio, optimise_pruner, ssim
@@ -18,7 +19,7 @@ from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import get_block, name_to_module_path
 from automl_diff.records import StudyAttr, TrialAttr
-from automl_diff.sampling import denoise, sample_images
+from automl_diff.sampling import Prompts, Sampler
 from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff
 
@@ -127,10 +128,11 @@ def test_a_cached_up_resnet_skips_its_skip_concatenation(model, request, monkeyp
     schedule = _schedule(unet, steps, {1: up[:2], 2: up}, "layer")
     channels, size = unet.config.in_channels, unet.config.sample_size
     noise = torch.randn(2, channels, size, size)
-    kwargs = {"encoder_hidden_states": torch.randn(2, 5, 12)} if model == "tiny_cond_unet" else {}
+    context = torch.randn(2, 5, 12)
+    prompts = Prompts(context, torch.zeros(1, 5, 12), guidance_scale=1.0) if model == "tiny_cond_unet" else None
 
     def run():
-        return denoise(unet, SCHEDULER, noise, steps=steps, **kwargs)
+        return Sampler(SCHEDULER, steps=steps, prompts=prompts).denoise(unet, noise)
 
     with torch.no_grad(), apply_schedule(unet, schedule):
         skipped = _concatenations(run)
@@ -160,15 +162,15 @@ def test_a_new_trajectory_resets_and_extra_steps_fail(tiny_unet):
 
 def test_classifier_free_guidance_pipeline_loop(tiny_cond_unet):
     steps = 3
-    cond, uncond = torch.randn(2, 5, 12), torch.zeros(2, 5, 12)
+    cond, uncond = torch.randn(2, 5, 12), torch.zeros(1, 5, 12)
     noise = torch.randn(2, 4, 8, 8)
-    kwargs = dict(steps=steps, encoder_hidden_states=cond, negative_hidden_states=uncond, guidance_scale=7.5)
+    sampler = Sampler(SCHEDULER, steps=steps, prompts=Prompts(cond, uncond, guidance_scale=7.5))
     with torch.no_grad():
-        plain = denoise(tiny_cond_unet, SCHEDULER, noise, **kwargs)
+        plain = sampler.denoise(tiny_cond_unet, noise)
         with apply_schedule(tiny_cond_unet, Schedule.full(tiny_cond_unet, steps, "layer")):
-            same = denoise(tiny_cond_unet, SCHEDULER, noise, **kwargs)
+            same = sampler.denoise(tiny_cond_unet, noise)
         with apply_schedule(tiny_cond_unet, _schedule(tiny_cond_unet, steps, {1: ["down.1", "mid"], 2: ["mid", "up.0"]})) as handle:
-            pruned = denoise(tiny_cond_unet, SCHEDULER, noise, **kwargs)
+            pruned = sampler.denoise(tiny_cond_unet, noise)
     assert torch.allclose(plain, same, atol=1e-6)
     assert handle.executed["mid"] == 1 and not torch.allclose(plain, pruned)
 
@@ -187,7 +189,7 @@ def test_schedule_macs_are_the_sum_over_computed_units(tiny_unet):
 
     # an independent count of what actually runs (torch's FlopCounterMode) agrees on the fraction saved
     def run():
-        sample_images(tiny_unet, SCHEDULER, num_images=1, steps=steps, batch_size=1)
+        Sampler(SCHEDULER, steps=steps).sample(tiny_unet, num_images=1, batch_size=1)
 
     full = executed_macs(run)
     with apply_schedule(tiny_unet, schedule):
@@ -209,7 +211,7 @@ def test_the_head_reuses_its_output_exactly_while_the_last_unit_reuses_its_cache
     schedule = _schedule(tiny_unet, steps, {1: [last], 2: [last, units[0]], 3: [units[0]]}, granularity)
 
     def run():
-        return sample_images(tiny_unet, SCHEDULER, num_images=2, steps=steps, batch_size=2)
+        return Sampler(SCHEDULER, steps=steps).sample(tiny_unet, num_images=2, batch_size=2)
 
     with apply_schedule(tiny_unet, schedule) as handle:
         cached_macs, cached = executed_macs(run), run()
@@ -238,10 +240,10 @@ def test_a_step_that_computes_no_unit_skips_the_whole_call_exactly(tiny_unet, ti
     costs = unit_costs(unet, units)
     assert costs.idle_free and idle_steps_free(unet, units) and not idle_steps_free(unet, units[:-1])
     noise, _, *context = example_inputs(unet, batch_size=2)  # the inputs MACs are counted on
-    kwargs = dict(encoder_hidden_states=context[0]) if context else {}
+    prompts = Prompts(context[0], torch.zeros_like(context[0][:1]), guidance_scale=1.0) if context else None
 
     def run():
-        return denoise(unet, SCHEDULER, noise, steps=steps, **kwargs)
+        return Sampler(SCHEDULER, steps=steps, prompts=prompts).denoise(unet, noise)
 
     calls = []
     with torch.no_grad(), apply_schedule(unet, schedule) as handle:
@@ -290,13 +292,14 @@ def test_gradients_reach_the_pruner(tiny_unet):
     gates = pruner.sample()
     assert torch.all(gates[0] == 1) and set(gates.unique().tolist()) <= {0.0, 1.0}
     noise = torch.randn(2, 1, 16, 16)
+    sampler = Sampler(SCHEDULER, steps=steps)
     with torch.no_grad():
-        target = denoise(tiny_unet, SCHEDULER, noise, steps=steps)
+        target = sampler.denoise(tiny_unet, noise)
     for p in tiny_unet.parameters():
         p.requires_grad_(False)
     with GateController(tiny_unet, units, steps) as controller:
         controller.use_soft(gates)
-        out = denoise(tiny_unet, SCHEDULER, noise, steps=steps)
+        out = sampler.denoise(tiny_unet, noise)
     costs = unit_costs(tiny_unet, units)
     loss = torch.nn.functional.mse_loss(out, target) + (expected_ratio(pruner.probs(), costs, units) - 0.3) ** 2
     loss.backward()
@@ -308,13 +311,13 @@ def _consistency_backward(unet, units, steps, gates, *, checkpoint: bool, schedu
     """The pruner's consistency loss alone (no sparsity term), backpropagated to ``gates`` through
     the whole trajectory, as :func:`optimise_pruner` runs it."""
     noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    run = {"steps": steps, "scheduler": scheduler, "eta": eta}
+    sampler = Sampler(SCHEDULER, scheduler, steps, eta)
     with torch.no_grad():
-        target = denoise(unet, SCHEDULER, noise, generator=torch.Generator().manual_seed(1), **run)
+        target = sampler.denoise(unet, noise, generator=torch.Generator().manual_seed(1))
     with GateController(unet, units, steps) as controller:
         controller.use_soft(gates)
         model = CheckpointedSteps(unet, controller).reset() if checkpoint else unet
-        images = denoise(model, SCHEDULER, noise, generator=torch.Generator().manual_seed(1), **run)
+        images = sampler.denoise(model, noise, generator=torch.Generator().manual_seed(1))
         torch.nn.functional.mse_loss(images, target).backward()
 
 
@@ -346,17 +349,13 @@ def test_optimise_pruner_lowers_the_expected_macs(tiny_unet):
     costs = unit_costs(tiny_unet, units)
     result = optimise_pruner(
         tiny_unet,
-        SCHEDULER,
+        Sampler(SCHEDULER, steps=3),
         units=units,
         costs=costs,
-        steps=3,
+        options=DiPGOOptions(target_macs_ratio=0.4, sparsity_weight=10.0, reference_images=4, warmup=0.0),
         iterations=12,
         batch_size=2,
         lr=0.1,
-        target_ratio=0.4,
-        sparsity_weight=10.0,
-        reference_images=4,
-        warmup=0.0,
     )
     assert result.scores.shape == (3, len(units)) and np.all(result.scores[0] == 1)
     assert result.history[-1]["ratio"] < result.history[0]["ratio"]
@@ -370,22 +369,19 @@ def test_optimised_schedule_is_closer_to_the_full_sampler_than_random_ones_at_th
     from automl_diff.models import load_teacher
 
     teacher = load_teacher("digits")
-    unet, config = teacher.unet.requires_grad_(False), teacher.scheduler_config
+    unet = teacher.unet.requires_grad_(False)
     steps, units = 10, tuple(prunable_units(teacher.unet, "layer"))
+    sampler = teacher.sampler(steps=steps)
     costs = unit_costs(unet, units)
     result = optimise_pruner(
         unet,
-        config,
+        sampler,
         units=units,
         costs=costs,
-        steps=steps,
+        options=DiPGOOptions(target_macs_ratio=0.4, sparsity_weight=5.0, reference_images=4, warmup=0.3),
         iterations=30,
         batch_size=2,
         lr=0.05,
-        target_ratio=0.4,
-        sparsity_weight=5.0,
-        reference_images=4,
-        warmup=0.3,
         seed=1,
     )
     optimised = Schedule.from_scores(result.scores, 0.5, units=units, model=model_fingerprint(unet))
@@ -394,9 +390,9 @@ def test_optimised_schedule_is_closer_to_the_full_sampler_than_random_ones_at_th
     noise = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(7))
 
     def error(schedule):
-        full = denoise(unet, config, noise, steps=steps)
+        full = sampler.denoise(unet, noise)
         with apply_schedule(unet, schedule):
-            return torch.mean((denoise(unet, config, noise, steps=steps) - full) ** 2).item()
+            return torch.mean((sampler.denoise(unet, noise) - full) ** 2).item()
 
     rng = np.random.default_rng(0)
     rows = np.array(optimised.gates[1:])
@@ -461,22 +457,20 @@ def test_optimise_pruner_depends_on_its_seed_not_on_what_ran_before(tiny_unet):
     kwargs = dict(
         units=units,
         costs=unit_costs(tiny_unet, units),
-        steps=3,
+        options=DiPGOOptions(target_macs_ratio=0.4, reference_images=4, warmup=0.0),
         iterations=3,
         batch_size=2,
         lr=0.1,
-        target_ratio=0.4,
-        reference_images=4,
-        warmup=0.0,
     )
+    sampler = Sampler(SCHEDULER, steps=3)
     torch.manual_seed(1)
-    first = optimise_pruner(tiny_unet, SCHEDULER, **kwargs).scores
+    first = optimise_pruner(tiny_unet, sampler, **kwargs).scores
     torch.manual_seed(2)
     state = torch.get_rng_state()
-    second = optimise_pruner(tiny_unet, SCHEDULER, **kwargs).scores
+    second = optimise_pruner(tiny_unet, sampler, **kwargs).scores
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as found
     np.testing.assert_array_equal(first, second)
-    assert not np.array_equal(first, optimise_pruner(tiny_unet, SCHEDULER, seed=5, **kwargs).scores)
+    assert not np.array_equal(first, optimise_pruner(tiny_unet, sampler, seed=5, **kwargs).scores)
 
 
 def test_ssim_is_one_for_equal_images():
@@ -579,7 +573,7 @@ def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, c
 
     pipe = eval(call)
     with apply_schedule(pipe, Schedule.load(out_dir / "schedule.json")) as handle:
-        images = sample_images(pipe.unet, dict(pipe.scheduler.config), num_images=2, steps=4, batch_size=2)
+        images = Sampler(dict(pipe.scheduler.config), steps=4).sample(pipe.unet, num_images=2, batch_size=2)
         skipped = 4 * len(schedule.units) - sum(handle.executed.values())
     assert skipped == sum(not g for row in schedule.gates for g in row)
     assert images.shape == (2, 1, 16, 16)

@@ -128,7 +128,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     import diffusers  # noqa: F401 - the printed call names it
 
     from automl_diff.gating import apply_schedule
-    from automl_diff.sampling import sample_images
+    from automl_diff.sampling import Sampler
 
     pipe = eval(call)
     assert type(pipe.unet).__name__ == "StudentUNet2DModel"
@@ -136,7 +136,7 @@ def test_dipgo_on_a_diffnas_export_keeps_architecture_schedule_and_lineage(diffn
     schedule = Schedule.load(out / "schedule.json")
     assert schedule.to_dict() == trial.user_attrs[TrialAttr.SCHEDULE]
     with apply_schedule(pipe, schedule):
-        images = sample_images(pipe.unet, dict(pipe.scheduler.config), num_images=2, steps=4, batch_size=2)
+        images = Sampler(dict(pipe.scheduler.config), steps=4).sample(pipe.unet, num_images=2, batch_size=2)
     assert images.shape == (2, 1, 16, 16)
 
     # an export that samples with a schedule cannot be a starting model: one line, exit 2

@@ -10,13 +10,18 @@ import torch
 
 from automl_diff.errors import UserError
 from automl_diff.models.loading import load_teacher
-from automl_diff.sampling import Prompts, sample_images
+from automl_diff.sampling import Prompts
 from tests.conftest import TINY_PROMPTS, build_tiny_clip
 
 
 def _prompts(teacher, *, scale: float = 5.0, per_prompt: int = 1) -> Prompts:
-    text = teacher.text
-    return Prompts(text.encode(TINY_PROMPTS), text.encode([""]), scale, per_prompt, decode=text.decode)
+    return teacher.text.prompts(TINY_PROMPTS, guidance_scale=scale, images_per_prompt=per_prompt)
+
+
+def _sample(teacher, prompts: Prompts, *, num_images: int = 3, steps: int = 4, batch_size: int = 3, seed: int = 0, unet=None):
+    return teacher.sampler(steps=steps, prompts=prompts).sample(
+        unet or teacher.unet, num_images=num_images, batch_size=batch_size, seed=seed
+    )
 
 
 def test_pipeline_folder_is_a_teacher_with_frozen_parts(tiny_sd_dir):
@@ -49,7 +54,7 @@ def test_guided_sampling_is_stable_diffusion_pipelines_own(tiny_sd_dir):
     calls: list[int] = []
     handle = teacher.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        ours = sample_images(teacher.unet, teacher.scheduler_config, num_images=3, steps=4, batch_size=3, seed=0, prompts=_prompts(teacher))
+        ours = _sample(teacher, _prompts(teacher))
     finally:
         handle.remove()
     # both halves of guidance in one call per step
@@ -60,9 +65,7 @@ def test_guided_sampling_is_stable_diffusion_pipelines_own(tiny_sd_dir):
     assert ours.shape == (3, 1, 16, 16)
     torch.testing.assert_close((ours + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
     # guidance changes the images: a scale of 1 runs the conditional half alone
-    plain = sample_images(
-        teacher.unet, teacher.scheduler_config, num_images=3, steps=4, batch_size=3, seed=0, prompts=_prompts(teacher, scale=1.0)
-    )
+    plain = _sample(teacher, _prompts(teacher, scale=1.0))
     assert (plain - ours).abs().max() > 1e-3
 
 
@@ -70,8 +73,8 @@ def test_images_follow_their_prompts_in_order(tiny_sd_dir):
     teacher = load_teacher(str(tiny_sd_dir))
     prompts = _prompts(teacher, per_prompt=2)
     assert [prompts.prompt_of(i) for i in range(8)] == [0, 0, 1, 1, 2, 2, 0, 0]
-    one_batch = sample_images(teacher.unet, teacher.scheduler_config, num_images=6, steps=2, batch_size=6, seed=3, prompts=prompts)
-    batches = sample_images(teacher.unet, teacher.scheduler_config, num_images=6, steps=2, batch_size=4, seed=3, prompts=prompts)
+    one_batch = _sample(teacher, prompts, num_images=6, steps=2, batch_size=6, seed=3)
+    batches = _sample(teacher, prompts, num_images=6, steps=2, batch_size=4, seed=3)
     torch.testing.assert_close(one_batch, batches, atol=1e-5, rtol=1e-4)
 
 
@@ -84,7 +87,7 @@ def test_gated_units_of_a_conditional_unet_do_not_run(tiny_sd_dir):
     assert "down.0.attentions.0" in units and "mid.attentions.0" in units and "up.1.attentions.0" in units
 
     def sample() -> torch.Tensor:
-        return sample_images(unet, teacher.scheduler_config, num_images=3, steps=steps, batch_size=3, seed=0, prompts=_prompts(teacher))
+        return _sample(teacher, _prompts(teacher), steps=steps, unet=unet)
 
     full = sample()
     everything = Schedule.full(unet, steps, "layer")

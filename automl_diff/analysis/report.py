@@ -31,7 +31,7 @@ from automl_diff.gating import Schedule, apply_schedule
 from automl_diff.metrics import count_macs
 from automl_diff.models.loading import load_unet, unet_from_config
 from automl_diff.records import Evaluation, StudyAttr, TrialAttr
-from automl_diff.sampling import sample_grid_png, sample_images
+from automl_diff.sampling import Sampler, sample_grid_png
 
 __all__ = ["write_report"]
 
@@ -53,15 +53,8 @@ def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -
     stored_schedule = trial.user_attrs.get(TrialAttr.SCHEDULE)
     schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
     with apply_schedule(unet, schedule) if schedule else contextlib.nullcontext():
-        images = sample_images(
-            unet,
-            scheduler_config,
-            num_images=count,
-            steps=evaluation.sampling_steps or 20,
-            batch_size=count,
-            seed=evaluation.seed,
-            scheduler=evaluation.scheduler,
-        )
+        sampler = Sampler(scheduler_config, evaluation.scheduler, evaluation.sampling_steps or 20)
+        images = sampler.sample(unet, num_images=count, batch_size=count, seed=evaluation.seed)
     return sample_grid_png(images)
 
 

@@ -46,7 +46,6 @@ from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.loading import Teacher, load_teacher
 from automl_diff.runners.evaluate import Evaluator
-from automl_diff.sampling import sample_images
 
 __all__ = ["PEERS", "Bench", "BenchResult", "Comparison", "Row", "bench_study_config", "check_file", "check_peer", "machine_info"]
 
@@ -421,6 +420,8 @@ class Bench:
         )
         #: The evaluation prompts' conditioning of a text-to-image teacher (guided, decoded).
         self.prompts = self.evaluator.prompts
+        #: How every row samples (the preset's steps, the evaluation prompts).
+        self.sampler = self.evaluator.sampler
         self.log(f"# {preset.name}: {self.banner}")
 
     @property
@@ -512,15 +513,7 @@ class Bench:
         with context(model):
             trajectory = self.trajectory_macs(model)
             for seed in self.eval_seeds:
-                images = sample_images(
-                    model,
-                    self.scheduler_config,
-                    num_images=p.fid_samples,
-                    steps=self.steps,
-                    batch_size=p.fid_batch,
-                    seed=seed,
-                    prompts=self.prompts,
-                )
+                images = self.sampler.sample(model, num_images=p.fid_samples, batch_size=p.fid_batch, seed=seed)
                 features.append(self.evaluator.extractor(images))
                 aligned = self.evaluator.alignment(images)
                 if aligned is not None:
@@ -557,9 +550,8 @@ class Bench:
         teacher both halves of every guided step, not the prompt encoding or the VAE's decoding,
         which are the same for every row."""
         prompts = replace(self.prompts, decode=None) if self.prompts is not None else None
-        return executed_macs(
-            lambda: sample_images(model, self.scheduler_config, num_images=1, steps=self.steps, batch_size=1, prompts=prompts)
-        )
+        sampler = self.sampler.with_prompts(prompts)
+        return executed_macs(lambda: sampler.sample(model, num_images=1, batch_size=1))
 
     def fid(self, images: torch.Tensor) -> float:
         """FID of ``images`` (in [-1, 1]) against the preset's reference (lower is better)."""
@@ -595,14 +587,7 @@ class Bench:
         for batch in p.timed_batches:
             self.log(f"timing {len(self._timed)} rows in lockstep at batch {batch}: {p.latency_warmup} + {p.latency_repeats} rounds")
             rounds = sampler_rounds(
-                self._timed,
-                self.scheduler_config,
-                contexts=self._contexts,
-                steps=self.steps,
-                batch_size=batch,
-                repeats=p.latency_repeats,
-                warmup=p.latency_warmup,
-                prompts=self.prompts,
+                self._timed, self.sampler, contexts=self._contexts, batch_size=batch, repeats=p.latency_repeats, warmup=p.latency_warmup
             )
             for row in self.rows:
                 row.latency[batch] = spread(rounds[row.name])

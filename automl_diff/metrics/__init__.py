@@ -14,7 +14,7 @@ from automl_diff.metrics.fid import (
     get_extractor,
     reference_statistics,
 )
-from automl_diff.metrics.latency import measure_latency
+from automl_diff.metrics.latency import lockstep_rounds, sampler_rounds
 from automl_diff.metrics.macs import BlockCost, MacsReport, count_macs, example_inputs
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "fid_from_images",
     "frechet_distance",
     "get_extractor",
-    "measure_latency",
+    "lockstep_rounds",
     "reference_statistics",
+    "sampler_rounds",
 ]

@@ -1,9 +1,14 @@
-"""Wall-clock latency of sampling, per image (seconds, lower is better)."""
+"""Wall-clock latency (seconds, lower is better).
+
+Two ways to time: :func:`lockstep_rounds` runs several step-by-step computations side by side,
+one step each in turn, and :func:`sampler_rounds` times models sampling with a
+:class:`~automl_diff.sampling.Sampler` that way (seconds per image). :func:`unit_latencies` times
+the units inside a model's forward pass (DiP-GO's latency weights).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -13,19 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from automl_diff.sampling import Prompts, sampling_steps
+from automl_diff.sampling import Sampler
 
-__all__ = [
-    "lockstep_rounds",
-    "measure_latencies",
-    "measure_latency",
-    "sampler_latencies",
-    "sampler_rounds",
-    "synchronize",
-    "time_interleaved",
-    "time_lockstep",
-    "unit_latencies",
-]
+__all__ = ["lockstep_rounds", "once", "sampler_rounds", "synchronize", "unit_latencies"]
 
 
 def synchronize(module: nn.Module) -> None:
@@ -35,94 +30,27 @@ def synchronize(module: nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_latency(
-    unet: nn.Module,
-    scheduler_config: dict[str, Any],
-    *,
-    steps: int,
-    batch_size: int = 8,
-    repeats: int = 3,
-    warmup: int = 1,
-    scheduler: str = "ddim",
-    prompts: Prompts | None = None,
-) -> float:
-    """Median wall-clock seconds per image to sample a batch with ``steps`` denoising steps.
-
-    Runs ``warmup`` untimed batches first, then ``repeats`` timed ones, and returns the median
-    batch time divided by ``batch_size``. Measures the same loop that produces FID samples (for a
-    text-to-image UNet with ``prompts``: guided steps and the VAE's decoding; the prompts'
-    embeddings are computed beforehand, once).
-    """
-    variants = {"model": contextlib.nullcontext}
-    return measure_latencies(
-        unet,
-        scheduler_config,
-        variants,
-        steps=steps,
-        batch_size=batch_size,
-        repeats=repeats,
-        warmup=warmup,
-        scheduler=scheduler,
-        prompts=prompts,
-    )["model"]
-
-
-def measure_latencies(
-    unet: nn.Module,
-    scheduler_config: dict[str, Any],
-    variants: dict[str, Callable[[nn.Module], ContextManager[Any]]],
-    *,
-    steps: int,
-    batch_size: int = 8,
-    repeats: int = 3,
-    warmup: int = 1,
-    scheduler: str = "ddim",
-    prompts: Prompts | None = None,
-) -> dict[str, float]:
-    """Median seconds per image of several variants of one model, measured side by side.
-
-    Each variant is a context factory called with the model it applies to (for example
-    ``lambda m: apply_schedule(m, schedule)``, or ``contextlib.nullcontext``). The first variant
-    samples with ``unet`` itself, each other one with its own copy, and all of them advance in
-    lockstep (:func:`sampler_latencies`) so that changing machine load hits every variant alike.
-    """
-    models = {name: unet if i == 0 else copy.deepcopy(unet) for i, name in enumerate(variants)}
-    return sampler_latencies(
-        models,
-        scheduler_config,
-        contexts=variants,
-        steps=steps,
-        batch_size=batch_size,
-        repeats=repeats,
-        warmup=warmup,
-        scheduler=scheduler,
-        prompts=prompts,
-    )
-
-
 def sampler_rounds(
     models: dict[str, nn.Module],
-    scheduler_config: dict[str, Any],
+    sampler: Sampler,
     *,
     contexts: dict[str, Callable[[nn.Module], ContextManager[Any]]] | None = None,
-    steps: int,
     batch_size: int = 8,
     repeats: int = 3,
     warmup: int = 1,
-    scheduler: str = "ddim",
-    prompts: Prompts | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per image of several samplers in each of ``repeats`` rounds (after ``warmup``
-    untimed ones), one batch of ``batch_size`` each, timed in lockstep (:func:`lockstep_rounds`):
-    ``models[name]`` samples under ``contexts[name](model)`` (none: as it is). Models under
-    different contexts must be different objects. Round ``k`` of every sampler ran side by side,
-    so per-round ratios compare like with like."""
+    """Seconds per image of several models sampling one batch of ``batch_size`` each with
+    ``sampler``, in each of ``repeats`` rounds (after ``warmup`` untimed ones), timed in lockstep
+    (:func:`lockstep_rounds`): ``models[name]`` samples under ``contexts[name](model)`` (none: as
+    it is). Models under different contexts must be different objects (give each its own copy).
+    Round ``k`` of every model ran side by side, so per-round ratios compare like with like; the
+    median over the rounds is a model's latency. The loop is the one that produces FID samples
+    (for a text-to-image UNet: guided steps and the VAE's decoding; the prompts' embeddings are
+    computed beforehand, once)."""
     contexts = contexts or {}
 
     def run(model: nn.Module) -> Callable[[], Any]:
-        return lambda: sampling_steps(
-            model, scheduler_config, num_images=batch_size, steps=steps, batch_size=batch_size, scheduler=scheduler, prompts=prompts
-        )
+        return lambda: sampler.batches(model, num_images=batch_size, batch_size=batch_size)
 
     entered = {name: (lambda name=name: contexts[name](models[name])) for name in models if name in contexts}
     sync = next(iter(models.values()), None)
@@ -132,71 +60,9 @@ def sampler_rounds(
     return {name: [value / batch_size for value in values] for name, values in rounds.items()}
 
 
-def sampler_latencies(
-    models: dict[str, nn.Module],
-    scheduler_config: dict[str, Any],
-    *,
-    contexts: dict[str, Callable[[nn.Module], ContextManager[Any]]] | None = None,
-    steps: int,
-    batch_size: int = 8,
-    repeats: int = 3,
-    warmup: int = 1,
-    scheduler: str = "ddim",
-    prompts: Prompts | None = None,
-) -> dict[str, float]:
-    """Median seconds per image of several samplers timed in lockstep (:func:`sampler_rounds`)."""
-    rounds = sampler_rounds(
-        models,
-        scheduler_config,
-        contexts=contexts,
-        steps=steps,
-        batch_size=batch_size,
-        repeats=repeats,
-        warmup=warmup,
-        scheduler=scheduler,
-        prompts=prompts,
-    )
-    return {name: statistics.median(values) for name, values in rounds.items()}
-
-
-def time_interleaved(
-    runs: dict[str, Callable[[], Any]],
-    *,
-    contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
-    repeats: int = 3,
-    warmup: int = 1,
-    sync: nn.Module | None = None,
-) -> dict[str, float]:
-    """Median wall-clock seconds of each callable, repeats interleaved (A, B, C, A, B, C, ...).
-
-    Args:
-        runs: what to time, by name (different models, or one model under different contexts).
-        contexts: context factories by name; a run is timed inside its context, whose set-up and
-            tear-down (attaching a schedule's hooks, say) stay out of the timing.
-        repeats: timed calls of each.
-        warmup: untimed calls of each first.
-        sync: a module whose CUDA device is synchronised around every call.
-    """
-    contexts = contexts or {}
-
-    def once(name: str) -> float:
-        with contexts.get(name, contextlib.nullcontext)():
-            if sync is not None:
-                synchronize(sync)
-            start = time.perf_counter()
-            runs[name]()
-            if sync is not None:
-                synchronize(sync)
-            return time.perf_counter() - start
-
-    for name in runs:
-        for _ in range(warmup):
-            once(name)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(max(1, repeats)):
-        for name in runs:
-            times[name].append(once(name))
-    return {name: statistics.median(values) for name, values in times.items()}
+def once(call: Callable[[], Any]) -> Callable[[], Iterator[Any]]:
+    """A plain call as a computation of one step, to time calls side by side with :func:`lockstep_rounds`."""
+    return lambda: (call() for _ in range(1))
 
 
 def lockstep_rounds(
@@ -213,10 +79,11 @@ def lockstep_rounds(
     advance one step in turn, the first to go rotating every step, and each step's time counts for
     its run. Machine load that comes and goes over seconds (other tenants of the host, memory
     bandwidth) then hits every run alike, which whole runs timed one after another
-    (:func:`time_interleaved`) only do on average over many repeats.
+    only do on average over many repeats.
 
     Args:
-        runs: iterator factories by name; each call starts a fresh computation.
+        runs: iterator factories by name; each call starts a fresh computation (:func:`once`
+            makes a plain call one).
         contexts: context factories by name, all entered for the whole of a repeat (attaching a
             schedule's hooks, say), outside the timing. Runs under different contexts must not
             share a model: give each its own copy.
@@ -252,20 +119,6 @@ def lockstep_rounds(
             for name in names:
                 times[name].append(spent[name])
     return times
-
-
-def time_lockstep(
-    runs: dict[str, Callable[[], Iterator[Any]]],
-    *,
-    contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
-    repeats: int = 3,
-    warmup: int = 0,
-    sync: nn.Module | None = None,
-) -> dict[str, float]:
-    """Median wall-clock seconds of several step-by-step computations run in lockstep
-    (:func:`lockstep_rounds`)."""
-    rounds = lockstep_rounds(runs, contexts=contexts, repeats=repeats, warmup=warmup, sync=sync)
-    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 @torch.no_grad()

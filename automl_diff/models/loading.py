@@ -21,6 +21,7 @@ from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, TextToImage, is_text_to_image_folder, load_text_to_image
+from automl_diff.sampling import Prompts, Sampler, make_scheduler
 from automl_diff.zoo import TEACHERS
 
 __all__ = [
@@ -81,6 +82,14 @@ class Teacher:
     weights_dir: str | None = None
     text: TextToImage | None = None
     judge: str | None = None
+
+    def sampler(self, scheduler: str = "ddim", steps: int = 20, eta: float = 0.0, prompts: Prompts | None = None) -> Sampler:
+        """A sampler of this teacher's noise schedule (:class:`~automl_diff.sampling.Sampler`)."""
+        return Sampler(self.scheduler_config, scheduler, steps, eta, prompts)
+
+    def noise_schedule(self) -> Any:
+        """Its noise schedule as a diffusers ``DDPMScheduler`` (``alphas_cumprod``, clipping)."""
+        return make_scheduler(self.scheduler_config, "ddpm")
 
     @property
     def latent_resolution(self) -> int:

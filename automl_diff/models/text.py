@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from automl_diff.errors import UserError
+from automl_diff.sampling import Prompts
 
 __all__ = [
     "CLIP_TOKENS",
@@ -97,6 +98,13 @@ class TextToImage:
             states = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=attention)[0]
             self._cache[key] = states.to(dtype=self.text_encoder.dtype)
         return self._cache[key]
+
+    def prompts(
+        self, prompts: Sequence[str], *, negative_prompt: str = "", guidance_scale: float = 7.5, images_per_prompt: int = 1
+    ) -> Prompts:
+        """The conditioning that samples ``prompts`` with guidance against ``negative_prompt``
+        and decodes with this VAE (:class:`~automl_diff.sampling.Prompts`)."""
+        return Prompts(self.encode(prompts), self.encode([negative_prompt]), guidance_scale, images_per_prompt, decode=self.decode)
 
     def pipeline(self, unet: nn.Module, scheduler: Any) -> Any:
         """A diffusers pipeline of :attr:`pipeline_class` with these parts around ``unet`` and

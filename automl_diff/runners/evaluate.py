@@ -8,6 +8,7 @@ a guided step executes per image (both halves of guidance), and latency includes
 from __future__ import annotations
 
 import contextlib
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,11 +22,11 @@ from automl_diff.gating import Schedule, apply_schedule, unit_costs
 from automl_diff.metrics.alignment import ClipScorer, prompt_accuracy, prompt_labels
 from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_features, get_extractor, reference_set
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
-from automl_diff.metrics.latency import measure_latency
+from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.text import TextToImage, text_length
 from automl_diff.records import TrialAttr
-from automl_diff.sampling import Prompts, sample_images
+from automl_diff.sampling import Prompts, Sampler
 from automl_diff.zoo import JUDGES, PromptJudge, default_features
 
 __all__ = ["Evaluator", "ModelMetrics"]
@@ -113,12 +114,11 @@ class Evaluator:
             if not config.prompts.eval:
                 raise UserError(f"{config.path}: prompts.eval: required for a text-to-image teacher (a file of prompts FID is measured on)")
             s = config.sampling
-            self.prompts = Prompts(
-                text.encode(config.prompts.eval),
-                text.encode([s.negative_prompt]),
-                s.guidance_scale,
-                config.budgets.images_per_prompt,
-                decode=text.decode,
+            self.prompts = text.prompts(
+                config.prompts.eval,
+                negative_prompt=s.negative_prompt,
+                guidance_scale=s.guidance_scale,
+                images_per_prompt=config.budgets.images_per_prompt,
             )
             if config.prompts.alignment == "prompt_accuracy":
                 judge = config.prompts.judge or judge
@@ -135,7 +135,9 @@ class Evaluator:
                     self._clip = ClipScorer(config.prompts.clip_model, device=self.device)
                 except UserError as exc:
                     raise UserError(f"{config.path}: prompts.alignment: {exc}") from None
-        self.scheduler_config = scheduler_config
+        #: How every model samples: the study's scheduler, steps and eta, the evaluation prompts.
+        s = config.sampling
+        self.sampler = Sampler(scheduler_config, s.scheduler, config.budgets.sampling_steps, s.eta, self.prompts)
         self.dataset = config.fid.dataset or teacher_dataset
         if self.dataset is None:
             raise UserError(f"{config.path}: fid.dataset: required for a teacher other than digits (a dataset name or folder:PATH)")
@@ -176,18 +178,8 @@ class Evaluator:
         """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given."""
         c = self.config
         with _gated(unet, schedule):
-            images = sample_images(
-                unet,
-                self.scheduler_config,
-                num_images=c.budgets.fid_samples,
-                steps=c.budgets.sampling_steps,
-                batch_size=c.fid.batch_size,
-                seed=c.seed,
-                scheduler=c.sampling.scheduler,
-                eta=c.sampling.eta,
-                progress=self.progress,
-                desc=desc,
-                prompts=self.prompts,
+            images = self.sampler.sample(
+                unet, num_images=c.budgets.fid_samples, batch_size=c.fid.batch_size, seed=c.seed, progress=self.progress, desc=desc
             )
         if self.prompts is not None:  # one image per prompt, so the grid shows what each prompt gives
             per = self.prompts.images_per_prompt
@@ -223,20 +215,15 @@ class Evaluator:
         """Tokens of the text conditioning MACs are counted with (the tokenizer's; CLIP's 77)."""
         return text_length(self.text)
 
-    @property
-    def calls_per_step(self) -> int:
-        """UNet rows one image costs per step: 2 under classifier-free guidance (both halves)."""
-        return 2 if self.prompts is not None and self.prompts.guidance_scale > 1 else 1
-
     def macs(self, unet: nn.Module) -> int:
         """MACs of one denoising step of ``unet`` per image, as :meth:`evaluate` counts them."""
-        return self.calls_per_step * count_macs(unet, text_length=self.text_length).macs
+        return self.sampler.calls_per_step * count_macs(unet, text_length=self.text_length).macs
 
     def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
         b = self.config.budgets
         steps = b.sampling_steps
-        calls = self.calls_per_step
+        calls = self.sampler.calls_per_step
         if schedule is None:
             cost = count_macs(unet, text_length=self.text_length)
             macs, macs_no_attention, trajectory = calls * cost.macs, calls * cost.macs_no_attention, calls * cost.macs * steps
@@ -251,15 +238,8 @@ class Evaluator:
             params = costs.total.params
         fid = self.fid(unet, schedule=schedule, desc=desc)
         with _gated(unet, schedule):
-            latency = measure_latency(
-                unet,
-                self.scheduler_config,
-                steps=steps,
-                batch_size=b.latency_batch_size,
-                repeats=b.latency_repeats,
-                scheduler=self.config.sampling.scheduler,
-                prompts=self.prompts,
-            )
+            rounds = sampler_rounds({"model": unet}, self.sampler, batch_size=b.latency_batch_size, repeats=b.latency_repeats)
+        latency = statistics.median(rounds["model"])
         extra: dict[str, Any] = {"alignment": self.last_alignment}
         if self.config.fid.interval:
             extra.update(fid_interval=self.fid_interval(fid), kid=self.kid())

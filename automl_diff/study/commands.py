@@ -250,14 +250,15 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     (a config, random weights) samples from random text embeddings of ``text_length`` tokens,
     with guidance too (both halves in one call). ``text``: the pipeline's parts, loaded once by
     the caller."""
-    import contextlib
+    import copy
+    import statistics
 
     import torch
 
     from automl_diff.gating import Schedule, apply_schedule, unit_costs
-    from automl_diff.metrics.latency import measure_latencies
+    from automl_diff.metrics.latency import sampler_rounds
     from automl_diff.models.loading import load_unet, scheduler_config_for
-    from automl_diff.sampling import Prompts
+    from automl_diff.sampling import Prompts, Sampler
 
     schedule = Schedule.load(args.schedule)
     steps = args.steps or schedule.steps
@@ -265,29 +266,27 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
         raise UserError(f"--steps {steps}: the schedule {args.schedule} is for {schedule.steps} steps")
     schedule.check_model(unet, source=args.schedule)
     path = Path(source)
-    scheduler_config = scheduler_config_for(path if path.exists() else None)
     prompts = None
     if getattr(unet.config, "cross_attention_dim", None) is not None:
         if text is not None:
             unet = load_unet(path).eval()
-            prompts = Prompts(text.encode([args.prompt]), text.encode([""]), args.guidance_scale, decode=text.decode)
+            prompts = text.prompts([args.prompt], guidance_scale=args.guidance_scale)
         else:
             generator = torch.Generator().manual_seed(0)
             embeddings = torch.randn((1, text_length, unet.config.cross_attention_dim), generator=generator)
             prompts = Prompts(embeddings, torch.zeros_like(embeddings), args.guidance_scale)
-    calls = 2 if prompts is not None and prompts.guidance_scale > 1 else 1
+    sampler = Sampler(scheduler_config_for(path if path.exists() else None), steps=steps, prompts=prompts)
     costs = unit_costs(unet, schedule.units, text_length=text_length)
-    trajectory = calls * schedule.trajectory_macs(costs)
-    full = calls * costs.total.macs * steps
-    latencies = measure_latencies(
-        unet,
-        scheduler_config,
-        {"full": contextlib.nullcontext, "schedule": lambda model: apply_schedule(model, schedule)},
-        steps=steps,
+    trajectory = sampler.calls_per_step * schedule.trajectory_macs(costs)
+    full = sampler.calls_per_step * costs.total.macs * steps
+    rounds = sampler_rounds(
+        {"full": unet, "schedule": copy.deepcopy(unet)},
+        sampler,
+        contexts={"schedule": lambda model: apply_schedule(model, schedule)},
         batch_size=args.batch_size,
         repeats=args.repeats,
-        prompts=prompts,
     )
+    latencies = {name: statistics.median(values) for name, values in rounds.items()}
     return {
         "steps": steps,
         "trajectory_macs": trajectory,
@@ -297,7 +296,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
         "latency": latencies["schedule"],
         "full_latency": latencies["full"],
         "speedup": latencies["full"] / latencies["schedule"],
-        **({"guidance_scale": prompts.guidance_scale} if calls == 2 else {}),
+        **({"guidance_scale": prompts.guidance_scale} if prompts is not None and prompts.guided else {}),
     }
 
 

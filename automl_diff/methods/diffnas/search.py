@@ -238,14 +238,17 @@ def block_seconds(
     the student will hold (:meth:`BlockSupernet.subnet`), on ``batch_size`` validation samples.
     The candidates are timed interleaved, after one untimed call each, so that drifting machine
     load hits them alike."""
-    from automl_diff.metrics.latency import time_interleaved
+    import statistics
+
+    from automl_diff.metrics.latency import lockstep_rounds, once
 
     args, kwargs = _batch_of(data, batch_size)
     runs = {}
     for choice in choices:
         block = supernet.subnet(choice).eval()
-        runs[supernet.canonical(choice).key] = lambda block=block: block(*args, **kwargs)
-    return time_interleaved(runs, repeats=repeats, warmup=1, sync=supernet)
+        runs[supernet.canonical(choice).key] = once(lambda block=block: block(*args, **kwargs))
+    rounds = lockstep_rounds(runs, repeats=repeats, warmup=1, sync=supernet)
+    return {key: statistics.median(values) for key, values in rounds.items()}
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from automl_diff.metrics.macs import UnitCosts
 from automl_diff.models.loading import weights_digest
 from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr, stable_key
-from automl_diff.sampling import Prompts
+from automl_diff.sampling import Sampler
 
 __all__ = ["THRESHOLD", "DiPGO"]
 
@@ -100,14 +100,16 @@ class DiPGO(Method):
         s = self.config.sampling
         return [list(self.config.prompts.train), s.guidance_scale, s.negative_prompt]
 
-    def _conditioning(self) -> dict[str, Any] | None:
-        """The training prompts' conditioning of each of the pruner's reference trajectories."""
+    def sampler(self) -> Sampler:
+        """The study's sampler on the training prompts (the reference trajectories take them in
+        turn, guided as the study guides); the pruner compares final latents (:meth:`Sampler.denoise`)."""
+        c = self.config
+        s = c.sampling
         text = self.teacher.text
-        if text is None:
-            return None
-        s = self.config.sampling
-        prompts = Prompts(text.encode(self.config.prompts.train), text.encode([s.negative_prompt]), s.guidance_scale)
-        return prompts.for_images(0, self.options.reference_images)
+        prompts = None
+        if text is not None:
+            prompts = text.prompts(c.prompts.train, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale)
+        return self.teacher.sampler(s.scheduler, self.steps, s.eta, prompts)
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.costs = unit_costs(self.teacher.unet, self.units, text_length=text_length(self.teacher.text))
@@ -133,24 +135,14 @@ class DiPGO(Method):
             )
             result = optimise_pruner(
                 self.teacher.unet,
-                self.teacher.scheduler_config,
+                self.sampler(),
                 units=self.units,
                 costs=weights,
-                steps=self.steps,
+                options=o,
                 iterations=c.budgets.train_iterations,
                 batch_size=c.budgets.batch_size,
                 lr=c.budgets.lr,
-                target_ratio=o.target_macs_ratio,
-                sparsity_weight=o.sparsity_weight,
-                consistency=o.consistency,
-                tau=o.tau,
-                checkpoint=o.checkpoint,
-                warmup=o.warmup,
-                reference_images=o.reference_images,
-                scheduler=c.sampling.scheduler,
-                eta=c.sampling.eta,
                 seed=c.seed + 1000,  # training noise differs from the FID noise (seed)
-                conditioning=self._conditioning(),
                 progress=self.progress,
             )
             self.scores = result.scores

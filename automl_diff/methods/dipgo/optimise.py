@@ -27,6 +27,7 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +39,14 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from tqdm import tqdm
 
+from automl_diff.config.options import DiPGOOptions
 from automl_diff.gating import GateController
 from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
 from automl_diff.records import TrialAttr
-from automl_diff.sampling import denoise, predict_noise
+from automl_diff.sampling import Sampler, predict_noise
 
 __all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "CheckpointedSteps", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
 
@@ -168,122 +170,123 @@ class PrunerResult:
         }
 
 
+@contextlib.contextmanager
+def _frozen(unet: nn.Module) -> Iterator[None]:
+    """``unet`` in eval mode without gradients of its own, restored as found afterwards."""
+    requires_grad = [p.requires_grad for p in unet.parameters()]
+    was_training = unet.training
+    unet.requires_grad_(False).eval()
+    try:
+        yield
+    finally:
+        unet.train(was_training)
+        for p, flag in zip(unet.parameters(), requires_grad):
+            p.requires_grad_(flag)
+
+
+def _reference_noise(unet: nn.Module, count: int, seed: int) -> torch.Tensor:
+    """The fixed noise of the pruner's ``count`` reference trajectories (seeded, drawn on the CPU)."""
+    param = next(unet.parameters())
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    noise = torch.randn((count, unet.config.in_channels, height, width), generator=torch.Generator().manual_seed(seed))
+    return noise.to(device=param.device, dtype=param.dtype)
+
+
 def optimise_pruner(
     unet: nn.Module,
-    scheduler_config: dict[str, Any],
+    sampler: Sampler,
     *,
     units: tuple[str, ...],
     costs: UnitCosts | UnitWeights,
-    steps: int,
+    options: DiPGOOptions,
     iterations: int,
     batch_size: int,
     lr: float,
-    target_ratio: float,
-    sparsity_weight: float = 1.0,
-    consistency: str = "mse",
-    tau: float = 1.0,
-    checkpoint: bool = True,
-    warmup: float = 0.6,
-    reference_images: int = 64,
-    scheduler: str = "ddim",
-    eta: float = 0.0,
     seed: int = 0,
-    conditioning: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> PrunerResult:
-    """Train a :class:`PrunerNetwork` for ``unet`` and return its gate scores.
+    """Train a :class:`PrunerNetwork` for ``unet`` sampled by ``sampler`` and return its gate scores.
 
     Args:
         unet: the (frozen) model to prune over time.
+        sampler: the sampler whose trajectories are pruned (its steps are the schedule's; the
+            reference trajectories take its prompts in turn, guided as it guides).
         units: prunable units; ``costs`` their MACs (:class:`UnitCosts`), or the weights the
             sparsity loss counts (:class:`UnitWeights`, e.g. measured seconds).
-        steps: sampling steps.
+        options: the target (``target_macs_ratio``, in ``costs``' unit, a fraction of the full
+            sampler's), ``sparsity_weight``, ``consistency``, ``tau``, ``checkpoint``, ``warmup``
+            and ``reference_images`` (:class:`~automl_diff.config.options.DiPGOOptions`).
         iterations, batch_size, lr: optimiser steps, trajectories per step, Adam learning rate.
-        target_ratio: trajectory cost to reach (in ``costs``' unit), as a fraction of the full sampler's.
-        sparsity_weight: weight of the squared distance to ``target_ratio``.
-        consistency: ``mse`` or ``ssim``.
-        tau: Gumbel-softmax temperature.
-        checkpoint: recompute each step's activations in the backward pass (gradient
-            checkpointing per step) instead of keeping every step's in memory.
-        warmup: fraction of the iterations over which the target moves from 1 to ``target_ratio``.
-        reference_images: fixed noise samples (and full-sampler targets) batches are drawn from.
-        conditioning: for conditional UNets, ``encoder_hidden_states`` (and
-            ``negative_hidden_states`` with ``guidance_scale``), one row per reference image.
+        seed: the reference noise, the pruner's initialisation and its Gumbel noise.
     """
     device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
-    requires_grad = [p.requires_grad for p in unet.parameters()]
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    was_training = unet.training
-    unet.eval()
-    config = unet.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((reference_images, config.in_channels, height, width), generator=generator).to(device=device, dtype=dtype)
-    conditioning = dict(conditioning or {})
-    per_image = {k: v for k, v in conditioning.items() if isinstance(v, torch.Tensor)}
-    shared = {k: v for k, v in conditioning.items() if not isinstance(v, torch.Tensor)}
-    base = {"scheduler_config": scheduler_config, "steps": steps, "scheduler": scheduler, "eta": eta}
     start = time.perf_counter()
+    with _frozen(unet), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        noise = _reference_noise(unet, options.reference_images, seed)
 
-    def run(indices: torch.Tensor | slice, *, gen_seed: int, model: nn.Module = unet) -> torch.Tensor:
-        extra = {k: v[indices] for k, v in per_image.items()}
-        return denoise(model, noise=noise[indices], generator=torch.Generator().manual_seed(gen_seed), **base, **extra, **shared)
+        def run(indices: Sequence[int], model: nn.Module) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(seed + 1 + int(indices[0]))
+            return sampler.denoise(model, noise[torch.as_tensor(list(indices), device=device)], generator=generator, images=indices)
 
+        with torch.no_grad():
+            chunks = [range(i, min(i + batch_size, len(noise))) for i in range(0, len(noise), batch_size)]
+            targets = torch.cat([run(chunk, unet) for chunk in chunks])
+        # the pruner's initialisation and Gumbel noise depend on ``seed`` alone, not on what ran before
+        torch.manual_seed(seed + 11)
+        pruner = PrunerNetwork(sampler.steps, len(units)).to(device)
+        with GateController(unet, units, sampler.steps) as controller:
+            history = _train(pruner, controller, run, targets, UnitWeights.of(costs), options, iterations, batch_size, lr, seed, progress)
     with torch.no_grad():
-        targets = torch.cat([run(slice(i, i + batch_size), gen_seed=seed + 1 + i) for i in range(0, reference_images, batch_size)])
-    # the pruner's initialisation and Gumbel noise depend on ``seed`` alone, not on what ran before
-    rng = contextlib.ExitStack()
-    rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
-    torch.manual_seed(seed + 11)
-    pruner = PrunerNetwork(steps, len(units)).to(device)
-    optimiser = torch.optim.Adam(pruner.parameters(), lr=lr)
-    loss_fn = CONSISTENCY[consistency]
-    controller = GateController(unet, units, steps)
-    model = CheckpointedSteps(unet, controller) if checkpoint else unet
-    history: list[dict[str, float]] = []
-    sampler = torch.Generator().manual_seed(seed + 7)
-    bar = tqdm(range(iterations), desc="pruner", unit="it", disable=not progress, file=sys.stderr, leave=False)
+        scores = pruner.probs().float().cpu().numpy()
+    last = history[-1] if history else {"consistency": math.nan, "ratio": math.nan}
+    return PrunerResult(scores, tuple(units), time.perf_counter() - start, last["consistency"], last["ratio"], history)
 
-    weights = UnitWeights.of(costs)  # converted once, not in every iteration
-    cons = ratio = torch.tensor(math.nan)
-    try:
-        for it in bar:
-            began = time.perf_counter()
-            idx = torch.randperm(reference_images, generator=sampler)[:batch_size]
-            gates = pruner.sample(tau)
-            controller.use_soft(gates.to(dtype))
-            if checkpoint:
-                model.reset()
-            images = run(idx.to(device), gen_seed=seed + 1 + int(idx[0]), model=model)
-            cons = loss_fn(images.float(), targets[idx.to(device)].float())
-            ratio = expected_ratio(pruner.probs(), weights, units)
-            progress_frac = min(1.0, (it + 1) / max(1.0, warmup * iterations))
-            target = 1.0 + (target_ratio - 1.0) * progress_frac
-            loss = cons + sparsity_weight * (ratio - target) ** 2
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"pruner loss became {loss.item()} at iteration {it}")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            record = {
+
+def _train(
+    pruner: PrunerNetwork,
+    controller: GateController,
+    run: Callable[[Sequence[int], nn.Module], torch.Tensor],
+    targets: torch.Tensor,
+    weights: UnitWeights,
+    o: DiPGOOptions,
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """The pruner's optimisation loop; returns one record per iteration."""
+    unet, units = controller.unet, controller.units
+    dtype = next(unet.parameters()).dtype
+    optimiser = torch.optim.Adam(pruner.parameters(), lr=lr)
+    loss_fn = CONSISTENCY[o.consistency]
+    model = CheckpointedSteps(unet, controller) if o.checkpoint else unet
+    draws = torch.Generator().manual_seed(seed + 7)
+    history: list[dict[str, float]] = []
+    for it in tqdm(range(iterations), desc="pruner", unit="it", disable=not progress, file=sys.stderr, leave=False):
+        began = time.perf_counter()
+        idx = torch.randperm(len(targets), generator=draws)[:batch_size].tolist()
+        gates = pruner.sample(o.tau)
+        controller.use_soft(gates.to(dtype))
+        if o.checkpoint:
+            model.reset()
+        cons = loss_fn(run(idx, model).float(), targets[torch.as_tensor(idx, device=targets.device)].float())
+        ratio = expected_ratio(pruner.probs(), weights, units)
+        target = 1.0 + (o.target_macs_ratio - 1.0) * min(1.0, (it + 1) / max(1.0, o.warmup * iterations))
+        loss = cons + o.sparsity_weight * (ratio - target) ** 2
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"pruner loss became {loss.item()} at iteration {it}")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        history.append(
+            {
                 "iteration": it,
                 "consistency": cons.item(),
                 "ratio": ratio.item(),
                 "hard_ratio": expected_ratio(gates.detach(), weights, units).item(),
                 "seconds": time.perf_counter() - began,
             }
-            history.append(record)
-            bar.set_postfix(cons=f"{record['consistency']:.4f}", ratio=f"{record['ratio']:.3f}")
-    finally:
-        bar.close()
-        rng.close()
-        controller.remove()
-        unet.train(was_training)
-        for p, flag in zip(unet.parameters(), requires_grad):
-            p.requires_grad_(flag)
-    with torch.no_grad():
-        scores = pruner.probs().float().cpu().numpy()
-    return PrunerResult(scores, tuple(units), time.perf_counter() - start, cons.item(), ratio.item(), history)
+        )
+    return history

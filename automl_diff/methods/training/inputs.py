@@ -28,7 +28,7 @@ from automl_diff.errors import UserError
 from automl_diff.methods.training.loop import world
 from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels
 from automl_diff.models.loading import Teacher
-from automl_diff.sampling import make_scheduler, predict_noise
+from automl_diff.sampling import predict_noise
 
 __all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs", "restore_batches"]
 
@@ -217,7 +217,7 @@ class TrainingInputs:
             )
 
     def alphas_cumprod(self) -> torch.Tensor:
-        return make_scheduler(self.teacher.scheduler_config, "ddpm").alphas_cumprod
+        return self.teacher.noise_schedule().alphas_cumprod
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         """Conditioning of ``prompts`` and, last, of the unconditional prompt (in the UNet's dtype,
@@ -258,16 +258,16 @@ class TrainingInputs:
         unet = self.teacher.unet
         if self.teacher.text is not None:
             self.prompts = self._encode(list(self.config.prompts.train))
-        scheduler_config = self.teacher.scheduler_config
+        schedule = self.teacher.noise_schedule()
         size = self.teacher.latent_resolution
         self.pool = NoisePool(
             size=self.options.pool_size,
             sample_shape=(int(unet.config.in_channels), size, size),
-            alphas_cumprod=self.alphas_cumprod(),
+            alphas_cumprod=schedule.alphas_cumprod,
             num_steps=self.options.pool_steps,
             eta=self.options.pool_eta,
-            clip_sample=bool(scheduler_config.get("clip_sample", True)),
-            clip_range=float(scheduler_config.get("clip_sample_range", 1.0)),
+            clip_sample=bool(schedule.config.clip_sample),
+            clip_range=float(schedule.config.clip_sample_range),
             generator=torch.Generator().manual_seed(self.config.seed),
             device=self.device,
             num_labels=0 if self.prompts is None else len(self.prompts) - 1,
