@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["METRICS", "BlockSearchAttr", "Evaluation", "StudyAttr", "StudyFolder", "TrialAttr", "stable_key"]
+__all__ = ["METRICS", "BlockSearchAttr", "StudyAttr", "StudyFolder", "TrialAttr", "stable_key"]
 
 
 class StudyAttr:
@@ -40,7 +40,7 @@ class StudyAttr:
     ORIGINAL_TEACHER: Final = "original_teacher"
     #: The studies and trials that made the starting model, oldest first (empty for a pretrained teacher).
     LINEAGE: Final = "lineage"
-    #: How every model of the study is measured (:class:`Evaluation`).
+    #: How every model of the study is measured (:meth:`automl_diff.config.Evaluation.to_record`).
     EVALUATION: Final = "evaluation"
     #: The study's artifact store folder (sample grids for optuna-dashboard).
     ARTIFACT_DIR: Final = "artifact_dir"
@@ -155,45 +155,6 @@ METRICS: Final = (
     TrialAttr.FID,
     TrialAttr.LATENCY,
 )
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """How every model of a study is measured (:attr:`StudyAttr.EVALUATION`)."""
-
-    fid_samples: int | None = None
-    sampling_steps: int | None = None
-    scheduler: str = "ddim"
-    fid_dataset: str | None = None
-    fid_features: str | None = None
-    latency_batch_size: int | None = None
-    seed: int = 0
-    device: str | None = None
-    #: FID's 95% interval and KID are recorded on every trial (``fid.interval: true``).
-    fid_interval: bool = False
-    #: Text-to-image teachers: classifier-free guidance, the negative prompt, images per prompt,
-    #: and the evaluation prompts (None: an unconditional teacher).
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    images_per_prompt: int | None = None
-    eval_prompts: list[str] | None = None
-    alignment: str | None = None
-    #: The teacher's precision (``dtype:``).
-    dtype: str = "float32"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Evaluation:
-        """The record as stored (defaults where a key is missing)."""
-        data = data or {}
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-
-    @classmethod
-    def of(cls, attrs: dict[str, Any]) -> Evaluation:
-        """The record a study's user attributes hold."""
-        return cls.from_dict(attrs.get(StudyAttr.EVALUATION))
 
 
 @dataclass(frozen=True)

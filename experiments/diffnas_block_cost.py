@@ -41,29 +41,26 @@ def main() -> None:
 
     begin = time.perf_counter()
     # the teacher, the machine banner and the shared data-free pool, all on the CPU
-    bench = Bench(replace(PRESETS["digits"], latency_batch=args.latency_batch, device="cpu"), log=lambda line: print(line, flush=True))
+    digits = PRESETS["digits"]
+    evaluation = replace(digits.evaluation, latency_batch_size=args.latency_batch)
+    bench = Bench(replace(digits, evaluation=evaluation, device="cpu"), log=lambda line: print(line, flush=True))
     preset, teacher = bench.preset, bench.teacher
     inputs = bench.inputs
 
     searches = {}
     with tempfile.TemporaryDirectory() as workdir:  # the second search reuses the first one's supernets
         for cost in ("macs", "latency"):
-            config = bench.study_config(
-                "diffnas",
-                search_space=preset.diffnas_space,
-                iterations=0,
-                options={
-                    **bench.pool_options,
-                    "supernet_iterations": preset.supernet_iterations,
-                    "subnets_per_step": preset.subnets_per_step,
-                    "search_samples": preset.search_samples,
-                    "block_trials": 10_000,
-                    "tolerance_low": 1e-9,
-                    "tolerance_high": 1e9,
-                    "block_cost": cost,
-                },
-            )
-            nas = DiffNAS(config, teacher, inputs=inputs, device=bench.device)
+            options = {
+                **bench.pool_options,
+                "supernet_iterations": preset.supernet_iterations,
+                "subnets_per_step": preset.subnets_per_step,
+                "search_samples": preset.search_samples,
+                "block_trials": 10_000,
+                "tolerance_low": 1e-9,
+                "tolerance_high": 1e9,
+                "block_cost": cost,
+            }
+            nas = bench.method(DiffNAS, options, bench.settings(iterations=0, search_space=preset.diffnas_space), inputs=inputs)
             start = time.perf_counter()
             nas.prepare(workdir=Path(workdir))
             print(f"block_cost {cost}: supernets and search {time.perf_counter() - start:.0f} s", flush=True)

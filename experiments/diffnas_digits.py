@@ -72,10 +72,11 @@ def main() -> None:
 
     check_peer("torch_pruning")
     # the digits teacher, its FID reference, the machine banner and the data-free pool, on the CPU
+    digits = PRESETS["digits"]
+    evaluation = replace(digits.evaluation, fid_samples=args.fid_samples, sampling=replace(digits.evaluation.sampling, steps=args.steps))
     preset = replace(
-        PRESETS["digits"],
-        steps=args.steps,
-        fid_samples=args.fid_samples,
+        digits,
+        evaluation=evaluation,
         seed=args.seed,
         batch_size=args.batch_size,
         pool_size=args.pool_size,

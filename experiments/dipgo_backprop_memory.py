@@ -40,9 +40,11 @@ def _measure(model: str, steps: int, checkpoint: bool, iterations: int) -> dict:
     """One pruner run in this process: peak memory above the start, seconds per iteration."""
     import torch
 
+    from automl_diff.config.options import DiPGOOptions
     from automl_diff.gating import prunable_units, unit_costs
     from automl_diff.methods.dipgo.optimise import optimise_pruner
     from automl_diff.models.loading import load_teacher
+    from automl_diff.sampling import Prompts, Sampler
 
     torch.manual_seed(0)
     if model == "sd15":
@@ -52,18 +54,15 @@ def _measure(model: str, steps: int, checkpoint: bool, iterations: int) -> dict:
         scheduler = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
         scheduler.update(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         units, batch = tuple(prunable_units(unet, "block")), 1
-        conditioning = {"encoder_hidden_states": torch.randn(batch, 77, 768, dtype=torch.bfloat16)}
+        context = torch.randn(batch, 77, 768, dtype=torch.bfloat16)
+        sampler = Sampler(scheduler, steps=steps, prompts=Prompts(context, torch.zeros_like(context[:1]), guidance_scale=1.0))
         text = 77
     else:
         teacher = load_teacher("digits-t2i")
-        unet, scheduler = teacher.unet, teacher.scheduler_config
+        unet = teacher.unet
         units, batch = tuple(prunable_units(unet, "layer")), 4
-        prompts = teacher.text.encode(["a handwritten seven", "the digit 2", "a three", "a handwritten 9"])
-        conditioning = {
-            "encoder_hidden_states": prompts,
-            "negative_hidden_states": teacher.text.encode([""]).expand(batch, -1, -1),
-            "guidance_scale": 1.5,
-        }
+        prompts = teacher.text.prompts(["a handwritten seven", "the digit 2", "a three", "a handwritten 9"], guidance_scale=1.5)
+        sampler = teacher.sampler(steps=steps, prompts=prompts)
         text = teacher.text.tokenizer.model_max_length
     unet.requires_grad_(False)
     costs = unit_costs(unet, units, text_length=text)
@@ -79,17 +78,13 @@ def _measure(model: str, steps: int, checkpoint: bool, iterations: int) -> dict:
     try:
         result = optimise_pruner(
             unet,
-            scheduler,
+            sampler,
             units=units,
             costs=costs,
-            steps=steps,
+            options=DiPGOOptions(target_macs_ratio=0.25, reference_images=batch, checkpoint=checkpoint),
             iterations=iterations,
             batch_size=batch,
             lr=0.01,
-            target_ratio=0.25,
-            reference_images=batch,
-            checkpoint=checkpoint,
-            conditioning=conditioning,
         )
     finally:
         running[0] = False

@@ -20,11 +20,11 @@ from pathlib import Path
 import optuna
 import torch
 
-from automl_diff.config import load_search_space, load_study_config
+from automl_diff.config import load_study_config
+from automl_diff.evaluation import Evaluator
 from automl_diff.methods import DKDM
 from automl_diff.metrics import count_macs
 from automl_diff.models import load_teacher, unet_from_config
-from automl_diff.runners.evaluate import Evaluator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,29 +55,23 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     base = load_study_config(REPO / "studies" / "quickstart.yaml")
+    pool = {
+        "ema_decay": 0.995,
+        **({"pool_size": args.pool_size} if args.pool_size else {}),
+        **({"pool_eta": args.pool_eta} if args.pool_eta is not None else {}),
+    }
     config = replace(
         base,
         seed=args.seed,
-        budgets=replace(base.budgets, train_iterations=args.iterations, fid_samples=args.fid_samples),
-        method_options={
-            **base.method_options,
-            "ema_decay": 0.995,
-            **({"pool_size": args.pool_size} if args.pool_size else {}),
-            **({"pool_eta": args.pool_eta} if args.pool_eta is not None else {}),
-        },
+        budgets=replace(base.budgets, train_iterations=args.iterations),
+        evaluation=replace(base.evaluation, fid_samples=args.fid_samples, seed=args.seed),
+        method_options=replace(base.method_options, **pool),
     )
     teacher = load_teacher("digits")
     teacher_cost = count_macs(teacher.unet)
-    space = load_search_space(config.search_space)
+    space = config.search_space
     params = args.params or half_macs_params(space, dict(teacher.unet.config), teacher_cost.macs)
-    evaluator = Evaluator(
-        config,
-        scheduler_config=teacher.scheduler_config,
-        teacher_dataset=teacher.dataset,
-        resolution=teacher.resolution,
-        channels=teacher.channels,
-        device="cpu",
-    )
+    evaluator = Evaluator(config.evaluation, teacher, device="cpu")
 
     rows = []
     start = time.perf_counter()
@@ -85,8 +79,8 @@ def main() -> None:
     rows.append(("teacher", teacher_cost.params, teacher_cost.macs, teacher_fid, 0.0))
     for source in args.sources:
         # from a random init, as the paper trains (and as the recorded figures were measured)
-        run_config = replace(config, method_options={**config.method_options, "source": source, "init": "random"})
-        method = DKDM(run_config, teacher, device="cpu")
+        run_config = replace(config, method_options=replace(config.method_options, source=source, init="random"))
+        method = DKDM.from_config(run_config, teacher, device="cpu")
         start = time.perf_counter()
         method.prepare()
         candidate = method.run_trial(params, number=0)
@@ -99,7 +93,7 @@ def main() -> None:
     print(f"student parameters: {json.dumps(params)}")
     print(
         f"{args.iterations} iterations of batch {config.budgets.batch_size}, FID on {args.fid_samples} samples, "
-        f"{config.budgets.sampling_steps} DDIM steps, digits features, seed {args.seed}, torch threads {torch.get_num_threads()}\n"
+        f"{config.evaluation.sampling.steps} DDIM steps, digits features, seed {args.seed}, torch threads {torch.get_num_threads()}\n"
     )
     print("| model | params | MACs | MACs vs teacher | FID | training wall time |")
     print("|---|---|---|---|---|---|")

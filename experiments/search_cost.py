@@ -38,11 +38,11 @@ import optuna
 
 from automl_diff.analysis.figures import hypervolume_2d
 from automl_diff.config.study import PrunerSettings, StudyConfig, load_study_config
+from automl_diff.evaluation import Evaluator
 from automl_diff.metrics.intervals import paired_across_sets
 from automl_diff.models.loading import load_teacher, load_unet
 from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.runners import run_study
-from automl_diff.runners.evaluate import Evaluator
 
 VARIANTS = {
     "random": ("random", False),
@@ -76,14 +76,7 @@ def judge(config: StudyConfig, study: optuna.Study, seeds: list[int]) -> list[di
     models = {"teacher": teacher.unet, **{t.number: load_unet(t.user_attrs[TrialAttr.WEIGHTS]).eval() for t in students}}
     fids: dict = {name: [] for name in models}
     for seed in seeds:
-        evaluator = Evaluator(
-            replace(config, seed=seed),
-            scheduler_config=teacher.scheduler_config,
-            teacher_dataset=teacher.dataset,
-            resolution=teacher.resolution,
-            channels=teacher.channels,
-            device="cpu",
-        )
+        evaluator = Evaluator(replace(config.evaluation, seed=seed), teacher, device="cpu")
         for name, unet in models.items():
             fids[name].append(evaluator.fid(unet))
     out = []
@@ -129,7 +122,7 @@ def main() -> None:
             storage=f"sqlite:///{folder / 'study.db'}",
             output_dir=str(folder / "runs"),
             n_trials=args.n_trials or base.n_trials,
-            method_options={**base.method_options, "init": init},
+            method_options=replace(base.method_options, init=init),
             pruner=replace(base.pruner, name="mo_asha" if stopping else "none", rungs=tuple(args.rungs)),
         )
         start = time.time()

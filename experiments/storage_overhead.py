@@ -37,12 +37,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from automl_diff.config import SamplerSettings, load_study_config  # noqa: E402
-from automl_diff.config.search_space import load_search_space  # noqa: E402
+from automl_diff.config import OptunaSampler, load_study_config  # noqa: E402
+from automl_diff.evaluation import ModelMetrics  # noqa: E402
 from automl_diff.records import METRICS, StudyAttr, TrialAttr, stable_key  # noqa: E402
 from automl_diff.runners import local, mask_url, open_storage  # noqa: E402
-from automl_diff.runners.evaluate import ModelMetrics  # noqa: E402
-from automl_diff.runners.trial import StudySession  # noqa: E402
+from automl_diff.runners.session import StudySession  # noqa: E402
 
 #: What a trial's replayed attributes leave out: the runner writes them itself (metrics, ratios to
 #: the teacher, the fingerprint before the duplicate check).
@@ -65,7 +64,7 @@ class BookkeepingSession:
 
     def __init__(self, config: Any, attrs: dict[str, Any], teacher: dict[str, Any], workdir: Path, seed: int = 0) -> None:
         self.config = config
-        self.space = load_search_space(config.search_space)
+        self.space = config.search_space
         self.attrs = {k: v for k, v in attrs.items() if k not in WRITTEN_BY_RUNNER}
         self.teacher = teacher
         self.workdir = workdir
@@ -226,7 +225,7 @@ def main() -> None:
                 f"whole runner loop (with sampler and gc) {r['wall'] * 1000:.0f} ms = {100 * r['wall'] / trial_time:.2f}%"
             )
 
-        random_config = config.with_overrides(sampler=SamplerSettings("random", 0))
+        random_config = config.with_overrides(sampler=OptunaSampler("random", 0))
         url = f"sqlite:///{tmp_path / 'pareto.db'}"
         start = time.perf_counter()
         # the same trials, recorded in one optimize call (no per-trial garbage collection)

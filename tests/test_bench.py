@@ -10,6 +10,7 @@ import torch
 
 from automl_diff.bench import PRESETS, BenchPreset
 from automl_diff.bench.__main__ import main as bench_main
+from automl_diff.bench.presets import bench_evaluation
 from automl_diff.bench.report import markdown, write_section
 from automl_diff.bench.run import run_bench
 
@@ -22,15 +23,11 @@ def tiny_preset(tiny_teacher_dir, tiny_space, tiny_supernet_space):
     return BenchPreset(
         name="tiny",
         teacher=str(tiny_teacher_dir),
-        fid_dataset="digits",
-        fid_features="digits",
-        steps=4,
-        fid_samples=16,
+        evaluation=bench_evaluation(
+            steps=4, fid_samples=16, fid_batch_size=16, fid_dataset="digits", fid_features="digits", latency_batch_size=2, latency_repeats=2
+        ),
         fid_sets=3,
-        fid_batch=16,
-        latency_batch=2,
         latency_batches=(1,),
-        latency_repeats=2,
         batch_size=4,
         pool_size=8,
         pool_steps=3,
@@ -174,7 +171,7 @@ def test_presets_fit_their_teachers(name):
         from automl_diff.models.loading import load_teacher
         from automl_diff.zoo import JUDGES, TEACHERS
 
-        judge = JUDGES[preset.judge or TEACHERS[preset.teacher].judge]
+        judge = JUDGES[preset.evaluation.judge or TEACHERS[preset.teacher].judge]
         train, evaluate = read_prompts(preset.prompts_train), read_prompts(preset.prompts_eval)
         assert prompt_labels(train, judge) and sorted(set(prompt_labels(evaluate, judge))) == list(range(10))
         assert not set(train) & set(evaluate)
@@ -213,18 +210,22 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
         PRESETS["digits-t2i"],
         name="tiny-t2i",
         teacher=str(tiny_sd_dir),
-        judge="digits",
-        fid_dataset="digits",
-        fid_features="digits",
-        steps=4,
-        fid_samples=8,
+        evaluation=bench_evaluation(
+            steps=4,
+            guidance_scale=1.5,
+            fid_samples=8,
+            fid_batch_size=8,
+            fid_dataset="digits",
+            fid_features="digits",
+            latency_batch_size=2,
+            latency_repeats=2,
+            images_per_prompt=2,
+            alignment="prompt_accuracy",
+            judge="digits",
+        ),
         fid_sets=2,
-        fid_batch=8,
-        latency_batch=2,
-        latency_repeats=2,
         prompts_train=str(tmp_path / "train.txt"),
         prompts_eval=str(tmp_path / "eval.txt"),
-        images_per_prompt=2,
         dipgo={"granularity": "layer", "target_macs_ratio": 0.4, "reference_images": 3, "warmup": 0.0, "sparsity_weight": 5.0},
         dipgo_iterations=3,
         dipgo_batch=2,

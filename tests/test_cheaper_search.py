@@ -137,7 +137,7 @@ def test_mo_asha_stops_a_dominated_trial_and_records_why():
 
 
 def test_a_study_with_the_pruner_records_stopped_trials_off_the_front(study_factory, monkeypatch, capsys, tmp_path):
-    from automl_diff.runners.evaluate import Evaluator
+    from automl_diff.evaluation import Evaluator
     from automl_diff.study.cli import main
 
     # every student the same MACs at the rungs: a later trial with a worse score is dominated
@@ -217,7 +217,7 @@ def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_pat
     outcome = {}
     for processes in (1, 2):
         run = dataclasses.replace(config, execution=dataclasses.replace(config.execution, processes_per_trial=processes))
-        method = DKDM(run, teacher)
+        method = DKDM.from_config(run, teacher)
         method.prepare(tmp_path / f"p{processes}")
         reported: list[tuple[int, int, float]] = []
         candidate = method.run_trial(params, rungs=Rungs((0.5,), lambda k, it, score, model, into=reported: into.append((k, it, score))))
@@ -257,7 +257,7 @@ def test_diffnas_trains_its_supernets_and_retrains_data_parallel(tiny_teacher_di
     outcome = {}
     for processes in (1, 2):
         run = dataclasses.replace(config, execution=dataclasses.replace(config.execution, processes_per_trial=processes))
-        method = DiffNAS(run, teacher)
+        method = DiffNAS.from_config(run, teacher)
         method.prepare(tmp_path / f"p{processes}")
         outcome[processes] = (method, method.run_trial({"tolerance": 0.05}))
     (m1, one), (m2, two) = outcome[1], outcome[2]

@@ -28,13 +28,13 @@ def test_shipped_study_configs_load(tmp_path):
             continue
         config = load_study_config(path)
         assert config.objective_names
-        assert config.search_space is None or config.search_space.endswith(".yaml")
+        assert config.search_space is None or config.search_space.path.endswith(".yaml")
 
 
 def test_quickstart_defaults_and_paths():
     config = load_study_config(REPO / "studies" / "quickstart.yaml")
     assert config.method == "dkdm" and config.teacher == "digits"
-    assert config.search_space == str(REPO / "search_spaces" / "digits_dkdm.yaml")
+    assert config.search_space.path == str(REPO / "search_spaces" / "digits_dkdm.yaml")
     assert config.objective_names == ["macs", "fid"] and config.directions == ["minimize", "minimize"]
     assert config.storage.startswith("sqlite:///")
 
@@ -97,8 +97,9 @@ def test_every_method_has_its_options_and_the_same_choices():
 
 def test_text_to_image_study_reads_its_prompt_sets():
     config = load_study_config(REPO / "studies" / "dipgo_digits_t2i.yaml")
-    assert config.teacher == "digits-t2i" and config.prompts.alignment == "prompt_accuracy"
-    assert len(config.prompts.train) == 60 and len(config.prompts.eval) == 20
-    assert not set(config.prompts.train) & set(config.prompts.eval)
-    assert config.budgets.fid_samples == config.budgets.images_per_prompt * len(config.prompts.eval)
-    assert config.sampling.guidance_scale == 1.5 and config.directions[2] == "maximize"
+    e = config.evaluation
+    assert config.teacher == "digits-t2i" and e.alignment == "prompt_accuracy"
+    assert len(config.train_prompts) == 60 and len(e.prompts) == 20
+    assert not set(config.train_prompts) & set(e.prompts)
+    assert e.fid_samples == e.images_per_prompt * len(e.prompts)
+    assert e.sampling.guidance_scale == 1.5 and config.directions[2] == "maximize"

@@ -441,7 +441,6 @@ def test_ddpm_cifar10_search_space_and_study_fit_its_architecture():
     from diffusers import UNet2DModel
 
     from automl_diff.config.study import load_study_config
-    from automl_diff.methods.diffnas import DiffNAS
     from tests.conftest import REPO
     from tests.test_macs import DDPM_CIFAR10
 
@@ -464,8 +463,7 @@ def test_ddpm_cifar10_search_space_and_study_fit_its_architecture():
     smallest, config = assemble_student(unet, supernets, {k: s.smallest() for k, s in supernets.items()})
     assert count_params(smallest) < 0.5 * count_params(unet)
     study = load_study_config(REPO / "studies" / "diffnas_ddpm_cifar10.yaml")
-    options = DiffNAS.options_from(study)
-    assert study.method == "diffnas" and options.retrain_iterations == (10000, 20000)
+    assert study.method == "diffnas" and study.method_options.retrain_iterations == (10000, 20000)
 
 
 def count_params(model) -> int:

@@ -187,7 +187,7 @@ def test_distillation_targets_come_from_the_original_teacher(tiny_unet, tiny_tea
     torch.manual_seed(1)
     for p in start.unet.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
-    method = DKDM(load_study_config(study_factory()), start, original=original)
+    method = DKDM.from_config(load_study_config(study_factory()), start, original=original)
     assert method.inputs.teacher is original
 
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])

@@ -109,7 +109,7 @@ def test_the_conditional_pool_advances_entries_with_their_own_prompts_and_reads_
     )
     teacher = load_teacher(str(tiny_sd_dir))
     options = DKDMOptions(pool_size=64, pool_steps=5, prompt_dropout=0.25)
-    inputs = TrainingInputs(config, teacher, options, device=torch.device("cpu"))
+    inputs = TrainingInputs(config.method_settings, teacher, options, device=torch.device("cpu"))
     inputs.prepare()
     pool = inputs.pool
     assert pool.sample_shape == (4, 8, 8)  # latents, not images
@@ -163,7 +163,7 @@ def test_captioned_dataset_batches_carry_their_captions(tiny_sd_dir, tmp_path):
     (tmp_path / "eval.txt").write_text("a handwritten seven\n")
     config = load_study_config(write_study(tmp_path, tiny_sd_dir, tmp_path / "s.yaml", prompts={"eval": "eval.txt"}, search_space=None))
     teacher = load_teacher(str(tiny_sd_dir))
-    inputs = TrainingInputs(config, teacher, DKDMOptions(source="dataset", prompt_dropout=0.0), device=torch.device("cpu"))
+    inputs = TrainingInputs(config.method_settings, teacher, DKDMOptions(source="dataset", prompt_dropout=0.0), device=torch.device("cpu"))
     batch = inputs.batches(0)(8)
     assert batch.x.shape == (8, 4, 8, 8) and batch.context.shape[0] == 8  # latents with their captions
     digits = [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
@@ -364,7 +364,7 @@ def test_bk_sdm_retrains_on_sds_layout_with_its_own_loss(sd_layout_dir, tmp_path
     (tmp_path / "train.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
     config = load_study_config(write_study(tmp_path, sd_layout_dir, tmp_path / "s.yaml", prompts={"train": "train.txt"}, search_space=None))
     teacher = load_teacher(str(sd_layout_dir))
-    inputs = TrainingInputs(config, teacher, DKDMOptions(pool_size=8, pool_steps=3), device=torch.device("cpu"))
+    inputs = TrainingInputs(config.method_settings, teacher, DKDMOptions(pool_size=8, pool_steps=3), device=torch.device("cpu"))
     result, student_config, removed = retrain_bk_sdm(teacher.unet, variant, inputs.batches(0), iterations=4, batch_size=4, lr=1e-3)
     assert student_config["_class_name"] == "UNet2DConditionModel" and len(result.losses) == 4
     assert all(torch.isfinite(torch.tensor(result.losses))) and (result.model.mid_block is None) == (variant == "small")

@@ -25,13 +25,14 @@ from automl_diff.analysis.figures import (
     schedule_figure,
 )
 from automl_diff.analysis.pareto import TrialRow, pareto_rows, teacher_metrics
+from automl_diff.config.evaluation import Evaluation
 from automl_diff.errors import UserError
 from automl_diff.formatting import fmt_number, fmt_si
 from automl_diff.gating import Schedule, apply_schedule
 from automl_diff.metrics import count_macs
 from automl_diff.models.loading import load_unet, unet_from_config
-from automl_diff.records import Evaluation, StudyAttr, TrialAttr
-from automl_diff.sampling import Sampler, sample_grid_png
+from automl_diff.records import StudyAttr, TrialAttr
+from automl_diff.sampling import sample_grid_png
 
 __all__ = ["write_report"]
 
@@ -46,14 +47,14 @@ def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -
     scheduler_config = study.user_attrs.get(StudyAttr.SCHEDULER_CONFIG)
     if not weights or not Path(weights).exists() or not scheduler_config:
         return None
-    evaluation = Evaluation.of(study.user_attrs)
-    if evaluation.eval_prompts:  # a text-to-image model samples only with its pipeline's parts
+    evaluation = Evaluation.from_record(study.user_attrs.get(StudyAttr.EVALUATION))
+    if evaluation.prompts:  # a text-to-image model samples only with its pipeline's parts
         return None
     unet = load_unet(weights).eval()
     stored_schedule = trial.user_attrs.get(TrialAttr.SCHEDULE)
     schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
     with apply_schedule(unet, schedule) if schedule else contextlib.nullcontext():
-        sampler = Sampler(scheduler_config, evaluation.scheduler, evaluation.sampling_steps or 20)
+        sampler = evaluation.sampling.sampler(scheduler_config)
         images = sampler.sample(unet, num_images=count, batch_size=count, seed=evaluation.seed)
     return sample_grid_png(images)
 

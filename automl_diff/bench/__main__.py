@@ -40,17 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     preset = replace(
         preset,
-        **{
-            k: v
-            for k, v in {
-                "teacher": args.teacher,
-                "fid_dataset": args.fid_dataset,
-                "device": args.device,
-                "eval_seed": args.eval_seed,
-            }.items()
-            if v is not None
-        },
+        **{k: v for k, v in {"teacher": args.teacher, "device": args.device, "eval_seed": args.eval_seed}.items() if v is not None},
     )
+    if args.fid_dataset is not None:
+        preset = replace(preset, evaluation=replace(preset.evaluation, fid_dataset=args.fid_dataset))
     command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rows = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
     try:
@@ -67,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             data = _read_json(args.render)
             command = data.get("command", command)
             seeds = data["eval_seeds"]
-            result = BenchResult.from_dict(data, replace(preset, eval_seed=seeds[0], fid_sets=len(seeds), fid_samples=data["fid_samples"]))
+            evaluation = replace(preset.evaluation, fid_samples=data["fid_samples"])
+            result = BenchResult.from_dict(data, replace(preset, eval_seed=seeds[0], fid_sets=len(seeds), evaluation=evaluation))
         else:
             result = run_bench(preset, rows=rows, log=lambda line: print(line, flush=True))
         text = markdown(result, command=command.strip())

@@ -28,7 +28,7 @@ from automl_diff.methods.training import FitResult, fit
 from automl_diff.methods.training.loop import conditioning
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.blocks import block_names, record_blocks
-from automl_diff.sampling import predict_noise
+from automl_diff.sampling import Sampler, predict_noise
 
 __all__ = [
     "BK_SDM_VARIANTS",
@@ -89,18 +89,15 @@ def torch_pruning_peer(
     return best[1], best[2]
 
 
-def deepcache(
-    unet: nn.Module, scheduler_config: dict[str, Any], steps: int, interval: int, branch: int = 0
-) -> Callable[[], contextlib.AbstractContextManager[None]]:
-    """A context factory under which ``unet`` samples with DeepCache (``steps`` DDIM steps)."""
+def deepcache(unet: nn.Module, sampler: Sampler, interval: int, branch: int = 0) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context factory under which ``unet`` samples with DeepCache (the sampler's scheduler and steps)."""
 
     @contextlib.contextmanager
     def context() -> Iterator[None]:
         from DeepCache import DeepCacheSDHelper
-        from diffusers import DDIMPipeline, DDIMScheduler
+        from diffusers import DDIMPipeline
 
-        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
-        pipe.scheduler.set_timesteps(steps)  # the helper reads the step index from pipe.scheduler
+        pipe = DDIMPipeline(unet=unet, scheduler=sampler.make_scheduler())  # the helper reads the step index from pipe.scheduler
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=interval, cache_branch_id=branch)
         helper.enable()

@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "BenchPreset", "Goal"]
+from automl_diff.config.evaluation import Evaluation, SamplingSettings
+
+__all__ = ["PRESETS", "BenchPreset", "Goal", "bench_evaluation"]
 
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_evaluation(*, steps: int = 100, guidance_scale: float = 7.5, **evaluation: Any) -> Evaluation:
+    """A preset's evaluation: DDIM with ``steps`` steps and ``guidance_scale``, and the
+    benchmark's defaults (FID on 1000 samples per set, timed at batch 64 over 5 rounds)."""
+    defaults = {"fid_samples": 1000, "fid_batch_size": 250, "latency_batch_size": 64, "latency_repeats": 5}
+    sampling = SamplingSettings(steps=steps, guidance_scale=guidance_scale)
+    return Evaluation(sampling=sampling, **{**defaults, **evaluation})
 
 
 #: The rows a preset measures unless it names its own (the text-to-image preset adds BK-SDM and
@@ -74,17 +84,18 @@ class BenchPreset:
 
     Attributes:
         name: the preset's name (section of ``BENCHMARKS.md``).
-        teacher: ``digits``, a diffusers folder or a hub id.
-        fid_dataset, fid_features: FID reference (None: the teacher's, as in a study).
-        steps: DDIM steps of every sampler (FID, latency, MACs per trajectory, DiP-GO schedules).
-        fid_samples: images per FID sample set, drawn from the same noise for every row.
+        teacher: a built-in teacher, a diffusers folder or a hub id.
+        evaluation: how every row is measured, as a study's (:class:`~automl_diff.config.Evaluation`):
+            the sampler (DDIM steps of FID, latency, MACs per trajectory and DiP-GO's schedules;
+            guidance), FID's reference, features and ``fid_samples`` per sample set, the batch
+            size the preset samples with (``latency_batch_size``: where its speed goal is
+            judged), the timed lockstep rounds (``latency_repeats``), images per prompt and the
+            text-alignment metric.
         fid_sets: independent sample sets per row, one per evaluation seed (``eval_seed``,
             ``eval_seed + 1``, ...): a row's FID is their mean with a t-interval, and rows are
             compared set by set.
-        latency_batch: the batch size the preset samples with, where its speed goal is judged.
         latency_batches: further batch sizes every row is timed at (people sample with small ones).
-        latency_repeats: timed lockstep rounds per batch size (median and quartiles over them).
-        latency_warmup: untimed rounds before them.
+        latency_warmup: untimed rounds before the timed ones.
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
@@ -117,10 +128,6 @@ class BenchPreset:
         rows: the rows a full run measures (None: every row of :data:`~automl_diff.bench.rows.ROWS`).
         prompts_train, prompts_eval: a text-to-image teacher's prompt files (DiP-GO's pruner
             trains on the first; FID and alignment are measured on the second).
-        guidance_scale: classifier-free guidance of every sampler of a text-to-image teacher.
-        images_per_prompt: consecutive FID images per evaluation prompt.
-        alignment: the text-alignment metric every row is measured with (``prompt_accuracy``).
-        judge: the prompt judge of ``prompt_accuracy`` (None: the teacher's own).
         alignment_drop: the goal's largest fall in alignment below the teacher's (judged at the
             unfavourable end of the paired difference's interval).
         goal_kind: the kind of row the goal is judged on (``stacked``, or ``method``).
@@ -132,15 +139,9 @@ class BenchPreset:
 
     name: str
     teacher: str
-    fid_dataset: str | None = None
-    fid_features: str | None = None
-    steps: int = 100
-    fid_samples: int = 1000
+    evaluation: Evaluation = field(default_factory=lambda: bench_evaluation())
     fid_sets: int = 5
-    fid_batch: int = 250
-    latency_batch: int = 64
     latency_batches: tuple[int, ...] = (1, 8)
-    latency_repeats: int = 5
     latency_warmup: int = 1
     batch_size: int = 32
     lr: float = 1e-3
@@ -175,10 +176,6 @@ class BenchPreset:
     rows: tuple[str, ...] | None = DEFAULT_ROWS
     prompts_train: str | None = None
     prompts_eval: str | None = None
-    guidance_scale: float = 7.5
-    images_per_prompt: int = 1
-    alignment: str | None = None
-    judge: str | None = None
     alignment_drop: float = 0.02
     goal_kind: str = "stacked"
     goals: tuple[Goal, ...] = ()
@@ -191,6 +188,16 @@ class BenchPreset:
         return tuple(range(self.eval_seed, self.eval_seed + self.fid_sets))
 
     @property
+    def steps(self) -> int:
+        """Denoising steps of every sampler."""
+        return self.evaluation.sampling.steps
+
+    @property
+    def latency_batch(self) -> int:
+        """The batch size the preset samples with, where its speed goal is judged."""
+        return self.evaluation.latency_batch_size
+
+    @property
     def timed_batches(self) -> tuple[int, ...]:
         """Every batch size rows are timed at, the preset's own last."""
         return (*sorted(set(self.latency_batches) - {self.latency_batch}), self.latency_batch)
@@ -200,10 +207,8 @@ PRESETS: dict[str, BenchPreset] = {
     "digits": BenchPreset(
         name="digits",
         teacher="digits",
-        fid_samples=500,
+        evaluation=bench_evaluation(fid_samples=500, fid_batch_size=256),
         fid_sets=5,
-        fid_batch=256,
-        latency_batch=64,
         pool_size=2048,
         max_ratio=0.7,
         dkdm_iterations=1000,
@@ -232,13 +237,17 @@ PRESETS: dict[str, BenchPreset] = {
     "digits-t2i": BenchPreset(
         name="digits-t2i",
         teacher="digits-t2i",
-        fid_dataset="digits",
-        fid_features="digits",
-        steps=50,
-        fid_samples=500,
+        evaluation=bench_evaluation(
+            steps=50,
+            guidance_scale=1.5,
+            fid_samples=500,
+            fid_dataset="digits",
+            fid_features="digits",
+            latency_batch_size=8,
+            images_per_prompt=25,
+            alignment="prompt_accuracy",
+        ),
         fid_sets=5,
-        fid_batch=250,
-        latency_batch=8,
         latency_batches=(1,),
         rows=("teacher", "dkdm", "dkdm_data", "diffnas", "bk_sdm", "dipgo", "deepcache", "stacked"),
         pool_size=2048,
@@ -262,9 +271,6 @@ PRESETS: dict[str, BenchPreset] = {
         bk_sdm_variant="base",
         prompts_train=str(_ROOT / "studies" / "prompts" / "digits_train.txt"),
         prompts_eval=str(_ROOT / "studies" / "prompts" / "digits_eval.txt"),
-        guidance_scale=1.5,
-        images_per_prompt=25,
-        alignment="prompt_accuracy",
         dipgo={"granularity": "layer", "target_macs_ratio": 0.25, "sparsity_weight": 5.0, "warmup": 0.6, "reference_images": 60},
         dipgo_iterations=100,
         dipgo_batch=4,
@@ -296,12 +302,14 @@ PRESETS: dict[str, BenchPreset] = {
     "ddpm-cifar10": BenchPreset(
         name="ddpm-cifar10",
         teacher="google/ddpm-cifar10-32",
-        fid_dataset="folder:" + str(_ROOT / "data" / "cifar10_train"),
-        fid_features="inception",
-        fid_samples=10000,
+        evaluation=bench_evaluation(
+            fid_samples=10000,
+            fid_batch_size=500,
+            fid_dataset="folder:" + str(_ROOT / "data" / "cifar10_train"),
+            fid_features="inception",
+            latency_batch_size=128,
+        ),
         fid_sets=5,
-        fid_batch=500,
-        latency_batch=128,
         batch_size=128,
         lr=2e-4,
         ema_decay=0.999,

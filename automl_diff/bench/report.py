@@ -32,6 +32,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
     """The section: command, machine and versions, how it measures, the quality and speed tables,
     paired comparisons, the goal verdicts, what each row ran."""
     p = result.preset
+    e = p.evaluation
     teacher = result.teacher
     batches = result.batches
     lines = [
@@ -47,15 +48,16 @@ def markdown(result: BenchResult, *, command: str) -> str:
         "",
         f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0)"
         + (
-            f", the prompts of `{Path(p.prompts_eval).name}` ({p.images_per_prompt} consecutive images each) with classifier-free "
-            f"guidance {p.guidance_scale:g}, decoded by the teacher's VAE (DiP-GO's pruners train on `{Path(p.prompts_train).name}`)"
+            f", the prompts of `{Path(p.prompts_eval).name}` ({e.images_per_prompt} consecutive images each) with "
+            f"classifier-free guidance {e.sampling.guidance_scale:g}, decoded by the teacher's VAE (DiP-GO's pruners train on "
+            f"`{Path(p.prompts_train).name}`)"
             if p.prompts_eval and p.prompts_train
             else ""
         )
         + "; trajectory MACs counted on what executes over one image's trajectory (exact, no interval"
         + ("; both halves of guidance, not the text encoder or the VAE" if p.prompts_eval else "")
         + "). "
-        f"FID on {p.fid_sets} independent sets of {p.fid_samples} samples, each set drawn from its own noise seed "
+        f"FID on {p.fid_sets} independent sets of {e.fid_samples} samples, each set drawn from its own noise seed "
         f"({_seeds(p.eval_seeds)}), the same seeds for every row; the models were trained, and the preset tuned, with seed "
         f"{p.seed}. A row's FID is the mean over the sets with its 95% interval (Student's t on their spread, "
         f"{p.fid_sets - 1} degrees of freedom). A row is compared with the teacher, or a peer, set by set (paired: both "
@@ -63,10 +65,10 @@ def markdown(result: BenchResult, *, command: str) -> str:
         "with t-intervals (on the logs for the ratio); the verdict word says whether the difference's interval excludes "
         "zero. KID is torch-fidelity's unbiased estimate (polynomial kernel on the same features) on all the sets' "
         "samples together, the mean +- standard deviation over 100 subsets of half of them. "
-        f"Real images drawn the same way ({p.fid_sets} sets of {p.fid_samples}) score FID {_interval(result.floor)} "
+        f"Real images drawn the same way ({p.fid_sets} sets of {e.fid_samples}) score FID {_interval(result.floor)} "
         "against the same reference: the floor this benchmark resolves.",
     ]
-    aligned = p.alignment if any(row.alignment is not None for row in result.rows) else None
+    aligned = e.alignment if any(row.alignment is not None for row in result.rows) else None
     if aligned:
         lines[-1] += (
             f" {aligned} is each set's share of images the shipped digits classifier reads as the digit their prompt names, "
@@ -98,7 +100,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         )
     lines += [
         "",
-        f"Latency per image (median [interquartile range] of {p.latency_repeats} lockstep rounds after {p.latency_warmup} untimed; "
+        f"Latency per image (median [interquartile range] of {e.latency_repeats} lockstep rounds after {p.latency_warmup} untimed; "
         "all rows advance step by step in turn, each on its own copy of its model, so that changing machine load hits every "
         "row alike), and speedup against the teacher and speedup / MACs reduction, round by round, at each batch size "
         f"({p.latency_batch} is the preset's):",

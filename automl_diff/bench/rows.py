@@ -87,13 +87,9 @@ _DKDM_INIT = {"init": "random"}
 
 def dkdm_row(bench: Bench) -> None:
     p = bench.preset
-    config = bench.study_config(
-        "dkdm",
-        search_space=p.dkdm_space,
-        iterations=p.dkdm_iterations,
-        options={**bench.pool_options, "ema_decay": p.ema_decay, **_DKDM_INIT},
-    )
-    dkdm = DKDM(config, bench.teacher, inputs=bench.inputs, device=bench.device)
+    settings = bench.settings(iterations=p.dkdm_iterations, search_space=p.dkdm_space)
+    options = {**bench.pool_options, "ema_decay": p.ema_decay, **_DKDM_INIT}
+    dkdm = bench.method(DKDM, options, settings, inputs=bench.inputs)
     start = time.perf_counter()
     candidate = dkdm.run_trial(dict(p.dkdm_params))
     bench.measure(
@@ -107,15 +103,10 @@ def dkdm_row(bench: Bench) -> None:
 
 def dkdm_data_row(bench: Bench) -> None:
     p = bench.preset
-    config = bench.study_config(
-        "dkdm",
-        search_space=p.dkdm_space,
-        iterations=p.dkdm_iterations,
-        options={"source": "dataset", "ema_decay": p.ema_decay, **_DKDM_INIT},
-    )
+    settings = bench.settings(iterations=p.dkdm_iterations, search_space=p.dkdm_space)
     if p.dkdm_dataset is not None:
-        config = replace(config, fid=replace(config.fid, dataset=p.dkdm_dataset))
-    dkdm = DKDM(config, bench.teacher, device=bench.device)
+        settings = replace(settings, dataset=p.dkdm_dataset)
+    dkdm = bench.method(DKDM, {"source": "dataset", "ema_decay": p.ema_decay, **_DKDM_INIT}, settings)
     start = time.perf_counter()
     dkdm.prepare()
     candidate = dkdm.run_trial(dict(p.dkdm_params))
@@ -126,7 +117,7 @@ def dkdm_data_row(bench: Bench) -> None:
         candidate.unet,
         search_seconds=time.perf_counter() - start,
         notes=f"the DKDM student's architecture and budget ({p.dkdm_iterations} steps), trained on the "
-        f"{config.fid.dataset or bench.teacher.dataset} {what} (noise-prediction loss): not data-free",
+        f"{settings.dataset or bench.teacher.dataset} {what} (noise-prediction loss): not data-free",
         peer_of="DKDM student",
     )
 
@@ -146,24 +137,20 @@ def _smallest_tolerance(nas: DiffNAS, max_ratio: float) -> tuple[float, dict[str
 
 def diffnas_row(bench: Bench) -> None:
     p = bench.preset
-    config = bench.study_config(
-        "diffnas",
-        search_space=p.diffnas_space,
-        iterations=p.retrain_iterations,
-        options={
-            **bench.pool_options,
-            "supernet_iterations": p.supernet_iterations,
-            "subnets_per_step": p.subnets_per_step,
-            "search_samples": p.search_samples,
-            "retrain_iterations": [p.retrain_iterations],
-            "ema_decay": p.ema_decay,
-            "block_trials": 10_000,
-            "tolerance_low": 1e-9,
-            "tolerance_high": 1e9,
-            "block_cost": p.diffnas_block_cost,
-        },
-    )
-    nas = DiffNAS(config, bench.teacher, inputs=bench.inputs, device=bench.device)
+    options = {
+        **bench.pool_options,
+        "supernet_iterations": p.supernet_iterations,
+        "subnets_per_step": p.subnets_per_step,
+        "search_samples": p.search_samples,
+        "retrain_iterations": [p.retrain_iterations],
+        "ema_decay": p.ema_decay,
+        "block_trials": 10_000,
+        "tolerance_low": 1e-9,
+        "tolerance_high": 1e9,
+        "block_cost": p.diffnas_block_cost,
+    }
+    settings = bench.settings(iterations=p.retrain_iterations, search_space=p.diffnas_space)
+    nas = bench.method(DiffNAS, options, settings, inputs=bench.inputs)
     start = time.perf_counter()
     nas.prepare()
     tolerance, choice = _smallest_tolerance(nas, p.max_ratio)
@@ -241,9 +228,9 @@ def bk_sdm_row(bench: Bench) -> None:
 def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind: str) -> list[Row]:
     """One row per distinct schedule the method's pruner gives at the preset's thresholds."""
     o = method.options
-    batch = method.config.budgets.latency_batch_size
+    batch = method.settings.latency_batch_size
     unit = "MACs" if o.unit_cost == "macs" else f"time (units weighed by their seconds measured at batch {batch})"
-    pruner = f"pruner ({method.config.budgets.train_iterations} iterations) target {o.target_macs_ratio:g} of the trajectory {unit}"
+    pruner = f"pruner ({method.settings.budgets.train_iterations} iterations) target {o.target_macs_ratio:g} of the trajectory {unit}"
     rows, seen = [], set()
     for threshold in bench.preset.dipgo_thresholds:
         schedule = method.schedule_for(threshold)
@@ -266,10 +253,10 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
 
 def _dipgo(bench: Bench, start_model: Teacher, options: dict[str, Any], iterations: int) -> tuple[DiPGO, float]:
     p = bench.preset
-    config = bench.study_config("dipgo", iterations=iterations, batch_size=p.dipgo_batch, lr=p.dipgo_lr, options=options)
+    settings = bench.settings(iterations=iterations, batch_size=p.dipgo_batch, lr=p.dipgo_lr)
     if p.dipgo_weights_batch is not None:  # latency weights measured at the batch its schedules are for
-        config = replace(config, budgets=replace(config.budgets, latency_batch_size=p.dipgo_weights_batch))
-    method = DiPGO(config, start_model, original=bench.teacher, device=bench.device)
+        settings = replace(settings, latency_batch_size=p.dipgo_weights_batch)
+    method = bench.method(DiPGO, options, settings, start=start_model)
     start = time.perf_counter()
     method.prepare()
     return method, time.perf_counter() - start
@@ -281,21 +268,21 @@ def dipgo_row(bench: Bench) -> None:
 
 
 def deepcache_row(bench: Bench) -> None:
-    unet, config, steps = bench.teacher.unet, bench.scheduler_config, bench.steps
+    unet, sampler = bench.teacher.unet, bench.sampler
     dipgo_rows: list[Row] = bench.results["dipgo"]
     teacher_macs = next(r.trajectory_macs for r in bench.rows if r.kind == "teacher")
     target = next((r for r in sorted(dipgo_rows, key=lambda r: -r.trajectory_macs) if r.trajectory_macs <= teacher_macs / 4), None)
     target = target or min(dipgo_rows, key=lambda r: r.trajectory_macs)
     levels = {}
     for interval in bench.preset.deepcache_intervals:
-        with deepcache(unet, config, steps, interval)():
+        with deepcache(unet, sampler, interval)():
             levels[interval] = bench.trajectory_macs(unet)
     interval = min(levels, key=lambda i: abs(levels[i] - target.trajectory_macs))
     bench.measure(
         "DeepCache peer",
         "peer",
         unet,
-        context=lambda m: deepcache(m, config, steps, interval)(),
+        context=lambda m: deepcache(m, sampler, interval)(),
         notes=f"interval {interval}, branch 0, matched to '{target.name}'",
         peer_of=target.name,
     )
@@ -305,7 +292,7 @@ def deepcache_row(bench: Bench) -> None:
 def stacked_row(bench: Bench) -> None:
     p = bench.preset
     student, student_seconds = bench.results["diffnas"]
-    start_model = Teacher(student, bench.scheduler_config, "DiffNAS student", dataset=bench.teacher.dataset, text=bench.teacher.text)
+    start_model = replace(bench.teacher, unet=student, source="DiffNAS student", weights_dir=None)
     method, seconds = _dipgo(bench, start_model, {**p.dipgo, **p.stacked_dipgo}, p.stacked_dipgo_iterations or p.dipgo_iterations)
     _schedule_rows(bench, method, student_seconds + seconds, "DiffNAS + DiP-GO", "stacked")
 

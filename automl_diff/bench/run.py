@@ -8,9 +8,9 @@ import torch
 
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.rows import ROWS, plan
-from automl_diff.bench.session import Bench, BenchResult, Row, bench_study_config, machine_info
+from automl_diff.bench.session import Bench, BenchResult, Row, machine_info
 
-__all__ = ["Bench", "BenchResult", "Row", "bench_study_config", "machine_info", "run_bench"]
+__all__ = ["Bench", "BenchResult", "Row", "machine_info", "run_bench"]
 
 
 def run_bench(preset: BenchPreset, *, rows: Sequence[str] | None = None, log: Callable[[str], None] = print) -> BenchResult:

@@ -27,27 +27,19 @@ import torch
 from torch import nn
 
 from automl_diff.bench.presets import BenchPreset, Goal
-from automl_diff.config.study import (
-    Budgets,
-    FidSettings,
-    Objective,
-    PromptSettings,
-    SamplerSettings,
-    SamplingSettings,
-    StudyConfig,
-    resolve_device,
-)
+from automl_diff.config import Budgets, DKDMOptions, MethodSettings, load_search_space, read_options, resolve_device
+from automl_diff.data import read_prompts
 from automl_diff.errors import UserError
-from automl_diff.methods import DKDM
+from automl_diff.evaluation import Evaluator
+from automl_diff.methods import Method
 from automl_diff.methods.training import TrainingInputs
 from automl_diff.metrics.fid import fid_from_features
 from automl_diff.metrics.intervals import Interval, Kid, Spread, across_sets, kid, paired_across_sets, spread, verdict
 from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.loading import Teacher, load_teacher
-from automl_diff.runners.evaluate import Evaluator
 
-__all__ = ["PEERS", "Bench", "BenchResult", "Comparison", "Row", "bench_study_config", "check_file", "check_peer", "machine_info"]
+__all__ = ["PEERS", "Bench", "BenchResult", "Comparison", "Row", "check_file", "check_peer", "machine_info"]
 
 logger = logging.getLogger("automl_diff.bench")
 
@@ -192,7 +184,7 @@ class BenchResult:
             "preset": self.preset.name,
             "eval_seed": self.preset.eval_seed,
             "eval_seeds": list(self.preset.eval_seeds),
-            "fid_samples": self.preset.fid_samples,
+            "fid_samples": self.preset.evaluation.fid_samples,
             "machine": self.machine,
             "seconds": self.seconds,
             "floor": self.floor.to_dict(),
@@ -324,54 +316,6 @@ def machine_info(device: torch.device) -> dict[str, str]:
     return info
 
 
-def bench_study_config(
-    preset: BenchPreset, method: str, *, search_space: str | None, iterations: int, batch_size: int, lr: float, options: dict[str, Any]
-) -> StudyConfig:
-    """The in-memory study config a method of the benchmark runs with (a text-to-image teacher's
-    with the preset's prompt sets, guidance and alignment metric)."""
-    from automl_diff.data import read_prompts
-
-    prompts = PromptSettings()
-    if preset.prompts_eval is not None:
-        where = f"preset {preset.name}"
-        prompts = PromptSettings(
-            read_prompts(preset.prompts_train, where=f"{where}: prompts_train") if preset.prompts_train else (),
-            read_prompts(preset.prompts_eval, where=f"{where}: prompts_eval"),
-            preset.prompts_train,
-            preset.prompts_eval,
-            preset.alignment,
-            judge=preset.judge,
-        )
-    return StudyConfig(
-        path=f"bench preset {preset.name}",
-        name=f"bench-{preset.name}-{method}",
-        method=method,
-        teacher=preset.teacher,
-        search_space=search_space,
-        objectives=(Objective("trajectory_macs"), Objective("fid")),
-        sampler=SamplerSettings("random", preset.seed),
-        n_trials=1,
-        budgets=Budgets(
-            train_iterations=iterations,
-            batch_size=batch_size,
-            lr=lr,
-            fid_samples=preset.fid_samples,
-            sampling_steps=preset.steps,
-            latency_repeats=preset.latency_repeats,
-            latency_batch_size=preset.latency_batch,
-            images_per_prompt=preset.images_per_prompt,
-        ),
-        sampling=SamplingSettings("ddim", 0.0, preset.guidance_scale),
-        fid=FidSettings(preset.fid_dataset, preset.fid_features, preset.fid_batch),
-        storage="sqlite:///:memory:",
-        output_dir="runs",
-        device=preset.device,
-        seed=preset.seed,
-        method_options=dict(options),
-        prompts=prompts,
-    )
-
-
 class Bench:
     """What the rows of one run share, and the rows measured so far.
 
@@ -406,18 +350,13 @@ class Bench:
         self._contexts: dict[str, Callable[[nn.Module], Any]] = {}
         self._peers: dict[str, str] = {}  # method row -> its peer at matched MACs
         self._inputs: TrainingInputs | None = None
-        base = self.study_config("dkdm", search_space=preset.dkdm_space, iterations=preset.dkdm_iterations, options={})
-        t = self.teacher
-        self.evaluator = Evaluator(
-            base,
-            scheduler_config=t.scheduler_config,
-            teacher_dataset=t.dataset,
-            resolution=t.resolution,
-            channels=t.channels,
-            device=self.device,
-            text=t.text,
-            judge=t.judge,
-        )
+        where = f"preset {preset.name}"
+        #: The training prompts of a text-to-image teacher (the pool's, DiP-GO's pruner's).
+        self.train_prompts = read_prompts(preset.prompts_train, where=f"{where}: prompts_train") if preset.prompts_train else ()
+        evaluation = preset.evaluation
+        if preset.prompts_eval is not None:
+            evaluation = replace(evaluation, prompts=read_prompts(preset.prompts_eval, where=f"{where}: prompts_eval"))
+        self.evaluator = Evaluator(replace(evaluation, seed=preset.seed), self.teacher, device=self.device, where=where)
         #: The evaluation prompts' conditioning of a text-to-image teacher (guided, decoded).
         self.prompts = self.evaluator.prompts
         #: How every row samples (the preset's steps, the evaluation prompts).
@@ -434,31 +373,40 @@ class Bench:
     def steps(self) -> int:
         return self.preset.steps
 
-    @property
-    def scheduler_config(self) -> dict[str, Any]:
-        return self.teacher.scheduler_config
-
-    def study_config(
+    def settings(
         self,
-        method: str,
         *,
-        search_space: str | None = None,
         iterations: int,
         batch_size: int | None = None,
         lr: float | None = None,
-        options: dict[str, Any],
-    ) -> StudyConfig:
-        """The in-memory study config a method runs with (:func:`bench_study_config`)."""
+        search_space: str | None = None,
+        **changes: Any,
+    ) -> MethodSettings:
+        """What a method of the benchmark is handed: the preset's training budgets (``iterations``
+        steps), its sampler, its training prompts and seed (``changes``: other fields)."""
         p = self.preset
-        return bench_study_config(
-            p,
-            method,
-            search_space=search_space,
-            iterations=iterations,
-            batch_size=batch_size or p.batch_size,
-            lr=lr or p.lr,
-            options=options,
+        settings = MethodSettings(
+            budgets=Budgets(iterations, batch_size or p.batch_size, lr or p.lr),
+            sampling=p.evaluation.sampling,
+            train_prompts=self.train_prompts,
+            search_space=load_search_space(search_space) if search_space else None,
+            dataset=p.evaluation.fid_dataset,
+            latency_batch_size=p.latency_batch,
+            latency_repeats=p.evaluation.latency_repeats,
+            seed=p.seed,
+            where=f"preset {p.name}",
         )
+        return replace(settings, **changes)
+
+    def method(
+        self, cls: type[Method], options: dict[str, Any], settings: MethodSettings, *, start: Teacher | None = None, **kwargs: Any
+    ) -> Any:
+        """A method of the benchmark, its options and settings checked against the teacher (and
+        the starting model ``start``, for a stacked row) as a study's config would be."""
+        typed = read_options(cls.options_type, options, file=settings.where)
+        model = start or self.teacher
+        typed.check_against(settings, model, self.teacher)
+        return cls(model, typed, settings, original=self.teacher, device=self.device, **kwargs)
 
     @property
     def pool_options(self) -> dict[str, Any]:
@@ -470,9 +418,9 @@ class Bench:
         """One data-free pool of the teacher's generations for DKDM, DiffNAS and the fine-tunes,
         filled on first use; its warm-up time is ``details["pool_seconds"]``."""
         if self._inputs is None:
-            config = self.study_config("dkdm", search_space=self.preset.dkdm_space, iterations=1, options=self.pool_options)
             start = time.perf_counter()
-            self._inputs = TrainingInputs(config, self.teacher, DKDM.options_from(config), device=self.device)
+            options = read_options(DKDMOptions, self.pool_options, file=f"preset {self.preset.name}")
+            self._inputs = TrainingInputs(self.settings(iterations=1), self.teacher, options, device=self.device)
             self._inputs.prepare()
             self.details["pool_seconds"] = time.perf_counter() - start
             self.log(f"pool of {self.preset.pool_size} teacher generations: {self.details['pool_seconds']:.0f} s")
@@ -513,7 +461,7 @@ class Bench:
         with context(model):
             trajectory = self.trajectory_macs(model)
             for seed in self.eval_seeds:
-                images = self.sampler.sample(model, num_images=p.fid_samples, batch_size=p.fid_batch, seed=seed)
+                images = self.sampler.sample(model, num_images=p.evaluation.fid_samples, batch_size=p.evaluation.fid_batch_size, seed=seed)
                 features.append(self.evaluator.extractor(images))
                 aligned = self.evaluator.alignment(images)
                 if aligned is not None:
@@ -538,7 +486,7 @@ class Bench:
             self._peers[peer_of] = name
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
-        aligned = f", {p.alignment} {row.alignment}" if row.alignment is not None else ""
+        aligned = f", {p.evaluation.alignment} {row.alignment}" if row.alignment is not None else ""
         self.log(
             f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid} (sets {', '.join(f'{f:.3g}' for f in fids)}){aligned}, "
             f"KID {row.kid}, made in {search_seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s"
@@ -562,7 +510,7 @@ class Bench:
         of ``fid_samples`` (drawn without replacement) per evaluation seed, as the rows are
         measured. What the benchmark can resolve."""
         features = self.evaluator.reference_set.features
-        n = min(self.preset.fid_samples, len(features))
+        n = min(self.preset.evaluation.fid_samples, len(features))
         sets = [features[np.random.default_rng(seed).permutation(len(features))[:n]] for seed in self.eval_seeds]
         return across_sets([fid_from_features(chosen, self.evaluator.reference) for chosen in sets])
 
@@ -585,9 +533,10 @@ class Bench:
         p = self.preset
         teacher = self.rows[0].name
         for batch in p.timed_batches:
-            self.log(f"timing {len(self._timed)} rows in lockstep at batch {batch}: {p.latency_warmup} + {p.latency_repeats} rounds")
+            repeats = p.evaluation.latency_repeats
+            self.log(f"timing {len(self._timed)} rows in lockstep at batch {batch}: {p.latency_warmup} + {repeats} rounds")
             rounds = sampler_rounds(
-                self._timed, self.sampler, contexts=self._contexts, batch_size=batch, repeats=p.latency_repeats, warmup=p.latency_warmup
+                self._timed, self.sampler, contexts=self._contexts, batch_size=batch, repeats=repeats, warmup=p.latency_warmup
             )
             for row in self.rows:
                 row.latency[batch] = spread(rounds[row.name])

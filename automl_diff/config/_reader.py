@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -178,4 +182,111 @@ def _coerce(value: Any, kind: type | tuple[type, ...]) -> Any:
                 return float(value)
             except ValueError:
                 return value
+    return value
+
+
+# --- declarative dataclass fields -----------------------------------------------------------------
+
+#: The metadata key of a config field (:func:`setting`).
+_SETTING = "automl_diff.setting"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Where a config field is read from and what it means (:func:`setting`'s metadata).
+
+    Attributes:
+        section: the YAML section (None: the top level).
+        key: the key in that section (None: the field's name).
+        doc: one line for the configuration reference.
+        choices: the values allowed.
+        check: returns a message for a bad value, None for a good one.
+        path: the value is a path relative to the config file (resolved when read).
+        kind: what the reference calls the value's type, where its annotation does not say.
+    """
+
+    section: str | None
+    key: str | None = None
+    doc: str = ""
+    choices: tuple[Any, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+    path: bool = False
+    kind: str | None = None
+
+
+def setting(
+    default: Any,
+    *,
+    section: str | None,
+    doc: str,
+    key: str | None = None,
+    choices: Iterable[Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    path: bool = False,
+    kind: str | None = None,
+) -> Any:
+    """A dataclass field that a config file sets: its default, its place in the YAML file and its
+    documentation, in one place (:func:`read_settings` reads it; the reference is generated from it)."""
+    meta = {_SETTING: Setting(section, key, doc, tuple(choices) if choices is not None else None, check, path, kind)}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def setting_of(f: dataclasses.Field) -> Setting | None:
+    """The :class:`Setting` of a dataclass field (None: not read from the file)."""
+    return f.metadata.get(_SETTING)
+
+
+def _plain_kind(kind: Any) -> tuple[type | tuple[type, ...], bool]:
+    """``(the value's type(s), whether it is a tuple of them)`` of a field's annotation."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        return args[0], True
+    if origin in (typing.Union, types.UnionType) and args:
+        return (tuple(args) if len(args) > 1 else args[0]), False
+    return (origin if origin is not None else kind), False
+
+
+def read_settings(cls: type, sections: Mapping[str | None, Section], *, base: Path | None = None, **given: Any) -> Any:
+    """An instance of the dataclass ``cls``, each field read from its YAML place (:func:`setting`),
+    nested dataclasses read the same way; fields in ``given`` are taken as they are.
+
+    Args:
+        sections: the file's sections by name (None: the top level).
+        base: the folder relative paths are resolved against.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = read_settings(kind, sections, base=base)
+            continue
+        where = setting_of(f)
+        if where is None:
+            continue
+        section = sections[where.section]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        plain, many = _plain_kind(kind)
+        key = where.key or f.name
+        if many:
+            value = section.take_list(key, plain, default, check=where.check)
+        else:
+            value = section.take(key, plain, default, choices=where.choices, check=where.check)
+        if where.path and isinstance(value, str) and base is not None:
+            value = resolve_path(base, value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def resolve_path(base: Path, value: str) -> str:
+    """A path in a config is relative to the config file; hub ids and names stay as they are."""
+    candidate = (base / value).resolve()
+    if candidate.exists() or value.startswith((".", "/", "~")) or value.endswith((".yaml", ".yml", ".json")):
+        return str(candidate) if not value.startswith("~") else str(Path(value).expanduser())
     return value

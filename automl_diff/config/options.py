@@ -1,20 +1,25 @@
-"""The ``method_options`` of each method, as typed dataclasses validated when a study config loads.
+"""The ``method_options`` of each method, as typed dataclasses read once, when a study config loads.
 
-Each method's options are data, like the rest of a study config: the loader validates them
-(types, choices, ranges; errors name the file and ``method_options.<key>``) before anything runs,
-and the method (:mod:`automl_diff.methods`) reads the same dataclass. :data:`METHOD_OPTIONS`
-names the methods a config may ask for; the method registry has the same names.
+Each method's options are data, like the rest of a study config: the loader reads them
+(:func:`read_options`: types, choices, ranges; errors name the file and
+``method_options.<key>``), the study config carries them, typed, and the method reads the same
+object. Each options class names its method (:data:`METHOD_OPTIONS` is the registry of names a
+config may give) and checks itself against the loaded teacher
+(:meth:`MethodOptions.check_against`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from automl_diff.config._reader import Section, positive
+from automl_diff.config._reader import Section, positive, read_settings, setting
+from automl_diff.config.search_space import SearchSpace, SupernetSpace
 from automl_diff.errors import UserError
+
+if TYPE_CHECKING:
+    from automl_diff.config.settings import MethodSettings
+    from automl_diff.models.loading import Teacher
 
 __all__ = [
     "BLOCK_COSTS",
@@ -24,6 +29,7 @@ __all__ = [
     "DKDMOptions",
     "DiPGOOptions",
     "DiffNASOptions",
+    "MethodOptions",
     "PoolOptions",
     "read_options",
 ]
@@ -34,6 +40,7 @@ BLOCK_COSTS = ("macs", "latency")
 JOINT_SCHEDULES = ("linear", "cosine", "static")
 #: DiP-GO's consistency losses between the gated and the full sampler's final images.
 CONSISTENCY_LOSSES = ("mse", "ssim")
+_SECTION = "method_options"
 
 
 def _unit_interval(value: float) -> str | None:
@@ -56,143 +63,188 @@ def _at_least(minimum: int) -> Any:
     return lambda v: None if v >= minimum else f"must be at least {minimum}"
 
 
+def _option(default: Any, doc: str, **kwargs: Any) -> Any:
+    return setting(default, section=_SECTION, doc=doc, **kwargs)
+
+
+class MethodOptions:
+    """What every method's options class has: its method's name, whether that method reports
+    rung scores (early stopping), and its checks."""
+
+    #: The method's registry name (``method:`` in a study config).
+    method: ClassVar[str]
+    #: Whether the method reports intermediate scores at rungs (``pruner:``).
+    reports_rungs: ClassVar[bool] = False
+
+    def check(self, file: str) -> None:
+        """Options against each other (after reading). Default: nothing."""
+
+    def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
+        """Options and settings against the loaded teachers (``teacher``: the model compressed,
+        ``original``: the yardstick). Default: nothing.
+
+        Raises:
+            UserError: one line naming the config file and the key.
+        """
+
+
 @dataclass(frozen=True)
-class PoolOptions:
-    """Where training inputs come from: the teacher's own generations (data-free) or a dataset.
+class PoolOptions(MethodOptions):
+    """Where training inputs come from: the teacher's own generations (data-free) or a dataset."""
 
-    Attributes:
-        source: ``teacher`` (DKDM, data-free) or ``dataset`` (the real images of ``fid.dataset``,
-            noised with the teacher's scheduler; not data-free).
-        pool_size: noisy samples in the pool (at least the batch size). Larger pools decorrelate
-            batches (see BENCHMARKS.md); warm-up costs about pool_size * pool_steps / 2 teacher calls.
-        pool_steps: DDIM steps of a pool trajectory, from pure noise to a clean image.
-        pool_eta: stochasticity of the pool's steps (1.0 ancestral-like, 0.0 deterministic DDIM).
-        prompt_dropout: text-to-image teachers: the share of pool entries (or dataset images) that
-            carry the unconditional prompt (``sampling.negative_prompt``) instead of a training
-            prompt (or caption), so that students learn the unconditional prediction that
-            classifier-free guidance needs.
-    """
+    source: str = _option(
+        "teacher",
+        "teacher (data-free DKDM: the teacher's own generations) or dataset (fid.dataset's images)",
+        choices=("teacher", "dataset"),
+    )
+    pool_size: int = _option(4096, "noisy samples in the pool (at least the batch size)", check=positive)
+    pool_steps: int = _option(50, "DDIM steps of a pool trajectory, from pure noise to a clean image", check=positive)
+    pool_eta: float = _option(1.0, "stochasticity of the pool's steps (1: ancestral-like, 0: deterministic)", check=_unit_interval)
+    prompt_dropout: float = _option(
+        0.1, "text-to-image: share of pool entries (or images) with the unconditional prompt", check=_unit_interval
+    )
 
-    source: str = field(default="teacher", metadata={"choices": ("teacher", "dataset")})
-    pool_size: int = field(default=4096, metadata={"check": positive})
-    pool_steps: int = field(default=50, metadata={"check": positive})
-    pool_eta: float = field(default=1.0, metadata={"check": _unit_interval})
-    prompt_dropout: float = field(default=0.1, metadata={"check": _unit_interval})
+    def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
+        where = settings.where
+        if original.text is not None and self.source == "teacher" and not settings.train_prompts:
+            raise UserError(
+                f"{where}: prompts.train: required to distil a text-to-image teacher data-free (the prompts its generations are "
+                "conditioned on)"
+            )
+        if self.source == "dataset" and (settings.dataset or original.dataset) is None:
+            raise UserError(f"{where}: fid.dataset: needed for method_options.source=dataset")
+        batch, processes = settings.budgets.batch_size, settings.processes
+        if processes > 1 and batch % processes:
+            raise UserError(
+                f"{where}: budgets.batch_size: {batch} does not split over {processes} processes (execution.processes_per_trial)"
+            )
+
+    def _space(self, settings: MethodSettings, kind: type, families: str) -> Any:
+        space = settings.search_space
+        if space is None:
+            raise UserError(f"{settings.where}: search_space: required for method {self.method}")
+        if not isinstance(space, kind):
+            raise UserError(f"{space.path}: family: method {self.method} needs family {families}")
+        return space
 
 
 @dataclass(frozen=True)
 class DKDMOptions(PoolOptions):
-    """``method_options`` of a DKDM study: :class:`PoolOptions` plus
+    """``method_options`` of a DKDM study: the pool's options plus the student's training."""
 
-    Attributes:
-        ema_decay: weight EMA of the student (0 turns it off).
-        init: where a student's weights start: ``teacher`` (cut from the teacher's: layers kept
-            by position, channels by L1 importance, :mod:`automl_diff.models.inherit`; layers the
-            teacher lacks start random) or ``random`` (diffusers' own init).
-    """
+    method: ClassVar[str] = "dkdm"
+    reports_rungs: ClassVar[bool] = True
 
-    ema_decay: float = field(default=0.995, metadata={"check": _decay})
-    init: str = field(default="teacher", metadata={"choices": ("teacher", "random")})
+    ema_decay: float = _option(0.995, "weight EMA of the student (0: off)", check=_decay)
+    init: str = _option(
+        "teacher", "teacher (the student starts from a cut of the teacher's weights) or random", choices=("teacher", "random")
+    )
+
+    def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
+        super().check_against(settings, teacher, original)
+        space = self._space(settings, SearchSpace, "unet2d or unet2d_condition (student architectures)")
+        prediction = original.scheduler_config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise UserError(f"teacher '{original.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
+        space.validate_for(dict(teacher.unet.config))
+        if self.pool_size < settings.budgets.batch_size:
+            raise UserError(
+                f"{settings.where}: method_options.pool_size: must be at least budgets.batch_size "
+                f"({settings.budgets.batch_size}) (got {self.pool_size})"
+            )
 
 
 @dataclass(frozen=True)
 class DiffNASOptions(PoolOptions):
-    """``method_options`` of a DiffNAS study (plus :class:`PoolOptions`: ``source``, ``pool_*``).
+    """``method_options`` of a DiffNAS study: the pool's options (where the teacher's block inputs
+    come from) plus supernet training, the block-wise search and retraining."""
 
-    Attributes:
-        search: ``local`` (one search per block, DiffNAS) or ``global`` (all blocks jointly).
-        supernet_iterations: supernet training steps (each trains every block).
-        supernet_lr: supernet learning rate.
-        subnets_per_step: subnets trained per block and step (largest and smallest included).
-        search_samples: ``(x_t, t)`` samples of the validation set that scores candidates.
-        block_trials: per-block trials; blocks with at most this many candidates are searched
-            exhaustively.
-        global_trials: trials of the global search.
-        block_cost: what a tolerance minimises among the candidates within it: ``macs`` (the
-            paper's choice) or ``latency``, each candidate cut out as a plain block and timed on
-            the validation inputs at ``budgets.latency_batch_size`` on the study's device (narrow
-            convolutions and attention over few tokens cost more time than their MACs say).
-        tolerance_low, tolerance_high: range of the tolerance on the relative block loss (log scale).
-        retrain_iterations: retraining budgets for Optuna to choose from (empty: budgets.train_iterations).
-        joint_schedule: how the block-feature weight changes: ``linear``, ``cosine`` or ``static``.
-        joint_start, joint_end: the weight at the first and the last step (``static`` uses joint_start).
-        data_weight: weight of the data loss (``source: dataset`` only).
-        ema_decay: weight EMA of the retrained student (0 turns it off).
-    """
+    method: ClassVar[str] = "diffnas"
+    reports_rungs: ClassVar[bool] = True
 
-    search: str = field(default="local", metadata={"choices": ("local", "global")})
-    supernet_iterations: int = field(default=400, metadata={"check": positive})
-    supernet_lr: float = field(default=1e-3, metadata={"check": positive})
-    subnets_per_step: int = field(default=4, metadata={"check": _at_least(2)})
-    search_samples: int = field(default=256, metadata={"check": positive})
-    block_trials: int = field(default=64, metadata={"check": _at_least(2)})
-    global_trials: int = field(default=200, metadata={"check": _at_least(2)})
-    block_cost: str = field(default="macs", metadata={"choices": BLOCK_COSTS})
-    tolerance_low: float = field(default=0.01, metadata={"check": positive})
-    tolerance_high: float = field(default=0.3, metadata={"check": positive})
-    retrain_iterations: tuple[int, ...] = field(default=(), metadata={"check": _at_least(0)})
-    joint_schedule: str = field(default="linear", metadata={"choices": JOINT_SCHEDULES})
-    joint_start: float = field(default=1.0, metadata={"check": _unit_interval})
-    joint_end: float = field(default=0.0, metadata={"check": _unit_interval})
-    data_weight: float = field(default=0.0, metadata={"check": _at_least(0)})
-    ema_decay: float = field(default=0.995, metadata={"check": _decay})
+    search: str = _option("local", "local (one search per block, DiffNAS) or global (all blocks jointly)", choices=("local", "global"))
+    supernet_iterations: int = _option(400, "supernet training steps (each trains every block)", check=positive)
+    supernet_lr: float = _option(1e-3, "supernet learning rate", check=positive)
+    subnets_per_step: int = _option(4, "subnets trained per block and step (largest and smallest included)", check=_at_least(2))
+    search_samples: int = _option(256, "validation samples that score the candidates", check=positive)
+    block_trials: int = _option(64, "per-block trials; smaller blocks are searched exhaustively", check=_at_least(2))
+    global_trials: int = _option(200, "trials of the global search", check=_at_least(2))
+    block_cost: str = _option(
+        "macs", "what a tolerance minimises per block: macs (the paper's) or latency (measured seconds)", choices=BLOCK_COSTS
+    )
+    tolerance_low: float = _option(0.01, "low end of the tolerance on the relative block loss (log scale)", check=positive)
+    tolerance_high: float = _option(0.3, "high end of the tolerance range", check=positive)
+    retrain_iterations: tuple[int, ...] = _option(
+        (), "retraining budgets Optuna chooses from (empty: budgets.train_iterations)", check=_at_least(0)
+    )
+    joint_schedule: str = _option("linear", "the block-feature weight over retraining: linear, cosine or static", choices=JOINT_SCHEDULES)
+    joint_start: float = _option(1.0, "block-feature weight at the first step", check=_unit_interval)
+    joint_end: float = _option(0.0, "block-feature weight at the last step", check=_unit_interval)
+    data_weight: float = _option(0.0, "weight of the data loss (source: dataset only)", check=_at_least(0))
+    ema_decay: float = _option(0.995, "weight EMA of the retrained student (0: off)", check=_decay)
 
     def check(self, file: str) -> None:
         _require_below(self, file, "tolerance_low", "tolerance_high")
         if self.data_weight and self.source != "dataset":
             raise UserError(f"{file}: method_options.data_weight: needs source: dataset (got source: {self.source})")
 
+    def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
+        super().check_against(settings, teacher, original)
+        space = self._space(settings, SupernetSpace, "supernet (per-block subnet choices)")
+        space.validate_for(teacher.unet)
+
 
 @dataclass(frozen=True)
-class DiPGOOptions:
+class DiPGOOptions(MethodOptions):
     """``method_options`` of a DiP-GO study (the pruner trains for ``budgets.train_iterations``
-    steps of ``budgets.batch_size`` trajectories at ``budgets.lr``, over ``budgets.sampling_steps``).
+    steps of ``budgets.batch_size`` trajectories at ``budgets.lr``, over the study's sampler)."""
 
-    Attributes:
-        granularity: ``block`` (down.i, mid, up.i) or ``layer`` (their resnets, attentions and
-            resamplers, as DeepCache caches them).
-        target_macs_ratio: trajectory MACs the pruner aims for, as a fraction of the full sampler's
-            (with ``unit_cost: latency``, the fraction of its measured time).
-        unit_cost: what the sparsity loss counts per unit: ``macs`` (the paper's choice), or
-            ``latency``, each unit's seconds measured on the study's device at
-            ``budgets.latency_batch_size`` (``budgets.latency_repeats`` passes, at least 3): the
-            pruner then prefers to skip what is slow on that device (memory-bound layers, narrow
-            convolutions, 1x1 shortcuts) over what merely has many MACs.
-        sparsity_weight: weight of the sparsity loss.
-        consistency: ``mse`` or ``ssim`` between gated and full samplers' final images.
-        tau: Gumbel-softmax temperature.
-        checkpoint: gradient checkpointing per sampling step while the pruner trains: the
-            consistency loss backpropagates through the whole trajectory with one step's
-            activations in memory at a time (recomputed in the backward pass); false keeps every
-            step's activations (faster where they fit).
-        warmup: fraction of the pruner's iterations over which its target falls from 1.
-        reference_images: fixed noise samples the pruner trains on (not the FID noise).
-        threshold_low, threshold_high: range of the threshold Optuna tunes (a gate computes
-            where the pruner's probability of computing is above it).
-        threshold_log: sample the threshold on a log scale. The optimised scores are nearly
-            binary; their small values (how sure the pruner is that a gate may be skipped) spread
-            over decades, so a log-scale threshold turns gates back on in order of doubt.
-    """
+    method: ClassVar[str] = "dipgo"
 
-    granularity: str = field(default="layer", metadata={"choices": ("block", "layer")})
-    target_macs_ratio: float = field(default=0.25, metadata={"check": _positive_fraction})
-    unit_cost: str = field(default="macs", metadata={"choices": ("macs", "latency")})
-    sparsity_weight: float = field(default=1.0, metadata={"check": positive})
-    consistency: str = field(default="mse", metadata={"choices": CONSISTENCY_LOSSES})
-    tau: float = field(default=1.0, metadata={"check": positive})
-    checkpoint: bool = True
-    warmup: float = field(default=0.6, metadata={"check": _unit_interval})
-    reference_images: int = field(default=64, metadata={"check": positive})
-    threshold_low: float = field(default=1e-4, metadata={"check": _open_interval})
-    threshold_high: float = field(default=0.5, metadata={"check": _open_interval})
-    threshold_log: bool = True
+    granularity: str = _option(
+        "layer", "block (down.i, mid, up.i) or layer (their resnets, attentions and resamplers)", choices=("block", "layer")
+    )
+    target_macs_ratio: float = _option(
+        0.25, "trajectory cost the pruner aims for, a fraction of the full sampler's", check=_positive_fraction
+    )
+    unit_cost: str = _option(
+        "macs", "what the sparsity loss counts per unit: macs (the paper's) or latency (seconds measured here)", choices=("macs", "latency")
+    )
+    sparsity_weight: float = _option(1.0, "weight of the sparsity loss", check=positive)
+    consistency: str = _option("mse", "mse or ssim between the gated and the full samplers' final images", choices=CONSISTENCY_LOSSES)
+    tau: float = _option(1.0, "Gumbel-softmax temperature", check=positive)
+    checkpoint: bool = _option(
+        True, "backpropagate through every step with one step's activations in memory at a time (recomputed in the backward pass)"
+    )
+    warmup: float = _option(0.6, "fraction of the iterations over which the target falls from 1", check=_unit_interval)
+    reference_images: int = _option(64, "fixed noise samples the pruner trains on (not the FID noise)", check=positive)
+    threshold_low: float = _option(1e-4, "low end of the threshold Optuna tunes", check=_open_interval)
+    threshold_high: float = _option(0.5, "high end of the threshold range", check=_open_interval)
+    threshold_log: bool = _option(True, "sample the threshold on a log scale")
 
     def check(self, file: str) -> None:
         _require_below(self, file, "threshold_low", "threshold_high")
 
+    def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
+        where = settings.where
+        if getattr(teacher.unet.config, "cross_attention_dim", None) is not None and teacher.text is None:
+            raise UserError(
+                f"{where}: teacher: '{teacher.source}' is a text-conditional UNet without its pipeline; name the pipeline folder "
+                "(model_index.json with vae, text_encoder, tokenizer, unet, scheduler) as the teacher"
+            )
+        if teacher.text is not None and not settings.train_prompts:
+            raise UserError(
+                f"{where}: prompts.train: required for method dipgo on a text-to-image teacher (the prompts its pruner trains on)"
+            )
+        if settings.processes > 1:
+            raise UserError(
+                f"{where}: execution.processes_per_trial: method dipgo trains its pruner in one process; {settings.processes} "
+                "data-parallel processes (processes_per_trial, or gpus_per_trial) are for dkdm and diffnas: set processes_per_trial: 1"
+            )
 
-#: The options dataclass of every method a study config may name (``method:``).
-METHOD_OPTIONS: dict[str, type] = {"dkdm": DKDMOptions, "diffnas": DiffNASOptions, "dipgo": DiPGOOptions}
+
+#: The options class of every method a study config may name (``method:``), by name.
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {cls.method: cls for cls in (DKDMOptions, DiffNASOptions, DiPGOOptions)}
 
 
 def _require_below(options: Any, file: str, low: str, high: str) -> None:
@@ -202,24 +254,11 @@ def _require_below(options: Any, file: str, low: str, high: str) -> None:
 
 
 def read_options(options_type: type, values: dict[str, Any], *, file: str) -> Any:
-    """Validate ``method_options`` into ``options_type``.
-
-    Field types (int, float, str, bool, and tuples of them read from lists) are checked; a field's
-    ``metadata["choices"]`` restricts its values, ``metadata["check"]`` returns a message for a bad
-    one; unknown keys are rejected; the dataclass's ``check(file)``, where it has one, checks
-    options against each other. Errors name ``file`` and ``method_options.<key>``.
-    """
-    section = Section(values, file=file, prefix="method_options")
-    hints = typing.get_type_hints(options_type)
-    kwargs = {}
-    for f in dataclasses.fields(options_type):
-        kind = hints[f.name]
-        if typing.get_origin(kind) is tuple:  # tuple[int, ...]: a list, each item checked
-            kwargs[f.name] = tuple(section.take_list(f.name, typing.get_args(kind)[0], f.default, check=f.metadata.get("check")))
-            continue
-        kwargs[f.name] = section.take(f.name, kind, f.default, choices=f.metadata.get("choices"), check=f.metadata.get("check"))
+    """Validate ``method_options`` into ``options_type``: each field's type, choices and check
+    (:func:`~automl_diff.config._reader.setting`), no unknown key, then the options against each
+    other (``check``). Errors name ``file`` and ``method_options.<key>``."""
+    section = Section(values, file=file, prefix=_SECTION)
+    options = read_settings(options_type, {_SECTION: section})
     section.done()
-    options = options_type(**kwargs)
-    if hasattr(options, "check"):
-        options.check(file)
+    options.check(file)
     return options

@@ -23,10 +23,11 @@ from typing import Any
 
 import optuna
 
+from automl_diff.config.evaluation import Evaluation
 from automl_diff.errors import UserError
 from automl_diff.formatting import fmt_number
 from automl_diff.gating import Schedule
-from automl_diff.records import METRICS, Evaluation, StudyAttr, StudyFolder, TrialAttr
+from automl_diff.records import METRICS, StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.storage import mask_url
 
 __all__ = ["Export", "export_trial", "lineage", "load_call", "model_card"]
@@ -96,7 +97,7 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
         what = {"dkdm": "DKDM student", "diffnas": "DiffNAS student", "dipgo": "DiP-GO schedule"}.get(
             step.get("method") or "", f"method `{step.get('method')}`"
         )
-        evaluation = Evaluation.from_dict(step.get("evaluation"))
+        evaluation = Evaluation.from_record(step.get("evaluation"))
         lines.append(
             f"{i}. {what}: study `{step.get('study')}`"
             + (f" in `{step['storage']}`" if step.get("storage") else "")
@@ -104,7 +105,7 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
             f"MACs per call {fmt_number(metrics.get(TrialAttr.MACS))}, trajectory "
             f"MACs {fmt_number(metrics.get(TrialAttr.TRAJECTORY_MACS))}, "
             f"FID {fmt_number(metrics.get(TrialAttr.FID))} ({evaluation.fid_samples or '?'} "
-            f"samples, {evaluation.sampling_steps or '?'} steps); "
+            f"samples, {evaluation.sampling.steps or '?'} steps); "
             f"parameters `{json.dumps(step.get('params', {}), sort_keys=True)}`"
         )
         if step.get(TrialAttr.BLOCK_CHOICES) and len(steps) > 1:  # a single DiffNAS step has its own table
@@ -125,7 +126,7 @@ def model_card(
     teacher = study.user_attrs.get(StudyAttr.TEACHER_METRICS, {})
     start = study.user_attrs.get(StudyAttr.START_METRICS)
     original = study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER, study.user_attrs.get(StudyAttr.TEACHER))
-    evaluation = Evaluation.of(study.user_attrs)
+    evaluation = Evaluation.from_record(study.user_attrs.get(StudyAttr.EVALUATION))
     rows = [
         ("params", TrialAttr.PARAMS, ""),
         ("MACs per UNet call", TrialAttr.MACS, ""),
@@ -146,13 +147,13 @@ def model_card(
     chain = lineage(study, trial, storage_url=storage_url)
     speedup = attrs.get(TrialAttr.SPEEDUP)
     params = json.dumps(trial.params, indent=2, sort_keys=True)
-    steps = evaluation.sampling_steps or 20
+    steps = evaluation.sampling.steps or 20
     schedule_note = ""
     load = load_call("path/to/this/folder", custom_code=custom_code, pipeline=pipeline)
-    if evaluation.eval_prompts:
+    if evaluation.prompts:
         call = (
-            f"pipe({json.dumps(evaluation.eval_prompts[0])}, num_inference_steps={steps}, "
-            f"guidance_scale={evaluation.guidance_scale:g}).images"
+            f"pipe({json.dumps(evaluation.prompts[0])}, num_inference_steps={steps}, "
+            f"guidance_scale={evaluation.sampling.guidance_scale:g}).images"
         )
     else:
         call = f"pipe(batch_size=4, num_inference_steps={steps}).images"
@@ -198,7 +199,7 @@ library_name: diffusers
 tags:
 - automl_diff
 - {method or "unknown"}
-- {"text-to-image" if evaluation.eval_prompts else "unconditional-image-generation"}
+- {"text-to-image" if evaluation.prompts else "unconditional-image-generation"}
 ---
 
 # {study.study_name} — trial {trial.number}
@@ -210,7 +211,7 @@ A compressed diffusion UNet found by automl_diff (method `{method}`) from
 
 Speedup against the teacher (measured latency): {fmt_number(speedup, "x")}.
 {schedule_note}
-FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling_steps or "?"} {evaluation.scheduler} steps,
+FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling.steps or "?"} {evaluation.sampling.scheduler} steps,
 features `{evaluation.fid_features}`, dataset `{evaluation.fid_dataset}`, seed {evaluation.seed};
 latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.{_prompts_note(evaluation)}
 
@@ -236,13 +237,13 @@ latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}
 
 
 def _prompts_note(evaluation: Evaluation) -> str:
-    if not evaluation.eval_prompts:
+    if not evaluation.prompts:
         return ""
-    prompts = evaluation.eval_prompts
+    prompts = evaluation.prompts
     shown = ", ".join(f"`{p}`" for p in prompts[:5]) + (f" and {len(prompts) - 5} more" if len(prompts) > 5 else "")
     return (
         f"\nImages from {len(prompts)} evaluation prompts ({shown}), {evaluation.images_per_prompt} per prompt, "
-        f"classifier-free guidance {evaluation.guidance_scale:g}; MACs per image count both halves of guidance."
+        f"classifier-free guidance {evaluation.sampling.guidance_scale:g}; MACs per image count both halves of guidance."
     )
 
 

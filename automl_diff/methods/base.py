@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from automl_diff.config.options import read_options
+from automl_diff.config.options import MethodOptions
+from automl_diff.config.settings import MethodSettings
 from automl_diff.config.study import StudyConfig
-from automl_diff.errors import UserError
 from automl_diff.gating import Schedule
 from automl_diff.models.loading import Teacher
 from automl_diff.records import stable_key
@@ -81,51 +81,60 @@ class Method(ABC):
     """A compression method (DKDM, DiffNAS, DiP-GO) as the runners see it.
 
     Args:
-        config: the validated study config.
         teacher: the model to compress, on ``device``: a pretrained teacher, or the exported
             result of another study (stacking).
+        options: the method's own options (:attr:`options_type`), read and checked with the config.
+        settings: what the study hands every method: budgets, the sampler, training prompts, the
+            search space, the seed (:class:`~automl_diff.config.MethodSettings`).
         original: the original teacher when ``teacher`` is the result of another study (None:
             ``teacher`` itself). Methods that distil outputs (DKDM, DiffNAS's output term) take
             their targets from it; block features and gate consistency come from ``teacher``,
             whose architecture they mirror.
         device: torch device for training.
         progress: show progress bars.
+
+    The checks of the options against the teachers are the config's
+    (:meth:`~automl_diff.config.StudyConfig.check_against`), made once before a method is built.
     """
 
-    #: Registry name (``method:`` in a study config).
+    #: Registry name (``method:`` in a study config): its options class names it.
     name: ClassVar[str]
     #: Dataclass of the method's ``method_options`` (:mod:`automl_diff.config.options`).
-    options_type: ClassVar[type]
-    #: Whether the method compresses the UNet of a text-to-image teacher (a pipeline folder).
-    text_to_image: ClassVar[bool] = False
-    #: Whether :meth:`run_trial` reports intermediate scores at :class:`Rungs` (early stopping).
-    reports_rungs: ClassVar[bool] = False
+    options_type: ClassVar[type[MethodOptions]]
 
     def __init__(
         self,
-        config: StudyConfig,
         teacher: Teacher,
+        options: Any,
+        settings: MethodSettings,
         *,
         original: Teacher | None = None,
         device: str | torch.device = "cpu",
         progress: bool = False,
     ) -> None:
-        self.config = config
         self.teacher = teacher
         self.original = original if original is not None else teacher
+        self.options = options
+        self.settings = settings
         self.device = torch.device(device)
         self.progress = progress
-        if teacher.text is not None and not self.text_to_image:
-            raise UserError(
-                f"{config.path}: teacher: '{teacher.source}' is a text-to-image pipeline; method {self.name} compresses "
-                "unconditional UNets only"
-            )
-        self.options = self.options_from(config)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "options_type" in cls.__dict__:
+            cls.name = cls.options_type.method
 
     @classmethod
-    def options_from(cls, config: StudyConfig) -> Any:
-        """The study's ``method_options``, validated into :attr:`options_type`."""
-        return read_options(cls.options_type, config.method_options, file=config.path)
+    def from_config(
+        cls, config: StudyConfig, teacher: Teacher, *, original: Teacher | None = None, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> Method:
+        """The method a study config asks for, with its options and the study's settings."""
+        return cls(teacher, config.method_options, config.method_settings, original=original, device=device, **kwargs)
+
+    @property
+    def reports_rungs(self) -> bool:
+        """Whether :meth:`run_trial` reports intermediate scores at :class:`Rungs` (early stopping)."""
+        return self.options_type.reports_rungs
 
     @property
     def stacked(self) -> bool:

@@ -1,7 +1,15 @@
-"""Where trials run and where results live: RDB storages and the runners.
+"""Where trials run and where results live: the run's set-up, then two sibling backends.
+
+The set-up every backend shares:
 
 * :mod:`~automl_diff.runners.storage`: opening SQLite/PostgreSQL storages, masking passwords.
-* :mod:`~automl_diff.runners.trial`: what one trial does (train, save, evaluate, record).
+* :mod:`~automl_diff.runners.session`: the study run (teachers, checks, method, evaluator) and
+  what one trial does (train, save, evaluate, record).
+* :mod:`~automl_diff.runners.pruning`: early stopping at rungs (MO-ASHA), asked by every trial.
+* :mod:`~automl_diff.runners.artifacts`: sample grids as Optuna artifacts, for the dashboard.
+
+The backends:
+
 * :mod:`~automl_diff.runners.local`: create or resume a study and run trials in this process
   (several such workers may share one study).
 * :mod:`~automl_diff.runners.ray`: the same trials as Ray Tune trials (``--backend ray``).
@@ -18,7 +26,7 @@ from typing import Any
 from automl_diff.runners.storage import load_existing_study, mask_url, open_storage, resolve_study_name
 
 _LAZY = {
-    "StudySession": "automl_diff.runners.trial",
+    "StudySession": "automl_diff.runners.session",
     "make_sampler": "automl_diff.runners.local",
     "open_study": "automl_diff.runners.local",
     "run_study": "automl_diff.runners.local",

@@ -28,8 +28,8 @@ import optuna
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.records import StudyAttr, TrialAttr
+from automl_diff.runners.session import FINISHED_STATES, StudySession
 from automl_diff.runners.storage import mask_url, open_storage
-from automl_diff.runners.trial import FINISHED_STATES, StudySession
 
 __all__ = ["begin_run", "make_sampler", "open_study", "run_study", "start_study"]
 
@@ -98,7 +98,7 @@ def open_study(config: StudyConfig, *, storage_url: str, study_name: str) -> tup
         study.set_user_attr(StudyAttr.METHOD, config.method)
         study.set_user_attr(StudyAttr.TEACHER, config.teacher)
         study.set_user_attr(StudyAttr.CONFIG_FILE, config.path)
-        study.set_user_attr(StudyAttr.SEARCH_SPACE, config.search_space)
+        study.set_user_attr(StudyAttr.SEARCH_SPACE, config.search_space.path if config.search_space is not None else None)
     return study, storage
 
 

@@ -40,8 +40,8 @@ from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
 from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.local import begin_run, finished_trials, make_sampler
+from automl_diff.runners.session import StudySession
 from automl_diff.runners.storage import open_storage
-from automl_diff.runners.trial import StudySession
 
 __all__ = ["run_study_ray"]
 

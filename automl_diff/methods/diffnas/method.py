@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from automl_diff.config.options import DiffNASOptions
-from automl_diff.config.search_space import SupernetSpace, load_search_space
-from automl_diff.errors import UserError
+from automl_diff.config.search_space import SupernetSpace
 from automl_diff.methods.base import Candidate, Method, Rungs
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
@@ -67,29 +66,19 @@ class DiffNAS(Method):
             the method's own, from its options.
     """
 
-    name = "diffnas"
     options_type = DiffNASOptions
-    text_to_image = True
-    reports_rungs = True
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.config.search_space is None:
-            raise UserError(f"{self.config.path}: search_space: required for method diffnas")
-        unet = self.teacher.unet
-        space = load_search_space(self.config.search_space)
-        if not isinstance(space, SupernetSpace):
-            raise UserError(f"{self.config.search_space}: family: method diffnas needs family supernet (per-block subnet choices)")
-        space.validate_for(unet)
-        self.space = space
+        self.space: SupernetSpace = self.settings.search_space
         # (x_t, t) and output targets from the original teacher; block features from the starting model
-        self.inputs = inputs or TrainingInputs(self.config, self.original, self.options, device=self.device)
-        self.supernets: dict[str, BlockSupernet] = {n: s.to(self.device) for n, s in build_supernets(unet, space).items()}
+        self.inputs = inputs or TrainingInputs(self.settings, self.original, self.options, device=self.device)
+        self.supernets: dict[str, BlockSupernet] = {n: s.to(self.device) for n, s in build_supernets(self.teacher.unet, self.space).items()}
         self.block_scores: dict[str, list[BlockScore]] | None = None
         self.global_scores: list[GlobalScore] | None = None
         self.summary: dict[str, Any] = {}
         #: Where data-parallel jobs are written (the study's folder once prepared).
-        self.workdir = Path(self.config.output_dir)
+        self.workdir = Path("runs")
 
     # -- prepare ---------------------------------------------------------------------------------
     def _key(self) -> str:
@@ -97,23 +86,23 @@ class DiffNAS(Method):
         payload = {
             "supernet": [o.source, o.pool_size, o.pool_steps, o.pool_eta, o.supernet_iterations, o.supernet_lr, o.subnets_per_step],
             "space": Path(self.space.path).read_text(),
-            "budgets": [self.config.budgets.batch_size],
-            "seed": self.config.seed,
+            "budgets": [self.settings.budgets.batch_size],
+            "seed": self.settings.seed,
             "teacher": [self.teacher.source, weights_digest(self.teacher.unet)],
             "reference": [self.original.source, weights_digest(self.original.unet) if self.stacked else None],
         }
         if self.teacher.text is not None:  # what the pool's trajectories are conditioned on
-            s = self.config.sampling
-            payload["conditioning"] = [list(self.config.prompts.train), o.prompt_dropout, s.negative_prompt, self.config.fid.dataset]
+            st = self.settings
+            payload["conditioning"] = [list(st.train_prompts), o.prompt_dropout, st.sampling.negative_prompt, st.dataset]
         return stable_key(payload)
 
     def _validation(self) -> dict[str, list[BlockInputs]]:
         """Teacher block inputs/outputs on a fixed set of ``(x_t, t)`` (a separate seed)."""
-        batches = self.inputs.batches(self.config.seed + 7919)
+        batches = self.inputs.batches(self.settings.seed + 7919)
         data: dict[str, list[BlockInputs]] = {n: [] for n in self.supernets}
         remaining = self.options.search_samples
         while remaining > 0:
-            n = min(remaining, self.config.budgets.batch_size)
+            n = min(remaining, self.settings.budgets.batch_size)
             batch = batches(n)
             _, recorded = record_teacher_blocks(self.teacher.unet, batch[0], batch[1], list(self.supernets), **conditioning(batch))
             for name, value in recorded.items():
@@ -149,12 +138,12 @@ class DiffNAS(Method):
             start = time.perf_counter()
             training = {
                 "iterations": o.supernet_iterations,
-                "batch_size": self.config.budgets.batch_size,
+                "batch_size": self.settings.budgets.batch_size,
                 "lr": o.supernet_lr,
                 "subnets_per_step": o.subnets_per_step,
-                "seed": self.config.seed,
+                "seed": self.settings.seed,
             }
-            batches = self.inputs.batches(self.config.seed + 1)
+            batches = self.inputs.batches(self.settings.seed + 1)
             if self.processes > 1:
                 losses = self._train_supernets_data_parallel(batches, training, self.workdir)
             else:
@@ -172,28 +161,19 @@ class DiffNAS(Method):
                 cache.with_suffix(".json").write_text(json.dumps({"key": key, "summary": self.summary}) + "\n")
         for supernet in self.supernets.values():
             supernet.requires_grad_(False).eval()
-        self._search(storage, study_name or self.config.name, key)
+        self._search(storage, study_name or "diffnas", key)
 
     @property
     def processes(self) -> int:
         """Data-parallel ranks of supernet training and retraining (``execution``)."""
-        return self.config.execution.processes
+        return self.settings.processes
 
     def _job(self, task: dict[str, Any]) -> dict[str, Any]:
         """What every data-parallel task of DiffNAS's names: the starting model and the stack."""
         return {**task, "start": self.teacher.source, "stacked": self.stacked}
 
-    def _check_split(self) -> None:
-        batch = self.config.budgets.batch_size
-        if batch % self.processes:
-            raise UserError(
-                f"{self.config.path}: budgets.batch_size: {batch} does not split over {self.processes} processes "
-                "(execution.processes_per_trial)"
-            )
-
     def _train_supernets_data_parallel(self, batches: Any, training: dict[str, Any], workdir: Path) -> list[float]:
         """:func:`train_supernets` over the data-parallel ranks; the trained weights come back here."""
-        self._check_split()
         state = {f"{n}.{k}": v for n, s in self.supernets.items() for k, v in s.state_dict().items()}
         job = {
             "teacher": self.original.source,
@@ -217,17 +197,17 @@ class DiffNAS(Method):
         start = time.perf_counter()
         data = self._validation()
         o = self.options
-        cost = {"cost": o.block_cost, "latency_batch": self.config.budgets.latency_batch_size}
+        cost = {"cost": o.block_cost, "latency_batch": self.settings.latency_batch_size}
         if o.block_cost == "latency":  # scores measured at another batch size or device are not comparable
-            key = f"{key}/latency@{self.config.budgets.latency_batch_size}/{self.device.type}"
+            key = f"{key}/latency@{self.settings.latency_batch_size}/{self.device.type}"
         if o.search == "local":
             self.block_scores = local_search(
-                self.supernets, data, storage=storage, study_name=name, key=key, max_trials=o.block_trials, seed=self.config.seed, **cost
+                self.supernets, data, storage=storage, study_name=name, key=key, max_trials=o.block_trials, seed=self.settings.seed, **cost
             )
             evaluations = sum(len(v) for v in self.block_scores.values())
         else:
             self.global_scores = global_search(
-                self.supernets, data, storage=storage, study_name=name, key=key, n_trials=o.global_trials, seed=self.config.seed, **cost
+                self.supernets, data, storage=storage, study_name=name, key=key, n_trials=o.global_trials, seed=self.settings.seed, **cost
             )
             evaluations = len(self.global_scores) * len(self.supernets)
         self.summary.update(
@@ -253,7 +233,7 @@ class DiffNAS(Method):
             return int(params[RETRAIN_ITERATIONS])
         if len(self.options.retrain_iterations) == 1:
             return int(self.options.retrain_iterations[0])
-        return self.config.budgets.train_iterations
+        return self.settings.budgets.train_iterations
 
     def choose(self, tolerance: float) -> tuple[dict[str, BlockChoice], dict[str, float]]:
         """The block choices a tolerance selects, and their block losses."""
@@ -273,7 +253,7 @@ class DiffNAS(Method):
     def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
         choices, losses = self.choose(params[TOLERANCE])
         iterations = self._iterations(params)
-        seed = self.config.seed + number
+        seed = self.settings.seed + number
         torch.manual_seed(seed)
         student, config = assemble_student(self.teacher.unet, self.supernets, choices)
         o = self.options
@@ -286,20 +266,19 @@ class DiffNAS(Method):
         }
         if iterations > 0:
             at = rungs.iterations(iterations) if rungs is not None else []
-            held_out = self.inputs.held_out(self.config.pruner.score_samples) if at else None
+            held_out = self.inputs.held_out(self.settings.score_samples) if at else None
             weight = JointWeight(o.joint_schedule, o.joint_start, o.joint_end)
             batches = self.inputs.batches(seed)
             options = {
                 "iterations": iterations,
-                "batch_size": self.config.budgets.batch_size,
-                "lr": self.config.budgets.lr,
+                "batch_size": self.settings.budgets.batch_size,
+                "lr": self.settings.budgets.lr,
                 "ema_decay": o.ema_decay,
                 "progress": self.progress,
                 "desc": f"trial {number} retraining",
             }
             student.requires_grad_(True)
             if self.processes > 1:
-                self._check_split()
                 result = fit_data_parallel(
                     student,
                     batches,

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from automl_diff.config.options import DiPGOOptions
-from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
 from automl_diff.methods.base import Candidate, Method, Rungs
 from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner
@@ -43,30 +42,11 @@ logger = logging.getLogger("automl_diff")
 class DiPGO(Method):
     """Timestep-aware block pruning (DiP-GO) of the teacher itself: no weights change."""
 
-    name = "dipgo"
     options_type = DiPGOOptions
-    text_to_image = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         unet = self.teacher.unet
-        if getattr(unet.config, "cross_attention_dim", None) is not None and self.teacher.text is None:
-            raise UserError(
-                f"{self.config.path}: teacher: '{self.teacher.source}' is a text-conditional UNet without its pipeline; name the "
-                "pipeline folder (model_index.json with vae, text_encoder, tokenizer, unet, scheduler) as the teacher"
-            )
-        if self.teacher.text is not None and not self.config.prompts.train:
-            raise UserError(
-                f"{self.config.path}: prompts.train: required for method dipgo on a text-to-image teacher (the prompts its pruner "
-                "trains on)"
-            )
-        processes = self.config.execution.processes
-        if processes > 1:
-            raise UserError(
-                f"{self.config.path}: execution.processes_per_trial: method dipgo trains its pruner in one process; "
-                f"{processes} data-parallel processes (processes_per_trial, or gpus_per_trial) are for dkdm and diffnas: "
-                "set processes_per_trial: 1"
-            )
         self.units = tuple(prunable_units(unet, self.options.granularity))
         self.costs: UnitCosts | None = None
         self.scores: np.ndarray | None = None
@@ -76,17 +56,18 @@ class DiPGO(Method):
 
     @property
     def steps(self) -> int:
-        return self.config.budgets.sampling_steps
+        return self.settings.sampling.steps
 
     def _cache_key(self) -> str:
-        c = self.config
+        st = self.settings
+        b = st.budgets
         payload = {
             "objective": OBJECTIVE_VERSION,
             "options": asdict(self.options),
-            "budgets": [c.budgets.train_iterations, c.budgets.batch_size, c.budgets.lr, c.budgets.sampling_steps],
-            "sampling": [c.sampling.scheduler, c.sampling.eta],
+            "budgets": [b.train_iterations, b.batch_size, b.lr, st.sampling.steps],
+            "sampling": [st.sampling.scheduler, st.sampling.eta],
             "text": self._text_key(),
-            "seed": c.seed,
+            "seed": st.seed,
             "teacher": self.teacher.source,
             "weights": self._digest(),
             "model": model_fingerprint(self.teacher.unet),
@@ -97,19 +78,18 @@ class DiPGO(Method):
         """What the pruner's trajectories are conditioned on (None: an unconditional teacher)."""
         if self.teacher.text is None:
             return None
-        s = self.config.sampling
-        return [list(self.config.prompts.train), s.guidance_scale, s.negative_prompt]
+        s = self.settings.sampling
+        return [list(self.settings.train_prompts), s.guidance_scale, s.negative_prompt]
 
     def sampler(self) -> Sampler:
         """The study's sampler on the training prompts (the reference trajectories take them in
         turn, guided as the study guides); the pruner compares final latents (:meth:`Sampler.denoise`)."""
-        c = self.config
-        s = c.sampling
+        s = self.settings.sampling
         text = self.teacher.text
         prompts = None
         if text is not None:
-            prompts = text.prompts(c.prompts.train, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale)
-        return self.teacher.sampler(s.scheduler, self.steps, s.eta, prompts)
+            prompts = text.prompts(self.settings.train_prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale)
+        return s.sampler(self.teacher.scheduler_config, prompts)
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.costs = unit_costs(self.teacher.unet, self.units, text_length=text_length(self.teacher.text))
@@ -122,7 +102,7 @@ class DiPGO(Method):
                 self.summary = data.get("summary", {})
                 logger.info("DiP-GO: reusing the pruner scores in %s", cache)
         if self.scores is None:
-            c = self.config
+            b = self.settings.budgets
             o = self.options
             weights = self._weights()
             logger.info(
@@ -131,7 +111,7 @@ class DiPGO(Method):
                 self.steps,
                 o.target_macs_ratio,
                 "MACs" if o.unit_cost == "macs" else "time",
-                c.budgets.train_iterations,
+                b.train_iterations,
             )
             result = optimise_pruner(
                 self.teacher.unet,
@@ -139,10 +119,10 @@ class DiPGO(Method):
                 units=self.units,
                 costs=weights,
                 options=o,
-                iterations=c.budgets.train_iterations,
-                batch_size=c.budgets.batch_size,
-                lr=c.budgets.lr,
-                seed=c.seed + 1000,  # training noise differs from the FID noise (seed)
+                iterations=b.train_iterations,
+                batch_size=b.batch_size,
+                lr=b.lr,
+                seed=self.settings.seed + 1000,  # training noise differs from the FID noise (seed)
                 progress=self.progress,
             )
             self.scores = result.scores
@@ -169,7 +149,7 @@ class DiPGO(Method):
         assert self.costs is not None
         if self.options.unit_cost == "macs":
             return UnitWeights.of(self.costs)
-        b = self.config.budgets
+        b = self.settings
         weights = UnitWeights.measured(
             self.teacher.unet,
             self.units,

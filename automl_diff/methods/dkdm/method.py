@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from automl_diff.config.options import DKDMOptions
-from automl_diff.config.search_space import SearchSpace, load_search_space
-from automl_diff.errors import UserError
+from automl_diff.config.search_space import SearchSpace
 from automl_diff.methods.base import Candidate, Method, Rungs
 from automl_diff.methods.training import PoolBatches, TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel
@@ -37,34 +36,15 @@ class DKDM(Method):
             the method's own, from its options.
     """
 
-    name = "dkdm"
     options_type = DKDMOptions
-    text_to_image = True
-    reports_rungs = True
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.config.search_space is None:
-            raise UserError(f"{self.config.path}: search_space: required for method dkdm")
-        prediction = self.original.scheduler_config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise UserError(f"teacher '{self.original.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
-        space = load_search_space(self.config.search_space)
-        if not isinstance(space, SearchSpace):
-            raise UserError(
-                f"{self.config.search_space}: family: method dkdm needs family unet2d or unet2d_condition (student architectures)"
-            )
-        self.space: SearchSpace = space
-        self.space.validate_for(dict(self.teacher.unet.config))
-        if self.options.pool_size < self.config.budgets.batch_size:
-            raise UserError(
-                f"{self.config.path}: method_options.pool_size: must be at least budgets.batch_size "
-                f"({self.config.budgets.batch_size}) (got {self.options.pool_size})"
-            )
+        self.space: SearchSpace = self.settings.search_space
         # distillation targets: the original teacher's predictions (stacking: not the starting model's)
-        self.inputs = inputs or TrainingInputs(self.config, self.original, self.options, device=self.device)
+        self.inputs = inputs or TrainingInputs(self.settings, self.original, self.options, device=self.device)
         #: Where data-parallel jobs are written (the study's folder once prepared).
-        self.workdir = Path(self.config.output_dir)
+        self.workdir = Path("runs")
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.inputs.prepare()
@@ -86,11 +66,11 @@ class DKDM(Method):
         return student, config, inherited
 
     def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
-        seed = self.config.seed + number
+        seed = self.settings.seed + number
         torch.manual_seed(seed)
         student, config, inherited = self.build_student(params)
         student.to(self.device)
-        budgets = self.config.budgets
+        budgets = self.settings.budgets
         batches = self.inputs.batches(seed)
         iterations = budgets.train_iterations
         options = {
@@ -102,14 +82,9 @@ class DKDM(Method):
             "desc": f"trial {number} dkdm",
         }
         at = rungs.iterations(iterations) if rungs is not None else []
-        held_out = self.inputs.held_out(self.config.pruner.score_samples) if at else None
-        processes = self.config.execution.processes
+        held_out = self.inputs.held_out(self.settings.score_samples) if at else None
+        processes = self.settings.processes
         if processes > 1:
-            if budgets.batch_size % processes:
-                raise UserError(
-                    f"{self.config.path}: budgets.batch_size: {budgets.batch_size} does not split over "
-                    f"{processes} processes (execution.processes_per_trial)"
-                )
             result = fit_data_parallel(
                 student,
                 batches,

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from automl_diff.config.options import PoolOptions
-from automl_diff.config.study import StudyConfig
-from automl_diff.errors import UserError
+from automl_diff.config.settings import MethodSettings
 from automl_diff.methods.training.loop import world
 from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels
 from automl_diff.models.loading import Teacher
@@ -199,8 +198,8 @@ class TrainingInputs:
     prompt; its dataset is the captioned images encoded by the teacher's VAE.
     """
 
-    def __init__(self, config: StudyConfig, teacher: Teacher, options: PoolOptions, *, device: torch.device) -> None:
-        self.config = config
+    def __init__(self, settings: MethodSettings, teacher: Teacher, options: PoolOptions, *, device: torch.device) -> None:
+        self.settings = settings
         self.teacher = teacher
         self.options = options
         self.device = device
@@ -210,11 +209,6 @@ class TrainingInputs:
         self._dataset: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         self._held_out: Batch | None = None
-        if teacher.text is not None and options.source == "teacher" and not config.prompts.train:
-            raise UserError(
-                f"{config.path}: prompts.train: required to distil a text-to-image teacher data-free "
-                "(the prompts its generations are conditioned on)"
-            )
 
     def alphas_cumprod(self) -> torch.Tensor:
         return self.teacher.noise_schedule().alphas_cumprod
@@ -223,16 +217,14 @@ class TrainingInputs:
         """Conditioning of ``prompts`` and, last, of the unconditional prompt (in the UNet's dtype,
         on the device)."""
         text = self.teacher.text
-        table = torch.cat([text.encode(prompts), text.encode([self.config.sampling.negative_prompt])])
+        table = torch.cat([text.encode(prompts), text.encode([self.settings.sampling.negative_prompt])])
         return table.to(self.device, next(self.teacher.unet.parameters()).dtype)
 
     @torch.no_grad()
     def _load_dataset(self) -> None:
         from automl_diff.zoo import captioned_images, dataset_images
 
-        dataset = self.config.fid.dataset or self.teacher.dataset
-        if dataset is None:
-            raise UserError(f"{self.config.path}: fid.dataset: needed for method_options.source=dataset")
+        dataset = self.settings.dataset or self.teacher.dataset
         t = self.teacher
         if t.text is None:
             self._dataset = dataset_images(dataset, resolution=t.resolution, channels=t.channels)
@@ -257,7 +249,7 @@ class TrainingInputs:
             return
         unet = self.teacher.unet
         if self.teacher.text is not None:
-            self.prompts = self._encode(list(self.config.prompts.train))
+            self.prompts = self._encode(list(self.settings.train_prompts))
         schedule = self.teacher.noise_schedule()
         size = self.teacher.latent_resolution
         self.pool = NoisePool(
@@ -268,7 +260,7 @@ class TrainingInputs:
             eta=self.options.pool_eta,
             clip_sample=bool(schedule.config.clip_sample),
             clip_range=float(schedule.config.clip_sample_range),
-            generator=torch.Generator().manual_seed(self.config.seed),
+            generator=torch.Generator().manual_seed(self.settings.seed),
             device=self.device,
             num_labels=0 if self.prompts is None else len(self.prompts) - 1,
             label_dropout=self.options.prompt_dropout,
@@ -277,7 +269,7 @@ class TrainingInputs:
         with torch.no_grad():
             self.pool.warm_up(
                 lambda x, t, labels: labeller.label(x, t, _context(self.prompts, labels)),
-                batch_size=max(self.config.budgets.batch_size, 256),
+                batch_size=max(self.settings.budgets.batch_size, 256),
             )
         self._snapshot = self.pool.state()
 
@@ -299,7 +291,7 @@ class TrainingInputs:
         ``samples`` noised images of the dataset. The same batch on every call."""
         self.prepare()
         if self._held_out is None or len(self._held_out[0]) != samples:
-            generator = torch.Generator().manual_seed(self.config.seed + 7919)
+            generator = torch.Generator().manual_seed(self.settings.seed + 7919)
             if self.options.source == "dataset":
                 self._held_out = self._data_batches(generator)(samples)
             else:

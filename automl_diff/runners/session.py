@@ -1,8 +1,9 @@
-"""What one trial does, whatever runs it: train a candidate, save it, evaluate it, record it.
+"""The set-up of a study run and what one trial does, whatever backend runs it.
 
-:class:`StudySession` holds what trials of one study share (teacher, method, evaluator) and
-exposes :meth:`StudySession.objective`, the Optuna objective that the local runner (and later the
-Ray Tune runner) calls.
+:class:`StudySession` loads the teachers, checks the config against them once
+(:meth:`~automl_diff.config.StudyConfig.check_against`), builds the method and the evaluator, and
+exposes :meth:`StudySession.objective`, the Optuna objective both backends call: train a
+candidate, save it, evaluate it, record it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gc
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,11 @@ import torch
 
 from automl_diff.config.study import StudyConfig, resolve_device
 from automl_diff.errors import UserError
+from automl_diff.evaluation import Evaluator, ModelMetrics
 from automl_diff.methods import METHODS, Rungs, TrainingDiverged, TrainingFailed
 from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
-from automl_diff.records import Evaluation, StudyAttr, StudyFolder, TrialAttr
+from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.artifacts import attach_samples
-from automl_diff.runners.evaluate import Evaluator, ModelMetrics
 from automl_diff.runners.pruning import MOASHA
 from automl_diff.zoo import TEACHERS
 
@@ -35,6 +37,14 @@ logger = logging.getLogger("automl_diff")
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Exceptions that fail one trial (reason recorded) but let the study go on.
 TRIAL_FAILURES: tuple[type[BaseException], ...] = (TrainingDiverged, TrainingFailed, torch.OutOfMemoryError)
+
+
+def _load(config: StudyConfig, key: str, source: str, *, device: str, dtype: torch.dtype) -> Teacher:
+    """A teacher the config names under ``key``, errors naming the file and the key."""
+    try:
+        return load_teacher(source, device=device, dtype=dtype)
+    except UserError as exc:
+        raise UserError(f"{config.path}: {key}: {exc}") from None
 
 
 def resolve_original_teacher(config: StudyConfig) -> tuple[str, ExportInfo | None]:
@@ -92,44 +102,24 @@ class StudySession:
             raise UserError(f"{config.path}: dtype: float16 needs a CUDA device (device is {self.device}); use bfloat16 or float32")
         dtype = getattr(torch, config.dtype)
         original, info = resolve_original_teacher(config)
-        try:
-            self.teacher: Teacher = load_teacher(config.teacher, device=self.device, dtype=dtype)
-        except UserError as exc:
-            raise UserError(f"{config.path}: teacher: {exc}") from None
+        self.teacher: Teacher = _load(config, "teacher", config.teacher, device=self.device, dtype=dtype)
         #: The studies and trials that made the teacher, oldest first (empty: a pretrained teacher).
         self.lineage: list[dict[str, Any]] = info.lineage if info is not None else []
         self.original: Teacher = self.teacher
         if original != config.teacher:
-            try:
-                self.original = load_teacher(original, device=self.device, dtype=dtype)
-            except UserError as exc:
-                raise UserError(f"{config.path}: original_teacher: {exc}") from None
-            if (self.original.resolution, self.original.channels) != (self.teacher.resolution, self.teacher.channels):
-                raise UserError(
-                    f"{config.path}: original_teacher: '{original}' makes {self.original.channels}x{self.original.resolution}px "
-                    f"images, the teacher {self.teacher.channels}x{self.teacher.resolution}px"
-                )
-        if config.prompts.given and self.original.text is None:
-            raise UserError(f"{config.path}: prompts: the teacher '{self.original.source}' is not a text-to-image pipeline")
-        self.method = METHODS[config.method](config, self.teacher, original=self.original, device=self.device, progress=progress)
-        if config.pruner.enabled and not self.method.reports_rungs:
-            raise UserError(
-                f"{config.path}: pruner.name: method {config.method} reports no intermediate scores; use pruner: {{name: none}}"
-            )
+            self.original = _load(config, "original_teacher", original, device=self.device, dtype=dtype)
+        config.check_against(self.teacher, self.original)
+        self.method = METHODS[config.method].from_config(
+            config, self.teacher, original=self.original, device=self.device, progress=progress
+        )
         self.evaluator = Evaluator(
-            config,
-            scheduler_config=self.teacher.scheduler_config,
-            teacher_dataset=self.original.dataset,
-            resolution=self.teacher.resolution,
-            channels=self.teacher.channels,
-            device=self.device,
-            progress=progress,
-            text=self.original.text,
-            judge=self.original.judge,
+            replace(config.evaluation, dtype=config.dtype), self.original, device=self.device, where=config.path, progress=progress
         )
         #: The study's storage, once a runner has opened it (methods keep their own searches beside
         #: the study; sample notes name the study's and trial's ids in it).
         self.storage: optuna.storages.BaseStorage | None = None
+        #: The original teacher's metrics, once :meth:`record_teacher` has measured or read them.
+        self.teacher_metrics: dict[str, Any] | None = None
         self._prepared = False
 
     @property
@@ -144,7 +134,13 @@ class StudySession:
     def record_teacher(self, study: optuna.Study) -> dict[str, Any]:
         """The original teacher's metrics, measured once per study and kept as study user
         attributes together with its scheduler config, the evaluation setup and the lineage;
-        returns the metrics. A stacked study also measures the model it starts from."""
+        returns the metrics (read from the study once per run after that). A stacked study also
+        measures the model it starts from."""
+        if self.teacher_metrics is None:
+            self.teacher_metrics = self._record_teacher(study)
+        return self.teacher_metrics
+
+    def _record_teacher(self, study: optuna.Study) -> dict[str, Any]:
         stored = study.user_attrs.get(StudyAttr.TEACHER_METRICS)
         if stored:
             recorded = study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER)
@@ -160,32 +156,8 @@ class StudySession:
         text = self.original.text
         if text is not None:
             study.set_user_attr(StudyAttr.PIPELINE, {"class": text.pipeline_class, "folder": text.folder})
-        c = self.config
-        evaluation = Evaluation(
-            fid_samples=c.budgets.fid_samples,
-            sampling_steps=c.budgets.sampling_steps,
-            scheduler=c.sampling.scheduler,
-            fid_dataset=self.evaluator.dataset,
-            fid_features=self.evaluator.features,
-            latency_batch_size=c.budgets.latency_batch_size,
-            seed=c.seed,
-            device=str(self.device),
-            fid_interval=c.fid.interval,
-            dtype=c.dtype,
-            **(
-                {
-                    "guidance_scale": c.sampling.guidance_scale,
-                    "negative_prompt": c.sampling.negative_prompt,
-                    "images_per_prompt": c.budgets.images_per_prompt,
-                    "eval_prompts": list(c.prompts.eval),
-                    "alignment": c.prompts.alignment,
-                }
-                if self.evaluator.prompts is not None
-                else {}
-            ),
-        )
-        study.set_user_attr(StudyAttr.EVALUATION, evaluation.to_dict())
-        logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.config.budgets.fid_samples)
+        study.set_user_attr(StudyAttr.EVALUATION, self.evaluator.evaluation.to_record())
+        logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.evaluator.evaluation.fid_samples)
         metrics = self.evaluator.evaluate(self.original.unet, desc="teacher").to_dict()
         self._log_metrics("teacher", metrics)
         if self.stacked:
@@ -273,7 +245,7 @@ class StudySession:
         for key, value in candidate.attrs.items():
             trial.set_user_attr(key, value)
         metrics = self.evaluator.evaluate(candidate.unet, schedule=candidate.schedule, desc=f"trial {trial.number} sampling")
-        self._record(trial, metrics, self.record_teacher(study))
+        self._record(trial, metrics, self.record_teacher(study))  # read from the study once per run
         if self.evaluator.last_samples is not None:
             artifact_dir = self.folder.artifacts
             if study.user_attrs.get(StudyAttr.ARTIFACT_DIR) != str(artifact_dir):

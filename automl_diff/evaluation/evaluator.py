@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl_diff.config.study import StudyConfig
+from automl_diff.config.evaluation import Evaluation
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, apply_schedule, unit_costs
 from automl_diff.metrics.alignment import ClipScorer, prompt_accuracy, prompt_labels
@@ -24,10 +24,11 @@ from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_fea
 from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
 from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import count_macs
-from automl_diff.models.text import TextToImage, text_length
+from automl_diff.models.loading import Teacher
+from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr
-from automl_diff.sampling import Prompts, Sampler
-from automl_diff.zoo import JUDGES, PromptJudge, default_features
+from automl_diff.sampling import Prompts
+from automl_diff.zoo import JUDGES, PromptJudge
 
 __all__ = ["Evaluator", "ModelMetrics"]
 
@@ -76,74 +77,59 @@ class ModelMetrics:
 
 
 class Evaluator:
-    """Evaluates models against a study's teacher, dataset and budgets.
+    """Evaluates models the way a study's :class:`~automl_diff.config.Evaluation` says, against
+    the study's (original) teacher.
 
-    Every model is sampled from the same initial noise (``config.seed``) with the same scheduler
-    and step count (and, for a text-to-image teacher, ``text``, the same prompts and guidance),
-    so FID and latency compare like with like.
+    Every model is sampled from the same initial noise (``evaluation.seed``) with the same
+    sampler (and, for a text-to-image teacher, the same prompts, guidance and VAE), so FID and
+    latency compare like with like. The settings are checked against the teacher beforehand
+    (:meth:`~automl_diff.config.StudyConfig.check_against`).
+
+    Args:
+        evaluation: the study's evaluation settings.
+        teacher: the teacher models are measured against (its noise schedule, its pipeline's
+            parts, its FID dataset and prompt judge where the settings name none).
+        device: where models sample.
+        where: what errors name (the config file, or a benchmark preset).
+        progress: show progress bars.
 
     Raises:
-        UserError: no FID dataset is known, or a text-to-image teacher's study has no
-            evaluation prompts.
+        UserError: the CLIP model of ``clip_score`` is not on this machine.
     """
 
     def __init__(
-        self,
-        config: StudyConfig,
-        *,
-        scheduler_config: dict[str, Any],
-        teacher_dataset: str | None,
-        resolution: int,
-        channels: int,
-        device: str | torch.device,
-        progress: bool = False,
-        text: TextToImage | None = None,
-        judge: str | None = None,
+        self, evaluation: Evaluation, teacher: Teacher, *, device: str | torch.device, where: str = "study", progress: bool = False
     ) -> None:
-        self.config = config
-        self.text = text
         self.device = torch.device(device)
+        self.where = where
+        #: The settings with what the teacher decides filled in (the record a study keeps).
+        self.evaluation = e = evaluation.resolved(dataset=teacher.dataset, device=str(self.device), dtype=evaluation.dtype)
+        self.text = teacher.text
         self.prompts: Prompts | None = None
         #: The class each FID image's prompt names, and the judge that reads it (``prompt_accuracy``).
         self.labels: list[int] | None = None
         self.judge: PromptJudge | None = None
         self._clip: ClipScorer | None = None
-        if config.prompts.alignment is not None and text is None:
-            raise UserError(f"{config.path}: prompts.alignment: {config.prompts.alignment} needs a text-to-image teacher")
-        if text is not None:
-            if not config.prompts.eval:
-                raise UserError(f"{config.path}: prompts.eval: required for a text-to-image teacher (a file of prompts FID is measured on)")
-            s = config.sampling
-            self.prompts = text.prompts(
-                config.prompts.eval,
-                negative_prompt=s.negative_prompt,
-                guidance_scale=s.guidance_scale,
-                images_per_prompt=config.budgets.images_per_prompt,
+        if teacher.text is not None:
+            s = e.sampling
+            self.prompts = teacher.text.prompts(
+                e.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, images_per_prompt=e.images_per_prompt
             )
-            if config.prompts.alignment == "prompt_accuracy":
-                judge = config.prompts.judge or judge
-                if judge is None:
-                    raise UserError(
-                        f"{config.path}: prompts.judge: prompt_accuracy needs a prompt judge ({', '.join(JUDGES)}); this teacher "
-                        "has none of its own: name one, or measure clip_score"
-                    )
-                self.judge = JUDGES[judge]
-                labels = prompt_labels(config.prompts.eval, self.judge, where=f"{config.path}: prompts.eval")
-                self.labels = [labels[self.prompts.prompt_of(i)] for i in range(config.budgets.fid_samples)]
-            elif config.prompts.alignment == "clip_score":
+            if e.alignment == "prompt_accuracy":
+                self.judge = JUDGES[e.judge or teacher.judge]
+                labels = prompt_labels(e.prompts, self.judge, where=f"{where}: prompts.eval")
+                self.labels = [labels[self.prompts.prompt_of(i)] for i in range(e.fid_samples)]
+            elif e.alignment == "clip_score":
                 try:
-                    self._clip = ClipScorer(config.prompts.clip_model, device=self.device)
+                    self._clip = ClipScorer(e.clip_model, device=self.device)
                 except UserError as exc:
-                    raise UserError(f"{config.path}: prompts.alignment: {exc}") from None
+                    raise UserError(f"{where}: prompts.alignment: {exc}") from None
         #: How every model samples: the study's scheduler, steps and eta, the evaluation prompts.
-        s = config.sampling
-        self.sampler = Sampler(scheduler_config, s.scheduler, config.budgets.sampling_steps, s.eta, self.prompts)
-        self.dataset = config.fid.dataset or teacher_dataset
-        if self.dataset is None:
-            raise UserError(f"{config.path}: fid.dataset: required for a teacher other than digits (a dataset name or folder:PATH)")
-        self.features = config.fid.features or default_features(self.dataset)
-        self.resolution = resolution
-        self.channels = channels
+        self.sampler = e.sampling.sampler(teacher.scheduler_config, self.prompts)
+        self.dataset = e.fid_dataset
+        self.features = e.fid_features
+        self.resolution = teacher.resolution
+        self.channels = teacher.channels
         self.progress = progress
         self._extractor: FeatureExtractor | None = None
         #: The first images of the last FID run (the same noise for every model): for sample grids;
@@ -159,7 +145,7 @@ class Evaluator:
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = get_extractor(self.features, device=self.device, clip_model=self.config.prompts.clip_model)
+            self._extractor = get_extractor(self.features, device=self.device, clip_model=self.evaluation.clip_model)
         return self._extractor
 
     @property
@@ -176,16 +162,16 @@ class Evaluator:
 
     def fid(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> float:
         """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given."""
-        c = self.config
+        e = self.evaluation
         with _gated(unet, schedule):
             images = self.sampler.sample(
-                unet, num_images=c.budgets.fid_samples, batch_size=c.fid.batch_size, seed=c.seed, progress=self.progress, desc=desc
+                unet, num_images=e.fid_samples, batch_size=e.fid_batch_size, seed=e.seed, progress=self.progress, desc=desc
             )
         if self.prompts is not None:  # one image per prompt, so the grid shows what each prompt gives
             per = self.prompts.images_per_prompt
-            first = [i * per for i in range(min(16, len(c.prompts.eval))) if i * per < len(images)]
+            first = [i * per for i in range(min(16, len(e.prompts))) if i * per < len(images)]
             self.last_samples = images[first].clone()
-            self.last_prompts = [c.prompts.eval[self.prompts.prompt_of(i)] for i in first]
+            self.last_prompts = [e.prompts[self.prompts.prompt_of(i)] for i in first]
         else:
             self.last_samples = images[:16].clone()
         self.last_alignment = self.alignment(images)
@@ -198,17 +184,17 @@ class Evaluator:
         if self.labels is not None and self.judge is not None:
             return "prompt_accuracy", prompt_accuracy(images, self.labels, self.judge)
         if self._clip is not None and self.prompts is not None:
-            prompts = [self.config.prompts.eval[self.prompts.prompt_of(i)] for i in range(len(images))]
+            prompts = [self.evaluation.prompts[self.prompts.prompt_of(i)] for i in range(len(images))]
             return "clip_score", self._clip(images, prompts)
         return None
 
     def fid_interval(self, fid: float) -> Interval:
         """The 95% interval of ``fid``, the FID of the last run (:func:`~automl_diff.metrics.intervals.fid_interval`)."""
-        return fid_interval(fid, self.last_features, *self.reference, seed=self.config.seed)
+        return fid_interval(fid, self.last_features, *self.reference, seed=self.evaluation.seed)
 
     def kid(self) -> Kid:
         """KID of the last run's images against the dataset's features."""
-        return kid(self.last_features, self.reference_set.features, seed=self.config.seed)
+        return kid(self.last_features, self.reference_set.features, seed=self.evaluation.seed)
 
     @property
     def text_length(self) -> int:
@@ -221,8 +207,8 @@ class Evaluator:
 
     def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
-        b = self.config.budgets
-        steps = b.sampling_steps
+        e = self.evaluation
+        steps = self.sampler.steps
         calls = self.sampler.calls_per_step
         if schedule is None:
             cost = count_macs(unet, text_length=self.text_length)
@@ -230,7 +216,7 @@ class Evaluator:
             params = cost.params
         else:
             if schedule.steps != steps:
-                raise UserError(f"{self.config.path}: budgets.sampling_steps: the schedule has {schedule.steps} steps (got {steps})")
+                raise UserError(f"{self.where}: budgets.sampling_steps: the schedule has {schedule.steps} steps (got {steps})")
             costs = unit_costs(unet, schedule.units, text_length=self.text_length)
             trajectory = calls * schedule.trajectory_macs(costs)
             macs = round(trajectory / steps)
@@ -238,10 +224,10 @@ class Evaluator:
             params = costs.total.params
         fid = self.fid(unet, schedule=schedule, desc=desc)
         with _gated(unet, schedule):
-            rounds = sampler_rounds({"model": unet}, self.sampler, batch_size=b.latency_batch_size, repeats=b.latency_repeats)
+            rounds = sampler_rounds({"model": unet}, self.sampler, batch_size=e.latency_batch_size, repeats=e.latency_repeats)
         latency = statistics.median(rounds["model"])
         extra: dict[str, Any] = {"alignment": self.last_alignment}
-        if self.config.fid.interval:
+        if e.fid_interval:
             extra.update(fid_interval=self.fid_interval(fid), kid=self.kid())
         return ModelMetrics(params, macs, macs_no_attention, trajectory, fid, latency, **extra)
 
