@@ -2,18 +2,22 @@
 
 Layers, from the top (a module imports only from the layers below it):
 
-* :mod:`automl_diff.study` (the command line), :mod:`automl_diff.bench` (every method side by side).
+* :mod:`automl_diff.cli` (the command line; ``python -m automl_diff.study``),
+  :mod:`automl_diff.bench` (every method side by side).
 * :mod:`automl_diff.analysis` (trial tables, the Pareto front, figures, reports) and
   :mod:`automl_diff.export` (diffusers pipelines with model cards).
-* :mod:`automl_diff.runners`: storages, what one trial does, the local and Ray Tune runners.
+* :mod:`automl_diff.runners`: the run's set-up (storages, the session, what one trial does, early
+  stopping) and its two backends, local and Ray Tune.
 * :mod:`automl_diff.methods`: DKDM (``dkdm/``), DiffNAS (``diffnas/``), DiP-GO (``dipgo/``) and the
-  training they share (``training/``).
-* :mod:`automl_diff.config`: study configs, method options and search spaces read from YAML.
+  training they share (``training/``); :mod:`automl_diff.evaluation`: the evaluation every model
+  goes through.
+* :mod:`automl_diff.config`: study configs, evaluation settings, method options and search spaces
+  read from YAML, checked once.
 * :mod:`automl_diff.gating`: schedules of which unit computes at which step, and their hooks.
 * :mod:`automl_diff.metrics`: MACs/params (fvcore), FID (pytorch-fid), latency.
 * :mod:`automl_diff.models`: block addressing and recording, teachers, the student UNet class.
-* :mod:`automl_diff.zoo`, :mod:`automl_diff.data`, :mod:`automl_diff.sampling`: the shipped digits
-  models, datasets, the sampling loop.
+* :mod:`automl_diff.zoo`, :mod:`automl_diff.data`, :mod:`automl_diff.sampling`: the built-in
+  teachers and their datasets by name, image folders and prompt files, the sampler.
 * :mod:`automl_diff.records`, :mod:`automl_diff.errors`: what a study stores, and user errors.
 
 Importing the package does nothing but define names; heavy modules load on first use.

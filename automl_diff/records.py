@@ -52,7 +52,9 @@ class StudyAttr:
 
 
 class TrialAttr:
-    """Trial user attributes: what the runner records for every trial, then the facts each method adds."""
+    """Trial user attributes the runner records for every trial, whatever its method. Each method
+    names the facts it adds in a class of its own (``DKDMAttr``, ``DiffNASAttr``, ``DiPGOAttr``, and
+    :class:`automl_diff.methods.base.TrainAttr` for what training records)."""
 
     # metrics of the trial's model (lower is better), as the evaluator measures them
     PARAMS: Final = "params"
@@ -94,43 +96,6 @@ class TrialAttr:
     RUNG_MACS: Final = "rung_macs"
     PRUNED_AT_RUNG: Final = "pruned_at_rung"
     PRUNE_REASON: Final = "prune_reason"
-    # training (DKDM, DiffNAS retraining)
-    TRAIN_SECONDS: Final = "train_seconds"
-    TRAIN_LOSS_FIRST: Final = "train_loss_first"
-    TRAIN_LOSS_LAST: Final = "train_loss_last"
-    #: ``teacher`` (weights cut from the teacher's) or ``random``, and the share of the student's
-    #: parameters that came from the teacher.
-    INIT: Final = "init"
-    INHERITED_FRACTION: Final = "inherited_fraction"
-    #: Processes that trained the model (torch DDP above 1).
-    TRAIN_PROCESSES: Final = "train_processes"
-    # DKDM
-    SOURCE: Final = "source"
-    TEACHER_EVALUATIONS: Final = "teacher_evaluations"
-    POOL_TRAJECTORIES_COMPLETED: Final = "pool_trajectories_completed"
-    # DiffNAS
-    BLOCK_CHOICES: Final = "block_choices"
-    BLOCK_LOSSES: Final = "block_losses"
-    RETRAIN_ITERATIONS: Final = "retrain_iterations"
-    JOINT_SCHEDULE: Final = "joint_schedule"
-    SUPERNET_SECONDS: Final = "supernet_seconds"
-    SUPERNET_LOSS_FIRST: Final = "supernet_loss_first"
-    SUPERNET_LOSS_LAST: Final = "supernet_loss_last"
-    SEARCH: Final = "search"
-    BLOCK_COST: Final = "block_cost"
-    SEARCH_SECONDS: Final = "search_seconds"
-    BLOCK_EVALUATIONS: Final = "block_evaluations"
-    # DiP-GO
-    THRESHOLD: Final = "threshold"
-    COMPUTED_FRACTION: Final = "computed_fraction"
-    GRANULARITY: Final = "granularity"
-    TARGET_MACS_RATIO: Final = "target_macs_ratio"
-    PRUNER_UNIT_COST: Final = "pruner_unit_cost"
-    PRUNER_UNIT_SECONDS: Final = "pruner_unit_seconds"
-    PRUNER_FORWARD_SECONDS: Final = "pruner_forward_seconds"
-    PRUNER_SECONDS: Final = "pruner_seconds"
-    PRUNER_CONSISTENCY: Final = "pruner_consistency"
-    PRUNER_EXPECTED_RATIO: Final = "pruner_expected_ratio"
 
 
 class BlockSearchAttr:

@@ -17,8 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from automl_diff.cli import main as cli
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units
-from automl_diff.study.cli import main as cli
 
 
 def main() -> None:

@@ -244,8 +244,8 @@ def main() -> None:
             proc = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             walls.append(time.perf_counter() - start)
         rows = len(proc.stdout.strip().splitlines()) - 3
+        from automl_diff.cli.commands import pareto_table
         from automl_diff.runners import load_existing_study
-        from automl_diff.study.commands import pareto_table
 
         inproc = []
         for _ in range(3):

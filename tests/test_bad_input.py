@@ -22,8 +22,8 @@ import optuna
 import pytest
 import yaml
 
+from automl_diff.cli import main
 from automl_diff.records import StudyAttr, TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import write_study
 
 
@@ -312,7 +312,7 @@ def test_every_subcommand_has_a_bad_input_case(tmp_path, tiny_teacher_dir, tiny_
     """A subcommand added without a case here fails this test."""
     import argparse
 
-    from automl_diff.study.cli import build_parser
+    from automl_diff.cli import build_parser
 
     commands = set()
     for i, (_, argv, _) in enumerate(CASES):  # each case builds its inputs in a folder of its own

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from automl_diff.study.cli import main
+from automl_diff.cli import main
 from tests.conftest import REPO
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

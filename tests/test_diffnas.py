@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from automl_diff.cli import main
 from automl_diff.config.search_space import SupernetBlock, SupernetSpace, load_search_space
 from automl_diff.errors import UserError
 from automl_diff.methods.diffnas import (
@@ -22,13 +23,13 @@ from automl_diff.methods.diffnas import (
     local_search,
     train_supernets,
 )
+from automl_diff.methods.diffnas.method import DiffNASAttr
 from automl_diff.methods.diffnas.retrain import JointLoss
 from automl_diff.methods.diffnas.search import BlockScore, record_teacher_blocks, score_candidate
 from automl_diff.methods.diffnas.supernet import iter_tensors, plug_supernets
 from automl_diff.models.blocks import block_names, get_block
 from automl_diff.models.student import StudentUNet2DModel
 from automl_diff.records import BlockSearchAttr, TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -348,8 +349,8 @@ def test_diffnas_study_records_choices_and_exports_loadable_students(diffnas_stu
     assert len(set(fingerprints)) == len(fingerprints)  # same student and budget: pruned, not retrained
     trial = complete[-1]
     attrs = trial.user_attrs
-    assert set(attrs[TrialAttr.BLOCK_CHOICES]) == set(block_names_of(attrs[TrialAttr.MODEL_CONFIG]))
-    assert attrs[TrialAttr.RETRAIN_ITERATIONS] in (0, 2) and attrs[TrialAttr.SEARCH] == "local"
+    assert set(attrs[DiffNASAttr.BLOCK_CHOICES]) == set(block_names_of(attrs[TrialAttr.MODEL_CONFIG]))
+    assert attrs[DiffNASAttr.RETRAIN_ITERATIONS] in (0, 2) and attrs[DiffNASAttr.SEARCH] == "local"
     assert attrs[TrialAttr.MODEL_CONFIG]["_class_name"] == "StudentUNet2DModel"
     assert main(["status", "--storage", storage]) == 0  # the block studies do not hide the only study
     assert "tinynas" in capsys.readouterr().out
@@ -416,8 +417,8 @@ def test_global_mode_study_and_option_errors(study_factory, tmp_path, capsys):
     assert len(search.trials) == 4 and search.metric_names == ["latency", "loss"]
     assert all(t.values[0] == t.user_attrs[BlockSearchAttr.LATENCY] > 0 for t in search.trials)
     trial = optuna.load_study(study_name="tinyglobal", storage=storage).best_trials[0]
-    assert trial.user_attrs[TrialAttr.SEARCH] == "global" and trial.user_attrs[TrialAttr.BLOCK_COST] == "latency"
-    assert json.dumps(trial.user_attrs[TrialAttr.BLOCK_CHOICES])
+    assert trial.user_attrs[DiffNASAttr.SEARCH] == "global" and trial.user_attrs[DiffNASAttr.BLOCK_COST] == "latency"
+    assert json.dumps(trial.user_attrs[DiffNASAttr.BLOCK_CHOICES])
 
     for options, match in [
         ({"tolerance_low": 0.5, "tolerance_high": 0.1}, "tolerance_low: must be below"),

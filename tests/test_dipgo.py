@@ -10,9 +10,11 @@ import optuna
 import pytest
 import torch
 
+from automl_diff.cli import main
 from automl_diff.config.options import DiPGOOptions
 from automl_diff.errors import UserError
 from automl_diff.gating import GateController, Schedule, ScheduleMismatch, apply_schedule, model_fingerprint, prunable_units, unit_costs
+from automl_diff.methods.dipgo.method import DiPGOAttr
 from automl_diff.methods.dipgo.optimise import CheckpointedSteps, expected_ratio, optimise_pruner, ssim
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.weights import UnitWeights
@@ -20,7 +22,6 @@ from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import get_block, name_to_module_path
 from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.sampling import Prompts, Sampler
-from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True}
@@ -554,7 +555,7 @@ def test_dipgo_study_records_schedules_and_exports_them(dipgo_study, tmp_path, c
     trial = complete[0]
     attrs = trial.user_attrs
     schedule = Schedule.load(attrs[TrialAttr.SCHEDULE_FILE])
-    assert schedule.to_dict() == attrs[TrialAttr.SCHEDULE] and schedule.info["threshold"] == attrs[TrialAttr.THRESHOLD]
+    assert schedule.to_dict() == attrs[TrialAttr.SCHEDULE] and schedule.info["threshold"] == attrs[DiPGOAttr.THRESHOLD]
     assert trial.values[0] == attrs[TrialAttr.TRAJECTORY_MACS] <= teacher[TrialAttr.TRAJECTORY_MACS]
     assert not (tmp_path / "runs" / "tinygo" / f"trial_{trial.number}" / "unet").exists()  # weights are the teacher's
 
@@ -663,11 +664,11 @@ def test_latency_unit_cost_weighs_the_units_by_their_measured_seconds(study_fact
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
     study = optuna.load_study(study_name="tinylat", storage=f"sqlite:///{tmp_path / 'study.db'}")
     attrs = study.trials[0].user_attrs
-    seconds = attrs[TrialAttr.PRUNER_UNIT_SECONDS]
-    assert attrs[TrialAttr.PRUNER_UNIT_COST] == "latency" and list(seconds) == list(
+    seconds = attrs[DiPGOAttr.PRUNER_UNIT_SECONDS]
+    assert attrs[DiPGOAttr.PRUNER_UNIT_COST] == "latency" and list(seconds) == list(
         json.loads(Path(attrs[TrialAttr.SCHEDULE_FILE]).read_text())["units"]
     )
-    assert all(v > 0 for v in seconds.values()) and attrs[TrialAttr.PRUNER_FORWARD_SECONDS] > 0
+    assert all(v > 0 for v in seconds.values()) and attrs[DiPGOAttr.PRUNER_FORWARD_SECONDS] > 0
 
 
 def test_profile_schedule_reports_trajectory_and_latency(dipgo_study, tmp_path, tiny_teacher_dir, capsys):

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
+from automl_diff.cli import main
 from automl_diff.records import TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls, sample_without_automl_diff, write_study
 
 

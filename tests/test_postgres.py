@@ -10,8 +10,8 @@ from collections import Counter
 
 import optuna
 
+from automl_diff.cli import main
 from automl_diff.records import TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import POSTGRES_PASSWORD, REPO
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

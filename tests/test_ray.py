@@ -12,8 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from automl_diff.cli import main
 from automl_diff.records import StudyAttr, TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import REPO, TINY_BUDGETS, holding_env, later_trials_score_worse_env, wait_for_file
 
 pytest.importorskip("ray.tune")

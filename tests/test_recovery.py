@@ -12,8 +12,8 @@ import sys
 import optuna
 import torch
 
+from automl_diff.cli import main
 from automl_diff.records import TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import REPO, TINY_BUDGETS, holding_env, wait_for_file
 
 FAIL, COMPLETE, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING

@@ -64,7 +64,7 @@ def test_dashboard_listens_on_loopback_unless_asked(tmp_path, monkeypatch, caplo
     import optuna
     import optuna_dashboard
 
-    from automl_diff.study.cli import main
+    from automl_diff.cli import main
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     optuna.create_study(storage=storage, study_name="s")
@@ -82,7 +82,7 @@ def test_dashboard_listens_on_loopback_unless_asked(tmp_path, monkeypatch, caplo
 def test_log_lines_mask_storage_passwords(capfd):
     import logging
 
-    from automl_diff.study import cli
+    from automl_diff.cli import app as cli
 
     root = logging.getLogger()
     handler = logging.StreamHandler()

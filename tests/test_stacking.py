@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from automl_diff.cli import main
 from automl_diff.gating import Schedule
 from automl_diff.records import StudyAttr, TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import printed_load_calls
 
 

@@ -11,8 +11,8 @@ import optuna
 import pytest
 import torch
 
+from automl_diff.cli import main
 from automl_diff.records import StudyAttr, TrialAttr
-from automl_diff.study.cli import main
 from tests.conftest import REPO, printed_load_calls
 
 
@@ -182,7 +182,7 @@ def test_bad_config_from_a_real_process_has_no_traceback(tmp_path):
         "automl_diff.runners",
         "automl_diff.analysis",
         "automl_diff.methods",
-        "automl_diff.study.cli",
+        "automl_diff.cli",
         "automl_diff.metrics",
         "automl_diff.config",
     ],

@@ -235,8 +235,8 @@ def test_dkdm_and_diffnas_studies_on_a_text_to_image_pipeline_run_resume_and_exp
     import optuna
     from diffusers import StableDiffusionPipeline
 
+    from automl_diff.cli import main
     from automl_diff.records import TrialAttr
-    from automl_diff.study.cli import main
 
     space = tmp_path / "space.yaml"
     if method == "dkdm":
@@ -280,7 +280,7 @@ def test_stacking_dipgo_on_a_diffnas_text_to_image_export(tiny_sd_dir, tmp_path,
     import optuna
 
     from automl_diff import Schedule
-    from automl_diff.study.cli import main
+    from automl_diff.cli import main
 
     space = tmp_path / "space.yaml"
     space.write_text("family: supernet\nblocks:\n  up.1: {layers: [1, 2], width: [0.5, 1.0], attention: [true, false]}\n")
@@ -395,7 +395,7 @@ def test_the_sd15_diffnas_study_runs_offline_on_a_tiny_pipeline_of_sd15s_layout(
     files and the budgets: SD-1.5's block layout at tiny widths."""
     import optuna
 
-    from automl_diff.study.cli import main
+    from automl_diff.cli import main
 
     config = yaml.safe_load((REPO / "studies" / "diffnas_sd15.yaml").read_text())
     (tmp_path / "prompts").mkdir()

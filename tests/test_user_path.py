@@ -77,8 +77,8 @@ def _spaces(root: Path) -> dict[str, tuple[str | None, dict]]:
 
 @pytest.mark.parametrize("method", ["dkdm", "diffnas", "dipgo"])
 def test_a_users_sd_model_runs_every_method_with_clip_score_and_exports(user_files, method, tmp_path, capsys):
+    from automl_diff.cli import main
     from automl_diff.records import StudyAttr, TrialAttr
-    from automl_diff.study.cli import main
 
     root = user_files["root"]
     space, options = _spaces(tmp_path)[method]

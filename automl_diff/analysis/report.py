@@ -25,7 +25,7 @@ from automl_diff.analysis.figures import (
     schedule_figure,
 )
 from automl_diff.analysis.pareto import TrialRow, pareto_rows, teacher_metrics
-from automl_diff.config.evaluation import Evaluation
+from automl_diff.config.evaluation import Evaluation, recorded_sampler
 from automl_diff.errors import UserError
 from automl_diff.formatting import fmt_number, fmt_si
 from automl_diff.gating import Schedule, apply_schedule
@@ -44,8 +44,8 @@ def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -
     if stored and Path(stored).is_file():
         return Path(stored).read_bytes()
     weights = trial.user_attrs.get(TrialAttr.WEIGHTS)
-    scheduler_config = study.user_attrs.get(StudyAttr.SCHEDULER_CONFIG)
-    if not weights or not Path(weights).exists() or not scheduler_config:
+    sampler = recorded_sampler(study.user_attrs)
+    if not weights or not Path(weights).exists() or sampler is None:
         return None
     evaluation = Evaluation.from_record(study.user_attrs.get(StudyAttr.EVALUATION))
     if evaluation.prompts:  # a text-to-image model samples only with its pipeline's parts
@@ -54,7 +54,6 @@ def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -
     stored_schedule = trial.user_attrs.get(TrialAttr.SCHEDULE)
     schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
     with apply_schedule(unet, schedule) if schedule else contextlib.nullcontext():
-        sampler = evaluation.sampling.sampler(scheduler_config)
         images = sampler.sample(unet, num_images=count, batch_size=count, seed=evaluation.seed)
     return sample_grid_png(images)
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m automl_diff.bench",
         description="Teacher, DKDM, DiffNAS, Torch-Pruning, DeepCache, DiP-GO and DiffNAS + DiP-GO on one teacher, measured side by side.",
     )
-    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=next(iter(PRESETS)), choices=sorted(PRESETS))
     parser.add_argument(
         "--out", default=None, help="write the table into this markdown file (its section for the preset), e.g. BENCHMARKS.md"
     )

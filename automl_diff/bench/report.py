@@ -31,10 +31,26 @@ def _seeds(seeds: tuple[int, ...]) -> str:
 def markdown(result: BenchResult, *, command: str) -> str:
     """The section: command, machine and versions, how it measures, the quality and speed tables,
     paired comparisons, the goal verdicts, what each row ran."""
+    aligned = result.preset.evaluation.alignment if any(row.alignment is not None for row in result.rows) else None
+    lines = [
+        *_header(result, command, aligned),
+        *_quality_table(result, aligned),
+        *_speed_table(result),
+        *_peers(result, aligned),
+        *_goals(result, aligned),
+    ]
+    p = result.preset
+    if p.tuned:
+        lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seeds: {p.tuned}"]
+    lines += ["", "What each row ran:", ""]
+    lines += [f"- {row.name}: {row.notes}" for row in result.rows if row.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _header(result: BenchResult, command: str, aligned: str | None) -> list[str]:
+    """The command, the machine, and how every row is measured."""
     p = result.preset
     e = p.evaluation
-    teacher = result.teacher
-    batches = result.batches
     lines = [
         f"## All methods side by side: `{p.name}` preset",
         "",
@@ -68,12 +84,17 @@ def markdown(result: BenchResult, *, command: str) -> str:
         f"Real images drawn the same way ({p.fid_sets} sets of {e.fid_samples}) score FID {_interval(result.floor)} "
         "against the same reference: the floor this benchmark resolves.",
     ]
-    aligned = e.alignment if any(row.alignment is not None for row in result.rows) else None
     if aligned:
         lines[-1] += (
             f" {aligned} is each set's share of images the shipped digits classifier reads as the digit their prompt names, "
             "the mean over the sets with its t-interval, compared with the teacher's set by set (higher is better)."
         )
+    return lines
+
+
+def _quality_table(result: BenchResult, aligned: str | None) -> list[str]:
+    """Params, trajectory MACs, FID and KID (and alignment) of every row, against the teacher."""
+    lines: list[str] = []
     extra = f" {aligned} [95%] | {aligned} - teacher [95%] |" if aligned else ""
     lines += [
         "",
@@ -82,7 +103,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         + " KID | search cost |",
         "|---|---|---|---|---|---|---|" + ("---|---|" if aligned else "") + "---|---|",
     ]
-    best, met = result.goal()
+    best, _ = result.goal()
     for row in result.rows:
         name = f"**{row.name}**" if row is best else row.name
         versus = row.versus_teacher
@@ -98,6 +119,14 @@ def markdown(result: BenchResult, *, command: str) -> str:
             f"{_interval(row.fid)} | {difference} | {ratio} |{cells} {row.kid} | "
             f"{_seconds(row.search_seconds)} |"
         )
+    return lines
+
+
+def _speed_table(result: BenchResult) -> list[str]:
+    """Latency, speedup and speedup / MACs reduction of every row at each batch size."""
+    p, teacher, batches = result.preset, result.teacher, result.batches
+    e = p.evaluation
+    lines: list[str] = []
     lines += [
         "",
         f"Latency per image (median [interquartile range] of {e.latency_repeats} lockstep rounds after {p.latency_warmup} untimed; "
@@ -119,6 +148,12 @@ def markdown(result: BenchResult, *, command: str) -> str:
         cells += ["-" if row is teacher else _spread(row.speedup[b], 1, ".2f", "x") for b in batches]
         cells += ["-" if row is teacher else _spread(result.efficiency(row, b), 1, ".2f") for b in batches]
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _peers(result: BenchResult, aligned: str | None) -> list[str]:
+    """Each method's row against its peer at matched trajectory MACs."""
+    lines: list[str] = []
     peers = [row for row in result.rows if row.versus_peer is not None and row.kind not in ("peer", "baseline")]
     if peers:
         lines += ["", "Against the peer at matched trajectory MACs (paired, set by set):", ""]
@@ -130,6 +165,14 @@ def markdown(result: BenchResult, *, command: str) -> str:
                 f"{_interval(c.difference)}, ratio {_interval(c.ratio, '.2f')}: **{c.verdict}**"
                 + (f"; {aligned} difference {_interval(c.alignment)}: {c.alignment_verdict}." if aligned and c.alignment else ".")
             )
+    return lines
+
+
+def _goals(result: BenchResult, aligned: str | None) -> list[str]:
+    """The preset's goal and its further goals, each judged at its unfavourable end."""
+    p = result.preset
+    best, met = result.goal()
+    lines: list[str] = []
     goal_reduction, goal_fid, goal_efficiency = p.goal
     subject = "the stacked model" if p.goal_kind == "stacked" else "each method's row"
     alignment_goal = (
@@ -166,11 +209,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
             row, met, figures = result.judge(goal)
             verdict = "**met**" if met else "**not met**"
             lines.append(f"- {goal.describe()}: {verdict}" + (f" by `{row.name}`: {figures}." if row is not None else f": {figures}."))
-    if p.tuned:
-        lines += ["", f"Chosen on seed {p.seed}, not on the evaluation seeds: {p.tuned}"]
-    lines += ["", "What each row ran:", ""]
-    lines += [f"- {row.name}: {row.notes}" for row in result.rows if row.notes]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -203,6 +203,7 @@ class Setting:
         check: returns a message for a bad value, None for a good one.
         path: the value is a path relative to the config file (resolved when read).
         kind: what the reference calls the value's type, where its annotation does not say.
+        required: the file must set it (the default is a placeholder).
     """
 
     section: str | None
@@ -212,6 +213,7 @@ class Setting:
     check: Callable[[Any], str | None] | None = None
     path: bool = False
     kind: str | None = None
+    required: bool = False
 
 
 def setting(
@@ -224,10 +226,11 @@ def setting(
     check: Callable[[Any], str | None] | None = None,
     path: bool = False,
     kind: str | None = None,
+    required: bool = False,
 ) -> Any:
     """A dataclass field that a config file sets: its default, its place in the YAML file and its
     documentation, in one place (:func:`read_settings` reads it; the reference is generated from it)."""
-    meta = {_SETTING: Setting(section, key, doc, tuple(choices) if choices is not None else None, check, path, kind)}
+    meta = {_SETTING: Setting(section, key, doc, tuple(choices) if choices is not None else None, check, path, kind, required)}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

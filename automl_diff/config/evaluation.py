@@ -19,10 +19,12 @@ from automl_diff.config._reader import positive, setting
 from automl_diff.metrics.alignment import ALIGNMENT_METRICS
 from automl_diff.metrics.clip import CLIP_MODEL
 from automl_diff.metrics.fid import FEATURE_EXTRACTORS
+from automl_diff.models.loading import Teacher
+from automl_diff.records import StudyAttr
 from automl_diff.sampling import SCHEDULERS, Prompts, Sampler
 from automl_diff.zoo import JUDGES, default_features
 
-__all__ = ["Evaluation", "SamplingSettings"]
+__all__ = ["Evaluation", "SamplingSettings", "recorded_sampler"]
 
 
 def _at_least(minimum: float, what: str = "") -> Any:
@@ -33,9 +35,7 @@ def _at_least(minimum: float, what: str = "") -> Any:
 class SamplingSettings:
     """The sampler every model of a study runs (its FID, latency, and DiP-GO's pruner)."""
 
-    scheduler: str = setting(
-        "ddim", section="sampling", choices=SCHEDULERS, doc="the diffusers scheduler: ddim, ddpm or dpm (DPM-Solver++)"
-    )
+    scheduler: str = setting("ddim", section="sampling", choices=SCHEDULERS, doc="the diffusers scheduler (dpm: DPM-Solver++)")
     steps: int = setting(20, section="budgets", key="sampling_steps", check=positive, doc="denoising steps of every sampler")
     eta: float = setting(0.0, section="sampling", doc="DDIM's stochasticity (0: deterministic)")
     guidance_scale: float = setting(
@@ -46,9 +46,9 @@ class SamplingSettings:
     )
     negative_prompt: str = setting("", section="sampling", doc="text-to-image: the unconditional half's prompt")
 
-    def sampler(self, scheduler_config: Mapping[str, Any], prompts: Prompts | None = None) -> Sampler:
-        """This sampler for a teacher's noise schedule (and prompts)."""
-        return Sampler(scheduler_config, self.scheduler, self.steps, self.eta, prompts)
+    def sampler_for(self, teacher: Teacher, prompts: Prompts | None = None) -> Sampler:
+        """This sampler on a teacher's noise schedule (with ``prompts``)."""
+        return teacher.sampler(self.scheduler, self.steps, self.eta, prompts)
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,13 @@ class Evaluation:
         prompts = tuple(data.pop("eval_prompts", None) or ())
         known = {f.name for f in fields(cls)} - {"sampling", "prompts"}
         return cls(sampling=sampling, prompts=prompts, **{k: v for k, v in data.items() if k in known and v is not None})
+
+
+def recorded_sampler(attrs: Mapping[str, Any]) -> Sampler | None:
+    """The sampler a study's models were evaluated with, from its user attributes: the teacher's
+    noise schedule and the evaluation's sampling settings (None: the study recorded no schedule)."""
+    schedule = attrs.get(StudyAttr.SCHEDULER_CONFIG)
+    if not schedule:
+        return None
+    s = Evaluation.from_record(attrs.get(StudyAttr.EVALUATION)).sampling
+    return Sampler(schedule, s.scheduler, s.steps, s.eta)

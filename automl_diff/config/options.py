@@ -143,7 +143,7 @@ class DKDMOptions(PoolOptions):
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         super().check_against(settings, teacher, original)
         space = self._space(settings, SearchSpace, "unet2d or unet2d_condition (student architectures)")
-        prediction = original.scheduler_config.get("prediction_type", "epsilon")
+        prediction = original.prediction_type
         if prediction != "epsilon":
             raise UserError(f"teacher '{original.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
         space.validate_for(dict(teacher.unet.config))

@@ -80,7 +80,8 @@ def _fields(cls: type) -> Iterator[tuple[Setting, str, dataclasses.Field]]:
 def _row(where: Setting, kind: str, f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     choices = f" One of: {', '.join(map(str, where.choices))}." if where.choices else ""
-    return f"| `{where.key or f.name}` | {kind} | `{_default(default)}` | {where.doc}.{choices} |"
+    shown = "required" if where.required else f"`{_default(default)}`"
+    return f"| `{where.key or f.name}` | {kind} | {shown} | {where.doc}.{choices} |"
 
 
 def _table(rows: list[str]) -> list[str]:

@@ -143,9 +143,12 @@ class StudyConfig:
     """A validated study config. Paths are resolved relative to the config file."""
 
     path: str
-    method: str = setting("dkdm", section=None, choices=sorted(METHOD_OPTIONS), doc="the compression method")
+    method: str = setting("", section=None, required=True, choices=sorted(METHOD_OPTIONS), doc="the compression method")
     teacher: str = setting(
-        "digits", section=None, doc="what to compress: a built-in teacher, a diffusers folder, a hub id, or another study's export"
+        "",
+        section=None,
+        required=True,
+        doc="what to compress: a built-in teacher, a diffusers folder, a hub id, or another study's export",
     )
     name: str | None = setting(None, section=None, doc="the study's name in the storage (default: the file's name)")
     original_teacher: str | None = setting(
@@ -287,7 +290,9 @@ def _teacher(top: Section, key: str, base: Path, *, required: bool = False) -> s
         return raw
     resolved = resolve_path(base, raw)
     if Path(resolved).is_absolute() and not Path(resolved).exists():
-        raise top.error(key, raw, f"the folder {resolved} does not exist (a teacher is digits, a diffusers folder or a hub id org/name)")
+        raise top.error(
+            key, raw, f"the folder {resolved} does not exist (a teacher is {', '.join(TEACHERS)}, a diffusers folder or a hub id org/name)"
+        )
     return resolved
 
 

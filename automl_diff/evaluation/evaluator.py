@@ -125,7 +125,7 @@ class Evaluator:
                 except UserError as exc:
                     raise UserError(f"{where}: prompts.alignment: {exc}") from None
         #: How every model samples: the study's scheduler, steps and eta, the evaluation prompts.
-        self.sampler = e.sampling.sampler(teacher.scheduler_config, self.prompts)
+        self.sampler = e.sampling.sampler_for(teacher, self.prompts)
         self.dataset = e.fid_dataset
         self.features = e.fid_features
         self.resolution = teacher.resolution

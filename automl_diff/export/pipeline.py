@@ -17,16 +17,17 @@ components: ``DDIMPipeline.from_pretrained(folder, trust_remote_code=True)``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from automl_diff.config.evaluation import Evaluation
+from automl_diff.config.evaluation import Evaluation, recorded_sampler
 from automl_diff.errors import UserError
 from automl_diff.formatting import fmt_number
 from automl_diff.gating import Schedule
+from automl_diff.methods import METHODS, CardSection, Method
 from automl_diff.records import METRICS, StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.storage import mask_url
 
@@ -61,42 +62,39 @@ def load_call(folder: str, *, custom_code: bool, pipeline: str = "DDIMPipeline")
     return f"diffusers.{pipeline}.from_pretrained({json.dumps(folder)}{', trust_remote_code=True' if custom_code else ''})"
 
 
+def _method(name: str | None) -> type[Method] | None:
+    return METHODS.get(name or "")
+
+
 def lineage(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage_url: str) -> list[dict[str, Any]]:
     """The chain of studies that made a trial's model, oldest first: the lineage of the model
     the study started from (empty for a pretrained teacher), then this study and trial."""
     attrs = trial.user_attrs
+    method = study.user_attrs.get(StudyAttr.METHOD)
     step: dict[str, Any] = {
         "study": study.study_name,
         "storage": mask_url(storage_url),
         "trial": trial.number,
-        "method": study.user_attrs.get(StudyAttr.METHOD),
+        "method": method,
         "teacher": study.user_attrs.get(StudyAttr.TEACHER),
         "params": dict(trial.params),
         "metrics": {k: attrs.get(k) for k in _METRICS},
         "evaluation": study.user_attrs.get(StudyAttr.EVALUATION, {}),
     }
-    if attrs.get(TrialAttr.BLOCK_CHOICES):
-        step[TrialAttr.BLOCK_CHOICES] = attrs[TrialAttr.BLOCK_CHOICES]
-        step[TrialAttr.RETRAIN_ITERATIONS] = attrs.get(TrialAttr.RETRAIN_ITERATIONS)
-    schedule = attrs.get(TrialAttr.SCHEDULE)
-    if schedule:
-        step[TrialAttr.SCHEDULE] = {
-            "steps": schedule.get("steps"),
-            "units": len(schedule.get("units", ())),
-            TrialAttr.COMPUTED_FRACTION: attrs.get(TrialAttr.COMPUTED_FRACTION),
-        }
+    cls = _method(method)
+    if cls is not None:
+        step.update(cls.lineage_facts(attrs))
     return [*study.user_attrs.get(StudyAttr.LINEAGE, []), step]
 
 
 def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
     """The model card's lineage: the original teacher, then one entry per study of the chain."""
     lines = [f"0. the original teacher `{original}`"]
-    tables = []
+    notes = []
     for i, step in enumerate(steps, 1):
         metrics = step.get("metrics") or {}
-        what = {"dkdm": "DKDM student", "diffnas": "DiffNAS student", "dipgo": "DiP-GO schedule"}.get(
-            step.get("method") or "", f"method `{step.get('method')}`"
-        )
+        cls = _method(step.get("method"))
+        what = cls.product if cls is not None else f"method `{step.get('method')}`"
         evaluation = Evaluation.from_record(step.get("evaluation"))
         lines.append(
             f"{i}. {what}: study `{step.get('study')}`"
@@ -108,25 +106,12 @@ def _lineage_section(steps: list[dict[str, Any]], original: str | None) -> str:
             f"samples, {evaluation.sampling.steps or '?'} steps); "
             f"parameters `{json.dumps(step.get('params', {}), sort_keys=True)}`"
         )
-        if step.get(TrialAttr.BLOCK_CHOICES) and len(steps) > 1:  # a single DiffNAS step has its own table
-            rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in step[TrialAttr.BLOCK_CHOICES].items())
-            tables.append(
-                f"\nBlock choices of step {i} (DiffNAS, retrained {step.get(TrialAttr.RETRAIN_ITERATIONS)} "
-                f"steps):\n\n| block | subnet |\n|---|---|\n{rows}\n"
-            )
-    return "\n".join(lines) + "\n" + "".join(tables)
+        if cls is not None and len(steps) > 1:  # a single step's card shows its method's section itself
+            notes.append(cls.lineage_note(step, i))
+    return "\n".join(lines) + "\n" + "".join(notes)
 
 
-def model_card(
-    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False, pipeline: str = "DDIMPipeline"
-) -> str:
-    """A Hugging Face style README: metrics against the teacher (and the starting model of a
-    stacked study), the lineage from the original teacher, source study and trial, usage."""
-    attrs = trial.user_attrs
-    teacher = study.user_attrs.get(StudyAttr.TEACHER_METRICS, {})
-    start = study.user_attrs.get(StudyAttr.START_METRICS)
-    original = study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER, study.user_attrs.get(StudyAttr.TEACHER))
-    evaluation = Evaluation.from_record(study.user_attrs.get(StudyAttr.EVALUATION))
+def _metrics_table(columns: list[dict[str, Any]], *, start: bool) -> str:
     rows = [
         ("params", TrialAttr.PARAMS, ""),
         ("MACs per UNet call", TrialAttr.MACS, ""),
@@ -135,57 +120,40 @@ def model_card(
         ("FID (lower is better)", TrialAttr.FID, ""),
         ("latency per image", TrialAttr.LATENCY, " s"),
     ]
-    columns = [attrs, *([start] if start else []), teacher]
-    header = (
-        "| metric | this model |" + (" starting model |" if start else "") + " teacher |\n|---|---|" + ("---|" if start else "") + "---|"
-    )
-    table = (
-        header
-        + "\n"
-        + "\n".join(f"| {name} | " + " | ".join(fmt_number(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
-    )
-    chain = lineage(study, trial, storage_url=storage_url)
-    speedup = attrs.get(TrialAttr.SPEEDUP)
-    params = json.dumps(trial.params, indent=2, sort_keys=True)
+    names = ["metric", "this model", *(["starting model"] if start else []), "teacher"]
+    header = "| " + " | ".join(names) + " |\n|" + "---|" * len(names)
+    body = "\n".join(f"| {name} | " + " | ".join(fmt_number(c.get(key), unit) for c in columns) + " |" for name, key, unit in rows)
+    return header + "\n" + body
+
+
+def _usage(evaluation: Evaluation, load: str, section: CardSection) -> str:
+    """The card's snippet: load the pipeline (with the method's set-up, if any) and sample."""
     steps = evaluation.sampling.steps or 20
-    schedule_note = ""
-    load = load_call("path/to/this/folder", custom_code=custom_code, pipeline=pipeline)
     if evaluation.prompts:
-        call = (
-            f"pipe({json.dumps(evaluation.prompts[0])}, num_inference_steps={steps}, "
-            f"guidance_scale={evaluation.sampling.guidance_scale:g}).images"
-        )
+        prompt = json.dumps(evaluation.prompts[0])
+        call = f"pipe({prompt}, num_inference_steps={steps}, guidance_scale={evaluation.sampling.guidance_scale:g}).images"
     else:
         call = f"pipe(batch_size=4, num_inference_steps={steps}).images"
-    use = f"""import diffusers
+    imports, setup = (["import diffusers", section.setup[0]], [section.setup[1]]) if section.setup else (["import diffusers"], [])
+    return "\n".join([*imports, "", f"pipe = {load}", *setup, f"images = {call}"])
 
-pipe = {load}
-images = {call}"""
-    if attrs.get(TrialAttr.SCHEDULE):
-        schedule_note = f"""
-This model samples with a DiP-GO gate schedule (`schedule.json`, {steps} steps): at each step some
-blocks reuse their output from an earlier step instead of computing. MACs per UNet call are the mean
-over the trajectory. The schedule is for {steps} steps exactly.
-"""
-        use = f"""import diffusers
-from automl_diff import Schedule, apply_schedule  # the schedule needs automl_diff; the pipeline alone does not
 
-pipe = {load}
-apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))
-images = {call}"""
-    if attrs.get(TrialAttr.BLOCK_CHOICES) and len(chain) == 1:
-        lines = "\n".join(f"| `{block}` | {choice} |" for block, choice in attrs[TrialAttr.BLOCK_CHOICES].items())
-        schedule_note += f"""
-DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
-shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped;
-`depth`: transformer layers kept, where chosen),
-then retrained the student for {attrs.get(TrialAttr.RETRAIN_ITERATIONS)} steps with the joint loss
-(`{attrs.get(TrialAttr.JOINT_SCHEDULE)}` block-feature weight):
-
-| block | subnet |
-|---|---|
-{lines}
-"""
+def model_card(
+    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False, pipeline: str = "DDIMPipeline"
+) -> str:
+    """A Hugging Face style README: metrics against the teacher (and the starting model of a
+    stacked study), the method's own section, the lineage from the original teacher, source study
+    and trial, usage."""
+    attrs = trial.user_attrs
+    teacher = study.user_attrs.get(StudyAttr.TEACHER_METRICS, {})
+    start = study.user_attrs.get(StudyAttr.START_METRICS)
+    original = study.user_attrs.get(StudyAttr.ORIGINAL_TEACHER, study.user_attrs.get(StudyAttr.TEACHER))
+    evaluation = Evaluation.from_record(study.user_attrs.get(StudyAttr.EVALUATION))
+    chain = lineage(study, trial, storage_url=storage_url)
+    method, teacher_name = study.user_attrs.get(StudyAttr.METHOD), study.user_attrs.get(StudyAttr.TEACHER)
+    cls = _method(method)
+    steps = evaluation.sampling.steps or 20
+    section = cls.card_section(attrs, steps=steps, first_step=len(chain) == 1) if cls is not None else CardSection()
     student_name = "StudentUNet2DModel" if pipeline == "DDIMPipeline" else "StudentUNet2DConditionModel"
     custom_note = (
         f"\nThe UNet is a `{student_name}` (per-level depths, searched widths or dropped layers) whose code ships in\n"
@@ -193,7 +161,8 @@ then retrained the student for {attrs.get(TrialAttr.RETRAIN_ITERATIONS)} steps w
         if custom_code
         else ""
     )
-    method, teacher_name = study.user_attrs.get(StudyAttr.METHOD), study.user_attrs.get(StudyAttr.TEACHER)
+    load = load_call("path/to/this/folder", custom_code=custom_code, pipeline=pipeline)
+    method_text = f"\n{section.text}\n" if section.text else ""
     return f"""---
 library_name: diffusers
 tags:
@@ -207,10 +176,10 @@ tags:
 A compressed diffusion UNet found by automl_diff (method `{method}`) from
 `{teacher_name}`{"" if not start else f", itself compressed from the teacher `{original}`"}.
 
-{table}
+{_metrics_table([attrs, *([start] if start else []), teacher], start=bool(start))}
 
-Speedup against the teacher (measured latency): {fmt_number(speedup, "x")}.
-{schedule_note}
+Speedup against the teacher (measured latency): {fmt_number(attrs.get(TrialAttr.SPEEDUP), "x")}.
+{method_text}
 FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling.steps or "?"} {evaluation.sampling.scheduler} steps,
 features `{evaluation.fid_features}`, dataset `{evaluation.fid_dataset}`, seed {evaluation.seed};
 latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.{_prompts_note(evaluation)}
@@ -225,13 +194,13 @@ latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}
 - parameters:
 
 ```json
-{params}
+{json.dumps(trial.params, indent=2, sort_keys=True)}
 ```
 
 ## Use
 
 ```python
-{use}
+{_usage(evaluation, load, section)}
 ```
 {custom_note}"""
 
@@ -267,7 +236,7 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     Raises:
         UserError: no such completed trial, or its weights are gone.
     """
-    from diffusers import DDIMPipeline, DDIMScheduler
+    from diffusers import DDIMPipeline
 
     from automl_diff.models.loading import EXPORT_INFO, load_unet
     from automl_diff.models.student import MODULE_FILE, STUDENT_CLASSES, plain_config
@@ -281,8 +250,8 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     weights = trial.user_attrs.get(TrialAttr.WEIGHTS)
     if not weights or not Path(weights).is_dir():
         raise UserError(f"trial {trial_number}: its weights folder '{weights}' does not exist (moved or deleted?)")
-    scheduler_config = study.user_attrs.get(StudyAttr.SCHEDULER_CONFIG)
-    if not scheduler_config:
+    sampler = recorded_sampler(study.user_attrs)
+    if sampler is None:
         raise UserError(f"study '{study.study_name}' has no scheduler config recorded; was it created by automl_diff?")
     unet = load_unet(weights)
     student = STUDENT_CLASSES.get(type(unet).__name__)
@@ -291,7 +260,7 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         unet = student[1].from_config(plain)
         unet.load_state_dict(state, strict=True)
     custom_code = type(unet).__name__ in STUDENT_CLASSES
-    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler = replace(sampler, scheduler="ddim").make_scheduler()  # exports sample with DDIM
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = study.user_attrs.get(StudyAttr.PIPELINE)

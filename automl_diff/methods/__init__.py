@@ -14,16 +14,12 @@ loop with its data-free inputs (:mod:`~automl_diff.methods.training`). Their opt
 
 from __future__ import annotations
 
-from automl_diff.methods.base import Candidate, Method, Rungs, TrainingDiverged, TrainingFailed
+from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, TrainAttr, TrainingDiverged, TrainingFailed
 from automl_diff.methods.diffnas import DiffNAS
 from automl_diff.methods.dipgo import DiPGO
 from automl_diff.methods.dkdm import DKDM
 
 #: Methods a study config may name in ``method:``.
-METHODS: dict[str, type[Method]] = {
-    DKDM.name: DKDM,
-    DiffNAS.name: DiffNAS,
-    DiPGO.name: DiPGO,
-}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DKDM, DiffNAS, DiPGO)}
 
-__all__ = ["METHODS", "Candidate", "Method", "Rungs", "TrainingDiverged", "TrainingFailed"]
+__all__ = ["METHODS", "Candidate", "CardSection", "Method", "Rungs", "TrainAttr", "TrainingDiverged", "TrainingFailed"]

@@ -11,10 +11,10 @@ the same way (MACs, FID, latency), saves its weights and records everything in t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import torch
 from torch import nn
@@ -26,7 +26,31 @@ from automl_diff.gating import Schedule
 from automl_diff.models.loading import Teacher
 from automl_diff.records import stable_key
 
-__all__ = ["Candidate", "Method", "Rungs", "TrainingDiverged", "TrainingFailed"]
+__all__ = ["Candidate", "CardSection", "Method", "Rungs", "TrainAttr", "TrainingDiverged", "TrainingFailed"]
+
+
+class TrainAttr:
+    """Trial attributes of the methods that train a network (DKDM, DiffNAS's retraining)."""
+
+    TRAIN_SECONDS: Final = "train_seconds"
+    TRAIN_LOSS_FIRST: Final = "train_loss_first"
+    TRAIN_LOSS_LAST: Final = "train_loss_last"
+    #: Processes that trained the model: the world size the data-parallel ranks saw (1: one process).
+    TRAIN_PROCESSES: Final = "train_processes"
+
+
+@dataclass(frozen=True)
+class CardSection:
+    """What a method adds to an exported model's card.
+
+    Attributes:
+        text: paragraphs after the metrics table (Markdown).
+        setup: an import and a call, placed between loading the pipeline and sampling in the card's
+            usage snippet (a DiP-GO schedule's ``apply_schedule``); empty: none.
+    """
+
+    text: str = ""
+    setup: tuple[str, ...] = ()
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,6 +125,8 @@ class Method(ABC):
     name: ClassVar[str]
     #: Dataclass of the method's ``method_options`` (:mod:`automl_diff.config.options`).
     options_type: ClassVar[type[MethodOptions]]
+    #: What a trial of the method makes, as model cards and lineages name it.
+    product: ClassVar[str] = "model"
 
     def __init__(
         self,
@@ -130,6 +156,24 @@ class Method(ABC):
     ) -> Method:
         """The method a study config asks for, with its options and the study's settings."""
         return cls(teacher, config.method_options, config.method_settings, original=original, device=device, **kwargs)
+
+    @classmethod
+    def card_section(cls, attrs: Mapping[str, Any], *, steps: int, first_step: bool) -> CardSection:
+        """What an export of one of the method's trials says about it (``attrs``: the trial's
+        attributes; ``steps``: the study's sampling steps; ``first_step``: the study started from
+        a pretrained teacher, not another study's export). Default: nothing."""
+        return CardSection()
+
+    @classmethod
+    def lineage_facts(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """What a trial's step of an export's lineage records besides its parameters and metrics.
+        Default: nothing."""
+        return {}
+
+    @classmethod
+    def lineage_note(cls, step: Mapping[str, Any], number: int) -> str:
+        """What a model card shows of step ``number`` of a longer lineage (Markdown). Default: nothing."""
+        return ""
 
     @property
     def reports_rungs(self) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "UNET_CLASSES",
     "ExportInfo",
     "Teacher",
+    "folder_sampler",
     "load_teacher",
     "load_unet",
     "read_export_info",
@@ -86,6 +87,11 @@ class Teacher:
     def sampler(self, scheduler: str = "ddim", steps: int = 20, eta: float = 0.0, prompts: Prompts | None = None) -> Sampler:
         """A sampler of this teacher's noise schedule (:class:`~automl_diff.sampling.Sampler`)."""
         return Sampler(self.scheduler_config, scheduler, steps, eta, prompts)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: ``epsilon`` (noise), ``v_prediction`` or ``sample``."""
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     def noise_schedule(self) -> Any:
         """Its noise schedule as a diffusers ``DDPMScheduler`` (``alphas_cumprod``, clipping)."""
@@ -286,6 +292,11 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
             if candidate.is_file():
                 return _read_json(candidate)
     return dict(_DEFAULT_SCHEDULER)
+
+
+def folder_sampler(path: Path | None, *, steps: int, prompts: Prompts | None = None) -> Sampler:
+    """A DDIM sampler of the noise schedule beside a local model (:func:`scheduler_config_for`)."""
+    return Sampler(scheduler_config_for(path), steps=steps, prompts=prompts)
 
 
 def load_teacher(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:

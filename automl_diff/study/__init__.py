@@ -1,1 +1,2 @@
-"""The command line: ``python -m automl_diff.study {run,status,pareto,export,profile}``."""
+"""``python -m automl_diff.study``: the command line (:mod:`automl_diff.cli`) under the name the
+README and the shipped studies use."""

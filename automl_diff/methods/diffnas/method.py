@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 
 from automl_diff.config.options import DiffNASOptions
 from automl_diff.config.search_space import SupernetSpace
-from automl_diff.methods.base import Candidate, Method, Rungs
+from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, TrainAttr
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
     BlockInputs,
@@ -43,17 +44,35 @@ from automl_diff.methods.training import TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel, run_job
 from automl_diff.methods.training.loop import conditioning, held_out_loss
 from automl_diff.models.loading import weights_digest
-from automl_diff.records import TrialAttr, stable_key
+from automl_diff.records import stable_key
 
-__all__ = ["RETRAIN_ITERATIONS", "TOLERANCE", "DiffNAS"]
+__all__ = ["RETRAIN_ITERATIONS", "TOLERANCE", "DiffNAS", "DiffNASAttr"]
 
 #: The module ``torchrun`` runs for DiffNAS's data-parallel jobs (:mod:`automl_diff.methods.diffnas.ddp`).
 DIFFNAS_WORKER = "automl_diff.methods.diffnas.ddp"
 
+
+class DiffNASAttr:
+    """Trial attributes of a DiffNAS trial (besides :class:`~automl_diff.methods.base.TrainAttr`)."""
+
+    #: Per block the chosen subnet's key, and its block loss.
+    BLOCK_CHOICES: Final = "block_choices"
+    BLOCK_LOSSES: Final = "block_losses"
+    RETRAIN_ITERATIONS: Final = "retrain_iterations"
+    JOINT_SCHEDULE: Final = "joint_schedule"
+    SUPERNET_SECONDS: Final = "supernet_seconds"
+    SUPERNET_LOSS_FIRST: Final = "supernet_loss_first"
+    SUPERNET_LOSS_LAST: Final = "supernet_loss_last"
+    SEARCH: Final = "search"
+    BLOCK_COST: Final = "block_cost"
+    SEARCH_SECONDS: Final = "search_seconds"
+    BLOCK_EVALUATIONS: Final = "block_evaluations"
+
+
 #: The Optuna parameters of a DiffNAS trial: the block-loss tolerance, and the retraining budget
 #: where ``retrain_iterations`` lists several.
 TOLERANCE = "tolerance"
-RETRAIN_ITERATIONS = TrialAttr.RETRAIN_ITERATIONS
+RETRAIN_ITERATIONS = DiffNASAttr.RETRAIN_ITERATIONS
 
 logger = logging.getLogger("automl_diff")
 
@@ -67,6 +86,7 @@ class DiffNAS(Method):
     """
 
     options_type = DiffNASOptions
+    product = "DiffNAS student"
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -79,6 +99,36 @@ class DiffNAS(Method):
         self.summary: dict[str, Any] = {}
         #: Where data-parallel jobs are written (the study's folder once prepared).
         self.workdir = Path("runs")
+
+    # -- model cards -----------------------------------------------------------------------------
+    @classmethod
+    def card_section(cls, attrs: Mapping[str, Any], *, steps: int, first_step: bool) -> CardSection:
+        choices = attrs.get(DiffNASAttr.BLOCK_CHOICES)
+        if not choices or not first_step:  # a longer lineage shows the choices per step
+            return CardSection()
+        return CardSection(
+            f"""DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
+shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped;
+`depth`: transformer layers kept, where chosen),
+then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps with the joint loss
+(`{attrs.get(DiffNASAttr.JOINT_SCHEDULE)}` block-feature weight):
+
+{_choices_table(choices)}"""
+        )
+
+    @classmethod
+    def lineage_facts(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        if not attrs.get(DiffNASAttr.BLOCK_CHOICES):
+            return {}
+        return {k: attrs.get(k) for k in (DiffNASAttr.BLOCK_CHOICES, DiffNASAttr.RETRAIN_ITERATIONS)}
+
+    @classmethod
+    def lineage_note(cls, step: Mapping[str, Any], number: int) -> str:
+        choices = step.get(DiffNASAttr.BLOCK_CHOICES)
+        if not choices:
+            return ""
+        budget = step.get(DiffNASAttr.RETRAIN_ITERATIONS)
+        return f"\nBlock choices of step {number} (DiffNAS, retrained {budget} steps):\n\n{_choices_table(choices)}"
 
     # -- prepare ---------------------------------------------------------------------------------
     def _key(self) -> str:
@@ -150,9 +200,9 @@ class DiffNAS(Method):
                 losses = train_supernets(self.teacher.unet, self.supernets, batches, progress=self.progress, **training)
             tail = max(1, len(losses) // 10)
             self.summary = {
-                TrialAttr.SUPERNET_SECONDS: round(time.perf_counter() - start, 3),
-                TrialAttr.SUPERNET_LOSS_FIRST: sum(losses[:tail]) / tail,
-                TrialAttr.SUPERNET_LOSS_LAST: sum(losses[-tail:]) / tail,
+                DiffNASAttr.SUPERNET_SECONDS: round(time.perf_counter() - start, 3),
+                DiffNASAttr.SUPERNET_LOSS_FIRST: sum(losses[:tail]) / tail,
+                DiffNASAttr.SUPERNET_LOSS_LAST: sum(losses[-tail:]) / tail,
             }
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -212,10 +262,10 @@ class DiffNAS(Method):
             evaluations = len(self.global_scores) * len(self.supernets)
         self.summary.update(
             {
-                TrialAttr.SEARCH: o.search,
-                TrialAttr.BLOCK_COST: o.block_cost,
-                TrialAttr.SEARCH_SECONDS: round(time.perf_counter() - start, 3),
-                TrialAttr.BLOCK_EVALUATIONS: evaluations,
+                DiffNASAttr.SEARCH: o.search,
+                DiffNASAttr.BLOCK_COST: o.block_cost,
+                DiffNASAttr.SEARCH_SECONDS: round(time.perf_counter() - start, 3),
+                DiffNASAttr.BLOCK_EVALUATIONS: evaluations,
             }
         )
         logger.info("DiffNAS: %s search scored %d block candidates in %.1f s", o.search, evaluations, time.perf_counter() - start)
@@ -258,10 +308,10 @@ class DiffNAS(Method):
         student, config = assemble_student(self.teacher.unet, self.supernets, choices)
         o = self.options
         attrs: dict[str, Any] = {
-            TrialAttr.BLOCK_CHOICES: {n: c.key for n, c in choices.items()},
-            TrialAttr.BLOCK_LOSSES: losses,
-            TrialAttr.RETRAIN_ITERATIONS: iterations,
-            TrialAttr.JOINT_SCHEDULE: o.joint_schedule,
+            DiffNASAttr.BLOCK_CHOICES: {n: c.key for n, c in choices.items()},
+            DiffNASAttr.BLOCK_LOSSES: losses,
+            DiffNASAttr.RETRAIN_ITERATIONS: iterations,
+            DiffNASAttr.JOINT_SCHEDULE: o.joint_schedule,
             **self.summary,
         }
         if iterations > 0:
@@ -308,11 +358,16 @@ class DiffNAS(Method):
             tail = max(1, len(result.losses) // 10)
             attrs.update(
                 {
-                    TrialAttr.TRAIN_SECONDS: round(result.seconds, 3),
-                    TrialAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
-                    TrialAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
-                    TrialAttr.TRAIN_PROCESSES: result.processes,
+                    TrainAttr.TRAIN_SECONDS: round(result.seconds, 3),
+                    TrainAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
+                    TrainAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
+                    TrainAttr.TRAIN_PROCESSES: result.processes,
                 }
             )
         student.requires_grad_(False).eval()
         return Candidate(student, config, attrs)
+
+
+def _choices_table(choices: Mapping[str, str]) -> str:
+    rows = "\n".join(f"| `{block}` | {choice} |" for block, choice in choices.items())
+    return f"| block | subnet |\n|---|---|\n{rows}\n"

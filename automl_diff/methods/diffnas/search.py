@@ -161,21 +161,11 @@ def train_supernets(
             on_shard(batch)
         _, inputs = record_teacher_blocks(teacher, batch[0], batch[1], names, **conditioning(batch))
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for name, supernet in supernets.items():
-            candidates = supernet.candidates()
-            chosen = {supernet.largest(), supernet.smallest()}
-            extra = [c for c in candidates if c not in chosen]
-            chosen |= set(rng.sample(extra, min(len(extra), max(0, subnets_per_step - 2))))
-            data = inputs[name]
-            for choice in sorted(chosen):
-                loss = block_loss(supernet.set(choice)(*data.args, **data.kwargs), data.output)
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingDiverged(f"supernet {name} loss became {loss.item()} at iteration {step}")
-                if loss.requires_grad:  # a subnet that computes nothing (all shortcuts) has no weights to train
-                    (loss / len(chosen)).backward()
-                total += loss.item() / len(chosen)
+        try:
+            total = sum(_train_block(supernet, inputs[name], rng, subnets_per_step) for name, supernet in supernets.items())
+        except TrainingDiverged as exc:
+            bar.close()
+            raise TrainingDiverged(f"{exc} at iteration {step}") from None
         if size > 1:  # every rank trained the same subnets: the same parameters have gradients
             for p in params:
                 if p.grad is not None:
@@ -192,6 +182,24 @@ def train_supernets(
     for s in supernets.values():
         s.eval()
     return losses
+
+
+def _train_block(supernet: BlockSupernet, data: BlockInputs, rng: random.Random, subnets_per_step: int) -> float:
+    """One supernet's share of a step (the sandwich rule): the largest, the smallest and some random
+    subnets, their block losses backpropagated; returns their mean loss."""
+    candidates = supernet.candidates()
+    chosen = {supernet.largest(), supernet.smallest()}
+    extra = [c for c in candidates if c not in chosen]
+    chosen |= set(rng.sample(extra, min(len(extra), max(0, subnets_per_step - 2))))
+    total = 0.0
+    for choice in sorted(chosen):
+        loss = block_loss(supernet.set(choice)(*data.args, **data.kwargs), data.output)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"supernet {supernet.name} loss became {loss.item()}")
+        if loss.requires_grad:  # a subnet that computes nothing (all shortcuts) has no weights to train
+            (loss / len(chosen)).backward()
+        total += loss.item() / len(chosen)
+    return total
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from automl_diff.config.options import DiPGOOptions
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
-from automl_diff.methods.base import Candidate, Method, Rungs
+from automl_diff.methods.base import Candidate, CardSection, Method, Rungs
 from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
@@ -31,10 +32,27 @@ from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr, stable_key
 from automl_diff.sampling import Sampler
 
-__all__ = ["THRESHOLD", "DiPGO"]
+__all__ = ["THRESHOLD", "DiPGO", "DiPGOAttr"]
+
+
+class DiPGOAttr:
+    """Trial attributes of a DiP-GO trial."""
+
+    THRESHOLD: Final = "threshold"
+    #: The share of the units' computations the schedule keeps.
+    COMPUTED_FRACTION: Final = "computed_fraction"
+    GRANULARITY: Final = "granularity"
+    TARGET_MACS_RATIO: Final = "target_macs_ratio"
+    PRUNER_UNIT_COST: Final = "pruner_unit_cost"
+    PRUNER_UNIT_SECONDS: Final = "pruner_unit_seconds"
+    PRUNER_FORWARD_SECONDS: Final = "pruner_forward_seconds"
+    PRUNER_SECONDS: Final = "pruner_seconds"
+    PRUNER_CONSISTENCY: Final = "pruner_consistency"
+    PRUNER_EXPECTED_RATIO: Final = "pruner_expected_ratio"
+
 
 #: The Optuna parameter of a DiP-GO trial: the threshold that binarises the pruner's scores.
-THRESHOLD = TrialAttr.THRESHOLD
+THRESHOLD = DiPGOAttr.THRESHOLD
 
 logger = logging.getLogger("automl_diff")
 
@@ -43,6 +61,25 @@ class DiPGO(Method):
     """Timestep-aware block pruning (DiP-GO) of the teacher itself: no weights change."""
 
     options_type = DiPGOOptions
+    product = "DiP-GO schedule"
+
+    @classmethod
+    def card_section(cls, attrs: Mapping[str, Any], *, steps: int, first_step: bool) -> CardSection:
+        return CardSection(
+            f"""This model samples with a DiP-GO gate schedule (`schedule.json`, {steps} steps): at each step some
+blocks reuse their output from an earlier step instead of computing. MACs per UNet call are the mean
+over the trajectory. The schedule is for {steps} steps exactly.""",
+            (
+                "from automl_diff import Schedule, apply_schedule  # the schedule needs automl_diff; the pipeline alone does not",
+                'apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))',
+            ),
+        )
+
+    @classmethod
+    def lineage_facts(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        schedule = attrs.get(TrialAttr.SCHEDULE) or {}
+        steps, units = schedule.get("steps"), len(schedule.get("units", ()))
+        return {TrialAttr.SCHEDULE: {"steps": steps, "units": units, DiPGOAttr.COMPUTED_FRACTION: attrs.get(DiPGOAttr.COMPUTED_FRACTION)}}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -89,7 +126,7 @@ class DiPGO(Method):
         prompts = None
         if text is not None:
             prompts = text.prompts(self.settings.train_prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale)
-        return s.sampler(self.teacher.scheduler_config, prompts)
+        return s.sampler_for(self.teacher, prompts)
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.costs = unit_costs(self.teacher.unet, self.units, text_length=text_length(self.teacher.text))
@@ -126,10 +163,15 @@ class DiPGO(Method):
                 progress=self.progress,
             )
             self.scores = result.scores
-            self.summary = {**result.summary(), TrialAttr.PRUNER_UNIT_COST: o.unit_cost}
+            self.summary = {
+                DiPGOAttr.PRUNER_SECONDS: round(result.seconds, 2),
+                DiPGOAttr.PRUNER_CONSISTENCY: result.final_consistency,
+                DiPGOAttr.PRUNER_EXPECTED_RATIO: result.final_ratio,
+                DiPGOAttr.PRUNER_UNIT_COST: o.unit_cost,
+            }
             if o.unit_cost == "latency":
-                self.summary[TrialAttr.PRUNER_UNIT_SECONDS] = {name: round(v, 6) for name, v in weights.units.items()}
-                self.summary[TrialAttr.PRUNER_FORWARD_SECONDS] = round(weights.total, 6)
+                self.summary[DiPGOAttr.PRUNER_UNIT_SECONDS] = {name: round(v, 6) for name, v in weights.units.items()}
+                self.summary[DiPGOAttr.PRUNER_FORWARD_SECONDS] = round(weights.total, 6)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(
@@ -202,10 +244,10 @@ class DiPGO(Method):
         unet = self.teacher.unet
         config = {"_class_name": type(unet).__name__, **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
         attrs = {
-            TrialAttr.THRESHOLD: threshold,
-            TrialAttr.COMPUTED_FRACTION: schedule.computed_fraction,
-            TrialAttr.GRANULARITY: self.options.granularity,
-            TrialAttr.TARGET_MACS_RATIO: self.options.target_macs_ratio,
+            DiPGOAttr.THRESHOLD: threshold,
+            DiPGOAttr.COMPUTED_FRACTION: schedule.computed_fraction,
+            DiPGOAttr.GRANULARITY: self.options.granularity,
+            DiPGOAttr.TARGET_MACS_RATIO: self.options.target_macs_ratio,
             **self.summary,
         }
         return Candidate(unet, config, attrs, schedule=schedule, weights=self.weights_dir)

@@ -45,7 +45,6 @@ from automl_diff.methods.base import TrainingDiverged
 from automl_diff.methods.dipgo.pruner import PrunerNetwork
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
-from automl_diff.records import TrialAttr
 from automl_diff.sampling import Sampler, predict_noise
 
 __all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "CheckpointedSteps", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
@@ -161,13 +160,6 @@ class PrunerResult:
     final_consistency: float
     final_ratio: float
     history: list[dict[str, float]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            TrialAttr.PRUNER_SECONDS: round(self.seconds, 2),
-            TrialAttr.PRUNER_CONSISTENCY: self.final_consistency,
-            TrialAttr.PRUNER_EXPECTED_RATIO: self.final_ratio,
-        }
 
 
 @contextlib.contextmanager

@@ -8,21 +8,33 @@ their architecture and seed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 
 from automl_diff.config.options import DKDMOptions
 from automl_diff.config.search_space import SearchSpace
-from automl_diff.methods.base import Candidate, Method, Rungs
+from automl_diff.methods.base import Candidate, Method, Rungs, TrainAttr
 from automl_diff.methods.training import PoolBatches, TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel
 from automl_diff.methods.training.loop import held_out_loss
 from automl_diff.models.inherit import inherit_from_teacher
 from automl_diff.models.loading import unet_from_config
-from automl_diff.records import TrialAttr
 
-__all__ = ["DKDM"]
+__all__ = ["DKDM", "DKDMAttr"]
+
+
+class DKDMAttr:
+    """Trial attributes of a DKDM trial (besides :class:`~automl_diff.methods.base.TrainAttr`)."""
+
+    #: ``teacher`` (data-free) or ``dataset``: where the training inputs came from.
+    SOURCE: Final = "source"
+    #: ``teacher`` (weights cut from the teacher's) or ``random``, and the share of the student's
+    #: parameters that came from the teacher.
+    INIT: Final = "init"
+    INHERITED_FRACTION: Final = "inherited_fraction"
+    TEACHER_EVALUATIONS: Final = "teacher_evaluations"
+    POOL_TRAJECTORIES_COMPLETED: Final = "pool_trajectories_completed"
 
 
 class DKDM(Method):
@@ -37,6 +49,7 @@ class DKDM(Method):
     """
 
     options_type = DKDMOptions
+    product = "DKDM student"
 
     def __init__(self, *args: Any, inputs: TrainingInputs | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,17 +120,17 @@ class DKDM(Method):
             )
         tail = max(1, len(result.losses) // 10)
         attrs = {
-            TrialAttr.TRAIN_SECONDS: round(result.seconds, 3),
-            TrialAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
-            TrialAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
-            TrialAttr.SOURCE: self.options.source,
-            TrialAttr.INIT: self.options.init,
-            TrialAttr.TRAIN_PROCESSES: result.processes,
+            TrainAttr.TRAIN_SECONDS: round(result.seconds, 3),
+            TrainAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
+            TrainAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
+            DKDMAttr.SOURCE: self.options.source,
+            DKDMAttr.INIT: self.options.init,
+            TrainAttr.TRAIN_PROCESSES: result.processes,
         }
         if inherited is not None:
-            attrs[TrialAttr.INHERITED_FRACTION] = round(inherited, 4)
+            attrs[DKDMAttr.INHERITED_FRACTION] = round(inherited, 4)
         if isinstance(batches, PoolBatches):
             attrs.update(
-                {TrialAttr.TEACHER_EVALUATIONS: batches.teacher_evals, TrialAttr.POOL_TRAJECTORIES_COMPLETED: self.inputs.pool.completed}
+                {DKDMAttr.TEACHER_EVALUATIONS: batches.teacher_evals, DKDMAttr.POOL_TRAJECTORIES_COMPLETED: self.inputs.pool.completed}
             )
         return Candidate(result.model, config, attrs)

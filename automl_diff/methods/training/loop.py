@@ -79,6 +79,34 @@ def held_out_loss(model: nn.Module, batch: Any, *, chunk: int = 256) -> float:
     return total / n
 
 
+def _optimiser(student: nn.Module, *, lr: float, iterations: int, warmup: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over ``student`` with a linear warm-up (at most a fifth of the run) and a cosine decay."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(warmup, max(1, iterations // 5))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iterations - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _global(value: torch.Tensor, size: int) -> torch.Tensor:
+    """A rank's loss averaged over the ranks (itself in one process)."""
+    if size == 1:
+        return value
+    total = value.clone()
+    torch.distributed.all_reduce(total)
+    return total / size
+
+
+@torch.no_grad()
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
 @dataclass
 class FitResult:
     """What training produced. ``model`` is the EMA of the weights when EMA is on; ``processes``
@@ -135,18 +163,8 @@ def fit(
     """
     student.train()
     rank, size = world()
-    model: nn.Module = student
-    if size > 1:
-        model = nn.parallel.DistributedDataParallel(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(warmup, max(1, iterations // 5))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iterations - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model: nn.Module = nn.parallel.DistributedDataParallel(student) if size > 1 else student
+    optimizer, scheduler = _optimiser(student, lr=lr, iterations=iterations, warmup=warmup)
     ema = copy.deepcopy(student).requires_grad_(False).eval() if ema_decay > 0 else None
     result = FitResult(student, processes=size)
     start = time.perf_counter()
@@ -154,12 +172,7 @@ def fit(
     rung_at = {iteration: k for k, iteration in enumerate(sorted(rungs))}
     for step in bar:
         value_t = loss(model, shard(batches(batch_size), rank, size), step)
-        if size > 1:  # the global batch's loss, as one process computes it
-            reported = value_t.detach().clone()
-            torch.distributed.all_reduce(reported)
-            reported /= size
-        else:
-            reported = value_t.detach()
+        reported = _global(value_t.detach(), size)  # the global batch's loss, as one process computes it
         if not torch.isfinite(reported):
             bar.close()
             raise TrainingDiverged(f"loss became {reported.item()} at iteration {step}")
@@ -169,10 +182,7 @@ def fit(
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), student.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
+            _update_ema(ema, student, min(ema_decay, (1 + step) / (10 + step)))
         value = reported.item()
         result.losses.append(value)
         if step % 20 == 0:

@@ -257,8 +257,8 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
 
     from automl_diff.gating import Schedule, apply_schedule, unit_costs
     from automl_diff.metrics.latency import sampler_rounds
-    from automl_diff.models.loading import load_unet, scheduler_config_for
-    from automl_diff.sampling import Prompts, Sampler
+    from automl_diff.models.loading import folder_sampler, load_unet
+    from automl_diff.sampling import Prompts
 
     schedule = Schedule.load(args.schedule)
     steps = args.steps or schedule.steps
@@ -275,7 +275,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
             generator = torch.Generator().manual_seed(0)
             embeddings = torch.randn((1, text_length, unet.config.cross_attention_dim), generator=generator)
             prompts = Prompts(embeddings, torch.zeros_like(embeddings), args.guidance_scale)
-    sampler = Sampler(scheduler_config_for(path if path.exists() else None), steps=steps, prompts=prompts)
+    sampler = folder_sampler(path if path.exists() else None, steps=steps, prompts=prompts)
     costs = unit_costs(unet, schedule.units, text_length=text_length)
     trajectory = sampler.calls_per_step * schedule.trajectory_macs(costs)
     full = sampler.calls_per_step * costs.total.macs * steps

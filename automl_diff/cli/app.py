@@ -9,10 +9,11 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
+from automl_diff.cli import commands
 from automl_diff.config.study import DEFAULT_STORAGE
 from automl_diff.errors import UserError
-from automl_diff.study import commands
 from automl_diff.zoo import TEACHERS
 
 __all__ = ["build_parser", "main"]
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_run_and_reads(sub)
+    _add_outputs(sub)
+    _add_profile(sub)
+    return parser
+
+
+def _add_run_and_reads(sub: Any) -> None:
+    """``run``, and the commands that read a study: ``status``, ``pareto``, ``trials``."""
     run = sub.add_parser("run", help="create or resume a study and run its trials")
     run.add_argument("config", help="study config (studies/*.yaml)")
     _study_options(run, storage_default=None)
@@ -76,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     trials.add_argument("--csv", default=None, metavar="FILE", help="write all trials (metrics and parameters) as CSV")
     trials.set_defaults(func=commands.cmd_trials)
 
+
+def _add_outputs(sub: Any) -> None:
+    """What a study produces: ``report``, ``dashboard``, ``export``."""
     report = sub.add_parser("report", help="a self-contained HTML report: figures, Pareto table, samples of the front models")
     _study_options(report)
     report.add_argument("--out", default=None, help="HTML file to write (default: dashboards/<study>.html)")
@@ -99,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=commands.cmd_export)
 
+
+def _add_profile(sub: Any) -> None:
+    """``profile``: params and MACs per block, a schedule's trajectory MACs and latency."""
     profile = sub.add_parser("profile", help="params and MACs per block and in total")
     profile.add_argument(
         "--model",
@@ -122,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--repeats", type=int, default=3, help="timed batches per variant for --schedule (default 3)")
     profile.add_argument("--json", action="store_true", help="print a JSON object")
     profile.set_defaults(func=commands.cmd_profile)
-    return parser
 
 
 class _MaskPasswords(logging.Filter):
