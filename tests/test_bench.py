@@ -13,6 +13,7 @@ from automl_diff.bench.__main__ import main as bench_main
 from automl_diff.bench.presets import bench_evaluation
 from automl_diff.bench.report import markdown, write_section
 from automl_diff.bench.run import run_bench
+from automl_diff.metrics.intervals import across_sets, paired_across_sets
 
 pytest.importorskip("torch_pruning")
 pytest.importorskip("DeepCache")
@@ -80,13 +81,13 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
     # one FID per evaluation seed, the row's FID their mean; paired set by set
     assert tiny_preset.eval_seeds == (1, 2, 3) and all(len(row.fid_sets) == 3 for row in result.rows)
     assert len(set(teacher.fid_sets)) == 3, "each set has its own noise"
+    # (the intervals' arithmetic is tested in test_intervals.py; here, that each row pairs its own
+    # sets with the teacher's, in order)
+    for row in result.rows:
+        assert row.fid == across_sets(row.fid_sets)
     for row in result.rows[1:]:
-        c = row.versus_teacher
-        assert row.fid.value == pytest.approx(sum(row.fid_sets) / 3)
-        assert c.difference.value == pytest.approx(row.fid.value - teacher.fid.value)
-        ratios = [a / b for a, b in zip(row.fid_sets, teacher.fid_sets, strict=True)]
-        assert c.ratio.value == pytest.approx(math.prod(ratios) ** (1 / 3))
-        assert c.ratio.low <= min(ratios) <= max(ratios) <= c.ratio.high
+        difference, ratio = paired_across_sets(row.fid_sets, teacher.fid_sets)
+        assert (row.versus_teacher.difference, row.versus_teacher.ratio) == (difference, ratio)
     # the peers are compared with the rows they were matched to, both ways
     assert rows["Torch-Pruning peer"].versus_peer.other == "DiffNAS student" and student.versus_peer.other == "Torch-Pruning peer"
     deepcache = rows["DeepCache peer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import optuna
 import pytest
@@ -12,7 +13,10 @@ from diffusers import UNet2DConditionModel
 from automl_diff.config.search_space import load_search_space
 from automl_diff.config.study import PrunerSettings, load_study_config
 from automl_diff.methods import Rungs
+from automl_diff.methods.base import TrainAttr
+from automl_diff.methods.diffnas.method import DiffNASAttr
 from automl_diff.methods.dkdm import DKDM
+from automl_diff.methods.dkdm.method import DKDMAttr
 from automl_diff.models.inherit import channel_plan, cut, cut_resnet, inherit_from_teacher
 from automl_diff.models.loading import load_teacher, unet_from_config
 from automl_diff.records import TrialAttr
@@ -137,8 +141,8 @@ def test_mo_asha_stops_a_dominated_trial_and_records_why():
 
 
 def test_a_study_with_the_pruner_records_stopped_trials_off_the_front(study_factory, monkeypatch, capsys, tmp_path):
+    from automl_diff.cli import main
     from automl_diff.evaluation import Evaluator
-    from automl_diff.study.cli import main
 
     # every student the same MACs at the rungs: a later trial with a worse score is dominated
     monkeypatch.setattr(Evaluator, "macs", lambda self, unet: 1000)
@@ -155,8 +159,12 @@ def test_a_study_with_the_pruner_records_stopped_trials_off_the_front(study_fact
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and TrialAttr.PRUNE_REASON in t.user_attrs]
     assert pruned, states
     assert all(t.user_attrs[TrialAttr.PRUNED_AT_RUNG] == 0 for t in pruned)
-    assert all(t.number not in {b.number for b in study.best_trials} for t in pruned)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
+    # a stopped trial has no final values and never reaches the front the commands print
+    assert all(t.values is None for t in pruned)
+    assert main(["pareto", "--json", "--storage", storage, "--study-name", "tiny"]) == 0
+    front = {row["trial"] for row in json.loads(capsys.readouterr().out)}
+    assert front and front.isdisjoint(t.number for t in pruned)
     assert main(["trials", "--storage", storage, "--study-name", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "pruned" in out and "stopped at rung 0 (iteration 2)" in out
@@ -166,7 +174,7 @@ def test_a_study_with_the_pruner_records_stopped_trials_off_the_front(study_fact
 
 
 def test_pruner_config_errors_name_the_key(study_factory, capsys):
-    from automl_diff.study.cli import main
+    from automl_diff.cli import main
 
     for pruner, message in (
         ({"name": "hyperband"}, "pruner.name"),
@@ -224,13 +232,13 @@ def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_pat
         outcome[processes] = (candidate, reported)
     first = method.inputs.batches(config.seed)(config.budgets.batch_size).x  # trial 0's first global batch
     (one, one_rungs), (two, two_rungs) = outcome[1], outcome[2]
-    assert two.attrs[TrialAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrialAttr.TRAIN_PROCESSES] == 1
-    for key in (TrialAttr.TRAIN_LOSS_FIRST, TrialAttr.TRAIN_LOSS_LAST):
+    assert two.attrs[TrainAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrainAttr.TRAIN_PROCESSES] == 1
+    for key in (TrainAttr.TRAIN_LOSS_FIRST, TrainAttr.TRAIN_LOSS_LAST):
         assert two.attrs[key] == pytest.approx(one.attrs[key], rel=1e-4, abs=1e-6)
     # the pool's counters come back from the workers: every label and finished trajectory counted once
-    for key in (TrialAttr.TEACHER_EVALUATIONS, TrialAttr.POOL_TRAJECTORIES_COMPLETED):
+    for key in (DKDMAttr.TEACHER_EVALUATIONS, DKDMAttr.POOL_TRAJECTORIES_COMPLETED):
         assert two.attrs[key] == one.attrs[key]
-    assert two.attrs[TrialAttr.TEACHER_EVALUATIONS] == 6 * config.budgets.batch_size
+    assert two.attrs[DKDMAttr.TEACHER_EVALUATIONS] == 6 * config.budgets.batch_size
     assert [r[:2] for r in two_rungs] == [r[:2] for r in one_rungs] == [(0, 3)]
     assert two_rungs[0][2] == pytest.approx(one_rungs[0][2], rel=1e-4)
     _flat_close(one.unet, two.unet, config.budgets.lr, config.budgets.train_iterations)
@@ -261,10 +269,10 @@ def test_diffnas_trains_its_supernets_and_retrains_data_parallel(tiny_teacher_di
         method.prepare(tmp_path / f"p{processes}")
         outcome[processes] = (method, method.run_trial({"tolerance": 0.05}))
     (m1, one), (m2, two) = outcome[1], outcome[2]
-    for key in (TrialAttr.SUPERNET_LOSS_FIRST, TrialAttr.SUPERNET_LOSS_LAST, TrialAttr.TRAIN_LOSS_FIRST, TrialAttr.TRAIN_LOSS_LAST):
+    for key in (DiffNASAttr.SUPERNET_LOSS_FIRST, DiffNASAttr.SUPERNET_LOSS_LAST, TrainAttr.TRAIN_LOSS_FIRST, TrainAttr.TRAIN_LOSS_LAST):
         assert two.attrs[key] == pytest.approx(one.attrs[key], rel=1e-4, abs=1e-7), key
-    assert two.attrs[TrialAttr.BLOCK_CHOICES] == one.attrs[TrialAttr.BLOCK_CHOICES]
-    assert two.attrs[TrialAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrialAttr.TRAIN_PROCESSES] == 1
+    assert two.attrs[DiffNASAttr.BLOCK_CHOICES] == one.attrs[DiffNASAttr.BLOCK_CHOICES]
+    assert two.attrs[TrainAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrainAttr.TRAIN_PROCESSES] == 1
     for name in m1.supernets:
         _flat_close(m1.supernets[name], m2.supernets[name], 1e-3, 3)
     _flat_close(one.unet, two.unet, config.budgets.lr, 4)
@@ -311,4 +319,4 @@ def test_a_failing_rank_fails_its_trial_and_the_study_goes_on(study_factory, tmp
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     reason = trials[0].user_attrs[TrialAttr.FAIL_REASON]
     assert reason.startswith("TrainingFailed: a data-parallel rank failed") and "RuntimeError: rank 1 lost its device" in reason
-    assert trials[1].user_attrs[TrialAttr.TRAIN_PROCESSES] == 2
+    assert trials[1].user_attrs[TrainAttr.TRAIN_PROCESSES] == 2

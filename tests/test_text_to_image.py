@@ -139,8 +139,8 @@ def test_dipgo_study_on_a_text_to_image_pipeline_runs_resumes_and_exports(tiny_s
     from diffusers import StableDiffusionPipeline
 
     from automl_diff import Schedule, apply_schedule
+    from automl_diff.cli import main
     from automl_diff.records import StudyAttr, TrialAttr
-    from automl_diff.study.cli import main
     from tests.conftest import printed_load_calls
 
     config = _t2i_study(tmp_path, tiny_sd_dir)
@@ -197,7 +197,7 @@ def test_dipgo_study_on_a_text_to_image_pipeline_runs_resumes_and_exports(tiny_s
 
 
 def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, tiny_space, tmp_path, capsys):
-    from automl_diff.study.cli import main
+    from automl_diff.cli import main
 
     config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "train.txt"})
     assert main(["run", str(config), "--quiet"]) == 2
@@ -244,9 +244,9 @@ def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, 
 def test_profile_times_a_schedule_on_a_pipeline_and_on_a_bare_conditional_unet(tiny_sd_dir, tmp_path, capsys):
     import json
 
+    from automl_diff.cli import main
     from automl_diff.gating import Schedule, model_fingerprint, prunable_units
     from automl_diff.metrics.macs import count_macs
-    from automl_diff.study.cli import main
     from tests.conftest import TINY_COND_UNET
 
     teacher = load_teacher(str(tiny_sd_dir))
@@ -326,14 +326,25 @@ def test_clip_score_uses_a_local_clip_model_and_names_what_to_download(tmp_path)
     assert "huggingface-cli download openai/not-a-cached-clip" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_reduced_precision_teacher_samples_and_is_recorded(tiny_sd_dir, tiny_space, tmp_path, capsys):
+def test_a_reduced_precision_teacher_samples_and_is_recorded(tiny_sd_dir, tiny_space, tmp_path, capsys, monkeypatch):
     import optuna
+    from diffusers import UNet2DConditionModel
 
+    from automl_diff.cli import main
     from automl_diff.records import StudyAttr, TrialAttr
-    from automl_diff.study.cli import main
 
+    # every UNet call of the run (the pruner's trajectories, FID, latency) computes in bfloat16
+    seen, forward = set(), UNet2DConditionModel.forward
+
+    def recording(self, sample, *args, **kwargs):
+        seen.add((self.dtype, sample.dtype))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
     config = _t2i_study(tmp_path, tiny_sd_dir, dtype="bfloat16", n_trials=1)
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    assert seen == {(torch.bfloat16, torch.bfloat16)}, seen
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
     study = optuna.load_study(study_name="t2igo", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert study.user_attrs[StudyAttr.EVALUATION]["dtype"] == "bfloat16"
     (trial,) = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -353,8 +364,10 @@ def test_the_shipped_digits_t2i_teacher_loads_and_samples_with_guidance(capsys):
 
     from diffusers import StableDiffusionPipeline
 
-    from automl_diff.study.cli import main
-    from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR, digit_of
+    from automl_diff.cli import main
+    from automl_diff.metrics.alignment import prompt_accuracy
+    from automl_diff.zoo import JUDGES
+    from automl_diff.zoo.digits_t2i import DIGITS_T2I_DIR, GUIDANCE_SCALE, NUMBER_WORDS, TEMPLATES, digit_of
 
     files = [f for f in DIGITS_T2I_DIR.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 15 * 2**20
@@ -363,9 +376,20 @@ def test_the_shipped_digits_t2i_teacher_loads_and_samples_with_guidance(capsys):
     assert teacher.dataset == "digits" and (teacher.resolution, teacher.channels, teacher.latent_resolution) == (16, 1, 8)
     kinds = {type(block).__name__ for block in [*teacher.unet.down_blocks, teacher.unet.mid_block, *teacher.unet.up_blocks]}
     assert {"CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D"} <= kinds
+    # sampled with diffusers alone, its digits are the ones the prompts name
     pipe = StableDiffusionPipeline.from_pretrained(str(DIGITS_T2I_DIR))
-    out = pipe(["a handwritten seven", "the digit 2"], num_inference_steps=3, guidance_scale=3.0, output_type="np")
-    assert out.images.shape == (2, 16, 16, 1)
+    prompts = [template.format(word=NUMBER_WORDS[d], num=d) for d in range(10) for template in TEMPLATES[:4]]
+    out = pipe(
+        prompts,
+        num_inference_steps=20,
+        guidance_scale=GUIDANCE_SCALE,
+        output_type="np",
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert out.images.shape == (40, 16, 16, 1)
+    images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1
+    accuracy = prompt_accuracy(images, [digit_of(p) for p in prompts], JUDGES["digits"])
+    assert accuracy.low >= 0.8, accuracy
     assert digit_of("a picture of a nine") == 9 and digit_of("number 4 written by hand") == 4 and digit_of("a cat") is None
     assert main(["profile", "--model", "digits-t2i", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == sum(p.numel() for p in teacher.unet.parameters())
