@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["fmt_number", "fmt_si"]
+__all__ = ["fmt_number", "fmt_si", "text_table"]
 
 
 def _missing(value: Any) -> bool:
@@ -32,3 +32,14 @@ def fmt_si(value: Any, unit: str = "") -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g}{suffix}{unit}"
     return f"{value:.4g}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def text_table(header: list[str], rows: list[list[str]], *, left: int = 0) -> str:
+    """A plain-text table: a header, a rule, the rows; the first ``left`` columns left-aligned,
+    the rest right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])

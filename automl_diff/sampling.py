@@ -14,8 +14,9 @@ decoded into images.
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,13 +35,14 @@ def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: 
 
 
 def _schedulers() -> dict[str, type]:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-    return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
+    return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
 
 
-#: Sampler names a study may use.
-SCHEDULERS = ("ddim", "ddpm", "dpm")
+#: Sampler names a study may use: DDIM, DDPM, DPM-Solver++ (multistep) and PNDM (PLMS, Stable
+#: Diffusion's own default).
+SCHEDULERS = ("ddim", "ddpm", "dpm", "pndm")
 
 
 def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "ddim") -> Any:
@@ -95,8 +97,8 @@ class Sampler:
 
     Attributes:
         scheduler_config: the teacher's scheduler config (its noise schedule).
-        scheduler: ``ddim``, ``ddpm`` or ``dpm``: the diffusers scheduler that runs it.
-        steps: denoising steps.
+        scheduler: ``ddim``, ``ddpm``, ``dpm`` or ``pndm``: the diffusers scheduler that runs it.
+        steps: inference steps (``num_inference_steps``); :attr:`calls` the model calls they take.
         eta: DDIM's stochasticity (0: deterministic).
         prompts: the text conditioning of a text-to-image UNet (guided, decoded); None: an
             unconditional UNet.
@@ -112,6 +114,13 @@ class Sampler:
     def calls_per_step(self) -> int:
         """UNet rows one image costs per step (both halves of guidance count)."""
         return self.prompts.calls_per_step if self.prompts is not None else 1
+
+    @property
+    def model_calls(self) -> int:
+        """Model calls of one trajectory: one per timestep of the scheduler, which PNDM's PLMS
+        steps take one more of (it evaluates its second timestep twice). A gate schedule has a
+        row per call."""
+        return len(self.make_scheduler().timesteps)
 
     def with_prompts(self, prompts: Prompts | None) -> Sampler:
         """The same sampler with other prompts (another prompt set, or none)."""
@@ -149,7 +158,10 @@ class Sampler:
         sched = self.make_scheduler()
         device = noise.device
         x = noise * sched.init_noise_sigma
+        accepts = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {"eta": self.eta} if self.scheduler == "ddim" else {}
+        if "generator" in accepts:
+            step_kwargs["generator"] = generator
         p = self.prompts
         context = None
         if p is not None:
@@ -165,7 +177,7 @@ class Sampler:
                 eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=context)
             else:
                 eps = predict_noise(unet, model_in, t.to(device))
-            x = sched.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+            x = sched.step(eps, t, x, **step_kwargs).prev_sample
             replaced = yield x
             if replaced is not None:
                 x = replaced
@@ -179,6 +191,32 @@ class Sampler:
         through it)."""
         return _drain(self.chain(unet, noise, generator=generator, images=images))
 
+    def first_step(self, unet: nn.Module, batch: int) -> torch.Tensor:
+        """The first model call (and scheduler step) of a trajectory of ``batch`` images: what each
+        call of a sampling batch costs (a dry run times it)."""
+        param = next(unet.parameters())
+        noise = self._noise(unet, batch, 0).to(device=param.device, dtype=param.dtype)
+        return next(self.chain(unet, noise))
+
+    def _noise(self, unet: nn.Module, num_images: int, seed: int) -> torch.Tensor:
+        config = unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return torch.randn((num_images, config.in_channels, height, width), generator=torch.Generator().manual_seed(seed))
+
+    def _batch(
+        self, unet: nn.Module, noise: torch.Tensor, start: int, seed: int
+    ) -> Generator[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One batch of images, starting at image ``start``, one step at a time (decoded, in
+        [-1, 1], on the CPU)."""
+        param = next(unet.parameters())
+        x = noise.to(device=param.device, dtype=param.dtype)
+        step_generator = torch.Generator().manual_seed(seed + 1 + start)
+        x = yield from self.chain(unet, x, generator=step_generator, images=range(start, start + len(x)))
+        if self.prompts is not None and self.prompts.decode is not None:
+            x = self.prompts.decode(x)
+        return x.float().clamp(-1, 1).cpu()
+
     @torch.no_grad()
     def batches(
         self, unet: nn.Module, *, num_images: int, batch_size: int = 250, seed: int = 0
@@ -188,25 +226,45 @@ class Sampler:
         (:func:`~automl_diff.metrics.latency.lockstep_rounds`) exposes them all to the same load."""
         was_training = unet.training
         unet.eval()
-        param = next(unet.parameters())
-        config = unet.config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        noise = torch.randn((num_images, config.in_channels, height, width), generator=torch.Generator().manual_seed(seed))
+        noise = self._noise(unet, num_images, seed)
         out = []
         try:
             for start in range(0, num_images, batch_size):
-                x = noise[start : start + batch_size].to(device=param.device, dtype=param.dtype)
-                step_generator = torch.Generator().manual_seed(seed + 1 + start)
-                x = yield from self.chain(unet, x, generator=step_generator, images=range(start, start + len(x)))
-                if self.prompts is not None and self.prompts.decode is not None:
-                    x = self.prompts.decode(x)
-                out.append(x.float().clamp(-1, 1).cpu())
+                out.append((yield from self._batch(unet, noise[start : start + batch_size], start, seed)))
         finally:
             unet.train(was_training)
         return torch.cat(out)
 
     @torch.no_grad()
+    def stream(
+        self,
+        unet: nn.Module,
+        *,
+        num_images: int,
+        batch_size: int = 250,
+        seed: int = 0,
+        progress: bool = False,
+        desc: str = "sampling",
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """:meth:`sample` one batch at a time: yields ``(start, images)``, the batch's first image
+        index and its images, so that a caller can reduce each batch (to features, scores) and let
+        it go: memory holds one batch of images, whatever ``num_images``."""
+        was_training = unet.training
+        unet.eval()
+        noise = self._noise(unet, num_images, seed)
+        total = -(-num_images // batch_size) * self.model_calls
+        try:
+            with tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False) as bar:
+
+                def tick(x: torch.Tensor) -> torch.Tensor:
+                    bar.update(1)
+                    return x
+
+                for start in range(0, num_images, batch_size):
+                    yield start, _drain(self._batch(unet, noise[start : start + batch_size], start, seed), tick)
+        finally:
+            unet.train(was_training)
+
     def sample(
         self,
         unet: nn.Module,
@@ -223,14 +281,8 @@ class Sampler:
         two models sampled with the same seed start from the same noise whatever the batch size
         or device.
         """
-        total = -(-num_images // batch_size) * self.steps
-        with tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False) as bar:
-
-            def tick(x: torch.Tensor) -> torch.Tensor:
-                bar.update(1)
-                return x
-
-            return _drain(self.batches(unet, num_images=num_images, batch_size=batch_size, seed=seed), tick)
+        batches = self.stream(unet, num_images=num_images, batch_size=batch_size, seed=seed, progress=progress, desc=desc)
+        return torch.cat([images for _, images in batches])
 
 
 def _drain(chain: Generator[Any, Any, Any], each: Callable[[Any], Any] | None = None) -> Any:

@@ -34,7 +34,7 @@ def test_reference_statistics_are_cached(digits_extractor, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the dataset was read again")
 
-    monkeypatch.setattr("automl_diff.metrics.fid.dataset_images", fail)
+    monkeypatch.setattr("automl_diff.metrics.fid.dataset_batches", fail)
     second = reference_statistics("digits", digits_extractor, resolution=16, channels=1)
     assert (first[0] == second[0]).all() and (first[1] == second[1]).all()
 

@@ -71,7 +71,10 @@ def _spaces(root: Path) -> dict[str, tuple[str | None, dict]]:
     return {
         "dkdm": (str(root / "dkdm.yaml"), pool),
         "diffnas": (str(root / "diffnas.yaml"), {**pool, "supernet_iterations": 2, "search_samples": 4, "retrain_iterations": [2]}),
-        "dipgo": (None, {"granularity": "layer", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0}),
+        "dipgo": (
+            None,
+            {"granularity": "branch", "pruner": "attention", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0},
+        ),
     }
 
 
@@ -97,7 +100,7 @@ def test_a_users_sd_model_runs_every_method_with_clip_score_and_exports(user_fil
             "latency_repeats": 1,
             "latency_batch_size": 1,
         },
-        "sampling": {"guidance_scale": 3.0},
+        "sampling": {"scheduler": "pndm", "guidance_scale": 3.0},  # the user's own PLMS
         "prompts": {"train": str(root / "train.txt"), "eval": str(root / "eval.csv"), "column": "caption"},
         "fid": {"dataset": f"folder:{user_files['references']}", "features": "clip"},
         "storage": f"sqlite:///{tmp_path / 'study.db'}",
@@ -133,5 +136,11 @@ def test_a_users_sd_model_runs_every_method_with_clip_score_and_exports(user_fil
     assert index["_class_name"] == "StableDiffusionPipeline" and index["tokenizer"] == ["transformers", "BertTokenizer"]
     seen = sample_without_automl_diff(call, cwd=tmp_path, steps=3, prompt="a red circle on a black background")
     assert seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []
-    if method == "dipgo":
-        assert (out / "schedule.json").is_file()
+    if method == "dipgo":  # SD's branches gated at each of PLMS's model calls, within the trial's budget
+        schedule = json.loads((out / "schedule.json").read_text())
+        assert schedule["steps"] == 4 and schedule["info"]["num_inference_steps"] == 3 and schedule["info"]["scheduler"] == "pndm"
+        assert len(schedule["units"]) == 24 and "down.0.resnets.0+down.0.attentions.0" in schedule["units"]
+        assert schedule["info"]["schedule_cost_ratio"] <= trial.params["budget"] + 1e-9
+        assert main(["profile", "--model", str(out), "--schedule", str(out / "schedule.json"), "--json", "--repeats", "1"]) == 0
+        profiled = json.loads(capsys.readouterr().out)
+        assert profiled["scheduler"] == "pndm" and profiled["steps"] == 3 and profiled["macs_reduction"] >= 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from automl_diff.analysis.pareto import pareto_rows, teacher_metrics, trial_rows
+from automl_diff.analysis.pareto import alignment_name, pareto_rows, teacher_metrics, trial_rows
 from automl_diff.records import TrialAttr
 
 __all__ = [
@@ -31,44 +31,50 @@ __all__ = [
 
 @dataclass
 class ParetoData:
-    """Points of a MACs-against-FID plot: every completed trial, which are on the front, the teacher."""
+    """Points of a MACs-against-FID plot (against the text alignment, with ``fid: none``): every
+    completed trial, which are on the front, the teacher."""
 
     x_name: str
+    y_name: str = TrialAttr.FID
     trials: list[int] = field(default_factory=list)
     x: list[float] = field(default_factory=list)
-    fid: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
     on_front: list[bool] = field(default_factory=list)
     hover: list[str] = field(default_factory=list)
     teacher: tuple[float, float] | None = None
 
 
 def pareto_data(study: optuna.Study) -> ParetoData:
-    """Trajectory MACs when the study optimises them (DiP-GO), else MACs per call, against FID."""
+    """Trajectory MACs when the study optimises them (DiP-GO), else MACs per call, against FID
+    (or, where the study measures none, its text alignment)."""
     names = study.metric_names or []
     key = TrialAttr.TRAJECTORY_MACS if TrialAttr.TRAJECTORY_MACS in names else TrialAttr.MACS
     front = {r.trial for r in pareto_rows(study)}
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    data = ParetoData(key)
-    for row in trial_rows(study):
+    rows = trial_rows(study)
+    y_name = TrialAttr.FID if any(r.fid is not None for r in rows) or not rows else (alignment_name(study) or TrialAttr.FID)
+    data = ParetoData(key, y_name)
+    for row in rows:
         attrs = trials[row.trial].user_attrs
         x = getattr(row, key)
-        if x is None:
+        y = row.fid if y_name == TrialAttr.FID else row.alignment
+        if x is None or y is None:
             continue
         data.trials.append(row.trial)
         data.x.append(float(x))
-        data.fid.append(row.fid)
+        data.y.append(y)
         data.on_front.append(row.trial in front)
         facts = {
             "trial": row.trial,
             key: x,
-            TrialAttr.FID: round(row.fid, 4),
+            y_name: round(y, 4),
             TrialAttr.SPEEDUP: attrs.get(TrialAttr.SPEEDUP),
             "params": trials[row.trial].params,
         }
         data.hover.append("<br>".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in facts.items()))
     teacher = teacher_metrics(study)
-    if teacher and teacher.get(key) is not None:
-        data.teacher = (float(teacher[key]), float(teacher[TrialAttr.FID]))
+    if teacher and teacher.get(key) is not None and teacher.get(y_name) is not None:
+        data.teacher = (float(teacher[key]), float(teacher[y_name]))
     return data
 
 
@@ -81,7 +87,7 @@ def pareto_figure(data: ParetoData) -> Any:
         fig.add_trace(
             go.Scatter(
                 x=[data.x[i] for i in idx],
-                y=[data.fid[i] for i in idx],
+                y=[data.y[i] for i in idx],
                 mode="markers",
                 name=name,
                 marker={"size": size},
@@ -94,7 +100,8 @@ def pareto_figure(data: ParetoData) -> Any:
             go.Scatter(x=[data.teacher[0]], y=[data.teacher[1]], mode="markers", name="teacher", marker={"symbol": "star", "size": 16})
         )
     label = "trajectory MACs per image" if data.x_name == "trajectory_macs" else "MACs per UNet call"
-    fig.update_layout(title="Pareto front: MACs against FID", xaxis_title=label, yaxis_title="FID (lower is better)")
+    y = "FID (lower is better)" if data.y_name == TrialAttr.FID else f"{data.y_name} (higher is better)"
+    fig.update_layout(title=f"Pareto front: MACs against {y.split(' (')[0]}", xaxis_title=label, yaxis_title=y)
     return fig
 
 

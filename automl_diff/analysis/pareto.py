@@ -31,13 +31,14 @@ COLUMNS = ("trial", TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.L
 class TrialRow:
     """One finished trial. MACs per UNet forward pass (the mean over the steps for a DiP-GO
     schedule); trajectory MACs for one image's whole sampling run; latency in seconds per image;
-    speedup is the teacher's latency divided by this one's (higher is faster); FID lower is better;
-    ``alignment`` is a text-to-image trial's ``prompt_accuracy`` or ``clip_score`` (higher is better)."""
+    speedup is the teacher's latency divided by this one's (higher is faster); FID lower is better
+    (None: a study with ``fid: none``); ``alignment`` is a text-to-image trial's
+    ``prompt_accuracy`` or ``clip_score`` (higher is better)."""
 
     trial: int
     macs: int
     params: int
-    fid: float
+    fid: float | None
     latency: float
     speedup: float | None
     macs_no_attention: int | None = None
@@ -58,13 +59,14 @@ def teacher_metrics(study: optuna.Study) -> dict[str, Any] | None:
 
 def _row(trial: optuna.trial.FrozenTrial) -> TrialRow | None:
     attrs = trial.user_attrs
-    if not all(k in attrs for k in (TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)):
+    if not all(k in attrs for k in (TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.LATENCY)):
         return None
+    fid = attrs.get(TrialAttr.FID)
     return TrialRow(
         trial=trial.number,
         macs=int(attrs[TrialAttr.MACS]),
         params=int(attrs[TrialAttr.PARAMS]),
-        fid=float(attrs[TrialAttr.FID]),
+        fid=None if fid is None else float(fid),
         latency=float(attrs[TrialAttr.LATENCY]),
         speedup=attrs.get(TrialAttr.SPEEDUP),
         macs_no_attention=attrs.get(TrialAttr.MACS_NO_ATTENTION),
@@ -105,7 +107,7 @@ def pareto_rows(study: optuna.Study) -> list[TrialRow]:
         return []
     best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
     rows = [r for r in map(_row, best) if r is not None]
-    return sorted(rows, key=lambda r: (r.macs, r.fid))
+    return sorted(rows, key=lambda r: (r.macs, r.fid if r.fid is not None else -(r.alignment or 0.0)))
 
 
 def trials_frame(study: optuna.Study, *, pareto_only: bool = False) -> Any:

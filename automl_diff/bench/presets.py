@@ -111,7 +111,8 @@ class BenchPreset:
         prune_ratios: Torch-Pruning ratios tried; the one closest to the DiffNAS student's MACs runs.
         dipgo: DiP-GO pruner options (``method_options``) for the teacher.
         dipgo_iterations, dipgo_batch, dipgo_lr: its optimisation budget.
-        dipgo_thresholds: thresholds whose schedules are measured (teacher and stacked).
+        dipgo_budgets: budgets whose schedules are measured (teacher and stacked): fractions of the
+            full trajectory's cost in the pruner's unit (``unit_cost``).
         stacked_dipgo: options of the stacked DiP-GO run on the DiffNAS student, over ``dipgo``
             (its target, say, or ``unit_cost: latency``).
         dipgo_weights_batch: the batch size DiP-GO's latency unit weights (``unit_cost: latency``)
@@ -163,7 +164,7 @@ class BenchPreset:
     dipgo_iterations: int = 150
     dipgo_batch: int = 4
     dipgo_lr: float = 0.01
-    dipgo_thresholds: tuple[float, ...] = (0.01, 0.1, 0.5)
+    dipgo_budgets: tuple[float, ...] = (0.3, 0.2)
     stacked_dipgo: dict[str, Any] = field(default_factory=dict)
     stacked_dipgo_iterations: int | None = None
     dipgo_weights_batch: int | None = None
@@ -214,7 +215,7 @@ PRESETS: dict[str, BenchPreset] = {
         dkdm_iterations=1000,
         dipgo_iterations=100,
         retrain_iterations=1250,
-        dipgo_thresholds=(0.2, 0.5),
+        dipgo_budgets=(0.3, 0.22),
         dkdm_params={
             "down.0.channels": 24,
             "down.1.channels": 48,
@@ -228,11 +229,12 @@ PRESETS: dict[str, BenchPreset] = {
         dipgo_weights_batch=8,
         stacked_dipgo_iterations=150,
         tuned="the DiP-GO target (0.23 of the trajectory), sparsity weight (5) and warm-up (0.6), the pruners' iterations "
-        "(100 on the teacher, 150 on the DiffNAS student), the thresholds 0.2 and 0.5, the DiffNAS size limit (0.7 of the "
+        "(100 on the teacher, 150 on the DiffNAS student), the DiffNAS size limit (0.7 of the "
         "teacher's MACs and params) and the training budgets were chosen on earlier runs of this benchmark, whose FID noise "
         "was seed 0 (the history of BENCHMARKS.md). Measuring DiP-GO's unit weights in seconds at batch 8, and timing at "
         "batches 1, 8 and 64, were decided from the per-step costs measured on the teacher (BENCHMARKS.md), not from a "
-        "benchmark run.",
+        "benchmark run. The schedules' budgets (0.3 and 0.22 of the trajectory's measured time) are the cost ratios that the "
+        "thresholds of earlier runs reached (3.66x and 4.59x fewer trajectory MACs), chosen on the MACs axis, not on FID.",
     ),
     "digits-t2i": BenchPreset(
         name="digits-t2i",
@@ -274,7 +276,7 @@ PRESETS: dict[str, BenchPreset] = {
         dipgo={"granularity": "layer", "target_macs_ratio": 0.25, "sparsity_weight": 5.0, "warmup": 0.6, "reference_images": 60},
         dipgo_iterations=100,
         dipgo_batch=4,
-        dipgo_thresholds=(0.2, 0.5),
+        dipgo_budgets=(0.25, 0.2),
         deepcache_intervals=tuple(range(2, 8)),
         stacked_dipgo={"target_macs_ratio": 0.33},
         stacked_dipgo_iterations=100,
@@ -290,7 +292,8 @@ PRESETS: dict[str, BenchPreset] = {
         ),
         tuned="the guidance scale (1.5: the lowest FID among 1.5, 2 and 3 whose prompt accuracy is at least 0.99, on 500 teacher "
         "images of noise seed 0). Nothing was tuned on this preset's results: the pruner's target (0.25 of the trajectory MACs) "
-        "was set before it first ran, and its sparsity weight, warm-up, iterations and thresholds are the digits preset's. The "
+        "was set before it first ran, and its sparsity weight, warm-up and iterations are the digits preset's; the schedules' "
+        "budgets (0.25 and 0.2 of the trajectory MACs: 4x and 5x fewer) were set before their first run, from the goal. The "
         "DiffNAS size limit (0.46 of the teacher's MACs and params) is BK-SDM-Base's MACs on this teacher (0.467, counted), so "
         "that the two are compared at equal or fewer MACs; the stacked pruner's target (0.33 of the student's trajectory) is "
         "1/6 of the teacher's over that limit; the DKDM student (channels 24/48/48) and the training budgets (1500 steps for "

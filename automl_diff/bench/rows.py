@@ -23,7 +23,7 @@ the preset's seed, so a row measured alone gives what it gives in the full run.
 6. ``dkdm_data``: the DKDM student's architecture trained at its budget on the dataset (real images,
    captioned for a text-to-image teacher) instead of the teacher's generations: what data-free
    distillation gives up.
-7. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several thresholds).
+7. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several budgets).
 8. ``deepcache``: DeepCache at the caching interval whose trajectory MACs are closest to DiP-GO's
    first schedule at or below 1/4 of the teacher's (else its sparsest).
 9. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
@@ -48,6 +48,7 @@ from automl_diff.errors import UserError
 from automl_diff.gating import apply_schedule
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
+from automl_diff.methods.dipgo.method import BUDGET, DiPGOAttr
 from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.loading import Teacher
@@ -226,26 +227,31 @@ def bk_sdm_row(bench: Bench) -> None:
 
 
 def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind: str) -> list[Row]:
-    """One row per distinct schedule the method's pruner gives at the preset's thresholds."""
+    """One row per distinct schedule the method's pruner gives at the preset's budgets (the
+    paper's post-processing: the highest-scoring gates within each)."""
     o = method.options
     batch = method.settings.latency_batch_size
     unit = "MACs" if o.unit_cost == "macs" else f"time (units weighed by their seconds measured at batch {batch})"
-    pruner = f"pruner ({method.settings.budgets.train_iterations} iterations) target {o.target_macs_ratio:g} of the trajectory {unit}"
+    pruner = (
+        f"{o.pruner} pruner ({method.settings.budgets.train_iterations} iterations) trained to {o.target_macs_ratio:g} of "
+        f"the trajectory {unit}, {o.granularity} units"
+    )
     rows, seen = [], set()
-    for threshold in bench.preset.dipgo_thresholds:
-        schedule = method.schedule_for(threshold)
+    for budget in bench.preset.dipgo_budgets:
+        schedule = method.schedule_for({BUDGET: budget})
         if schedule.key() in seen:
             continue
         seen.add(schedule.key())
         rows.append(
             bench.measure(
-                f"{label}, threshold {threshold:g}",
+                f"{label}, budget {budget:g}",
                 kind,
                 method.teacher.unet,
                 context=lambda m, s=schedule: apply_schedule(m, s),
                 search_seconds=seconds,
-                notes=f"{len(schedule.units)} units x {bench.steps} steps, "
-                f"{schedule.computed_fraction:.3f} of the units computed; {pruner}",
+                notes=f"{len(schedule.units)} units x {schedule.steps} model calls, {schedule.computed_fraction:.3f} of the "
+                f"gates on, {schedule.info[DiPGOAttr.COST_RATIO]:.3f} of the trajectory's {'MACs' if o.unit_cost == 'macs' else 'time'}; "
+                f"{pruner}",
             )
         )
     return rows

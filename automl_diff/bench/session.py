@@ -457,16 +457,16 @@ class Bench:
         p = self.preset
         start = time.perf_counter()
         model.eval()
-        features, alignment = [], []
+        features, alignment, fids = [], [], []
         with context(model):
             trajectory = self.trajectory_macs(model)
             for seed in self.eval_seeds:
-                images = self.sampler.sample(model, num_images=p.evaluation.fid_samples, batch_size=p.evaluation.fid_batch_size, seed=seed)
-                features.append(self.evaluator.extractor(images))
-                aligned = self.evaluator.alignment(images)
-                if aligned is not None:
-                    alignment.append(aligned[1].value)
-        fids = tuple(fid_from_features(f, self.evaluator.reference) for f in features)
+                sampled = self.evaluator.sample_set(model, seed=seed, keep_features=True)
+                features.append(sampled.stats.features)
+                fids.append(sampled.fid(self.evaluator.reference))
+                if sampled.alignment is not None:
+                    alignment.append(sampled.alignment[1].value)
+        fids = tuple(fids)
         row = Row(
             name,
             kind,

@@ -66,6 +66,13 @@ def _add_run_and_reads(sub: Any) -> None:
         help="run trials in this process (local, default) or as Ray Tune trials (ray)",
     )
     run.add_argument("--address", default=None, help="Ray cluster to join with --backend ray (default: a local Ray instance)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build everything a trial needs, time each stage at the config's shapes, project a trial's and the study's "
+        "seconds and peak memory; store nothing",
+    )
+    run.add_argument("--json", action="store_true", help="with --dry-run: print a JSON object")
     run.set_defaults(func=commands.cmd_run)
 
     status = sub.add_parser("status", help="trials per state and the best values")

@@ -12,20 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from automl_diff.errors import UserError
-from automl_diff.formatting import fmt_si
+from automl_diff.formatting import fmt_si, text_table
 from automl_diff.records import StudyAttr, TrialAttr
 
 __all__ = ["cmd_dashboard", "cmd_export", "cmd_pareto", "cmd_profile", "cmd_report", "cmd_run", "cmd_status", "cmd_trials"]
 
 logger = logging.getLogger("automl_diff")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
 
 
 def pareto_table(study: Any) -> str:
@@ -44,7 +36,7 @@ def pareto_table(study: Any) -> str:
                 fmt_si(teacher[TrialAttr.MACS]),
                 fmt_si(teacher.get(TrialAttr.TRAJECTORY_MACS)),
                 fmt_si(teacher[TrialAttr.PARAMS]),
-                fmt_si(teacher[TrialAttr.FID]),
+                fmt_si(teacher.get(TrialAttr.FID)),
                 *alignment,
                 fmt_si(teacher[TrialAttr.LATENCY], "s"),
                 "1x",
@@ -63,7 +55,22 @@ def pareto_table(study: Any) -> str:
                 fmt_si(r.speedup, "x"),
             ]
         )
-    return _table(header, rows)
+    return text_table(header, rows)
+
+
+def _dry_run(args: argparse.Namespace, config: Any) -> int:
+    """``run --dry-run``: the study's stages measured and projected; no storage is opened."""
+    import json
+
+    from automl_diff.runners.dryrun import dry_run
+
+    result = dry_run(config, study_name=args.study_name or config.study_name, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(f"dry run of study '{config.study_name}' ({config.path}) on {result.device}, {config.dtype}; nothing was stored")
+        print(result.table())
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -75,6 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = args.storage or config.storage
     if args.address and args.backend != "ray":
         raise UserError(f"--address {args.address}: only meaningful with --backend ray")
+    if args.dry_run:
+        return _dry_run(args, config)
     if args.backend == "ray":
         from automl_diff.runners.ray import run_study_ray
 
@@ -179,10 +188,10 @@ def cmd_trials(args: argparse.Namespace) -> int:
             elif isinstance(stopped, str):
                 note = stopped
             aligned = [cell(r[name]) for name in ALIGNMENT_METRICS if name in r]
-            metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r[TrialAttr.FID]), *aligned]
+            metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r.get(TrialAttr.FID)), *aligned]
             rows.append([str(r["trial"]), r["state"], *metrics, cell(r[TrialAttr.SPEEDUP], "x"), note])
         alignment = [name for name in ALIGNMENT_METRICS if name in frame.columns]
-        print(_table(["trial", "state", "MACs", "trajectory MACs", "FID", *alignment, "speedup", "note"], rows))
+        print(text_table(["trial", "state", "MACs", "trajectory MACs", "FID", *alignment, "speedup", "note"], rows))
     return 0
 
 
@@ -261,10 +270,8 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     from automl_diff.sampling import Prompts
 
     schedule = Schedule.load(args.schedule)
-    steps = args.steps or schedule.steps
-    if steps != schedule.steps:
-        raise UserError(f"--steps {steps}: the schedule {args.schedule} is for {schedule.steps} steps")
-    schedule.check_model(unet, source=args.schedule)
+    steps = args.steps or schedule.inference_steps
+    scheduler = str(schedule.info.get("scheduler", "ddim"))
     path = Path(source)
     prompts = None
     if getattr(unet.config, "cross_attention_dim", None) is not None:
@@ -275,10 +282,13 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
             generator = torch.Generator().manual_seed(0)
             embeddings = torch.randn((1, text_length, unet.config.cross_attention_dim), generator=generator)
             prompts = Prompts(embeddings, torch.zeros_like(embeddings), args.guidance_scale)
-    sampler = folder_sampler(path if path.exists() else None, steps=steps, prompts=prompts)
+    sampler = folder_sampler(path if path.exists() else None, steps=steps, prompts=prompts, scheduler=scheduler)
+    if sampler.model_calls != schedule.steps:
+        raise UserError(f"--steps {steps}: the schedule {args.schedule} is for {schedule.inference_steps} {scheduler} steps")
+    schedule.check_model(unet, source=args.schedule)
     costs = unit_costs(unet, schedule.units, text_length=text_length)
     trajectory = sampler.calls_per_step * schedule.trajectory_macs(costs)
-    full = sampler.calls_per_step * costs.total.macs * steps
+    full = sampler.calls_per_step * costs.total.macs * schedule.steps
     rounds = sampler_rounds(
         {"full": unet, "schedule": copy.deepcopy(unet)},
         sampler,
@@ -289,6 +299,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     latencies = {name: statistics.median(values) for name, values in rounds.items()}
     return {
         "steps": steps,
+        "scheduler": scheduler,
         "trajectory_macs": trajectory,
         "full_trajectory_macs": full,
         "macs_reduction": full / trajectory,
@@ -325,13 +336,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(unet).__name__} at {resolution}px, one forward pass, batch 1")
     rows = [[b.name, fmt_si(b.params), fmt_si(b.macs), fmt_si(b.macs_no_attention)] for b in report.blocks]
     rows.append(["total", fmt_si(report.params), fmt_si(report.macs), fmt_si(report.macs_no_attention)])
-    print(_table(["block", "params", "MACs", "MACs w/o attn matmuls"], rows))
+    print(text_table(["block", "params", "MACs", "MACs w/o attn matmuls"], rows))
     if trajectory:
         t = trajectory
         guided = f", guidance {t['guidance_scale']:g} (both halves counted)" if "guidance_scale" in t else ""
         print(f"\nschedule {args.schedule}: {t['steps']} steps, {t['computed_fraction']:.1%} of the unit computations{guided}")
         print(
-            _table(
+            text_table(
                 ["", "trajectory MACs per image", "latency per image"],
                 [
                     ["full sampler", fmt_si(t["full_trajectory_macs"]), fmt_si(t["full_latency"], "s")],

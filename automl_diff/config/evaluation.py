@@ -35,7 +35,12 @@ def _at_least(minimum: float, what: str = "") -> Any:
 class SamplingSettings:
     """The sampler every model of a study runs (its FID, latency, and DiP-GO's pruner)."""
 
-    scheduler: str = setting("ddim", section="sampling", choices=SCHEDULERS, doc="the diffusers scheduler (dpm: DPM-Solver++)")
+    scheduler: str = setting(
+        "ddim",
+        section="sampling",
+        choices=SCHEDULERS,
+        doc="the diffusers scheduler (dpm: DPM-Solver++; pndm: PLMS, Stable Diffusion's default, one model call more than steps)",
+    )
     steps: int = setting(20, section="budgets", key="sampling_steps", check=positive, doc="denoising steps of every sampler")
     eta: float = setting(0.0, section="sampling", doc="DDIM's stochasticity (0: deterministic)")
     guidance_scale: float = setting(
@@ -49,6 +54,10 @@ class SamplingSettings:
     def sampler_for(self, teacher: Teacher, prompts: Prompts | None = None) -> Sampler:
         """This sampler on a teacher's noise schedule (with ``prompts``)."""
         return teacher.sampler(self.scheduler, self.steps, self.eta, prompts)
+
+
+#: ``fid.features`` (or ``fid: none``) of an evaluation without FID.
+NO_FID = "none"
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,9 @@ class Evaluation:
         None,
         section="fid",
         key="features",
-        choices=sorted(FEATURE_EXTRACTORS),
-        doc="FID feature space (default: the dataset's own, else inception)",
+        choices=[*sorted(FEATURE_EXTRACTORS), NO_FID],
+        doc="FID feature space (default: the dataset's own, else inception); none, or fid: none, measures no FID (a CLIP-only "
+        "evaluation, for prompts without reference images)",
     )
     fid_batch_size: int = setting(250, section="fid", key="batch_size", check=positive, doc="images per sampling batch of an FID")
     fid_interval: bool = setting(False, section="fid", key="interval", doc="record FID's 95% interval and KID on every trial")
@@ -92,6 +102,11 @@ class Evaluation:
     dtype: str = "float32"
 
     @property
+    def measures_fid(self) -> bool:
+        """Whether models get an FID (not with ``fid: none``)."""
+        return self.fid_features != NO_FID
+
+    @property
     def text(self) -> bool:
         """Whether the evaluation samples prompts (a text-to-image teacher)."""
         return bool(self.prompts)
@@ -99,6 +114,8 @@ class Evaluation:
     def resolved(self, *, dataset: str | None, device: str, dtype: str) -> Evaluation:
         """The settings as a run measures with them: the FID dataset (``dataset``: the teacher's,
         where none is set), its feature space, the device and the teacher's precision."""
+        if not self.measures_fid:
+            return replace(self, device=device, dtype=dtype)
         fid_dataset = self.fid_dataset or dataset
         features = self.fid_features or (default_features(fid_dataset) if fid_dataset else None)
         return replace(self, fid_dataset=fid_dataset, fid_features=features, device=device, dtype=dtype)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from automl_diff.config._reader import Section, positive, read_settings, setting
 from automl_diff.config.search_space import SearchSpace, SupernetSpace
 from automl_diff.errors import UserError
+from automl_diff.models.dataflow import GRANULARITIES
 
 if TYPE_CHECKING:
     from automl_diff.config.settings import MethodSettings
@@ -26,6 +27,8 @@ __all__ = [
     "CONSISTENCY_LOSSES",
     "JOINT_SCHEDULES",
     "METHOD_OPTIONS",
+    "POSTPROCESS",
+    "PRUNERS",
     "DKDMOptions",
     "DiPGOOptions",
     "DiffNASOptions",
@@ -40,11 +43,20 @@ BLOCK_COSTS = ("macs", "latency")
 JOINT_SCHEDULES = ("linear", "cosine", "static")
 #: DiP-GO's consistency losses between the gated and the full sampler's final images.
 CONSISTENCY_LOSSES = ("mse", "ssim")
+#: DiP-GO's pruner networks.
+PRUNERS = ("mlp", "attention")
+#: How DiP-GO turns its pruner's scores into a schedule.
+POSTPROCESS = ("budget", "threshold")
 _SECTION = "method_options"
 
 
 def _unit_interval(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def _guidance_scales(value: tuple[float, ...]) -> str | None:
+    ok = len(value) <= 2 and all(g >= 1 for g in value) and list(value) == sorted(value)
+    return None if ok else "one or two scales of at least 1, low first"
 
 
 def _positive_fraction(value: float) -> str | None:
@@ -102,6 +114,18 @@ class PoolOptions(MethodOptions):
     pool_eta: float = _option(1.0, "stochasticity of the pool's steps (1: ancestral-like, 0: deterministic)", check=_unit_interval)
     prompt_dropout: float = _option(
         0.1, "text-to-image: share of pool entries (or images) with the unconditional prompt", check=_unit_interval
+    )
+    guided_pool: bool = _option(
+        True,
+        "text-to-image: the teacher labels both halves of classifier-free guidance at every pool state in one call, the "
+        "student learns both, and the state moves on with the guided prediction (false: one conditional prediction labels "
+        "and moves it, so the pool follows the unguided distribution)",
+    )
+    pool_guidance: tuple[float, ...] = _option(
+        (),
+        "text-to-image, guided pool: the guidance scale of the pool's trajectories; empty: the study's "
+        "sampling.guidance_scale; two values: a range each trajectory draws its scale from",
+        check=_guidance_scales,
     )
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
@@ -202,13 +226,18 @@ class DiPGOOptions(MethodOptions):
     method: ClassVar[str] = "dipgo"
 
     granularity: str = _option(
-        "layer", "block (down.i, mid, up.i) or layer (their resnets, attentions and resamplers)", choices=("block", "layer")
+        "layer",
+        "block (down.i, mid, up.i), layer (their resnets, attentions and resamplers) or branch (each resnet with its "
+        "attention, each downsampler, the mid block: the units DiP-GO's authors gate on Stable Diffusion)",
+        choices=GRANULARITIES,
     )
     target_macs_ratio: float = _option(
         0.25, "trajectory cost the pruner aims for, a fraction of the full sampler's", check=_positive_fraction
     )
     unit_cost: str = _option(
-        "macs", "what the sparsity loss counts per unit: macs (the paper's) or latency (seconds measured here)", choices=("macs", "latency")
+        "macs",
+        "what the sparsity loss and the budget count per unit: macs (the paper's) or latency (seconds measured here)",
+        choices=("macs", "latency"),
     )
     sparsity_weight: float = _option(1.0, "weight of the sparsity loss", check=positive)
     consistency: str = _option("mse", "mse or ssim between the gated and the full samplers' final images", choices=CONSISTENCY_LOSSES)
@@ -218,12 +247,29 @@ class DiPGOOptions(MethodOptions):
     )
     warmup: float = _option(0.6, "fraction of the iterations over which the target falls from 1", check=_unit_interval)
     reference_images: int = _option(64, "fixed noise samples the pruner trains on (not the FID noise)", check=positive)
-    threshold_low: float = _option(1e-4, "low end of the threshold Optuna tunes", check=_open_interval)
+    pruner: str = _option(
+        "mlp",
+        "the pruner network: mlp (step and unit queries through a shared MLP) or attention (the paper's: a query per gate, "
+        "stacked self-attention over each step's units, a linear head)",
+        choices=PRUNERS,
+    )
+    pruner_layers: int = _option(2, "self-attention layers of the attention pruner", check=positive)
+    postprocess: str = _option(
+        "budget",
+        "how the pruner's scores become a schedule: budget (the paper's Algorithm 1: the highest-scoring gates that fit a "
+        "trajectory cost budget, in unit_cost's unit; Optuna tunes the budget) or threshold (gates scoring above it compute; "
+        "Optuna tunes the threshold)",
+        choices=POSTPROCESS,
+    )
+    budget_low: float = _option(0.1, "low end of the budget Optuna tunes, a fraction of the full sampler's cost", check=_positive_fraction)
+    budget_high: float = _option(0.5, "high end of the budget range", check=_positive_fraction)
+    threshold_low: float = _option(1e-4, "low end of the threshold Optuna tunes (postprocess: threshold)", check=_open_interval)
     threshold_high: float = _option(0.5, "high end of the threshold range", check=_open_interval)
     threshold_log: bool = _option(True, "sample the threshold on a log scale")
 
     def check(self, file: str) -> None:
         _require_below(self, file, "threshold_low", "threshold_high")
+        _require_below(self, file, "budget_low", "budget_high")
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         where = settings.where

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from automl_diff.config._reader import Section, load_yaml, positive, read_settings, resolve_path, setting
-from automl_diff.config.evaluation import Evaluation
+from automl_diff.config.evaluation import NO_FID, Evaluation
 from automl_diff.config.options import METHOD_OPTIONS, MethodOptions, read_options
 from automl_diff.config.search_space import SearchSpace, SupernetSpace, load_search_space
 from automl_diff.config.settings import Budgets, MethodSettings
@@ -231,7 +231,7 @@ class StudyConfig:
                 f"{self.path}: prompts.judge: prompt_accuracy needs a prompt judge ({', '.join(JUDGES)}); this teacher has none of its "
                 "own: name one, or measure clip_score"
             )
-        if (e.fid_dataset or original.dataset) is None:
+        if e.measures_fid and (e.fid_dataset or original.dataset) is None:
             raise UserError(f"{self.path}: fid.dataset: required for a teacher other than a built-in one (a dataset name or folder:PATH)")
         if (original.resolution, original.channels) != (teacher.resolution, teacher.channels):
             raise UserError(
@@ -251,7 +251,10 @@ def load_study_config(path: str | Path) -> StudyConfig:
         UserError: one line naming the file and the key.
     """
     path = Path(path)
-    top = Section(load_yaml(path, what="study config"), file=path)
+    data = load_yaml(path, what="study config")
+    if isinstance(data, dict) and data.get("fid") == NO_FID:  # fid: none
+        data = {**data, "fid": {"features": NO_FID}}
+    top = Section(data, file=path)
     base = path.resolve().parent
     names = ("sampler", "budgets", "sampling", "fid", "prompts", "execution", "pruner")
     sections: dict[str | None, Section] = {None: top, **{name: top.section(name) for name in names}}
@@ -279,6 +282,14 @@ def load_study_config(path: str | Path) -> StudyConfig:
     dataset = config.evaluation.fid_dataset
     if dataset and dataset.startswith("folder:"):
         config = replace(config, evaluation=replace(config.evaluation, fid_dataset="folder:" + resolve_path(base, dataset[7:])))
+    e = config.evaluation
+    if not e.measures_fid:
+        if TrialAttr.FID in [o.name for o in config.objectives] or "objectives" not in top.data:
+            raise top.error(
+                "objectives", [o.name for o in config.objectives], "with fid: none, name objectives without fid (macs, clip_score)"
+            )
+        if e.fid_interval:
+            raise top.error("fid.interval", True, "an interval of FID needs FID (fid: none measures none)")
     if config.dtype != "float32" and method != "dipgo":
         raise top.error("dtype", config.dtype, "only method dipgo samples a reduced-precision teacher (the others train students)")
     return replace(config, name=config.study_name)

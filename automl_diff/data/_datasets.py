@@ -1,12 +1,16 @@
 """Image folders: every PNG/JPEG under a folder, and captioned folders (``metadata.jsonl``).
 
-Images are float tensors ``(N, C, H, W)`` in [-1, 1]. Named datasets (the shipped ``digits``)
-live in :mod:`automl_diff.zoo`, which resolves a dataset spec (a name, or ``folder:PATH``).
+Images are float tensors ``(N, C, H, W)`` in [-1, 1], each centre-cropped to a square and resized
+(bicubic) to the model's resolution, as reference images for FID are prepared. A large folder is
+read batch by batch (:func:`iter_image_folder`), so that its features can be accumulated without
+holding its images. Named datasets (the shipped ``digits``) live in :mod:`automl_diff.zoo`, which
+resolves a dataset spec (a name, or ``folder:PATH``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +29,30 @@ def _image_files(path: str) -> list[Path]:
     return files
 
 
-def _load_folder(path: str, *, resolution: int, channels: int, files: list[Path] | None = None) -> torch.Tensor:
+def load_image(file: Path, *, resolution: int, channels: int) -> np.ndarray:
+    """One image file as ``(C, H, W)`` float32 in [0, 1]: the largest centred square, resized
+    (bicubic) to ``resolution``."""
     from PIL import Image
 
+    with Image.open(file) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _load_folder(path: str, *, resolution: int, channels: int, files: list[Path] | None = None) -> torch.Tensor:
     files = files if files is not None else _image_files(path)
-    mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for file in files:
-        with Image.open(file) as img:
-            img = img.convert(mode).resize((resolution, resolution), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-        arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays)) * 2 - 1
+    return torch.from_numpy(np.stack([load_image(f, resolution=resolution, channels=channels) for f in files])) * 2 - 1
+
+
+def iter_image_folder(path: str, *, resolution: int, channels: int, batch_size: int = 250) -> Iterator[torch.Tensor]:
+    """The images of :func:`load_image_folder`, ``batch_size`` at a time."""
+    files = _image_files(path)
+    for start in range(0, len(files), batch_size):
+        yield _load_folder(path, resolution=resolution, channels=channels, files=files[start : start + batch_size])
 
 
 def _folder_captions(path: str) -> dict[str, str]:

@@ -19,18 +19,34 @@ from torch import nn
 from automl_diff.config.evaluation import Evaluation
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, apply_schedule, unit_costs
-from automl_diff.metrics.alignment import ClipScorer, prompt_accuracy, prompt_labels
-from automl_diff.metrics.fid import FeatureExtractor, ReferenceSet, fid_from_features, get_extractor, reference_set
-from automl_diff.metrics.intervals import Interval, Kid, fid_interval, kid
+from automl_diff.metrics.alignment import ClipScorer, prompt_hits, prompt_labels
+from automl_diff.metrics.fid import FeatureExtractor, FeatureStats, ReferenceSet, frechet_distance, get_extractor, reference_set
+from automl_diff.metrics.intervals import Interval, Kid, across_sets, fid_interval, kid, proportion_interval
 from automl_diff.metrics.latency import sampler_rounds
 from automl_diff.metrics.macs import count_macs
+from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import Teacher
 from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr
 from automl_diff.sampling import Prompts
 from automl_diff.zoo import JUDGES, PromptJudge
 
-__all__ = ["Evaluator", "ModelMetrics"]
+__all__ = ["Evaluator", "ModelMetrics", "SampleSet"]
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """One set of evaluation images, reduced: their feature statistics (and features, where
+    kept), their text alignment, and the first few images with their prompts."""
+
+    stats: FeatureStats
+    alignment: tuple[str, Interval] | None
+    samples: torch.Tensor | None
+    prompts: list[str] | None
+
+    def fid(self, reference: tuple[np.ndarray, np.ndarray]) -> float:
+        """FID of the set against reference statistics."""
+        return frechet_distance(self.stats.mu, self.stats.sigma, *reference)
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,8 @@ class ModelMetrics:
             mean over the steps of the trajectory.
         macs_no_attention: the same without the attention matmuls.
         trajectory_macs: MACs of one image's whole sampling trajectory (``sampling_steps`` calls).
-        fid: FID of ``fid_samples`` images against the dataset's reference statistics.
+        fid: FID of ``fid_samples`` images against the dataset's reference statistics (None:
+            ``fid: none``).
         latency: median seconds per image for ``sampling_steps`` denoising steps.
         fid_interval: FID's 95% interval (``fid.interval: true``; half-sampling, see
             :mod:`automl_diff.metrics.intervals`).
@@ -57,7 +74,7 @@ class ModelMetrics:
     macs: int
     macs_no_attention: int
     trajectory_macs: int
-    fid: float
+    fid: float | None
     latency: float
     fid_interval: Interval | None = None
     kid: Kid | None = None
@@ -65,7 +82,7 @@ class ModelMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as trial attributes (:class:`~automl_diff.records.TrialAttr`)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid", "alignment")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("fid_interval", "kid", "alignment") and v is not None}
         if self.alignment is not None:
             name, a = self.alignment  # prompt_accuracy, prompt_accuracy_low, prompt_accuracy_high; clip_score, ...
             data.update({name: a.value, f"{name}_low": a.low, f"{name}_high": a.high})
@@ -160,33 +177,85 @@ class Evaluator:
         """The dataset's feature mean and covariance."""
         return self.reference_set.statistics
 
-    def fid(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> float:
-        """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given."""
+    def sample_set(self, unet: nn.Module, *, seed: int, keep_features: bool = False, desc: str = "sampling") -> SampleSet:
+        """``fid_samples`` images of ``unet`` from noise ``seed``, reduced batch by batch to their
+        feature statistics and text alignment (one batch of images in memory at a time), with
+        the first images for a grid: for a text-to-image teacher the first image of each of the
+        first 16 prompts."""
+        e = self.evaluation
+        stats = FeatureStats(keep=keep_features)
+        per = self.prompts.images_per_prompt if self.prompts is not None else 1
+        wanted = [i * per for i in range(min(16, len(e.prompts)))] if self.prompts is not None else list(range(16))
+        grid: list[torch.Tensor] = []
+        hits, scores = 0, []
+        batches = self.sampler.stream(
+            unet, num_images=e.fid_samples, batch_size=e.fid_batch_size, seed=seed, progress=self.progress, desc=desc
+        )
+        for start, images in batches:
+            grid += [images[i - start] for i in wanted if start <= i < start + len(images)]
+            if self.labels is not None and self.judge is not None:
+                hits += prompt_hits(images, self.labels[start : start + len(images)], self.judge)
+            elif self._clip is not None and self.prompts is not None:
+                scores += self._clip.scores(images, [e.prompts[self.prompts.prompt_of(start + i)] for i in range(len(images))])
+            if e.measures_fid:
+                stats.add(self.extractor(images))
+            else:
+                stats.count += len(images)
+        alignment = None
+        if self.labels is not None:
+            alignment = ("prompt_accuracy", proportion_interval(hits, stats.count))
+        elif self._clip is not None:
+            alignment = ("clip_score", across_sets(scores))
+        prompts = [e.prompts[self.prompts.prompt_of(i)] for i in wanted[: len(grid)]] if self.prompts is not None else None
+        return SampleSet(stats, alignment, torch.stack(grid) if grid else None, prompts)
+
+    def fid(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> float | None:
+        """FID of ``fid_samples`` images of ``unet`` (lower is better), under ``schedule`` if given
+        (None with ``fid: none``: the images are sampled for their text alignment alone)."""
         e = self.evaluation
         with _gated(unet, schedule):
-            images = self.sampler.sample(
-                unet, num_images=e.fid_samples, batch_size=e.fid_batch_size, seed=e.seed, progress=self.progress, desc=desc
-            )
-        if self.prompts is not None:  # one image per prompt, so the grid shows what each prompt gives
-            per = self.prompts.images_per_prompt
-            first = [i * per for i in range(min(16, len(e.prompts))) if i * per < len(images)]
-            self.last_samples = images[first].clone()
-            self.last_prompts = [e.prompts[self.prompts.prompt_of(i)] for i in first]
-        else:
-            self.last_samples = images[:16].clone()
-        self.last_alignment = self.alignment(images)
-        self.last_features = self.extractor(images)
-        return fid_from_features(self.last_features, self.reference)
+            sampled = self.sample_set(unet, seed=e.seed, keep_features=e.fid_interval, desc=desc)
+        self.last_samples, self.last_prompts = sampled.samples, sampled.prompts
+        self.last_alignment = sampled.alignment
+        self.last_features = sampled.stats.features if e.fid_interval else None
+        return sampled.fid(self.reference) if e.measures_fid else None
 
-    def alignment(self, images: torch.Tensor) -> tuple[str, Interval] | None:
-        """The text alignment of ``images`` (an evaluation's, in order) with their prompts:
-        ``(metric, interval)``, or None where the study measures none."""
-        if self.labels is not None and self.judge is not None:
-            return "prompt_accuracy", prompt_accuracy(images, self.labels, self.judge)
-        if self._clip is not None and self.prompts is not None:
-            prompts = [self.evaluation.prompts[self.prompts.prompt_of(i)] for i in range(len(images))]
-            return "clip_score", self._clip(images, prompts)
-        return None
+    def stages(self, unet: nn.Module, *, per: str = "trial") -> list[Stage]:
+        """What evaluating ``unet`` costs, as :class:`~automl_diff.metrics.stages.Stage` s: the
+        model calls of the FID batches, their decoding and features, and the latency rounds
+        (``per``: ``trial`` for each candidate, ``study`` for the teacher, measured once)."""
+        e = self.evaluation
+        batches, calls = -(-e.fid_samples // e.fid_batch_size), self.sampler.model_calls
+
+        @torch.no_grad()
+        def call(batch: int) -> None:
+            self.sampler.first_step(unet, batch)
+
+        @torch.no_grad()
+        def reduce(batch: int) -> None:
+            config, param = unet.config, next(unet.parameters())
+            size = config.sample_size
+            x = torch.randn(batch, config.in_channels, size, size, device=param.device, dtype=param.dtype)
+            images = self.prompts.decode(x) if self.prompts is not None and self.prompts.decode is not None else x
+            if e.measures_fid:
+                self.extractor(images.float().clamp(-1, 1).cpu())
+
+        who = "the teacher" if per == "study" else "a candidate"
+        reduced = f"FID of {who}: a batch decoded{' and its features' if e.measures_fid else ''}"
+        return [
+            Stage(
+                f"FID of {who}: one model call of a sampling batch", per, batches * calls, e.fid_batch_size, call, key=("call", id(unet))
+            ),
+            Stage(reduced, per, batches, e.fid_batch_size, reduce, key=("reduce", id(unet))),
+            Stage(
+                f"latency of {who}: one model call",
+                per,
+                (e.latency_repeats + 1) * calls,
+                e.latency_batch_size,
+                call,
+                key=("call", id(unet)),
+            ),
+        ]
 
     def fid_interval(self, fid: float) -> Interval:
         """The 95% interval of ``fid``, the FID of the last run (:func:`~automl_diff.metrics.intervals.fid_interval`)."""
@@ -208,7 +277,7 @@ class Evaluator:
     def evaluate(self, unet: nn.Module, *, schedule: Schedule | None = None, desc: str = "sampling") -> ModelMetrics:
         """All metrics of one model, sampled under a DiP-GO ``schedule`` if given."""
         e = self.evaluation
-        steps = self.sampler.steps
+        steps = self.sampler.model_calls  # one per model call: PNDM makes one more than its steps
         calls = self.sampler.calls_per_step
         if schedule is None:
             cost = count_macs(unet, text_length=self.text_length)
@@ -216,7 +285,10 @@ class Evaluator:
             params = cost.params
         else:
             if schedule.steps != steps:
-                raise UserError(f"{self.where}: budgets.sampling_steps: the schedule has {schedule.steps} steps (got {steps})")
+                raise UserError(
+                    f"{self.where}: budgets.sampling_steps: the schedule has {schedule.steps} model calls "
+                    f"({self.sampler.scheduler} at {self.sampler.steps} steps makes {steps})"
+                )
             costs = unit_costs(unet, schedule.units, text_length=self.text_length)
             trajectory = calls * schedule.trajectory_macs(costs)
             macs = round(trajectory / steps)

@@ -17,7 +17,7 @@ components: ``DDIMPipeline.from_pretrained(folder, trust_remote_code=True)``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,7 @@ def model_card(
     cls = _method(method)
     steps = evaluation.sampling.steps or 20
     section = cls.card_section(attrs, steps=steps, first_step=len(chain) == 1) if cls is not None else CardSection()
-    student_name = "StudentUNet2DModel" if pipeline == "DDIMPipeline" else "StudentUNet2DConditionModel"
+    student_name = "StudentUNet2DModel" if pipeline in ("DDIMPipeline", "DDPMPipeline") else "StudentUNet2DConditionModel"
     custom_note = (
         f"\nThe UNet is a `{student_name}` (per-level depths, searched widths or dropped layers) whose code ships in\n"
         "`unet/student_unet.py`; `trust_remote_code=True` lets diffusers import it. Read it before you trust it.\n"
@@ -236,7 +236,9 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     Raises:
         UserError: no such completed trial, or its weights are gone.
     """
-    from diffusers import DDIMPipeline
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    unconditional = {"ddim": DDIMPipeline, "ddpm": DDPMPipeline, "dpm": DDPMPipeline}  # pipelines that run each scheduler
 
     from automl_diff.models.loading import EXPORT_INFO, load_unet
     from automl_diff.models.student import MODULE_FILE, STUDENT_CLASSES, plain_config
@@ -260,15 +262,21 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         unet = student[1].from_config(plain)
         unet.load_state_dict(state, strict=True)
     custom_code = type(unet).__name__ in STUDENT_CLASSES
-    scheduler = replace(sampler, scheduler="ddim").make_scheduler()  # exports sample with DDIM
+    scheduler = sampler.make_scheduler()  # exports sample with the study's scheduler
+    pipeline = study.user_attrs.get(StudyAttr.PIPELINE)
+    if not pipeline and sampler.scheduler not in unconditional:
+        raise UserError(
+            f"study '{study.study_name}' sampled with {sampler.scheduler}, which no unconditional diffusers pipeline runs "
+            f"(exports of an unconditional UNet sample with {', '.join(unconditional)})"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = study.user_attrs.get(StudyAttr.PIPELINE)
     if pipeline:
         pipeline_class = _save_text_to_image(pipeline, unet, scheduler, out)
     else:
-        pipeline_class = "DDIMPipeline"
-        DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+        kind = unconditional[sampler.scheduler]
+        pipeline_class = kind.__name__
+        kind(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     if custom_code:  # diffusers' custom components: the code in the component's folder, named in model_index.json
         import automl_diff.models.student as student_module
 

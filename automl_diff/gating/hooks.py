@@ -1,18 +1,20 @@
 """Executing a gate schedule on a diffusers UNet with removable hooks.
 
 :class:`GateController` puts a diffusers hook (:class:`diffusers.hooks.ModelHook`) on the UNet,
-which tracks the step from the timestep it is called with (a timestep not below the last one
-starts a trajectory), and one on each unit, which either runs the unit or returns its cache without
-running it; a unit keeps what it computes only when the next step reuses it. So a schedule's speed
-is measured on the clock, not only in MACs. Pipelines call the UNet once per step (classifier-free guidance batches both halves), so a
-schedule applies to them unchanged.
+which tracks the step from the timestep it is called with (a timestep above the last one starts a
+trajectory; PNDM's repeated timestep is the next call), and one on each atom of the schedule's
+units (:class:`~automl_diff.models.dataflow.UnitGraph`), which runs the atom, returns its cache,
+or, where nothing reads its output at this step, returns a placeholder without running anything;
+an atom keeps what it computes only when the next step reuses it. So a schedule's speed is
+measured on the clock, not only in MACs. Pipelines call the UNet once per step
+(classifier-free guidance batches both halves), so a schedule applies to them unchanged.
 
-Where a resnet in an up block reuses its cache, the concatenation of its skip input is skipped too:
+Where a resnet in an up block does not run, the concatenation of its skip input is skipped too:
 the block's hook marks that skip tensor (a subclass sharing its storage) and its ``torch.cat``
 returns a placeholder the resnet's gate never reads, while diffusers' block code runs unchanged.
-The head reuses its output while the unit that feeds it does, and a step that computes no unit
+The head reuses its output while the atom that feeds it does, and a step that runs no atom
 runs nothing where idle steps are free (:mod:`automl_diff.gating.units`). A *soft* mode, where
-every unit runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differentiate the gates;
+every atom runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differentiate the gates;
 :meth:`GateController.pinned` runs one step of it from given caches, so that each step can be
 recomputed under gradient checkpointing.
 """
@@ -20,7 +22,6 @@ recomputed under gradient checkpointing.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,10 +29,12 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from automl_diff.gating.schedule import Schedule
-from automl_diff.gating.units import head_input_unit, head_modules, idle_steps_free
+from automl_diff.gating.units import head_input_atom, head_modules, idle_steps_free
 from automl_diff.models.blocks import get_block
+from automl_diff.models.dataflow import UP_RESNET, Plan, UnitGraph
 
 __all__ = ["GATE_HOOK", "GateController", "ScheduleMismatch", "apply_schedule"]
 
@@ -39,7 +42,6 @@ GATE_HOOK = "automl_diff.gate"
 STEP_HOOK = "automl_diff.gate_step"
 CONCAT_HOOK = "automl_diff.gate_concat"
 HEAD_HOOK = "automl_diff.gate_head"
-_UP_RESNET = re.compile(r"^(up\.\d+)\.resnets\.(\d+)$")
 _ATTR = "_automl_diff_gates"
 
 
@@ -100,6 +102,36 @@ class _Skipped:
         self.unit = unit
 
 
+class _Dead:
+    """Stands for the output of an atom that does not run at this step and whose output nothing
+    that runs reads: any torch function or arithmetic on it gives it back, so diffusers' block
+    code passes it along unchanged to the atoms that ignore it."""
+
+    __slots__ = ()
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        return DEAD
+
+    def __getitem__(self, key: Any) -> _Dead:
+        return self
+
+    @property
+    def shape(self) -> _Dead:
+        return self
+
+    def _same(self, *other: Any) -> _Dead:
+        return self
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _same
+
+    def __repr__(self) -> str:
+        return "DEAD"
+
+
+DEAD = _Dead()
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, _SkipTensor):
         return value.as_subclass(torch.Tensor)
@@ -134,18 +166,18 @@ def _skip_tensor(tensor: torch.Tensor, unit: str) -> _SkipTensor:
 
 
 class _ConcatHook(ModelHook):
-    """On an up block with gated resnets: the skip tensors of the resnets that reuse their cache at
-    this step are marked, so their concatenations are not computed."""
+    """On an up block with gated resnets: the skip tensors of the resnets that do not run at this
+    step are marked, so their concatenations are not computed."""
 
     def __init__(self, controller: GateController, resnets: Sequence[tuple[int, int, str]]) -> None:
         super().__init__()
         self.controller = controller
-        self.resnets = tuple(resnets)  # (resnet index in the block, unit index, unit name)
+        self.resnets = tuple(resnets)  # (resnet index in the block, atom index, atom name)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        reuse = self.controller._reuse
-        reusing = [(index, name) for index, unit, name in self.resnets if reuse[unit]]
+        runs = self.controller._runs
+        reusing = [(index, name) for index, atom, name in self.resnets if not runs[atom]]
         positional = len(args) > 1
         skips = args[1] if positional else kwargs.get("res_hidden_states_tuple")
         if not reusing or not isinstance(skips, (tuple, list)):
@@ -167,11 +199,17 @@ class _GateHook(ModelHook):
         self.controller = controller
         self.index = index
         self.name = name
+        self.spec: pytree.TreeSpec | None = None  # the structure of the atom's output
+
+    def _dead(self) -> Any:
+        if self.spec is None:
+            return DEAD
+        return pytree.tree_unflatten([DEAD] * self.spec.num_leaves, self.spec)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
-        if c._reuse[self.index]:  # the plan of this step, resolved once when the step began
-            return c.cache[self.name]
+        if not c._runs[self.index]:  # the plan of this step, resolved once when the step began
+            return c.cache[self.name] if c._reuse[self.index] else self._dead()
         cache = c.cache
         if c.soft_gates is not None:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -181,16 +219,18 @@ class _GateHook(ModelHook):
                 out = _tree_map(lambda new, old: g * new + (1 - g) * old, out, cache[self.name])
             cache[self.name] = out
             return out
-        if args and isinstance(args[0], _Skipped):
-            raise RuntimeError(f"{self.name}: its input concatenation was skipped but the unit computes")
+        if args and isinstance(args[0], (_Skipped, _Dead)):
+            raise RuntimeError(f"{self.name}: its input was not computed but the atom runs")
         out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.spec is None:
+            self.spec = pytree.tree_flatten(out)[1]
         c.executed[self.name] += 1
         c._store(self.name, out, c._keep[self.index])
         return out
 
 
 class _HeadHook(ModelHook):
-    """On a head layer: reuses its cached output while the unit that feeds the head reuses its own."""
+    """On a head layer: reuses its cached output while the atom that feeds the head reuses its own."""
 
     def __init__(self, controller: GateController, name: str) -> None:
         super().__init__()
@@ -211,20 +251,23 @@ class GateController:
 
     Args:
         unet: a ``UNet2DModel`` or ``UNet2DConditionModel`` (or a subclass).
-        units: unit names (blocks or layers, not nested in each other).
-        steps: sampling steps per trajectory.
+        units: unit names (blocks, layers or groups of layers joined by ``+``, none nested in another).
+        steps: model calls per trajectory.
 
     Attributes:
+        graph: the dataflow between the units' atoms.
         step: the current step (-1 before the first call).
-        executed: how many times each unit really ran since the controller was attached.
-        head_input: the unit whose output is the head's whole input (None: the head always runs).
-        idle_free: a step that computes no unit skips the whole call (see
+        executed: how many times each atom really ran since the controller was attached.
+        head_input: the atom whose output is the head's whole input (None: the head always runs).
+        idle_free: a step that runs no atom skips the whole call (see
             :func:`~automl_diff.gating.units.idle_steps_free`).
     """
 
     def __init__(self, unet: nn.Module, units: Sequence[str], steps: int) -> None:
         self.unet = unet
-        self.units = tuple(units)
+        self.graph = UnitGraph.of(unet, units)
+        self.units = self.graph.units
+        self.atoms = self.graph.atoms
         self.steps = steps
         self.step = -1
         self.gates: tuple[tuple[bool, ...], ...] | None = None
@@ -232,21 +275,22 @@ class GateController:
         self.cache: dict[str, Any] = {}
         self.executed: Counter[str] = Counter()
         self.schedule: Schedule | None = None
+        self.plan: Plan | None = None
         self._last_t: float | None = None
         self._pinned: int | None = None  # the step of every call while pinned (:meth:`pinned`)
         self._output: tuple[Any, torch.Tensor] | None = None  # the last call's output: (its type, its sample)
-        self._modules = [get_block(unet, name) for name in self.units]
+        self._modules = [get_block(unet, name) for name in self.atoms]
         up_resnets: dict[str, list[tuple[int, int, str]]] = {}
-        for unit, name in enumerate(self.units):
-            match = _UP_RESNET.match(name)
+        for atom, name in enumerate(self.atoms):
+            match = UP_RESNET.match(name)
             if match:
-                up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), unit, name))
+                up_resnets.setdefault(match.group(1), []).append((int(match.group(2)), atom, name))
         self._concat_blocks = [(get_block(unet, block), resnets) for block, resnets in up_resnets.items()]
-        self.head_input = head_input_unit(unet, self.units)
+        self.head_input = head_input_atom(unet, self.graph)
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
-        self.idle_free = idle_steps_free(unet, self.units)
-        self._index = {name: i for i, name in enumerate(self.units)}
-        self._plan(None)
+        self.idle_free = idle_steps_free(unet, self.graph)
+        self._index = {name: i for i, name in enumerate(self.atoms)}
+        self._resolve()
         self._attach()
 
     # hooks ------------------------------------------------------------------------------------------
@@ -255,7 +299,7 @@ class GateController:
         if previous is not None:
             previous.remove()
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
-        for index, (name, module) in enumerate(zip(self.units, self._modules)):
+        for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
         for block, resnets in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_ConcatHook(self, resnets), CONCAT_HOOK)
@@ -291,15 +335,17 @@ class GateController:
             raise ValueError("the schedule's units or steps differ from this controller's")
         self.schedule = schedule
         self.gates = schedule.gates if schedule is not None else None
+        self.plan = self.graph.plan(schedule.gates) if schedule is not None else None
         self.soft_gates = None
         self.reset()
         return self
 
     def use_soft(self, gates: torch.Tensor) -> GateController:
-        """Differentiable gates, shape ``(steps, units)``: every unit runs and mixes with its cache."""
+        """Differentiable gates, shape ``(steps, units)``: every atom runs and mixes with its cache."""
         if tuple(gates.shape) != (self.steps, len(self.units)):
             raise ValueError(f"soft gates must have shape ({self.steps}, {len(self.units)}), got {tuple(gates.shape)}")
-        self.soft_gates = gates
+        self.soft_gates = gates[:, list(self.graph.unit_of)]
+        self.plan = None
         self.reset()
         return self
 
@@ -309,11 +355,11 @@ class GateController:
         self._output = None
         self.step = -1
         self._last_t = None
-        self._plan(None)
+        self._resolve()
 
     @contextlib.contextmanager
     def pinned(self, step: int, cache: dict[str, Any]) -> Iterator[None]:
-        """Soft gates only: calls inside the block run step ``step`` with ``cache`` as the units'
+        """Soft gates only: calls inside the block run step ``step`` with ``cache`` as the atoms'
         outputs from the step before, whatever timestep they are called with; the step's own
         outputs are in :attr:`cache` afterwards. Running the same call twice gives the same
         result, which gradient checkpointing needs: the backward pass recomputes a step from
@@ -323,32 +369,27 @@ class GateController:
         self.cache = dict(cache)
         self.step = step
         self._pinned = step
-        self._plan(None)
+        self._resolve()
         try:
             yield
         finally:
             self._pinned = None
 
-    def _plan(self, row: Sequence[bool] | None) -> None:
-        """Resolve the current step once, before any unit runs: which units return their cache
-        (binary gates, past step 0, cached), which units keep what they compute (those the next
-        step reuses: a cache nobody reads would only hold memory the allocator could reuse),
-        whether the head reuses or keeps, whether the step runs nothing. The hooks then read one
-        flag each instead of working it out per call."""
-        if row is None:
-            self._reuse = [False] * len(self.units)
+    def _resolve(self) -> None:
+        """Resolve the current step once, before any atom runs: which atoms run, which return
+        their cache, which keep what they compute (those the next step reuses: a cache nobody
+        reads would only hold memory the allocator could reuse), whether the head reuses or
+        keeps, whether the step runs nothing. The hooks then read one flag each."""
+        n, plan, step = len(self.atoms), self.plan, self.step
+        if self.soft_gates is not None or plan is None or step <= 0:
+            self._runs, self._reuse = [True] * n, [False] * n
+            self._keep = [self.soft_gates is not None] * n if plan is None else plan.keeps[max(step, 0)].tolist()
         else:
-            self._reuse = [not on and name in self.cache for on, name in zip(row, self.units)]
-        if self.soft_gates is not None:
-            self._keep = [True] * len(self.units)
-        elif self.gates is None or self.step + 1 >= self.steps:
-            self._keep = [False] * len(self.units)
-        else:
-            self._keep = [not on for on in self.gates[self.step + 1]]
+            self._runs, self._reuse, self._keep = plan.executes[step].tolist(), plan.reuses[step].tolist(), plan.keeps[step].tolist()
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
         self._head_keeps = self.soft_gates is None and head is not None and self._keep[self._index[head]]
-        self._idle = self.idle_free and head is not None and row is not None and all(self._reuse)
+        self._idle = self.idle_free and plan is not None and step > 0 and not any(self._runs)
 
     def _store(self, key: str, out: Any, keep: bool) -> None:
         """Keep ``out`` for a later step, or drop the older cache no step will read again, so the
@@ -359,19 +400,20 @@ class GateController:
             self.cache.pop(key, None)
 
     def _advance(self, t: float) -> None:
-        if self._last_t is None or t >= self._last_t:
+        last = self._last_t
+        if last is None or t > last or (t == last and self.step + 1 >= self.steps):
             self.cache.clear()
             self._output = None
             self.step = 0
         else:
             self.step += 1
             if self.step >= self.steps:
+                steps = self.schedule.inference_steps if self.schedule is not None else self.steps
                 raise ScheduleMismatch(
-                    f"the schedule has {self.steps} steps but the sampler ran more; sample with num_inference_steps={self.steps}"
+                    f"the schedule has {self.steps} model calls but the sampler made more; sample with num_inference_steps={steps}"
                 )
         self._last_t = t
-        binary = self.soft_gates is None and self.gates is not None and self.step > 0
-        self._plan(self.gates[self.step] if binary else None)
+        self._resolve()
 
 
 def apply_schedule(target: Any, schedule: Schedule) -> GateController:

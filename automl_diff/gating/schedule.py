@@ -1,9 +1,12 @@
 """Gate schedules: which prunable unit computes at which sampling step.
 
-For ``steps`` sampling steps and the prunable ``units`` of a UNet
-(:func:`~automl_diff.gating.units.prunable_units`), ``gates[i][u]`` says whether unit ``u``
-computes at step ``i`` or reuses its output from the last step that computed it; step 0 computes
-every unit. DiP-GO learns schedules; a DeepCache-style uniform schedule is just another one. A
+For ``steps`` model calls of a sampler and the prunable ``units`` of a UNet
+(:func:`~automl_diff.models.dataflow.prunable_units`), ``gates[i][u]`` says whether unit ``u``
+computes at call ``i`` or reuses its output from the last call that computed it; call 0 computes
+every unit. A step is one model call: most samplers call the model once per inference step,
+PNDM (PLMS) once more (it evaluates its second timestep twice), and the schedule has a row per
+call. A unit whose gate is on still runs only where its output is read
+(:meth:`~automl_diff.models.dataflow.UnitGraph.plan`). DiP-GO learns schedules; a DeepCache-style uniform schedule is just another one. A
 schedule knows the model it was made for, so applying it to another architecture is an error.
 
 On disk (``schedule.json``) the gates are one string of ``1``/``0`` per step, in unit order::
@@ -27,6 +30,7 @@ from automl_diff.errors import UserError
 from automl_diff.gating.units import model_fingerprint, prunable_units
 from automl_diff.metrics.macs import UnitCosts, trajectory_macs
 from automl_diff.models.blocks import name_to_module_path
+from automl_diff.models.dataflow import unit_atoms
 from automl_diff.records import stable_key
 
 __all__ = ["FORMAT", "Schedule"]
@@ -39,7 +43,8 @@ class Schedule:
     """A binary gate schedule for ``steps`` sampling steps over ``units``.
 
     Attributes:
-        steps: sampling steps the schedule is for.
+        steps: model calls of the sampler the schedule is for (``info["num_inference_steps"]``
+            says how many inference steps they are, where it differs).
         units: prunable unit names, in execution order.
         gates: ``gates[i][u]``: unit ``u`` computes at step ``i`` (row 0 is all True).
         model: :func:`model_fingerprint` of the model it was made for.
@@ -83,6 +88,12 @@ class Schedule:
         gates = tuple(tuple(bool(v) for v in row) for row in keep)
         return cls(int(scores.shape[0]), tuple(units), gates, dict(model), {"threshold": float(threshold), **(info or {})})
 
+    @property
+    def inference_steps(self) -> int:
+        """The ``num_inference_steps`` to sample with: as many as model calls, except where the
+        sampler calls the model more often than it steps (PNDM), recorded in ``info``."""
+        return int(self.info.get("num_inference_steps", self.steps))
+
     # costs ----------------------------------------------------------------------------------------
     @property
     def computed_fraction(self) -> float:
@@ -91,9 +102,12 @@ class Schedule:
         return sum(map(sum, self.gates)) / total if total else 1.0
 
     def trajectory_macs(self, costs: UnitCosts, *, attention: bool = True) -> int:
-        """MACs of one image's whole sampling trajectory under this schedule
-        (:func:`~automl_diff.metrics.macs.trajectory_macs`)."""
-        return trajectory_macs(self.gates, self.units, costs, attention=attention)
+        """MACs of one image's whole sampling trajectory under this schedule: the atoms its plan
+        runs (:func:`~automl_diff.metrics.macs.trajectory_macs`)."""
+        graph = costs.graph
+        if graph is None or graph.units != self.units:
+            raise ValueError("the costs were counted for other units than the schedule's")
+        return trajectory_macs(graph.plan(self.gates).executes, graph.atoms, costs, attention=attention)
 
     def key(self) -> str:
         """A short hash of units and gates: equal schedules have equal keys."""
@@ -109,7 +123,7 @@ class Schedule:
             raise UserError(f"{source}: made for another model ({key} {self.model.get(key)!r}; this model has {mine.get(key)!r})")
         modules = dict(unet.named_modules())
         for name in self.units:
-            if name_to_module_path(name) not in modules:
+            if any(name_to_module_path(atom) not in modules for atom in unit_atoms(name)):
                 raise UserError(f"{source}: units: unknown unit '{name}' for this {type(unet).__name__}")
 
     # (de)serialisation ----------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Prunable units of a UNet and its head: what a schedule gates, and what their MACs are.
 
-A unit is a block (``down.1``, ``mid``, ``up.0``) or a layer inside one (``up.1.resnets.0``,
-``down.2.attentions.0``, ``down.0.downsamplers.0``). The UNet's output layers (the *head*:
-``conv_norm_out``, ``conv_act``, ``conv_out``) read the output of the last unit and nothing else:
-at a step where that unit reuses its cache, the head would compute exactly what it computed when
-the cache was filled, so it reuses its output too, and its MACs and seconds count as that unit's
-(:class:`Head`). Where the UNet returns the head's output as it is, a step at which no unit
-computes runs nothing at all (:func:`idle_steps_free`).
+A unit is a block (``down.1``, ``mid``, ``up.0``), a layer inside one (``up.1.resnets.0``,
+``down.2.attentions.0``, ``down.0.downsamplers.0``) or layers gated together (a branch,
+``down.1.resnets.0+down.1.attentions.0``); the modules the hooks wrap are its *atoms*, and which
+atom reads which is :class:`~automl_diff.models.dataflow.UnitGraph`'s. The UNet's output layers
+(the *head*: ``conv_norm_out``, ``conv_act``, ``conv_out``) read the output of the last atom and
+nothing else: at a step where that atom reuses its cache, the head would compute exactly what it
+computed when the cache was filled, so it reuses its output too, and its MACs and seconds count as
+that atom's (:class:`Head`). Where the UNet returns the head's output as it is, a step at which no
+atom runs runs nothing at all (:func:`idle_steps_free`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 from torch import nn
 
 from automl_diff.metrics.macs import BlockCost, UnitCosts, count_unit_macs
-from automl_diff.models.blocks import block_names, get_block
+from automl_diff.models.dataflow import GRANULARITIES, UnitGraph, prunable_units
 
 __all__ = [
+    "GRANULARITIES",
     "HEAD",
     "Head",
-    "head_input_unit",
+    "head_input_atom",
     "head_modules",
     "idle_steps_free",
     "model_fingerprint",
@@ -38,37 +41,8 @@ _FINGERPRINT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types
 HEAD = ("conv_norm_out", "conv_act", "conv_out")
 
 
-def prunable_units(unet: nn.Module, granularity: str = "block") -> list[str]:
-    """The units a schedule gates, in execution order.
-
-    ``block``: ``down.0 … mid … up.K``. ``layer``: every resnet, attention, downsampler and
-    upsampler inside those blocks (``up.2.resnets.1``), as DeepCache caches layers.
-    """
-    blocks = block_names(unet)
-    if granularity == "block":
-        return blocks
-    if granularity != "layer":
-        raise ValueError(f"granularity must be 'block' or 'layer', got {granularity!r}")
-    units = []
-    for block in blocks:
-        module = get_block(unet, block)
-        # execution order inside diffusers blocks: resnet i then attention i, then the resampler
-        resnets = getattr(module, "resnets", None) or []
-        attentions = getattr(module, "attentions", None) or []
-        if block == "mid" and resnets:
-            units.append(f"{block}.resnets.0")
-            for i in range(len(attentions)):
-                units.append(f"{block}.attentions.{i}")
-                units.append(f"{block}.resnets.{i + 1}")
-            units += [f"{block}.resnets.{i}" for i in range(len(attentions) + 1, len(resnets))]
-            continue
-        for i in range(len(resnets)):
-            units.append(f"{block}.resnets.{i}")
-            if i < len(attentions):
-                units.append(f"{block}.attentions.{i}")
-        for kind in ("downsamplers", "upsamplers"):
-            units += [f"{block}.{kind}.{i}" for i in range(len(getattr(module, kind, None) or []))]
-    return units
+def _graph(unet: nn.Module, units: Sequence[str] | UnitGraph) -> UnitGraph:
+    return units if isinstance(units, UnitGraph) else UnitGraph.of(unet, units)
 
 
 def head_modules(unet: nn.Module) -> list[str]:
@@ -76,18 +50,18 @@ def head_modules(unet: nn.Module) -> list[str]:
     return [name for name in HEAD if isinstance(getattr(unet, name, None), nn.Module)]
 
 
-def head_input_unit(unet: nn.Module, units: Sequence[str]) -> str | None:
-    """The unit whose output is the head's whole input, if it is among ``units``: the last up
-    block, or its last layer (at layer granularity). None where something else reaches the head:
-    another unit last, or up blocks that also pass a skip sample (``SkipUpBlock2D``)."""
-    if not units or "conv_out" not in head_modules(unet):
+def head_input_atom(unet: nn.Module, units: Sequence[str] | UnitGraph) -> str | None:
+    """The atom whose output is the head's whole input, if it is gated: the last up block, or its
+    last layer. None where something else reaches the head: an ungated module last, or up blocks
+    that also pass a skip sample (``SkipUpBlock2D``)."""
+    graph = _graph(unet, units)
+    if not graph.atoms or "conv_out" not in head_modules(unet):
         return None
     up_types = getattr(unet.config, "up_block_types", None) or ()
     if any("Skip" in kind for kind in up_types):
         return None
-    last = units[-1]
-    finals = {block_names(unet)[-1], prunable_units(unet, "layer")[-1]}
-    return last if last in finals and last.startswith("up.") else None
+    last = graph.atoms[-1]
+    return last if graph.atom_nodes[-1] == len(graph.nodes) - 1 and last.startswith("up.") else None
 
 
 def output_is_head(unet: nn.Module) -> bool:
@@ -101,11 +75,11 @@ def output_is_head(unet: nn.Module) -> bool:
     return isinstance(unet, UNet2DModel) and type(unet).forward is UNet2DModel.forward and unet.config.time_embedding_type != "fourier"
 
 
-def idle_steps_free(unet: nn.Module, units: Sequence[str]) -> bool:
-    """Whether a step at which none of ``units`` computes costs nothing: the head reuses its output
-    (:func:`head_input_unit`) and the UNet returns it as it is (:func:`output_is_head`), so the
+def idle_steps_free(unet: nn.Module, units: Sequence[str] | UnitGraph) -> bool:
+    """Whether a step at which no atom of ``units`` runs costs nothing: the head reuses its output
+    (:func:`head_input_atom`) and the UNet returns it as it is (:func:`output_is_head`), so the
     whole call returns the previous step's output, exactly."""
-    return head_input_unit(unet, units) is not None and output_is_head(unet)
+    return head_input_atom(unet, units) is not None and output_is_head(unet)
 
 
 def model_fingerprint(unet: nn.Module) -> dict[str, Any]:
@@ -120,18 +94,18 @@ def model_fingerprint(unet: nn.Module) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Head:
-    """The head layers counted as part of the unit that feeds them (none where no unit does)."""
+    """The head layers counted as part of the atom that feeds them (none where no atom does)."""
 
     feeder: str | None
     layers: tuple[str, ...]
 
     @classmethod
-    def of(cls, unet: nn.Module, units: Sequence[str]) -> Head:
-        feeder = head_input_unit(unet, units)
+    def of(cls, unet: nn.Module, units: Sequence[str] | UnitGraph) -> Head:
+        feeder = head_input_atom(unet, units)
         return cls(feeder, tuple(head_modules(unet)) if feeder else ())
 
     def fold(self, values: Mapping[str, Any], add: Callable[[Any, Any], Any]) -> dict[str, Any]:
-        """Per-unit values (measured for the units and the head layers) with the head's added to
+        """Per-atom values (measured for the atoms and the head layers) with the head's added to
         its feeder's."""
         out = {name: value for name, value in values.items() if name not in self.layers}
         for name in self.layers:
@@ -139,14 +113,15 @@ class Head:
         return out
 
 
-def unit_costs(unet: nn.Module, units: Sequence[str], *, text_length: int = 77) -> UnitCosts:
-    """MACs of the whole model and of each unit (fvcore, attention included; a conditional UNet
-    with ``text_length`` tokens of text); the head's MACs count as those of the unit that feeds it
-    (:class:`Head`)."""
-    head = Head.of(unet, units)
-    total, per_unit = count_unit_macs(unet, [*units, *head.layers], text_length=text_length)
+def unit_costs(unet: nn.Module, units: Sequence[str] | UnitGraph, *, text_length: int = 77) -> UnitCosts:
+    """MACs of the whole model and of each atom of ``units`` (fvcore, attention included; a
+    conditional UNet with ``text_length`` tokens of text), with the dataflow between them; the
+    head's MACs count as those of the atom that feeds it (:class:`Head`)."""
+    graph = _graph(unet, units)
+    head = Head.of(unet, graph)
+    total, per_atom = count_unit_macs(unet, [*graph.atoms, *head.layers], text_length=text_length)
 
     def add(a: BlockCost, b: BlockCost) -> BlockCost:
         return BlockCost(a.name, a.params + b.params, a.macs + b.macs, a.macs_no_attention + b.macs_no_attention)
 
-    return UnitCosts(total, head.fold(per_unit, add), idle_steps_free(unet, units))
+    return UnitCosts(total, head.fold(per_atom, add), idle_steps_free(unet, graph), graph)

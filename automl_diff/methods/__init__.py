@@ -4,7 +4,7 @@
   (:mod:`automl_diff.methods.dkdm`).
 * ``diffnas``: block-wise NAS with distillation: block supernets, block-wise search, retraining
   with a dynamic joint loss (:mod:`automl_diff.methods.diffnas`).
-* ``dipgo``: timestep-aware block pruning with a learned pruner and an Optuna-tuned threshold
+* ``dipgo``: timestep-aware block pruning with a learned pruner and an Optuna-tuned compute budget
   (:mod:`automl_diff.methods.dipgo`).
 
 What they share: the contract with the runners (:mod:`~automl_diff.methods.base`) and the training

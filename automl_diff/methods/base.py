@@ -23,6 +23,7 @@ from automl_diff.config.options import MethodOptions
 from automl_diff.config.settings import MethodSettings
 from automl_diff.config.study import StudyConfig
 from automl_diff.gating import Schedule
+from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import Teacher
 from automl_diff.records import stable_key
 
@@ -194,6 +195,12 @@ class Method(ABC):
                 keep their own searches beside it, named after ``study_name``.
             study_name: the study's name.
         """
+
+    def stages(self) -> list[Stage]:
+        """What the method's own work costs at the study's shapes, for a dry run: the stages it
+        repeats per trial and once per study (:mod:`automl_diff.metrics.stages`; evaluation's are
+        the evaluator's). Default: none."""
+        return []
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Ask an ``optuna.Trial`` for all of the method's parameters; the runner calls it once

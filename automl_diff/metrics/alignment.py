@@ -25,7 +25,7 @@ from automl_diff.metrics.clip import CLIP_MODEL, load_clip
 from automl_diff.metrics.intervals import Interval, across_sets, proportion_interval
 from automl_diff.zoo import PromptJudge
 
-__all__ = ["ALIGNMENT_METRICS", "CLIP_MODEL", "ClipScorer", "prompt_accuracy", "prompt_labels"]
+__all__ = ["ALIGNMENT_METRICS", "CLIP_MODEL", "ClipScorer", "prompt_accuracy", "prompt_hits", "prompt_labels"]
 
 #: Text-alignment metrics a study may record or optimise (higher is better).
 ALIGNMENT_METRICS = ("prompt_accuracy", "clip_score")
@@ -47,16 +47,20 @@ def prompt_labels(prompts: Sequence[str], judge: PromptJudge, *, where: str = "p
 
 
 @torch.no_grad()
-def prompt_accuracy(images: torch.Tensor, labels: Sequence[int], judge: PromptJudge, *, batch_size: int = 500) -> Interval:
-    """The fraction of ``images`` (in [-1, 1]) the judge's classifier reads as ``labels[i]``, with
-    its 95% interval."""
+def prompt_hits(images: torch.Tensor, labels: Sequence[int], judge: PromptJudge, *, batch_size: int = 500) -> int:
+    """How many of ``images`` (in [-1, 1]) the judge's classifier reads as ``labels[i]``."""
     if tuple(images.shape[1:]) != judge.image_shape:
         shape = tuple(images.shape[1:])
         raise UserError(f"prompt_accuracy ({judge.name}) judges images of shape {judge.image_shape}; the images are {shape}")
     classifier = judge.load()
     predicted = torch.cat([classifier(images[i : i + batch_size].float().cpu()).argmax(1) for i in range(0, len(images), batch_size)])
-    correct = int((predicted == torch.as_tensor(list(labels))).sum())
-    return proportion_interval(correct, len(images))
+    return int((predicted == torch.as_tensor(list(labels))).sum())
+
+
+def prompt_accuracy(images: torch.Tensor, labels: Sequence[int], judge: PromptJudge, *, batch_size: int = 500) -> Interval:
+    """The fraction of ``images`` (in [-1, 1]) the judge's classifier reads as ``labels[i]``, with
+    its 95% interval."""
+    return proportion_interval(prompt_hits(images, labels, judge, batch_size=batch_size), len(images))
 
 
 class ClipScorer:

@@ -8,7 +8,10 @@ from the local cache or a folder) or one the package ships for its built-in teac
 of a dataset are computed once and cached on disk, keyed by dataset, extractor (and its weights),
 resolution and channels.
 
-FID depends on the number of samples; compare models only at the same ``fid_samples``.
+Features are accumulated batch by batch (:class:`FeatureStats`: running float64 sums of the
+features and of their outer products), so memory does not grow with the number of images: a
+30,000-image FID holds one batch of images at a time. FID depends on the number of samples;
+compare models only at the same ``fid_samples``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.metrics.clip import CLIP_MODEL, load_clip
-from automl_diff.zoo import FEATURES, dataset_images
+from automl_diff.zoo import FEATURES, dataset_batches
 
 __all__ = [
     "FEATURE_EXTRACTORS",
     "FeatureExtractor",
+    "FeatureStats",
     "ReferenceSet",
     "cache_dir",
     "feature_statistics",
@@ -137,6 +141,53 @@ def get_extractor(name: str, *, device: str | torch.device = "cpu", clip_model: 
     return FEATURE_EXTRACTORS[name](torch.device(device), clip_model=clip_model)
 
 
+class FeatureStats:
+    """Mean and covariance of features added batch by batch: running float64 sums of the
+    features and of their outer products (the covariance is ``(S - n mu mu^T) / (n - 1)``).
+
+    Args:
+        keep: also keep the features themselves (float32), for what needs them (FID's interval,
+            KID); only their statistics otherwise.
+    """
+
+    def __init__(self, *, keep: bool = False) -> None:
+        self.count = 0
+        self.total: np.ndarray | None = None
+        self.outer: np.ndarray | None = None
+        self.keep = keep
+        self._kept: list[np.ndarray] = []
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if self.total is None:
+            self.total, self.outer = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        self.count += len(f)
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+        if self.keep:
+            self._kept.append(f.astype(np.float32))
+
+    @property
+    def mu(self) -> np.ndarray:
+        if self.total is None:
+            raise ValueError("no features added")
+        return self.total / self.count
+
+    @property
+    def sigma(self) -> np.ndarray:
+        if self.outer is None or self.count < 2:
+            raise ValueError("a covariance needs at least two features")
+        mu = self.mu
+        return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+    @property
+    def features(self) -> np.ndarray:
+        """The features added (``keep=True`` only), in order."""
+        if not self.keep:
+            raise ValueError("these statistics did not keep their features")
+        return np.concatenate(self._kept) if self._kept else np.zeros((0, 0), dtype=np.float32)
+
+
 def feature_statistics(images: torch.Tensor, extractor: FeatureExtractor) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the features of ``images`` (in [-1, 1])."""
     feats = extractor(images)
@@ -177,17 +228,21 @@ def reference_set(
     channels: int,
     directory: Path | None = None,
 ) -> ReferenceSet:
-    """The features of a whole dataset and their statistics, computed once and cached as ``.npz``."""
+    """The features of a whole dataset and their statistics, computed batch by batch once and
+    cached as ``.npz`` (the features in float32, for KID)."""
     from automl_diff.records import stable_key
 
-    key = stable_key([dataset, extractor.fingerprint, resolution, channels])
+    key = stable_key([dataset, extractor.fingerprint, resolution, channels, "centre-crop"])
     safe = "".join(c if c.isalnum() else "_" for c in dataset)[-40:]
     path = (directory or cache_dir()) / "fid_stats" / f"{safe}-{extractor.name}-{resolution}px-{key}.npz"
     if path.is_file():
         with np.load(path) as data:
             return ReferenceSet(data["mu"], data["sigma"], data["features"])
-    features = extractor(dataset_images(dataset, resolution=resolution, channels=channels))
-    reference = ReferenceSet(features.mean(axis=0), np.cov(features, rowvar=False), features)
+    stats = FeatureStats(keep=True)
+    for images in dataset_batches(dataset, resolution=resolution, channels=channels):
+        stats.add(extractor(images))
+    features = stats.features
+    reference = ReferenceSet(stats.mu, stats.sigma, features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, mu=reference.mu, sigma=reference.sigma, features=features, dataset=dataset, extractor=extractor.fingerprint)

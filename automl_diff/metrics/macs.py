@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from automl_diff.models.blocks import block_names, is_block_name, name_to_module_path
+from automl_diff.models.dataflow import UnitGraph
 
 __all__ = ["BlockCost", "MacsReport", "UnitCosts", "count_macs", "count_unit_macs", "example_inputs", "executed_macs", "trajectory_macs"]
 
@@ -220,28 +221,31 @@ def count_unit_macs(
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """MACs of one forward pass (batch 1): the whole model and each gated unit; ``idle_free``: a
-    step at which no unit computes costs nothing (it runs nothing at all)."""
+    """MACs of one forward pass (batch 1): the whole model and each gated atom (the modules the
+    gates wrap, :class:`~automl_diff.models.dataflow.UnitGraph`); ``idle_free``: a step at which
+    no atom runs costs nothing (it runs nothing at all); ``graph``: the dataflow between the atoms."""
 
     total: BlockCost
     units: Mapping[str, BlockCost]
     idle_free: bool = False
+    graph: UnitGraph | None = None
 
     @property
     def always(self) -> int:
-        """MACs outside every unit (embedding, ``conv_in``, ...): paid by every step that runs."""
+        """MACs outside every atom (embedding, ``conv_in``, ...): paid by every step that runs."""
         return self.total.macs - sum(c.macs for c in self.units.values())
 
 
-def trajectory_macs(gates: Sequence[Sequence[bool]], units: Sequence[str], costs: UnitCosts, *, attention: bool = True) -> int:
-    """MACs of one image's sampling trajectory when unit ``units[u]`` computes at step ``i`` only
-    where ``gates[i][u]``: every step pays for the parts outside the units and for the units it
-    computes, except a step that computes no unit where such a step is free (``costs.idle_free``).
+def trajectory_macs(runs: Sequence[Sequence[bool]], atoms: Sequence[str], costs: UnitCosts, *, attention: bool = True) -> int:
+    """MACs of one image's sampling trajectory when atom ``atoms[a]`` runs at step ``i`` only
+    where ``runs[i][a]``: every step pays for the parts outside the atoms and for the atoms it
+    runs, except a step that runs no atom where such a step is free (``costs.idle_free``).
 
     Args:
-        gates: one row per step, one flag per unit (a schedule's gates; all True: the plain sampler).
-        units: the unit names, in the order of a row.
-        costs: :class:`UnitCosts` of those units.
+        runs: one row per step, one flag per atom (a schedule's plan,
+            :meth:`~automl_diff.models.dataflow.UnitGraph.plan`; all True: the plain sampler).
+        atoms: the atom names, in the order of a row.
+        costs: :class:`UnitCosts` of those atoms.
         attention: count the attention matmuls (False: the literature convention).
     """
 
@@ -249,8 +253,8 @@ def trajectory_macs(gates: Sequence[Sequence[bool]], units: Sequence[str], costs
         return cost.macs if attention else cost.macs_no_attention
 
     total = macs(costs.total)
-    unit = [macs(costs.units[name]) for name in units]
-    return sum(0 if costs.idle_free and not any(row) else total - sum(m for m, on in zip(unit, row) if not on) for row in gates)
+    unit = [macs(costs.units[name]) for name in atoms]
+    return sum(0 if costs.idle_free and not any(row) else total - sum(m for m, on in zip(unit, row) if not on) for row in runs)
 
 
 def executed_macs(run: Any) -> int:

@@ -294,9 +294,10 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
     return dict(_DEFAULT_SCHEDULER)
 
 
-def folder_sampler(path: Path | None, *, steps: int, prompts: Prompts | None = None) -> Sampler:
-    """A DDIM sampler of the noise schedule beside a local model (:func:`scheduler_config_for`)."""
-    return Sampler(scheduler_config_for(path), steps=steps, prompts=prompts)
+def folder_sampler(path: Path | None, *, steps: int, prompts: Prompts | None = None, scheduler: str = "ddim") -> Sampler:
+    """A sampler (DDIM unless ``scheduler`` says otherwise) of the noise schedule beside a local
+    model (:func:`scheduler_config_for`)."""
+    return Sampler(scheduler_config_for(path), scheduler=scheduler, steps=steps, prompts=prompts)
 
 
 def load_teacher(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:

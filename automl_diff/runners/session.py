@@ -170,12 +170,13 @@ class StudySession:
 
     @staticmethod
     def _log_metrics(what: str, metrics: dict[str, Any]) -> None:
+        fid = metrics.get(TrialAttr.FID)
         logger.info(
-            "%s: %.3gM params, %.3gM MACs per call, FID %.4g, %.4g s per image",
+            "%s: %.3gM params, %.3gM MACs per call, %s, %.4g s per image",
             what,
             metrics[TrialAttr.PARAMS] / 1e6,
             metrics[TrialAttr.MACS] / 1e6,
-            metrics[TrialAttr.FID],
+            "no FID" if fid is None else f"FID {fid:.4g}",
             metrics[TrialAttr.LATENCY],
         )
 

@@ -15,6 +15,7 @@ from automl_diff.zoo.registry import (
     BuiltinTeacher,
     PromptJudge,
     captioned_images,
+    dataset_batches,
     dataset_images,
     default_features,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "BuiltinTeacher",
     "PromptJudge",
     "captioned_images",
+    "dataset_batches",
     "dataset_images",
     "default_features",
 ]

@@ -10,7 +10,7 @@ these registries instead of naming them: a teacher spec, a dataset spec (a name,
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ __all__ = [
     "BuiltinTeacher",
     "PromptJudge",
     "captioned_images",
+    "dataset_batches",
     "dataset_images",
     "default_features",
 ]
@@ -190,6 +191,19 @@ def dataset_images(spec: str, *, resolution: int, channels: int) -> torch.Tensor
     if builtin.channels != channels:
         raise UserError(f"dataset '{spec}' has {builtin.channels} channel(s), the model expects {channels}")
     return builtin.images(resolution)
+
+
+def dataset_batches(spec: str, *, resolution: int, channels: int, batch_size: int = 250) -> Iterator[torch.Tensor]:
+    """The images of :func:`dataset_images`, ``batch_size`` at a time (a folder is read as it goes)."""
+    from automl_diff.data import iter_image_folder
+
+    builtin, folder = _spec(spec)
+    if builtin is None:
+        yield from iter_image_folder(folder, resolution=resolution, channels=channels, batch_size=batch_size)
+        return
+    images = dataset_images(spec, resolution=resolution, channels=channels)
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
 
 
 def captioned_images(spec: str, *, resolution: int, channels: int) -> tuple[torch.Tensor, list[str]]:

@@ -43,6 +43,8 @@ from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, ass
 from automl_diff.methods.training import TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel, run_job
 from automl_diff.methods.training.loop import conditioning, held_out_loss
+from automl_diff.methods.training.stages import distillation_step_stage, pool_stages
+from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import weights_digest
 from automl_diff.records import stable_key
 
@@ -277,6 +279,16 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
         if len(o.retrain_iterations) > 1:
             params[RETRAIN_ITERATIONS] = trial.suggest_categorical(RETRAIN_ITERATIONS, list(o.retrain_iterations))
         return params
+
+    def stages(self) -> list[Stage]:
+        st, o = self.settings, self.options
+        note = f"per subnet ({o.subnets_per_step} a step); the {len(self.space.blocks)} blocks' supernets as one teacher-sized student"
+        retrain = max(self._iterations({}), *o.retrain_iterations)
+        return [
+            *pool_stages(self.original, o, st, guided=self.inputs.guided),
+            distillation_step_stage("supernet step", "study", o.supernet_iterations * o.subnets_per_step, self.teacher, st, note=note),
+            distillation_step_stage("retraining step", "trial", retrain, self.original, st),
+        ]
 
     def _iterations(self, params: dict[str, Any]) -> int:
         if RETRAIN_ITERATIONS in params:

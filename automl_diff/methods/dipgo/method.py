@@ -1,9 +1,12 @@
-"""DiP-GO as a study method: one pruner optimisation per study, Optuna tunes the threshold.
+"""DiP-GO as a study method: one pruner optimisation per study, Optuna tunes the post-processing.
 
 ``prepare`` trains the pruner network once (cached under the study's output folder, so a resumed
-study reuses it); every trial then binarises the same gate scores with its own threshold into a
-:class:`Schedule`, and the runner evaluates the teacher under that schedule (trajectory MACs,
-FID and measured latency). Trials whose schedules coincide are pruned as duplicates.
+study reuses it); every trial then turns the same gate scores into a :class:`Schedule`, by default
+the paper's way: the highest-scoring gates that fit the trial's budget, a fraction of the full
+sampler's trajectory cost in MACs or measured seconds (:mod:`~automl_diff.methods.dipgo.budget`;
+``postprocess: threshold`` binarises at a tuned threshold instead). The runner evaluates the
+teacher under that schedule (trajectory MACs, FID and measured latency). Trials whose schedules
+coincide are pruned as duplicates.
 
 Stacked on the export of another study (``teacher: path/to/export``), the pruner gates the
 starting model (a DiffNAS or DKDM student) and its consistency target is that model's full
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,21 +27,27 @@ import numpy as np
 from automl_diff.config.options import DiPGOOptions
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
 from automl_diff.methods.base import Candidate, CardSection, Method, Rungs
-from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner
+from automl_diff.methods.dipgo.budget import gates_within_budget
+from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner, pruner_stages
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
+from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import weights_digest
 from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr, stable_key
 from automl_diff.sampling import Sampler
 
-__all__ = ["THRESHOLD", "DiPGO", "DiPGOAttr"]
+__all__ = ["BUDGET", "THRESHOLD", "DiPGO", "DiPGOAttr"]
 
 
 class DiPGOAttr:
     """Trial attributes of a DiP-GO trial."""
 
     THRESHOLD: Final = "threshold"
+    #: The trial's budget: the trajectory cost its schedule may have, a fraction of the full sampler's.
+    BUDGET: Final = "budget"
+    #: The schedule's trajectory cost over the full sampler's, in the unit the budget counts.
+    COST_RATIO: Final = "schedule_cost_ratio"
     #: The share of the units' computations the schedule keeps.
     COMPUTED_FRACTION: Final = "computed_fraction"
     GRANULARITY: Final = "granularity"
@@ -51,10 +60,15 @@ class DiPGOAttr:
     PRUNER_EXPECTED_RATIO: Final = "pruner_expected_ratio"
 
 
-#: The Optuna parameter of a DiP-GO trial: the threshold that binarises the pruner's scores.
+#: The Optuna parameter of a DiP-GO trial with ``postprocess: threshold``: the threshold that
+#: binarises the pruner's scores; with ``postprocess: budget``, :data:`BUDGET`.
 THRESHOLD = DiPGOAttr.THRESHOLD
+BUDGET = DiPGOAttr.BUDGET
 
 logger = logging.getLogger("automl_diff")
+
+#: Options that only turn the scores into schedules: they leave the pruner's training alone.
+_POSTPROCESS_OPTIONS = ("postprocess", "budget_low", "budget_high", "threshold_low", "threshold_high", "threshold_log")
 
 
 class DiPGO(Method):
@@ -86,6 +100,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         unet = self.teacher.unet
         self.units = tuple(prunable_units(unet, self.options.granularity))
         self.costs: UnitCosts | None = None
+        self.weights: UnitWeights | None = None
         self.scores: np.ndarray | None = None
         self.summary: dict[str, Any] = {}
         self.weights_dir: str | None = self.teacher.weights_dir
@@ -100,7 +115,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         b = st.budgets
         payload = {
             "objective": OBJECTIVE_VERSION,
-            "options": asdict(self.options),
+            "options": {k: v for k, v in asdict(self.options).items() if k not in _POSTPROCESS_OPTIONS},
             "budgets": [b.train_iterations, b.batch_size, b.lr, st.sampling.steps],
             "sampling": [st.sampling.scheduler, st.sampling.eta],
             "text": self._text_key(),
@@ -134,18 +149,20 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         key = self._cache_key()
         if cache is not None and cache.is_file():
             data = json.loads(cache.read_text())
-            if data.get("key") == key and tuple(data.get("units", ())) == self.units:
+            if data.get("key") == key and tuple(data.get("units", ())) == self.units and "weights" in data:
                 self.scores = np.asarray(data["scores"], dtype=np.float64)
                 self.summary = data.get("summary", {})
+                w = data["weights"]
+                self.weights = UnitWeights(w["kind"], w["total"], w["units"], self.costs.graph, self.costs.idle_free)
                 logger.info("DiP-GO: reusing the pruner scores in %s", cache)
         if self.scores is None:
             b = self.settings.budgets
             o = self.options
-            weights = self._weights()
+            self.weights = weights = self._weights()
             logger.info(
                 "DiP-GO: optimising the pruner (%d units x %d steps, target %.2f of the trajectory %s, %d iterations)",
                 len(self.units),
-                self.steps,
+                self.sampler().model_calls,
                 o.target_macs_ratio,
                 "MACs" if o.unit_cost == "macs" else "time",
                 b.train_iterations,
@@ -174,9 +191,9 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
                 self.summary[DiPGOAttr.PRUNER_FORWARD_SECONDS] = round(weights.total, 6)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(
-                    json.dumps({"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary}) + "\n"
-                )
+                saved = {"kind": weights.kind, "total": weights.total, "units": dict(weights.units)}
+                data = {"key": key, "units": list(self.units), "scores": self.scores.tolist(), "summary": self.summary, "weights": saved}
+                cache.write_text(json.dumps(data) + "\n")
         stacked = self.stacked
         if workdir is not None and (self.weights_dir is None or stacked):
             # a hub teacher, or another study's export that may be overwritten later: the trials'
@@ -185,6 +202,13 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
             if not (folder / "config.json").is_file():
                 self.teacher.unet.save_pretrained(str(folder), safe_serialization=True)
             self.weights_dir = str(folder)
+
+    def stages(self) -> list[Stage]:
+        b = self.settings.budgets
+        sampler = self.sampler()
+        return pruner_stages(
+            self.teacher.unet, sampler, units=self.units, options=self.options, iterations=b.train_iterations, batch_size=b.batch_size
+        )
 
     def _weights(self) -> UnitWeights:
         """What the sparsity loss counts: the units' MACs, or their seconds measured now."""
@@ -215,36 +239,44 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         o = self.options
+        if o.postprocess == "budget":
+            return {BUDGET: trial.suggest_float(BUDGET, o.budget_low, o.budget_high)}
         return {THRESHOLD: trial.suggest_float(THRESHOLD, o.threshold_low, o.threshold_high, log=o.threshold_log)}
 
     def fingerprint(self, params: dict[str, Any]) -> str:
-        """Thresholds that give the same schedule make the same model."""
-        return self.schedule_for(params[THRESHOLD]).key()
+        """Parameters that give the same schedule make the same model."""
+        return self.schedule_for(params).key()
 
-    def schedule_for(self, threshold: float) -> Schedule:
-        """The binary schedule the pruner's scores give at ``threshold``."""
-        if self.scores is None:
+    def schedule_for(self, params: Mapping[str, Any]) -> Schedule:
+        """The schedule the pruner's scores give for a trial's parameters: the gates within its
+        budget, or above its threshold."""
+        if self.scores is None or self.weights is None:
             self.prepare()
-        return Schedule.from_scores(
-            self.scores,
-            threshold,
-            units=self.units,
-            model=model_fingerprint(self.teacher.unet),
-            info={
-                "target_macs_ratio": self.options.target_macs_ratio,
-                "unit_cost": self.options.unit_cost,
-                "granularity": self.options.granularity,
-                "teacher": self.teacher.source,
-            },
-        )
+        assert self.scores is not None and self.weights is not None
+        sampler = self.sampler()
+        info: dict[str, Any] = {
+            "target_macs_ratio": self.options.target_macs_ratio,
+            "unit_cost": self.options.unit_cost,
+            "granularity": self.options.granularity,
+            "teacher": self.teacher.source,
+            "scheduler": sampler.scheduler,
+            "num_inference_steps": sampler.steps,
+        }
+        model = model_fingerprint(self.teacher.unet)
+        if BUDGET in params:
+            gates = gates_within_budget(self.scores, params[BUDGET], self.weights)
+            schedule = Schedule(len(gates), self.units, tuple(map(tuple, gates.tolist())), model, {BUDGET: float(params[BUDGET]), **info})
+        else:
+            schedule = Schedule.from_scores(self.scores, params[THRESHOLD], units=self.units, model=model, info=info)
+        return replace(schedule, info={**schedule.info, DiPGOAttr.COST_RATIO: round(self.weights.cost(np.asarray(schedule.gates)), 6)})
 
     def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
-        threshold = params[THRESHOLD]
-        schedule = self.schedule_for(threshold)
+        schedule = self.schedule_for(params)
         unet = self.teacher.unet
         config = {"_class_name": type(unet).__name__, **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
         attrs = {
-            DiPGOAttr.THRESHOLD: threshold,
+            **{key: params[key] for key in (THRESHOLD, BUDGET) if key in params},
+            DiPGOAttr.COST_RATIO: schedule.info[DiPGOAttr.COST_RATIO],
             DiPGOAttr.COMPUTED_FRACTION: schedule.computed_fraction,
             DiPGOAttr.GRANULARITY: self.options.granularity,
             DiPGOAttr.TARGET_MACS_RATIO: self.options.target_macs_ratio,

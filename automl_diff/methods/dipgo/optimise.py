@@ -42,17 +42,28 @@ from tqdm import tqdm
 from automl_diff.config.options import DiPGOOptions
 from automl_diff.gating import GateController
 from automl_diff.methods.base import TrainingDiverged
-from automl_diff.methods.dipgo.pruner import PrunerNetwork
+from automl_diff.methods.dipgo.pruner import Pruner, build_pruner
 from automl_diff.methods.dipgo.weights import UnitWeights
 from automl_diff.metrics.macs import UnitCosts
+from automl_diff.metrics.stages import Stage
 from automl_diff.sampling import Sampler, predict_noise
 
-__all__ = ["CONSISTENCY", "OBJECTIVE_VERSION", "CheckpointedSteps", "PrunerResult", "expected_ratio", "optimise_pruner", "ssim"]
+__all__ = [
+    "CONSISTENCY",
+    "OBJECTIVE_VERSION",
+    "CheckpointedSteps",
+    "PrunerResult",
+    "expected_ratio",
+    "optimise_pruner",
+    "pruner_stages",
+    "ssim",
+]
 
 #: Version of the pruner's objective; part of a DiP-GO study's pruner cache key, so that scores
 #: optimised under an older loss (or expected-cost model) are not reused. Bump it when either changes.
 #: 2: a step's fixed cost is charged only where some unit computes, where idle steps are free.
-OBJECTIVE_VERSION = 2
+#: 3: an atom is charged only where something that runs reads it (the dataflow of the units).
+OBJECTIVE_VERSION = 3
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -87,19 +98,21 @@ CONSISTENCY = {
 }
 
 
-def expected_ratio(probs: torch.Tensor, costs: UnitCosts | UnitWeights, units: tuple[str, ...]) -> torch.Tensor:
+def expected_ratio(probs: torch.Tensor, costs: UnitCosts | UnitWeights) -> torch.Tensor:
     """Trajectory cost (MACs, or measured seconds with latency :class:`UnitWeights`) under gate
     probabilities ``probs`` (steps x units, gates independent), over the full sampler's.
 
-    Where idle steps are free (``idle_free``), a step pays ``always`` only if some unit computes:
-    with probability ``1 - prod(1 - p)`` over its units (the first step always computes, having
-    no output to reuse), so the loss also rewards emptying whole steps."""
+    An atom costs where it runs: its unit's gate is on and something that runs reads its output
+    (:meth:`~automl_diff.models.dataflow.UnitGraph.expected_runs`), so switching off a unit also
+    saves what only feeds it. Where idle steps are free (``idle_free``), a step pays ``always``
+    only if some atom runs (the first step always does, having no output to reuse), so the loss
+    also rewards emptying whole steps."""
     weights = UnitWeights.of(costs)
-    unit = torch.tensor([weights.units[u] for u in units], dtype=probs.dtype, device=probs.device)
+    runs = weights.graph.expected_runs(probs)
     busy = torch.ones_like(probs[:, 0])  # probability that a step pays ``always``
     if weights.idle_free:
-        busy = torch.cat([busy[:1], 1 - torch.prod(1 - probs[1:], dim=1)])
-    return (weights.always * busy.sum() + (probs * unit).sum()) / (weights.total * probs.shape[0])
+        busy = torch.cat([busy[:1], 1 - torch.prod(1 - runs[1:], dim=1)])
+    return (weights.always * busy.sum() + (runs * weights.vector(runs)).sum()) / (weights.total * probs.shape[0])
 
 
 class CheckpointedSteps(nn.Module):
@@ -198,7 +211,8 @@ def optimise_pruner(
     seed: int = 0,
     progress: bool = False,
 ) -> PrunerResult:
-    """Train a :class:`PrunerNetwork` for ``unet`` sampled by ``sampler`` and return its gate scores.
+    """Train a pruner network (:func:`~automl_diff.methods.dipgo.pruner.build_pruner`, ``options.pruner``)
+    for ``unet`` sampled by ``sampler`` and return its gate scores.
 
     Args:
         unet: the (frozen) model to prune over time.
@@ -226,8 +240,8 @@ def optimise_pruner(
             targets = torch.cat([run(chunk, unet) for chunk in chunks])
         # the pruner's initialisation and Gumbel noise depend on ``seed`` alone, not on what ran before
         torch.manual_seed(seed + 11)
-        pruner = PrunerNetwork(sampler.steps, len(units)).to(device)
-        with GateController(unet, units, sampler.steps) as controller:
+        pruner = build_pruner(options.pruner, sampler.model_calls, len(units), layers=options.pruner_layers).to(device)
+        with GateController(unet, units, sampler.model_calls) as controller:
             history = _train(pruner, controller, run, targets, UnitWeights.of(costs), options, iterations, batch_size, lr, seed, progress)
     with torch.no_grad():
         scores = pruner.probs().float().cpu().numpy()
@@ -235,8 +249,51 @@ def optimise_pruner(
     return PrunerResult(scores, tuple(units), time.perf_counter() - start, last["consistency"], last["ratio"], history)
 
 
+def pruner_stages(
+    unet: nn.Module, sampler: Sampler, *, units: tuple[str, ...], options: DiPGOOptions, iterations: int, batch_size: int
+) -> list[Stage]:
+    """What optimising the pruner costs (once per study), for a dry run: the reference
+    trajectories' model calls (no gradients), and each model call of an iteration, forward and,
+    under checkpointing, recomputed and backpropagated. Every step of an iteration's trajectory
+    holds its inputs (latents and the units' cached outputs) for the backward pass: memory grows
+    with the steps by that much (``held``)."""
+    calls = sampler.model_calls
+    per_image: list[int] = []
+
+    @torch.no_grad()
+    def target(batch: int) -> None:
+        sampler.first_step(unet, batch)
+
+    def step(batch: int) -> None:
+        param = next(unet.parameters())
+        size = unet.config.sample_size
+        with _frozen(unet), GateController(unet, units, calls) as controller:
+            controller.use_soft(torch.ones(calls, len(units), dtype=param.dtype, device=param.device))
+            model = CheckpointedSteps(unet, controller).reset()
+            x = torch.randn(batch, unet.config.in_channels, size, size, device=param.device, dtype=param.dtype, requires_grad=True)
+            out = next(sampler.chain(model, x))
+            held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(controller.cache) if isinstance(t, torch.Tensor))
+            per_image.append((held + x.numel() * x.element_size()) // batch)
+            out.float().square().mean().backward()
+
+    reference = -(-options.reference_images // batch_size) * calls
+    return [
+        Stage("pruner targets: one model call of the reference trajectories", "study", reference, batch_size, target),
+        Stage(
+            "pruner iteration: one model call, forward and checkpointed backward",
+            "study",
+            iterations * calls,
+            batch_size,
+            step,
+            held=lambda batch: per_image[-1] * batch,
+            held_units=calls if options.checkpoint else 1,
+            note="" if options.checkpoint else "checkpoint: false keeps every step's activations: the peak is a lower bound",
+        ),
+    ]
+
+
 def _train(
-    pruner: PrunerNetwork,
+    pruner: Pruner,
     controller: GateController,
     run: Callable[[Sequence[int], nn.Module], torch.Tensor],
     targets: torch.Tensor,
@@ -249,7 +306,7 @@ def _train(
     progress: bool,
 ) -> list[dict[str, float]]:
     """The pruner's optimisation loop; returns one record per iteration."""
-    unet, units = controller.unet, controller.units
+    unet = controller.unet
     dtype = next(unet.parameters()).dtype
     optimiser = torch.optim.Adam(pruner.parameters(), lr=lr)
     loss_fn = CONSISTENCY[o.consistency]
@@ -264,7 +321,7 @@ def _train(
         if o.checkpoint:
             model.reset()
         cons = loss_fn(run(idx, model).float(), targets[torch.as_tensor(idx, device=targets.device)].float())
-        ratio = expected_ratio(pruner.probs(), weights, units)
+        ratio = expected_ratio(pruner.probs(), weights)
         target = 1.0 + (o.target_macs_ratio - 1.0) * min(1.0, (it + 1) / max(1.0, o.warmup * iterations))
         loss = cons + o.sparsity_weight * (ratio - target) ** 2
         if not torch.isfinite(loss):
@@ -277,7 +334,7 @@ def _train(
                 "iteration": it,
                 "consistency": cons.item(),
                 "ratio": ratio.item(),
-                "hard_ratio": expected_ratio(gates.detach(), weights, units).item(),
+                "hard_ratio": expected_ratio(gates.detach(), weights).item(),
                 "seconds": time.perf_counter() - began,
             }
         )

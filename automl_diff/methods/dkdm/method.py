@@ -18,6 +18,8 @@ from automl_diff.methods.base import Candidate, Method, Rungs, TrainAttr
 from automl_diff.methods.training import PoolBatches, TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel
 from automl_diff.methods.training.loop import held_out_loss
+from automl_diff.methods.training.stages import distillation_step_stage, pool_stages
+from automl_diff.metrics.stages import Stage
 from automl_diff.models.inherit import inherit_from_teacher
 from automl_diff.models.loading import unet_from_config
 
@@ -66,6 +68,13 @@ class DKDM(Method):
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         return self.space.suggest(trial)
+
+    def stages(self) -> list[Stage]:
+        st = self.settings
+        return [
+            *pool_stages(self.original, self.options, st, guided=self.inputs.guided),
+            distillation_step_stage("training step", "trial", st.budgets.train_iterations, self.original, st),
+        ]
 
     def build_student(self, params: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], float | None]:
         """The untrained student ``params`` select, its diffusers config, and the share of its

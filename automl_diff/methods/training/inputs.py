@@ -6,7 +6,10 @@ text conditioning of each sample, which every model in the training step is call
 * :class:`PoolBatches` (data-free, DKDM's idea): ``(x_t, t)`` from a
   :class:`~automl_diff.methods.training.pool.NoisePool` of the teacher's own generations; the
   target is the teacher's ``eps(x_t, t)``, and the same prediction advances the pool. No dataset
-  is read.
+  is read. For a text-to-image teacher with a guided pool, each state gets both halves of
+  classifier-free guidance in one teacher call (its prompt and the unconditional one), the batch
+  holds both rows, and the guided prediction advances the state, so the pool visits the states
+  the study samples and the unconditional half is learnt where guidance evaluates it.
 * :class:`DataBatches` (the baseline): real images noised with the scheduler; the target is the
   true noise (the standard DDPM objective).
 
@@ -69,12 +72,15 @@ class PoolBatches:
         prompts: a text-to-image teacher's conditioning per pool label, ``(labels + 1, tokens,
             dim)``, the unconditional prompt last; each entry is labelled and advanced with its
             own prompt's prediction.
+        guided: label both halves of guidance at each state and advance it with the guided
+            prediction at the entry's scale (a batch of ``n`` rows draws ``n // 2`` states).
     """
 
-    def __init__(self, teacher: nn.Module, pool: NoisePool, prompts: torch.Tensor | None = None) -> None:
+    def __init__(self, teacher: nn.Module, pool: NoisePool, prompts: torch.Tensor | None = None, *, guided: bool = False) -> None:
         self.teacher = teacher
         self.pool = pool
         self.prompts = prompts
+        self.guided = guided and prompts is not None
         self.teacher_evals = 0
 
     @torch.no_grad()
@@ -93,9 +99,27 @@ class PoolBatches:
         self.teacher_evals += len(x)
         return predict_noise(self.teacher, x, t, **_unet_kwargs(context)).float()
 
+    def both(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's two predictions at each state in one call, rows ``[conditional;
+        unconditional]``, and the conditioning of those rows."""
+        cond = _context(self.prompts, labels)
+        context = torch.cat([cond, self.prompts[-1:].expand_as(cond)])
+        return self.label(torch.cat([x, x]), torch.cat([t, t]), context), context
+
+    def moving(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The prediction that moves entries ``idx`` (at ``x``, ``t``) on: guided at their scales,
+        or their own prompt's."""
+        labels = self.pool.labels[idx]
+        if not self.guided:
+            return self.label(x, t, _context(self.prompts, labels))
+        eps, _ = self.both(x, t, labels)
+        cond, uncond = eps.chunk(2)
+        return uncond + self.pool.scales[idx].view(-1, *([1] * (eps.dim() - 1))) * (cond - uncond)
+
     def record(self) -> dict[str, Any]:
         """This source as it is now (its teacher aside), for :func:`restore_batches`."""
-        return {"kind": "pool", "pool": self.pool.record(), "prompts": None if self.prompts is None else self.prompts.cpu()}
+        prompts = None if self.prompts is None else self.prompts.cpu()
+        return {"kind": "pool", "pool": self.pool.record(), "prompts": prompts, "guided": self.guided}
 
     def counters(self) -> dict[str, int]:
         """What this source has cost: teacher evaluations, pool trajectories finished."""
@@ -107,8 +131,15 @@ class PoolBatches:
         self.pool.completed = int(counters["completed"])
 
     def __call__(self, batch_size: int) -> Batch:
+        if self.guided:
+            idx = self.pool.draw(max(1, batch_size // 2))
+            x, t = self.pool.batch(idx)  # copies: advancing the pool leaves this batch as it is
+            eps, context = self.both(x, t, self.pool.labels[idx])
+            cond, uncond = eps.chunk(2)
+            self.pool.advance(idx, uncond + self.pool.scales[idx].view(-1, *([1] * (x.dim() - 1))) * (cond - uncond))
+            return Batch(torch.cat([x, x]), torch.cat([t, t]), eps, context)
         idx = self.pool.draw(batch_size)
-        x, t = self.pool.batch(idx)  # copies: advancing the pool leaves this batch as it is
+        x, t = self.pool.batch(idx)
         context = _context(self.prompts, self.pool.labels[idx])
         eps = self.label(x, t, context)
         self.pool.advance(idx, eps)
@@ -171,7 +202,7 @@ def restore_batches(record: dict[str, Any], *, teacher: nn.Module | None, device
     if record["kind"] == "pool":
         prompts = record["prompts"]
         pool = NoisePool.from_record(record["pool"], device=device)
-        return PoolBatches(teacher, pool, None if prompts is None else prompts.to(device))
+        return PoolBatches(teacher, pool, None if prompts is None else prompts.to(device), guided=record["guided"])
     generator = torch.Generator()
     generator.set_state(record["generator"])
     captions = record["captions"]
@@ -264,14 +295,28 @@ class TrainingInputs:
             device=self.device,
             num_labels=0 if self.prompts is None else len(self.prompts) - 1,
             label_dropout=self.options.prompt_dropout,
+            guidance=self._guidance(),
         )
-        labeller = PoolBatches(unet, self.pool, self.prompts)
+        labeller = self._labeller()
         with torch.no_grad():
-            self.pool.warm_up(
-                lambda x, t, labels: labeller.label(x, t, _context(self.prompts, labels)),
-                batch_size=max(self.settings.budgets.batch_size, 256),
-            )
+            self.pool.warm_up(labeller.moving, batch_size=max(self.settings.budgets.batch_size, 256))
         self._snapshot = self.pool.state()
+
+    @property
+    def guided(self) -> bool:
+        """Whether the pool is guided: a text-to-image teacher, ``guided_pool``, guidance above 1."""
+        return self._guidance() is not None
+
+    def _guidance(self) -> tuple[float, float] | None:
+        """The pool's guidance range (None: unguided)."""
+        if self.teacher.text is None or not self.options.guided_pool:
+            return None
+        scales = self.options.pool_guidance or (self.settings.sampling.guidance_scale,)
+        low, high = scales[0], scales[-1]
+        return None if high <= 1.0 else (low, high)
+
+    def _labeller(self) -> PoolBatches:
+        return PoolBatches(self.teacher.unet, self.pool, self.prompts, guided=self._guidance() is not None)
 
     def _data_batches(self, generator: torch.Generator) -> DataBatches:
         return DataBatches(
@@ -297,13 +342,17 @@ class TrainingInputs:
             else:
                 self.pool.load_state(self._snapshot)
                 saved, self.pool.generator = self.pool.generator, generator
-                labeller = PoolBatches(self.teacher.unet, self.pool, self.prompts)
+                labeller = self._labeller()
                 idx = self.pool.draw(samples)
                 x, t = self.pool.batch(idx)
-                self.pool.advance(idx, labeller.label(x, t, _context(self.prompts, self.pool.labels[idx])))
+                self.pool.advance(idx, labeller.moving(x, t, idx))
                 x, t = self.pool.batch(idx)
-                context = _context(self.prompts, self.pool.labels[idx])
-                self._held_out = Batch(x, t, labeller.label(x, t, context), context)
+                if labeller.guided:
+                    eps, context = labeller.both(x, t, self.pool.labels[idx])
+                    self._held_out = Batch(torch.cat([x, x]), torch.cat([t, t]), eps, context)
+                else:
+                    context = _context(self.prompts, self.pool.labels[idx])
+                    self._held_out = Batch(x, t, labeller.label(x, t, context), context)
                 self.pool.generator = saved
                 self.pool.load_state(self._snapshot)
         return self._held_out
@@ -317,4 +366,4 @@ class TrainingInputs:
         self.pool.load_state(self._snapshot)
         self.pool.generator = generator
         self.pool.completed = 0
-        return PoolBatches(self.teacher.unet, self.pool, self.prompts)
+        return self._labeller()

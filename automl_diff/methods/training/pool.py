@@ -11,8 +11,10 @@ across trajectories the student sees every timestep, not just ``num_steps`` of t
 
 For a text-to-image teacher each trajectory also carries a label: the index of the prompt it is
 generated for (drawn when the trajectory starts), or ``num_labels`` for the unconditional prompt
-(a ``label_dropout`` share of the trajectories). The pool stores only the labels; the caller turns
-them into the teacher's conditioning.
+(a ``label_dropout`` share of the trajectories), and, for a guided pool, the guidance scale it is
+sampled at (``guidance``: one scale, or a range each trajectory draws from when it starts). The
+pool stores only the labels and scales; the caller turns them into the teacher's conditioning and
+the guided prediction that advances the entry.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PoolState:
     position: torch.Tensor
     offset: torch.Tensor
     labels: torch.Tensor
+    scales: torch.Tensor
 
 
 class NoisePool:
@@ -58,6 +61,8 @@ class NoisePool:
         device: where the pool lives.
         num_labels: prompts a trajectory can be generated for (0: unconditional teacher).
         label_dropout: share of trajectories generated for the unconditional prompt.
+        guidance: ``(low, high)``: each trajectory's guidance scale, drawn uniformly when it
+            starts (equal ends: one scale); None: an unguided pool (scale 1).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class NoisePool:
         device: str | torch.device = "cpu",
         num_labels: int = 0,
         label_dropout: float = 0.0,
+        guidance: tuple[float, float] | None = None,
     ) -> None:
         if size < 1 or num_steps < 1:
             raise ValueError("pool size and num_steps must be positive")
@@ -90,7 +96,9 @@ class NoisePool:
         self.generator = generator or torch.Generator().manual_seed(0)
         self.num_labels = num_labels
         self.label_dropout = label_dropout
+        self.guidance = guidance
         self.labels = torch.full((size,), num_labels, dtype=torch.long, device=self.device)
+        self.scales = torch.ones(size, device=self.device)
         self.x = torch.empty((size, *self.sample_shape), device=self.device)
         self.position = torch.zeros(size, dtype=torch.long, device=self.device)
         self.offset = torch.zeros(size, dtype=torch.long, device=self.device)
@@ -120,6 +128,9 @@ class NoisePool:
         if self.num_labels:
             labels = torch.randint(0, self.num_labels, (len(idx),), generator=self.generator)
             self.labels[idx] = drop_labels(labels, self.num_labels, self.label_dropout, self.generator).to(self.device)
+        if self.guidance is not None:
+            low, high = self.guidance
+            self.scales[idx] = (low + (high - low) * torch.rand(len(idx), generator=self.generator)).to(self.device)
 
     def draw(self, batch_size: int) -> torch.Tensor:
         """Indices of a random batch of distinct entries."""
@@ -157,7 +168,8 @@ class NoisePool:
     def warm_up(self, teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], *, batch_size: int = 256) -> None:
         """Spread the entries over the trajectory so that batches mix timesteps from the start.
 
-        Entry ``i`` is advanced by the teacher, ``teacher(x_t, t, labels)``, to a random position
+        Entry ``i`` is advanced by the teacher, ``teacher(x_t, t, idx)`` (the prediction that
+        moves entries ``idx``, conditioned on their labels and scales), to a random position
         in ``[0, num_steps)``; this costs about ``size * num_steps / 2`` teacher evaluations, once
         per pool.
         """
@@ -167,11 +179,11 @@ class NoisePool:
             for start in range(0, len(active), batch_size):
                 idx = active[start : start + batch_size]
                 x, t = self.batch(idx)
-                self.advance(idx, teacher(x, t, self.labels[idx]))
+                self.advance(idx, teacher(x, t, idx))
         self.completed = 0
 
     def state(self) -> PoolState:
-        return PoolState(self.x.clone(), self.position.clone(), self.offset.clone(), self.labels.clone())
+        return PoolState(self.x.clone(), self.position.clone(), self.offset.clone(), self.labels.clone(), self.scales.clone())
 
     def record(self) -> dict[str, Any]:
         """Everything that rebuilds this pool as it is now, generator included: tensors and plain
@@ -186,12 +198,14 @@ class NoisePool:
             "clip_range": self.clip_range,
             "num_labels": self.num_labels,
             "label_dropout": self.label_dropout,
+            "guidance": None if self.guidance is None else list(self.guidance),
             "generator": self.generator.get_state(),
             "completed": self.completed,
             "x": self.x.cpu(),
             "position": self.position.cpu(),
             "offset": self.offset.cpu(),
             "labels": self.labels.cpu(),
+            "scales": self.scales.cpu(),
         }
 
     @classmethod
@@ -211,8 +225,9 @@ class NoisePool:
             device=device,
             num_labels=record["num_labels"],
             label_dropout=record["label_dropout"],
+            guidance=None if record["guidance"] is None else tuple(record["guidance"]),
         )
-        pool.load_state(PoolState(record["x"], record["position"], record["offset"], record["labels"]))
+        pool.load_state(PoolState(record["x"], record["position"], record["offset"], record["labels"], record["scales"]))
         pool.generator = generator
         pool.completed = record["completed"]
         return pool
@@ -222,3 +237,4 @@ class NoisePool:
         self.position.copy_(state.position)
         self.offset.copy_(state.offset)
         self.labels.copy_(state.labels)
+        self.scales.copy_(state.scales)

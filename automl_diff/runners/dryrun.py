@@ -1,0 +1,149 @@
+"""A dry run: what a study will cost, measured at its shapes, before it runs.
+
+``run CONFIG --dry-run`` builds everything a trial needs (the teachers, the method, the
+evaluator: every check a real run makes), times one unit of each stage the study repeats
+(:meth:`~automl_diff.methods.base.Method.stages`, :meth:`~automl_diff.evaluation.Evaluator.stages`)
+at the config's batch sizes, records the peak memory each reached, and projects the seconds of a
+trial and of the study. It opens no storage and writes nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from automl_diff.config.study import StudyConfig
+from automl_diff.errors import UserError
+from automl_diff.formatting import text_table
+from automl_diff.metrics.stages import Stage, StageCost, human_bytes, human_seconds, measure
+from automl_diff.runners.session import StudySession
+
+__all__ = ["DryRun", "dry_run"]
+
+
+@dataclass
+class DryRun:
+    """A study's stages, measured, and what they project.
+
+    Attributes:
+        costs: each measured stage.
+        skipped: stages that could not be measured here, with why.
+        trials: the study's ``n_trials``.
+        seconds: how long the dry run itself took.
+    """
+
+    config: StudyConfig
+    device: str
+    costs: list[StageCost] = field(default_factory=list)
+    skipped: list[tuple[Stage, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def trial_seconds(self) -> float:
+        """One trial: every per-trial stage's units."""
+        return sum(c.total_seconds for c in self.costs if c.stage.per == "trial")
+
+    @property
+    def study_seconds(self) -> float:
+        """The study: its once-per-study stages and ``n_trials`` trials."""
+        once = sum(c.total_seconds for c in self.costs if c.stage.per == "study")
+        return once + self.config.n_trials * self.trial_seconds
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((c.peak_bytes for c in self.costs), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.config.study_name,
+            "device": self.device,
+            "dtype": self.config.dtype,
+            "n_trials": self.config.n_trials,
+            "trial_seconds": self.trial_seconds,
+            "study_seconds": self.study_seconds,
+            "peak_bytes": self.peak_bytes,
+            "dry_run_seconds": self.seconds,
+            "stages": [
+                {
+                    "name": c.stage.name,
+                    "per": c.stage.per,
+                    "count": c.stage.count,
+                    "batch": c.stage.batch,
+                    "seconds": c.seconds,
+                    "total_seconds": c.total_seconds,
+                    "peak_bytes": c.peak_bytes,
+                    "projected": c.projected,
+                    "note": c.stage.note,
+                }
+                for c in self.costs
+            ],
+            "skipped": [{"name": s.name, "why": why} for s, why in self.skipped],
+        }
+
+    def table(self) -> str:
+        """The stages and the projection, as printed."""
+        rows = [
+            [
+                c.stage.name + (" *" if c.projected else ""),
+                c.stage.per,
+                str(c.stage.count),
+                str(c.stage.batch),
+                human_seconds(c.seconds),
+                human_seconds(c.total_seconds),
+                human_bytes(c.peak_bytes),
+            ]
+            for c in self.costs
+        ]
+        header = ["stage (one unit)", "per", "units", "batch", "one unit", "all units", "peak memory"]
+        lines = [text_table(header, rows, left=2)]
+        lines += [f"  {c.stage.name}: {c.stage.note}" for c in self.costs if c.stage.note]
+        if any(c.projected for c in self.costs):
+            lines.append("  * timed at batches 1 and 2 and projected linearly to the stage's batch (time and memory)")
+        lines += [f"  not measured: {s.name} ({why})" for s, why in self.skipped]
+        lines.append(
+            f"a trial: {human_seconds(self.trial_seconds)}; the study ({self.config.n_trials} trials and what runs once): "
+            f"{human_seconds(self.study_seconds)}; peak memory {human_bytes(self.peak_bytes)} "
+            f"({'GPU memory allocated' if self.device.startswith('cuda') else 'the process resident set'})"
+        )
+        return "\n".join(lines)
+
+
+def dry_run(config: StudyConfig, *, study_name: str, limit: float = 60.0, progress: bool = False) -> DryRun:
+    """Measure the stages of ``config``'s study (see the module docs); nothing is stored.
+
+    Args:
+        limit: seconds a stage's unit may take at its full batch before it is timed at batches 1
+            and 2 and projected.
+    """
+    start = time.perf_counter()
+    session = StudySession(config, study_name=study_name, progress=progress)
+    device = torch.device(session.device)
+    stages = [
+        *session.method.stages(),
+        *session.evaluator.stages(session.original.unet, per="study"),
+        *session.evaluator.stages(session.teacher.unet, per="trial"),
+    ]
+    result = DryRun(config, session.device)
+    measured: dict[Any, StageCost] = {}
+    for stage in stages:
+        same = measured.get((stage.key, stage.batch)) if stage.key is not None else None
+        if same is not None:  # the same work at the same batch: measured once
+            result.costs.append(replace(same, stage=stage))
+            continue
+        try:
+            cost = measure(stage, device, limit=limit)
+        except UserError as exc:
+            result.skipped.append((stage, str(exc)))
+            continue
+        result.costs.append(cost)
+        if stage.key is not None:
+            measured[(stage.key, stage.batch)] = cost
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result.seconds = time.perf_counter() - start
+    return result
