@@ -149,6 +149,33 @@ def test_bench_command_errors_are_one_line(monkeypatch, tiny_preset, capsys):
     assert err.startswith("error: --out:") and "/nonexistent/dir/BENCHMARKS.md" in err and "Traceback" not in err
 
 
+def test_bench_overrides_reach_the_run_and_bad_ones_fail_first(monkeypatch, tiny_preset, capsys):
+    """--guidance, --pool-option and --dipgo-option change the preset the rows run with; an
+    unknown key or a bad value is one line before anything runs."""
+    from automl_diff.bench import run as runner
+    from automl_diff.errors import UserError
+
+    monkeypatch.setitem(PRESETS, "tiny", tiny_preset)
+    seen = []
+
+    def stop(preset, **kwargs):
+        seen.append(preset)
+        raise UserError("stopped")
+
+    monkeypatch.setattr(runner, "run_bench", stop)
+    argv = ["--preset", "tiny", "--guidance", "3", "--pool-option", "guided_pool=false", "--dipgo-option", "pruner=attention"]
+    assert bench_main(argv) == 2 and "stopped" in capsys.readouterr().err
+    (preset,) = seen
+    assert preset.evaluation.sampling.guidance_scale == 3.0 and preset.pool == {"guided_pool": False}
+    assert preset.dipgo == {**tiny_preset.dipgo, "pruner": "attention"}
+    for flag, value, key in (("--pool-option", "guided=false", "guided"), ("--dipgo-option", "pruner=transformer", "pruner")):
+        assert bench_main(["--preset", "tiny", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and key in err and "Traceback" not in err and len(seen) == 1
+    assert bench_main(["--preset", "tiny", "--pool-option", "guided_pool"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_fit_their_teachers(name):
     """Each preset's DKDM student is a complete point of its search space and its supernet space

@@ -8,12 +8,13 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from automl_diff.bench.presets import PRESETS
 from automl_diff.errors import UserError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m automl_diff.bench",
         description="Teacher, DKDM, DiffNAS, Torch-Pruning, DeepCache, DiP-GO and DiffNAS + DiP-GO on one teacher, measured side by side.",
@@ -36,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these rows, comma-separated (with the rows they build on and the teacher): "
         "teacher, dkdm, diffnas, torch_pruning, dipgo, deepcache, stacked; not with --out",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument("--guidance", type=float, default=None, help="override the preset's classifier-free guidance scale")
+    for flag, what in (("--pool-option", "the data-free pool's"), ("--dipgo-option", "DiP-GO's")):
+        parser.add_argument(
+            flag, action="append", default=[], metavar="KEY=VALUE", help=f"override one of {what} options (a YAML value); repeatable"
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     preset = PRESETS[args.preset]
     preset = replace(
         preset,
@@ -44,11 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.fid_dataset is not None:
         preset = replace(preset, evaluation=replace(preset.evaluation, fid_dataset=args.fid_dataset))
+    if args.guidance is not None:
+        sampling = replace(preset.evaluation.sampling, guidance_scale=args.guidance)
+        preset = replace(preset, evaluation=replace(preset.evaluation, sampling=sampling))
     command = "python -m automl_diff.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rows = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
     try:
+        preset = replace(
+            preset,
+            pool={**preset.pool, **_options("--pool-option", args.pool_option)},
+            dipgo={**preset.dipgo, **_options("--dipgo-option", args.dipgo_option)},
+        )
         if rows is not None and args.out:
             raise UserError("--rows: a partial run does not rewrite the preset's section of --out; drop one of them")
+        _check_options(preset)
         for option, path in (("--out", args.out), ("--json", args.json)):  # fail now, not after an hour
             if path and not Path(path).resolve().parent.is_dir():
                 raise UserError(f"{option}: the folder of {path} does not exist")
@@ -80,6 +99,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _options(flag: str, pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each value read as YAML (``false``, ``0.3``, ``[1.5, 3]``)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {pair}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"{flag} {pair}: the value is not valid YAML") from None
+    return options
+
+
+def _check_options(preset: Any) -> None:
+    """The pool's and DiP-GO's options, checked before anything runs (one line on a bad one)."""
+    from automl_diff.config.options import DiPGOOptions, DKDMOptions, read_options
+
+    read_options(DKDMOptions, {"pool_size": preset.pool_size, "pool_steps": preset.pool_steps, **preset.pool}, file="--pool-option")
+    read_options(DiPGOOptions, preset.dipgo, file="--dipgo-option")
 
 
 def _read_json(path: str) -> dict:

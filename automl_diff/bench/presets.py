@@ -99,6 +99,7 @@ class BenchPreset:
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
+        pool: further options of that pool (``guided_pool``, ``pool_guidance``: DKDM's options).
         dkdm_space, dkdm_params: the DKDM student (a point of a ``family: unet2d`` search space).
         dkdm_iterations: its distillation steps.
         diffnas_space: block supernets (``family: supernet``).
@@ -149,6 +150,7 @@ class BenchPreset:
     ema_decay: float = 0.99
     pool_size: int = 1024
     pool_steps: int = 50
+    pool: dict[str, Any] = field(default_factory=dict)
     dkdm_space: str = str(_ROOT / "search_spaces" / "digits_dkdm.yaml")
     dkdm_params: dict[str, Any] = field(default_factory=dict)
     dkdm_iterations: int = 1500

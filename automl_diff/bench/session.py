@@ -411,7 +411,8 @@ class Bench:
     @property
     def pool_options(self) -> dict[str, Any]:
         """The data-free pool every training row draws from."""
-        return {"source": "teacher", "pool_size": self.preset.pool_size, "pool_steps": self.preset.pool_steps}
+        p = self.preset
+        return {"source": "teacher", "pool_size": p.pool_size, "pool_steps": p.pool_steps, **p.pool}
 
     @property
     def inputs(self) -> TrainingInputs:
