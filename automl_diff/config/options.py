@@ -116,10 +116,11 @@ class PoolOptions(MethodOptions):
         0.1, "text-to-image: share of pool entries (or images) with the unconditional prompt", check=_unit_interval
     )
     guided_pool: bool = _option(
-        True,
+        False,
         "text-to-image: the teacher labels both halves of classifier-free guidance at every pool state in one call, the "
         "student learns both, and the state moves on with the guided prediction (false: one conditional prediction labels "
-        "and moves it, so the pool follows the unguided distribution)",
+        "and moves it, so the pool follows the unguided distribution; on digits-t2i at guidance 1.5 the guided pool gave "
+        "the DKDM student a far worse FID, see BENCHMARKS.md)",
     )
     pool_guidance: tuple[float, ...] = _option(
         (),
