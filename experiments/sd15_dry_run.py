@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import string
 import subprocess
 import sys
@@ -125,9 +124,12 @@ def main() -> None:
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(done.returncode)
-            result = json.loads(done.stdout)
+            try:
+                result = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                print(f"{name}: the dry run printed no JSON:\n{done.stdout[:3000]}\n{done.stderr[-3000:]}", file=sys.stderr)
+                raise SystemExit(1) from None
             result["wall_seconds"] = wall
-            result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
             results[name] = result
             print(f"\n{name}_sd15.yaml ({args.device}, {result['dtype']}): dry run {wall:.0f} s")
             for stage in result["stages"]:
@@ -140,8 +142,7 @@ def main() -> None:
                 print(f"  not measured: {skipped['name']} ({skipped['why']})")
             print(
                 f"  a trial {result['trial_seconds'] / 3600:.2f} h, the study {result['study_seconds'] / 3600:.1f} h, "
-                f"peak memory {result['peak_bytes'] / 2**30:.2f} GiB (the process's peak resident set "
-                f"{result['max_rss_bytes'] / 2**30:.2f} GiB)"
+                f"peak memory {result['peak_bytes'] / 2**30:.2f} GiB"
             )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

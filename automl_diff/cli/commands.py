@@ -60,11 +60,14 @@ def pareto_table(study: Any) -> str:
 
 def _dry_run(args: argparse.Namespace, config: Any) -> int:
     """``run --dry-run``: the study's stages measured and projected; no storage is opened."""
+    import contextlib
     import json
 
     from automl_diff.runners.dryrun import dry_run
 
-    result = dry_run(config, study_name=args.study_name or config.study_name, progress=not args.quiet)
+    # what the libraries print while loading (torch.hub's downloads, say) must not mix with the JSON
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = dry_run(config, study_name=args.study_name or config.study_name, progress=not args.quiet)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
