@@ -196,7 +196,7 @@ def test_a_dry_run_of_a_training_method_counts_its_pool_and_steps(tiny_sd_dir, t
         tiny_sd_dir,
         method="dkdm",
         search_space=str(space),
-        method_options={"pool_size": 16, "pool_steps": 4},
+        method_options={"pool_size": 16, "pool_steps": 4, "guided_pool": True},
         objectives=[{"name": "macs"}, {"name": "fid"}],
     )
     assert main(["run", str(config), "--dry-run", "--json", "--quiet"]) == 0, capsys.readouterr().err
