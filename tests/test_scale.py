@@ -113,8 +113,8 @@ def test_a_clip_only_study_needs_no_reference_images(tiny_sd_dir, tmp_path, caps
     assert "with fid: none" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("guided", [True, False])
-def test_the_guided_pool_labels_both_halves_and_moves_with_the_guided_prediction(tiny_sd_dir, guided):
+@pytest.mark.parametrize(("guided", "dropout", "states"), [(True, 0.5, 2), (True, 0.25, 3), (False, 0.1, 4)])
+def test_the_guided_pool_labels_both_halves_and_moves_with_the_guided_prediction(tiny_sd_dir, guided, dropout, states):
     from automl_diff.config.evaluation import SamplingSettings
     from automl_diff.config.options import DKDMOptions, read_options
     from automl_diff.config.settings import Budgets, MethodSettings
@@ -123,14 +123,14 @@ def test_the_guided_pool_labels_both_halves_and_moves_with_the_guided_prediction
     from automl_diff.sampling import predict_noise
 
     teacher = load_teacher(str(tiny_sd_dir))
-    options = read_options(DKDMOptions, {"pool_size": 8, "pool_steps": 4, "pool_eta": 0.0, "guided_pool": guided}, file="test")
+    raw = {"pool_size": 8, "pool_steps": 4, "pool_eta": 0.0, "guided_pool": guided, "prompt_dropout": dropout}
+    options = read_options(DKDMOptions, raw, file="test")
     settings = MethodSettings(
         budgets=Budgets(batch_size=4), sampling=SamplingSettings(guidance_scale=3.0), train_prompts=TINY_PROMPTS, seed=0
     )
     inputs = TrainingInputs(settings, teacher, options, device=torch.device("cpu"))
     batches = inputs.batches(seed=1)
     pool = batches.pool
-    states = 2 if guided else 4
     # entries that do not finish their trajectory at this step (those restart from fresh noise),
     # in a known order, so that the test knows which moved
     ready = torch.nonzero(pool.position < pool.num_steps - 1).flatten()
@@ -147,21 +147,34 @@ def test_the_guided_pool_labels_both_halves_and_moves_with_the_guided_prediction
     assert moved.nonzero().flatten().tolist() == ready[:states].tolist()
     if not guided:
         return
-    # the same states twice: with their prompt, then with the unconditional one
-    assert torch.equal(batch.x[:2], batch.x[2:]) and torch.equal(batch.t[:2], batch.t[2:])
-    assert torch.equal(batch.context[2:], inputs.prompts[-1:].expand(2, -1, -1))
+    # a guided pool's trajectories are all conditional: the unconditional rows are guidance's other half
+    assert bool((pool.labels < len(inputs.prompts) - 1).all())
+    # each state with its prompt, then the first states again with the unconditional one
+    extra = 4 - states
+    assert torch.equal(batch.x[states:], batch.x[:extra]) and torch.equal(batch.t[states:], batch.t[:extra])
+    assert torch.equal(batch.context[states:], inputs.prompts[-1:].expand(extra, -1, -1))
+    assert not torch.equal(batch.context[:states], inputs.prompts[-1:].expand(states, -1, -1))
     # moved on (DDIM, eta 0) by uncond + 3 (cond - uncond): the study's guidance
-    cond, uncond = batch.target.chunk(2)
+    with torch.no_grad():
+        cond = batch.target[:states]
+        uncond = predict_noise(teacher.unet, batch.x[:states], batch.t[:states], encoder_hidden_states=inputs.prompts[-1:].expand(states, -1, -1)).float()
     guided_eps = uncond + 3.0 * (cond - uncond)
-    t = batch.t[:2]
+    t = batch.t[:states]
     a_t = pool.alphas_cumprod[t].view(-1, 1, 1, 1)
     t_prev = t - pool.stride
-    a_prev = torch.where(t_prev >= 0, pool.alphas_cumprod[t_prev.clamp(min=0)], torch.ones(2)).view(-1, 1, 1, 1)
-    x0 = (batch.x[:2] - (1 - a_t).sqrt() * guided_eps) / a_t.sqrt()
+    a_prev = torch.where(t_prev >= 0, pool.alphas_cumprod[t_prev.clamp(min=0)], torch.ones(states)).view(-1, 1, 1, 1)
+    x0 = (batch.x[:states] - (1 - a_t).sqrt() * guided_eps) / a_t.sqrt()
     if pool.clip_sample:
         x0 = x0.clamp(-pool.clip_range, pool.clip_range)
     expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * guided_eps
-    torch.testing.assert_close(pool.x[ready[:2]], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pool.x[ready[:states]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_guided_batch_draws_its_states_from_the_unconditional_share():
+    from automl_diff.methods.training.inputs import guided_states
+
+    assert [guided_states(64, share) for share in (0.0, 0.1, 0.5, 1.0)] == [64, 58, 32, 32]
+    assert guided_states(1, 0.5) == 1 and guided_states(5, 0.5) == 3
 
 
 def test_a_dry_run_projects_the_study_and_stores_nothing(tiny_sd_dir, tmp_path, capsys):

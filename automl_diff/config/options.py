@@ -113,7 +113,11 @@ class PoolOptions(MethodOptions):
     pool_steps: int = _option(50, "DDIM steps of a pool trajectory, from pure noise to a clean image", check=positive)
     pool_eta: float = _option(1.0, "stochasticity of the pool's steps (1: ancestral-like, 0: deterministic)", check=_unit_interval)
     prompt_dropout: float = _option(
-        0.1, "text-to-image: share of pool entries (or images) with the unconditional prompt", check=_unit_interval
+        0.1,
+        "text-to-image: share of pool entries (or images) with the unconditional prompt; with guided_pool, the share of a "
+        "training batch's rows that are the unconditional half of guidance at the batch's states (its trajectories are all "
+        "conditional)",
+        check=_unit_interval,
     )
     guided_pool: bool = _option(
         False,

@@ -32,7 +32,7 @@ from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import predict_noise
 
-__all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs", "restore_batches"]
+__all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs", "guided_states", "restore_batches"]
 
 
 class Batch(NamedTuple):
@@ -58,6 +58,13 @@ class BatchSource(Protocol):
     def __call__(self, batch_size: int) -> Batch: ...
 
 
+def guided_states(rows: int, unconditional: float) -> int:
+    """States a guided batch of ``rows`` rows draws when an ``unconditional`` share of its rows
+    are unconditional: ``rows`` less that share, at least half the rows (every unconditional row
+    has its state's conditional row beside it) and at least 1."""
+    return max(1, (rows + 1) // 2, rows - round(rows * unconditional))
+
+
 def _context(table: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
     """The conditioning rows of ``labels`` (prompt indices into ``table``)."""
     return None if table is None else table[labels.to(table.device)]
@@ -73,14 +80,28 @@ class PoolBatches:
             dim)``, the unconditional prompt last; each entry is labelled and advanced with its
             own prompt's prediction.
         guided: label both halves of guidance at each state and advance it with the guided
-            prediction at the entry's scale (a batch of ``n`` rows draws ``n // 2`` states).
+            prediction at the entry's scale.
+        unconditional_rows: guided: the share of a batch's rows that are unconditional (at the
+            same states as conditional rows of the batch). A batch of ``n`` rows draws
+            :func:`guided_states` states, has every state's conditional row and the first
+            states' unconditional rows; the teacher labels both halves of every state, which
+            the guided step needs.
     """
 
-    def __init__(self, teacher: nn.Module, pool: NoisePool, prompts: torch.Tensor | None = None, *, guided: bool = False) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        pool: NoisePool,
+        prompts: torch.Tensor | None = None,
+        *,
+        guided: bool = False,
+        unconditional_rows: float = 0.5,
+    ) -> None:
         self.teacher = teacher
         self.pool = pool
         self.prompts = prompts
         self.guided = guided and prompts is not None
+        self.unconditional_rows = unconditional_rows
         self.teacher_evals = 0
 
     @torch.no_grad()
@@ -119,7 +140,13 @@ class PoolBatches:
     def record(self) -> dict[str, Any]:
         """This source as it is now (its teacher aside), for :func:`restore_batches`."""
         prompts = None if self.prompts is None else self.prompts.cpu()
-        return {"kind": "pool", "pool": self.pool.record(), "prompts": prompts, "guided": self.guided}
+        return {
+            "kind": "pool",
+            "pool": self.pool.record(),
+            "prompts": prompts,
+            "guided": self.guided,
+            "unconditional_rows": self.unconditional_rows,
+        }
 
     def counters(self) -> dict[str, int]:
         """What this source has cost: teacher evaluations, pool trajectories finished."""
@@ -132,12 +159,15 @@ class PoolBatches:
 
     def __call__(self, batch_size: int) -> Batch:
         if self.guided:
-            idx = self.pool.draw(max(1, batch_size // 2))
+            states = guided_states(batch_size, self.unconditional_rows)
+            idx = self.pool.draw(states)
             x, t = self.pool.batch(idx)  # copies: advancing the pool leaves this batch as it is
             eps, context = self.both(x, t, self.pool.labels[idx])
             cond, uncond = eps.chunk(2)
             self.pool.advance(idx, uncond + self.pool.scales[idx].view(-1, *([1] * (x.dim() - 1))) * (cond - uncond))
-            return Batch(torch.cat([x, x]), torch.cat([t, t]), eps, context)
+            extra = max(0, batch_size - len(idx))  # the first states' unconditional rows (the draw is random)
+            rows = torch.cat([torch.arange(len(idx)), len(idx) + torch.arange(extra)]).to(eps.device)
+            return Batch(torch.cat([x, x[:extra]]), torch.cat([t, t[:extra]]), eps[rows], context[rows])
         idx = self.pool.draw(batch_size)
         x, t = self.pool.batch(idx)
         context = _context(self.prompts, self.pool.labels[idx])
@@ -202,7 +232,13 @@ def restore_batches(record: dict[str, Any], *, teacher: nn.Module | None, device
     if record["kind"] == "pool":
         prompts = record["prompts"]
         pool = NoisePool.from_record(record["pool"], device=device)
-        return PoolBatches(teacher, pool, None if prompts is None else prompts.to(device), guided=record["guided"])
+        return PoolBatches(
+            teacher,
+            pool,
+            None if prompts is None else prompts.to(device),
+            guided=record["guided"],
+            unconditional_rows=record["unconditional_rows"],
+        )
     generator = torch.Generator()
     generator.set_state(record["generator"])
     captions = record["captions"]
@@ -226,7 +262,9 @@ class TrainingInputs:
 
     A text-to-image teacher's pool holds latents, each trajectory generated for one of the study's
     training prompts (``prompts.train``) or, for ``prompt_dropout`` of them, the unconditional
-    prompt; its dataset is the captioned images encoded by the teacher's VAE.
+    prompt; its dataset is the captioned images encoded by the teacher's VAE. A guided pool's
+    trajectories are all conditional, and ``prompt_dropout`` of a batch's rows are the
+    unconditional half of guidance at the batch's own states.
     """
 
     def __init__(self, settings: MethodSettings, teacher: Teacher, options: PoolOptions, *, device: torch.device) -> None:
@@ -294,7 +332,9 @@ class TrainingInputs:
             generator=torch.Generator().manual_seed(self.settings.seed),
             device=self.device,
             num_labels=0 if self.prompts is None else len(self.prompts) - 1,
-            label_dropout=self.options.prompt_dropout,
+            # a guided pool's trajectories are all conditional, as sampling's are: its
+            # unconditional rows are the other half of guidance at those states
+            label_dropout=0.0 if self.guided else self.options.prompt_dropout,
             guidance=self._guidance(),
         )
         labeller = self._labeller()
@@ -316,7 +356,9 @@ class TrainingInputs:
         return None if high <= 1.0 else (low, high)
 
     def _labeller(self) -> PoolBatches:
-        return PoolBatches(self.teacher.unet, self.pool, self.prompts, guided=self._guidance() is not None)
+        return PoolBatches(
+            self.teacher.unet, self.pool, self.prompts, guided=self.guided, unconditional_rows=self.options.prompt_dropout
+        )
 
     def _data_batches(self, generator: torch.Generator) -> DataBatches:
         return DataBatches(
