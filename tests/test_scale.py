@@ -157,7 +157,8 @@ def test_the_guided_pool_labels_both_halves_and_moves_with_the_guided_prediction
     # moved on (DDIM, eta 0) by uncond + 3 (cond - uncond): the study's guidance
     with torch.no_grad():
         cond = batch.target[:states]
-        uncond = predict_noise(teacher.unet, batch.x[:states], batch.t[:states], encoder_hidden_states=inputs.prompts[-1:].expand(states, -1, -1)).float()
+        empty = inputs.prompts[-1:].expand(states, -1, -1)
+        uncond = predict_noise(teacher.unet, batch.x[:states], batch.t[:states], encoder_hidden_states=empty).float()
     guided_eps = uncond + 3.0 * (cond - uncond)
     t = batch.t[:states]
     a_t = pool.alphas_cumprod[t].view(-1, 1, 1, 1)

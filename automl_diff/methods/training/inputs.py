@@ -356,9 +356,7 @@ class TrainingInputs:
         return None if high <= 1.0 else (low, high)
 
     def _labeller(self) -> PoolBatches:
-        return PoolBatches(
-            self.teacher.unet, self.pool, self.prompts, guided=self.guided, unconditional_rows=self.options.prompt_dropout
-        )
+        return PoolBatches(self.teacher.unet, self.pool, self.prompts, guided=self.guided, unconditional_rows=self.options.prompt_dropout)
 
     def _data_batches(self, generator: torch.Generator) -> DataBatches:
         return DataBatches(
