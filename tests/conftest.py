@@ -42,8 +42,10 @@ TINY_COND_UNET = {
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FID reference statistics go to a per-session temporary cache."""
+    """FID reference statistics and compiled kernels (inductor's cache: the tests that compile
+    share it) go to per-session temporary caches."""
     monkeypatch.setenv("AUTOML_DIFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "inductor"))
 
 
 @pytest.fixture

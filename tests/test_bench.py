@@ -3,7 +3,9 @@ section of BENCHMARKS.md is rewritten in place."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from automl_diff.bench.__main__ import main as bench_main
 from automl_diff.bench.presets import bench_evaluation
 from automl_diff.bench.report import markdown, write_section
 from automl_diff.bench.run import run_bench
+from automl_diff.bench.session import BenchResult
 from automl_diff.metrics.intervals import across_sets, paired_across_sets
 
 pytest.importorskip("torch_pruning")
@@ -308,3 +311,23 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
     for goal in preset.goals:  # every goal gets its verdict, with its figures
         assert f"- {goal.describe()}: **" in text
     assert text.count("\n| ") == 2 * (len(result.rows) + 1)
+
+
+def test_the_bench_times_the_teacher_and_its_schedules_compiled(tiny_preset):
+    """With ``compiled``, the teacher (whole UNet) and every DiP-GO schedule are timed compiled
+    in the same lockstep rounds, warm-ups apart, and each schedule is judged against the
+    compiled teacher; the figures survive the JSON."""
+    preset = replace(tiny_preset, compiled=(0.8, 0.7, 3.0), latency_batches=())
+    result = run_bench(preset, rows=["dipgo"], log=lambda _: None)
+    teacher, *schedules = result.rows
+    assert schedules and all(row.name.startswith("DiP-GO") for row in schedules)
+    for row in result.rows:
+        assert set(row.compiled) == set(row.latency) == {2} and row.warmup[2] > 0
+        assert row.compiled_speedup[2].median > 0
+    assert teacher.compiled_speedup[2].median == pytest.approx(1.0)
+    text = markdown(result, command="python -m automl_diff.bench --preset tiny --rows dipgo")
+    assert "Compiled (`torch.compile`" in text and f"- {schedules[0].name}, compiled: **" in text
+    again = BenchResult.from_dict(json.loads(json.dumps(result.to_dict())), preset)
+    assert again.rows[1].compiled == schedules[0].compiled and again.rows[1].warmup == schedules[0].warmup
+    met, figures = again.compiled_goal(again.rows[1])
+    assert "speedup / MACs reduction at batch 2" in figures and "warm-up at most" in figures

@@ -96,6 +96,11 @@ class BenchPreset:
             compared set by set.
         latency_batches: further batch sizes every row is timed at (people sample with small ones).
         latency_warmup: untimed rounds before the timed ones.
+        compiled: also time the teacher and DiP-GO's schedules compiled (``torch.compile`` of the
+            teacher's UNet; ``apply_schedule(..., compile=True)``) in the same lockstep rounds,
+            their warm-ups apart, and judge the goal ``(speedup / MACs reduction at the preset's
+            batch, the same at batch 1, warm-up against the compiled teacher's)`` of each
+            schedule compiled against the teacher compiled; None: eager only.
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
@@ -184,6 +189,7 @@ class BenchPreset:
     goals: tuple[Goal, ...] = ()
     bk_sdm_variant: str = "base"
     dkdm_dataset: str | None = None
+    compiled: tuple[float, float, float] | None = None
 
     @property
     def eval_seeds(self) -> tuple[int, ...]:
@@ -218,6 +224,7 @@ PRESETS: dict[str, BenchPreset] = {
         dipgo_iterations=100,
         retrain_iterations=1250,
         dipgo_budgets=(0.3, 0.22),
+        compiled=(0.8, 0.7, 3.0),
         dkdm_params={
             "down.0.channels": 24,
             "down.1.channels": 48,
@@ -283,6 +290,7 @@ PRESETS: dict[str, BenchPreset] = {
         stacked_dipgo={"target_macs_ratio": 0.33},
         stacked_dipgo_iterations=100,
         goal=(4.0, 1.1, 0.8),
+        compiled=(0.8, 0.7, 3.0),
         goal_kind="method",
         goals=(
             Goal("DiffNAS student", macs=2.0, params=2.0, fid_ratio=1.1, alignment_drop=0.02),

@@ -36,6 +36,7 @@ def markdown(result: BenchResult, *, command: str) -> str:
         *_header(result, command, aligned),
         *_quality_table(result, aligned),
         *_speed_table(result),
+        *_compiled_table(result),
         *_peers(result, aligned),
         *_goals(result, aligned),
     ]
@@ -148,6 +149,45 @@ def _speed_table(result: BenchResult) -> list[str]:
         cells += ["-" if row is teacher else _spread(row.speedup[b], 1, ".2f", "x") for b in batches]
         cells += ["-" if row is teacher else _spread(result.efficiency(row, b), 1, ".2f") for b in batches]
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _compiled_table(result: BenchResult) -> list[str]:
+    """The teacher and the schedules compiled: latency, speedup against the compiled teacher,
+    speedup / MACs reduction, warm-ups, and the compiled goal of each schedule."""
+    rows = [row for row in result.rows if row.compiled]
+    if not rows or result.preset.compiled is None:
+        return []
+    teacher, batches = result.teacher, sorted(rows[0].compiled)
+    lines = [
+        "",
+        "Compiled (`torch.compile`, inductor): the teacher's whole UNet, and each schedule through `apply_schedule(..., "
+        "compile=True)` (its units, output layers, `conv_in` and time embedding compiled once each; the hooks and the code "
+        "between them eager). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
+        "warm-up: the first batch at that size (compilation into an empty cache included), timed apart before the rounds:",
+        "",
+        "| model | "
+        + " | ".join(f"latency, batch {b}" for b in batches)
+        + " | "
+        + " | ".join(f"speedup, batch {b}" for b in batches)
+        + " | "
+        + " | ".join(f"speedup / MACs reduction, batch {b}" for b in batches)
+        + " | "
+        + " | ".join(f"warm-up, batch {b}" for b in batches)
+        + " |",
+        "|---|" + "---|" * (4 * len(batches)),
+    ]
+    for row in rows:
+        cells = [_spread(row.compiled[b], 1e3, ".3g", " ms") for b in batches]
+        cells += ["-" if row is teacher else _spread(row.compiled_speedup[b], 1, ".2f", "x") for b in batches]
+        cells += ["-" if row is teacher else _spread(result.compiled_efficiency(row, b), 1, ".2f") for b in batches]
+        cells += [f"{row.warmup[b]:.1f} s" for b in batches]
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for row in rows:
+        if row is not teacher:
+            met, figures = result.compiled_goal(row)
+            lines.append(f"- {row.name}, compiled: **{'met' if met else 'not met'}**: {figures}.")
     return lines
 
 

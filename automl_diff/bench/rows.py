@@ -248,6 +248,7 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
                 kind,
                 method.teacher.unet,
                 context=lambda m, s=schedule: apply_schedule(m, s),
+                compiled=lambda m, s=schedule: apply_schedule(m, s, compile=True),
                 search_seconds=seconds,
                 notes=f"{len(schedule.units)} units x {schedule.steps} model calls, {schedule.computed_fraction:.3f} of the "
                 f"gates on, {schedule.info[DiPGOAttr.COST_RATIO]:.3f} of the trajectory's {'MACs' if o.unit_cost == 'macs' else 'time'}; "

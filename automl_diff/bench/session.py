@@ -35,7 +35,7 @@ from automl_diff.methods import Method
 from automl_diff.methods.training import TrainingInputs
 from automl_diff.metrics.fid import fid_from_features
 from automl_diff.metrics.intervals import Interval, Kid, Spread, across_sets, kid, paired_across_sets, spread, verdict
-from automl_diff.metrics.latency import sampler_rounds
+from automl_diff.metrics.latency import first_batch_seconds, sampler_rounds
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.loading import Teacher, load_teacher
 
@@ -106,6 +106,12 @@ class Row:
         alignment: text alignment (the preset's ``alignment``, higher is better): the mean over the
             sample sets with its t-interval; None for an unconditional teacher.
         alignment_sets: its value on each sample set.
+        compiled: per timed batch size, seconds per image compiled (the preset's ``compiled``;
+            empty: not timed compiled), in the same lockstep rounds as :attr:`latency`.
+        compiled_speedup: per timed batch size, the compiled teacher's time over this row's
+            compiled time, round by round.
+        warmup: per timed batch size, the seconds of the compiled model's first batch
+            (compilation included), timed apart before the rounds.
     """
 
     name: str
@@ -124,6 +130,9 @@ class Row:
     fid_sets: tuple[float, ...] = ()
     alignment: Interval | None = None
     alignment_sets: tuple[float, ...] = ()
+    compiled: dict[int, Spread] = field(default_factory=dict)
+    compiled_speedup: dict[int, Spread] = field(default_factory=dict)
+    warmup: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +152,9 @@ class Row:
             "fid_sets": list(self.fid_sets),
             "alignment": self.alignment.to_dict() if self.alignment else None,
             "alignment_sets": list(self.alignment_sets),
+            "compiled": {batch: s.to_dict() for batch, s in self.compiled.items()},
+            "compiled_speedup": {batch: s.to_dict() for batch, s in self.compiled_speedup.items()},
+            "warmup": dict(self.warmup),
         }
 
     @classmethod
@@ -165,6 +177,9 @@ class Row:
             tuple(data.get("fid_sets", ())),
             Interval(**data["alignment"]) if data.get("alignment") else None,
             tuple(data.get("alignment_sets", ())),
+            {int(b): Spread(**v) for b, v in data.get("compiled", {}).items()},
+            {int(b): Spread(**v) for b, v in data.get("compiled_speedup", {}).items()},
+            {int(b): float(v) for b, v in data.get("warmup", {}).items()},
         )
 
 
@@ -215,6 +230,27 @@ class BenchResult:
         """Speedup over the MACs reduction at ``batch``, round by round."""
         s, r = row.speedup[batch], self.macs_reduction(row)
         return Spread(s.median / r, s.q1 / r, s.q3 / r)
+
+    def compiled_efficiency(self, row: Row, batch: int) -> Spread:
+        """Compiled speedup (against the compiled teacher) over the MACs reduction at ``batch``."""
+        s, r = row.compiled_speedup[batch], self.macs_reduction(row)
+        return Spread(s.median / r, s.q1 / r, s.q3 / r)
+
+    def compiled_goal(self, row: Row) -> tuple[bool, str]:
+        """Whether ``row`` compiled meets the preset's ``compiled`` goal, each figure at its
+        unfavourable end (the lower quartile of speedup / MACs reduction), and the figures."""
+        at_batch, at_one, warmup = self.preset.compiled
+        batch, teacher = self.preset.latency_batch, self.teacher
+        figures, met = [], True
+        for b, goal in ((batch, at_batch), (1, at_one)):
+            if b in row.compiled_speedup:
+                e = self.compiled_efficiency(row, b)
+                met &= e.q1 >= goal
+                figures.append(f"speedup / MACs reduction at batch {b} {e.median:.2f} (quartiles {e.q1:.2f}-{e.q3:.2f}, goal {goal:g})")
+        ratio = max(row.warmup[b] / teacher.warmup[b] for b in row.warmup)
+        met &= ratio <= warmup
+        figures.append(f"warm-up at most {ratio:.2f}x the compiled teacher's (goal {warmup:g}x)")
+        return met, "; ".join(figures)
 
     def meets(self, row: Row) -> bool:
         """The preset's goal at its unfavourable ends: the MACs reduction (exact), the high end of
@@ -348,6 +384,8 @@ class Bench:
         self.details: dict[str, Any] = {}
         self._timed: dict[str, nn.Module] = {}
         self._contexts: dict[str, Callable[[nn.Module], Any]] = {}
+        #: The rows timed compiled too: their compiled model and the context it samples under.
+        self._compiled: dict[str, tuple[nn.Module, Callable[[nn.Module], Any]]] = {}
         self._peers: dict[str, str] = {}  # method row -> its peer at matched MACs
         self._inputs: TrainingInputs | None = None
         where = f"preset {preset.name}"
@@ -447,6 +485,7 @@ class Bench:
         search_seconds: float = 0.0,
         notes: str = "",
         peer_of: str | None = None,
+        compiled: Callable[[nn.Module], Any] | None = None,
     ) -> Row:
         """Trajectory MACs, FID (one per sample set, their mean with its interval) and KID of
         ``model`` under ``context(model)``; the row is timed at the end, on a copy of the model as
@@ -454,6 +493,9 @@ class Bench:
 
         Args:
             peer_of: the row this one is a peer of at matched MACs (compared with it, paired).
+            compiled: the context that samples the model compiled (a schedule's
+                ``apply_schedule(..., compile=True)``), where the preset times rows compiled; the
+                teacher is compiled whole (``torch.compile``).
         """
         p = self.preset
         start = time.perf_counter()
@@ -487,6 +529,10 @@ class Bench:
             self._peers[peer_of] = name
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
+        if p.compiled is not None and kind == "teacher":
+            self._compiled[name] = (torch.compile(copy.deepcopy(model), dynamic=False), contextlib.nullcontext)
+        elif p.compiled is not None and compiled is not None:
+            self._compiled[name] = (copy.deepcopy(model), compiled)
         aligned = f", {p.evaluation.alignment} {row.alignment}" if row.alignment is not None else ""
         self.log(
             f"{name}: {trajectory / 1e6:.1f}M trajectory MACs, FID {row.fid} (sets {', '.join(f'{f:.3g}' for f in fids)}){aligned}, "
@@ -533,15 +579,26 @@ class Bench:
         ``latency_warmup`` untimed ones; speedups are the teacher's time over the row's, round by round."""
         p = self.preset
         teacher = self.rows[0].name
+        models, contexts = dict(self._timed), dict(self._contexts)
+        compiled = {f"{name}, compiled": model for name, (model, _) in self._compiled.items()}
+        contexts.update({f"{name}, compiled": context for name, (_, context) in self._compiled.items()})
         for batch in p.timed_batches:
             repeats = p.evaluation.latency_repeats
-            self.log(f"timing {len(self._timed)} rows in lockstep at batch {batch}: {p.latency_warmup} + {repeats} rounds")
+            if compiled:
+                self.log(f"compiling {len(compiled)} rows at batch {batch} (their first batch, timed apart)")
+                warmups = first_batch_seconds(compiled, self.sampler, contexts=contexts, batch_size=batch)
+            self.log(f"timing {len(models) + len(compiled)} rows in lockstep at batch {batch}: {p.latency_warmup} + {repeats} rounds")
             rounds = sampler_rounds(
-                self._timed, self.sampler, contexts=self._contexts, batch_size=batch, repeats=repeats, warmup=p.latency_warmup
+                {**models, **compiled}, self.sampler, contexts=contexts, batch_size=batch, repeats=repeats, warmup=p.latency_warmup
             )
             for row in self.rows:
                 row.latency[batch] = spread(rounds[row.name])
                 row.speedup[batch] = spread([t / r for t, r in zip(rounds[teacher], rounds[row.name], strict=True)])
+                mine, base = rounds.get(f"{row.name}, compiled"), rounds.get(f"{teacher}, compiled")
+                if mine is not None and base is not None:
+                    row.compiled[batch] = spread(mine)
+                    row.compiled_speedup[batch] = spread([t / r for t, r in zip(base, mine, strict=True)])
+                    row.warmup[batch] = round(warmups[f"{row.name}, compiled"], 2)
 
     def result(self) -> BenchResult:
         self.compare()

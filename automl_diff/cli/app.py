@@ -142,6 +142,12 @@ def _add_profile(sub: Any) -> None:
     profile.add_argument("--steps", type=int, default=None, help="sampling steps for --schedule (default: the schedule's)")
     profile.add_argument("--batch-size", type=int, default=8, help="images per timed batch for --schedule (default 8)")
     profile.add_argument("--repeats", type=int, default=3, help="timed batches per variant for --schedule (default 3)")
+    profile.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --schedule: also time both compiled (torch.compile): the whole UNet against the schedule's compiled pieces, "
+        "their warm-ups apart",
+    )
     profile.add_argument("--json", action="store_true", help="print a JSON object")
     profile.set_defaults(func=commands.cmd_profile)
 

@@ -268,7 +268,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     import torch
 
     from automl_diff.gating import Schedule, apply_schedule, unit_costs
-    from automl_diff.metrics.latency import sampler_rounds
+    from automl_diff.metrics.latency import first_batch_seconds, sampler_rounds
     from automl_diff.models.loading import folder_sampler, load_unet
     from automl_diff.sampling import Prompts
 
@@ -292,14 +292,27 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     costs = unit_costs(unet, schedule.units, text_length=text_length)
     trajectory = sampler.calls_per_step * schedule.trajectory_macs(costs)
     full = sampler.calls_per_step * costs.total.macs * schedule.steps
-    rounds = sampler_rounds(
-        {"full": unet, "schedule": copy.deepcopy(unet)},
-        sampler,
-        contexts={"schedule": lambda model: apply_schedule(model, schedule)},
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-    )
+    models = {"full": unet, "schedule": copy.deepcopy(unet)}
+    contexts = {"schedule": lambda model: apply_schedule(model, schedule)}
+    warmups: dict[str, float] = {}
+    if args.compile:
+        models.update({"full, compiled": torch.compile(copy.deepcopy(unet)), "schedule, compiled": copy.deepcopy(unet)})
+        contexts["schedule, compiled"] = lambda model: apply_schedule(model, schedule, compile=True)
+        compiled = {name: models[name] for name in ("full, compiled", "schedule, compiled")}
+        try:
+            warmups = first_batch_seconds(compiled, sampler, contexts=contexts, batch_size=args.batch_size)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # no C++ compiler, an unsupported device, ...
+            raise UserError(f"--compile: torch.compile failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+    rounds = sampler_rounds(models, sampler, contexts=contexts, batch_size=args.batch_size, repeats=args.repeats)
     latencies = {name: statistics.median(values) for name, values in rounds.items()}
+    if args.compile:
+        warm = {
+            "compiled_latency": latencies["schedule, compiled"],
+            "compiled_full_latency": latencies["full, compiled"],
+            "compiled_speedup": latencies["full, compiled"] / latencies["schedule, compiled"],
+            "compiled_warmup_s": warmups["schedule, compiled"],
+            "compiled_full_warmup_s": warmups["full, compiled"],
+        }
     return {
         "steps": steps,
         "scheduler": scheduler,
@@ -311,6 +324,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
         "full_latency": latencies["full"],
         "speedup": latencies["full"] / latencies["schedule"],
         **({"guidance_scale": prompts.guidance_scale} if prompts is not None and prompts.guided else {}),
+        **(warm if args.compile else {}),
     }
 
 
@@ -322,6 +336,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.schedule is None:
         raise UserError("--steps: only meaningful with --schedule FILE")
+    if args.compile and args.schedule is None:
+        raise UserError("--compile: only meaningful with --schedule FILE")
     source = str(TEACHERS[args.model].folder) if args.model in TEACHERS else args.model
     unet = load_unet(source, weights=False)
     path = Path(source)
@@ -354,6 +370,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 ],
             )
         )
+        if "compiled_latency" in t:
+            print(
+                f"compiled (torch.compile): full sampler {fmt_si(t['compiled_full_latency'], 's')} per image after a "
+                f"{t['compiled_full_warmup_s']:.1f} s warm-up, with schedule {fmt_si(t['compiled_latency'], 's')} after "
+                f"{t['compiled_warmup_s']:.1f} s: {t['compiled_speedup']:.3g}x faster"
+            )
     return 0
 
 

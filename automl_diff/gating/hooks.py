@@ -42,6 +42,9 @@ GATE_HOOK = "automl_diff.gate"
 STEP_HOOK = "automl_diff.gate_step"
 CONCAT_HOOK = "automl_diff.gate_concat"
 HEAD_HOOK = "automl_diff.gate_head"
+COMPILED_HOOK = "automl_diff.gate_compiled"
+#: Modules outside the units and the head that run at every call, compiled with them.
+EVERY_STEP = ("conv_in", "time_embedding", "class_embedding", "add_embedding")
 _ATTR = "_automl_diff_gates"
 
 
@@ -200,6 +203,7 @@ class _GateHook(ModelHook):
         self.index = index
         self.name = name
         self.spec: pytree.TreeSpec | None = None  # the structure of the atom's output
+        self.compiled: Any = None  # the atom's forward compiled (binary gates only)
 
     def _dead(self) -> Any:
         if self.spec is None:
@@ -221,7 +225,7 @@ class _GateHook(ModelHook):
             return out
         if args and isinstance(args[0], (_Skipped, _Dead)):
             raise RuntimeError(f"{self.name}: its input was not computed but the atom runs")
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = (self.compiled or self.fn_ref.original_forward)(*args, **kwargs)
         if self.spec is None:
             self.spec = pytree.tree_flatten(out)[1]
         c.executed[self.name] += 1
@@ -236,14 +240,44 @@ class _HeadHook(ModelHook):
         super().__init__()
         self.controller = controller
         self.key = f"head:{name}"
+        self.compiled: Any = None
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
         if c._head_reuses and self.key in c.cache:
             return c.cache[self.key]
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = (self.compiled if c.soft_gates is None and self.compiled else self.fn_ref.original_forward)(*args, **kwargs)
         c._store(self.key, out, c._head_keeps)
         return out
+
+
+class _CompiledHook(ModelHook):
+    """On a module that runs at every call (the input convolution, the time embedding): its
+    forward, compiled."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        super().__init__()
+        self.options = options
+        self.compiled: Any = None
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn_ref.original_forward, **self.options)
+        return self.compiled(*args, **kwargs)
+
+
+def _compile_options(compile: bool | dict[str, Any], atoms: int) -> dict[str, Any] | None:
+    """``torch.compile``'s options for the compiled pieces (None: eager). Atoms of one class share
+    their forward's code, one compiled graph per distinct atom: dynamo's recompile limit is
+    raised to hold them all."""
+    if compile is False:
+        return None
+    import torch._dynamo
+
+    limit = max(int(torch._dynamo.config.recompile_limit), 2 * atoms + 8)
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.accumulated_recompile_limit = max(int(torch._dynamo.config.accumulated_recompile_limit), 4 * limit)
+    return {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
 
 
 class GateController:
@@ -253,6 +287,11 @@ class GateController:
         unet: a ``UNet2DModel`` or ``UNet2DConditionModel`` (or a subclass).
         units: unit names (blocks, layers or groups of layers joined by ``+``, none nested in another).
         steps: model calls per trajectory.
+        compile: compile what runs (``torch.compile``; a dict: its options): each atom's forward,
+            the head's layers and the modules that run at every call (:data:`EVERY_STEP`), each
+            once, whatever the step; the code between them and the hooks stay eager. A schedule
+            is static, so no step recompiles: every step reuses the atoms' graphs. Binary gates
+            only (soft gates always run eagerly).
 
     Attributes:
         graph: the dataflow between the units' atoms.
@@ -263,7 +302,7 @@ class GateController:
             :func:`~automl_diff.gating.units.idle_steps_free`).
     """
 
-    def __init__(self, unet: nn.Module, units: Sequence[str], steps: int) -> None:
+    def __init__(self, unet: nn.Module, units: Sequence[str], steps: int, *, compile: bool | dict[str, Any] = False) -> None:
         self.unet = unet
         self.graph = UnitGraph.of(unet, units)
         self.units = self.graph.units
@@ -290,6 +329,9 @@ class GateController:
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
         self.idle_free = idle_steps_free(unet, self.graph)
         self._index = {name: i for i, name in enumerate(self.atoms)}
+        self.compile_options = _compile_options(compile, len(self.atoms))
+        self._every_step = [m for n in EVERY_STEP if isinstance(m := getattr(unet, n, None), nn.Module)] if self.compile_options else []
+        self._on_remove: list[Any] = []
         self._resolve()
         self._attach()
 
@@ -299,12 +341,20 @@ class GateController:
         if previous is not None:
             previous.remove()
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
+        hooks: list[_GateHook | _HeadHook] = []
         for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
+            hooks.append(_GateHook(self, index, name))
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], GATE_HOOK)
         for block, resnets in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_ConcatHook(self, resnets), CONCAT_HOOK)
         for name, module in self._head:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_HeadHook(self, name), HEAD_HOOK)
+            hooks.append(_HeadHook(self, name))
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], HEAD_HOOK)
+        if self.compile_options is not None:
+            for hook in hooks:
+                hook.compiled = torch.compile(hook.fn_ref.original_forward, **self.compile_options)
+            for module in self._every_step:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(_CompiledHook(self.compile_options), COMPILED_HOOK)
         setattr(self.unet, _ATTR, self)
 
     def remove(self) -> None:
@@ -318,6 +368,10 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(CONCAT_HOOK, recurse=False)
         for _, module in self._head:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HEAD_HOOK, recurse=False)
+        for module in self._every_step:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(COMPILED_HOOK, recurse=False)
+        while self._on_remove:
+            self._on_remove.pop()()
         delattr(self.unet, _ATTR)
         self.cache.clear()
         self._output = None
@@ -416,14 +470,27 @@ class GateController:
         self._resolve()
 
 
-def apply_schedule(target: Any, schedule: Schedule) -> GateController:
+def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str, Any] = False) -> GateController:
     """Apply a schedule to a pipeline (anything with ``.unet``) or a UNet, replacing any schedule
     applied before. Returns the controller: ``.remove()`` it (or use it as a context manager) to
     get the plain model back.
+
+    ``compile=True`` (or ``torch.compile``'s options as a dict) compiles the pieces that run
+    (:class:`GateController`). A UNet compiled with ``torch.compile`` (an ``OptimizedModule``, or
+    a pipeline's) is gated as its original module with its pieces compiled: while the schedule is
+    applied, calling the compiled module runs the gated one.
 
     Raises:
         UserError: the schedule was made for another architecture.
     """
     unet = getattr(target, "unet", target)
+    wrapper = unet if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule) else None
+    if wrapper is not None:
+        unet, compile = wrapper._orig_mod, compile or True
     schedule.check_model(unet)
-    return GateController(unet, schedule.units, schedule.steps).use(schedule)
+    controller = GateController(unet, schedule.units, schedule.steps, compile=compile).use(schedule)
+    if wrapper is not None:  # the wrapper's compiled forward would trace the hooks: call the gated module instead
+        compiled_forward = wrapper.forward
+        wrapper.forward = unet.__call__
+        controller._on_remove.append(lambda: setattr(wrapper, "forward", compiled_forward))
+    return controller

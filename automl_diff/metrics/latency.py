@@ -20,7 +20,7 @@ from torch import nn
 
 from automl_diff.sampling import Sampler
 
-__all__ = ["lockstep_rounds", "once", "sampler_rounds", "synchronize", "unit_latencies"]
+__all__ = ["first_batch_seconds", "lockstep_rounds", "once", "sampler_rounds", "synchronize", "unit_latencies"]
 
 
 def synchronize(module: nn.Module) -> None:
@@ -58,6 +58,28 @@ def sampler_rounds(
         {name: run(model) for name, model in models.items()}, contexts=entered, repeats=repeats, warmup=warmup, sync=sync
     )
     return {name: [value / batch_size for value in values] for name, values in rounds.items()}
+
+
+def first_batch_seconds(
+    models: dict[str, nn.Module],
+    sampler: Sampler,
+    *,
+    contexts: dict[str, Callable[[nn.Module], ContextManager[Any]]] | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Wall-clock seconds of each model's first sampling batch (under its context, as
+    :func:`sampler_rounds`): for a compiled model, its warm-up (compilation included), to report
+    apart from the timed rounds that follow."""
+    contexts = contexts or {}
+    seconds = {}
+    for name, model in models.items():
+        with contexts.get(name, lambda _: contextlib.nullcontext())(model):
+            start = time.perf_counter()
+            for _ in sampler.batches(model, num_images=batch_size, batch_size=batch_size):
+                pass
+            synchronize(model)
+            seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 def once(call: Callable[[], Any]) -> Callable[[], Iterator[Any]]:

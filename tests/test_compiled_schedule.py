@@ -1,0 +1,98 @@
+"""Schedules that compile: ``apply_schedule(..., compile=True)`` and a UNet compiled by the user
+(``torch.compile``) sample what the eager schedule samples, on an unconditional UNet through a
+diffusers pipeline and on a text-to-image UNet of Stable Diffusion's layout, with no step
+recompiling once every atom has run; ``profile --schedule --compile`` reports both compiled."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from automl_diff.cli import main
+from automl_diff.gating import Schedule, apply_schedule, model_fingerprint, prunable_units
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _schedule(unet: torch.nn.Module, steps: int, granularity: str = "layer", share: float = 0.3) -> Schedule:
+    units = tuple(prunable_units(unet, granularity))
+    keep = np.random.default_rng(0).random((steps, len(units))) < share
+    keep[0] = True
+    return Schedule(steps, units, tuple(tuple(bool(v) for v in row) for row in keep), model_fingerprint(unet))
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_compiled_schedule_samples_what_the_eager_one_does_through_a_pipeline(tiny_unet):
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    steps = 6
+    schedule = _schedule(tiny_unet, steps)
+    pipe = DDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample() -> np.ndarray:
+        return pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(3), output_type="np").images
+
+    full = sample()
+    with apply_schedule(pipe, schedule) as eager:
+        expected = sample()
+    with apply_schedule(pipe, schedule, compile=True) as compiled:
+        first = sample()
+        executed, graphs = dict(compiled.executed), _graphs()
+        again = sample()
+    assert graphs > 0 and _graphs() == graphs  # the second trajectory compiled nothing: no step recompiles
+    np.testing.assert_allclose(first, expected, atol=1e-4)
+    np.testing.assert_allclose(again, expected, atol=1e-4)
+    assert executed == dict(eager.executed)  # the same atoms ran, as often
+    assert 0 < sum(executed.values()) < steps * len(eager.atoms)
+    np.testing.assert_allclose(sample(), full, atol=1e-6)  # removed: the plain model again
+
+
+def test_a_user_compiled_unet_takes_a_schedule_and_is_itself_again_afterwards(tiny_cond_unet):
+    from automl_diff.sampling import Prompts, Sampler
+
+    steps = 5
+    schedule = _schedule(tiny_cond_unet, steps, granularity="branch")
+    embeddings = torch.randn(2, 7, tiny_cond_unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    prompts = Prompts(embeddings, torch.zeros_like(embeddings), guidance_scale=3.0)
+    sampler = Sampler({"num_train_timesteps": 1000, "beta_schedule": "linear"}, steps=steps, prompts=prompts)
+    with apply_schedule(tiny_cond_unet, schedule):
+        expected = sampler.sample(tiny_cond_unet, num_images=2, batch_size=2, seed=1)
+    full = sampler.sample(tiny_cond_unet, num_images=2, batch_size=2, seed=1)
+
+    user = torch.compile(tiny_cond_unet)
+    with apply_schedule(user, schedule) as controller:  # accepted: the original module is gated, its pieces compiled
+        assert controller.compile_options is not None
+        got = sampler.sample(user, num_images=2, batch_size=2, seed=1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sampler.sample(user, num_images=2, batch_size=2, seed=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_profile_reports_the_compiled_schedule_beside_the_eager_one(tiny_teacher_dir, tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(tiny_teacher_dir / "unet")
+    path = _schedule(unet, 4, granularity="block").save(tmp_path / "schedule.json")
+    argv = ["profile", "--model", str(tiny_teacher_dir), "--schedule", str(path), "--repeats", "1", "--batch-size", "2"]
+    assert main([*argv, "--compile", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("compiled_latency", "compiled_full_latency", "compiled_warmup_s", "compiled_full_warmup_s"):
+        assert report[key] > 0
+    assert report["compiled_speedup"] == pytest.approx(report["compiled_full_latency"] / report["compiled_latency"])
+    assert main(["profile", "--model", str(tiny_teacher_dir), "--compile"]) == 2
+    assert "--compile: only meaningful with --schedule" in capsys.readouterr().err
