@@ -242,6 +242,7 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
         if schedule.key() in seen:
             continue
         seen.add(schedule.key())
+        bench.details.setdefault("schedules", {})[f"{label}, budget {budget:g}"] = schedule.to_dict()
         rows.append(
             bench.measure(
                 f"{label}, budget {budget:g}",
