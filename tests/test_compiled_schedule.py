@@ -96,3 +96,10 @@ def test_profile_reports_the_compiled_schedule_beside_the_eager_one(tiny_teacher
     assert report["compiled_speedup"] == pytest.approx(report["compiled_full_latency"] / report["compiled_latency"])
     assert main(["profile", "--model", str(tiny_teacher_dir), "--compile"]) == 2
     assert "--compile: only meaningful with --schedule" in capsys.readouterr().err
+
+
+def test_compile_modes_that_replay_cuda_graphs_are_refused(tiny_unet):
+    schedule = _schedule(tiny_unet, 3)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        apply_schedule(tiny_unet, schedule, compile={"mode": "reduce-overhead"})
+    assert not hasattr(tiny_unet, "_automl_diff_gates")

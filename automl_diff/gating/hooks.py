@@ -272,12 +272,18 @@ def _compile_options(compile: bool | dict[str, Any], atoms: int) -> dict[str, An
     raised to hold them all."""
     if compile is False:
         return None
+    options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        raise ValueError(
+            f"compile: mode {options['mode']!r} replays CUDA graphs, which overwrite the outputs a schedule keeps for later "
+            "steps; use the default mode or max-autotune-no-cudagraphs"
+        )
     import torch._dynamo
 
     limit = max(int(torch._dynamo.config.recompile_limit), 2 * atoms + 8)
     torch._dynamo.config.recompile_limit = limit
     torch._dynamo.config.accumulated_recompile_limit = max(int(torch._dynamo.config.accumulated_recompile_limit), 4 * limit)
-    return {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+    return options
 
 
 class GateController:
