@@ -308,3 +308,21 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
     for goal in preset.goals:  # every goal gets its verdict, with its figures
         assert f"- {goal.describe()}: **" in text
     assert text.count("\n| ") == 2 * (len(result.rows) + 1)
+
+
+@pytest.mark.parametrize("interval", [2, 3, 4])
+def test_the_deepcache_peer_caches_at_its_interval_of_the_samplers_steps(tiny_unet, interval):
+    """DeepCache computes its deep branch every ``interval`` sampler steps, whatever the stride of
+    the sampler's timesteps (here 100: an index among all training timesteps would make intervals
+    2 and 4 compute at every step)."""
+    from automl_diff.bench.peers import deepcache
+    from automl_diff.sampling import Sampler
+
+    sampler = Sampler({"num_train_timesteps": 1000}, steps=10)
+    target = tiny_unet.mid_block.resnets[0]
+    calls = []
+    hook = target.register_forward_pre_hook(lambda *_: calls.append(1))
+    with deepcache(tiny_unet, sampler, interval)():
+        sampler.sample(tiny_unet, num_images=1, batch_size=1)
+    hook.remove()
+    assert len(calls) == math.ceil(10 / interval)
