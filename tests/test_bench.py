@@ -331,3 +331,21 @@ def test_the_bench_times_the_teacher_and_its_schedules_compiled(tiny_preset):
     assert again.rows[1].compiled == schedules[0].compiled and again.rows[1].warmup == schedules[0].warmup
     met, figures = again.compiled_goal(again.rows[1])
     assert "speedup / MACs reduction at batch 2" in figures and "warm-up at most" in figures
+
+
+@pytest.mark.parametrize("interval", [2, 3, 4])
+def test_the_deepcache_peer_caches_at_its_interval_of_the_samplers_steps(tiny_unet, interval):
+    """DeepCache computes its deep branch every ``interval`` sampler steps, whatever the stride of
+    the sampler's timesteps (here 100: an index among all training timesteps would make intervals
+    2 and 4 compute at every step)."""
+    from automl_diff.bench.peers import deepcache
+    from automl_diff.sampling import Sampler
+
+    sampler = Sampler({"num_train_timesteps": 1000}, steps=10)
+    target = tiny_unet.mid_block.resnets[0]
+    calls = []
+    hook = target.register_forward_pre_hook(lambda *_: calls.append(1))
+    with deepcache(tiny_unet, sampler, interval)():
+        sampler.sample(tiny_unet, num_images=1, batch_size=1)
+    hook.remove()
+    assert len(calls) == math.ceil(10 / interval)

@@ -97,7 +97,12 @@ def deepcache(unet: nn.Module, sampler: Sampler, interval: int, branch: int = 0)
         from DeepCache import DeepCacheSDHelper
         from diffusers import DDIMPipeline
 
-        pipe = DDIMPipeline(unet=unet, scheduler=sampler.make_scheduler())  # the helper reads the step index from pipe.scheduler
+        # The helper reads the step index from pipe.scheduler.timesteps: they must be the sampler's.
+        # DDIMPipeline converts the scheduler it is given into a fresh one (all training timesteps):
+        # an index among those makes the interval a multiple of the sampler's stride, and an
+        # interval sharing a factor with the stride then caches nothing.
+        pipe = DDIMPipeline(unet=unet, scheduler=sampler.make_scheduler())
+        pipe.scheduler = sampler.make_scheduler()
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=interval, cache_branch_id=branch)
         helper.enable()
