@@ -581,6 +581,8 @@ class Bench:
         teacher = self.rows[0].name
         models, contexts = dict(self._timed), dict(self._contexts)
         compiled = {f"{name}, compiled": model for name, (model, _) in self._compiled.items()}
+        if set(self._compiled) <= {teacher}:  # no row to compare with the compiled teacher
+            compiled = {}
         contexts.update({f"{name}, compiled": context for name, (_, context) in self._compiled.items()})
         for batch in p.timed_batches:
             repeats = p.evaluation.latency_repeats
