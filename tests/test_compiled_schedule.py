@@ -106,3 +106,19 @@ def test_compile_modes_that_replay_cuda_graphs_are_refused(tiny_unet):
     with pytest.raises(ValueError, match="CUDA graphs"):
         apply_schedule(tiny_unet, schedule, compile={"mode": "reduce-overhead"})
     assert not hasattr(tiny_unet, "_automl_diff_gates")
+
+
+def test_a_dry_run_reports_the_teacher_compiled_apart_from_the_projection(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    from tests.test_text_to_image import _t2i_study
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # the figures' plumbing
+    config = _t2i_study(tmp_path, tiny_sd_dir, n_trials=2)
+    assert main(["run", str(config), "--dry-run", "--compile", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    compiled = report["compiled"]
+    assert compiled["error"] == "" and compiled["warmup_seconds"] > 0 and compiled["seconds"] > 0 and compiled["eager_seconds"] > 0
+    assert not any("compiled" in s["name"] for s in report["stages"])  # not part of the projection
+    assert main(["run", str(config), "--dry-run", "--compile", "--quiet"]) == 0
+    assert "compiled (torch.compile, the teacher): one model call" in capsys.readouterr().out
+    assert main(["run", str(config), "--compile"]) == 2
+    assert "--compile: only meaningful with --dry-run" in capsys.readouterr().err

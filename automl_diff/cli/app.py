@@ -73,6 +73,11 @@ def _add_run_and_reads(sub: Any) -> None:
         "seconds and peak memory; store nothing",
     )
     run.add_argument("--json", action="store_true", help="with --dry-run: print a JSON object")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --dry-run: also time the teacher's model call compiled (torch.compile), its warm-up apart",
+    )
     run.set_defaults(func=commands.cmd_run)
 
     status = sub.add_parser("status", help="trials per state and the best values")

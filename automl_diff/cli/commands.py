@@ -67,7 +67,7 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
 
     # what the libraries print while loading (torch.hub's downloads, say) must not mix with the JSON
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = dry_run(config, study_name=args.study_name or config.study_name, progress=not args.quiet)
+        result = dry_run(config, study_name=args.study_name or config.study_name, progress=not args.quiet, compile=args.compile)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -85,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = args.storage or config.storage
     if args.address and args.backend != "ray":
         raise UserError(f"--address {args.address}: only meaningful with --backend ray")
+    if args.compile and not args.dry_run:
+        raise UserError("--compile: only meaningful with --dry-run")
     if args.dry_run:
         return _dry_run(args, config)
     if args.backend == "ray":

@@ -22,7 +22,62 @@ from automl_diff.formatting import text_table
 from automl_diff.metrics.stages import Stage, StageCost, human_bytes, human_seconds, measure
 from automl_diff.runners.session import StudySession
 
-__all__ = ["DryRun", "dry_run"]
+__all__ = ["CompiledCall", "DryRun", "dry_run"]
+
+
+@dataclass(frozen=True)
+class CompiledCall:
+    """The study's teacher compiled (``torch.compile``), one model call at the latency batch:
+    what its exported models would run at compiled (the study itself samples eagerly).
+
+    Attributes:
+        batch: the batch size of the call.
+        warmup_seconds: the first compiled call (compilation included).
+        seconds: a compiled call after it (median of 3).
+        eager_seconds: the same call eager (median of 3).
+        error: why it could not compile here (then the figures are 0).
+    """
+
+    batch: int
+    warmup_seconds: float = 0.0
+    seconds: float = 0.0
+    eager_seconds: float = 0.0
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("batch", "warmup_seconds", "seconds", "eager_seconds", "error")}
+
+    def line(self) -> str:
+        if self.error:
+            return f"compiled: not measured ({self.error})"
+        return (
+            f"compiled (torch.compile, the teacher): one model call at batch {self.batch} {human_seconds(self.seconds)} after a "
+            f"{human_seconds(self.warmup_seconds)} warm-up, eager {human_seconds(self.eager_seconds)} "
+            f"({self.eager_seconds / self.seconds:.2f}x); not part of the projection: trials sample eagerly"
+        )
+
+
+def _compiled_call(unet: torch.nn.Module, sampler: Any, batch: int, device: torch.device) -> CompiledCall:
+    """Time the teacher's model call compiled (first call apart) and eager at ``batch``."""
+
+    def timed(model: torch.nn.Module) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            sampler.first_step(model, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    compiled = torch.compile(unet, dynamic=False)
+    try:
+        warmup = timed(compiled)
+    except torch._dynamo.exc.TorchDynamoException as exc:  # no C++ compiler, an unsupported device, ...
+        return CompiledCall(batch, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+    seconds = sorted(timed(compiled) for _ in range(3))[1]
+    eager = sorted(timed(unet) for _ in range(3))[1]
+    return CompiledCall(batch, warmup, seconds, eager)
 
 
 @dataclass
@@ -41,6 +96,7 @@ class DryRun:
     costs: list[StageCost] = field(default_factory=list)
     skipped: list[tuple[Stage, str]] = field(default_factory=list)
     seconds: float = 0.0
+    compiled: CompiledCall | None = None
 
     @property
     def trial_seconds(self) -> float:
@@ -82,6 +138,7 @@ class DryRun:
                 for c in self.costs
             ],
             "skipped": [{"name": s.name, "why": why} for s, why in self.skipped],
+            "compiled": self.compiled.to_dict() if self.compiled is not None else None,
         }
 
     def table(self) -> str:
@@ -104,6 +161,8 @@ class DryRun:
         if any(c.projected for c in self.costs):
             lines.append("  * timed at batches 1 and 2 and projected linearly to the stage's batch (time and memory)")
         lines += [f"  not measured: {s.name} ({why})" for s, why in self.skipped]
+        if self.compiled is not None:
+            lines.append(f"  {self.compiled.line()}")
         lines.append(
             f"a trial: {human_seconds(self.trial_seconds)}; the study ({self.config.n_trials} trials and what runs once): "
             f"{human_seconds(self.study_seconds)}; peak memory {human_bytes(self.peak_bytes)} "
@@ -112,12 +171,13 @@ class DryRun:
         return "\n".join(lines)
 
 
-def dry_run(config: StudyConfig, *, study_name: str, limit: float = 60.0, progress: bool = False) -> DryRun:
+def dry_run(config: StudyConfig, *, study_name: str, limit: float = 60.0, progress: bool = False, compile: bool = False) -> DryRun:
     """Measure the stages of ``config``'s study (see the module docs); nothing is stored.
 
     Args:
         limit: seconds a stage's unit may take at its full batch before it is timed at batches 1
             and 2 and projected.
+        compile: also time the teacher's model call compiled (:class:`CompiledCall`).
     """
     start = time.perf_counter()
     session = StudySession(config, study_name=study_name, progress=progress)
@@ -145,5 +205,8 @@ def dry_run(config: StudyConfig, *, study_name: str, limit: float = 60.0, progre
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if compile:
+        batch = session.evaluator.evaluation.latency_batch_size
+        result.compiled = _compiled_call(session.teacher.unet, session.evaluator.sampler, batch, device)
     result.seconds = time.perf_counter() - start
     return result
