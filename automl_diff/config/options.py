@@ -122,9 +122,10 @@ class PoolOptions(MethodOptions):
     guided_pool: bool = _option(
         False,
         "text-to-image: the teacher labels both halves of classifier-free guidance at every pool state in one call, the "
-        "student learns both, and the state moves on with the guided prediction (false: one conditional prediction labels "
-        "and moves it, so the pool follows the unguided distribution; on digits-t2i at guidance 1.5 the guided pool gave "
-        "the DKDM student a far worse FID, see BENCHMARKS.md)",
+        "student learns the conditional half and, for prompt_dropout of its rows, the unconditional half at the same "
+        "states, and the state moves on with the guided prediction (false: one conditional prediction labels and moves "
+        "it, so the pool follows the unguided distribution; on digits-t2i at guidance 3 the guided pool halved the DKDM "
+        "student's FID, see BENCHMARKS.md)",
     )
     pool_guidance: tuple[float, ...] = _option(
         (),
