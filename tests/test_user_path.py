@@ -5,12 +5,14 @@ from a local CLIP folder; every method, export, and the export loaded with diffu
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -141,6 +143,10 @@ def test_a_users_sd_model_runs_every_method_with_clip_score_and_exports(user_fil
         assert schedule["steps"] == 4 and schedule["info"]["num_inference_steps"] == 3 and schedule["info"]["scheduler"] == "pndm"
         assert len(schedule["units"]) == 24 and "down.0.resnets.0+down.0.attentions.0" in schedule["units"]
         assert schedule["info"]["schedule_cost_ratio"] <= trial.params["budget"] + 1e-9
-        assert main(["profile", "--model", str(out), "--schedule", str(out / "schedule.json"), "--json", "--repeats", "1"]) == 0
+        with pytest.MonkeyPatch.context() as patch:  # compiled too: dynamo traces the branch units (eager backend: quick)
+            patch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+            argv = ["profile", "--model", str(out), "--schedule", str(out / "schedule.json"), "--json", "--repeats", "1", "--compile"]
+            assert main(argv) == 0
         profiled = json.loads(capsys.readouterr().out)
         assert profiled["scheduler"] == "pndm" and profiled["steps"] == 3 and profiled["macs_reduction"] >= 1
+        assert profiled["compiled_speedup"] > 0 and profiled["compiled_warmup_s"] > 0
