@@ -7,7 +7,7 @@ prints that line and exits with status 2; anything else is a bug and keeps its t
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "first_line"]
 
 
 class UserError(Exception):
@@ -17,3 +17,10 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none): what a
+    one-line error quotes of a library's exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

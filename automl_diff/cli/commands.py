@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from automl_diff.errors import UserError
+from automl_diff.errors import UserError, first_line
 from automl_diff.formatting import fmt_si, text_table
 from automl_diff.records import StudyAttr, TrialAttr
 
@@ -304,7 +304,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
         try:
             warmups = first_batch_seconds(compiled, sampler, contexts=contexts, batch_size=args.batch_size)
         except torch._dynamo.exc.TorchDynamoException as exc:  # no C++ compiler, an unsupported device, ...
-            raise UserError(f"--compile: torch.compile failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+            raise UserError(f"--compile: torch.compile failed ({type(exc).__name__}: {first_line(exc)})") from None
     rounds = sampler_rounds(models, sampler, contexts=contexts, batch_size=args.batch_size, repeats=args.repeats)
     latencies = {name: statistics.median(values) for name, values in rounds.items()}
     if args.compile:

@@ -255,14 +255,11 @@ class _CompiledHook(ModelHook):
     """On a module that runs at every call (the input convolution, the time embedding): its
     forward, compiled."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.options = options
         self.compiled: Any = None
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn_ref.original_forward, **self.options)
         return self.compiled(*args, **kwargs)
 
 
@@ -347,7 +344,7 @@ class GateController:
         if previous is not None:
             previous.remove()
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
-        hooks: list[_GateHook | _HeadHook] = []
+        hooks: list[_GateHook | _HeadHook | _CompiledHook] = []
         for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
             hooks.append(_GateHook(self, index, name))
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], GATE_HOOK)
@@ -356,11 +353,12 @@ class GateController:
         for name, module in self._head:
             hooks.append(_HeadHook(self, name))
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], HEAD_HOOK)
+        for module in self._every_step:
+            hooks.append(_CompiledHook())
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], COMPILED_HOOK)
         if self.compile_options is not None:
             for hook in hooks:
                 hook.compiled = torch.compile(hook.fn_ref.original_forward, **self.compile_options)
-            for module in self._every_step:
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(_CompiledHook(self.compile_options), COMPILED_HOOK)
         setattr(self.unet, _ATTR, self)
 
     def remove(self) -> None:

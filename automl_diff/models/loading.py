@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from automl_diff.errors import UserError
+from automl_diff.errors import UserError, first_line
 from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, TextToImage, is_text_to_image_folder, load_text_to_image
 from automl_diff.sampling import Prompts, Sampler, make_scheduler
 from automl_diff.zoo import TEACHERS
@@ -221,10 +221,7 @@ def _load_from_hub(repo_id: str, *, weights: bool) -> nn.Module:
     except UserError:
         raise
     except Exception as exc:  # the hub client raises many types for offline/missing repos
-        raise UserError(
-            f"model '{repo_id}' is not a local path and could not be loaded from the hub: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        raise UserError(f"model '{repo_id}' is not a local path and could not be loaded from the hub: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)
@@ -391,6 +388,5 @@ def _text_to_image_snapshot(repo_id: str) -> Path | None:
             ignore_patterns=["*fp16*", "*non_ema*", "*ema-only*"],
         )
     except Exception as exc:  # the hub client raises many types for offline/missing repos
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"model '{repo_id}': cannot download the pipeline: {why}") from None
+        raise UserError(f"model '{repo_id}': cannot download the pipeline: {first_line(exc)}") from None
     return Path(folder)

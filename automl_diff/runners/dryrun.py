@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from automl_diff.config.study import StudyConfig
-from automl_diff.errors import UserError
+from automl_diff.errors import UserError, first_line
 from automl_diff.formatting import text_table
 from automl_diff.metrics.stages import Stage, StageCost, human_bytes, human_seconds, measure
 from automl_diff.runners.session import StudySession
@@ -74,7 +74,7 @@ def _compiled_call(unet: torch.nn.Module, sampler: Any, batch: int, device: torc
     try:
         warmup = timed(compiled)
     except torch._dynamo.exc.TorchDynamoException as exc:  # no C++ compiler, an unsupported device, ...
-        return CompiledCall(batch, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+        return CompiledCall(batch, error=f"{type(exc).__name__}: {first_line(exc)}")
     seconds = sorted(timed(compiled) for _ in range(3))[1]
     eager = sorted(timed(unet) for _ in range(3))[1]
     return CompiledCall(batch, warmup, seconds, eager)

@@ -37,7 +37,7 @@ from typing import Any
 import optuna
 
 from automl_diff.config.study import StudyConfig
-from automl_diff.errors import UserError
+from automl_diff.errors import UserError, first_line
 from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.local import begin_run, finished_trials, make_sampler
 from automl_diff.runners.session import StudySession
@@ -140,9 +140,7 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"--address {address}" if address else "a local Ray instance"
-        raise UserError(
-            f"{where}: cannot start or join Ray: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        ) from None
+        raise UserError(f"{where}: cannot start or join Ray: {first_line(exc)}") from None
 
 
 def run_study_ray(

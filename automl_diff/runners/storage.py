@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from automl_diff.errors import UserError
+from automl_diff.errors import UserError, first_line
 
 __all__ = ["load_existing_study", "mask_url", "open_storage", "resolve_study_name"]
 
@@ -94,8 +94,7 @@ def open_storage(url: str, *, create: bool = True, heartbeat_interval: int | Non
             "installed (for PostgreSQL: pip install 'automl_diff[postgres]')"
         ) from None
     except Exception as exc:  # sqlalchemy raises many types: ArgumentError, OperationalError, NoSuchModuleError
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(message)}") from None
+        raise UserError(f"cannot open storage '{mask_url(url)}': {mask_url(first_line(exc))}") from None
 
 
 def resolve_study_name(storage: optuna.storages.BaseStorage, name: str | None, *, url: str) -> str:
