@@ -123,6 +123,12 @@ def _quality_table(result: BenchResult, aligned: str | None) -> list[str]:
     return lines
 
 
+def _per_batch_header(batches: tuple[int, ...] | list[int], *columns: str) -> list[str]:
+    """A table's header and rule: the model, then each column at each batch size."""
+    cells = [f"{column}, batch {b}" for column in columns for b in batches]
+    return ["| model | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+
+
 def _speed_table(result: BenchResult) -> list[str]:
     """Latency, speedup and speedup / MACs reduction of every row at each batch size."""
     p, teacher, batches = result.preset, result.teacher, result.batches
@@ -135,14 +141,7 @@ def _speed_table(result: BenchResult) -> list[str]:
         "row alike), and speedup against the teacher and speedup / MACs reduction, round by round, at each batch size "
         f"({p.latency_batch} is the preset's):",
         "",
-        "| model | "
-        + " | ".join(f"latency, batch {b}" for b in batches)
-        + " | "
-        + " | ".join(f"speedup, batch {b}" for b in batches)
-        + " | "
-        + " | ".join(f"speedup / MACs reduction, batch {b}" for b in batches)
-        + " |",
-        "|---|" + "---|" * (3 * len(batches)),
+        *_per_batch_header(batches, "latency", "speedup", "speedup / MACs reduction"),
     ]
     for row in result.rows:
         cells = [_spread(row.latency[b], 1e3, ".3g", " ms") for b in batches]
@@ -166,16 +165,7 @@ def _compiled_table(result: BenchResult) -> list[str]:
         "between them eager). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
         "warm-up: the first batch at that size (compilation into an empty cache included), timed apart before the rounds:",
         "",
-        "| model | "
-        + " | ".join(f"latency, batch {b}" for b in batches)
-        + " | "
-        + " | ".join(f"speedup, batch {b}" for b in batches)
-        + " | "
-        + " | ".join(f"speedup / MACs reduction, batch {b}" for b in batches)
-        + " | "
-        + " | ".join(f"warm-up, batch {b}" for b in batches)
-        + " |",
-        "|---|" + "---|" * (4 * len(batches)),
+        *_per_batch_header(batches, "latency", "speedup", "speedup / MACs reduction", "warm-up"),
     ]
     for row in rows:
         cells = [_spread(row.compiled[b], 1e3, ".3g", " ms") for b in batches]
