@@ -29,6 +29,8 @@ __all__ = [
     "TextToImageResult",
     "VaeResult",
     "encode_latents",
+    "progress_bar",
+    "save_pipeline",
     "text_encoder",
     "train_text_to_image",
     "train_vae",
@@ -52,8 +54,12 @@ _ENCODE_CHUNK = 2048
 
 
 def word_tokenizer(words: Sequence[str], *, max_length: int) -> Any:
-    """A ``CLIPTokenizer`` that spells every word of ``words`` as one token (byte-pair merges
-    from its characters), any other word letter by letter."""
+    """A ``CLIPTokenizer`` that spells every word of ``words`` as one token, any other word letter
+    by letter.
+
+    Each word's characters are merged left to right; where another word's merge ranks earlier and
+    splits a word differently, a merge of its leftover parts is appended (ranked last, so no word
+    already whole changes)."""
     from transformers import CLIPTokenizer
 
     chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
@@ -74,11 +80,21 @@ def word_tokenizer(words: Sequence[str], *, max_length: int) -> Any:
             parts = [merged, *parts[2:]]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        files = str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt")
-        return CLIPTokenizer(*files, pad_token="<|endoftext|>", model_max_length=max_length)
+
+    def build() -> Any:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+            files = str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt")
+            return CLIPTokenizer(*files, pad_token="<|endoftext|>", model_max_length=max_length)
+
+    tokenizer = build()
+    for word in sorted(words):
+        while len(parts := tokenizer.tokenize(word)) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            tokenizer = build()
+    return tokenizer
 
 
 def text_encoder(tokenizer: Any, *, hidden_size: int, intermediate_size: int, heads: int, layers: int = 2) -> nn.Module:
@@ -252,3 +268,36 @@ def train_text_to_image(
     return TextToImageResult(
         ema_unet.eval(), ema_text.eval(), tokenizer, DDIMScheduler(**SCHEDULER_CONFIG), time.perf_counter() - start, loss_value
     )
+
+
+def progress_bar(total: int, desc: str) -> tuple[Any, Callable[[int, float], None]]:
+    """A tqdm bar on stderr and the ``progress(step, loss)`` callback that advances it."""
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=5)
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    return bar, progress
+
+
+def save_pipeline(out: Path, vae: nn.Module, result: TextToImageResult) -> None:
+    """Write a ``StableDiffusionPipeline`` folder (safetensors only, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=result.text_encoder,
+        tokenizer=result.tokenizer,
+        unet=result.unet,
+        scheduler=result.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)

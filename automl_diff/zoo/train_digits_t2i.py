@@ -15,22 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
-
-def _bar(total: int, desc: str):
-    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=5)
-
-    def progress(step: int, loss: float) -> None:
-        bar.update(1)
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss:.4f}")
-
-    return bar, progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,32 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
 
-    from diffusers import StableDiffusionPipeline
-
     from automl_diff.zoo.digits_t2i import GUIDANCE_SCALE, TEMPLATES, train_text_to_image, train_vae
+    from automl_diff.zoo.text_to_image import progress_bar, save_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    bar, progress = _bar(args.vae_steps, "autoencoder")
+    bar, progress = progress_bar(args.vae_steps, "autoencoder")
     vae = train_vae(seed=args.seed, steps=args.vae_steps, batch_size=args.batch_size, progress=progress)
     bar.close()
     print(f"autoencoder: {args.vae_steps} steps, {vae.seconds:.1f} s, reconstruction MSE {vae.reconstruction:.4f}", flush=True)
-    bar, progress = _bar(args.unet_steps, "unet + text encoder")
+    bar, progress = progress_bar(args.unet_steps, "unet + text encoder")
     result = train_text_to_image(vae.vae, seed=args.seed, steps=args.unet_steps, batch_size=args.batch_size, progress=progress)
     bar.close()
     print(f"unet + text encoder: {args.unet_steps} steps, {result.seconds:.1f} s, last loss {result.final_loss:.4f}", flush=True)
-    pipe = StableDiffusionPipeline(
-        vae=vae.vae,
-        text_encoder=result.text_encoder,
-        tokenizer=result.tokenizer,
-        unet=result.unet,
-        scheduler=result.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    save_pipeline(args.out, vae.vae, result)
     summary = {
         "seed": args.seed,
         "vae_steps": args.vae_steps,
