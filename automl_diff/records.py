@@ -87,6 +87,8 @@ class TrialAttr:
     #: Text-to-image trials: the prompt of each image of the sample grid, in grid order.
     SAMPLE_PROMPTS: Final = "sample_prompts"
     FINGERPRINT: Final = "fingerprint"
+    #: A known recipe the study enqueued as a warm start (``deepcache:5``): the trial makes it.
+    RECIPE: Final = "recipe"
     DUPLICATE_OF: Final = "duplicate_of"
     FAIL_REASON: Final = "fail_reason"
     # early stopping: the score at each rung reached (``{"0": 0.031, ...}``), the training

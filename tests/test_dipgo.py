@@ -794,3 +794,62 @@ def test_the_papers_pruner_trains_and_starts_with_every_gate_on(tiny_cond_unet):
         lr=0.05,
     )
     assert result.scores.shape == (steps, len(units)) and len(result.history) == 3
+
+
+def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_factory, tmp_path, capsys):
+    from automl_diff.analysis import trial_rows
+
+    config = study_factory(
+        name="warm",
+        method="dipgo",
+        search_space=None,
+        objectives=[{"name": "trajectory_macs"}, {"name": "fid"}],
+        n_trials=3,
+        budgets={
+            "train_iterations": 2,
+            "batch_size": 2,
+            "lr": 0.05,
+            "fid_samples": 8,
+            "sampling_steps": 6,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        method_options={"granularity": "branch", "reference_images": 2, "warmup": 0.0, "warm_start": ["deepcache:2", "deepcache:3"]},
+    )
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="warm", storage=storage)
+    first, second, third = study.trials
+    assert (first.user_attrs[TrialAttr.RECIPE], second.user_attrs[TrialAttr.RECIPE]) == ("deepcache:2", "deepcache:3")
+    assert TrialAttr.RECIPE not in third.user_attrs and DiPGOAttr.BUDGET in third.params
+    # the recipe's schedule: every interval-th step in full, the steps between only skip branch 0
+    schedule = Schedule.from_dict(second.user_attrs[TrialAttr.SCHEDULE])
+    full_steps = [i for i, row in enumerate(schedule.gates) if all(row)]
+    assert full_steps == [0, 3]
+    kept = {u for u, on in zip(schedule.units, schedule.gates[1]) if on}
+    assert kept == {"down.0.resnets.0", schedule.units[-1]} and schedule.units[-1].startswith("up.")
+    assert first.user_attrs[TrialAttr.TRAJECTORY_MACS] > second.user_attrs[TrialAttr.TRAJECTORY_MACS]
+    # marked wherever trials are listed
+    assert [r.label for r in trial_rows(study)] == ["0 (deepcache:2)", "1 (deepcache:3)", "2"]
+    assert main(["pareto", "--storage", storage, "--study-name", "warm", "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and all(r["recipe"] == {0: "deepcache:2", 1: "deepcache:3"}.get(r["trial"]) for r in front)
+    assert main(["trials", "--storage", storage, "--study-name", "warm"]) == 0
+    assert "recipe deepcache:2" in capsys.readouterr().out
+    # a resumed run does not make them again
+    assert main(["run", str(config), "--quiet", "--n-trials", "4"]) == 0
+    capsys.readouterr()
+    recipes = [t.user_attrs.get(TrialAttr.RECIPE) for t in optuna.load_study(study_name="warm", storage=storage).trials]
+    assert recipes.count("deepcache:2") == 1 and recipes.count("deepcache:3") == 1 and len(recipes) == 4
+    # recipes it has no schedule for are one line
+    for options, message in (
+        ({"warm_start": ["bk-sdm-base"]}, "method_options.warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),
+        ({"warm_start": ["deepcache:3", "deepcache:1"]}, "warm_start[1]: not a recipe of method dipgo"),
+        ({"warm_start": ["deepcache:3", "deepcache:3"]}, "method_options.warm_start: repeats a value"),
+        ({"granularity": "block", "warm_start": ["deepcache:3"]}, "method_options.warm_start: deepcache:3 needs skip branch 0"),
+    ):
+        bad = study_factory(name="bad", method="dipgo", method_options=options)
+        assert main(["run", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: Columns of ``pareto --json``/``--csv``, in order.
-COLUMNS = ("trial", TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.SPEEDUP)
+COLUMNS = ("trial", TrialAttr.MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY, TrialAttr.SPEEDUP, TrialAttr.RECIPE)
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class TrialRow:
     schedule); trajectory MACs for one image's whole sampling run; latency in seconds per image;
     speedup is the teacher's latency divided by this one's (higher is faster); FID lower is better
     (None: a study with ``fid: none``); ``alignment`` is a text-to-image trial's
-    ``prompt_accuracy`` or ``clip_score`` (higher is better)."""
+    ``prompt_accuracy`` or ``clip_score`` (higher is better); ``recipe`` names the known recipe
+    a warm-start trial makes (``deepcache:5``)."""
 
     trial: int
     macs: int
@@ -46,6 +47,12 @@ class TrialRow:
     weights: str | None = None
     schedule_file: str | None = None
     alignment: float | None = None
+    recipe: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The trial's number, with the recipe it makes: ``3 (deepcache:5)``."""
+        return f"{self.trial} ({self.recipe})" if self.recipe else str(self.trial)
 
     def to_dict(self, columns: tuple[str, ...] = COLUMNS) -> dict[str, Any]:
         data = asdict(self)
@@ -74,6 +81,7 @@ def _row(trial: optuna.trial.FrozenTrial) -> TrialRow | None:
         weights=attrs.get(TrialAttr.WEIGHTS),
         schedule_file=attrs.get(TrialAttr.SCHEDULE_FILE),
         alignment=alignment_of(attrs),
+        recipe=attrs.get(TrialAttr.RECIPE),
     )
 
 
@@ -132,6 +140,7 @@ TRIAL_FACTS = (
     TrialAttr.FID,
     TrialAttr.LATENCY,
     TrialAttr.SPEEDUP,
+    TrialAttr.RECIPE,
     TrialAttr.DUPLICATE_OF,
     TrialAttr.FAIL_REASON,
     TrialAttr.PRUNE_REASON,

@@ -64,7 +64,7 @@ def _table(rows: list[TrialRow], teacher: dict[str, Any] | None) -> str:
     if teacher:
         keys = (TrialAttr.MACS, TrialAttr.TRAJECTORY_MACS, TrialAttr.PARAMS, TrialAttr.FID, TrialAttr.LATENCY)
         body.append(["teacher", *(teacher.get(key) for key in keys), 1.0])
-    body += [[r.trial, r.macs, r.trajectory_macs, r.params, r.fid, r.latency, r.speedup] for r in rows]
+    body += [[r.label, r.macs, r.trajectory_macs, r.params, r.fid, r.latency, r.speedup] for r in rows]
     return _html_table(header, [[fmt_number(v) for v in row] for row in body])
 
 
@@ -121,7 +121,7 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
     models = []
     for row in rows:
         trial = trials[row.trial]
-        parts = [f"<h3>Trial {row.trial}</h3>", f"<pre>{html.escape(str(trial.params))}</pre>"]
+        parts = [f"<h3>Trial {html.escape(row.label)}</h3>", f"<pre>{html.escape(str(trial.params))}</pre>"]
         config = trial.user_attrs.get(TrialAttr.MODEL_CONFIG)
         if config:
             report = count_macs(unet_from_config(config, where=f"trial {row.trial}"))

@@ -45,7 +45,7 @@ def pareto_table(study: Any) -> str:
     for r in pareto_rows(study):
         rows.append(
             [
-                str(r.trial),
+                r.label,
                 fmt_si(r.macs),
                 fmt_si(r.trajectory_macs),
                 fmt_si(r.params),
@@ -192,6 +192,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
                 note = f"same as trial {duplicate}"
             elif isinstance(stopped, str):
                 note = stopped
+            elif isinstance(r[TrialAttr.RECIPE], str):
+                note = f"recipe {r[TrialAttr.RECIPE]}"
             aligned = [cell(r[name]) for name in ALIGNMENT_METRICS if name in r]
             metrics = [cell(r[TrialAttr.MACS]), cell(r[TrialAttr.TRAJECTORY_MACS]), cell(r.get(TrialAttr.FID)), *aligned]
             rows.append([str(r["trial"]), r["state"], *metrics, cell(r[TrialAttr.SPEEDUP], "x"), note])

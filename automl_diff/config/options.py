@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK_COSTS",
     "CONSISTENCY_LOSSES",
+    "DEEPCACHE_RECIPE",
     "JOINT_SCHEDULES",
     "METHOD_OPTIONS",
     "POSTPROCESS",
@@ -34,6 +35,7 @@ __all__ = [
     "DiffNASOptions",
     "MethodOptions",
     "PoolOptions",
+    "deepcache_interval",
     "read_options",
 ]
 
@@ -48,6 +50,22 @@ PRUNERS = ("mlp", "attention")
 #: How DiP-GO turns its pruner's scores into a schedule.
 POSTPROCESS = ("budget", "threshold")
 _SECTION = "method_options"
+#: DiP-GO's warm-start recipe: DeepCache's uniform cache schedule, refreshed every N steps.
+DEEPCACHE_RECIPE = "deepcache:"
+
+
+def deepcache_interval(recipe: str) -> int | None:
+    """The interval of a ``deepcache:N`` recipe (None: not one, or N below 2)."""
+    if not recipe.startswith(DEEPCACHE_RECIPE) or not recipe[len(DEEPCACHE_RECIPE) :].isdigit():
+        return None
+    interval = int(recipe[len(DEEPCACHE_RECIPE) :])
+    return interval if interval >= 2 else None
+
+
+def _dipgo_recipe(recipe: str) -> str | None:
+    if deepcache_interval(str(recipe)) is None:
+        return "not a recipe of method dipgo, whose recipes are deepcache:N (DeepCache's schedule, refreshed every N steps; N of at least 2)"
+    return None
 
 
 def _unit_interval(value: float) -> str | None:
@@ -272,10 +290,21 @@ class DiPGOOptions(MethodOptions):
     threshold_low: float = _option(1e-4, "low end of the threshold Optuna tunes (postprocess: threshold)", check=_open_interval)
     threshold_high: float = _option(0.5, "high end of the threshold range", check=_open_interval)
     threshold_log: bool = _option(True, "sample the threshold on a log scale")
+    warm_start: tuple[str, ...] = _option(
+        (),
+        "known recipes enqueued as the study's first trials, so that its front always holds them: deepcache:N is DeepCache's "
+        "uniform schedule (every N-th step computes every unit, the steps between only skip branch 0 and reuse the rest)",
+        check=_dipgo_recipe,
+    )
 
     def check(self, file: str) -> None:
         _require_below(self, file, "threshold_low", "threshold_high")
         _require_below(self, file, "budget_low", "budget_high")
+        if self.warm_start and self.granularity == "block":
+            raise UserError(
+                f"{file}: method_options.warm_start: {self.warm_start[0]} needs skip branch 0 as a unit of its own; "
+                "use granularity layer or branch"
+            )
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         where = settings.where

@@ -88,6 +88,36 @@ class Schedule:
         gates = tuple(tuple(bool(v) for v in row) for row in keep)
         return cls(int(scores.shape[0]), tuple(units), gates, dict(model), {"threshold": float(threshold), **(info or {})})
 
+    @classmethod
+    def uniform_cache(
+        cls, unet: nn.Module, steps: int, interval: int, *, units: Sequence[str], info: dict[str, Any] | None = None
+    ) -> Schedule:
+        """DeepCache's uniform schedule over ``units``: every ``interval``-th call computes every
+        unit; the calls between compute only skip branch 0 (the first down block's first resnet
+        and its attention, the last up block's last resnet and its attention) and reuse every other
+        unit's output from the last full call, as DeepCache reuses the deep features.
+
+        Raises:
+            UserError: no unit lies within skip branch 0, or one lies partly in it (``block``
+                units: DeepCache needs ``layer`` or ``branch`` ones).
+        """
+        down, up = unet.down_blocks[0], unet.up_blocks[-1]
+        last = len(up.resnets) - 1
+        shallow = {"down.0.resnets.0", f"up.{len(unet.up_blocks) - 1}.resnets.{last}"}
+        if getattr(down, "attentions", None):
+            shallow.add("down.0.attentions.0")
+        if getattr(up, "attentions", None):
+            shallow.add(f"up.{len(unet.up_blocks) - 1}.attentions.{last}")
+        inside = [set(unit_atoms(u)) <= shallow for u in units]
+        straddles = [u for u in units if set(unit_atoms(u)) & shallow and not set(unit_atoms(u)) <= shallow]
+        if straddles or not any(inside):
+            raise UserError(
+                f"a uniform cache schedule needs skip branch 0 ({', '.join(sorted(shallow))}) as units of its own; "
+                f"{straddles[0] if straddles else 'no unit'} is not: use granularity layer or branch"
+            )
+        gates = tuple(tuple(True if i % interval == 0 else keep for keep in inside) for i in range(steps))
+        return cls(steps, tuple(units), gates, model_fingerprint(unet), {"uniform_cache_interval": interval, **(info or {})})
+
     @property
     def inference_steps(self) -> int:
         """The ``num_inference_steps`` to sample with: as many as model calls, except where the

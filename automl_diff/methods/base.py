@@ -25,9 +25,15 @@ from automl_diff.config.study import StudyConfig
 from automl_diff.gating import Schedule
 from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import Teacher
-from automl_diff.records import stable_key
+from automl_diff.records import TrialAttr, stable_key
 
-__all__ = ["Candidate", "CardSection", "Method", "Rungs", "TrainAttr", "TrainingDiverged", "TrainingFailed"]
+__all__ = ["Candidate", "CardSection", "Method", "Rungs", "TrainAttr", "TrainingDiverged", "TrainingFailed", "recipe_of"]
+
+
+def recipe_of(trial: Any) -> str | None:
+    """The recipe an Optuna trial was enqueued for (None: a trial the sampler suggests)."""
+    recipe = trial.user_attrs.get(TrialAttr.RECIPE)
+    return str(recipe) if recipe is not None else None
 
 
 class TrainAttr:
@@ -206,6 +212,13 @@ class Method(ABC):
         """Ask an ``optuna.Trial`` for all of the method's parameters; the runner calls it once
         per trial, before any training. Default: no parameters."""
         return {}
+
+    @property
+    def recipes(self) -> tuple[str, ...]:
+        """Known recipes the study enqueues as its first trials (``warm_start``); a trial the study
+        enqueued for one carries its name as the user attribute ``recipe``, and :meth:`suggest`
+        returns ``{"recipe": name}`` for it (:func:`recipe_of`). Default: none."""
+        return ()
 
     def fingerprint(self, params: dict[str, Any]) -> str:
         """Identify the model ``params`` make (after :meth:`prepare`): a trial whose fingerprint

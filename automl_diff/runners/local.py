@@ -127,7 +127,8 @@ def begin_run(
     progress: bool = False,
 ) -> tuple[StudySession, optuna.Study, int]:
     """What every backend does before its first trial: apply the command-line overrides,
-    :func:`start_study`, log where the study stands, measure the teacher once.
+    :func:`start_study`, log where the study stands, measure the teacher once, enqueue the
+    method's warm-start recipes that the study does not hold yet.
 
     Returns:
         The session, the study and the total of finished trials to reach.
@@ -138,6 +139,7 @@ def begin_run(
     session, study = start_study(config, storage_url=storage_url, study_name=study_name, progress=progress)
     logger.info("study '%s' in %s: %d of %d trials finished", study_name, mask_url(storage_url), finished_trials(study), total)
     session.record_teacher(study)
+    session.enqueue_recipes(study)
     return session, study, total
 
 

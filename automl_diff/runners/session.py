@@ -180,6 +180,18 @@ class StudySession:
             metrics[TrialAttr.LATENCY],
         )
 
+    def enqueue_recipes(self, study: optuna.Study) -> list[str]:
+        """Enqueue each of the method's warm-start recipes that no trial of the study holds yet
+        (a failed one is tried again) as a waiting trial, so that the next trials make them;
+        returns the recipes enqueued."""
+        held = {t.user_attrs.get(TrialAttr.RECIPE) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
+        missing = [recipe for recipe in self.method.recipes if recipe not in held]
+        for recipe in missing:
+            study.enqueue_trial({}, user_attrs={TrialAttr.RECIPE: recipe})
+        if missing:
+            logger.info("warm start: %s enqueued as the next trials", ", ".join(missing))
+        return missing
+
     def prepare(self, study: optuna.Study, storage: optuna.storages.BaseStorage | None = None) -> None:
         """The method's one-time work, before the first trial of this run that needs it."""
         if not self._prepared:

@@ -24,9 +24,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from automl_diff.config.options import DiPGOOptions
+from automl_diff.config.options import DiPGOOptions, deepcache_interval
+from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
-from automl_diff.methods.base import Candidate, CardSection, Method, Rungs
+from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, recipe_of
 from automl_diff.methods.dipgo.budget import gates_within_budget
 from automl_diff.methods.dipgo.optimise import OBJECTIVE_VERSION, optimise_pruner, pruner_stages
 from automl_diff.methods.dipgo.weights import UnitWeights
@@ -238,8 +239,15 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
             self._weights_digest = weights_digest(self.teacher.unet)
         return self._weights_digest
 
+    @property
+    def recipes(self) -> tuple[str, ...]:
+        return self.options.warm_start
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         o = self.options
+        recipe = recipe_of(trial)
+        if recipe is not None:  # a warm start: the recipe's schedule, no pruner scores
+            return {TrialAttr.RECIPE: recipe}
         if o.postprocess == "budget":
             return {BUDGET: trial.suggest_float(BUDGET, o.budget_low, o.budget_high)}
         return {THRESHOLD: trial.suggest_float(THRESHOLD, o.threshold_low, o.threshold_high, log=o.threshold_log)}
@@ -250,7 +258,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
 
     def schedule_for(self, params: Mapping[str, Any]) -> Schedule:
         """The schedule the pruner's scores give for a trial's parameters: the gates within its
-        budget, or above its threshold."""
+        budget, or above its threshold; or the schedule of the recipe it was enqueued for."""
         if self.scores is None or self.weights is None:
             self.prepare()
         assert self.scores is not None and self.weights is not None
@@ -264,7 +272,14 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
             "num_inference_steps": sampler.steps,
         }
         model = model_fingerprint(self.teacher.unet)
-        if BUDGET in params:
+        if TrialAttr.RECIPE in params:
+            interval = deepcache_interval(params[TrialAttr.RECIPE])
+            if interval is None:
+                raise UserError(f"{self.settings.where}: method_options.warm_start: no recipe '{params[TrialAttr.RECIPE]}' for dipgo")
+            rows = int(self.scores.shape[0])
+            info = {TrialAttr.RECIPE: params[TrialAttr.RECIPE], **info}
+            schedule = Schedule.uniform_cache(self.teacher.unet, rows, interval, units=self.units, info=info)
+        elif BUDGET in params:
             gates = gates_within_budget(self.scores, params[BUDGET], self.weights)
             schedule = Schedule(len(gates), self.units, tuple(map(tuple, gates.tolist())), model, {BUDGET: float(params[BUDGET]), **info})
         else:
@@ -276,7 +291,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         unet = self.teacher.unet
         config = {"_class_name": type(unet).__name__, **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
         attrs = {
-            **{key: params[key] for key in (THRESHOLD, BUDGET) if key in params},
+            **{key: params[key] for key in (THRESHOLD, BUDGET, TrialAttr.RECIPE) if key in params},
             DiPGOAttr.COST_RATIO: schedule.info[DiPGOAttr.COST_RATIO],
             DiPGOAttr.COMPUTED_FRACTION: schedule.computed_fraction,
             DiPGOAttr.GRANULARITY: self.options.granularity,
