@@ -31,7 +31,7 @@ def test_the_scheduler_config_travels_in_few_files():
 
 
 def test_the_built_in_teachers_are_named_only_in_the_zoo_and_the_presets():
-    pattern = re.compile(r"""["'](digits|digits-t2i)["']""")
+    pattern = re.compile(r"""["'](digits|digits-t2i|shapes|shapes-t2i)["']""")
     named = [
         path.relative_to(REPO).as_posix()
         for path in _sources()

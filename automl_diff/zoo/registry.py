@@ -1,8 +1,9 @@
 """The built-in teachers, datasets, FID feature spaces and prompt judges, by name.
 
-The package ships small models of its own (the digits teacher, the ``digits-t2i`` pipeline), the
-dataset they are measured against, the classifier whose features drive their FID, and the judge
-of whether an image shows what its prompt asks for (``prompt_accuracy``). Every other layer asks
+The package ships small models of its own (the digits teacher, the ``digits-t2i`` pipeline, the
+``shapes-t2i`` pipeline with Stable Diffusion's layout), the datasets they are measured against,
+the classifiers whose features drive their FID, and the judges of whether an image shows what its
+prompt asks for (``prompt_accuracy``). Every other layer asks
 these registries instead of naming them: a teacher spec, a dataset spec (a name, or
 ``folder:PATH``) or a feature space is looked up here, so a new built-in model is one entry.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from automl_diff.errors import UserError
-from automl_diff.zoo import digits, digits_t2i
+from automl_diff.zoo import digits, digits_t2i, shapes, shapes_t2i
 
 __all__ = [
     "DATASETS",
@@ -93,7 +94,7 @@ class BuiltinFeatures:
         load: ``load()``: the network (eval mode, CPU); ``network.features(x)`` maps images in
             [-1, 1] of the size it was trained on to feature vectors.
         size: the image side it was trained on; other sizes are resized, RGB is averaged to grey
-            where ``grey``.
+            where ``grey``, grey is repeated to RGB where not.
     """
 
     name: str
@@ -112,6 +113,8 @@ class BuiltinFeatures:
         def run(x: torch.Tensor) -> torch.Tensor:
             if self.grey and x.shape[1] != 1:
                 x = x.mean(1, keepdim=True)
+            elif not self.grey and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
             if x.shape[-2:] != (self.size, self.size):
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
             return network.features(x.float())
@@ -152,6 +155,13 @@ TEACHERS: dict[str, BuiltinTeacher] = {
         dataset="digits",
         judge="digits",
     ),
+    "shapes-t2i": BuiltinTeacher(
+        "shapes-t2i",
+        shapes_t2i.SHAPES_T2I_DIR,
+        f"python -m automl_diff.zoo.train_shapes_t2i --out {shapes_t2i.SHAPES_T2I_DIR}",
+        dataset="shapes",
+        judge="shapes",
+    ),
 }
 
 DATASETS: dict[str, BuiltinDataset] = {
@@ -162,14 +172,29 @@ DATASETS: dict[str, BuiltinDataset] = {
         features="digits",
         captioned=lambda resolution: digits.captioned_digits(resolution=resolution),
     ),
+    "shapes": BuiltinDataset(
+        "shapes",
+        lambda resolution: shapes.load_shapes(resolution=resolution),
+        channels=3,
+        features="shapes",
+        captioned=lambda resolution: shapes.captioned_shapes(resolution=resolution),
+    ),
 }
 
 FEATURES: dict[str, BuiltinFeatures] = {
     "digits": BuiltinFeatures("digits", digits.CLASSIFIER_FILE, digits.load_classifier, size=16),
+    "shapes": BuiltinFeatures("shapes", shapes.CLASSIFIER_FILE, shapes.load_classifier, size=shapes.RESOLUTION, grey=False),
 }
 
 JUDGES: dict[str, PromptJudge] = {
     "digits": PromptJudge("digits", digits_t2i.digit_of, digits.load_classifier, (1, 16, 16), "digit"),
+    "shapes": PromptJudge(
+        "shapes",
+        shapes.combination_of,
+        shapes.load_classifier,
+        (3, shapes.RESOLUTION, shapes.RESOLUTION),
+        "complete scene (a shape, a colour, a size, a position and a background)",
+    ),
 }
 
 

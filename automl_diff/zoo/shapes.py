@@ -43,6 +43,7 @@ __all__ = [
     "draw_scenes",
     "load_classifier",
     "load_shapes",
+    "prompt_set",
     "render",
     "train_classifier",
 ]
@@ -189,6 +190,23 @@ def combination_of(prompt: str) -> int | None:
     return index
 
 
+def combination(index: int) -> tuple[int, ...]:
+    """The attribute indices of combination ``index`` (:func:`combination_of`'s numbering)."""
+    digits = []
+    for _, options in reversed(ATTRIBUTES):
+        index, digit = divmod(index, len(options))
+        digits.append(digit)
+    return tuple(reversed(digits))
+
+
+def prompt_set(*, templates: tuple[int, ...], seed: int, count: int | None = None) -> list[str]:
+    """Captions of ``count`` combinations (default: all 480) in a random order of ``seed``, the
+    phrasing cycling through ``templates``: the shipped prompt files."""
+    total = math.prod(len(options) for _, options in ATTRIBUTES)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: count or total]
+    return [caption(combination(int(i)), templates[k % len(templates)]) for k, i in enumerate(order)]
+
+
 def load_shapes(*, resolution: int = RESOLUTION, count: int = DATASET_SIZE, seed: int = 0) -> torch.Tensor:
     """The built-in dataset: ``count`` scenes of ``seed`` rendered at ``resolution``."""
     return render(draw_scenes(count, seed=seed), resolution=resolution)
@@ -265,7 +283,7 @@ class ClassifierResult:
     seconds: float
 
 
-def train_classifier(*, seed: int = 0, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3, held_out: int = 4000) -> ClassifierResult:
+def train_classifier(*, seed: int = 0, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, held_out: int = 4000) -> ClassifierResult:
     """Train the classifier on fresh scenes every step (seeds ``seed + 1000 + step``: never the
     dataset's), and measure its accuracy on ``held_out`` scenes of another seed."""
     from automl_diff.zoo.digits import warmup_cosine

@@ -107,7 +107,7 @@ def train_text_to_image(
     vae: nn.Module,
     *,
     seed: int = 0,
-    steps: int = 5000,
+    steps: int = 4500,
     batch_size: int = 64,
     count: int = shapes.DATASET_SIZE,
     progress: Callable[[int, float], None] | None = None,
