@@ -73,7 +73,8 @@ def main() -> None:
         print(f"| shapes-t2i | {scale:g} | {steps} | {fid} | {accuracy} | {time.perf_counter() - start:.0f} |", flush=True)
         return fids
 
-    first = [measure(scale, args.steps) for scale in args.guidance][0]
+    measured = [measure(scale, args.steps) for scale in args.guidance]
+    first = measured[0]
     floor = [
         fid_from_features(extractor(render(draw_scenes(args.samples, seed=10_000 + seed))), reference.statistics) for seed in args.seeds
     ]

@@ -802,6 +802,7 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
     config = study_factory(
         name="warm",
         method="dipgo",
+        sampler={"name": "tpe", "seed": 0},
         search_space=None,
         objectives=[{"name": "trajectory_macs"}, {"name": "fid"}],
         n_trials=3,
@@ -823,12 +824,12 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
     first, second, third = study.trials
     assert (first.user_attrs[TrialAttr.RECIPE], second.user_attrs[TrialAttr.RECIPE]) == ("deepcache:2", "deepcache:3")
     assert TrialAttr.RECIPE not in third.user_attrs and DiPGOAttr.BUDGET in third.params
-    # the recipe's schedule: every interval-th step in full, the steps between only skip branch 0
+    # the recipe's schedule: every interval-th step in full, the steps between only the last up branch
     schedule = Schedule.from_dict(second.user_attrs[TrialAttr.SCHEDULE])
     full_steps = [i for i, row in enumerate(schedule.gates) if all(row)]
     assert full_steps == [0, 3]
     kept = {u for u, on in zip(schedule.units, schedule.gates[1]) if on}
-    assert kept == {"down.0.resnets.0", schedule.units[-1]} and schedule.units[-1].startswith("up.")
+    assert kept == {schedule.units[-1]} and schedule.units[-1].startswith("up.")
     assert first.user_attrs[TrialAttr.TRAJECTORY_MACS] > second.user_attrs[TrialAttr.TRAJECTORY_MACS]
     # marked wherever trials are listed
     assert [r.label for r in trial_rows(study)] == ["0 (deepcache:2)", "1 (deepcache:3)", "2"]
@@ -847,9 +848,11 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
         ({"warm_start": ["bk-sdm-base"]}, "method_options.warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),
         ({"warm_start": ["deepcache:3", "deepcache:1"]}, "warm_start[1]: not a recipe of method dipgo"),
         ({"warm_start": ["deepcache:3", "deepcache:3"]}, "method_options.warm_start: repeats a value"),
-        ({"granularity": "block", "warm_start": ["deepcache:3"]}, "method_options.warm_start: deepcache:3 needs skip branch 0"),
+        ({"granularity": "block", "warm_start": ["deepcache:3"]}, "method_options.warm_start: deepcache:3 needs the last up block's"),
+        ({"warm_start": ["deepcache:3"], "sampler": "nsga2"}, "method_options.warm_start: recipe trials hold no Optuna parameters"),
     ):
-        bad = study_factory(name="bad", method="dipgo", method_options=options)
+        sampler = {"name": options.pop("sampler", "random"), "seed": 0}
+        bad = study_factory(name="bad", method="dipgo", method_options=options, sampler=sampler)
         assert main(["run", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err

@@ -1,6 +1,6 @@
-"""The shapes dataset and the shipped ``shapes-t2i`` teacher: scenes drawn as captioned, the
-classifier that reads them back, SD-1.5's block layout, the training command, and a study through
-the CLI to an export that diffusers loads alone."""
+"""The shapes dataset and the ``shapes-t2i`` teacher: scenes drawn as captioned, the shipped
+classifier that reads them back, SD-1.5's block layout, the training command, and a study on the
+pipeline it makes through the CLI to an export that diffusers loads alone."""
 
 from __future__ import annotations
 
@@ -63,20 +63,12 @@ def test_the_shipped_classifier_reads_every_attribute_of_unseen_scenes():
     assert fingerprint.startswith("shapes-")
 
 
-def test_the_shipped_shapes_t2i_teacher_has_sd15s_layout_and_draws_what_it_is_asked(capsys):
-    from diffusers import StableDiffusionPipeline
+def test_the_shapes_t2i_configs_have_sd15s_layout_and_compression():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from automl_diff.cli import main
-    from automl_diff.metrics.alignment import prompt_accuracy
-    from automl_diff.zoo import JUDGES
-    from automl_diff.zoo.shapes_t2i import GUIDANCE_SCALE, SHAPES_T2I_DIR
+    from automl_diff.zoo.shapes_t2i import UNET_CONFIG, VAE_CONFIG
 
-    files = [f for f in SHAPES_T2I_DIR.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
-    assert not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt")]  # safetensors only
-    teacher = load_teacher("shapes-t2i")
-    assert teacher.dataset == "shapes" and (teacher.resolution, teacher.channels, teacher.latent_resolution) == (64, 3, 8)
-    unet = teacher.unet
+    unet = UNet2DConditionModel(**UNET_CONFIG)
     # SD-1.5's layout: 4 levels, 2 resnet + transformer pairs down and 3 up, cross attention in the
     # first three levels and none in the last, a mid block with attention, no downsampler last
     assert [len(b.resnets) for b in unet.down_blocks] == [2, 2, 2, 2] and [len(b.resnets) for b in unet.up_blocks] == [3, 3, 3, 3]
@@ -84,29 +76,39 @@ def test_the_shipped_shapes_t2i_teacher_has_sd15s_layout_and_draws_what_it_is_as
     assert [len(getattr(b, "attentions", [])) for b in unet.up_blocks] == [0, 3, 3, 3]
     assert [b.downsamplers is not None for b in unet.down_blocks] == [True, True, True, False]
     assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn" and len(unet.mid_block.attentions) == 1
-    vae = teacher.text.vae
-    assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == 4
-    # sampled with diffusers alone, the scenes are the ones the prompts name
-    pipe = StableDiffusionPipeline.from_pretrained(str(SHAPES_T2I_DIR))
-    prompts = shapes.prompt_set(templates=(3,), seed=2, count=48)
-    out = pipe(prompts, num_inference_steps=20, guidance_scale=GUIDANCE_SCALE, output_type="np", generator=torch.Generator().manual_seed(3))
-    assert out.images.shape == (48, 64, 64, 3)
-    images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1
-    accuracy = prompt_accuracy(images, [shapes.combination_of(p) for p in prompts], JUDGES["shapes"])
-    assert accuracy.low >= 0.7, accuracy
-    assert main(["profile", "--model", "shapes-t2i", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["params"] == sum(p.numel() for p in unet.parameters())
+    # the VAE compresses 8x per side to 4 channels: 48x fewer values, as SD's
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    with torch.no_grad():
+        latents = vae.encode(shapes.load_shapes(count=2)).latent_dist.mean
+    assert latents.shape == (2, 4, 8, 8) and 3 * 64 * 64 // latents[0].numel() == 48
+
+
+def test_the_shipped_shapes_teacher_names_the_command_that_trains_it():
+    from automl_diff.zoo import TEACHERS
+
+    teacher = TEACHERS["shapes-t2i"]
+    assert teacher.dataset == "shapes" and teacher.judge == "shapes" and "train_shapes_t2i" in teacher.retrain
+    if not (teacher.folder / "unet").is_dir():  # its weights are not shipped yet: one line says how to make them
+        with pytest.raises(UserError, match="retrain it with python -m automl_diff.zoo.train_shapes_t2i"):
+            load_teacher("shapes-t2i")
+
+
+@pytest.fixture(scope="module")
+def trained_shapes_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A shapes-t2i pipeline folder made by the training command, a couple of steps per stage."""
+    from automl_diff.zoo.train_shapes_t2i import main
+
+    out = tmp_path_factory.mktemp("shapes") / "shapes_t2i"
+    args = ["--out", str(out), "--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "2"]
+    assert main([*args, "--dataset-size", "64", "--held-out", "32"]) == 0
+    return out
 
 
 @pytest.mark.slow
-def test_the_training_command_writes_a_pipeline_that_diffusers_loads(tmp_path):
+def test_the_training_command_writes_a_pipeline_that_diffusers_loads(trained_shapes_dir):
     from diffusers import StableDiffusionPipeline
 
-    from automl_diff.zoo.train_shapes_t2i import main
-
-    out = tmp_path / "shapes_t2i"
-    args = ["--out", str(out), "--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "2"]
-    assert main([*args, "--dataset-size", "64", "--held-out", "32"]) == 0
+    out = trained_shapes_dir
     summary = json.loads((out / "training.json").read_text())
     assert summary["dataset_size"] == 64 and set(summary["classifier_accuracy"]) == {
         "shape",
@@ -126,7 +128,7 @@ def test_the_training_command_writes_a_pipeline_that_diffusers_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dipgo_study_on_shapes_t2i_runs_through_the_cli_to_an_export(tmp_path, capsys):
+def test_a_dipgo_study_on_shapes_t2i_runs_through_the_cli_to_an_export(trained_shapes_dir, tmp_path, capsys):
     import optuna
     from diffusers import StableDiffusionPipeline
 
@@ -140,7 +142,7 @@ def test_a_dipgo_study_on_shapes_t2i_runs_through_the_cli_to_an_export(tmp_path,
     (tmp_path / "eval.txt").write_text("\n".join(prompts[3:]) + "\n")
     config = write_study(
         tmp_path,
-        "shapes-t2i",
+        trained_shapes_dir,
         tmp_path / "unused.yaml",
         name="shapes",
         method="dipgo",
@@ -158,14 +160,15 @@ def test_a_dipgo_study_on_shapes_t2i_runs_through_the_cli_to_an_export(tmp_path,
             "latency_batch_size": 2,
         },
         fid={"dataset": "shapes", "features": "shapes"},
-        prompts={"train": "train.txt", "eval": "eval.txt"},
-        method_options={"granularity": "branch", "reference_images": 3, "warmup": 0.0},
+        prompts={"train": "train.txt", "eval": "eval.txt", "judge": "shapes"},
+        method_options={"granularity": "branch", "reference_images": 3, "warmup": 0.0, "warm_start": ["deepcache:2"]},
     )
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
     study = optuna.load_study(study_name="shapes", storage=storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete
+    assert complete and study.trials[0].user_attrs[TrialAttr.RECIPE] == "deepcache:2"
+    assert 0 <= complete[0].user_attrs[TrialAttr.PROMPT_ACCURACY] <= 1
     units = complete[0].user_attrs[TrialAttr.SCHEDULE]["units"]
     # SD's branches: resnet + transformer pairs, the last level's lone resnets, the resamplers
     assert {"down.0.resnets.0+down.0.attentions.0", "down.3.resnets.1", "down.0.downsamplers.0"} <= set(units)

@@ -79,7 +79,8 @@ def test_status_pareto_json_and_csv(finished_study, capsys, tmp_path):
     code, out, _ = _run(capsys, "pareto", "--storage", storage, "--study-name", "tiny", "--json", "--csv", str(tmp_path / "front.csv"))
     assert code == 0
     front = json.loads(out)
-    assert front and all(set(row) == {"trial", "macs", "params", "fid", "latency", "speedup"} for row in front)
+    assert front and all(set(row) == {"trial", "macs", "params", "fid", "latency", "speedup", "recipe"} for row in front)
+    assert all(row["recipe"] is None for row in front)  # no warm start: the sampler proposed every trial
     import pandas as pd
 
     frame = pd.read_csv(tmp_path / "front.csv")

@@ -214,7 +214,7 @@ def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, 
     assert "prompts.train: required for method dipgo" in capsys.readouterr().err
     config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "train.txt", "eval": "eval.csv", "column": "caption"})
     assert main(["run", str(config), "--quiet"]) == 2  # prompt_accuracy with no judge: the teacher has none of its own
-    assert "prompts.judge: prompt_accuracy needs a prompt judge (digits)" in capsys.readouterr().err
+    assert "prompts.judge: prompt_accuracy needs a prompt judge (digits, shapes)" in capsys.readouterr().err
     config = _t2i_study(tmp_path, tiny_sd_dir, prompts={"train": "train.txt", "eval": "eval.csv", "column": "text"})
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

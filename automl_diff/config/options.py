@@ -10,6 +10,7 @@ config may give) and checks itself against the loaded teacher
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,15 +57,15 @@ DEEPCACHE_RECIPE = "deepcache:"
 
 def deepcache_interval(recipe: str) -> int | None:
     """The interval of a ``deepcache:N`` recipe (None: not one, or N below 2)."""
-    if not recipe.startswith(DEEPCACHE_RECIPE) or not recipe[len(DEEPCACHE_RECIPE) :].isdigit():
-        return None
-    interval = int(recipe[len(DEEPCACHE_RECIPE) :])
-    return interval if interval >= 2 else None
+    found = re.fullmatch(re.escape(DEEPCACHE_RECIPE) + r"([1-9][0-9]*)", recipe)
+    return int(found.group(1)) if found is not None and int(found.group(1)) >= 2 else None
 
 
 def _dipgo_recipe(recipe: str) -> str | None:
     if deepcache_interval(str(recipe)) is None:
-        return "not a recipe of method dipgo, whose recipes are deepcache:N (DeepCache's schedule, refreshed every N steps; N of at least 2)"
+        return (
+            "not a recipe of method dipgo, whose recipes are deepcache:N (DeepCache's schedule, refreshed every N steps; N of at least 2)"
+        )
     return None
 
 
@@ -292,8 +293,9 @@ class DiPGOOptions(MethodOptions):
     threshold_log: bool = _option(True, "sample the threshold on a log scale")
     warm_start: tuple[str, ...] = _option(
         (),
-        "known recipes enqueued as the study's first trials, so that its front always holds them: deepcache:N is DeepCache's "
-        "uniform schedule (every N-th step computes every unit, the steps between only skip branch 0 and reuse the rest)",
+        "known recipes enqueued as the study's first trials, so that the study always holds them: deepcache:N is DeepCache's "
+        "uniform schedule (every N-th step computes every unit; the steps between compute only the last up block's last "
+        "resnet and attention and reuse the rest, as DeepCache's helper does at cache branch 0)",
         check=_dipgo_recipe,
     )
 
@@ -302,8 +304,8 @@ class DiPGOOptions(MethodOptions):
         _require_below(self, file, "budget_low", "budget_high")
         if self.warm_start and self.granularity == "block":
             raise UserError(
-                f"{file}: method_options.warm_start: {self.warm_start[0]} needs skip branch 0 as a unit of its own; "
-                "use granularity layer or branch"
+                f"{file}: method_options.warm_start: {self.warm_start[0]} needs the last up block's last branch as a unit of "
+                "its own; use granularity layer or branch"
             )
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:

@@ -239,6 +239,11 @@ class StudyConfig:
                 f"teacher {teacher.channels}x{teacher.resolution}px"
             )
         options = self.method_options
+        if getattr(options, "warm_start", ()) and self.sampler.name == "nsga2":
+            raise UserError(
+                f"{self.path}: method_options.warm_start: recipe trials hold no Optuna parameters, which NSGA-II's crossover "
+                "needs from every trial; use sampler tpe or random"
+            )
         if self.pruner.enabled and not options.reports_rungs:
             raise UserError(f"{self.path}: pruner.name: method {self.method} reports no intermediate scores; use pruner: {{name: none}}")
         options.check_against(self.method_settings, teacher, original)

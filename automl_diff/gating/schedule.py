@@ -93,26 +93,25 @@ class Schedule:
         cls, unet: nn.Module, steps: int, interval: int, *, units: Sequence[str], info: dict[str, Any] | None = None
     ) -> Schedule:
         """DeepCache's uniform schedule over ``units``: every ``interval``-th call computes every
-        unit; the calls between compute only skip branch 0 (the first down block's first resnet
-        and its attention, the last up block's last resnet and its attention) and reuse every other
-        unit's output from the last full call, as DeepCache reuses the deep features.
+        unit; the calls between compute only the last up block's last resnet and its attention
+        (skip branch 0), from ``conv_in``'s features and the output of the layer before it, cached
+        at the last full call, as DeepCache's helper does at cache branch 0 (everything deeper is
+        reused; the down path's first layers feed only cached layers, so they are not run either).
 
         Raises:
-            UserError: no unit lies within skip branch 0, or one lies partly in it (``block``
-                units: DeepCache needs ``layer`` or ``branch`` ones).
+            UserError: that branch is not a unit of its own (``block`` units: DeepCache needs
+                ``layer`` or ``branch`` ones).
         """
-        down, up = unet.down_blocks[0], unet.up_blocks[-1]
+        up = unet.up_blocks[-1]
         last = len(up.resnets) - 1
-        shallow = {"down.0.resnets.0", f"up.{len(unet.up_blocks) - 1}.resnets.{last}"}
-        if getattr(down, "attentions", None):
-            shallow.add("down.0.attentions.0")
+        shallow = {f"up.{len(unet.up_blocks) - 1}.resnets.{last}"}
         if getattr(up, "attentions", None):
             shallow.add(f"up.{len(unet.up_blocks) - 1}.attentions.{last}")
         inside = [set(unit_atoms(u)) <= shallow for u in units]
         straddles = [u for u in units if set(unit_atoms(u)) & shallow and not set(unit_atoms(u)) <= shallow]
         if straddles or not any(inside):
             raise UserError(
-                f"a uniform cache schedule needs skip branch 0 ({', '.join(sorted(shallow))}) as units of its own; "
+                f"a uniform cache schedule needs the last up branch ({', '.join(sorted(shallow))}) as units of its own; "
                 f"{straddles[0] if straddles else 'no unit'} is not: use granularity layer or branch"
             )
         gates = tuple(tuple(True if i % interval == 0 else keep for keep in inside) for i in range(steps))

@@ -52,6 +52,8 @@ def make_sampler(config: StudyConfig, *, offset: int = 0) -> optuna.samplers.Bas
         if settings.name == "tpe":
             options.setdefault("n_startup_trials", min(10, max(2, config.n_trials // 3)))
             options.setdefault("multivariate", True)
+            if options["multivariate"] and getattr(config.method_options, "warm_start", ()):
+                options.setdefault("group", True)  # recipe trials hold no parameters: model the others' apart
             return optuna.samplers.TPESampler(seed=seed, **options)
         if settings.name == "nsga2":
             options.setdefault("population_size", max(2, min(20, config.n_trials // 2)))

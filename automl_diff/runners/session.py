@@ -208,7 +208,8 @@ class StudySession:
             if other.number == trial.number or (other.state == running and other.number > trial.number):
                 continue
             theirs = other.user_attrs.get(TrialAttr.FINGERPRINT)
-            if theirs == fingerprint or (theirs is None and other.params == trial.params):
+            same_recipe = other.user_attrs.get(TrialAttr.RECIPE) == trial.user_attrs.get(TrialAttr.RECIPE)
+            if theirs == fingerprint or (theirs is None and other.params == trial.params and same_recipe):
                 return other.number
         return None
 

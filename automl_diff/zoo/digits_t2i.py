@@ -20,7 +20,7 @@ classifier checks on the generated image (``prompt_accuracy``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +126,18 @@ def word_tokenizer(words: Sequence[str], *, max_length: int = MAX_TOKENS) -> Any
     return text_to_image.word_tokenizer(words, max_length=max_length)
 
 
-def train_vae(*, seed: int = 0, steps: int = 3000, batch_size: int = 64, progress: Callable[[int, float], None] | None = None) -> VaeResult:
-    """Train the autoencoder on all 1797 digits (:func:`automl_diff.zoo.text_to_image.train_vae`)."""
+def train_vae(*, seed: int = 0, steps: int = 3000, batch_size: int = 64, **options: Any) -> VaeResult:
+    """Train the autoencoder on all 1797 digits (:func:`automl_diff.zoo.text_to_image.train_vae`;
+    ``options``: its ``lr``, ``kl_weight``, ``progress``)."""
     images = load_digits(resolution=16)
-    return text_to_image.train_vae(images, VAE_CONFIG, seed=seed, steps=steps, batch_size=batch_size, progress=progress)
+    return text_to_image.train_vae(images, VAE_CONFIG, seed=seed, steps=steps, batch_size=batch_size, **options)
 
 
-def train_text_to_image(
-    vae: nn.Module, *, seed: int = 0, steps: int = 8000, batch_size: int = 64, progress: Callable[[int, float], None] | None = None
-) -> TextToImageResult:
+def train_text_to_image(vae: nn.Module, *, seed: int = 0, steps: int = 8000, batch_size: int = 64, **options: Any) -> TextToImageResult:
     """Train the conditional UNet and the text encoder together on the latents of all 1797 digits,
     each image with a random phrasing of its digit (:data:`TEMPLATES`), the prompt dropped with
-    probability 0.1 (:func:`automl_diff.zoo.text_to_image.train_text_to_image`)."""
+    probability 0.1 (:func:`automl_diff.zoo.text_to_image.train_text_to_image`; ``options``: its
+    ``lr``, ``ema_decay``, ``dropout``, ``progress``)."""
     images, labels = load_digits(resolution=16, with_labels=True)
     tokenizer = word_tokenizer(_vocabulary())
     prompts = [[prompt_for(d, k) for k in range(len(TEMPLATES))] for d in range(10)]
@@ -152,5 +152,5 @@ def train_text_to_image(
         seed=seed,
         steps=steps,
         batch_size=batch_size,
-        progress=progress,
+        **options,
     )

@@ -39,6 +39,7 @@ __all__ = [
     "ShapesClassifier",
     "caption",
     "captioned_shapes",
+    "combination",
     "combination_of",
     "draw_scenes",
     "load_classifier",
@@ -148,8 +149,22 @@ def _signed_distance(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> t
     return table.gather(0, shape.view(1, -1, 1, 1).expand(1, *u.shape))[0]
 
 
+#: Scenes drawn at once (the drawing's intermediate maps are a few times the images' size).
+_RENDER_CHUNK = 1000
+
+
 def render(scenes: Scenes, *, resolution: int = RESOLUTION) -> torch.Tensor:
     """The scenes as ``(N, 3, resolution, resolution)`` float32 images in [-1, 1]."""
+    if len(scenes) > _RENDER_CHUNK:
+        parts = [
+            _render(Scenes(*(getattr(scenes, f)[i : i + _RENDER_CHUNK] for f in Scenes.__dataclass_fields__)), resolution)
+            for i in range(0, len(scenes), _RENDER_CHUNK)
+        ]
+        return torch.cat(parts)
+    return _render(scenes, resolution)
+
+
+def _render(scenes: Scenes, resolution: int) -> torch.Tensor:
     n = len(scenes)
     axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
     rows, cols = axis.view(1, -1, 1).expand(n, -1, resolution), axis.view(1, 1, -1).expand(n, resolution, -1)
@@ -171,6 +186,9 @@ def caption(attributes: torch.Tensor | tuple[int, ...], template: int = 0) -> st
     return TEMPLATES[template].format(**words)
 
 
+#: Spellings a prompt may use for the captions' words.
+_ALIASES = {"center": "centre", "gray": "grey"}
+
 _PATTERNS = [
     re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(options, key=len, reverse=True)) + r")\b") for _, options in ATTRIBUTES
 ]
@@ -180,7 +198,7 @@ def combination_of(prompt: str) -> int | None:
     """The combination a prompt asks for (the mixed-radix number of its attribute indices, shape
     first), or None where it does not name all five attributes. Colours and backgrounds are
     named from disjoint words, so the order of the words does not matter."""
-    text = prompt.lower()
+    text = re.sub(r"\b(" + "|".join(_ALIASES) + r")\b", lambda m: _ALIASES[m.group(1)], prompt.lower())
     index = 0
     for (_, options), pattern in zip(ATTRIBUTES, _PATTERNS):
         found = pattern.search(text)

@@ -1,6 +1,7 @@
 """``shapes-t2i``: a text-to-image teacher with Stable Diffusion 1.5's own layout, scaled down.
 
-A real ``StableDiffusionPipeline`` folder (``automl_diff/zoo/shapes_t2i/``) trained on the
+A real ``StableDiffusionPipeline`` folder (``automl_diff/zoo/shapes_t2i/``, where the dataset's
+classifier ships; the pipeline's weights are made by the training command) trained on the
 ``shapes`` dataset (:mod:`automl_diff.zoo.shapes`: 64x64 RGB scenes captioned with five
 attributes, so prompts are compositional):
 
@@ -48,7 +49,7 @@ SHAPES_T2I_DIR = Path(__file__).resolve().parent / "shapes_t2i"
 #: The guidance scale the pipeline is evaluated at.
 GUIDANCE_SCALE = 2.0
 
-#: The tokenizer's padded length (the longest caption is 14 tokens with its two markers).
+#: The tokenizer's padded length (the longest caption is 16 tokens with its two markers).
 MAX_TOKENS = 20
 
 #: The text encoder's width (the UNet's ``cross_attention_dim``).
@@ -97,8 +98,8 @@ def train_vae(
     count: int = shapes.DATASET_SIZE,
     progress: Callable[[int, float], None] | None = None,
 ) -> VaeResult:
-    """Train the autoencoder on the dataset's first ``count`` images
-    (:func:`automl_diff.zoo.text_to_image.train_vae`)."""
+    """Train the autoencoder on ``count`` scenes of the dataset's seed (all of the dataset by
+    default; :func:`automl_diff.zoo.text_to_image.train_vae`)."""
     images = shapes.load_shapes(count=count)
     return text_to_image.train_vae(images, VAE_CONFIG, seed=seed, steps=steps, batch_size=batch_size, progress=progress)
 
@@ -112,8 +113,8 @@ def train_text_to_image(
     count: int = shapes.DATASET_SIZE,
     progress: Callable[[int, float], None] | None = None,
 ) -> TextToImageResult:
-    """Train the conditional UNet and the text encoder together on the latents of the dataset's
-    first ``count`` images, each
+    """Train the conditional UNet and the text encoder together on the latents of ``count`` scenes
+    of the dataset's seed (all of the dataset by default), each
     image with a random phrasing of its scene, the prompt dropped with probability 0.1
     (:func:`automl_diff.zoo.text_to_image.train_text_to_image`)."""
     scenes = shapes.draw_scenes(count, seed=0)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier-steps", type=int, default=2000)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--unet-steps", type=int, default=4500)
-    parser.add_argument("--dataset-size", type=int, default=None, help="train on the dataset's first N images (default: all)")
+    parser.add_argument("--dataset-size", type=int, default=None, help="train on N scenes of the dataset's seed (default: the dataset)")
     parser.add_argument("--held-out", type=int, default=4000, help="scenes the classifier's accuracy is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)

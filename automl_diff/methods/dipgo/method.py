@@ -95,7 +95,8 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
     def lineage_facts(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
         schedule = attrs.get(TrialAttr.SCHEDULE) or {}
         steps, units = schedule.get("steps"), len(schedule.get("units", ()))
-        return {TrialAttr.SCHEDULE: {"steps": steps, "units": units, DiPGOAttr.COMPUTED_FRACTION: attrs.get(DiPGOAttr.COMPUTED_FRACTION)}}
+        facts = {TrialAttr.SCHEDULE: {"steps": steps, "units": units, DiPGOAttr.COMPUTED_FRACTION: attrs.get(DiPGOAttr.COMPUTED_FRACTION)}}
+        return facts | ({TrialAttr.RECIPE: attrs[TrialAttr.RECIPE]} if attrs.get(TrialAttr.RECIPE) else {})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
