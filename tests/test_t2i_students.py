@@ -16,7 +16,8 @@ from automl_diff.errors import UserError
 from automl_diff.methods.diffnas.search import record_teacher_blocks
 from automl_diff.methods.diffnas.supernet import assemble_student, build_supernets, iter_tensors
 from automl_diff.models.loading import load_teacher
-from tests.conftest import SD_LAYOUT, TINY_PROMPTS, build_tiny_sd_pipeline, printed_load_calls, write_study
+from automl_diff.models.recipes import bk_sdm_removed
+from tests.conftest import SD_LAYOUT, TINY_PROMPTS, build_tiny_sd_pipeline, printed_load_calls, sample_without_automl_diff, write_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -313,7 +314,7 @@ def test_stacking_dipgo_on_a_diffnas_text_to_image_export(tiny_sd_dir, tmp_path,
 def test_bk_sdm_removes_the_layers_the_paper_names():
     from diffusers import UNet2DConditionModel
 
-    from automl_diff.bench.peers import bk_sdm_peer, bk_sdm_removed
+    from automl_diff.models.recipes import bk_sdm_peer
     from tests.conftest import TINY_COND_UNET
 
     torch.manual_seed(0)
@@ -354,11 +355,12 @@ def test_bk_sdm_retrains_on_sds_layout_with_its_own_loss(sd_layout_dir, tmp_path
     conditional teacher with BK-SDM's loss (task + output + stage features, weight 1 each)."""
     import torch.nn.functional as F
 
-    from automl_diff.bench.peers import BkSdmLoss, bk_sdm_label, retrain_bk_sdm
+    from automl_diff.bench.peers import BkSdmLoss, retrain_bk_sdm
     from automl_diff.config.options import DKDMOptions
     from automl_diff.config.study import load_study_config
     from automl_diff.methods.training import TrainingInputs
     from automl_diff.models.blocks import record_blocks
+    from automl_diff.models.recipes import bk_sdm_label
     from automl_diff.sampling import predict_noise
 
     (tmp_path / "train.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
@@ -407,7 +409,7 @@ def test_the_sd15_diffnas_study_runs_offline_on_a_tiny_pipeline_of_sd15s_layout(
         storage=f"sqlite:///{tmp_path / 'sd15.db'}",
         output_dir=str(tmp_path / "runs"),
         device="cpu",
-        n_trials=1,
+        n_trials=3,
         fid={"dataset": "digits", "features": "digits"},
     )
     config["prompts"].pop("alignment")
@@ -419,9 +421,124 @@ def test_the_sd15_diffnas_study_runs_offline_on_a_tiny_pipeline_of_sd15s_layout(
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path), "--quiet"]) == 0, capsys.readouterr().err
     study = optuna.load_study(study_name="diffnas_sd15", storage=config["storage"])
-    assert [t.state.name for t in study.trials] == ["COMPLETE"]
-    assert set(study.trials[0].user_attrs["block_choices"]) >= {"down.0", "down.3", "mid", "up.0", "up.3"}
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    # BK-SDM-Base and -Small first, as block choices of the space, then a tolerance of the search
+    assert [t.user_attrs.get("recipe") for t in study.trials] == ["bk-sdm-base", "bk-sdm-small", None]
+    base, small, searched = (t.user_attrs["block_choices"] for t in study.trials)
+    assert set(searched) >= {"down.0", "down.3", "mid", "up.0", "up.3"} and "tolerance" in study.trials[2].params
+    assert base["down.1"] == "layers=1,width=1,attention=true" and base["up.2"] == "layers=2,width=1,attention=true"
+    assert base["mid"] == "layers=2,width=1,attention=true" and small["mid"].startswith("layers=0,")
+    removed = set(bk_sdm_removed(load_teacher(str(sd_layout_dir)).unet, "small"))
+    layout = study.trials[1].user_attrs["model_config"]
+    assert {n for n, w in layout["resnet_widths"].items() if w == 0} | set(layout["skip_attentions"]) == removed
+    assert study.trials[0].user_attrs["macs"] > study.trials[1].user_attrs["macs"]
+    # the recipe's student exports and samples with diffusers alone
+    storage = config["storage"]
+    capsys.readouterr()
+    out = tmp_path / "bk_sdm_small"
+    assert main(["export", "--storage", storage, "--study-name", "diffnas_sd15", "--trial", "1", "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    seen = sample_without_automl_diff(call, cwd=tmp_path, prompt="a handwritten seven")
+    assert seen["unet"] == "StudentUNet2DConditionModel" and not seen["imported"]
+    assert json.loads((out / "automl_diff.json").read_text())["lineage"][0]["recipe"] == "bk-sdm-small"
     # unchanged, offline, the study names the user's files first
     capsys.readouterr()
     assert main(["run", str(REPO / "studies" / "diffnas_sd15.yaml"), "--quiet"]) == 2
     assert "prompts.train: the prompt file" in capsys.readouterr().err
+
+
+def test_bk_sdm_is_a_point_of_sd15s_supernet_space_whose_up_stages_drop_the_middle_pair():
+    from diffusers import UNet2DConditionModel
+
+    from automl_diff.config.search_space import computing_resnets
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD_LAYOUT).eval()
+    space = load_search_space(REPO / "search_spaces" / "sd15_supernet.yaml")
+    assert computing_resnets(3, 2, "middle") == {0, 2} and computing_resnets(3, 1, "middle") == {2}
+    assert computing_resnets(3, 2, "end") == {0, 1} and computing_resnets(3, 0, "middle") == set()
+    base = space.point_of(unet, bk_sdm_removed(unet, "base"), "bk-sdm-base")
+    assert base == {"down.0": 1, "down.1": 1, "down.2": 1, "down.3": 1, "mid": 2, "up.0": 2, "up.1": 2, "up.2": 2, "up.3": 2}
+    assert space.point_of(unet, bk_sdm_removed(unet, "small"), "bk-sdm-small")["mid"] == 0
+    # the subnets of that point remove exactly BK-SDM's layers (a removed resnet keeps its shortcut)
+    from automl_diff.methods.diffnas.supernet import BlockChoice
+
+    supernets = build_supernets(unet, space)
+    choices = {n: sn.canonical(BlockChoice(base[n], 1.0, True, 0)) for n, sn in supernets.items()}
+    _, config = assemble_student(unet, supernets, choices)
+    zero = {n for n, w in config["resnet_widths"].items() if w == 0}
+    assert zero | set(config["skip_attentions"]) == set(bk_sdm_removed(unet, "base"))
+    # a space whose up stages drop their last pairs first does not hold BK-SDM: one line says what it needs
+    end = SupernetSpace("s.yaml", tuple(SupernetBlock(b.name, b.layers, b.width, b.attention, b.depth) for b in space.blocks))
+    needs = r"^s.yaml: blocks.up.0: bk-sdm-base removes up.0.resnets.1, which is not a point of this space; "
+    with pytest.raises(UserError, match=needs + "it needs drop: middle$"):
+        end.point_of(unet, bk_sdm_removed(unet, "base"), "bk-sdm-base")
+    blocks = [SupernetBlock(b.name, b.layers, (0.5,), b.attention, b.depth, b.drop) if b.name == "down.1" else b for b in space.blocks]
+    with pytest.raises(UserError, match=r"blocks.down.1: .* down.1.resnets.1, down.1.attentions.1, which .* it needs width: 1.0$"):
+        SupernetSpace("s.yaml", tuple(blocks)).point_of(unet, bk_sdm_removed(unet, "base"), "bk-sdm-base")
+    with pytest.raises(UserError, match=r"blocks.down.0: .* it needs layers: 1$"):  # an undeclared block keeps the teacher's
+        narrow = SupernetSpace("s.yaml", (SupernetBlock("down.1", (1, 2)),))
+        narrow.point_of(unet, bk_sdm_removed(unet, "base"), "bk-sdm-base")
+
+
+def test_dkdm_warm_starts_distil_bk_sdms_students_first(sd_layout_dir, tmp_path, capsys):
+    """A DKDM study on SD's layout names BK-SDM-Base and -Small: they are its first trials, stock
+    UNet2DConditionModels with the teacher's remaining weights (whatever the space holds), marked on
+    the front, and they export as pipelines diffusers loads alone."""
+    import optuna
+
+    from automl_diff.cli import main
+
+    (tmp_path / "train.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    (tmp_path / "eval.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    space = tmp_path / "space.yaml"
+    space.write_text("family: unet2d_condition\nblocks:\n  down.0: {channels: [16, 32], layers: [1, 2]}\n")
+    path = write_study(
+        tmp_path,
+        sd_layout_dir,
+        space,
+        n_trials=3,
+        sampler={"name": "tpe", "seed": 0},
+        prompts={"train": "train.txt", "eval": "eval.txt"},
+        budgets={**yaml.safe_load(write_study(tmp_path, sd_layout_dir, space).read_text())["budgets"], "batch_size": 4, "fid_samples": 6},
+        method_options={"pool_size": 8, "pool_steps": 3, "warm_start": ["bk-sdm-base", "bk-sdm-small"]},
+    )
+    assert main(["run", str(path), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [t.user_attrs.get("recipe") for t in trials] == ["bk-sdm-base", "bk-sdm-small", None]
+    base, small = (t.user_attrs["model_config"] for t in trials[:2])
+    assert base["_class_name"] == "UNet2DConditionModel" and base["layers_per_block"] == [1, 1, 1, 1]
+    assert small["mid_block_type"] is None and trials[0].user_attrs["inherited_fraction"] == 1.0
+    assert "down.0.layers" in trials[2].params
+    capsys.readouterr()
+    assert main(["pareto", "--storage", storage, "--study-name", "tiny", "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert all(r["recipe"] == {0: "bk-sdm-base", 1: "bk-sdm-small"}.get(r["trial"]) for r in front)
+    out = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "tiny", "--trial", "1", "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    seen = sample_without_automl_diff(call, cwd=tmp_path, prompt="a three")
+    assert seen["unet"] == "UNet2DConditionModel" and not seen["imported"]
+    # recipes of another method, or one the space cannot hold, are one line
+    for method, options, message in (
+        (
+            "dkdm",
+            {"warm_start": ["deepcache:3"]},
+            "method_options.warm_start[0]: not a recipe of method dkdm, whose recipes are bk-sdm-base",
+        ),
+        ("diffnas", {"warm_start": ["bk-sdm-small"]}, "blocks.down.0: warm_start bk-sdm-small (BK-SDM-Small) removes down.0.resnets.1, "),
+    ):
+        supernet = tmp_path / "supernet.yaml"
+        supernet.write_text("family: supernet\nblocks:\n  mid: {layers: [1, 2]}\n")
+        bad = write_study(
+            tmp_path,
+            sd_layout_dir,
+            supernet if method == "diffnas" else space,
+            method=method,
+            prompts={"train": "train.txt", "eval": "eval.txt"},
+            method_options=options,
+        )
+        assert main(["run", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

@@ -41,7 +41,7 @@ from typing import Any
 
 from torch import nn
 
-from automl_diff.bench.peers import BK_SDM_VARIANTS, bk_sdm_label, deepcache, retrain_bk_sdm, torch_pruning_peer
+from automl_diff.bench.peers import deepcache, retrain_bk_sdm, torch_pruning_peer
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
@@ -52,6 +52,7 @@ from automl_diff.methods.dipgo.method import BUDGET, DiPGOAttr
 from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.loading import Teacher
+from automl_diff.models.recipes import BK_SDM_VARIANTS, bk_sdm_label
 
 __all__ = ["ROWS", "RowSpec", "plan"]
 

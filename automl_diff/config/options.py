@@ -18,6 +18,7 @@ from automl_diff.config._reader import Section, positive, read_settings, setting
 from automl_diff.config.search_space import SearchSpace, SupernetSpace
 from automl_diff.errors import UserError
 from automl_diff.models.dataflow import GRANULARITIES
+from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS, bk_sdm_removed
 
 if TYPE_CHECKING:
     from automl_diff.config.settings import MethodSettings
@@ -67,6 +68,16 @@ def _dipgo_recipe(recipe: str) -> str | None:
             "not a recipe of method dipgo, whose recipes are deepcache:N (DeepCache's schedule, refreshed every N steps; N of at least 2)"
         )
     return None
+
+
+def _bk_sdm_recipe(method: str) -> Any:
+    def check(recipe: str) -> str | None:
+        if recipe in BK_SDM_RECIPES:
+            return None
+        names = ", ".join(f"{name} ({BK_SDM_VARIANTS[variant]})" for name, variant in BK_SDM_RECIPES.items())
+        return f"not a recipe of method {method}, whose recipes are {names}"
+
+    return check
 
 
 def _unit_interval(value: float) -> str | None:
@@ -188,6 +199,13 @@ class DKDMOptions(PoolOptions):
     init: str = _option(
         "teacher", "teacher (the student starts from a cut of the teacher's weights) or random", choices=("teacher", "random")
     )
+    warm_start: tuple[str, ...] = _option(
+        (),
+        "known students enqueued as the study's first trials, so that the study always holds them, each distilled like "
+        "any other: bk-sdm-base and bk-sdm-small are BK-SDM's block removals (one resnet + attention pair fewer per "
+        "stage; small also drops the mid block) with the teacher's remaining weights, whatever the search space holds",
+        check=_bk_sdm_recipe("dkdm"),
+    )
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         super().check_against(settings, teacher, original)
@@ -231,6 +249,14 @@ class DiffNASOptions(PoolOptions):
     joint_end: float = _option(0.0, "block-feature weight at the last step", check=_unit_interval)
     data_weight: float = _option(0.0, "weight of the data loss (source: dataset only)", check=_at_least(0))
     ema_decay: float = _option(0.995, "weight EMA of the retrained student (0: off)", check=_decay)
+    warm_start: tuple[str, ...] = _option(
+        (),
+        "known students enqueued as the study's first trials, so that the study always holds them: bk-sdm-base and "
+        "bk-sdm-small take per block the subnet that is BK-SDM's removal (it must be a point of the search space: down "
+        "stages drop their last pair, up stages the one before their last, drop: middle; small also sets the mid "
+        "block's layers to 0) and retrain it like any other",
+        check=_bk_sdm_recipe("diffnas"),
+    )
 
     def check(self, file: str) -> None:
         _require_below(self, file, "tolerance_low", "tolerance_high")
@@ -241,6 +267,9 @@ class DiffNASOptions(PoolOptions):
         super().check_against(settings, teacher, original)
         space = self._space(settings, SupernetSpace, "supernet (per-block subnet choices)")
         space.validate_for(teacher.unet)
+        for recipe in self.warm_start:
+            variant = BK_SDM_RECIPES[recipe]
+            space.point_of(teacher.unet, bk_sdm_removed(teacher.unet, variant), f"warm_start {recipe} ({BK_SDM_VARIANTS[variant]})")
 
 
 @dataclass(frozen=True)

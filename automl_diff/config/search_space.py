@@ -34,12 +34,32 @@ from typing import Any
 from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.errors import UserError
 
-__all__ = ["FAMILIES", "BlockChoices", "SearchSpace", "SupernetBlock", "SupernetSpace", "load_search_space"]
+__all__ = [
+    "DROP_ORDERS",
+    "FAMILIES",
+    "BlockChoices",
+    "SearchSpace",
+    "SupernetBlock",
+    "SupernetSpace",
+    "computing_resnets",
+    "load_search_space",
+]
 
 #: Search-space families: ``unet2d`` and ``unet2d_condition`` (whole student architectures,
 #: DKDM; unconditional and text-conditioned) and ``supernet`` (per-block subnet choices of the
 #: teacher's blocks, DiffNAS).
 FAMILIES = ("unet2d", "unet2d_condition", "supernet")
+
+#: Which of a supernet block's resnets stop computing first (:class:`SupernetBlock`'s ``drop``).
+DROP_ORDERS = ("end", "middle")
+
+
+def computing_resnets(count: int, layers: int, drop: str = "end") -> frozenset[int]:
+    """The indices of a block's ``count`` resnets that compute when ``layers`` of them do, in the
+    ``drop`` order (:data:`DROP_ORDERS`)."""
+    if drop == "middle" and 0 < layers < count:
+        return frozenset([*range(layers - 1), count - 1])
+    return frozenset(range(min(layers, count)))
 
 
 @dataclass(frozen=True)
@@ -261,6 +281,10 @@ class SupernetBlock:
         name: the block (``down.1``, ``mid``, ``up.0``).
         layers: how many of the block's resnets (each with the attention that follows it) compute;
             the rest keep only their shortcut, so the block's output shape is the teacher's.
+        drop: which resnets stop computing first when ``layers`` is below the block's depth:
+            ``end`` (the last ones; the first ``layers`` compute) or ``middle`` (those before the
+            last, from the back; the last always computes, so an up stage keeps the resnet that
+            takes the skip from the level above, as BK-SDM's up stages do).
         width: inner width of the computed resnets, as a fraction of the block's channels.
         attention: whether the computed layers keep their attention.
         depth: transformer layers each kept ``Transformer2DModel`` attention computes (cross-attention
@@ -272,6 +296,7 @@ class SupernetBlock:
     width: tuple[float, ...] | None = None
     attention: tuple[bool, ...] | None = None
     depth: tuple[int, ...] | None = None
+    drop: str = "end"
 
 
 @dataclass(frozen=True)
@@ -285,7 +310,7 @@ class SupernetSpace:
         blocks:
           down.1: {layers: [0, 1], width: [0.25, 0.5, 1.0]}
           mid:    {layers: [1, 2], width: [0.5, 1.0], attention: [true, false]}
-          up.1:   {layers: [1, 2], width: [0.25, 0.5, 0.75, 1.0], depth: [1, 2]}
+          up.1:   {layers: [1, 2], width: [0.25, 0.5, 0.75, 1.0], depth: [1, 2], drop: middle}
 
     ``depth`` applies to the ``Transformer2DModel`` attentions of cross-attention blocks.
     """
@@ -298,6 +323,47 @@ class SupernetSpace:
             if b.name == name:
                 return b
         return SupernetBlock(name)
+
+    def point_of(self, unet: Any, removed: list[str], what: str) -> dict[str, int]:
+        """Per block the ``layers`` that remove exactly the ``removed`` layers (block names, as
+        :func:`~automl_diff.models.recipes.bk_sdm_removed` gives) at full width, depth and
+        attention; ``what`` names the recipe in the error.
+
+        Raises:
+            UserError: where that is not a point of this space, naming the block.
+        """
+        from automl_diff.models.blocks import block_names, get_block
+
+        point = {}
+        for name in block_names(unet):
+            module = get_block(unet, name)
+            count = len(getattr(module, "resnets", ()))
+            dropped = {i for i in range(count) if f"{name}.resnets.{i}" in removed}
+            layers = count - len(dropped)
+            spec = self.block(name)
+            kept = computing_resnets(count, layers, spec.drop)
+            has_attention = any(a is not None for a in getattr(module, "attentions", None) or ())
+            transformer = max(
+                (len(getattr(a, "transformer_blocks", ())) for a in getattr(module, "attentions", None) or () if a), default=0
+            )
+            misses = []
+            if kept != set(range(count)) - dropped:
+                misses.append(f"drop: {'middle' if spec.drop == 'end' else 'end'}")
+            if layers not in (spec.layers if spec.layers is not None else (count,)):
+                misses.append(f"layers: {layers}")
+            if layers and 1.0 not in (spec.width or (1.0,)):
+                misses.append("width: 1.0")
+            if layers and has_attention and spec.attention is not None and True not in spec.attention:
+                misses.append("attention: true")
+            if layers and spec.depth is not None and not any(d >= transformer for d in spec.depth):
+                misses.append(f"depth: {transformer}")
+            if misses:
+                gone = ", ".join(n for n in removed if n.startswith(f"{name}.")) or f"nothing of {name}"
+                raise UserError(
+                    f"{self.path}: blocks.{name}: {what} removes {gone}, which is not a point of this space; it needs {', '.join(misses)}"
+                )
+            point[name] = layers
+        return point
 
     def validate_for(self, unet: Any) -> None:
         """Check the declared blocks and choices against the teacher's modules.
@@ -360,6 +426,7 @@ def _load_supernet_space(path: str | Path, top: Section) -> SupernetSpace:
                 width=block.take_list("width", float, None, check=_fraction),
                 attention=block.take_list("attention", bool, None),
                 depth=block.take_list("depth", int, None, check=positive),
+                drop=block.take("drop", str, "end", choices=DROP_ORDERS),
             )
         )
         block.done()

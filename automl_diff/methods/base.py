@@ -174,8 +174,8 @@ class Method(ABC):
     @classmethod
     def lineage_facts(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """What a trial's step of an export's lineage records besides its parameters and metrics.
-        Default: nothing."""
-        return {}
+        Default: the recipe a warm-start trial was enqueued for."""
+        return {TrialAttr.RECIPE: attrs[TrialAttr.RECIPE]} if attrs.get(TrialAttr.RECIPE) else {}
 
     @classmethod
     def lineage_note(cls, step: Mapping[str, Any], number: int) -> str:

@@ -23,6 +23,7 @@ from automl_diff.config.study import StudyConfig, resolve_device
 from automl_diff.errors import UserError
 from automl_diff.evaluation import Evaluator, ModelMetrics
 from automl_diff.methods import METHODS, Rungs, TrainingDiverged, TrainingFailed
+from automl_diff.methods.base import recipe_of
 from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
 from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.artifacts import attach_samples
@@ -184,7 +185,7 @@ class StudySession:
         """Enqueue each of the method's warm-start recipes that no trial of the study holds yet
         (a failed one is tried again) as a waiting trial, so that the next trials make them;
         returns the recipes enqueued."""
-        held = {t.user_attrs.get(TrialAttr.RECIPE) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
+        held = {recipe_of(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
         missing = [recipe for recipe in self.method.recipes if recipe not in held]
         for recipe in missing:
             study.enqueue_trial({}, user_attrs={TrialAttr.RECIPE: recipe})
@@ -208,7 +209,7 @@ class StudySession:
             if other.number == trial.number or (other.state == running and other.number > trial.number):
                 continue
             theirs = other.user_attrs.get(TrialAttr.FINGERPRINT)
-            same_recipe = other.user_attrs.get(TrialAttr.RECIPE) == trial.user_attrs.get(TrialAttr.RECIPE)
+            same_recipe = recipe_of(other) == recipe_of(trial)
             if theirs == fingerprint or (theirs is None and other.params == trial.params and same_recipe):
                 return other.number
         return None

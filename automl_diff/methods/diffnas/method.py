@@ -26,7 +26,7 @@ import torch
 
 from automl_diff.config.options import DiffNASOptions
 from automl_diff.config.search_space import SupernetSpace
-from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, TrainAttr
+from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, TrainAttr, recipe_of
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
     BlockInputs,
@@ -46,7 +46,8 @@ from automl_diff.methods.training.loop import conditioning, held_out_loss
 from automl_diff.methods.training.stages import distillation_step_stage, pool_stages
 from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import weights_digest
-from automl_diff.records import stable_key
+from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS, bk_sdm_removed
+from automl_diff.records import TrialAttr, stable_key
 
 __all__ = ["RETRAIN_ITERATIONS", "TOLERANCE", "DiffNAS", "DiffNASAttr"]
 
@@ -122,7 +123,7 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
     def lineage_facts(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
         if not attrs.get(DiffNASAttr.BLOCK_CHOICES):
             return {}
-        return {k: attrs.get(k) for k in (DiffNASAttr.BLOCK_CHOICES, DiffNASAttr.RETRAIN_ITERATIONS)}
+        return {k: attrs.get(k) for k in (DiffNASAttr.BLOCK_CHOICES, DiffNASAttr.RETRAIN_ITERATIONS)} | super().lineage_facts(attrs)
 
     @classmethod
     def lineage_note(cls, step: Mapping[str, Any], number: int) -> str:
@@ -273,8 +274,15 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
         logger.info("DiffNAS: %s search scored %d block candidates in %.1f s", o.search, evaluations, time.perf_counter() - start)
 
     # -- trials ----------------------------------------------------------------------------------
+    @property
+    def recipes(self) -> tuple[str, ...]:
+        return self.options.warm_start
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         o = self.options
+        recipe = recipe_of(trial)
+        if recipe is not None:  # a warm start: BK-SDM's removal as the block choices, the largest retraining budget
+            return {TrialAttr.RECIPE: recipe}
         params = {TOLERANCE: trial.suggest_float(TOLERANCE, o.tolerance_low, o.tolerance_high, log=True)}
         if len(o.retrain_iterations) > 1:
             params[RETRAIN_ITERATIONS] = trial.suggest_categorical(RETRAIN_ITERATIONS, list(o.retrain_iterations))
@@ -293,8 +301,8 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
     def _iterations(self, params: dict[str, Any]) -> int:
         if RETRAIN_ITERATIONS in params:
             return int(params[RETRAIN_ITERATIONS])
-        if len(self.options.retrain_iterations) == 1:
-            return int(self.options.retrain_iterations[0])
+        if self.options.retrain_iterations:  # one budget, or a recipe's: the largest
+            return int(max(self.options.retrain_iterations))
         return self.settings.budgets.train_iterations
 
     def choose(self, tolerance: float) -> tuple[dict[str, BlockChoice], dict[str, float]]:
@@ -308,12 +316,29 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
         return dict(best.choices), {"mean": best.loss}
 
     def fingerprint(self, params: dict[str, Any]) -> str:
-        """Tolerances that select the same student at the same budget make the same model."""
-        choices, _ = self.choose(params[TOLERANCE])
+        """Tolerances (or a recipe) that select the same student at the same budget make the same model."""
+        choices, _ = self.choices_of(params)
         return stable_key({"choices": {n: c.key for n, c in choices.items()}, "iterations": self._iterations(params)})
 
+    def recipe_choices(self, recipe: str) -> tuple[dict[str, BlockChoice], dict[str, float]]:
+        """The block choices that are a recipe's removal (full width, depth and attention in the
+        blocks it keeps), and their block losses where the search scored them."""
+        variant = BK_SDM_RECIPES[recipe]
+        what = f"warm_start {recipe} ({BK_SDM_VARIANTS[variant]})"
+        point = self.space.point_of(self.teacher.unet, bk_sdm_removed(self.teacher.unet, variant), what)
+        choices = {name: sn.canonical(BlockChoice(point[name], 1.0, True, 0)) for name, sn in self.supernets.items()}
+        scored = {name: {s.choice: s.loss for s in scores} for name, scores in (self.block_scores or {}).items()}
+        losses = {name: scored[name][choice] for name, choice in choices.items() if choice in scored.get(name, {})}
+        return choices, losses
+
+    def choices_of(self, params: dict[str, Any]) -> tuple[dict[str, BlockChoice], dict[str, float]]:
+        """The block choices a trial's parameters select (its tolerance's, or its recipe's)."""
+        recipe = params.get(TrialAttr.RECIPE)
+        return self.recipe_choices(recipe) if recipe else self.choose(params[TOLERANCE])
+
     def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
-        choices, losses = self.choose(params[TOLERANCE])
+        recipe = params.get(TrialAttr.RECIPE)
+        choices, losses = self.choices_of(params)
         iterations = self._iterations(params)
         seed = self.settings.seed + number
         torch.manual_seed(seed)
@@ -325,6 +350,7 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
             DiffNASAttr.RETRAIN_ITERATIONS: iterations,
             DiffNASAttr.JOINT_SCHEDULE: o.joint_schedule,
             **self.summary,
+            **({TrialAttr.RECIPE: recipe} if recipe else {}),
         }
         if iterations > 0:
             at = rungs.iterations(iterations) if rungs is not None else []

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automl_diff.config.search_space import SupernetSpace
+from automl_diff.config.search_space import SupernetSpace, computing_resnets
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 from automl_diff.models.inherit import cut_resnet
 from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, with_layout
@@ -51,7 +51,8 @@ class BlockChoice:
     """One candidate subnet of a block.
 
     Attributes:
-        layers: resnets that compute (the first ``layers``); the others keep their shortcut.
+        layers: how many resnets compute (which ones: the supernet's ``drop`` order); the others
+            keep their shortcut.
         width: inner width of the computing resnets, as a fraction of their full width.
         attention: whether computing layers keep the attention that follows them.
         depth: transformer layers each kept attention computes (0: all of the teacher's).
@@ -165,6 +166,8 @@ class BlockSupernet(nn.Module):
         name: the block's name (``down.1``).
         block: the teacher's block (copied; the teacher is not modified).
         layers, width, attention, depth: the choices (None: the teacher's only).
+        drop: which resnets stop computing first below the block's depth (``end``: the last
+            ones; ``middle``: those before the last, from the back; the search space's ``drop``).
     """
 
     def __init__(
@@ -176,9 +179,11 @@ class BlockSupernet(nn.Module):
         width: tuple[float, ...] | None = None,
         attention: tuple[bool, ...] | None = None,
         depth: tuple[int, ...] | None = None,
+        drop: str = "end",
     ) -> None:
         super().__init__()
         self.name = name
+        self.drop = drop
         self.block = copy.deepcopy(block)
         self.block.requires_grad_(True)
         self.block.resnets = nn.ModuleList([ElasticResnet(r) for r in self.block.resnets])
@@ -194,6 +199,10 @@ class BlockSupernet(nn.Module):
             sorted({0 if d >= self.full_depth else d for d in (depth if depth is not None else (0,))}, key=self._depth_order)
         )
         self.choice = self.largest()
+
+    def computing(self, choice: BlockChoice) -> frozenset[int]:
+        """The indices of the resnets (each with the attention after it) that ``choice`` computes."""
+        return computing_resnets(len(self.block.resnets), choice.layers, self.drop)
 
     def _depth_order(self, depth: int) -> int:
         """Depths ordered by how much they compute (0, all layers, last)."""
@@ -240,12 +249,13 @@ class BlockSupernet(nn.Module):
     def set(self, choice: BlockChoice) -> BlockSupernet:
         """Make the supernet compute ``choice`` (returns self)."""
         choice = self.canonical(choice)
+        computing = self.computing(choice)
         attentions = getattr(self.block, "attentions", None)
         for i, resnet in enumerate(self.block.resnets):
-            resnet.active = i < choice.layers
+            resnet.active = i in computing
             resnet.width = self.inner_width(resnet, choice.width)
             if attentions is not None and i < len(attentions) and attentions[i] is not None:
-                attentions[i].active = choice.attention and i < choice.layers
+                attentions[i].active = choice.attention and i in computing
                 attentions[i].depth = choice.depth
         self.choice = choice
         return self
@@ -263,16 +273,17 @@ class BlockSupernet(nn.Module):
         """``resnet_widths``, ``skip_attentions`` and ``transformer_depths`` entries (student
         config) of a candidate."""
         choice = self.canonical(choice)
+        computing = self.computing(choice)
         widths: dict[str, int] = {}
         skips: list[str] = []
         depths: dict[str, int] = {}
         attentions = getattr(self.block, "attentions", None)
         for i, resnet in enumerate(self.block.resnets):
-            inner = self.inner_width(resnet, choice.width) if i < choice.layers else 0
+            inner = self.inner_width(resnet, choice.width) if i in computing else 0
             if inner != resnet.full_width:
                 widths[f"{self.name}.resnets.{i}"] = inner
             has_attention = attentions is not None and i < len(attentions) and attentions[i] is not None
-            if has_attention and not (choice.attention and i < choice.layers):
+            if has_attention and not (choice.attention and i in computing):
                 skips.append(f"{self.name}.attentions.{i}")
             elif has_attention and choice.depth:
                 depths[f"{self.name}.attentions.{i}"] = choice.depth
@@ -282,12 +293,13 @@ class BlockSupernet(nn.Module):
     def subnet(self, choice: BlockChoice) -> nn.Module:
         """The candidate as a plain diffusers block with the shared weights cut out (a copy)."""
         choice = self.canonical(choice)
+        computing = self.computing(choice)
         block = copy.deepcopy(self.block)
         attentions = getattr(block, "attentions", None)
         resnets = []
         for i, elastic in enumerate(block.resnets):
             r = elastic.resnet
-            if i >= choice.layers:
+            if i not in computing:
                 resnets.append(Shortcut(r.conv_shortcut, r.output_scale_factor))
                 continue
             width = self.inner_width(elastic, choice.width)
@@ -298,7 +310,7 @@ class BlockSupernet(nn.Module):
         if attentions is not None:
             block.attentions = nn.ModuleList(
                 [
-                    a if a is None else (a.attention if choice.attention and i < choice.layers else SkipAttention())
+                    a if a is None else (a.attention if choice.attention and i in computing else SkipAttention())
                     for i, a in enumerate(attentions)
                 ]
             )
@@ -314,7 +326,9 @@ def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, Block
     for name in block_names(teacher):
         spec = space.block(name)
         block = get_block(teacher, name)
-        out[name] = BlockSupernet(name, block, layers=spec.layers, width=spec.width, attention=spec.attention, depth=spec.depth)
+        out[name] = BlockSupernet(
+            name, block, layers=spec.layers, width=spec.width, attention=spec.attention, depth=spec.depth, drop=spec.drop
+        )
     return out
 
 

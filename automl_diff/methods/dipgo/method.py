@@ -96,7 +96,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         schedule = attrs.get(TrialAttr.SCHEDULE) or {}
         steps, units = schedule.get("steps"), len(schedule.get("units", ()))
         facts = {TrialAttr.SCHEDULE: {"steps": steps, "units": units, DiPGOAttr.COMPUTED_FRACTION: attrs.get(DiPGOAttr.COMPUTED_FRACTION)}}
-        return facts | ({TrialAttr.RECIPE: attrs[TrialAttr.RECIPE]} if attrs.get(TrialAttr.RECIPE) else {})
+        return facts | super().lineage_facts(attrs)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

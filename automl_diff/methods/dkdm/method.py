@@ -14,7 +14,7 @@ import torch
 
 from automl_diff.config.options import DKDMOptions
 from automl_diff.config.search_space import SearchSpace
-from automl_diff.methods.base import Candidate, Method, Rungs, TrainAttr
+from automl_diff.methods.base import Candidate, Method, Rungs, TrainAttr, recipe_of
 from automl_diff.methods.training import PoolBatches, TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel
 from automl_diff.methods.training.loop import held_out_loss
@@ -22,6 +22,8 @@ from automl_diff.methods.training.stages import distillation_step_stage, pool_st
 from automl_diff.metrics.stages import Stage
 from automl_diff.models.inherit import inherit_from_teacher
 from automl_diff.models.loading import unet_from_config
+from automl_diff.models.recipes import BK_SDM_RECIPES, bk_sdm_peer
+from automl_diff.records import TrialAttr
 
 __all__ = ["DKDM", "DKDMAttr"]
 
@@ -66,7 +68,14 @@ class DKDM(Method):
         if workdir is not None:
             self.workdir = Path(workdir)
 
+    @property
+    def recipes(self) -> tuple[str, ...]:
+        return self.options.warm_start
+
     def suggest(self, trial: Any) -> dict[str, Any]:
+        recipe = recipe_of(trial)
+        if recipe is not None:  # a warm start: BK-SDM's student, whatever the space holds
+            return {TrialAttr.RECIPE: recipe}
         return self.space.suggest(trial)
 
     def stages(self) -> list[Stage]:
@@ -77,8 +86,13 @@ class DKDM(Method):
         ]
 
     def build_student(self, params: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], float | None]:
-        """The untrained student ``params`` select, its diffusers config, and the share of its
-        parameters cut from the teacher's (None: ``init: random``)."""
+        """The untrained student ``params`` select (or the recipe they name), its diffusers config,
+        and the share of its parameters cut from the teacher's (None: ``init: random``)."""
+        if TrialAttr.RECIPE in params:
+            student, config, _ = bk_sdm_peer(self.teacher.unet, BK_SDM_RECIPES[params[TrialAttr.RECIPE]])
+            if self.options.init == "teacher":
+                return student.train(), config, 1.0
+            return unet_from_config(config, where=self.settings.where), config, None
         config = self.space.to_config(params, dict(self.teacher.unet.config))
         student = unet_from_config(config, where=self.space.path)
         inherited = None
@@ -136,6 +150,8 @@ class DKDM(Method):
             DKDMAttr.INIT: self.options.init,
             TrainAttr.TRAIN_PROCESSES: result.processes,
         }
+        if TrialAttr.RECIPE in params:
+            attrs[TrialAttr.RECIPE] = params[TrialAttr.RECIPE]
         if inherited is not None:
             attrs[DKDMAttr.INHERITED_FRACTION] = round(inherited, 4)
         if isinstance(batches, PoolBatches):
