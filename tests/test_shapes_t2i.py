@@ -83,14 +83,16 @@ def test_the_shapes_t2i_configs_have_sd15s_layout_and_compression():
     assert latents.shape == (2, 4, 8, 8) and 3 * 64 * 64 // latents[0].numel() == 48
 
 
-def test_the_shipped_shapes_teacher_names_the_command_that_trains_it():
+def test_a_missing_shapes_teacher_names_the_command_that_trains_it(tmp_path, monkeypatch):
+    import dataclasses
+
     from automl_diff.zoo import TEACHERS
 
     teacher = TEACHERS["shapes-t2i"]
     assert teacher.dataset == "shapes" and teacher.judge == "shapes" and "train_shapes_t2i" in teacher.retrain
-    if not (teacher.folder / "unet").is_dir():  # its weights are not shipped yet: one line says how to make them
-        with pytest.raises(UserError, match="retrain it with python -m automl_diff.zoo.train_shapes_t2i"):
-            load_teacher("shapes-t2i")
+    monkeypatch.setitem(TEACHERS, "shapes-t2i", dataclasses.replace(teacher, folder=tmp_path))
+    with pytest.raises(UserError, match=r"missing from .*; retrain it with python -m automl_diff.zoo.train_shapes_t2i"):
+        load_teacher("shapes-t2i")
 
 
 @pytest.fixture(scope="module")

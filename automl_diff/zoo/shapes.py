@@ -46,6 +46,7 @@ __all__ = [
     "load_shapes",
     "prompt_set",
     "render",
+    "shape_mask",
     "train_classifier",
 ]
 
@@ -178,6 +179,14 @@ def _render(scenes: Scenes, resolution: int) -> torch.Tensor:
     background = (scenes.background.view(n, 3, 1, 1) + shade.unsqueeze(1)).clamp(0, 1)
     image = background * (1 - coverage) + scenes.colour.view(n, 3, 1, 1) * coverage
     return (image * 2 - 1).contiguous()
+
+
+def shape_mask(scenes: Scenes, images: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, H, W)`` 1.0 on the shape's pixels of the scenes' ``images`` (:func:`render`'s): those
+    more than 0.25 away from the scene's background colour in some channel (the background's
+    gradient stays within 0.08, every colour is at least 0.3 away from every background)."""
+    background = (scenes.background * 2 - 1).view(-1, 3, 1, 1)
+    return ((images - background).abs().amax(1, keepdim=True) > 0.25).float()
 
 
 def caption(attributes: torch.Tensor | tuple[int, ...], template: int = 0) -> str:

@@ -37,8 +37,11 @@ __all__ = [
     "MAX_TOKENS",
     "SCHEDULER_CONFIG",
     "SHAPES_T2I_DIR",
+    "SHAPE_WEIGHT",
     "UNET_CONFIG",
     "VAE_CONFIG",
+    "X0_WEIGHT_CAP",
+    "reconstruction_error",
     "train_text_to_image",
     "train_vae",
     "vocabulary",
@@ -48,6 +51,15 @@ SHAPES_T2I_DIR = Path(__file__).resolve().parent / "shapes_t2i"
 
 #: The guidance scale the pipeline is evaluated at.
 GUIDANCE_SCALE = 2.0
+
+#: How much more the autoencoder's loss weighs the shape's pixels than the background's (the
+#: shape covers about 7% of an image; weighed alike, the autoencoder loses its colour).
+SHAPE_WEIGHT = 10.0
+
+#: The cap of the clean-latent loss's weight in the UNet's training
+#: (:func:`automl_diff.zoo.text_to_image.train_text_to_image`'s ``x0_weight_cap``): with the noise
+#: loss alone the UNet ignores the prompt's position (BENCHMARKS.md).
+X0_WEIGHT_CAP = 20.0
 
 #: The tokenizer's padded length (the longest caption is 16 tokens with its two markers).
 MAX_TOKENS = 20
@@ -96,12 +108,27 @@ def train_vae(
     steps: int = 1200,
     batch_size: int = 32,
     count: int = shapes.DATASET_SIZE,
+    shape_weight: float = SHAPE_WEIGHT,
     progress: Callable[[int, float], None] | None = None,
 ) -> VaeResult:
     """Train the autoencoder on ``count`` scenes of the dataset's seed (all of the dataset by
-    default; :func:`automl_diff.zoo.text_to_image.train_vae`)."""
-    images = shapes.load_shapes(count=count)
-    return text_to_image.train_vae(images, VAE_CONFIG, seed=seed, steps=steps, batch_size=batch_size, progress=progress)
+    default), the shape's pixels weighted ``shape_weight`` times the background's
+    (:func:`automl_diff.zoo.shapes.shape_mask`, :func:`automl_diff.zoo.text_to_image.train_vae`)."""
+    scenes = shapes.draw_scenes(count, seed=0)
+    images = shapes.render(scenes)
+    weights = 1 + (shape_weight - 1) * shapes.shape_mask(scenes, images)
+    return text_to_image.train_vae(images, VAE_CONFIG, seed=seed, steps=steps, batch_size=batch_size, weights=weights, progress=progress)
+
+
+def reconstruction_error(vae: nn.Module, *, count: int = 512) -> tuple[float, float]:
+    """The autoencoder's mean squared error on the dataset's first ``count`` scenes (their latents'
+    means decoded, clamped to [-1, 1]): over all pixels, and over the shape's pixels alone."""
+    scenes = shapes.draw_scenes(count, seed=0)
+    images = shapes.render(scenes)
+    mask = shapes.shape_mask(scenes, images)
+    with torch.no_grad():
+        error = (vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1) - images).square()
+    return error.mean().item(), ((error * mask).sum() / (mask.sum() * error.shape[1])).item()
 
 
 def train_text_to_image(
@@ -115,8 +142,8 @@ def train_text_to_image(
 ) -> TextToImageResult:
     """Train the conditional UNet and the text encoder together on the latents of ``count`` scenes
     of the dataset's seed (all of the dataset by default), each
-    image with a random phrasing of its scene, the prompt dropped with probability 0.1
-    (:func:`automl_diff.zoo.text_to_image.train_text_to_image`)."""
+    image with a random phrasing of its scene, the prompt dropped with probability 0.1, the noisiest
+    steps weighted up (:data:`X0_WEIGHT_CAP`; :func:`automl_diff.zoo.text_to_image.train_text_to_image`)."""
     scenes = shapes.draw_scenes(count, seed=0)
     images = shapes.render(scenes)
     tokenizer = text_to_image.word_tokenizer(vocabulary(), max_length=MAX_TOKENS)
@@ -132,5 +159,6 @@ def train_text_to_image(
         seed=seed,
         steps=steps,
         batch_size=batch_size,
+        x0_weight_cap=X0_WEIGHT_CAP,
         progress=progress,
     )

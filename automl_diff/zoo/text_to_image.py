@@ -145,11 +145,18 @@ def train_vae(
     batch_size: int = 64,
     lr: float = 2e-3,
     kl_weight: float = 1e-4,
+    weights: torch.Tensor | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> VaeResult:
     """Train an ``AutoencoderKL(**config)`` on ``images`` (L1 + MSE reconstruction, a small KL
     term) and set its ``scaling_factor`` to one over the latents' standard deviation, as SD's.
-    Its reconstruction error is measured on the first 2048 images (all of a smaller dataset)."""
+    Its reconstruction error is measured on the first 2048 images (all of a smaller dataset).
+
+    Args:
+        weights: per-pixel weights of the reconstruction terms, one map per image broadcastable
+            against it (``(N, 1, H, W)``), so that small objects are not averaged away; None
+            weighs every pixel alike.
+    """
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -161,11 +168,17 @@ def train_vae(
     vae.train()
     loss_value = float("nan")
     for step in range(steps):
-        x = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        x = images[index]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         out = vae.decode(z).sample
-        loss = F.l1_loss(out, x) + F.mse_loss(out, x) + kl_weight * posterior.kl().mean()
+        if weights is None:
+            fit = F.l1_loss(out, x) + F.mse_loss(out, x)
+        else:
+            error = out - x
+            fit = (weights[index] * (error.abs() + error.square())).mean()
+        loss = fit + kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -208,6 +221,7 @@ def train_text_to_image(
     lr: float = 2e-3,
     ema_decay: float = 0.999,
     dropout: float = 0.1,
+    x0_weight_cap: float = 0.0,
     progress: Callable[[int, float], None] | None = None,
 ) -> TextToImageResult:
     """Train a ``UNet2DConditionModel(**unet_config)`` and a text encoder (``text_model()``, built
@@ -217,6 +231,10 @@ def train_text_to_image(
 
     Args:
         captions: ``(N, K, L)`` token ids: image ``i``'s ``K`` phrasings, padded to ``L``.
+        x0_weight_cap: adds the clean-latent loss to the noise loss: per sample, the noise loss is
+            weighted ``1 + min(1 / SNR(t), x0_weight_cap)`` (the clean-latent loss is the noise
+            loss times ``1 / SNR``), so that the noisiest steps, where the prompt alone decides
+            the layout, teach it; the UNet still predicts the noise. 0: the noise loss alone.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
@@ -249,7 +267,12 @@ def train_text_to_image(
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         states = text(tokens)[0]
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred, noise)
+        if x0_weight_cap:
+            alpha = noise_scheduler.alphas_cumprod[t]
+            weight = 1 + ((1 - alpha) / alpha).clamp(max=x0_weight_cap)
+            loss = (weight * (pred - noise).square().mean((1, 2, 3))).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

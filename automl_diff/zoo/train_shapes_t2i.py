@@ -8,7 +8,8 @@ Trains the classifier (the ``shapes`` FID features and prompt judge) on fresh sc
 autoencoder on the dataset, then the conditional UNet and the text encoder together on its latents
 (:mod:`automl_diff.zoo.shapes_t2i`), and writes a ``StableDiffusionPipeline`` folder (safetensors
 only) with ``classifier.safetensors`` and ``training.json`` (the recipe, the times, the
-classifier's held-out accuracy per attribute and the last losses).
+classifier's held-out accuracy per attribute, the autoencoder's error over all pixels and over the
+shape's, and the last losses).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
     from automl_diff.zoo import shapes
-    from automl_diff.zoo.shapes_t2i import GUIDANCE_SCALE, train_text_to_image, train_vae
+    from automl_diff.zoo.shapes_t2i import GUIDANCE_SCALE, SHAPE_WEIGHT, X0_WEIGHT_CAP, reconstruction_error, train_text_to_image, train_vae
     from automl_diff.zoo.text_to_image import progress_bar, save_pipeline
 
     if args.threads:
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     bar, progress = progress_bar(args.vae_steps, "autoencoder")
     vae = train_vae(seed=args.seed, steps=args.vae_steps, count=count, progress=progress)
     bar.close()
-    print(f"autoencoder: {args.vae_steps} steps, {vae.seconds:.1f} s, reconstruction MSE {vae.reconstruction:.4f}", flush=True)
+    overall, shape = reconstruction_error(vae.vae)
+    print(
+        f"autoencoder: {args.vae_steps} steps, {vae.seconds:.1f} s, reconstruction MSE {overall:.4f}, {shape:.4f} on the shape's pixels",
+        flush=True,
+    )
     bar, progress = progress_bar(args.unet_steps, "unet + text encoder")
     result = train_text_to_image(vae.vae, seed=args.seed, steps=args.unet_steps, count=count, progress=progress)
     bar.close()
@@ -65,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         "classifier_accuracy": clf.accuracy,
         "vae_steps": args.vae_steps,
         "vae_seconds": round(vae.seconds, 1),
-        "vae_reconstruction_mse": vae.reconstruction,
+        "vae_shape_weight": SHAPE_WEIGHT,
+        "vae_reconstruction_mse": overall,
+        "vae_shape_mse": shape,
         "scaling_factor": vae.scaling_factor,
         "unet_steps": args.unet_steps,
         "unet_seconds": round(result.seconds, 1),
         "unet_final_loss": result.final_loss,
+        "unet_x0_weight_cap": X0_WEIGHT_CAP,
         "prompt_dropout": 0.1,
         "templates": list(shapes.TEMPLATES),
         "guidance_scale": GUIDANCE_SCALE,
