@@ -5,6 +5,7 @@ pipeline it makes through the CLI to an export that diffusers loads alone."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from automl_diff.errors import UserError
 from automl_diff.models.loading import load_teacher
 from automl_diff.zoo import shapes
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_scenes_are_drawn_where_and_as_their_captions_say():
@@ -93,6 +96,31 @@ def test_a_missing_shapes_teacher_names_the_command_that_trains_it(tmp_path, mon
     monkeypatch.setitem(TEACHERS, "shapes-t2i", dataclasses.replace(teacher, folder=tmp_path))
     with pytest.raises(UserError, match=r"missing from .*; retrain it with python -m automl_diff.zoo.train_shapes_t2i"):
         load_teacher("shapes-t2i")
+
+
+def test_the_shipped_shapes_teacher_draws_what_its_prompts_ask_for_through_diffusers_alone():
+    """The shipped pipeline, loaded and sampled by diffusers alone (DDIM, the studies' 25 steps and
+    guidance), draws the scenes of the evaluation prompts: the shapes judge reads all five
+    attributes right in most images (0.90 on all 480 prompts at seed 0, BENCHMARKS.md), where a
+    teacher that ignores one attribute, as the position-blind second training run did, scores 0.17."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from automl_diff.data import read_prompts
+    from automl_diff.metrics.alignment import prompt_accuracy, prompt_labels
+    from automl_diff.zoo import JUDGES
+    from automl_diff.zoo.shapes_t2i import GUIDANCE_SCALE, SHAPES_T2I_DIR
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHAPES_T2I_DIR))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(read_prompts(REPO / "studies" / "prompts" / "shapes_eval.txt")[:120])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        images = pipe(prompts, num_inference_steps=25, guidance_scale=GUIDANCE_SCALE, generator=generator, output_type="pt").images
+    assert images.shape == (120, 3, 64, 64)
+    judge = JUDGES["shapes"]
+    right = prompt_accuracy(images * 2 - 1, prompt_labels(prompts, judge), judge)
+    assert right.low >= 0.75, right
 
 
 @pytest.fixture(scope="module")
