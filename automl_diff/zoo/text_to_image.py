@@ -207,6 +207,15 @@ class TextToImageResult:
     final_loss: float
 
 
+def _noise_loss(pred: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, x0_weight_cap: float) -> torch.Tensor:
+    """The noise prediction's MSE, each sample weighted ``1 + min(1 / SNR, x0_weight_cap)`` where
+    the cap is set (``alpha``: the samples' cumulative alphas)."""
+    if not x0_weight_cap:
+        return F.mse_loss(pred, noise)
+    weight = 1 + ((1 - alpha) / alpha).clamp(max=x0_weight_cap)
+    return (weight * (pred - noise).square().mean((1, 2, 3))).mean()
+
+
 def train_text_to_image(
     vae: nn.Module,
     images: torch.Tensor,
@@ -267,12 +276,7 @@ def train_text_to_image(
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         states = text(tokens)[0]
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=states).sample
-        if x0_weight_cap:
-            alpha = noise_scheduler.alphas_cumprod[t]
-            weight = 1 + ((1 - alpha) / alpha).clamp(max=x0_weight_cap)
-            loss = (weight * (pred - noise).square().mean((1, 2, 3))).mean()
-        else:
-            loss = F.mse_loss(pred, noise)
+        loss = _noise_loss(pred, noise, noise_scheduler.alphas_cumprod[t], x0_weight_cap)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
