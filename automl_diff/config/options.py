@@ -18,7 +18,7 @@ from automl_diff.config._reader import Section, positive, read_settings, setting
 from automl_diff.config.search_space import SearchSpace, SupernetSpace
 from automl_diff.errors import UserError
 from automl_diff.models.dataflow import GRANULARITIES
-from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS, bk_sdm_removed
+from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS
 
 if TYPE_CHECKING:
     from automl_diff.config.settings import MethodSettings
@@ -268,8 +268,7 @@ class DiffNASOptions(PoolOptions):
         space = self._space(settings, SupernetSpace, "supernet (per-block subnet choices)")
         space.validate_for(teacher.unet)
         for recipe in self.warm_start:
-            variant = BK_SDM_RECIPES[recipe]
-            space.point_of(teacher.unet, bk_sdm_removed(teacher.unet, variant), f"warm_start {recipe} ({BK_SDM_VARIANTS[variant]})")
+            space.recipe_point(teacher.unet, recipe)
 
 
 @dataclass(frozen=True)

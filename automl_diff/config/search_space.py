@@ -365,6 +365,13 @@ class SupernetSpace:
             point[name] = layers
         return point
 
+    def recipe_point(self, unet: Any, recipe: str) -> dict[str, int]:
+        """:meth:`point_of` a ``warm_start`` recipe (``bk-sdm-base``, ``bk-sdm-small``) on ``unet``."""
+        from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS, bk_sdm_removed
+
+        variant = BK_SDM_RECIPES[recipe]
+        return self.point_of(unet, bk_sdm_removed(unet, variant), f"warm_start {recipe} ({BK_SDM_VARIANTS[variant]})")
+
     def validate_for(self, unet: Any) -> None:
         """Check the declared blocks and choices against the teacher's modules.
 

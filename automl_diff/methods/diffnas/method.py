@@ -46,7 +46,6 @@ from automl_diff.methods.training.loop import conditioning, held_out_loss
 from automl_diff.methods.training.stages import distillation_step_stage, pool_stages
 from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import weights_digest
-from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS, bk_sdm_removed
 from automl_diff.records import TrialAttr, stable_key
 
 __all__ = ["RETRAIN_ITERATIONS", "TOLERANCE", "DiffNAS", "DiffNASAttr"]
@@ -323,9 +322,7 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
     def recipe_choices(self, recipe: str) -> tuple[dict[str, BlockChoice], dict[str, float]]:
         """The block choices that are a recipe's removal (full width, depth and attention in the
         blocks it keeps), and their block losses where the search scored them."""
-        variant = BK_SDM_RECIPES[recipe]
-        what = f"warm_start {recipe} ({BK_SDM_VARIANTS[variant]})"
-        point = self.space.point_of(self.teacher.unet, bk_sdm_removed(self.teacher.unet, variant), what)
+        point = self.space.recipe_point(self.teacher.unet, recipe)
         choices = {name: sn.canonical(BlockChoice(point[name], 1.0, True, 0)) for name, sn in self.supernets.items()}
         scored = {name: {s.choice: s.loss for s in scores} for name, scores in (self.block_scores or {}).items()}
         losses = {name: scored[name][choice] for name, choice in choices.items() if choice in scored.get(name, {})}
