@@ -15,7 +15,7 @@ the preset's seed, so a row measured alone gives what it gives in the full run.
 4. ``torch_pruning``: the teacher pruned by Torch-Pruning (L2 magnitude, as Diff-Pruning) at the
    ratio whose MACs are closest to the DiffNAS student's, fine-tuned with the same data-free
    batches and budget.
-5. ``bk_sdm``: BK-SDM's block removal (its Base or Small variant) of the teacher, the remaining
+5. ``bk_sdm``: BK-SDM's block removal (its Base and/or Small variant, a row each) of the teacher, the remaining
    weights kept, retrained with BK-SDM's own loss (task + output distillation + stage-feature
    distillation, weight 1 each; on data-free batches the task target is the teacher's prediction)
    from the same data-free batches at the DiffNAS student's budget, through the same loop. Named
@@ -204,27 +204,27 @@ def torch_pruning_row(bench: Bench) -> None:
 
 def bk_sdm_row(bench: Bench) -> None:
     p = bench.preset
-    start = time.perf_counter()
     teacher = bench.teacher.unet
-    result, _, removed = retrain_bk_sdm(
-        teacher,
-        p.bk_sdm_variant,
-        bench.inputs.batches(p.seed + 3),
-        iterations=p.retrain_iterations,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        ema_decay=p.ema_decay,
-    )
-    label = bk_sdm_label(teacher, p.bk_sdm_variant)
-    bench.measure(
-        f"BK-SDM peer ({label})",
-        "peer",
-        result.model,
-        search_seconds=bench.pool_seconds + time.perf_counter() - start,
-        notes=f"{BK_SDM_VARIANTS[p.bk_sdm_variant]}'s block removal ({', '.join(removed)}), the teacher's remaining weights, "
-        f"retrained {p.retrain_iterations} steps with BK-SDM's loss (task + output + stage-feature MSE, weight 1 each)",
-        peer_of="DiffNAS student",
-    )
+    for index, variant in enumerate(p.bk_sdm_variants):
+        start = time.perf_counter()
+        result, _, removed = retrain_bk_sdm(
+            teacher,
+            variant,
+            bench.inputs.batches(p.seed + 3),
+            iterations=p.retrain_iterations,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            ema_decay=p.ema_decay,
+        )
+        bench.measure(
+            f"BK-SDM peer ({bk_sdm_label(teacher, variant)})",
+            "peer",
+            result.model,
+            search_seconds=bench.pool_seconds + time.perf_counter() - start,
+            notes=f"{BK_SDM_VARIANTS[variant]}'s block removal ({', '.join(removed)}), the teacher's remaining weights, "
+            f"retrained {p.retrain_iterations} steps with BK-SDM's loss (task + output + stage-feature MSE, weight 1 each)",
+            peer_of="DiffNAS student" if index == 0 else None,
+        )
 
 
 def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind: str) -> list[Row]:

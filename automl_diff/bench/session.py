@@ -283,7 +283,7 @@ class BenchResult:
         against = self.teacher if goal.against == "teacher" else rows.get(goal.against)
         candidates = [r for r in self.rows if r.name.startswith(goal.row) and r is not against]
         if against is None or not candidates:
-            return None, False, f"not measured ({goal.row} or {goal.against} is not a row of this run)"
+            return None, False, f"not measured ({goal.rows_named} or {goal.against} is not a row of this run)"
 
         def figures(row: Row) -> tuple[bool, str]:
             versus = compare_rows(row, against)
@@ -304,6 +304,10 @@ class BenchResult:
                 checks.append(
                     (drop.low >= -goal.alignment_drop, f"alignment - {against.name} {drop.value:.4f} [{drop.low:.4f}, {drop.high:.4f}]")
                 )
+            if goal.efficiency is not None:
+                efficiency = self.efficiency(row, self.preset.latency_batch)
+                spread = f"{efficiency.median:.2f} [{efficiency.q1:.2f}-{efficiency.q3:.2f}]"
+                checks.append((efficiency.q1 >= goal.efficiency, f"speedup / MACs reduction {spread}"))
             if goal.matched_macs:
                 checks.append(
                     (
