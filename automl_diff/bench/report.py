@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import BenchResult
 from automl_diff.formatting import fmt_si
 from automl_diff.metrics.intervals import Interval, Spread
+from automl_diff.zoo import JUDGES, TEACHERS
 
 __all__ = ["markdown", "write_section"]
 
@@ -65,7 +67,7 @@ def _header(result: BenchResult, command: str, aligned: str | None) -> list[str]
         "",
         f"Every row: teacher `{p.teacher}`, DDIM with {p.steps} steps (eta 0)"
         + (
-            f", the prompts of `{Path(p.prompts_eval).name}` ({e.images_per_prompt} consecutive images each) with "
+            f", the prompts of `{Path(p.prompts_eval).name}` ({_per_prompt(e.images_per_prompt)}) with "
             f"classifier-free guidance {e.sampling.guidance_scale:g}, decoded by the teacher's VAE (DiP-GO's pruners train on "
             f"`{Path(p.prompts_train).name}`)"
             if p.prompts_eval and p.prompts_train
@@ -87,10 +89,23 @@ def _header(result: BenchResult, command: str, aligned: str | None) -> list[str]
     ]
     if aligned:
         lines[-1] += (
-            f" {aligned} is each set's share of images the shipped digits classifier reads as the digit their prompt names, "
+            f" {aligned} is each set's share of images {_judged_by(p)} their prompt names, "
             "the mean over the sets with its t-interval, compared with the teacher's set by set (higher is better)."
         )
     return lines
+
+
+def _per_prompt(images: int) -> str:
+    return "one image each" if images == 1 else f"{images} consecutive images each"
+
+
+def _judged_by(p: BenchPreset) -> str:
+    """Who reads the images for prompt accuracy, in words."""
+    builtin = TEACHERS.get(p.teacher)
+    judge = JUDGES.get(p.evaluation.judge or (builtin.judge if builtin is not None else ""))
+    if judge is None:
+        return "the prompt judge's classifier reads as the class"
+    return f"the shipped {judge.name} classifier reads as the {judge.what}"
 
 
 def _quality_table(result: BenchResult, aligned: str | None) -> list[str]:
