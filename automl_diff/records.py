@@ -91,6 +91,8 @@ class TrialAttr:
     RECIPE: Final = "recipe"
     DUPLICATE_OF: Final = "duplicate_of"
     FAIL_REASON: Final = "fail_reason"
+    #: The Ray node a trial ran on (``{"id", "ip", "host"}``; Ray backend only).
+    NODE: Final = "ray_node"
     # early stopping: the score at each rung reached (``{"0": 0.031, ...}``), the training
     # iteration of each rung, the MACs the pruner ranked the trial by, and why it was stopped
     RUNG_SCORES: Final = "rung_scores"

@@ -18,7 +18,7 @@ from tests.conftest import REPO, TINY_BUDGETS, holding_env, later_trials_score_w
 
 pytest.importorskip("ray.tune")
 
-COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+COMPLETE, RUNNING, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 FINISHED = (COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -64,7 +64,7 @@ def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_
 
 def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
     """Ctrl-C while a Tune trial runs leaves it running in the study; the same command restores
-    the Tune experiment and finishes that very trial."""
+    the Tune experiment and retries that trial."""
     budgets = {
         "train_iterations": 40,
         "batch_size": 8,
@@ -91,7 +91,11 @@ def test_interrupted_ray_experiment_resumes(study_factory, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the interrupted Ray Tune experiment" in resumed.stderr
     trials = optuna.load_study(study_name="tiny", storage=storage).trials
-    assert [t.state for t in trials] == [COMPLETE]
+    # the interrupted attempt's work went with its Ray instance: that trial fails with the reason,
+    # and a new trial with its parameters, naming it in its retry history, completes the study
+    assert [t.state for t in trials] == [FAIL, COMPLETE]
+    assert "is no longer in the cluster" in trials[0].user_attrs[TrialAttr.FAIL_REASON]
+    assert trials[1].system_attrs["retry_history"] == [0] and trials[1].params == trials[0].params
 
 
 def test_ray_trials_stop_at_rungs_by_the_same_multi_objective_decision_as_local_ones(study_factory, tmp_path, capfd):

@@ -35,6 +35,7 @@ class MethodSettings:
             DiffNAS's latency costs).
         score_samples: the held-out batch of rung scores.
         processes: data-parallel training processes.
+        launcher: what starts them (``torchrun``, or ``ray_train``: Ray Train's TorchTrainer).
         seed: the training seed.
         where: what errors name (the config file).
     """
@@ -48,5 +49,6 @@ class MethodSettings:
     latency_repeats: int = 3
     score_samples: int = 256
     processes: int = 1
+    launcher: str = "torchrun"
     seed: int = 0
     where: str = "study"

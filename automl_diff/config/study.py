@@ -99,12 +99,24 @@ class ExecutionSettings:
     cpus_per_trial: float = setting(1.0, section="execution", check=positive, doc="Ray: CPUs reserved per trial")
     gpus_per_trial: float = setting(0.0, section="execution", check=_not_negative, doc="Ray: GPUs per trial (fractions share a GPU)")
     max_concurrent: int = setting(0, section="execution", check=_not_negative, doc="Ray: trials at once (0: as the resources allow)")
-    max_failures: int = setting(2, section="execution", check=_not_negative, doc="Ray: restarts of a trial whose worker crashed")
+    max_failures: int = setting(
+        2,
+        section="execution",
+        check=_not_negative,
+        doc="Ray: retries of a trial whose worker or node died, each a new Optuna trial with its parameters (the lost one fails)",
+    )
     processes_per_trial: int = setting(
         0,
         section="execution",
         check=_not_negative,
-        doc="data-parallel training processes of a trial (torchrun; 0: one per whole GPU of gpus_per_trial)",
+        doc="data-parallel training processes of a trial (0: one per whole GPU of gpus_per_trial)",
+    )
+    launcher: str = setting(
+        "auto",
+        section="execution",
+        choices=("auto", "torchrun", "ray_train"),
+        doc="what starts a data-parallel trial's processes: torchrun (one node) or Ray Train's TorchTrainer (workers spread over "
+        "the cluster's nodes); auto: ray_train on the Ray backend, torchrun on the local one",
     )
 
     @property
@@ -208,6 +220,7 @@ class StudyConfig:
             latency_repeats=e.latency_repeats,
             score_samples=self.pruner.score_samples,
             processes=self.execution.processes,
+            launcher="ray_train" if self.execution.launcher == "ray_train" else "torchrun",
             seed=self.seed,
             where=self.path,
         )

@@ -12,8 +12,14 @@ remaining trials to Ray Tune:
   run; it records the outcome in the study itself (values, pruned duplicate, failed with
   ``fail_reason``), then reports it to Tune with the trial folder (weights, samples, schedule)
   as the trial's checkpoint.
-* A worker that crashes is restarted up to ``execution.max_failures`` times (``FailureConfig``);
-  a restarted trial whose result is already in the study reports it instead of training again.
+* Each trial records the Ray node it runs on (``ray_node``: node id, IP and host name).
+* A worker that crashes, or a node that dies under a trial, is retried up to
+  ``execution.max_failures`` times (``FailureConfig``), on any node with the resources. The lost
+  attempt's Optuna trial is failed with the reason (which node, whether it died) and the retry
+  is a new Optuna trial with the same parameters that names it in its retry history, as
+  Optuna's ``RetryFailedTrialCallback`` does for the local runner; completed trials are never
+  touched, and the study still reaches its total. A restarted trial whose result is already in
+  the study reports it instead of training again.
 * An interrupted experiment (driver stopped, trials left running) is resumed with
   ``Tuner.restore`` by running the same command again; otherwise each run starts a new Tune
   experiment for the trials still missing from ``n_trials``.
@@ -24,14 +30,22 @@ remaining trials to Ray Tune:
   scores and the reason. Tune's own schedulers are single-objective (they would stop the cheap,
   less accurate students of the front's low-MACs end first), so none is used.
 * With ``execution.processes_per_trial`` (or ``gpus_per_trial``) above 1, a trial trains with DDP
-  over the GPUs Ray reserved for it (``torchrun`` inside its worker, one node).
+  as a Ray Train ``TorchTrainer`` run inside its Tune trial (``execution.launcher: auto``): the
+  run's placement group reserves one CPU (or GPU) per rank and spreads the ranks over the
+  cluster's nodes, and rung scores and early stopping work as on one node. The trial's own
+  worker keeps its ``cpus_per_trial``/``gpus_per_trial`` for evaluating the trained model.
+  ``launcher: torchrun`` runs the ranks inside the trial's worker instead (one node).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import math
 import os
+import socket
+import time
 from typing import Any
 
 import optuna
@@ -79,9 +93,22 @@ def _searcher_class() -> type:
         """OptunaSearch whose trainables record their own outcome in the study (as local trials
         do); the searcher only fails the trials whose worker crashed for good."""
 
+        def __init__(self, *args: Any, study_name: str, storage: optuna.storages.BaseStorage, **kwargs: Any) -> None:
+            super().__init__(*args, study_name=study_name, storage=storage, **kwargs)
+            self.study_name, self.storage = study_name, storage
+            self.numbers: dict[str, int] = {}  # Tune trial id: the Optuna trial it asked
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            if isinstance(config, dict) and TRIAL_NUMBER_KEY in config:
+                self.numbers[trial_id] = config[TRIAL_NUMBER_KEY]
+            return config
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if error:
-                super().on_trial_complete(trial_id, result=None, error=True)
+            if error and trial_id in self.numbers:  # failed for good: its last attempt's Optuna trial fails with the reason
+                study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+                if _give_up(self.storage, study, self.numbers[trial_id]):
+                    super().on_trial_complete(trial_id, result=None, error=True)
 
     return StudySearch
 
@@ -103,15 +130,99 @@ def _result(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> dict[str, A
     return result
 
 
+def _this_node() -> dict[str, str]:
+    import ray
+
+    return {"id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
+
+
+#: Seconds a retry waits for the cluster to mark a lost attempt's node dead: a node's death reaches
+#: the cluster's list of nodes (its health checks) some seconds after its workers' deaths do.
+NODE_DEATH_WAIT = 30.0
+
+
+def _lost(node: dict[str, str]) -> str:
+    """Why an attempt that started on ``node`` ended without a result, as the cluster tells it
+    (waiting up to :data:`NODE_DEATH_WAIT` seconds for a node still listed alive)."""
+    import ray
+
+    where = f"Ray node {node['id'][:12]} ({node['ip']}, {node['host']})"
+    deadline = time.monotonic() + NODE_DEATH_WAIT
+    while True:
+        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        if node["id"] not in alive:
+            return f"lost mid-trial: {where} is no longer in the cluster (its Ray instance was stopped with the driver)"
+        if not alive[node["id"]]:
+            return f"lost mid-trial: {where} died"
+        if time.monotonic() > deadline:
+            return f"lost mid-trial: its worker on {where} died"
+        time.sleep(1.0)
+
+
+def _newest_attempt(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> tuple[optuna.trial.FrozenTrial, int]:
+    """The newest of Optuna trial ``number`` and its retries, and its trial id."""
+    chain = [t for t in study.get_trials(deepcopy=False) if t.number == number or number in t.system_attrs.get("retry_history", ())]
+    current = max(chain, key=lambda t: t.number)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return current, storage.get_trial_id_from_study_id_trial_number(study_id, current.number)
+
+
+def _attempt(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> int:
+    """The id of the Optuna trial an attempt of the Tune trial that asked Optuna trial ``number``
+    runs or reports: the newest of ``number`` and its retries. One that an earlier attempt left
+    running on a node (the attempt was lost with its worker, its node or its driver) is failed
+    with the reason, and a new trial with its parameters, naming it in its retry history, is
+    the one to run."""
+    current, current_id = _newest_attempt(storage, study, number)
+    node = current.user_attrs.get(TrialAttr.NODE)
+    if current.state.is_finished() or node is None:
+        return current_id
+    reason = current.user_attrs.get(TrialAttr.FAIL_REASON) or _lost(node)  # an exception the attempt raised, else the cluster's word
+    storage.set_trial_user_attr(current_id, TrialAttr.FAIL_REASON, reason)
+    storage.set_trial_state_values(current_id, state=optuna.trial.TrialState.FAIL)
+    history = [*current.system_attrs.get("retry_history", ()), current.number]
+    retry = optuna.trial.FrozenTrial(
+        number=-1,
+        state=optuna.trial.TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params=current.params,
+        distributions=current.distributions,
+        user_attrs={k: v for k, v in current.user_attrs.items() if k in (TrialAttr.RECIPE,)},
+        system_attrs={**current.system_attrs, "failed_trial": current.number, "retry_history": history},
+        intermediate_values={},
+        trial_id=-1,
+    )
+    retry_id = storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=retry)
+    logger.warning("trial %d %s; retried as trial %d", current.number, reason, storage.get_trial_number_from_id(retry_id))
+    return retry_id
+
+
+def _give_up(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> bool:
+    """Fail the newest running trial of Tune trial ``number``'s attempts (``number`` or one of its
+    retries) with its reason; whether ``number`` itself is still to be failed (by the searcher)."""
+    current, current_id = _newest_attempt(storage, study, number)
+    if current.state != optuna.trial.TrialState.RUNNING:
+        return False
+    node = current.user_attrs.get(TrialAttr.NODE)
+    reason = current.user_attrs.get(TrialAttr.FAIL_REASON) or (_lost(node) if node else "its Ray worker failed before the trial started")
+    storage.set_trial_user_attr(current_id, TrialAttr.FAIL_REASON, f"{reason}; no retries left (execution.max_failures)")
+    if current.number == number:
+        return True
+    storage.set_trial_state_values(current_id, state=optuna.trial.TrialState.FAIL)
+    return False
+
+
 def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: str, storage_url: str) -> None:
     """A Tune function trainable: one Optuna trial through :meth:`StudySession.objective`."""
     from ray import tune
 
     storage = open_storage(storage_url, heartbeat_interval=None)
     study = optuna.load_study(study_name=study_name, storage=storage)
-    study_id = storage.get_study_id_from_name(study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(tune_config[TRIAL_NUMBER_KEY]))
+    trial_id = _attempt(storage, study, int(tune_config[TRIAL_NUMBER_KEY]))
     if not storage.get_trial(trial_id).state.is_finished():
+        storage.set_trial_user_attr(trial_id, TrialAttr.NODE, _this_node())
         trial = optuna.Trial(study, trial_id)
         session = _session(config, study_name)
         session.storage = storage
@@ -122,6 +233,9 @@ def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: 
         except UserError as exc:
             trial.set_user_attr(TrialAttr.FAIL_REASON, str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except Exception as exc:  # Tune retries the attempt; the retry names this reason
+            trial.set_user_attr(TrialAttr.FAIL_REASON, f"{type(exc).__name__}: {first_line(exc)}")
+            raise
         else:
             study.tell(trial, list(values))  # NaN values (diverged, out of memory): a failed trial
     frozen = storage.get_trial(trial_id)
@@ -173,6 +287,8 @@ def run_study_ray(
         raise UserError("--backend ray: Ray Tune is not installed (pip install 'automl_diff[ray]')") from None
     storage_url = storage_url or config.storage
     study_name = study_name or config.name
+    if config.execution.launcher == "auto":  # data-parallel trials as Ray Train runs over the cluster
+        config = dataclasses.replace(config, execution=dataclasses.replace(config.execution, launcher="ray_train"))
     session, study, total = begin_run(config, storage_url=storage_url, study_name=study_name, n_trials=n_trials, progress=progress)
     _init_ray(address)
     execution = config.execution

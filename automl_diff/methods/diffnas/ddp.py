@@ -68,5 +68,9 @@ def _run(worker: Worker) -> dict[str, Any]:
     return _TASKS[worker.job["task"]["kind"]](worker)
 
 
+#: What every rank runs (each worker module names its task ``TASK``; Ray Train's workers look it up).
+TASK = _run
+
+
 if __name__ == "__main__":
-    worker_main(sys.argv[1], _run)
+    worker_main(sys.argv[1], TASK)

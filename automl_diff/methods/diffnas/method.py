@@ -236,7 +236,9 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
             "fit": training,
             "task": self._job({"kind": "supernets", "space": self.space.path, "state": state}),
         }
-        done = run_job(job, processes=self.processes, folder=workdir / "ddp" / "supernets", worker=DIFFNAS_WORKER)
+        done = run_job(
+            job, processes=self.processes, launcher=self.settings.launcher, folder=workdir / "ddp" / "supernets", worker=DIFFNAS_WORKER
+        )
         for name, supernet in self.supernets.items():
             supernet.load_state_dict({k[len(name) + 1 :]: v for k, v in done.result["state"].items() if k.startswith(name + ".")})
         return list(done.result["losses"])
@@ -370,6 +372,7 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
                     student_config=config,
                     teacher_source=self.original.source,
                     processes=self.processes,
+                    launcher=self.settings.launcher,
                     folder=self.workdir / "ddp" / f"trial_{number}",
                     held_out=held_out,
                     rungs=at,

@@ -127,6 +127,7 @@ class DKDM(Method):
                 student_config=config,
                 teacher_source=self.original.source,
                 processes=processes,
+                launcher=self.settings.launcher,
                 folder=self.workdir / "ddp" / f"trial_{number}",
                 held_out=held_out,
                 rungs=at,

@@ -6,14 +6,19 @@ tensors and plain values only, read back with ``weights_only=True``) and :func:`
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m WORKER JOB
 
-``WORKER`` is a module whose ``__main__`` calls :func:`worker_main` with the task it runs in every
-rank: this module trains a student with the noise-prediction loss (DKDM, :func:`fit_data_parallel`);
-a method brings its own (DiffNAS: supernet training, and retraining with its joint loss). Every
+or, with ``launcher="ray_train"`` (the Ray backend), as the workers of a Ray Train ``TorchTrainer``
+run, whose placement group spreads them over the cluster's nodes (``SPREAD``); the job folder must
+then be on storage every node reads (``output_dir`` on a shared disk). ``WORKER`` is a module
+that names the task it runs in every rank ``TASK`` and whose ``__main__`` calls
+:func:`worker_main` with it: this module trains a student with the noise-prediction loss (DKDM,
+:func:`fit_data_parallel`); a method brings its own (DiffNAS: supernet training, and retraining
+with its joint loss). Every
 rank loads the job, reloads the frozen teacher from its source and runs the task under
 ``torch.distributed`` (gloo on CPU, NCCL on GPUs, one GPU per rank), where
 :func:`~automl_diff.methods.training.loop.fit` is data-parallel: every rank draws the same global
 batch and trains on its own share of it. Each rank writes ``rank-<r>.json`` (the world size it
-saw, how many samples it trained on, the sums of its first shards); rank 0 writes the result. The
+saw, how many samples it trained on, the sums of its first shards, its node); rank 0 writes the
+result. The
 trial's process then evaluates and records the model as for any trial.
 
 Rungs cross the process boundary as files: at a rung, rank 0 writes ``rung-<k>.json`` (the
@@ -27,11 +32,15 @@ rank raised (the others then fail on the broken process group); the runner fails
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +54,10 @@ from automl_diff.methods.training.inputs import Batch, restore_batches
 from automl_diff.methods.training.loop import FitResult, fit, held_out_loss, noise_loss
 from automl_diff.models.loading import Teacher, load_teacher, unet_from_config
 
-__all__ = ["JobResult", "Worker", "fit_data_parallel", "run_job", "worker_main"]
+__all__ = ["LAUNCHERS", "JobResult", "Worker", "fit_data_parallel", "run_job", "worker_main"]
+
+#: What starts a job's ranks: ``torchrun`` on this node, or ``ray_train`` (Ray Train's workers).
+LAUNCHERS = ("torchrun", "ray_train")
 
 #: Seconds between looks at the job folder (rung files, the workers' exit).
 _POLL = 0.05
@@ -64,8 +76,8 @@ class JobResult:
     Attributes:
         result: what rank 0's task returned (tensors and plain values).
         ranks: every rank's report, by rank: ``rank``, ``world_size`` (as the rank saw it),
-            ``samples`` (how many samples it trained on) and ``shard_sums`` (the sum of the inputs
-            of each of its first shards).
+            ``samples`` (how many samples it trained on), ``shard_sums`` (the sum of the inputs
+            of each of its first shards) and ``node`` (its Ray node id, or host name).
     """
 
     result: dict[str, Any]
@@ -88,6 +100,70 @@ def _tensors(value: Any) -> Any:
     return value
 
 
+class _Torchrun:
+    """The ranks as ``torchrun``'s processes on this node."""
+
+    def __init__(self, path: Path, worker: str, processes: int, log: Any) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={processes}"]
+        self.process = subprocess.Popen(
+            [*command, "-m", worker, str(path)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def _ray_rank(config: dict[str, str]) -> None:
+    """One Ray Train worker: the worker module's task on this rank (Ray Train set up the group)."""
+    worker_main(config["job"], importlib.import_module(config["worker"]).TASK)
+
+
+class _RayTrain:
+    """The ranks as the workers of a Ray Train ``TorchTrainer`` run (gloo on CPU, NCCL with one GPU
+    each), spread over the cluster's nodes by its placement group; ``fit`` runs in a thread."""
+
+    def __init__(self, path: Path, worker: str, processes: int, log: Any) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        cuda = torch.cuda.is_available()
+        self.log = log
+        self.trainer = TorchTrainer(
+            _ray_rank,
+            train_loop_config={"job": str(path.resolve()), "worker": worker},
+            scaling_config=ScalingConfig(num_workers=processes, use_gpu=cuda, placement_strategy="SPREAD"),
+            torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+            run_config=RunConfig(
+                name=f"{path.parent.name}-{uuid.uuid4().hex[:8]}",
+                storage_path=str(path.parent.resolve() / "ray_train"),
+                failure_config=FailureConfig(max_failures=0),  # a failed rank fails the job, as under torchrun
+            ),
+        )
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, name=f"ray-train-{path.parent.name}", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as exc:  # reported through poll(); the ranks' own errors are in error-<r>.json
+            self.error = exc
+            self.log.write(f"{type(exc).__name__}: {exc}\n")
+            self.log.flush()
+
+    def poll(self) -> int | None:
+        if self.thread.is_alive():
+            return None
+        return 1 if self.error is not None else 0
+
+    def kill(self) -> None:
+        """Nothing to kill from here: the run's actors belong to this process and end with it."""
+
+
 def run_job(
     job: dict[str, Any],
     *,
@@ -95,9 +171,10 @@ def run_job(
     folder: Path,
     worker: str = __name__,
     on_rung: Callable[[int, int, float], None] | None = None,
+    launcher: str = "torchrun",
 ) -> JobResult:
-    """Write ``job`` to ``folder/job.pt``, run ``worker`` over ``processes`` ranks under ``torchrun``,
-    answer its rung reports, and return what it produced.
+    """Write ``job`` to ``folder/job.pt``, run ``worker`` over ``processes`` ranks (started by
+    ``launcher``: ``torchrun`` or ``ray_train``), answer its rung reports, and return what it produced.
 
     Args:
         job: the task's inputs; ``teacher`` (a source :func:`load_teacher` loads), ``dtype``,
@@ -105,9 +182,11 @@ def run_job(
             every task.
         processes: DDP ranks (one GPU each where CUDA is available).
         folder: where the job, the rung files, the reports and the result are written.
-        worker: the module ``torchrun`` runs (its ``__main__`` calls :func:`worker_main`).
+        worker: the module every rank runs the ``TASK`` of.
         on_rung: ``on_rung(rung, iteration, score)`` in this process; it may raise to stop the
             trial, and the exception is raised here once the workers have stopped.
+        launcher: ``torchrun`` (this node) or ``ray_train`` (Ray Train's workers, over the nodes
+            of the Ray cluster this process is connected to).
 
     Raises:
         TrainingFailed: a rank failed (its output is in ``folder/worker.log``).
@@ -117,21 +196,10 @@ def run_job(
         stale.unlink(missing_ok=True)
     path = folder / "job.pt"
     torch.save(_tensors(job), path)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        f"--nproc_per_node={processes}",
-        "-m",
-        worker,
-        str(path),
-    ]
     log = folder / "worker.log"
     pending: BaseException | None = None
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = (_RayTrain if launcher == "ray_train" else _Torchrun)(path, worker, processes, out)
         answered: set[int] = set()
         try:
             while process.poll() is None:
@@ -151,12 +219,11 @@ def run_job(
                 time.sleep(_POLL)
         except BaseException:
             process.kill()
-            process.wait()
             raise
     if pending is not None:
         raise pending
-    if process.returncode != 0:
-        raise TrainingFailed(f"a data-parallel rank failed (exit {process.returncode}; {log}): {_root_cause(folder, log)}")
+    if process.poll() != 0:
+        raise TrainingFailed(f"a data-parallel rank failed (exit {process.poll()}; {log}): {_root_cause(folder, log)}")
     ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))]
     return JobResult(torch.load(folder / "result.pt", weights_only=True), ranks)
 
@@ -174,6 +241,7 @@ def fit_data_parallel(
     on_rung: Callable[[int, int, float], None] | None = None,
     worker: str = __name__,
     task: dict[str, Any] | None = None,
+    launcher: str = "torchrun",
     **fit_options: Any,
 ) -> FitResult:
     """Train ``student`` as :func:`fit` would, over ``processes`` DDP ranks.
@@ -192,6 +260,7 @@ def fit_data_parallel(
         on_rung: ``on_rung(rung, iteration, score)`` in this process (:func:`run_job`).
         worker: the module whose task trains the student (default: this one, the noise loss).
         task: what that worker's task needs besides the student (its loss, say).
+        launcher: what starts the ranks (:func:`run_job`).
         fit_options: the keyword arguments of :func:`fit` (iterations, batch_size, lr, ...).
 
     Returns:
@@ -212,7 +281,7 @@ def fit_data_parallel(
         "fit": fit_options,
         "task": task or {},
     }
-    done = run_job(job, processes=processes, folder=folder, worker=worker, on_rung=on_rung)
+    done = run_job(job, processes=processes, folder=folder, worker=worker, on_rung=on_rung, launcher=launcher)
     student.load_state_dict(done.result["state"])
     if hasattr(batches, "set_counters"):
         batches.set_counters(done.result["counters"])
@@ -303,17 +372,28 @@ class Worker:
         return {"state": state, "losses": result.losses, "seconds": result.seconds, "counters": counters}
 
 
+def _node() -> str:
+    """The node this rank runs on: its Ray node id under Ray Train, else the host name."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
+
+
 def worker_main(job_path: str, task: Callable[[Worker], dict[str, Any]]) -> None:
-    """Run ``task`` on this rank of a ``torchrun`` job (a worker module's ``__main__``): rank 0
-    writes what it returns to ``result.pt``; every rank writes its report."""
+    """Run ``task`` on this rank of a job (a worker module's ``__main__`` under ``torchrun``, or a
+    Ray Train worker, whose process group Ray Train set up): rank 0 writes what it returns to
+    ``result.pt``; every rank writes its report."""
     folder = Path(job_path).parent
-    local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    owned = not torch.distributed.is_initialized()  # torchrun: this rank sets up its group
     if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) if owned else torch.cuda.current_device()
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    torch.distributed.init_process_group(backend)
+    if owned:
+        torch.distributed.init_process_group(backend)
     rank = torch.distributed.get_rank()
     try:
         job = torch.load(job_path, map_location=device, weights_only=True)
@@ -321,6 +401,7 @@ def worker_main(job_path: str, task: Callable[[Worker], dict[str, Any]]) -> None
         worker = Worker(job, folder, rank, torch.distributed.get_world_size(), device, teacher)
         result = task(worker)
         report = {"rank": rank, "world_size": worker.size, "samples": worker.samples, "shard_sums": list(worker.shard_sums)}
+        report["node"] = _node()
         _write(folder / f"rank-{rank}.json", report)
         torch.distributed.barrier()
         if rank == 0:
@@ -332,7 +413,8 @@ def worker_main(job_path: str, task: Callable[[Worker], dict[str, Any]]) -> None
         _write(folder / f"error-{rank}.json", {"error": f"{type(exc).__name__}: {message}", "time": time.time()})
         raise
     finally:
-        torch.distributed.destroy_process_group()
+        if owned:
+            torch.distributed.destroy_process_group()
 
 
 def _fit_student(worker: Worker) -> dict[str, Any]:
@@ -340,5 +422,9 @@ def _fit_student(worker: Worker) -> dict[str, Any]:
     return worker.fit(worker.student(), worker.batches())
 
 
+#: What every rank runs (each worker module names its task ``TASK``; Ray Train's workers look it up).
+TASK = _fit_student
+
+
 if __name__ == "__main__":
-    worker_main(sys.argv[1], _fit_student)
+    worker_main(sys.argv[1], TASK)
