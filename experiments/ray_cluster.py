@@ -118,7 +118,11 @@ def _kill_running(config: Path, cluster, workers, after: float) -> float:
     """Kill the node of the first trial seen running, ``after`` seconds after it started; the kill's time."""
     by_id = {w.node_id: w for w in workers}
     while True:
-        running = [t for t in _trials(config) if t.state == optuna.trial.TrialState.RUNNING and TrialAttr.NODE in t.user_attrs]
+        try:
+            trials = _trials(config)
+        except KeyError:  # the driver has not created the study yet
+            trials = []
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and TrialAttr.NODE in t.user_attrs]
         if running:
             trial = running[0]
             time.sleep(max(0.0, after - (time.time() - trial.datetime_start.timestamp())))
@@ -129,30 +133,43 @@ def _kill_running(config: Path, cluster, workers, after: float) -> float:
         time.sleep(0.5)
 
 
+def _local(folder: Path, args: argparse.Namespace) -> float:
+    """Step 1, before the cluster starts: the local runner's wall time."""
+    local = _config(folder, "local", trials=args.trials, iterations=args.iterations)
+    wall = _finish(*_run(local))
+    inside = _per_trial(_trials(local))
+    print(f"local: {args.trials} trials in {wall:.0f} s, {wall / args.trials:.1f} s per trial ({inside:.1f} s inside the trial)")
+    return wall
+
+
+def _overhead_and_spread(folder: Path, cluster, workers, args: argparse.Namespace, wall: float) -> None:
+    """Steps 2 and 3: Ray one trial at a time against the local runner's ``wall``, one trial per node."""
+    names = {w.node_id: f"node {i}" for i, w in enumerate(workers)}
+    serial = _config(folder, "ray_serial", trials=args.trials, iterations=args.iterations, execution={"max_concurrent": 1})
+    ray_wall = _finish(*_run(serial, "--backend", "ray", "--address", cluster.address))
+    print(
+        f"ray, one at a time: {ray_wall:.0f} s, {ray_wall / args.trials:.1f} s per trial ({_per_trial(_trials(serial)):.1f} s inside "
+        f"the trial); overhead {(ray_wall - wall) / args.trials:.1f} s per trial"
+    )
+    spread = _config(folder, "ray_spread", trials=args.trials, iterations=args.iterations, execution={"max_concurrent": args.nodes})
+    spread_wall = _finish(*_run(spread, "--backend", "ray", "--address", cluster.address))
+    count = Counter(names[t.user_attrs[TrialAttr.NODE]["id"]] for t in _trials(spread))
+    print(f"ray, {args.nodes} at a time: {spread_wall:.0f} s; trials per node: {dict(sorted(count.items()))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--kill-after", type=float, default=10.0)
+    parser.add_argument("--only-kill", action="store_true", help="measure the node's death alone (step 4)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="ray_cluster_"))
-    local = _config(folder, "local", trials=args.trials, iterations=args.iterations)
-    wall = _finish(*_run(local))
-    inside = _per_trial(_trials(local))
-    print(f"local: {args.trials} trials in {wall:.0f} s, {wall / args.trials:.1f} s per trial ({inside:.1f} s inside the trial)")
+    wall = None if args.only_kill else _local(folder, args)
     with _cluster(args.nodes) as (cluster, workers):
-        names = {w.node_id: f"node {i}" for i, w in enumerate(workers)}
-        serial = _config(folder, "ray_serial", trials=args.trials, iterations=args.iterations, execution={"max_concurrent": 1})
-        ray_wall = _finish(*_run(serial, "--backend", "ray", "--address", cluster.address))
-        print(
-            f"ray, one at a time: {ray_wall:.0f} s, {ray_wall / args.trials:.1f} s per trial ({_per_trial(_trials(serial)):.1f} s inside "
-            f"the trial); overhead {(ray_wall - wall) / args.trials:.1f} s per trial"
-        )
-        spread = _config(folder, "ray_spread", trials=args.trials, iterations=args.iterations, execution={"max_concurrent": args.nodes})
-        spread_wall = _finish(*_run(spread, "--backend", "ray", "--address", cluster.address))
-        count = Counter(names[t.user_attrs[TrialAttr.NODE]["id"]] for t in _trials(spread))
-        print(f"ray, {args.nodes} at a time: {spread_wall:.0f} s; trials per node: {dict(sorted(count.items()))}")
+        if wall is not None:
+            _overhead_and_spread(folder, cluster, workers, args, wall)
         lose = _config(
             folder, "ray_lose", trials=args.trials, iterations=args.iterations, execution={"max_concurrent": args.nodes, "max_failures": 1}
         )
