@@ -159,6 +159,12 @@ def _lost(node: dict[str, str]) -> str:
         time.sleep(1.0)
 
 
+def _reason(attempt: optuna.trial.FrozenTrial) -> str:
+    """Why a running attempt ended without a result: the exception it raised, else the cluster's word."""
+    node = attempt.user_attrs.get(TrialAttr.NODE)
+    return attempt.user_attrs.get(TrialAttr.FAIL_REASON) or (_lost(node) if node else "its Ray worker failed before the trial started")
+
+
 def _newest_attempt(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> tuple[optuna.trial.FrozenTrial, int]:
     """The newest of Optuna trial ``number`` and its retries, and its trial id."""
     chain = [t for t in study.get_trials(deepcopy=False) if t.number == number or number in t.system_attrs.get("retry_history", ())]
@@ -174,10 +180,9 @@ def _attempt(storage: optuna.storages.BaseStorage, study: optuna.Study, number: 
     with the reason, and a new trial with its parameters, naming it in its retry history, is
     the one to run."""
     current, current_id = _newest_attempt(storage, study, number)
-    node = current.user_attrs.get(TrialAttr.NODE)
-    if current.state.is_finished() or node is None:
+    if current.state.is_finished() or TrialAttr.NODE not in current.user_attrs:
         return current_id
-    reason = current.user_attrs.get(TrialAttr.FAIL_REASON) or _lost(node)  # an exception the attempt raised, else the cluster's word
+    reason = _reason(current)
     storage.set_trial_user_attr(current_id, TrialAttr.FAIL_REASON, reason)
     storage.set_trial_state_values(current_id, state=optuna.trial.TrialState.FAIL)
     history = [*current.system_attrs.get("retry_history", ()), current.number]
@@ -205,9 +210,7 @@ def _give_up(storage: optuna.storages.BaseStorage, study: optuna.Study, number: 
     current, current_id = _newest_attempt(storage, study, number)
     if current.state != optuna.trial.TrialState.RUNNING:
         return False
-    node = current.user_attrs.get(TrialAttr.NODE)
-    reason = current.user_attrs.get(TrialAttr.FAIL_REASON) or (_lost(node) if node else "its Ray worker failed before the trial started")
-    storage.set_trial_user_attr(current_id, TrialAttr.FAIL_REASON, f"{reason}; no retries left (execution.max_failures)")
+    storage.set_trial_user_attr(current_id, TrialAttr.FAIL_REASON, f"{_reason(current)}; no retries left (execution.max_failures)")
     if current.number == number:
         return True
     storage.set_trial_state_values(current_id, state=optuna.trial.TrialState.FAIL)
