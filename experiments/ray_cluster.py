@@ -23,14 +23,12 @@ their bookkeeping.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -40,8 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from automl_diff.records import TrialAttr  # noqa: E402
-
-_OBJECT_STORE = 100 * 1024 * 1024
+from tests.test_ray_cluster import ray_cluster  # noqa: E402
 
 
 def _config(folder: Path, name: str, *, trials: int, iterations: int, execution: dict | None = None) -> Path:
@@ -91,22 +88,6 @@ def _finish(start: float, process: subprocess.Popen) -> float:
 def _trials(config: Path) -> list[optuna.trial.FrozenTrial]:
     loaded = yaml.safe_load(config.read_text())
     return optuna.load_study(study_name=loaded["name"], storage=loaded["storage"]).trials
-
-
-@contextlib.contextmanager
-def _cluster(nodes: int) -> Iterator[tuple]:
-    from ray.cluster_utils import Cluster
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": _OBJECT_STORE}
-    )
-    try:
-        workers = [cluster.add_node(num_cpus=1, object_store_memory=_OBJECT_STORE) for _ in range(nodes)]
-        cluster.wait_for_nodes()
-        yield cluster, workers
-    finally:
-        cluster.shutdown()
 
 
 def _per_trial(trials: list[optuna.trial.FrozenTrial]) -> float:
@@ -167,7 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="ray_cluster_"))
     wall = None if args.only_kill else _local(folder, args)
-    with _cluster(args.nodes) as (cluster, workers):
+    os.environ["OMP_NUM_THREADS"] = "1"  # the nodes' workers inherit it
+    with ray_cluster(args.nodes) as (cluster, workers):
         if wall is not None:
             _overhead_and_spread(folder, cluster, workers, args, wall)
         lose = _config(

@@ -209,11 +209,10 @@ def _ranks(folder) -> list[dict]:
     return [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_path):
-    """``execution.processes_per_trial: 2`` trains over torchrun and gloo: the same losses, rung
-    scores, weights and pool counters as one process on the same global batch, each rank on its
-    own half of every batch, in a world of the size asked for."""
+def train_in_one_and_two_processes(study_factory, tmp_path, *, launcher: str) -> tuple:
+    """One DKDM trial (6 steps, a rung at half) trained in one process, then over two ranks that
+    ``launcher`` starts, from the same teacher, batches and seed. Returns the config, the
+    two-rank run's method, and ``{processes: (candidate, rung reports)}``."""
     path = study_factory(
         budgets={**TINY_BUDGETS, "train_iterations": 6},
         method_options={"pool_size": 16, "pool_steps": 5, "ema_decay": 0.9, "init": "random"},
@@ -224,12 +223,21 @@ def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_pat
     params = {"down.0.channels": 4, "down.1.channels": 8, "down.1.layers": 2, "down.1.attention": True}
     outcome = {}
     for processes in (1, 2):
-        run = dataclasses.replace(config, execution=dataclasses.replace(config.execution, processes_per_trial=processes))
-        method = DKDM.from_config(run, teacher)
+        execution = dataclasses.replace(config.execution, processes_per_trial=processes, launcher=launcher)
+        method = DKDM.from_config(dataclasses.replace(config, execution=execution), teacher)
         method.prepare(tmp_path / f"p{processes}")
         reported: list[tuple[int, int, float]] = []
         candidate = method.run_trial(params, rungs=Rungs((0.5,), lambda k, it, score, model, into=reported: into.append((k, it, score))))
         outcome[processes] = (candidate, reported)
+    return config, method, outcome
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_what_one_process_trains(study_factory, tmp_path):
+    """``execution.processes_per_trial: 2`` trains over torchrun and gloo: the same losses, rung
+    scores, weights and pool counters as one process on the same global batch, each rank on its
+    own half of every batch, in a world of the size asked for."""
+    config, method, outcome = train_in_one_and_two_processes(study_factory, tmp_path, launcher="torchrun")
     first = method.inputs.batches(config.seed)(config.budgets.batch_size).x  # trial 0's first global batch
     (one, one_rungs), (two, two_rungs) = outcome[1], outcome[2]
     assert two.attrs[TrainAttr.TRAIN_PROCESSES] == 2 and one.attrs[TrainAttr.TRAIN_PROCESSES] == 1

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -18,7 +17,7 @@ import pytest
 
 from automl_diff.cli import main
 from automl_diff.records import TrialAttr
-from tests.conftest import TINY_BUDGETS, holding_env, wait_for_file
+from tests.conftest import holding_env, printed_load_calls, sample_without_automl_diff, wait_for_file
 
 pytest.importorskip("ray.tune")
 
@@ -108,6 +107,13 @@ def test_trials_spread_over_the_nodes_and_a_node_killed_mid_trial_is_retried_els
     assert "retried as trial" in err
     assert main(["trials", "--storage", postgres_url, "--study-name", "tiny"]) == 0
     assert "lost mid-trial" in capfd.readouterr().out
+    # the retried trial exports like any other, and the export loads and samples with diffusers alone
+    out_dir = tmp_path / "export"
+    export = ["export", "--storage", postgres_url, "--study-name", "tiny", "--trial", str(retries[0].number), "--out", str(out_dir)]
+    assert main(export) == 0
+    (call,) = printed_load_calls(capfd.readouterr().out)
+    seen = sample_without_automl_diff(call, cwd=tmp_path)
+    assert seen["shape"][0] == 2 and not seen["imported"]
 
 
 @pytest.mark.slow
@@ -117,32 +123,13 @@ def test_a_data_parallel_trial_runs_its_ranks_on_two_nodes_and_trains_what_one_p
     as one process on the same global batches, in a world of two."""
     import ray
 
-    from automl_diff.config.study import load_study_config
-    from automl_diff.methods import Rungs
     from automl_diff.methods.base import TrainAttr
-    from automl_diff.methods.dkdm import DKDM
-    from automl_diff.models.loading import load_teacher
-    from tests.test_cheaper_search import _flat_close, _ranks
+    from tests.test_cheaper_search import _flat_close, _ranks, train_in_one_and_two_processes
 
-    path = study_factory(
-        budgets={**TINY_BUDGETS, "train_iterations": 6},
-        method_options={"pool_size": 16, "pool_steps": 5, "ema_decay": 0.9, "init": "random"},
-        pruner={"name": "mo_asha", "rungs": [0.5]},
-    )
-    config = load_study_config(path)
-    teacher = load_teacher(config.teacher)
-    params = {"down.0.channels": 4, "down.1.channels": 8, "down.1.layers": 2, "down.1.attention": True}
-    outcome = {}
     with ray_cluster() as (cluster, nodes):
-        ray.init(address=cluster.address, logging_level="ERROR")
+        ray.init(address=cluster.address, logging_level="ERROR")  # the trial's process, connected as a Tune worker is
         try:
-            for processes, launcher in ((1, "torchrun"), (2, "ray_train")):
-                execution = replace(config.execution, processes_per_trial=processes, launcher=launcher)
-                method = DKDM.from_config(replace(config, execution=execution), teacher)
-                method.prepare(tmp_path / f"p{processes}")
-                reported: list[tuple[int, int, float]] = []
-                rungs = Rungs((0.5,), lambda k, it, score, model, into=reported: into.append((k, it, score)))
-                outcome[processes] = (method.run_trial(params, rungs=rungs), reported)
+            config, _, outcome = train_in_one_and_two_processes(study_factory, tmp_path, launcher="ray_train")
         finally:
             ray.shutdown()
     (one, one_rungs), (two, two_rungs) = outcome[1], outcome[2]
