@@ -843,6 +843,16 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
     capsys.readouterr()
     recipes = [t.user_attrs.get(TrialAttr.RECIPE) for t in optuna.load_study(study_name="warm", storage=storage).trials]
     assert recipes.count("deepcache:2") == 1 and recipes.count("deepcache:3") == 1 and len(recipes) == 4
+    # a recipe that a second worker enqueued too (both started together) is surplus, not a wasted place
+    optuna.load_study(study_name="warm", storage=storage).enqueue_trial({}, user_attrs={TrialAttr.RECIPE: "deepcache:2"})
+    assert main(["run", str(config), "--quiet", "--n-trials", "5"]) == 0
+    capsys.readouterr()
+    trials = optuna.load_study(study_name="warm", storage=storage).trials
+    assert trials[4].state == optuna.trial.TrialState.FAIL
+    assert trials[4].user_attrs[TrialAttr.FAIL_REASON] == "surplus: trial 0 makes the recipe deepcache:2"
+    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) + [t.state for t in trials].count(
+        optuna.trial.TrialState.PRUNED
+    ) == 5
     # recipes it has no schedule for are one line
     for options, message in (
         ({"warm_start": ["bk-sdm-base"]}, "method_options.warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),

@@ -27,6 +27,7 @@ import optuna
 
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError
+from automl_diff.methods.base import recipe_of
 from automl_diff.records import StudyAttr, TrialAttr
 from automl_diff.runners.session import FINISHED_STATES, StudySession
 from automl_diff.runners.storage import mask_url, open_storage
@@ -149,8 +150,10 @@ def _objective(session: StudySession, total: int, errors: list[UserError]) -> Ca
     """The session's objective, for a trial that still has a place among the ``total``.
 
     A trial that finds ``total`` earlier trials finished, running or queued (another worker asked
-    at the same moment) does nothing and fails as surplus. A :class:`UserError` met inside a trial
-    fails it with that reason and is raised again after the trial is recorded (no traceback).
+    at the same moment) does nothing and fails as surplus; so does a warm-start recipe that an
+    earlier trial already makes (workers that start together each enqueue it). A
+    :class:`UserError` met inside a trial fails it with that reason and is raised again after the
+    trial is recorded (no traceback).
     """
 
     def objective(trial: optuna.Trial) -> Any:
@@ -158,6 +161,11 @@ def _objective(session: StudySession, total: int, errors: list[UserError]) -> Ca
         earlier = [t for t in trial.study.get_trials(deepcopy=False, states=_PLACE_STATES) if t.number < trial.number]
         if len(earlier) >= total:
             trial.set_user_attr(TrialAttr.FAIL_REASON, f"{SURPLUS}: {total} earlier trials were finished or running")
+            return nan
+        recipe = recipe_of(trial)
+        twin = next((t.number for t in earlier if recipe is not None and recipe_of(t) == recipe), None)
+        if twin is not None:
+            trial.set_user_attr(TrialAttr.FAIL_REASON, f"{SURPLUS}: trial {twin} makes the recipe {recipe}")
             return nan
         try:
             return session.objective(trial)
