@@ -42,12 +42,16 @@ class StudyAttr:
     LINEAGE: Final = "lineage"
     #: How every model of the study is measured (:meth:`automl_diff.config.Evaluation.to_record`).
     EVALUATION: Final = "evaluation"
-    #: The study's artifact store folder (sample grids for optuna-dashboard).
+    #: The study's artifact store: a folder or ``s3://bucket/prefix`` (weights, sample grids and a
+    #: text-to-image teacher's pipeline, for every host; :mod:`automl_diff.runners.artifacts`).
+    ARTIFACT_STORE: Final = "artifact_store"
+    #: The artifact store folder of studies written before :attr:`ARTIFACT_STORE` (read only).
     ARTIFACT_DIR: Final = "artifact_dir"
     #: The folder of the latest Ray Tune experiment (resumed when it was interrupted).
     RAY_EXPERIMENT: Final = "ray_experiment"
     #: A text-to-image teacher's pipeline: ``{"class": ..., "folder": ...}``, the folder its VAE,
-    #: text encoder and tokenizer are exported from (absent for an unconditional teacher).
+    #: text encoder and tokenizer are exported from (absent for an unconditional teacher), and
+    #: ``"artifact"``: the id of its copy without the UNet in the artifact store.
     PIPELINE: Final = "pipeline"
 
 
@@ -80,10 +84,13 @@ class TrialAttr:
     MACS_REDUCTION: Final = "macs_reduction"
     # what the runner keeps
     WEIGHTS: Final = "weights"
+    #: The weights folder's copy in the study's artifact store (a tar file's artifact id).
+    WEIGHTS_ARTIFACT: Final = "weights_artifact"
     MODEL_CONFIG: Final = "model_config"
     SCHEDULE: Final = "schedule"
     SCHEDULE_FILE: Final = "schedule_file"
     SAMPLES: Final = "samples"
+    SAMPLES_ARTIFACT: Final = "samples_artifact"
     #: Text-to-image trials: the prompt of each image of the sample grid, in grid order.
     SAMPLE_PROMPTS: Final = "sample_prompts"
     FINGERPRINT: Final = "fingerprint"

@@ -77,7 +77,7 @@ class BookkeepingSession:
         return self.teacher
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
-        from automl_diff.runners.artifacts import attach_samples
+        from automl_diff.runners.artifacts import artifact_store, attach_samples
 
         params = self.space.suggest(trial)
         fingerprint = stable_key(params)  # a DKDM trial's fingerprint: its parameters
@@ -103,7 +103,7 @@ class BookkeepingSession:
             trial,
             self.images,
             folder=self.workdir / f"trial_{trial.number}",
-            artifact_dir=self.workdir / "artifacts",
+            store=artifact_store(self.workdir / "artifacts"),
             metrics=metrics.to_dict(),
             storage=self.storage,
         )

@@ -32,25 +32,28 @@ from automl_diff.gating import Schedule, apply_schedule
 from automl_diff.metrics import count_macs
 from automl_diff.models.loading import load_unet, unet_from_config
 from automl_diff.records import StudyAttr, TrialAttr
+from automl_diff.runners.artifacts import study_store, trial_samples, trial_weights
 from automl_diff.sampling import sample_grid_png
 
 __all__ = ["write_report"]
 
 
-def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int) -> bytes | None:
-    """The trial's sample grid: the one its evaluation stored (``samples.png``), else ``count``
-    new samples of its model with the study's sampler, steps and seed."""
-    stored = trial.user_attrs.get(TrialAttr.SAMPLES)
-    if stored and Path(stored).is_file():
-        return Path(stored).read_bytes()
-    weights = trial.user_attrs.get(TrialAttr.WEIGHTS)
+def _samples(study: optuna.Study, trial: optuna.trial.FrozenTrial, count: int, store: Any | None) -> bytes | None:
+    """The trial's sample grid: the one its evaluation stored (``samples.png`` or its copy in the
+    artifact store), else ``count`` new samples of its model with the study's sampler, steps and
+    seed (None where neither can be had)."""
+    stored = trial_samples(trial, store)
+    if stored is not None:
+        return stored
     sampler = recorded_sampler(study.user_attrs)
-    if not weights or not Path(weights).exists() or sampler is None:
-        return None
     evaluation = Evaluation.from_record(study.user_attrs.get(StudyAttr.EVALUATION))
-    if evaluation.prompts:  # a text-to-image model samples only with its pipeline's parts
+    if sampler is None or evaluation.prompts:  # a text-to-image model samples only with its pipeline's parts
         return None
-    unet = load_unet(weights).eval()
+    try:
+        with trial_weights(trial, store) as weights:
+            unet = load_unet(str(weights)).eval()
+    except UserError:  # its weights are nowhere this host can read: the report shows the rest
+        return None
     stored_schedule = trial.user_attrs.get(TrialAttr.SCHEDULE)
     schedule = Schedule.from_dict(stored_schedule) if stored_schedule else None
     with apply_schedule(unet, schedule) if schedule else contextlib.nullcontext():
@@ -91,8 +94,10 @@ def _stopped_table(trials: list[optuna.trial.FrozenTrial]) -> str:
     return _html_table(["trial", "rung", "MACs", "held-out loss @ iteration", "reason"], rows)
 
 
-def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, storage_label: str = "") -> Path:
-    """Write the report of ``study`` to ``out`` (an ``.html`` file); returns its path.
+def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, storage_label: str = "", artifacts: str | None = None) -> Path:
+    """Write the report of ``study`` to ``out`` (an ``.html`` file); returns its path. Sample grids
+    and weights come from the trials' folders where this host has them, else from the study's
+    artifact store (``artifacts``: another location of it).
 
     Raises:
         UserError: the study has no completed trial, or ``out``'s folder does not exist.
@@ -108,6 +113,7 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
         raise UserError(f"study '{study.study_name}' has no completed trial to report")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     teacher = teacher_metrics(study)
+    store = study_store(study, artifacts) if samples else None
 
     def embed(fig: Any, div_id: str) -> str:
         return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id)
@@ -129,7 +135,7 @@ def write_report(study: optuna.Study, out: str | Path, *, samples: int = 16, sto
         if trial.user_attrs.get(TrialAttr.SCHEDULE):
             schedule = Schedule.from_dict(trial.user_attrs[TrialAttr.SCHEDULE], source=f"trial {row.trial}")
             parts.append(embed(schedule_figure(schedule, title=f"Trial {row.trial} schedule"), f"schedule-{row.trial}"))
-        png = _samples(study, trial, samples) if samples else None
+        png = _samples(study, trial, samples, store) if samples else None
         if png is not None:
             data = base64.b64encode(png).decode()
             parts.append(f"<img class='samples' alt='samples of trial {row.trial}' src='data:image/png;base64,{data}'>")

@@ -98,6 +98,9 @@ def _add_run_and_reads(sub: Any) -> None:
     trials.set_defaults(func=commands.cmd_trials)
 
 
+ARTIFACTS_HELP = "the study's artifact store, a folder or s3://bucket/prefix (default: the one the study recorded)"
+
+
 def _add_outputs(sub: Any) -> None:
     """What a study produces: ``report``, ``dashboard``, ``export``."""
     report = sub.add_parser("report", help="a self-contained HTML report: figures, Pareto table, samples of the front models")
@@ -106,13 +109,14 @@ def _add_outputs(sub: Any) -> None:
     report.add_argument(
         "--samples", type=int, default=16, help="sample images per front model without a stored grid (0: no samples at all; default 16)"
     )
+    report.add_argument("--artifacts", default=None, help=ARTIFACTS_HELP)
     report.set_defaults(func=commands.cmd_report)
 
     dashboard = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the study's sample-grid artifacts")
     _study_options(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     dashboard.add_argument("--port", type=_positive_int, default=8080, help="port (default 8080)")
-    dashboard.add_argument("--artifacts", default=None, help="artifact folder (default: the one the study recorded)")
+    dashboard.add_argument("--artifacts", default=None, help=ARTIFACTS_HELP)
     dashboard.set_defaults(func=commands.cmd_dashboard)
 
     export = sub.add_parser("export", help="export trials as diffusers pipelines with model cards")
@@ -121,6 +125,7 @@ def _add_outputs(sub: Any) -> None:
     which.add_argument("--trial", type=int, help="export this trial into --out")
     which.add_argument("--pareto", action="store_true", help="export every front trial into --out/trial_<n>")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--artifacts", default=None, help=ARTIFACTS_HELP)
     export.set_defaults(func=commands.cmd_export)
 
 

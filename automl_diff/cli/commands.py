@@ -13,7 +13,7 @@ from typing import Any
 
 from automl_diff.errors import UserError, first_line
 from automl_diff.formatting import fmt_si, text_table
-from automl_diff.records import StudyAttr, TrialAttr
+from automl_diff.records import TrialAttr
 
 __all__ = ["cmd_dashboard", "cmd_export", "cmd_pareto", "cmd_profile", "cmd_report", "cmd_run", "cmd_status", "cmd_trials"]
 
@@ -208,7 +208,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     study = load_existing_study(args.storage, args.study_name)
     out = Path(args.out or f"dashboards/{study.study_name}.html")
-    write_report(study, out, samples=args.samples, storage_label=mask_url(args.storage))
+    write_report(study, out, samples=args.samples, storage_label=mask_url(args.storage), artifacts=args.artifacts)
     print(f"report of study '{study.study_name}' -> {out} (self-contained; open it in a browser)")
     return 0
 
@@ -219,7 +219,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
     from automl_diff.runners import load_existing_study, mask_url, open_storage
-    from automl_diff.runners.artifacts import artifact_store
+    from automl_diff.runners.artifacts import study_store
 
     study = load_existing_study(args.storage, args.study_name)  # reachable, and names the study
     storage = open_storage(args.storage, create=False, heartbeat_interval=None)
@@ -228,8 +228,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
         except OSError as exc:
             raise UserError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
-    folder = args.artifacts or study.user_attrs.get(StudyAttr.ARTIFACT_DIR)
-    store = artifact_store(folder) if folder else None
+    store = study_store(study, args.artifacts)
     print(f"optuna-dashboard for {mask_url(args.storage)} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("the dashboard listens on %s: anyone who can reach this address can read and edit the studies", args.host)
@@ -252,7 +251,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         targets = [(args.trial, out)]
     for number, folder in targets:
-        export = export_trial(study, number, folder, storage_url=args.storage)
+        export = export_trial(study, number, folder, storage_url=args.storage, artifacts=args.artifacts)
         print(f"trial {number} -> {folder}")
         print(f"  load with: {export.load_call}")
         if export.schedule is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_STORAGE",
     "OBJECTIVES",
     "PROMPT_FILES",
+    "STORE_SCHEMES",
     "Budgets",
     "ExecutionSettings",
     "MethodSettings",
@@ -37,6 +38,7 @@ __all__ = [
     "OptunaSampler",
     "PrunerSettings",
     "StudyConfig",
+    "artifact_store_problem",
     "load_study_config",
     "resolve_device",
 ]
@@ -59,6 +61,19 @@ PROMPT_FILES = {
 
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
+
+
+#: Object-store schemes ``execution.artifact_store`` takes; anything else is a folder.
+STORE_SCHEMES = ("s3://",)
+
+
+def artifact_store_problem(location: str) -> str | None:
+    """Why ``location`` cannot name an artifact store (None: it can), before anything connects."""
+    if "://" in location and not location.startswith(STORE_SCHEMES):
+        return "must be a folder or s3://bucket[/prefix]"
+    if location.startswith("s3://") and not location[5:].partition("/")[0]:
+        return "must name a bucket: s3://bucket[/prefix]"
+    return None
 
 
 def _device(value: str) -> str | None:
@@ -117,6 +132,14 @@ class ExecutionSettings:
         choices=("auto", "torchrun", "ray_train"),
         doc="what starts a data-parallel trial's processes: torchrun (one node) or Ray Train's TorchTrainer (workers spread over "
         "the cluster's nodes); auto: ray_train on the Ray backend, torchrun on the local one",
+    )
+    artifact_store: str = setting(
+        "",
+        section="execution",
+        check=lambda v: artifact_store_problem(v) if v else None,
+        doc="where trials' weights and sample grids are copied so that export, report and the dashboard work from any host: "
+        "a folder (shared storage) or s3://bucket/prefix (boto3; AWS_ENDPOINT_URL for another endpoint); "
+        "empty: <output_dir>/<study>/artifacts",
     )
 
     @property

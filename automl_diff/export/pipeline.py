@@ -29,6 +29,7 @@ from automl_diff.formatting import fmt_number
 from automl_diff.gating import Schedule
 from automl_diff.methods import METHODS, CardSection, Method
 from automl_diff.records import METRICS, StudyAttr, StudyFolder, TrialAttr
+from automl_diff.runners.artifacts import local_folder, study_store, trial_weights
 from automl_diff.runners.storage import mask_url
 
 __all__ = ["Export", "export_trial", "lineage", "load_call", "model_card"]
@@ -216,19 +217,60 @@ def _prompts_note(evaluation: Evaluation) -> str:
     )
 
 
-def _save_text_to_image(pipeline: dict[str, Any], unet: Any, scheduler: Any, out: Path) -> str:
-    """The teacher's text-to-image pipeline with ``unet`` and ``scheduler`` in it, saved at ``out``."""
+def _save_text_to_image(pipeline: dict[str, Any], unet: Any, scheduler: Any, out: Path, store: Any | None) -> str:
+    """The teacher's text-to-image pipeline with ``unet`` and ``scheduler`` in it, saved at ``out``
+    (its VAE, text encoder and tokenizer from the teacher's folder, else from the store's copy)."""
     from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, load_text_to_image
 
     name, folder = pipeline.get("class"), pipeline.get("folder")
-    if name not in TEXT_TO_IMAGE_PIPELINES or not folder or not Path(folder).is_dir():
-        raise UserError(f"the study's text-to-image teacher '{folder}' ({name}) is not on this machine; its VAE and text encoder go in")
-    load_text_to_image(Path(folder)).pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
+    if name not in TEXT_TO_IMAGE_PIPELINES:
+        raise UserError(f"the study's text-to-image teacher '{folder}' has a pipeline class automl_diff does not export: {name}")
+    with local_folder(folder, pipeline.get("artifact"), store, what=f"the study's text-to-image teacher ({name})") as parts:
+        load_text_to_image(parts).pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
     return name
 
 
-def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str) -> Export:
+def _completed(study: optuna.Study, trial_number: int) -> optuna.trial.FrozenTrial:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial_number not in trials:
+        raise UserError(f"study '{study.study_name}' has no trial {trial_number} (trials 0..{len(trials) - 1})")
+    trial = trials[trial_number]
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise UserError(f"trial {trial_number} of study '{study.study_name}' is {trial.state.name}, not COMPLETE")
+    return trial
+
+
+def _plain_unet(weights: Path) -> Any:
+    """The trial's UNet, as stock diffusers' class where that can express it."""
+    from automl_diff.models.loading import load_unet
+    from automl_diff.models.student import STUDENT_CLASSES, plain_config
+
+    unet = load_unet(str(weights))
+    student = STUDENT_CLASSES.get(type(unet).__name__)
+    if student is not None and (plain := plain_config(dict(unet.config))) is not None:
+        state = unet.state_dict()
+        unet = student[1].from_config(plain)
+        unet.load_state_dict(state, strict=True)
+    return unet
+
+
+def _ship_student_code(unet: Any, out: Path) -> None:
+    """diffusers' custom components: the student's code in ``unet/``, named in model_index.json."""
+    import automl_diff.models.student as student_module
+    from automl_diff.models.student import MODULE_FILE
+
+    (out / "unet" / MODULE_FILE).write_text(Path(student_module.__file__).read_text())
+    index = json.loads((out / "model_index.json").read_text())
+    index["unet"] = [Path(MODULE_FILE).stem, type(unet).__name__]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str, artifacts: str | None = None) -> Export:
     """Write trial ``trial_number`` as a diffusers DDIM pipeline folder at ``out``.
+
+    The trial's weights (and a text-to-image teacher's VAE and text encoder) are read from where
+    the trial saved them when this host has them, else from the study's artifact store
+    (``artifacts``: another location of it).
 
     Returns:
         The export, whose :attr:`Export.load_call` loads it with diffusers alone.
@@ -238,52 +280,35 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     """
     from diffusers import DDIMPipeline, DDPMPipeline
 
+    from automl_diff.models.loading import EXPORT_INFO
+    from automl_diff.models.student import STUDENT_CLASSES
+
     unconditional = {"ddim": DDIMPipeline, "ddpm": DDPMPipeline, "dpm": DDPMPipeline}  # pipelines that run each scheduler
-
-    from automl_diff.models.loading import EXPORT_INFO, load_unet
-    from automl_diff.models.student import MODULE_FILE, STUDENT_CLASSES, plain_config
-
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if trial_number not in trials:
-        raise UserError(f"study '{study.study_name}' has no trial {trial_number} (trials 0..{len(trials) - 1})")
-    trial = trials[trial_number]
-    if trial.state != optuna.trial.TrialState.COMPLETE:
-        raise UserError(f"trial {trial_number} of study '{study.study_name}' is {trial.state.name}, not COMPLETE")
-    weights = trial.user_attrs.get(TrialAttr.WEIGHTS)
-    if not weights or not Path(weights).is_dir():
-        raise UserError(f"trial {trial_number}: its weights folder '{weights}' does not exist (moved or deleted?)")
+    trial = _completed(study, trial_number)
     sampler = recorded_sampler(study.user_attrs)
     if sampler is None:
         raise UserError(f"study '{study.study_name}' has no scheduler config recorded; was it created by automl_diff?")
-    unet = load_unet(weights)
-    student = STUDENT_CLASSES.get(type(unet).__name__)
-    if student is not None and (plain := plain_config(dict(unet.config))) is not None:
-        state = unet.state_dict()
-        unet = student[1].from_config(plain)
-        unet.load_state_dict(state, strict=True)
-    custom_code = type(unet).__name__ in STUDENT_CLASSES
-    scheduler = sampler.make_scheduler()  # exports sample with the study's scheduler
     pipeline = study.user_attrs.get(StudyAttr.PIPELINE)
     if not pipeline and sampler.scheduler not in unconditional:
         raise UserError(
             f"study '{study.study_name}' sampled with {sampler.scheduler}, which no unconditional diffusers pipeline runs "
             f"(exports of an unconditional UNet sample with {', '.join(unconditional)})"
         )
+    store = study_store(study, artifacts)
+    with trial_weights(trial, store) as weights:
+        unet = _plain_unet(weights)
+    custom_code = type(unet).__name__ in STUDENT_CLASSES
+    scheduler = sampler.make_scheduler()  # exports sample with the study's scheduler
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if pipeline:
-        pipeline_class = _save_text_to_image(pipeline, unet, scheduler, out)
+        pipeline_class = _save_text_to_image(pipeline, unet, scheduler, out, store)
     else:
         kind = unconditional[sampler.scheduler]
         pipeline_class = kind.__name__
         kind(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
-    if custom_code:  # diffusers' custom components: the code in the component's folder, named in model_index.json
-        import automl_diff.models.student as student_module
-
-        (out / "unet" / MODULE_FILE).write_text(Path(student_module.__file__).read_text())
-        index = json.loads((out / "model_index.json").read_text())
-        index["unet"] = [Path(MODULE_FILE).stem, type(unet).__name__]
-        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if custom_code:
+        _ship_student_code(unet, out)
     card = model_card(study=study, trial=trial, storage_url=storage_url, custom_code=custom_code, pipeline=pipeline_class)
     (out / "README.md").write_text(card)
     metrics = {k: trial.user_attrs.get(k) for k in _METRICS}

@@ -25,8 +25,9 @@ from automl_diff.evaluation import Evaluator, ModelMetrics
 from automl_diff.methods import METHODS, Rungs, TrainingDiverged, TrainingFailed
 from automl_diff.methods.base import recipe_of
 from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
+from automl_diff.models.text import PIPELINE_PARTS
 from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
-from automl_diff.runners.artifacts import attach_samples
+from automl_diff.runners.artifacts import artifact_store, attach_samples, check_store, upload_folder
 from automl_diff.runners.pruning import MOASHA
 from automl_diff.zoo import TEACHERS
 
@@ -102,6 +103,10 @@ class StudySession:
         if config.dtype == "float16" and not self.device.startswith("cuda"):
             raise UserError(f"{config.path}: dtype: float16 needs a CUDA device (device is {self.device}); use bfloat16 or float32")
         dtype = getattr(torch, config.dtype)
+        #: Where the trials' weights, sample grids and the teacher's pipeline are copied for every host.
+        self.store_location = config.execution.artifact_store or str(self.folder.artifacts)
+        check_store(self.store_location, where=f"{config.path}: execution.artifact_store")
+        self._store: Any = None
         original, info = resolve_original_teacher(config)
         self.teacher: Teacher = _load(config, "teacher", config.teacher, device=self.device, dtype=dtype)
         #: The studies and trials that made the teacher, oldest first (empty: a pretrained teacher).
@@ -132,6 +137,14 @@ class StudySession:
     def folder(self) -> StudyFolder:
         return StudyFolder.of(self.config.output_dir, self.study_name)
 
+    def store(self, study: optuna.Study) -> Any:
+        """The study's artifact store, its location recorded in the study (a rerun may move it)."""
+        if self._store is None:
+            self._store = artifact_store(self.store_location)
+        if study.user_attrs.get(StudyAttr.ARTIFACT_STORE) != self.store_location:
+            study.set_user_attr(StudyAttr.ARTIFACT_STORE, self.store_location)
+        return self._store
+
     def record_teacher(self, study: optuna.Study) -> dict[str, Any]:
         """The original teacher's metrics, measured once per study and kept as study user
         attributes together with its scheduler config, the evaluation setup and the lineage;
@@ -155,8 +168,9 @@ class StudySession:
         study.set_user_attr(StudyAttr.ORIGINAL_TEACHER, self.original.source)
         study.set_user_attr(StudyAttr.LINEAGE, self.lineage)
         text = self.original.text
-        if text is not None:
-            study.set_user_attr(StudyAttr.PIPELINE, {"class": text.pipeline_class, "folder": text.folder})
+        if text is not None:  # its VAE, text encoder and tokenizer go into every export, from any host
+            copy = upload_folder(self.store(study), text.folder, study, only=("model_index.json", *PIPELINE_PARTS))
+            study.set_user_attr(StudyAttr.PIPELINE, {"class": text.pipeline_class, "folder": text.folder, "artifact": copy})
         study.set_user_attr(StudyAttr.EVALUATION, self.evaluator.evaluation.to_record())
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.evaluator.evaluation.fid_samples)
         metrics = self.evaluator.evaluate(self.original.unet, desc="teacher").to_dict()
@@ -252,6 +266,7 @@ class StudySession:
             weights = str(StudyFolder.weights(folder))
             candidate.unet.save_pretrained(weights, safe_serialization=True)
         trial.set_user_attr(TrialAttr.WEIGHTS, weights)
+        trial.set_user_attr(TrialAttr.WEIGHTS_ARTIFACT, self._weights_copy(trial, weights))
         trial.set_user_attr(TrialAttr.MODEL_CONFIG, json.loads(json.dumps(candidate.config)))
         if candidate.schedule is not None:
             path = candidate.schedule.save(StudyFolder.schedule(folder))
@@ -262,20 +277,25 @@ class StudySession:
         metrics = self.evaluator.evaluate(candidate.unet, schedule=candidate.schedule, desc=f"trial {trial.number} sampling")
         self._record(trial, metrics, self.record_teacher(study))  # read from the study once per run
         if self.evaluator.last_samples is not None:
-            artifact_dir = self.folder.artifacts
-            if study.user_attrs.get(StudyAttr.ARTIFACT_DIR) != str(artifact_dir):
-                study.set_user_attr(StudyAttr.ARTIFACT_DIR, str(artifact_dir))
             attach_samples(
                 trial,
                 self.evaluator.last_samples,
                 folder=folder,
-                artifact_dir=artifact_dir,
+                store=self.store(study),
                 metrics=metrics.to_dict(),
                 storage=self.storage,
                 prompts=self.evaluator.last_prompts,
             )
         values = metrics.to_dict()
         return tuple(float(values[name]) for name in self.config.objective_names)
+
+    def _weights_copy(self, trial: optuna.Trial, weights: str) -> str:
+        """The artifact id of the weights folder's copy in the store: another trial's where it
+        saved the same folder (DiP-GO's schedules of one model), else a new upload."""
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.user_attrs.get(TrialAttr.WEIGHTS) == weights and other.user_attrs.get(TrialAttr.WEIGHTS_ARTIFACT):
+                return other.user_attrs[TrialAttr.WEIGHTS_ARTIFACT]
+        return upload_folder(self.store(trial.study), weights, trial)
 
     @staticmethod
     def _record(trial: optuna.Trial, metrics: ModelMetrics, teacher: dict[str, Any]) -> None:
