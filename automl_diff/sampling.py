@@ -28,10 +28,13 @@ __all__ = ["SCHEDULERS", "Prompts", "Sampler", "make_scheduler", "predict_noise"
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """``model(x, t)`` for any noise-prediction model: a diffusers UNet (``.sample``) or a module
-    that returns the tensor itself. ``kwargs`` (``encoder_hidden_states``) go to the model."""
+    """``model(x, t)`` for any noise-prediction model: a diffusers UNet or transformer
+    (``.sample``) or a module that returns the tensor itself. ``kwargs`` (``encoder_hidden_states``,
+    ``class_labels``) go to the model. A model that also predicts the variance (DiT's learned
+    sigma: twice the input's channels) gives the noise half, as ``DiTPipeline`` takes it."""
     out = model(x, t, **kwargs)
-    return out if isinstance(out, torch.Tensor) else out.sample
+    out = out if isinstance(out, torch.Tensor) else out.sample
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 def _schedulers() -> dict[str, type]:
@@ -52,17 +55,21 @@ def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "ddim") -> A
 
 @dataclass(frozen=True)
 class Prompts:
-    """Text conditioning for sampling: image ``i`` is generated from prompt
-    ``(i // images_per_prompt) % len(embeddings)``.
+    """The conditioning of sampling, text prompts or class labels: image ``i`` is generated from
+    prompt ``(i // images_per_prompt) % len(embeddings)``.
 
     Attributes:
-        embeddings: ``encoder_hidden_states`` of each prompt, shape ``(prompts, tokens, dim)``.
-        negative: the negative (or empty) prompt's, shape ``(1, tokens, dim)``: the unconditional
-            half of classifier-free guidance.
+        embeddings: what the model takes per prompt: ``encoder_hidden_states`` of each text prompt,
+            shape ``(prompts, tokens, dim)``, or a class-conditional model's class ids, shape
+            ``(classes,)``.
+        negative: the unconditional half of classifier-free guidance, one row: the negative (or
+            empty) prompt's embeddings, or the null class id.
         guidance_scale: ``uncond + scale * (cond - uncond)``; 1 runs the conditional half alone.
         images_per_prompt: consecutive images sharing a prompt.
         decode: turns final latents into images in [-1, 1] (a VAE's decoder); None: the latents
             are the images.
+        keyword: the model's argument the rows go to: ``encoder_hidden_states`` (a text-to-image
+            UNet) or ``class_labels`` (DiT).
     """
 
     embeddings: torch.Tensor
@@ -70,6 +77,7 @@ class Prompts:
     guidance_scale: float = 7.5
     images_per_prompt: int = 1
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keyword: str = "encoder_hidden_states"
 
     @property
     def guided(self) -> bool:
@@ -170,13 +178,14 @@ class Sampler:
         for t in sched.timesteps:
             model_in = sched.scale_model_input(x, t)
             if p is not None and p.guided:
-                both = predict_noise(unet, torch.cat([model_in, model_in]), t.to(device), encoder_hidden_states=context)
+                both = torch.cat([model_in, model_in])
+                both = predict_noise(unet, both, t.to(device).expand(len(both)), **{p.keyword: context})
                 uncond, cond_eps = both.chunk(2)
                 eps = uncond + p.guidance_scale * (cond_eps - uncond)
-            elif context is not None:
-                eps = predict_noise(unet, model_in, t.to(device), encoder_hidden_states=context)
+            elif p is not None:
+                eps = predict_noise(unet, model_in, t.to(device).expand(len(model_in)), **{p.keyword: context})
             else:
-                eps = predict_noise(unet, model_in, t.to(device))
+                eps = predict_noise(unet, model_in, t.to(device).expand(len(model_in)))
             x = sched.step(eps, t, x, **step_kwargs).prev_sample
             replaced = yield x
             if replaced is not None:

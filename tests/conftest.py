@@ -239,6 +239,55 @@ def build_tiny_clip(folder: Path, words: tuple[str, ...] | None = None) -> Path:
     return folder
 
 
+#: Class names of :func:`build_tiny_dit_pipeline`'s pipeline (``model_index.json``'s ``id2label``).
+DIT_LABELS = {0: "zero", 1: "one", 2: "two", 3: "three, third", 7: "seven"}
+
+
+def build_tiny_dit_pipeline(folder: Path) -> Path:
+    """A real ``DiTPipeline`` with random weights, saved with diffusers: a 4-block
+    ``DiTTransformer2DModel`` (patch 2, 1000 classes and a learned variance, as DiT-XL/2 has) on the
+    4-channel 8x8 latents of a tiny RGB ``AutoencoderKL`` (16x16 images), a DDIM scheduler with
+    DiT's linear betas, and class names in ``model_index.json``."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["id2label"] = {str(k): v for k, v in DIT_LABELS.items()}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ``DiTPipeline`` folder (see :func:`build_tiny_dit_pipeline`)."""
+    return build_tiny_dit_pipeline(tmp_path_factory.mktemp("dit"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random ``StableDiffusionPipeline`` folder (see :func:`build_tiny_sd_pipeline`)."""

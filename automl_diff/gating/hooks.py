@@ -44,7 +44,7 @@ CONCAT_HOOK = "automl_diff.gate_concat"
 HEAD_HOOK = "automl_diff.gate_head"
 COMPILED_HOOK = "automl_diff.gate_compiled"
 #: Modules outside the units and the head that run at every call, compiled with them.
-EVERY_STEP = ("conv_in", "time_embedding", "class_embedding", "add_embedding")
+EVERY_STEP = ("conv_in", "time_embedding", "class_embedding", "add_embedding", "pos_embed")
 _ATTR = "_automl_diff_gates"
 
 
@@ -212,25 +212,35 @@ class _GateHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
+        residual = c.graph.residual  # a transformer block: its cache is its update, added to its input
         if not c._runs[self.index]:  # the plan of this step, resolved once when the step began
-            return c.cache[self.name] if c._reuse[self.index] else self._dead()
+            if not c._reuse[self.index]:
+                return self._dead()
+            return _block_input(args, kwargs) + c.cache[self.name] if residual else c.cache[self.name]
         cache = c.cache
         if c.soft_gates is not None:
             out = self.fn_ref.original_forward(*args, **kwargs)
             c.executed[self.name] += 1
+            new = out - _block_input(args, kwargs) if residual else out
             if c.step > 0 and self.name in cache:
                 g = c.soft_gates[c.step, self.index]
-                out = _tree_map(lambda new, old: g * new + (1 - g) * old, out, cache[self.name])
-            cache[self.name] = out
-            return out
+                new = _tree_map(lambda now, old: g * now + (1 - g) * old, new, cache[self.name])
+            cache[self.name] = new
+            return _block_input(args, kwargs) + new if residual else new
         if args and isinstance(args[0], (_Skipped, _Dead)):
             raise RuntimeError(f"{self.name}: its input was not computed but the atom runs")
         out = (self.compiled or self.fn_ref.original_forward)(*args, **kwargs)
         if self.spec is None:
             self.spec = pytree.tree_flatten(out)[1]
         c.executed[self.name] += 1
-        c._store(self.name, out, c._keep[self.index])
+        keep = c._keep[self.index]
+        c._store(self.name, out - _block_input(args, kwargs) if residual and keep else out, keep)
         return out
+
+
+def _block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A transformer block's input, its ``hidden_states``."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 class _HeadHook(ModelHook):
@@ -475,7 +485,8 @@ class GateController:
 
 
 def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str, Any] = False) -> GateController:
-    """Apply a schedule to a pipeline (anything with ``.unet``) or a UNet, replacing any schedule
+    """Apply a schedule to a pipeline (anything with ``.unet``, or ``.transformer``: DiT) or a
+    UNet or transformer, replacing any schedule
     applied before. Returns the controller: ``.remove()`` it (or use it as a context manager) to
     get the plain model back.
 
@@ -487,7 +498,7 @@ def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str,
     Raises:
         UserError: the schedule was made for another architecture.
     """
-    unet = getattr(target, "unet", target)
+    unet = getattr(target, "unet", None) or getattr(target, "transformer", None) or target
     wrapper = unet if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule) else None
     if wrapper is not None:
         unet, compile = wrapper._orig_mod, compile or True

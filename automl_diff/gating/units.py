@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _FINGERPRINT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels", "out_channels")
+_TRANSFORMER_FINGERPRINT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels")
 
 #: The UNet's output layers, in order, as diffusers names them.
 HEAD = ("conv_norm_out", "conv_act", "conv_out")
@@ -86,7 +87,7 @@ def model_fingerprint(unet: nn.Module) -> dict[str, Any]:
     """What identifies an architecture for a schedule: its class and block layout."""
     config = unet.config
     data: dict[str, Any] = {"class": type(unet).__name__}
-    for key in _FINGERPRINT_KEYS:
+    for key in _FINGERPRINT_KEYS if hasattr(unet, "down_blocks") else _TRANSFORMER_FINGERPRINT_KEYS:
         value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
         data[key] = list(value) if isinstance(value, (tuple, list)) else value
     return data

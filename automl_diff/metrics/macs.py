@@ -89,12 +89,22 @@ class _Call(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         if rest:
-            return self.unet(sample, timestep, encoder_hidden_states=rest[0], return_dict=False)[0]
+            return self.unet(sample, timestep, **{condition_keyword(self.unet): rest[0]}, return_dict=False)[0]
         return self.unet(sample, timestep, return_dict=False)[0]
 
 
 def _is_conditional(unet: nn.Module) -> bool:
     return getattr(unet.config, "cross_attention_dim", None) is not None
+
+
+def condition_keyword(unet: nn.Module) -> str | None:
+    """The argument a conditional model takes its conditioning as: ``encoder_hidden_states`` (text
+    embeddings), ``class_labels`` (a class-conditional transformer, DiT), or None."""
+    if _is_conditional(unet):
+        return "encoder_hidden_states"
+    if getattr(unet.config, "num_embeds_ada_norm", None) and not hasattr(unet, "down_blocks"):
+        return "class_labels"
+    return None
 
 
 def example_inputs(
@@ -105,7 +115,7 @@ def example_inputs(
     text_length: int = 77,
 ) -> tuple[torch.Tensor, ...]:
     """Inputs for one forward pass: ``(sample, timestep)`` plus ``encoder_hidden_states`` for
-    an SD-style ``UNet2DConditionModel``.
+    an SD-style ``UNet2DConditionModel``, or ``class_labels`` for a DiT.
 
     Args:
         unet: the model.
@@ -126,6 +136,8 @@ def example_inputs(
     if _is_conditional(unet):
         context = torch.zeros(batch_size, text_length, config.cross_attention_dim, dtype=param.dtype, device=param.device)
         return sample, timestep, context
+    if condition_keyword(unet) == "class_labels":
+        return sample, timestep, torch.zeros(batch_size, dtype=torch.long, device=param.device)
     return sample, timestep
 
 
@@ -141,9 +153,28 @@ def _per_module(unet: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, 
             analysis = FlopCountAnalysis(_Call(unet), inputs)
             analysis.set_op_handle(_SDPA, _sdpa_macs)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return analysis.by_module_and_operator()
+            return _head_calls_apart(unet, analysis.by_module_and_operator())
     finally:
         unet.train(was_training)
+
+
+#: A DiT's output head calls the first block's timestep-and-class embedding a second time.
+_DIT_HEAD_EMBEDDING = "transformer_blocks.0.norm1.emb"
+
+
+def _head_calls_apart(unet: nn.Module, per_module: dict[str, Mapping[str, int]]) -> dict[str, Mapping[str, int]]:
+    """Per-module counts with the head's call of a block's module moved out of the block: DiT's
+    head conditions on ``transformer_blocks[0].norm1.emb``, which fvcore counts twice under block
+    0; half goes to the head (what is left when the block runs alone: "other"), not the block."""
+    path = "unet." + _DIT_HEAD_EMBEDDING
+    if condition_keyword(unet) != "class_labels" or path not in per_module or not hasattr(unet, "proj_out_1"):
+        return per_module
+    head = {op: count // 2 for op, count in per_module[path].items()}
+    parts = path.split(".")
+    for depth in range(2, len(parts) + 1):  # the module and its ancestors inside the model, not the model itself
+        ancestor = ".".join(parts[:depth])
+        per_module[ancestor] = {op: count - head.get(op, 0) for op, count in per_module[ancestor].items()}
+    return per_module
 
 
 def _cost(per_module: Mapping[str, Mapping[str, int]], path: str) -> tuple[int, int]:

@@ -1,10 +1,11 @@
-"""Stable, dotted names for the blocks and layers of a diffusers UNet.
+"""Stable, dotted names for the blocks and layers of a diffusers UNet or transformer.
 
 A UNet is an ordered list of blocks ``down.0 … down.K``, ``mid``, ``up.0 … up.K`` (diffusers'
 ``down_blocks``, ``mid_block`` and ``up_blocks``); layers inside a block keep diffusers' attribute
 path under the block name: ``down.1.resnets.0``, ``up.2.attentions.1``, ``mid.attentions.0``.
 Search spaces, MACs tables, gates and exported configs all use these names. Both ``UNet2DModel``
-and ``UNet2DConditionModel`` are addressed the same way.
+and ``UNet2DConditionModel`` are addressed the same way. A transformer (DiT) is the ordered list
+of its ``transformer_blocks.<i>``, named as diffusers names them.
 
 Block inputs and outputs are recorded through diffusers' removable hooks
 (:class:`diffusers.hooks.ModelHook`), never by replacing ``forward``.
@@ -37,13 +38,16 @@ __all__ = [
     "record_blocks",
 ]
 
-_PREFIXES = {"down": "down_blocks", "up": "up_blocks", "mid": "mid_block"}
+_PREFIXES = {"down": "down_blocks", "up": "up_blocks", "mid": "mid_block", "transformer_blocks": "transformer_blocks"}
 _MODULE_PREFIXES = {v: k for k, v in _PREFIXES.items()}
 _RECORD_HOOK = "automl_diff.record"
 
 
 def block_names(unet: nn.Module) -> list[str]:
-    """Names of the UNet's blocks in execution order: ``down.*``, ``mid``, ``up.*``."""
+    """Names of the model's blocks in execution order: ``down.*``, ``mid``, ``up.*`` of a UNet,
+    ``transformer_blocks.*`` of a transformer."""
+    if not hasattr(unet, "down_blocks") and isinstance(getattr(unet, "transformer_blocks", None), nn.ModuleList):
+        return [f"transformer_blocks.{i}" for i in range(len(unet.transformer_blocks))]
     names = [f"down.{i}" for i in range(len(unet.down_blocks))]
     if getattr(unet, "mid_block", None) is not None:
         names.append("mid")
@@ -61,7 +65,7 @@ def name_to_module_path(name: str) -> str:
     """``down.1.resnets.0`` -> ``down_blocks.1.resnets.0`` (the ``named_modules`` path)."""
     head, _, rest = name.partition(".")
     if head not in _PREFIXES:
-        raise UserError(f"unknown block '{name}': names start with down.<i>, mid or up.<i>")
+        raise UserError(f"unknown block '{name}': names start with down.<i>, mid, up.<i> or transformer_blocks.<i>")
     return _PREFIXES[head] + ("." + rest if rest else "")
 
 
@@ -81,8 +85,8 @@ def get_block(unet: nn.Module, name: str) -> nn.Module:
     """
     path = name_to_module_path(name)
     modules = dict(unet.named_modules())
-    if path not in modules or not re.fullmatch(r"(down|up)\.\d+(\..+)?|mid(\..+)?", name):
-        raise UserError(f"unknown block '{name}'; this UNet has blocks {', '.join(block_names(unet))}")
+    if path not in modules or not re.fullmatch(r"(down|up|transformer_blocks)\.\d+(\..+)?|mid(\..+)?", name):
+        raise UserError(f"unknown block '{name}'; this model has blocks {', '.join(block_names(unet))}")
     return modules[path]
 
 

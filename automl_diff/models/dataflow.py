@@ -18,6 +18,11 @@ gate is on runs only if its output is read, at the same step by an atom that run
 step through the cache it leaves. So a unit that nothing downstream reads is neither computed nor
 counted (the cascade of DiP-GO's authors: an up branch that reuses its cache makes the branches
 that only feed it idle), and the samples are exactly those of running it.
+
+A transformer's units are its blocks (``transformer_blocks.<i>``, ``block`` granularity), a chain
+of residual updates: a block whose gate is off adds the update it made at the last step it ran to
+its input of this step (:attr:`UnitGraph.residual`), so it reads its input and every block before
+it is needed at every step.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def prunable_units(unet: nn.Module, granularity: str = "block") -> list[str]:
     blocks = block_names(unet)
     if granularity == "block":
         return blocks
+    if _is_transformer(unet):
+        raise UserError(f"granularity {granularity}: a transformer's units are its blocks (granularity: block)")
     units: list[str] = []
     for block in blocks:
         groups = _block_layers(unet, block)
@@ -137,6 +144,11 @@ def _skip_readers(unet: nn.Module, layers: bool) -> dict[str, list[str]]:
     return readers
 
 
+def _is_transformer(unet: nn.Module) -> bool:
+    """A transformer's blocks (DiT), not a UNet's."""
+    return not hasattr(unet, "down_blocks") and isinstance(getattr(unet, "transformer_blocks", None), nn.ModuleList)
+
+
 def _plain(unet: nn.Module) -> bool:
     """Whether the dataflow is exactly the chain and the skips: diffusers' own forward and blocks."""
     from diffusers import UNet2DConditionModel, UNet2DModel
@@ -180,6 +192,9 @@ class UnitGraph:
         readers: for each node, the nodes that read its output in the same call.
         exact: the dataflow is known (diffusers' own blocks and forward), so atoms that nothing
             reads are skipped; otherwise every atom whose gate is on runs.
+        residual: the atoms are residual blocks (a transformer's): an atom whose gate is off
+            returns its input plus its last update, so it reads its input, and every atom whose
+            gate is on runs.
     """
 
     units: tuple[str, ...]
@@ -189,6 +204,7 @@ class UnitGraph:
     atom_nodes: tuple[int, ...]
     readers: tuple[tuple[int, ...], ...]
     exact: bool
+    residual: bool = False
 
     @classmethod
     def of(cls, unet: nn.Module, units: Sequence[str]) -> UnitGraph:
@@ -229,6 +245,7 @@ class UnitGraph:
             atom_nodes=tuple(index[a] for a in atoms),
             readers=readers,
             exact=_plain(unet),
+            residual=_is_transformer(unet),
         )
 
     def _node_gates(self, gates: np.ndarray) -> np.ndarray:
@@ -252,7 +269,7 @@ class UnitGraph:
         carry = np.zeros(n, dtype=bool)  # needed at the next step while reusing there
         for s in range(steps - 1, -1, -1):
             for k in range(n - 1, -1, -1):
-                need = not self.exact or k == n - 1 or carry[k] or any(runs[s, r] for r in self.readers[k])
+                need = not self.exact or self.residual or k == n - 1 or carry[k] or any(runs[s, r] for r in self.readers[k])
                 needed[s, k] = need
                 runs[s, k] = (on[s, k] and need) or not gated[k]
             carry = needed[s] & ~on[s]
@@ -272,7 +289,7 @@ class UnitGraph:
         ones = torch.ones_like(probs[:, 0])
         runs: list[torch.Tensor | None] = [None] * n
         for k in range(n - 1, -1, -1):
-            if not self.exact or k == n - 1:
+            if not self.exact or self.residual or k == n - 1:
                 need = ones
             else:
                 need = 1 - torch.stack([1 - runs[r] for r in self.readers[k]]).prod(0) if self.readers[k] else ones * 0

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from automl_diff.errors import UserError, first_line
+from automl_diff.models.classes import ClassToImage, is_class_to_image_folder, load_class_to_image
 from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, TextToImage, is_text_to_image_folder, load_text_to_image
 from automl_diff.sampling import Prompts, Sampler, make_scheduler
 from automl_diff.zoo import TEACHERS
@@ -43,19 +44,21 @@ EXPORT_INFO = "automl_diff.json"
 
 
 def _unet_classes() -> dict[str, type]:
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
     from automl_diff.models.student import STUDENT_CLASSES
 
     return {
         "UNet2DModel": UNet2DModel,
         "UNet2DConditionModel": UNet2DConditionModel,
+        "DiTTransformer2DModel": DiTTransformer2DModel,
         **{name: cls for name, (cls, _) in STUDENT_CLASSES.items()},
     }
 
 
-#: Model classes a ``config.json`` may name in ``_class_name``.
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "StudentUNet2DModel", "StudentUNet2DConditionModel")
+#: Model classes a ``config.json`` may name in ``_class_name`` (the denoisers of every teacher,
+#: UNets and DiT's transformer).
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "StudentUNet2DModel", "StudentUNet2DConditionModel")
 
 _DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 
@@ -73,6 +76,7 @@ class Teacher:
         weights_dir: a local folder ``load_unet`` reloads it from (None for a hub model).
         text: the frozen VAE, text encoder and tokenizer of a text-to-image teacher (None for an
             unconditional UNet).
+        classes: the frozen VAE and class names of a class-conditional teacher (DiT).
     """
 
     unet: nn.Module
@@ -83,6 +87,13 @@ class Teacher:
     weights_dir: str | None = None
     text: TextToImage | None = None
     judge: str | None = None
+    classes: ClassToImage | None = None
+
+    @property
+    def latent(self) -> TextToImage | ClassToImage | None:
+        """The parts around a latent teacher's denoiser, text-to-image or class-conditional: its
+        VAE, and what turns the study's prompts (text, or class names) into conditioning."""
+        return self.text if self.text is not None else self.classes
 
     def sampler(self, scheduler: str = "ddim", steps: int = 20, eta: float = 0.0, prompts: Prompts | None = None) -> Sampler:
         """A sampler of this teacher's noise schedule (:class:`~automl_diff.sampling.Sampler`)."""
@@ -106,12 +117,12 @@ class Teacher:
     @property
     def resolution(self) -> int:
         """The side of the images it generates (decoded, for a latent model)."""
-        return self.latent_resolution * (self.text.vae_scale_factor if self.text is not None else 1)
+        return self.latent_resolution * (self.latent.vae_scale_factor if self.latent is not None else 1)
 
     @property
     def channels(self) -> int:
         """The channels of the images it generates."""
-        return self.text.image_channels if self.text is not None else int(self.unet.config.in_channels)
+        return self.latent.image_channels if self.latent is not None else int(self.unet.config.in_channels)
 
 
 def _class_for(config: dict[str, Any], where: str) -> type:
@@ -142,12 +153,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _unet_dir(path: Path) -> Path:
-    """The folder holding the UNet's config.json: the folder itself or its ``unet/``."""
-    if (path / "config.json").is_file():
-        return path
-    if (path / "unet" / "config.json").is_file():
-        return path / "unet"
-    raise UserError(f"'{path}' holds neither config.json nor unet/config.json: not a diffusers model folder")
+    """The folder holding the denoiser's config.json: the folder itself, its ``unet/`` or its
+    ``transformer/`` (DiT)."""
+    for folder in (path, path / "unet", path / "transformer"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise UserError(f"'{path}' holds neither config.json nor unet/ or transformer/config.json: not a diffusers model folder")
 
 
 def load_unet(spec: str | Path, *, weights: bool = True) -> nn.Module:
@@ -308,8 +319,8 @@ def load_teacher(spec: str, *, device: str | torch.device = "cpu", dtype: torch.
     teacher = _load_teacher(spec, device)
     if dtype != torch.float32:
         teacher.unet.to(dtype=dtype)
-        if teacher.text is not None:
-            teacher.text.to(device, dtype=dtype)
+        if teacher.latent is not None:
+            teacher.latent.to(device, dtype=dtype)
     return teacher
 
 
@@ -326,6 +337,8 @@ def _load_teacher(spec: str, device: str | torch.device) -> Teacher:
     if path.exists():
         if path.is_dir() and is_text_to_image_folder(path):
             return _text_to_image_teacher(path, spec, device)
+        if path.is_dir() and is_class_to_image_folder(path):
+            return _class_to_image_teacher(path, spec, device)
         if (
             (path / "model_index.json").is_file()
             and "scheduler" in _read_json(path / "model_index.json")
@@ -366,6 +379,27 @@ def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) 
         source,
         weights_dir=str(path.resolve()),
         text=text.to(device),
+    )
+
+
+def _class_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
+    """A class-conditional pipeline folder (DiT) as a teacher: its transformer, scheduler and VAE."""
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
+    if not (path / "transformer" / "config.json").is_file():
+        raise UserError(f"{path}: transformer/ is missing or has no config.json (model_index.json names a transformer)")
+    transformer = load_unet(path)
+    num_classes = getattr(transformer.config, "num_embeds_ada_norm", None)
+    if not num_classes:
+        raise UserError(f"{path}: the transformer has no class embedding (num_embeds_ada_norm); not a class-conditional model")
+    classes = load_class_to_image(path, num_classes=int(num_classes))
+    if classes.vae.config.latent_channels != transformer.config.in_channels:
+        raise UserError(
+            f"{path}: the VAE's latent_channels ({classes.vae.config.latent_channels}) differ from the transformer's in_channels "
+            f"({transformer.config.in_channels})"
+        )
+    return Teacher(
+        transformer.to(device).eval(), scheduler_config_for(path), source, weights_dir=str(path.resolve()), classes=classes.to(device)
     )
 
 

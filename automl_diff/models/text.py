@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from automl_diff.errors import UserError
+from automl_diff.models.latent import LatentParts
 from automl_diff.sampling import Prompts
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "TextToImage",
     "is_text_to_image_folder",
     "load_text_to_image",
+    "model_index",
     "text_length",
 ]
 
@@ -41,7 +43,7 @@ CLIP_TOKENS = 77
 
 
 @dataclass
-class TextToImage:
+class TextToImage(LatentParts):
     """What a text-to-image UNet needs around it to sample images from prompts.
 
     Attributes:
@@ -53,35 +55,28 @@ class TextToImage:
         folder: the pipeline folder the parts were read from (None when built in memory).
     """
 
-    vae: nn.Module
     text_encoder: nn.Module
     tokenizer: Any
     pipeline_class: str = "StableDiffusionPipeline"
     folder: str | None = None
     _cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        for part in (self.vae, self.text_encoder):
-            part.eval().requires_grad_(False)
+    def frozen(self) -> list[nn.Module]:
+        return [self.vae, self.text_encoder]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The pipeline folder's components besides the UNet and the scheduler."""
+        return PIPELINE_PARTS
 
     @property
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
     def to(self, device: str | torch.device, *, dtype: torch.dtype | None = None) -> TextToImage:
-        for part in (self.vae, self.text_encoder):
-            part.to(device) if dtype is None else part.to(device=device, dtype=dtype)
+        super().to(device, dtype=dtype)
         self._cache.clear()
         return self
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """How many image pixels one latent pixel stands for, per side (diffusers' rule)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def image_channels(self) -> int:
-        return int(self.vae.config.out_channels)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -122,18 +117,13 @@ class TextToImage:
             requires_safety_checker=False,
         )
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from final latents (``vae.decode(latents / scaling_factor)``)."""
-        scale = self.vae.config.scaling_factor
-        return self.vae.decode(latents.to(self.vae.dtype) / scale, return_dict=False)[0].float().clamp(-1, 1)
-
 
 def text_length(text: TextToImage | None) -> int:
     """Tokens of the text conditioning: the tokenizer's padded length, else :data:`CLIP_TOKENS`."""
     return int(text.tokenizer.model_max_length) if text is not None else CLIP_TOKENS
 
 
-def _model_index(folder: Path) -> dict[str, Any] | None:
+def model_index(folder: Path) -> dict[str, Any] | None:
     path = folder / "model_index.json"
     if not path.is_file():
         return None
@@ -146,7 +136,7 @@ def _model_index(folder: Path) -> dict[str, Any] | None:
 
 def is_text_to_image_folder(folder: Path) -> bool:
     """Whether ``folder`` is a pipeline folder of a text-to-image class (``model_index.json``)."""
-    index = _model_index(folder) if folder.is_dir() else None
+    index = model_index(folder) if folder.is_dir() else None
     return index is not None and index.get("_class_name") in TEXT_TO_IMAGE_PIPELINES
 
 
@@ -170,7 +160,7 @@ def load_text_to_image(folder: Path) -> TextToImage:
     Raises:
         UserError: a component ``model_index.json`` names is missing or cannot be loaded.
     """
-    index = _model_index(folder) or {}
+    index = model_index(folder) or {}
     for part in PIPELINE_PARTS:
         if part not in index or not index[part] or index[part][0] is None:
             raise UserError(f"{folder / 'model_index.json'}: names no {part}; a {index.get('_class_name')} teacher needs one")
