@@ -402,8 +402,8 @@ def printed_load_calls(out: str) -> list[str]:
 def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2, prompt: str | None = None) -> dict:
     """Run ``pipe = <call>`` and sample two images (from ``prompt`` for a text-to-image pipeline)
     in a fresh Python in which ``automl_diff`` cannot be imported (an import blocker in front of
-    every finder); returns what it saw: the UNet's class name, the images' shape, and the modules
-    named automl_diff it imported."""
+    every finder); returns what it saw: the UNet's (or DiT's transformer's) class name, the images'
+    shape, and the modules named automl_diff it imported."""
     import json
     import subprocess
     import sys
@@ -414,7 +414,8 @@ def sample_without_automl_diff(call: str, *, cwd: Path, steps: int = 2, prompt: 
 import json, diffusers
 pipe = {call}
 images = pipe({"batch_size=2" if prompt is None else f"[{prompt!r}] * 2"}, num_inference_steps={steps}, output_type="np").images
-print(json.dumps({{"unet": type(pipe.unet).__name__, "unet_module": type(pipe.unet).__module__, "shape": list(images.shape),
+model = getattr(pipe, "unet", None) or pipe.transformer
+print(json.dumps({{"unet": type(model).__name__, "unet_module": type(model).__module__, "shape": list(images.shape),
                   "imported": sorted(m for m in sys.modules if m.startswith("automl_diff"))}}))
 """
     )

@@ -255,7 +255,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], Callable[[Env], list[str]]]] 
     (
         "exported folder without its unet config",
         lambda e: ["profile", "--model", str(e.teacher_copy(remove="unet/config.json"))],
-        lambda e: [f"{e.tmp}/exported", "neither config.json nor unet/config.json"],
+        lambda e: [f"{e.tmp}/exported", "no config.json, unet/config.json or transformer/config.json"],
     ),
     (
         "schedule for another model",

@@ -244,7 +244,7 @@ def test_text_to_image_study_errors_are_one_line(tiny_sd_dir, tiny_teacher_dir, 
         method_options={},
     )
     assert main(["run", str(config), "--quiet"]) == 2
-    assert "is not a text-to-image pipeline" in capsys.readouterr().err
+    assert "is not a text-to-image or class-conditional pipeline" in capsys.readouterr().err
 
 
 def test_profile_times_a_schedule_on_a_pipeline_and_on_a_bare_conditional_unet(tiny_sd_dir, tmp_path, capsys):

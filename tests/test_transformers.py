@@ -131,3 +131,146 @@ def test_a_schedule_gates_dit_blocks_reusing_their_residual_update(tiny_dit_dir)
     assert prunable_units(teacher.unet, "block") == list(BLOCKS)
     with pytest.raises(UserError, match="a transformer's units are its blocks"):
         prunable_units(teacher.unet, "layer")
+
+
+def _dit_study(tmp_path, teacher, clip, **overrides):
+    """A DiP-GO study of a DiT pipeline, written as a user would: classes by id and by name in
+    text files, a folder of reference images, CLIP features for FID from a local CLIP."""
+    import yaml
+    from PIL import Image
+
+    references = tmp_path / "references"
+    references.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(references / f"{i}.png")
+    (tmp_path / "train.txt").write_text("3\nseven\n1\n")
+    (tmp_path / "eval.txt").write_text("zero\nthird\n")
+    config = {
+        "name": "dit",
+        "method": "dipgo",
+        "teacher": str(teacher),
+        "objectives": [{"name": "trajectory_macs"}, {"name": "fid"}],
+        "sampler": {"name": "random", "seed": 0},
+        "n_trials": 3,
+        "budgets": {
+            "train_iterations": 4,
+            "batch_size": 2,
+            "lr": 0.05,
+            "fid_samples": 4,
+            "images_per_prompt": 2,
+            "sampling_steps": 4,
+            "latency_repeats": 1,
+            "latency_batch_size": 2,
+        },
+        "sampling": {"guidance_scale": 4.0},
+        "prompts": {"train": "train.txt", "eval": "eval.txt", "clip_model": str(clip)},
+        "fid": {"dataset": f"folder:{references}", "features": "clip"},
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+        "output_dir": str(tmp_path / "runs"),
+        "device": "cpu",
+        "method_options": {"granularity": "block", "reference_images": 2, "warmup": 0.0, "target_macs_ratio": 0.5, "sparsity_weight": 5.0},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from tests.conftest import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def test_a_dipgo_study_of_a_dit_pipeline_exports_a_dit_pipeline(tiny_dit_dir, tiny_clip, tmp_path, capsys):
+    import optuna
+
+    from automl_diff.cli import main
+    from automl_diff.records import StudyAttr, TrialAttr
+    from tests.conftest import printed_load_calls, sample_without_automl_diff
+
+    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip)
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="dit", storage=storage)
+    teacher = study.user_attrs[StudyAttr.TEACHER_METRICS]
+    assert study.user_attrs[StudyAttr.EVALUATION]["eval_prompts"] == ["zero", "third"]
+    assert study.user_attrs[StudyAttr.PIPELINE]["class"] == "DiTPipeline"
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs[TrialAttr.TRAJECTORY_MACS] < teacher[TrialAttr.TRAJECTORY_MACS] for t in complete)
+    assert all(tuple(t.user_attrs[TrialAttr.SCHEDULE]["units"]) == BLOCKS for t in complete)
+    assert all(np.isfinite(t.user_attrs[TrialAttr.FID]) for t in complete)
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "dit", "--trial", str(complete[0].number), "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    assert call.startswith("diffusers.DiTPipeline.from_pretrained(")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"] and index["id2label"]["7"] == "seven"
+    card = (out / "README.md").read_text()
+    assert 'pipe(class_labels=pipe.get_label_ids(["zero"]), num_inference_steps=4, guidance_scale=4)' in card
+    seen = sample_without_automl_diff(call, cwd=tmp_path, steps=4, prompt=3)
+    assert seen["unet"] == "DiTTransformer2DModel" and seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []
+    # the exported schedule gates the exported pipeline
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(str(out))
+    with apply_schedule(pipe, Schedule.load(out / "schedule.json")) as controller:
+        pipe([3], num_inference_steps=4, output_type="np")
+        assert sum(controller.executed.values()) == controller.plan.executes.sum() < 4 * 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method_options": {"granularity": "layer"}}, "method_options.granularity: a transformer's units are its blocks"),
+        (
+            {"method": "dkdm", "method_options": None, "search_space": "space.yaml"},
+            "method: dkdm trains UNet students only; method dipgo compresses a transformer teacher",
+        ),
+        ({"sampling": {"negative_prompt": "blurry"}}, "sampling.negative_prompt: a class-conditional teacher has none"),
+        ({"prompts": {"eval": "bad.txt"}}, "prompts.eval: 'eight' is neither a class id (0..999) nor a class name; names: one, seven"),
+    ],
+)
+def test_dit_study_errors_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys, overrides, message):
+    from automl_diff.cli import main
+
+    (tmp_path / "bad.txt").write_text("seven\neight\n")
+    (tmp_path / "space.yaml").write_text("family: unet2d\nblocks:\n  down.0: {channels: [4, 8]}\n")
+    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, **overrides)
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: ") and message in err and "\n" not in err
+
+
+def test_the_shipped_digits_dit_teacher_draws_the_digits_it_is_asked_for(capsys):
+    from diffusers import DiTPipeline
+
+    from automl_diff.cli import main
+    from automl_diff.metrics.alignment import prompt_accuracy
+    from automl_diff.zoo import JUDGES
+    from automl_diff.zoo.digits_dit import DIGITS_DIT_DIR, GUIDANCE_SCALE
+
+    files = [f for f in DIGITS_DIT_DIR.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 15 * 2**20
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt")]  # safetensors only
+    teacher = load_teacher("digits-dit")
+    assert teacher.dataset == "digits" and (teacher.resolution, teacher.channels, teacher.latent_resolution) == (16, 1, 8)
+    assert type(teacher.unet).__name__ == "DiTTransformer2DModel" and teacher.classes.null_class == 1000
+    assert [teacher.classes.class_id(name) for name in ("seven", "7")] == [7, 7]
+    # sampled with diffusers alone (its own null class, id 1000), the digits are the classes asked for
+    pipe = DiTPipeline.from_pretrained(str(DIGITS_DIT_DIR))
+    labels = [d for d in range(10) for _ in range(4)]
+    out = pipe(labels, num_inference_steps=20, guidance_scale=GUIDANCE_SCALE, output_type="np", generator=torch.Generator().manual_seed(3))
+    assert out.images.shape == (40, 16, 16, 1)
+    images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1
+    accuracy = prompt_accuracy(images, labels, JUDGES["digits"])
+    assert accuracy.low >= 0.8, accuracy
+    assert main(["profile", "--model", "digits-dit", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == sum(p.numel() for p in teacher.unet.parameters())

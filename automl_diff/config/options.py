@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from automl_diff.config._reader import Section, positive, read_settings, setting
 from automl_diff.config.search_space import SearchSpace, SupernetSpace
 from automl_diff.errors import UserError
-from automl_diff.models.dataflow import GRANULARITIES
+from automl_diff.models.dataflow import GRANULARITIES, is_transformer
 from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS
 
 if TYPE_CHECKING:
@@ -166,6 +166,8 @@ class PoolOptions(MethodOptions):
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         where = settings.where
+        if is_transformer(teacher.unet) or is_transformer(original.unet):
+            raise UserError(f"{where}: method: {self.method} trains UNet students only; method dipgo compresses a transformer teacher")
         if original.text is not None and self.source == "teacher" and not settings.train_prompts:
             raise UserError(
                 f"{where}: prompts.train: required to distil a text-to-image teacher data-free (the prompts its generations are "
@@ -343,10 +345,15 @@ class DiPGOOptions(MethodOptions):
                 f"{where}: teacher: '{teacher.source}' is a text-conditional UNet without its pipeline; name the pipeline folder "
                 "(model_index.json with vae, text_encoder, tokenizer, unet, scheduler) as the teacher"
             )
-        if teacher.text is not None and not settings.train_prompts:
+        if teacher.latent is not None and not settings.train_prompts:
+            what = "text-to-image teacher (the prompts" if teacher.text is not None else "class-conditional teacher (the classes"
+            raise UserError(f"{where}: prompts.train: required for method dipgo on a {what} its pruner trains on)")
+        if is_transformer(teacher.unet) and self.warm_start:
             raise UserError(
-                f"{where}: prompts.train: required for method dipgo on a text-to-image teacher (the prompts its pruner trains on)"
+                f"{where}: method_options.warm_start: DeepCache's recipes cache a UNet's up blocks, which a transformer has none of"
             )
+        if is_transformer(teacher.unet) and self.granularity != "block":
+            raise UserError(f"{where}: method_options.granularity: a transformer's units are its blocks; use granularity: block")
         if settings.processes > 1:
             raise UserError(
                 f"{where}: execution.processes_per_trial: method dipgo trains its pruner in one process; {settings.processes} "

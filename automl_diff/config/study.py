@@ -256,12 +256,16 @@ class StudyConfig:
             UserError: one line naming the file and the key.
         """
         e = self.evaluation
-        if original.text is None and (e.prompts or self.train_prompts):
-            raise UserError(f"{self.path}: prompts: the teacher '{original.source}' is not a text-to-image pipeline")
-        if original.text is None and e.alignment is not None:
+        if original.latent is None and (e.prompts or self.train_prompts):
+            raise UserError(f"{self.path}: prompts: the teacher '{original.source}' is not a text-to-image or class-conditional pipeline")
+        if original.text is None and e.alignment == TrialAttr.CLIP_SCORE:
             raise UserError(f"{self.path}: prompts.alignment: {e.alignment} needs a text-to-image teacher")
+        if original.latent is None and e.alignment is not None:
+            raise UserError(f"{self.path}: prompts.alignment: {e.alignment} needs a text-to-image or class-conditional teacher")
         if original.text is not None and not e.prompts:
             raise UserError(f"{self.path}: prompts.eval: required for a text-to-image teacher (a file of prompts FID is measured on)")
+        if original.classes is not None:
+            self._check_classes(original)
         if e.alignment == TrialAttr.PROMPT_ACCURACY and (e.judge or original.judge) is None:
             raise UserError(
                 f"{self.path}: prompts.judge: prompt_accuracy needs a prompt judge ({', '.join(JUDGES)}); this teacher has none of its "
@@ -283,6 +287,22 @@ class StudyConfig:
         if self.pruner.enabled and not options.reports_rungs:
             raise UserError(f"{self.path}: pruner.name: method {self.method} reports no intermediate scores; use pruner: {{name: none}}")
         options.check_against(self.method_settings, teacher, original)
+
+    def _check_classes(self, original: Teacher) -> None:
+        """A class-conditional teacher's prompt files name its classes, and it has no negative prompt."""
+        e, classes = self.evaluation, original.classes
+        if not e.prompts:
+            raise UserError(
+                f"{self.path}: prompts.eval: required for a class-conditional teacher (a file of the classes FID is measured on, "
+                "an id or a class name per line)"
+            )
+        if e.sampling.negative_prompt:
+            raise UserError(f"{self.path}: sampling.negative_prompt: a class-conditional teacher has none (its null class is the negative)")
+        for key, names in (("eval", e.prompts), ("train", self.train_prompts)):
+            try:
+                [classes.class_id(name) for name in names]
+            except UserError as exc:
+                raise UserError(f"{self.path}: prompts.{key}: {exc}") from None
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

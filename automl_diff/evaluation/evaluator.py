@@ -127,9 +127,9 @@ class Evaluator:
         self.labels: list[int] | None = None
         self.judge: PromptJudge | None = None
         self._clip: ClipScorer | None = None
-        if teacher.text is not None:
+        if teacher.latent is not None:  # text prompts, or the classes a class-conditional teacher samples
             s = e.sampling
-            self.prompts = teacher.text.prompts(
+            self.prompts = teacher.latent.prompts(
                 e.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, images_per_prompt=e.images_per_prompt
             )
             if e.alignment == "prompt_accuracy":

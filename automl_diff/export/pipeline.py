@@ -127,16 +127,26 @@ def _metrics_table(columns: list[dict[str, Any]], *, start: bool) -> str:
     return header + "\n" + body
 
 
-def _usage(evaluation: Evaluation, load: str, section: CardSection) -> str:
+def _usage(evaluation: Evaluation, load: str, section: CardSection, pipeline: str) -> str:
     """The card's snippet: load the pipeline (with the method's set-up, if any) and sample."""
     steps = evaluation.sampling.steps or 20
-    if evaluation.prompts:
+    if evaluation.prompts and pipeline == "DiTPipeline":  # the first evaluation class, by id or by name
+        first = evaluation.prompts[0]
+        labels = f"[{int(first)}]" if first.isdigit() else f"pipe.get_label_ids([{json.dumps(first)}])"
+        call = f"pipe(class_labels={labels}, num_inference_steps={steps}, guidance_scale={evaluation.sampling.guidance_scale:g}).images"
+    elif evaluation.prompts:
         prompt = json.dumps(evaluation.prompts[0])
         call = f"pipe({prompt}, num_inference_steps={steps}, guidance_scale={evaluation.sampling.guidance_scale:g}).images"
     else:
         call = f"pipe(batch_size=4, num_inference_steps={steps}).images"
     imports, setup = (["import diffusers", section.setup[0]], [section.setup[1]]) if section.setup else (["import diffusers"], [])
     return "\n".join([*imports, "", f"pipe = {load}", *setup, f"images = {call}"])
+
+
+def _task_tag(evaluation: Evaluation, pipeline: str) -> str:
+    if pipeline == "DiTPipeline":
+        return "class-conditional-image-generation"
+    return "text-to-image" if evaluation.prompts else "unconditional-image-generation"
 
 
 def model_card(
@@ -169,7 +179,7 @@ library_name: diffusers
 tags:
 - automl_diff
 - {method or "unknown"}
-- {"text-to-image" if evaluation.prompts else "unconditional-image-generation"}
+- {_task_tag(evaluation, pipeline)}
 ---
 
 # {study.study_name} — trial {trial.number}
@@ -183,7 +193,7 @@ Speedup against the teacher (measured latency): {fmt_number(attrs.get(TrialAttr.
 {method_text}
 FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling.steps or "?"} {evaluation.sampling.scheduler} steps,
 features `{evaluation.fid_features}`, dataset `{evaluation.fid_dataset}`, seed {evaluation.seed};
-latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.{_prompts_note(evaluation)}
+latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.{_prompts_note(evaluation, pipeline)}
 
 ## Lineage
 
@@ -201,32 +211,43 @@ latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}
 ## Use
 
 ```python
-{_usage(evaluation, load, section)}
+{_usage(evaluation, load, section, pipeline)}
 ```
 {custom_note}"""
 
 
-def _prompts_note(evaluation: Evaluation) -> str:
+def _prompts_note(evaluation: Evaluation, pipeline: str) -> str:
     if not evaluation.prompts:
         return ""
     prompts = evaluation.prompts
+    what, whats = ("class", "classes") if pipeline == "DiTPipeline" else ("prompt", "prompts")
     shown = ", ".join(f"`{p}`" for p in prompts[:5]) + (f" and {len(prompts) - 5} more" if len(prompts) > 5 else "")
     return (
-        f"\nImages from {len(prompts)} evaluation prompts ({shown}), {evaluation.images_per_prompt} per prompt, "
+        f"\nImages from {len(prompts)} evaluation {whats} ({shown}), {evaluation.images_per_prompt} per {what}, "
         f"classifier-free guidance {evaluation.sampling.guidance_scale:g}; MACs per image count both halves of guidance."
     )
 
 
-def _save_text_to_image(pipeline: dict[str, Any], unet: Any, scheduler: Any, out: Path, store: Any | None) -> str:
-    """The teacher's text-to-image pipeline with ``unet`` and ``scheduler`` in it, saved at ``out``
-    (its VAE, text encoder and tokenizer from the teacher's folder, else from the store's copy)."""
+def _save_latent_pipeline(pipeline: dict[str, Any], unet: Any, scheduler: Any, out: Path, store: Any | None) -> str:
+    """The teacher's pipeline (text-to-image, or class-conditional: DiT) with ``unet`` and
+    ``scheduler`` in it, saved at ``out``: its VAE (text encoder, tokenizer) from the teacher's
+    folder, else from the store's copy; a class-conditional one keeps its class names."""
+    from automl_diff.models.classes import CLASS_TO_IMAGE_PIPELINES, load_class_to_image
     from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, load_text_to_image
 
     name, folder = pipeline.get("class"), pipeline.get("folder")
-    if name not in TEXT_TO_IMAGE_PIPELINES:
-        raise UserError(f"the study's text-to-image teacher '{folder}' has a pipeline class automl_diff does not export: {name}")
-    with local_folder(folder, pipeline.get("artifact"), store, what=f"the study's text-to-image teacher ({name})") as parts:
-        load_text_to_image(parts).pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
+    if name not in TEXT_TO_IMAGE_PIPELINES + CLASS_TO_IMAGE_PIPELINES:
+        raise UserError(f"the study's teacher '{folder}' has a pipeline class automl_diff does not export: {name}")
+    with local_folder(folder, pipeline.get("artifact"), store, what=f"the study's {name} teacher") as parts:
+        if name in TEXT_TO_IMAGE_PIPELINES:
+            load_text_to_image(parts).pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
+            return name
+        classes = load_class_to_image(parts, num_classes=int(unet.config.num_embeds_ada_norm))
+    classes.pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
+    if classes.id2label:  # DiTPipeline reads them from model_index.json but does not write them
+        index = json.loads((out / "model_index.json").read_text())
+        index["id2label"] = {str(k): v for k, v in sorted(classes.id2label.items())}
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return name
 
 
@@ -302,7 +323,7 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if pipeline:
-        pipeline_class = _save_text_to_image(pipeline, unet, scheduler, out, store)
+        pipeline_class = _save_latent_pipeline(pipeline, unet, scheduler, out, store)
     else:
         kind = unconditional[sampler.scheduler]
         pipeline_class = kind.__name__

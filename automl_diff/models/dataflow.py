@@ -38,7 +38,7 @@ from torch import nn
 from automl_diff.errors import UserError
 from automl_diff.models.blocks import block_names, get_block, is_block_name
 
-__all__ = ["GRANULARITIES", "Plan", "UnitGraph", "prunable_units", "unit_atoms"]
+__all__ = ["GRANULARITIES", "Plan", "UnitGraph", "is_transformer", "prunable_units", "unit_atoms"]
 
 #: The built-in ways to cut a UNet into gated units.
 GRANULARITIES = ("block", "layer", "branch")
@@ -87,7 +87,7 @@ def prunable_units(unet: nn.Module, granularity: str = "block") -> list[str]:
     blocks = block_names(unet)
     if granularity == "block":
         return blocks
-    if _is_transformer(unet):
+    if is_transformer(unet):
         raise UserError(f"granularity {granularity}: a transformer's units are its blocks (granularity: block)")
     units: list[str] = []
     for block in blocks:
@@ -144,7 +144,7 @@ def _skip_readers(unet: nn.Module, layers: bool) -> dict[str, list[str]]:
     return readers
 
 
-def _is_transformer(unet: nn.Module) -> bool:
+def is_transformer(unet: nn.Module) -> bool:
     """A transformer's blocks (DiT), not a UNet's."""
     return not hasattr(unet, "down_blocks") and isinstance(getattr(unet, "transformer_blocks", None), nn.ModuleList)
 
@@ -245,7 +245,7 @@ class UnitGraph:
             atom_nodes=tuple(index[a] for a in atoms),
             readers=readers,
             exact=_plain(unet),
-            residual=_is_transformer(unet),
+            residual=is_transformer(unet),
         )
 
     def _node_gates(self, gates: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ __all__ = [
     "UNET_CLASSES",
     "ExportInfo",
     "Teacher",
+    "denoiser_folder",
     "folder_sampler",
     "load_teacher",
     "load_unet",
@@ -152,13 +153,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _unet_dir(path: Path) -> Path:
+def denoiser_folder(path: Path) -> Path:
     """The folder holding the denoiser's config.json: the folder itself, its ``unet/`` or its
     ``transformer/`` (DiT)."""
     for folder in (path, path / "unet", path / "transformer"):
         if (folder / "config.json").is_file():
             return folder
-    raise UserError(f"'{path}' holds neither config.json nor unet/ or transformer/config.json: not a diffusers model folder")
+    raise UserError(f"'{path}' holds no config.json, unet/config.json or transformer/config.json: not a diffusers model folder")
 
 
 def load_unet(spec: str | Path, *, weights: bool = True) -> nn.Module:
@@ -177,7 +178,7 @@ def load_unet(spec: str | Path, *, weights: bool = True) -> nn.Module:
             raise UserError(f"'{spec}': expected a folder or a config.json, got a {path.suffix or 'plain'} file")
         return unet_from_config(_read_json(path), where=str(path))
     if path.is_dir():
-        folder = _unet_dir(path)
+        folder = denoiser_folder(path)
         config = _read_json(folder / "config.json")
         if not weights:
             return unet_from_config(config, where=str(folder / "config.json"))

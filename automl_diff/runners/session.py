@@ -24,8 +24,7 @@ from automl_diff.errors import UserError
 from automl_diff.evaluation import Evaluator, ModelMetrics
 from automl_diff.methods import METHODS, Rungs, TrainingDiverged, TrainingFailed
 from automl_diff.methods.base import recipe_of
-from automl_diff.models.loading import ExportInfo, Teacher, load_teacher, read_export_info
-from automl_diff.models.text import PIPELINE_PARTS
+from automl_diff.models.loading import ExportInfo, Teacher, denoiser_folder, load_teacher, read_export_info
 from automl_diff.records import StudyAttr, StudyFolder, TrialAttr
 from automl_diff.runners.artifacts import artifact_store, attach_samples, check_store, upload_folder
 from automl_diff.runners.pruning import MOASHA
@@ -167,10 +166,10 @@ class StudySession:
         study.set_user_attr(StudyAttr.SCHEDULER_CONFIG, dict(self.teacher.scheduler_config))
         study.set_user_attr(StudyAttr.ORIGINAL_TEACHER, self.original.source)
         study.set_user_attr(StudyAttr.LINEAGE, self.lineage)
-        text = self.original.text
-        if text is not None:  # its VAE, text encoder and tokenizer go into every export, from any host
-            copy = upload_folder(self.store(study), text.folder, study, only=("model_index.json", *PIPELINE_PARTS))
-            study.set_user_attr(StudyAttr.PIPELINE, {"class": text.pipeline_class, "folder": text.folder, "artifact": copy})
+        parts = self.original.latent
+        if parts is not None:  # its VAE (and text encoder, tokenizer) go into every export, from any host
+            copy = upload_folder(self.store(study), parts.folder, study, only=("model_index.json", *parts.parts)) if parts.folder else None
+            study.set_user_attr(StudyAttr.PIPELINE, {"class": parts.pipeline_class, "folder": parts.folder, "artifact": copy})
         study.set_user_attr(StudyAttr.EVALUATION, self.evaluator.evaluation.to_record())
         logger.info("measuring the teacher (MACs, FID on %d samples, latency)", self.evaluator.evaluation.fid_samples)
         metrics = self.evaluator.evaluate(self.original.unet, desc="teacher").to_dict()
@@ -295,7 +294,7 @@ class StudySession:
         for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if other.user_attrs.get(TrialAttr.WEIGHTS) == weights and other.user_attrs.get(TrialAttr.WEIGHTS_ARTIFACT):
                 return other.user_attrs[TrialAttr.WEIGHTS_ARTIFACT]
-        return upload_folder(self.store(trial.study), weights, trial)
+        return upload_folder(self.store(trial.study), denoiser_folder(Path(weights)), trial)  # not a pipeline's other parts
 
     @staticmethod
     def _record(trial: optuna.Trial, metrics: ModelMetrics, teacher: dict[str, Any]) -> None:

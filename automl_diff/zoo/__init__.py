@@ -1,5 +1,5 @@
 """The models and data the package ships, by name (:mod:`automl_diff.zoo.registry`): the built-in
-teachers (``digits``, ``digits-t2i``, ``shapes-t2i``), their datasets, the classifiers whose
+teachers (``digits``, ``digits-t2i``, ``digits-dit``, ``shapes-t2i``), their datasets, the classifiers whose
 features drive their FID and the judges of their prompts; the modules that define and retrain them
 (:mod:`~automl_diff.zoo.digits`, :mod:`~automl_diff.zoo.digits_t2i`, :mod:`~automl_diff.zoo.shapes`,
 :mod:`~automl_diff.zoo.shapes_t2i`, :mod:`~automl_diff.zoo.text_to_image`)."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from automl_diff.errors import UserError
-from automl_diff.zoo import digits, digits_t2i, shapes, shapes_t2i
+from automl_diff.zoo import digits, digits_dit, digits_t2i, shapes, shapes_t2i
 
 __all__ = [
     "DATASETS",
@@ -60,7 +60,8 @@ class BuiltinTeacher:
 
     def check(self) -> None:
         """Raise one line naming the command that retrains it, where its weights are missing."""
-        if not (self.folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        weights = "diffusion_pytorch_model.safetensors"
+        if not any((self.folder / part / weights).is_file() for part in ("unet", "transformer")):
             raise UserError(f"the built-in {self.name} teacher is missing from {self.folder}; retrain it with {self.retrain}")
 
 
@@ -152,6 +153,13 @@ TEACHERS: dict[str, BuiltinTeacher] = {
         "digits-t2i",
         digits_t2i.DIGITS_T2I_DIR,
         f"python -m automl_diff.zoo.train_digits_t2i --out {digits_t2i.DIGITS_T2I_DIR}",
+        dataset="digits",
+        judge="digits",
+    ),
+    "digits-dit": BuiltinTeacher(
+        "digits-dit",
+        digits_dit.DIGITS_DIT_DIR,
+        f"python -m automl_diff.zoo.train_digits_dit --out {digits_dit.DIGITS_DIT_DIR}",
         dataset="digits",
         judge="digits",
     ),

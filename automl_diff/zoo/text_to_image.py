@@ -34,6 +34,7 @@ __all__ = [
     "text_encoder",
     "train_text_to_image",
     "train_vae",
+    "train_with_ema",
     "word_tokenizer",
 ]
 
@@ -258,14 +259,8 @@ def train_text_to_image(
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text).requires_grad_(False)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
-    params = [*unet.parameters(), *text.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    start = time.perf_counter()
-    unet.train()
-    text.train()
-    loss_value = float("nan")
-    for step in range(steps):
+
+    def loss_of(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(means), (batch_size,), generator=generator)
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scale
         phrasing = torch.randint(0, captions.shape[1], (batch_size,), generator=generator)
@@ -276,7 +271,36 @@ def train_text_to_image(
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         states = text(tokens)[0]
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=states).sample
-        loss = _noise_loss(pred, noise, noise_scheduler.alphas_cumprod[t], x0_weight_cap)
+        return _noise_loss(pred, noise, noise_scheduler.alphas_cumprod[t], x0_weight_cap)
+
+    seconds, loss_value = train_with_ema(
+        ((unet, ema_unet), (text, ema_text)), loss_of, steps=steps, lr=lr, ema_decay=ema_decay, progress=progress
+    )
+    return TextToImageResult(ema_unet.eval(), ema_text.eval(), tokenizer, DDIMScheduler(**SCHEDULER_CONFIG), seconds, loss_value)
+
+
+def train_with_ema(
+    pairs: Sequence[tuple[nn.Module, nn.Module]],
+    loss_of: Callable[[int], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    ema_decay: float,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[float, float]:
+    """Train the first module of each ``(model, ema)`` pair on ``loss_of(step)`` with AdamW (a
+    warm-up then cosine learning rate, gradients clipped to norm 1), the second following it as
+    an exponential moving average (decay ramped up to ``ema_decay``); returns the seconds taken
+    and the last loss."""
+    params = [p for model, _ in pairs for p in model.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    start = time.perf_counter()
+    for model, _ in pairs:
+        model.train()
+    loss_value = float("nan")
+    for step in range(steps):
+        loss = loss_of(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -284,15 +308,13 @@ def train_text_to_image(
         lr_sched.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, model in ((ema_unet, unet), (ema_text, text)):
+            for model, ema in pairs:
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - decay)
         loss_value = loss.item()
         if progress is not None:
             progress(step, loss_value)
-    return TextToImageResult(
-        ema_unet.eval(), ema_text.eval(), tokenizer, DDIMScheduler(**SCHEDULER_CONFIG), time.perf_counter() - start, loss_value
-    )
+    return time.perf_counter() - start, loss_value
 
 
 def progress_bar(total: int, desc: str) -> tuple[Any, Callable[[int, float], None]]:

@@ -131,7 +131,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
 
     def _text_key(self) -> list[Any] | None:
         """What the pruner's trajectories are conditioned on (None: an unconditional teacher)."""
-        if self.teacher.text is None:
+        if self.teacher.latent is None:
             return None
         s = self.settings.sampling
         return [list(self.settings.train_prompts), s.guidance_scale, s.negative_prompt]
@@ -140,10 +140,10 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         """The study's sampler on the training prompts (the reference trajectories take them in
         turn, guided as the study guides); the pruner compares final latents (:meth:`Sampler.denoise`)."""
         s = self.settings.sampling
-        text = self.teacher.text
+        parts = self.teacher.latent  # text prompts, or a class-conditional teacher's classes
         prompts = None
-        if text is not None:
-            prompts = text.prompts(self.settings.train_prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale)
+        if parts is not None:
+            prompts = parts.prompts(self.settings.train_prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale)
         return s.sampler_for(self.teacher, prompts)
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
