@@ -179,13 +179,13 @@ class Sampler:
             model_in = sched.scale_model_input(x, t)
             if p is not None and p.guided:
                 both = torch.cat([model_in, model_in])
-                both = predict_noise(unet, both, t.to(device).expand(len(both)), **{p.keyword: context})
+                both = predict_noise(unet, both, _timestep(p, t.to(device), len(both)), **{p.keyword: context})
                 uncond, cond_eps = both.chunk(2)
                 eps = uncond + p.guidance_scale * (cond_eps - uncond)
             elif p is not None:
-                eps = predict_noise(unet, model_in, t.to(device).expand(len(model_in)), **{p.keyword: context})
+                eps = predict_noise(unet, model_in, _timestep(p, t.to(device), len(model_in)), **{p.keyword: context})
             else:
-                eps = predict_noise(unet, model_in, t.to(device).expand(len(model_in)))
+                eps = predict_noise(unet, model_in, _timestep(p, t.to(device), len(model_in)))
             x = sched.step(eps, t, x, **step_kwargs).prev_sample
             replaced = yield x
             if replaced is not None:
@@ -292,6 +292,13 @@ class Sampler:
         """
         batches = self.stream(unet, num_images=num_images, batch_size=batch_size, seed=seed, progress=progress, desc=desc)
         return torch.cat([images for _, images in batches])
+
+
+def _timestep(prompts: Prompts | None, t: torch.Tensor, rows: int) -> torch.Tensor:
+    """The timestep as the model's own pipeline passes it: a scalar to a UNet (as ``DDIMPipeline``
+    and ``StableDiffusionPipeline`` do, and as DeepCache reads it), one per row to a
+    class-conditional transformer (``DiTPipeline``; DiT requires it)."""
+    return t.expand(rows) if prompts is not None and prompts.keyword == "class_labels" else t
 
 
 def _drain(chain: Generator[Any, Any, Any], each: Callable[[Any], Any] | None = None) -> Any:

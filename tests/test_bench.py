@@ -208,8 +208,13 @@ def test_presets_fit_their_teachers(name):
         labels = set(prompt_labels(evaluate, judge))
         assert prompt_labels(train, judge) and (labels == set(range(10)) if judge.name == "digits" else len(labels) == len(evaluate))
         assert not set(train) & set(evaluate)
+        loaded = load_teacher(preset.teacher)
+        if loaded.classes is not None:  # a class-conditional transformer: DiP-GO and its peers, no students yet
+            assert set(preset.rows) == {"teacher", "dipgo", "fbcache"}
+            assert [loaded.classes.class_id(name) for name in evaluate] == list(range(10))
+            return
         assert {"dkdm", "dkdm_data", "diffnas", "bk_sdm", "stacked"} <= set(plan(None, preset))
-        teacher = load_teacher(preset.teacher).unet
+        teacher = loaded.unet
     elif preset.teacher == "digits":
         from automl_diff.zoo.digits import DIGITS_DIR
 

@@ -274,3 +274,86 @@ def test_the_shipped_digits_dit_teacher_draws_the_digits_it_is_asked_for(capsys)
     assert accuracy.low >= 0.8, accuracy
     assert main(["profile", "--model", "digits-dit", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == sum(p.numel() for p in teacher.unet.parameters())
+
+
+def test_first_block_cache_peer_skips_blocks_per_trajectory_and_leaves_the_model_as_it_was(tiny_dit_dir):
+    from dataclasses import replace
+
+    from automl_diff.bench.peers import first_block_cache
+    from automl_diff.metrics.macs import executed_macs
+
+    teacher = load_teacher(str(tiny_dit_dir))
+    sampler = _sampler(teacher, steps=8)
+
+    def sample():
+        return sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+
+    def macs():  # the transformer's, not the VAE's decoding
+        latents = sampler.with_prompts(replace(sampler.prompts, decode=None))
+        return executed_macs(lambda: latents.sample(teacher.unet, num_images=1, batch_size=1))
+
+    full, full_macs = sample(), macs()
+    with first_block_cache(teacher.unet, 0.0)():  # nothing changes by less than 0: every block runs
+        torch.testing.assert_close(sample(), full, atol=0, rtol=0)
+    with first_block_cache(teacher.unet, 1e6)():  # after the first step, only the first block runs
+        cached, again, cached_macs = sample(), sample(), macs()
+    torch.testing.assert_close(again, cached, atol=0, rtol=0)  # each trajectory starts from a fresh state
+    assert (cached - full).abs().max() > 1e-4
+    assert cached_macs < 0.5 * full_macs
+    torch.testing.assert_close(sample(), full, atol=0, rtol=0)  # its hooks are gone
+
+
+def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_path):
+    """The digits-dit preset's rows on the tiny DiT (RGB: no digit judge): FID per set, DiP-GO's
+    schedules against diffusers' First Block Cache at matched MACs."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from automl_diff.bench import PRESETS
+    from automl_diff.bench.presets import bench_evaluation
+    from automl_diff.bench.run import run_bench
+
+    (tmp_path / "train.txt").write_text("3\nseven\n1\n")
+    (tmp_path / "eval.txt").write_text("zero\n2\n")
+    references = tmp_path / "references"
+    references.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(references / f"{i}.png")
+    preset = replace(
+        PRESETS["digits-dit"],
+        name="tiny-dit",
+        teacher=str(tiny_dit_dir),
+        evaluation=bench_evaluation(
+            steps=6,
+            guidance_scale=1.5,
+            fid_samples=8,
+            fid_batch_size=8,
+            fid_dataset=f"folder:{references}",
+            fid_features="digits",
+            latency_batch_size=2,
+            latency_repeats=2,
+            images_per_prompt=2,
+        ),
+        fid_sets=2,
+        latency_batches=(2,),
+        prompts_train=str(tmp_path / "train.txt"),
+        prompts_eval=str(tmp_path / "eval.txt"),
+        dipgo={"granularity": "block", "target_macs_ratio": 0.5, "reference_images": 2, "warmup": 0.0, "sparsity_weight": 5.0},
+        dipgo_iterations=3,
+        dipgo_batch=2,
+        dipgo_lr=0.05,
+        dipgo_budgets=(0.5, 0.35),
+        fbcache_thresholds=(0.0, 0.05, 0.2, 1e6),
+        device="cpu",
+    )
+    result = run_bench(preset, log=lambda line: None)
+    rows = {row.name: row for row in result.rows}
+    assert list(rows) == ["teacher", "DiP-GO, budget 0.5", "DiP-GO, budget 0.35", "FirstBlockCache peer"]
+    peer = rows["FirstBlockCache peer"]
+    assert peer.kind == "peer" and "threshold" in peer.notes and peer.trajectory_macs < rows["teacher"].trajectory_macs
+    assert all(len(row.fid_sets) == 2 for row in result.rows)
+    assert rows["DiP-GO, budget 0.35"].versus_peer is not None  # the cheapest schedule (none reaches 3x): its matched peer
+    levels = result.details["fbcache_levels"]
+    assert levels[0.0] == rows["teacher"].trajectory_macs and levels[1e6] < levels[0.0]

@@ -4,6 +4,9 @@
   importance at a uniform ratio, as Diff-Pruning does, ``conv_out`` kept.
 * DeepCache (``DeepCache``): its ``DeepCacheSDHelper`` on a ``DDIMPipeline`` of the teacher,
   uniform caching of the skip branch 0 every ``interval`` steps.
+* First Block Cache (diffusers' own, ``apply_first_block_cache``) on a transformer teacher: at each
+  step the first block runs, and where its residual changed by less than ``threshold`` (relative)
+  since the last step, the other blocks are skipped and their last residual added instead.
 * BK-SDM (Kim et al., 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable
   Diffusion"): block removal. :func:`~automl_diff.models.recipes.bk_sdm_peer` removes what its
   variants remove from SD's UNet and keeps the teacher's remaining weights; :func:`retrain_bk_sdm` retrains it with BK-SDM's own
@@ -34,6 +37,7 @@ from automl_diff.sampling import Sampler, predict_noise
 __all__ = [
     "BkSdmLoss",
     "deepcache",
+    "first_block_cache",
     "retrain_bk_sdm",
     "torch_pruning_peer",
 ]
@@ -101,6 +105,45 @@ def deepcache(unet: nn.Module, sampler: Sampler, interval: int, branch: int = 0)
             yield
         finally:
             helper.disable()
+
+    return context
+
+
+#: The hook names ``apply_first_block_cache`` registers (diffusers' ``hooks.first_block_cache``).
+_FBC_HOOKS = ("fbc_leader_block_hook", "fbc_block_hook")
+
+
+def first_block_cache(model: nn.Module, threshold: float) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context factory under which a transformer samples with diffusers' First Block Cache at
+    ``threshold``. Its hooks keep their state in a cache context, which diffusers' pipelines set
+    around each call of a ``CacheMixin`` model; a DiT is none, so the context is set here the way
+    ``CacheMixin.cache_context`` sets it (one context, "cond": guidance's halves go in one call), and
+    the state is reset where a trajectory starts (a timestep above the last one)."""
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        last = [float("inf")]
+
+        def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+            if value > last[0]:
+                registry.reset_stateful_hooks()
+            last[0] = value
+            _set_cache_context(module, CacheContext("cond", timestep=value))
+
+        handle = model.register_forward_pre_hook(begin, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for name in _FBC_HOOKS:
+                registry.remove_hook(name, recurse=True)
 
     return context
 

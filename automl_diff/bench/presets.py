@@ -140,6 +140,7 @@ class BenchPreset:
             are measured at (None: ``latency_batch``): the speed its schedules are optimised for.
         stacked_dipgo_iterations: that run's pruner iterations (None: ``dipgo_iterations``).
         deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
+        fbcache_thresholds: First Block Cache thresholds scanned for the one matching DiP-GO's MACs.
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: training seed, and the seed the preset's values were tuned on.
@@ -192,6 +193,7 @@ class BenchPreset:
     stacked_dipgo_iterations: int | None = None
     dipgo_weights_batch: int | None = None
     deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
+    fbcache_thresholds: tuple[float, ...] = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
     goal: tuple[float, float, float] = (8.0, 1.15, 0.8)
     device: str = "auto"
     seed: int = 0
@@ -344,7 +346,7 @@ PRESETS: dict[str, BenchPreset] = {
         ),
         fid_sets=5,
         latency_batches=(1, 8),
-        rows=("teacher", "dipgo"),
+        rows=("teacher", "dipgo", "fbcache"),
         prompts_train=str(_ROOT / "studies" / "prompts" / "digits_classes_train.txt"),
         prompts_eval=str(_ROOT / "studies" / "prompts" / "digits_classes_eval.txt"),
         dipgo={"granularity": "block", "target_macs_ratio": 0.3, "sparsity_weight": 5.0, "warmup": 0.6, "reference_images": 40},
@@ -353,6 +355,7 @@ PRESETS: dict[str, BenchPreset] = {
         dipgo_budgets=(0.3, 0.25),
         goal=(3.0, 1.1, 0.8),
         goal_kind="method",
+        goals=(Goal("DiP-GO, budget", against="FirstBlockCache peer", fid_lower=True, matched_macs=True),),
         tuned="nothing on this preset's results. The guidance scale (1.5) is the teacher's default, set when it was trained; "
         "the pruner's options are the digits-t2i preset's with the transformer's blocks as units; the budgets (0.3 and 0.25 of "
         "the trajectory MACs: 3.3x and 4x fewer) follow from the goal (3x) and were set before the first run.",

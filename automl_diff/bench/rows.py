@@ -41,7 +41,7 @@ from typing import Any
 
 from torch import nn
 
-from automl_diff.bench.peers import deepcache, retrain_bk_sdm, torch_pruning_peer
+from automl_diff.bench.peers import deepcache, first_block_cache, retrain_bk_sdm, torch_pruning_peer
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
@@ -51,6 +51,7 @@ from automl_diff.methods.diffnas import assemble_student
 from automl_diff.methods.dipgo.method import BUDGET, DiPGOAttr
 from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
+from automl_diff.models.dataflow import is_transformer
 from automl_diff.models.loading import Teacher
 from automl_diff.models.recipes import BK_SDM_VARIANTS, bk_sdm_label
 
@@ -298,6 +299,33 @@ def deepcache_row(bench: Bench) -> None:
     bench.details["deepcache_levels"] = levels
 
 
+def fbcache_row(bench: Bench) -> None:
+    """diffusers' First Block Cache on a transformer teacher, at the threshold whose trajectory
+    MACs are closest to the DiP-GO schedule that meets the MACs goal with the fewest savings."""
+    model = bench.teacher.unet
+    if not is_transformer(model):
+        raise UserError(f"bench preset {bench.preset.name}: row fbcache: First Block Cache gates transformer blocks; the teacher is a UNet")
+    dipgo_rows: list[Row] = bench.results["dipgo"]
+    teacher_macs = next(r.trajectory_macs for r in bench.rows if r.kind == "teacher")
+    goal = teacher_macs / bench.preset.goal[0]
+    target = next((r for r in sorted(dipgo_rows, key=lambda r: -r.trajectory_macs) if r.trajectory_macs <= goal), None)
+    target = target or min(dipgo_rows, key=lambda r: r.trajectory_macs)
+    levels = {}
+    for threshold in bench.preset.fbcache_thresholds:
+        with first_block_cache(model, threshold)():
+            levels[threshold] = bench.trajectory_macs(model)
+    threshold = min(levels, key=lambda k: abs(levels[k] - target.trajectory_macs))
+    bench.measure(
+        "FirstBlockCache peer",
+        "peer",
+        model,
+        context=lambda m: first_block_cache(m, threshold)(),
+        notes=f"diffusers' First Block Cache, threshold {threshold:g}, matched to '{target.name}' (its MACs depend on the images)",
+        peer_of=target.name,
+    )
+    bench.details["fbcache_levels"] = levels
+
+
 def stacked_row(bench: Bench) -> None:
     p = bench.preset
     student, student_seconds = bench.results["diffnas"]
@@ -316,6 +344,7 @@ ROWS: dict[str, RowSpec] = {
     "dkdm_data": RowSpec(dkdm_data_row, needs=("dkdm",), files=("dkdm_space",)),
     "dipgo": RowSpec(dipgo_row),
     "deepcache": RowSpec(deepcache_row, needs=("dipgo",), peers=("DeepCache",)),
+    "fbcache": RowSpec(fbcache_row, needs=("dipgo",)),
     "stacked": RowSpec(stacked_row, needs=("diffnas",)),
 }
 
