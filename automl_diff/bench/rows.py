@@ -277,17 +277,26 @@ def dipgo_row(bench: Bench) -> None:
     bench.results["dipgo"] = _schedule_rows(bench, method, seconds, "DiP-GO", "method")
 
 
-def deepcache_row(bench: Bench) -> None:
-    unet, sampler = bench.teacher.unet, bench.sampler
+def _matched(
+    bench: Bench, model: nn.Module, peer: Callable[[Any], Callable[[], Any]], settings: Sequence[Any], reduction: float
+) -> tuple[Row, Any, dict[Any, int]]:
+    """What a caching peer is matched to: the DiP-GO schedule with the most trajectory MACs among
+    those at least ``reduction`` times below the teacher's (else the cheapest), the peer's setting
+    whose trajectory MACs (under ``peer(setting)()``) are closest to it, and every setting's MACs."""
     dipgo_rows: list[Row] = bench.results["dipgo"]
     teacher_macs = next(r.trajectory_macs for r in bench.rows if r.kind == "teacher")
-    target = next((r for r in sorted(dipgo_rows, key=lambda r: -r.trajectory_macs) if r.trajectory_macs <= teacher_macs / 4), None)
+    target = next((r for r in sorted(dipgo_rows, key=lambda r: -r.trajectory_macs) if r.trajectory_macs <= teacher_macs / reduction), None)
     target = target or min(dipgo_rows, key=lambda r: r.trajectory_macs)
     levels = {}
-    for interval in bench.preset.deepcache_intervals:
-        with deepcache(unet, sampler, interval)():
-            levels[interval] = bench.trajectory_macs(unet)
-    interval = min(levels, key=lambda i: abs(levels[i] - target.trajectory_macs))
+    for setting in settings:
+        with peer(setting)():
+            levels[setting] = bench.trajectory_macs(model)
+    return target, min(levels, key=lambda k: abs(levels[k] - target.trajectory_macs)), levels
+
+
+def deepcache_row(bench: Bench) -> None:
+    unet, sampler = bench.teacher.unet, bench.sampler
+    target, interval, levels = _matched(bench, unet, lambda i: deepcache(unet, sampler, i), bench.preset.deepcache_intervals, 4)
     bench.measure(
         "DeepCache peer",
         "peer",
@@ -305,16 +314,8 @@ def fbcache_row(bench: Bench) -> None:
     model = bench.teacher.unet
     if not is_transformer(model):
         raise UserError(f"bench preset {bench.preset.name}: row fbcache: First Block Cache gates transformer blocks; the teacher is a UNet")
-    dipgo_rows: list[Row] = bench.results["dipgo"]
-    teacher_macs = next(r.trajectory_macs for r in bench.rows if r.kind == "teacher")
-    goal = teacher_macs / bench.preset.goal[0]
-    target = next((r for r in sorted(dipgo_rows, key=lambda r: -r.trajectory_macs) if r.trajectory_macs <= goal), None)
-    target = target or min(dipgo_rows, key=lambda r: r.trajectory_macs)
-    levels = {}
-    for threshold in bench.preset.fbcache_thresholds:
-        with first_block_cache(model, threshold)():
-            levels[threshold] = bench.trajectory_macs(model)
-    threshold = min(levels, key=lambda k: abs(levels[k] - target.trajectory_macs))
+    thresholds = bench.preset.fbcache_thresholds
+    target, threshold, levels = _matched(bench, model, lambda t: first_block_cache(model, t), thresholds, bench.preset.goal[0])
     bench.measure(
         "FirstBlockCache peer",
         "peer",
