@@ -361,12 +361,18 @@ def _load_teacher(spec: str, device: str | torch.device) -> Teacher:
     return Teacher(unet.to(device).eval(), scheduler_config, spec)
 
 
-def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
-    """A text-to-image pipeline folder as a teacher: its UNet, scheduler and frozen parts."""
+def _check_pipeline_folder(path: Path, denoiser: str) -> None:
+    """A pipeline folder has the scheduler and the denoiser (``unet``, ``transformer``) its
+    ``model_index.json`` names, or a one-line :class:`UserError` says which is missing."""
     if not (path / "scheduler" / "scheduler_config.json").is_file():
         raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
-    if not (path / "unet" / "config.json").is_file():
-        raise UserError(f"{path}: unet/ is missing or has no config.json (model_index.json names a unet)")
+    if not (path / denoiser / "config.json").is_file():
+        raise UserError(f"{path}: {denoiser}/ is missing or has no config.json (model_index.json names a {denoiser})")
+
+
+def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
+    """A text-to-image pipeline folder as a teacher: its UNet, scheduler and frozen parts."""
+    _check_pipeline_folder(path, "unet")
     text = load_text_to_image(path)
     unet = load_unet(path)
     if getattr(unet.config, "cross_attention_dim", None) != text.text_encoder.config.hidden_size:
@@ -385,10 +391,7 @@ def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) 
 
 def _class_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
     """A class-conditional pipeline folder (DiT) as a teacher: its transformer, scheduler and VAE."""
-    if not (path / "scheduler" / "scheduler_config.json").is_file():
-        raise UserError(f"{path}: scheduler/scheduler_config.json is missing (model_index.json names a scheduler)")
-    if not (path / "transformer" / "config.json").is_file():
-        raise UserError(f"{path}: transformer/ is missing or has no config.json (model_index.json names a transformer)")
+    _check_pipeline_folder(path, "transformer")
     transformer = load_unet(path)
     num_classes = getattr(transformer.config, "num_embeds_ada_norm", None)
     if not num_classes:
