@@ -171,6 +171,8 @@ def _dit_study(tmp_path, teacher, clip, **overrides):
         "device": "cpu",
         "method_options": {"granularity": "block", "reference_images": 2, "warmup": 0.0, "target_macs_ratio": 0.5, "sparsity_weight": 5.0},
     }
+    if overrides.get("method", "dipgo") != "dipgo":  # another method's options replace DiP-GO's
+        config.pop("method_options")
     for key, value in overrides.items():
         if value is None:
             config.pop(key, None)
@@ -231,8 +233,16 @@ def test_a_dipgo_study_of_a_dit_pipeline_exports_a_dit_pipeline(tiny_dit_dir, ti
     [
         ({"method_options": {"granularity": "layer"}}, "method_options.granularity: a transformer's units are its blocks"),
         (
-            {"method": "dkdm", "method_options": None, "search_space": "space.yaml"},
-            "method: dkdm trains UNet students only; method dipgo compresses a transformer teacher",
+            {"method": "diffnas", "method_options": None, "search_space": "space.yaml"},
+            "method: diffnas searches UNet blocks; methods dkdm and dipgo compress a transformer teacher",
+        ),
+        (
+            {"method": "dkdm", "method_options": {"warm_start": ["bk-sdm-base"]}, "search_space": "dit_space.yaml"},
+            "method_options.warm_start: BK-SDM's recipes remove UNet blocks; a DiT has none",
+        ),
+        (
+            {"method": "dkdm", "method_options": {"source": "dataset"}, "search_space": "dit_space.yaml"},
+            "method_options.source: dataset has no class labels for a class-conditional teacher; use teacher",
         ),
         ({"sampling": {"negative_prompt": "blurry"}}, "sampling.negative_prompt: a class-conditional teacher has none"),
         ({"prompts": {"eval": "bad.txt"}}, "prompts.eval: 'eight' is neither a class id (0..999) nor a class name; names: one, seven"),
@@ -243,6 +253,9 @@ def test_dit_study_errors_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys
 
     (tmp_path / "bad.txt").write_text("seven\neight\n")
     (tmp_path / "space.yaml").write_text("family: unet2d\nblocks:\n  down.0: {channels: [4, 8]}\n")
+    (tmp_path / "dit_space.yaml").write_text("family: dit\ntransformer: {layers: [2]}\n")
+    if overrides.get("method") == "dkdm":
+        overrides["method_options"] = {"pool_size": 8, "pool_steps": 4, **overrides["method_options"]}
     config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, **overrides)
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -304,8 +317,9 @@ def test_first_block_cache_peer_skips_blocks_per_trajectory_and_leaves_the_model
 
 
 def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_path):
-    """The digits-dit preset's rows on the tiny DiT (RGB: no digit judge): FID per set, DiP-GO's
-    schedules against diffusers' First Block Cache at matched MACs."""
+    """The digits-dit preset's rows on the tiny DiT (RGB: no digit judge): FID per set, a DKDM
+    student cut from the teacher, DiP-GO's schedules against diffusers' First Block Cache at
+    matched MACs."""
     from dataclasses import replace
 
     from PIL import Image
@@ -316,6 +330,7 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
 
     (tmp_path / "train.txt").write_text("3\nseven\n1\n")
     (tmp_path / "eval.txt").write_text("zero\n2\n")
+    (tmp_path / "space.yaml").write_text("family: dit\ntransformer: {layers: [2, 3], heads: [1, 2]}\n")
     references = tmp_path / "references"
     references.mkdir()
     rng = np.random.default_rng(0)
@@ -346,14 +361,105 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
         dipgo_lr=0.05,
         dipgo_budgets=(0.5, 0.35),
         fbcache_thresholds=(0.0, 0.05, 0.2, 1e6),
+        pool_size=8,
+        pool_steps=4,
+        batch_size=4,
+        dkdm_space=str(tmp_path / "space.yaml"),
+        dkdm_params={"transformer.layers": 2, "transformer.heads": 1},
+        dkdm_iterations=3,
         device="cpu",
     )
     result = run_bench(preset, log=lambda line: None)
     rows = {row.name: row for row in result.rows}
-    assert list(rows) == ["teacher", "DiP-GO, budget 0.5", "DiP-GO, budget 0.35", "FirstBlockCache peer"]
+    assert list(rows) == ["teacher", "DKDM student", "DiP-GO, budget 0.5", "DiP-GO, budget 0.35", "FirstBlockCache peer"]
+    student = rows["DKDM student"]
+    assert student.params < rows["teacher"].params / 2 and "from a cut of the teacher" in student.notes
     peer = rows["FirstBlockCache peer"]
     assert peer.kind == "peer" and "threshold" in peer.notes and peer.trajectory_macs < rows["teacher"].trajectory_macs
     assert all(len(row.fid_sets) == 2 for row in result.rows)
     assert rows["DiP-GO, budget 0.35"].versus_peer is not None  # the cheapest schedule (none reaches 3x): its matched peer
     levels = result.details["fbcache_levels"]
     assert levels[0.0] == rows["teacher"].trajectory_macs and levels[1e6] < levels[0.0]
+
+
+def _without_blocks(teacher, kept):
+    """A copy of ``teacher`` that runs only the blocks ``kept``, in order (the reference of a
+    shallower student's starting point)."""
+    import copy
+
+    import torch
+
+    reference = copy.deepcopy(teacher)
+    reference.transformer_blocks = torch.nn.ModuleList([reference.transformer_blocks[k] for k in kept])
+    return reference
+
+
+def test_a_dit_student_starts_from_the_teachers_most_influential_blocks(tiny_dit_dir):
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from automl_diff.models.inherit_transformer import block_influence, inherit_transformer
+    from automl_diff.sampling import predict_noise
+
+    teacher = DiTTransformer2DModel.from_pretrained(str(tiny_dit_dir / "transformer")).eval()
+    with torch.no_grad():  # a trained DiT's blocks write: give the random ones a residual update
+        for block in teacher.transformer_blocks:
+            block.norm1.linear.bias.normal_(0, 1)
+    x, t, labels = torch.randn(3, 4, 8, 8), torch.tensor([999, 500, 20]), torch.tensor([3, 7, 1000])
+    influence = block_influence(teacher, x, t, {"class_labels": labels})
+    assert influence.shape == (4,) and (influence > 0).all()
+    config = dict(teacher.config)
+    student = DiTTransformer2DModel.from_config({**config, "num_layers": 2})
+    copied, total, kept = inherit_transformer(student, teacher, influence)
+    assert copied == total and kept == sorted(influence.topk(2).indices.tolist())
+    with torch.no_grad():
+        expected = predict_noise(_without_blocks(teacher, kept), x, t, class_labels=labels)
+        assert torch.allclose(predict_noise(student.eval(), x, t, class_labels=labels), expected, atol=1e-5)
+    # one head of two: half the width, every tensor cut from the teacher's, and a working model
+    narrow = DiTTransformer2DModel.from_config({**config, "num_layers": 3, "num_attention_heads": 1})
+    copied, total, kept = inherit_transformer(narrow, teacher, influence)
+    assert copied == total and len(kept) == 3
+    assert narrow.proj_out_1.weight.shape == (16, 8)
+    with torch.no_grad():
+        assert torch.isfinite(predict_noise(narrow, x, t, class_labels=labels)).all()
+
+
+def test_a_dkdm_study_of_a_dit_pipeline_distils_shallower_narrower_dits(tiny_dit_dir, tiny_clip, tmp_path, capsys):
+    import optuna
+
+    from automl_diff.cli import main
+    from automl_diff.methods.dkdm.method import DKDMAttr
+    from automl_diff.records import TrialAttr
+    from tests.conftest import printed_load_calls, sample_without_automl_diff
+
+    (tmp_path / "space.yaml").write_text("family: dit\ntransformer: {layers: [2, 3], heads: [1, 2]}\n")
+    config = _dit_study(
+        tmp_path,
+        tiny_dit_dir,
+        tiny_clip,
+        method="dkdm",
+        search_space="space.yaml",
+        objectives=[{"name": "macs"}, {"name": "fid"}],
+        method_options={"pool_size": 8, "pool_steps": 4, "guided_pool": True, "prompt_dropout": 0.25},
+    )
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="dit", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    for trial in complete:
+        attrs = trial.user_attrs
+        assert attrs[DKDMAttr.INHERITED_FRACTION] == 1.0 and len(attrs[DKDMAttr.INHERITED_BLOCKS]) == trial.params["transformer.layers"]
+        assert attrs[DKDMAttr.TEACHER_EVALUATIONS] > 0 and np.isfinite(attrs[TrialAttr.FID])
+    smallest = min(complete, key=lambda t: t.values[0])
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "dit", "--trial", str(smallest.number), "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    assert call.startswith("diffusers.DiTPipeline.from_pretrained(")
+    saved = json.loads((out / "transformer" / "config.json").read_text())
+    assert saved["_class_name"] == "DiTTransformer2DModel"
+    chosen = smallest.params
+    assert (saved["num_layers"], saved["num_attention_heads"]) == (chosen["transformer.layers"], chosen["transformer.heads"])
+    seen = sample_without_automl_diff(call, cwd=tmp_path, steps=4, prompt=3)
+    assert seen["unet"] == "DiTTransformer2DModel" and seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []

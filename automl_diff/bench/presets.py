@@ -122,6 +122,8 @@ class BenchPreset:
         pool: further options of that pool (``guided_pool``, ``pool_guidance``: DKDM's options).
         dkdm_space, dkdm_params: the DKDM student (a point of a ``family: unet2d`` search space).
         dkdm_iterations: its distillation steps.
+        dkdm_init: where the DKDM students start (``method_options.init``): ``random``, the
+            paper's method, or ``teacher``, a cut of the teacher's weights (studies' default).
         diffnas_space: block supernets (``family: supernet``).
         supernet_iterations, subnets_per_step, search_samples: DiffNAS supernet training and search.
         max_ratio: the DiffNAS student is the smallest tolerance's whose MACs and params are at
@@ -176,6 +178,7 @@ class BenchPreset:
     dkdm_space: str = str(_ROOT / "search_spaces" / "digits_dkdm.yaml")
     dkdm_params: dict[str, Any] = field(default_factory=dict)
     dkdm_iterations: int = 1500
+    dkdm_init: str = "random"
     diffnas_space: str = str(_ROOT / "search_spaces" / "digits_unet.yaml")
     supernet_iterations: int = 400
     subnets_per_step: int = 3
@@ -346,7 +349,13 @@ PRESETS: dict[str, BenchPreset] = {
         ),
         fid_sets=5,
         latency_batches=(1, 8),
-        rows=("teacher", "dipgo", "fbcache"),
+        rows=("teacher", "dkdm", "dipgo", "fbcache"),
+        pool_size=2048,
+        pool={"guided_pool": True, "prompt_dropout": 0.1},
+        dkdm_space=str(_ROOT / "search_spaces" / "digits_dit_dkdm.yaml"),
+        dkdm_params={"transformer.layers": 4, "transformer.heads": 3},
+        dkdm_iterations=3000,
+        dkdm_init="teacher",
         prompts_train=str(_ROOT / "studies" / "prompts" / "digits_classes_train.txt"),
         prompts_eval=str(_ROOT / "studies" / "prompts" / "digits_classes_eval.txt"),
         dipgo={"granularity": "block", "target_macs_ratio": 0.3, "sparsity_weight": 5.0, "warmup": 0.6, "reference_images": 40},
@@ -355,7 +364,10 @@ PRESETS: dict[str, BenchPreset] = {
         dipgo_budgets=(0.3, 0.25),
         goal=(3.0, 1.1, 0.8),
         goal_kind="method",
-        goals=(Goal("DiP-GO, budget", against="FirstBlockCache peer", fid_lower=True, matched_macs=True),),
+        goals=(
+            Goal("DiP-GO, budget", against="FirstBlockCache peer", fid_lower=True, matched_macs=True),
+            Goal("DKDM student", macs=2.0, fid_ratio=1.2),
+        ),
         tuned="nothing on this preset's results. The guidance scale (1.5) is the teacher's default, set when it was trained; "
         "the pruner's options are the digits-t2i preset's with the transformer's blocks as units; the budgets (0.3 and 0.25 of "
         "the trajectory MACs: 3.3x and 4x fewer) follow from the goal (3x) and were set before the first run.",

@@ -83,15 +83,10 @@ def teacher_row(bench: Bench) -> None:
     bench.measure("teacher", "teacher", bench.teacher.unet)
 
 
-#: The DKDM rows are the paper's method: students trained from a random init (studies default to
-#: a cut of the teacher's weights, ``method_options.init: teacher``).
-_DKDM_INIT = {"init": "random"}
-
-
 def dkdm_row(bench: Bench) -> None:
     p = bench.preset
     settings = bench.settings(iterations=p.dkdm_iterations, search_space=p.dkdm_space)
-    options = {**bench.pool_options, "ema_decay": p.ema_decay, **_DKDM_INIT}
+    options = {**bench.pool_options, "ema_decay": p.ema_decay, "init": p.dkdm_init}
     dkdm = bench.method(DKDM, options, settings, inputs=bench.inputs)
     start = time.perf_counter()
     candidate = dkdm.run_trial(dict(p.dkdm_params))
@@ -100,7 +95,8 @@ def dkdm_row(bench: Bench) -> None:
         "method",
         candidate.unet,
         search_seconds=bench.pool_seconds + time.perf_counter() - start,
-        notes=f"{p.dkdm_iterations} steps, {_json(p.dkdm_params)}",
+        notes=f"{p.dkdm_iterations} steps from {'a cut of the teacher' if p.dkdm_init == 'teacher' else 'a random init'}, "
+        f"{_json(p.dkdm_params)}" + (f", the teacher's blocks {dkdm.inherited_blocks}" if dkdm.inherited_blocks else ""),
     )
 
 
@@ -109,7 +105,7 @@ def dkdm_data_row(bench: Bench) -> None:
     settings = bench.settings(iterations=p.dkdm_iterations, search_space=p.dkdm_space)
     if p.dkdm_dataset is not None:
         settings = replace(settings, dataset=p.dkdm_dataset)
-    dkdm = bench.method(DKDM, {"source": "dataset", "ema_decay": p.ema_decay, **_DKDM_INIT}, settings)
+    dkdm = bench.method(DKDM, {"source": "dataset", "ema_decay": p.ema_decay, "init": p.dkdm_init}, settings)
     start = time.perf_counter()
     dkdm.prepare()
     candidate = dkdm.run_trial(dict(p.dkdm_params))

@@ -16,7 +16,7 @@ from automl_diff.config.options import (
     PoolOptions,
     read_options,
 )
-from automl_diff.config.search_space import BlockChoices, SearchSpace, SupernetSpace, load_search_space
+from automl_diff.config.search_space import BlockChoices, SearchSpace, SupernetSpace, TransformerSpace, load_search_space
 from automl_diff.config.settings import Budgets, MethodSettings
 from automl_diff.config.study import (
     DEFAULT_STORAGE,
@@ -51,6 +51,7 @@ __all__ = [
     "SearchSpace",
     "StudyConfig",
     "SupernetSpace",
+    "TransformerSpace",
     "load_search_space",
     "load_study_config",
     "read_options",

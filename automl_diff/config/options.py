@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from automl_diff.config._reader import Section, positive, read_settings, setting
-from automl_diff.config.search_space import SearchSpace, SupernetSpace
+from automl_diff.config.search_space import SearchSpace, SupernetSpace, TransformerSpace
 from automl_diff.errors import UserError
 from automl_diff.models.dataflow import GRANULARITIES, is_transformer
 from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS
@@ -166,15 +166,15 @@ class PoolOptions(MethodOptions):
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         where = settings.where
-        if is_transformer(teacher.unet) or is_transformer(original.unet):
-            raise UserError(f"{where}: method: {self.method} trains UNet students only; method dipgo compresses a transformer teacher")
-        if original.text is not None and self.source == "teacher" and not settings.train_prompts:
+        if original.latent is not None and self.source == "teacher" and not settings.train_prompts:
             raise UserError(
-                f"{where}: prompts.train: required to distil a text-to-image teacher data-free (the prompts its generations are "
-                "conditioned on)"
+                f"{where}: prompts.train: required to distil a {'text-to-image' if original.text else 'class-conditional'} teacher "
+                "data-free (the prompts or classes its generations are conditioned on)"
             )
         if self.source == "dataset" and (settings.dataset or original.dataset) is None:
             raise UserError(f"{where}: fid.dataset: needed for method_options.source=dataset")
+        if self.source == "dataset" and original.classes is not None:
+            raise UserError(f"{where}: method_options.source: dataset has no class labels for a class-conditional teacher; use teacher")
         batch, processes = settings.budgets.batch_size, settings.processes
         if processes > 1 and batch % processes:
             raise UserError(
@@ -211,7 +211,13 @@ class DKDMOptions(PoolOptions):
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         super().check_against(settings, teacher, original)
-        space = self._space(settings, SearchSpace, "unet2d or unet2d_condition (student architectures)")
+        transformer = is_transformer(teacher.unet)
+        if transformer:
+            space = self._space(settings, TransformerSpace, "dit (student transformers of a DiT teacher)")
+            if self.warm_start:
+                raise UserError(f"{settings.where}: method_options.warm_start: BK-SDM's recipes remove UNet blocks; a DiT has none")
+        else:
+            space = self._space(settings, SearchSpace, "unet2d or unet2d_condition (student architectures)")
         prediction = original.prediction_type
         if prediction != "epsilon":
             raise UserError(f"teacher '{original.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
@@ -266,6 +272,10 @@ class DiffNASOptions(PoolOptions):
             raise UserError(f"{file}: method_options.data_weight: needs source: dataset (got source: {self.source})")
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
+        if is_transformer(teacher.unet) or is_transformer(original.unet):
+            raise UserError(
+                f"{settings.where}: method: diffnas searches UNet blocks; methods dkdm and dipgo compress a transformer teacher"
+            )
         super().check_against(settings, teacher, original)
         space = self._space(settings, SupernetSpace, "supernet (per-block subnet choices)")
         space.validate_for(teacher.unet)

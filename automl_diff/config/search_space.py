@@ -18,6 +18,13 @@ A block's choices become Optuna parameters with stable dotted names (``down.2.ch
 as in diffusers (``up.j`` mirrors ``down.{K-1-j}``). ``up.j.attention`` defaults to the mirrored
 down block's choice. What a file does not declare keeps the teacher's value.
 
+``family: dit`` declares students of a ``DiTTransformer2DModel`` teacher: how many transformer
+blocks they keep and how many attention heads (of the teacher's head size, so fewer heads is a
+narrower model)::
+
+    family: dit
+    transformer: {layers: [2, 3, 4], heads: [2, 4]}
+
 ``family: unet2d_condition`` is the same schema for text-conditioned students: a level with
 attention is a ``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D`` (its transformers keep the teacher's
 cross attention to the text), one without a ``DownBlock2D``/``UpBlock2D``, and ``mid.attention``
@@ -41,14 +48,15 @@ __all__ = [
     "SearchSpace",
     "SupernetBlock",
     "SupernetSpace",
+    "TransformerSpace",
     "computing_resnets",
     "load_search_space",
 ]
 
 #: Search-space families: ``unet2d`` and ``unet2d_condition`` (whole student architectures,
-#: DKDM; unconditional and text-conditioned) and ``supernet`` (per-block subnet choices of the
-#: teacher's blocks, DiffNAS).
-FAMILIES = ("unet2d", "unet2d_condition", "supernet")
+#: DKDM; unconditional and text-conditioned), ``dit`` (DiT students of a DiT teacher, DKDM) and
+#: ``supernet`` (per-block subnet choices of the teacher's blocks, DiffNAS).
+FAMILIES = ("unet2d", "unet2d_condition", "dit", "supernet")
 
 #: Which of a supernet block's resnets stop computing first (:class:`SupernetBlock`'s ``drop``).
 DROP_ORDERS = ("end", "middle")
@@ -274,6 +282,75 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
+class TransformerSpace:
+    """Student transformers of a ``DiTTransformer2DModel`` teacher (``family: dit``).
+
+    Attributes:
+        path: the YAML file it came from.
+        layers: choices of the student's transformer blocks (``num_layers``); None keeps the teacher's.
+        heads: choices of its attention heads (``num_attention_heads``), each of the teacher's
+            ``attention_head_dim``: the model's width is ``heads * attention_head_dim``.
+    """
+
+    path: str
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+
+    family = "dit"
+
+    def parameters(self) -> dict[str, tuple[Any, ...]]:
+        """Optuna parameter name -> choices (``transformer.layers``, ``transformer.heads``)."""
+        return {f"transformer.{k}": v for k, v in (("layers", self.layers), ("heads", self.heads)) if v is not None}
+
+    def size(self) -> int:
+        """Number of distinct architectures."""
+        n = 1
+        for values in self.parameters().values():
+            n *= len(values)
+        return n
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Ask an Optuna trial (or ``FixedTrial``) for one value per parameter."""
+        return {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.parameters().items()}
+
+    def validate_for(self, teacher_config: dict[str, Any]) -> None:
+        """Check that the teacher is a DiT and that no choice exceeds it.
+
+        Raises:
+            UserError: naming the file and the key.
+        """
+        if teacher_config.get("_class_name") != "DiTTransformer2DModel":
+            found = teacher_config.get("_class_name")
+            raise UserError(f"{self.path}: family: dit needs a DiTTransformer2DModel teacher; this one is {found}")
+        for key, most in (("layers", "num_layers"), ("heads", "num_attention_heads")):
+            for n in getattr(self, key) or ():
+                if n > int(teacher_config[most]):
+                    raise UserError(f"{self.path}: transformer.{key}: {n} is more than the teacher's {teacher_config[most]} ({most})")
+
+    def to_config(self, params: dict[str, Any], teacher_config: dict[str, Any]) -> dict[str, Any]:
+        """The ``DiTTransformer2DModel`` config of the student that ``params`` selects (JSON-safe)."""
+        config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        config["_class_name"] = "DiTTransformer2DModel"
+        config["num_layers"] = int(params.get("transformer.layers", config["num_layers"]))
+        config["num_attention_heads"] = int(params.get("transformer.heads", config["num_attention_heads"]))
+        return config
+
+
+def _load_transformer_space(path: str | Path, top: Section) -> TransformerSpace:
+    section = top.section("transformer", required=True)
+    space = TransformerSpace(
+        str(path),
+        layers=section.take_list("layers", int, None, check=positive),
+        heads=section.take_list("heads", int, None, check=positive),
+    )
+    section.done()
+    top.done()
+    if not space.parameters():
+        raise UserError(f"{path}: transformer: declare layers or heads (or both)")
+    return space
+
+
+@dataclass(frozen=True)
 class SupernetBlock:
     """Subnet choices of one teacher block (``family: supernet``); None keeps the teacher's.
 
@@ -443,16 +520,18 @@ def _load_supernet_space(path: str | Path, top: Section) -> SupernetSpace:
     return SupernetSpace(str(path), tuple(blocks))
 
 
-def load_search_space(path: str | Path) -> SearchSpace | SupernetSpace:
+def load_search_space(path: str | Path) -> SearchSpace | TransformerSpace | SupernetSpace:
     """Read and validate a search-space YAML file (structure only; see ``validate_for``).
 
-    ``family: unet2d`` (default) gives a :class:`SearchSpace`, ``family: supernet`` a
-    :class:`SupernetSpace`.
+    ``family: unet2d`` (default) and ``unet2d_condition`` give a :class:`SearchSpace`, ``family:
+    dit`` a :class:`TransformerSpace`, ``family: supernet`` a :class:`SupernetSpace`.
     """
     top = Section(load_yaml(path, what="search space"), file=path)
     family = top.take("family", str, "unet2d", choices=FAMILIES)
     if family == "supernet":
         return _load_supernet_space(path, top)
+    if family == "dit":
+        return _load_transformer_space(path, top)
     fixed = top.section("fixed").rest()
     blocks_section = top.section("blocks", required=True)
     blocks = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from automl_diff.config._reader import positive, setting
 from automl_diff.config.evaluation import SamplingSettings
-from automl_diff.config.search_space import SearchSpace, SupernetSpace
+from automl_diff.config.search_space import SearchSpace, SupernetSpace, TransformerSpace
 
 __all__ = ["Budgets", "MethodSettings"]
 
@@ -43,7 +43,7 @@ class MethodSettings:
     budgets: Budgets = field(default_factory=Budgets)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     train_prompts: tuple[str, ...] = ()
-    search_space: SearchSpace | SupernetSpace | None = None
+    search_space: SearchSpace | TransformerSpace | SupernetSpace | None = None
     dataset: str | None = None
     latency_batch_size: int = 8
     latency_repeats: int = 3

@@ -19,7 +19,7 @@ from typing import Any
 from automl_diff.config._reader import Section, load_yaml, positive, read_settings, resolve_path, setting
 from automl_diff.config.evaluation import NO_FID, Evaluation
 from automl_diff.config.options import METHOD_OPTIONS, MethodOptions, read_options
-from automl_diff.config.search_space import SearchSpace, SupernetSpace, load_search_space
+from automl_diff.config.search_space import SearchSpace, SupernetSpace, TransformerSpace, load_search_space
 from automl_diff.config.settings import Budgets, MethodSettings
 from automl_diff.errors import UserError
 from automl_diff.models.loading import Teacher
@@ -189,7 +189,7 @@ class StudyConfig:
     original_teacher: str | None = setting(
         None, section=None, doc="stacking: the teacher of the chain (default: the one the export records)"
     )
-    search_space: SearchSpace | SupernetSpace | None = setting(
+    search_space: SearchSpace | TransformerSpace | SupernetSpace | None = setting(
         None, section=None, kind="file", doc="the search space of the students (dkdm, diffnas): a YAML file"
     )
     objectives: tuple[Objective, ...] = setting(
@@ -368,7 +368,7 @@ def _teacher(top: Section, key: str, base: Path, *, required: bool = False) -> s
     return resolved
 
 
-def _search_space(top: Section, base: Path) -> SearchSpace | SupernetSpace | None:
+def _search_space(top: Section, base: Path) -> SearchSpace | TransformerSpace | SupernetSpace | None:
     raw = top.take("search_space", str, None)
     if raw is None:
         return None

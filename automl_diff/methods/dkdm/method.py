@@ -20,7 +20,9 @@ from automl_diff.methods.training.ddp import fit_data_parallel
 from automl_diff.methods.training.loop import held_out_loss
 from automl_diff.methods.training.stages import distillation_step_stage, pool_stages
 from automl_diff.metrics.stages import Stage
+from automl_diff.models.dataflow import is_transformer
 from automl_diff.models.inherit import inherit_from_teacher
+from automl_diff.models.inherit_transformer import block_influence, inherit_transformer
 from automl_diff.models.loading import unet_from_config
 from automl_diff.models.recipes import BK_SDM_RECIPES, bk_sdm_peer
 from automl_diff.records import TrialAttr
@@ -37,6 +39,8 @@ class DKDMAttr:
     #: parameters that came from the teacher.
     INIT: Final = "init"
     INHERITED_FRACTION: Final = "inherited_fraction"
+    #: A DiT student's blocks: the teacher blocks it starts from, most influential first kept.
+    INHERITED_BLOCKS: Final = "inherited_blocks"
     TEACHER_EVALUATIONS: Final = "teacher_evaluations"
     POOL_TRAJECTORIES_COMPLETED: Final = "pool_trajectories_completed"
 
@@ -62,6 +66,9 @@ class DKDM(Method):
         self.inputs = inputs or TrainingInputs(self.settings, self.original, self.options, device=self.device)
         #: Where data-parallel jobs are written (the study's folder once prepared).
         self.workdir = Path("runs")
+        self._influence: torch.Tensor | None = None
+        #: The teacher blocks the last DiT student built starts from.
+        self.inherited_blocks: list[int] | None = None
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.inputs.prepare()
@@ -98,8 +105,20 @@ class DKDM(Method):
         inherited = None
         if self.options.init == "teacher":
             student.to(self.device)
-            inherited = inherit_from_teacher(student, self.teacher.unet).fraction
+            if is_transformer(self.teacher.unet):
+                copied, total, self.inherited_blocks = inherit_transformer(student, self.teacher.unet, self.influence())
+                inherited = copied / max(1, total)
+            else:
+                inherited = inherit_from_teacher(student, self.teacher.unet).fraction
         return student, config, inherited
+
+    def influence(self) -> torch.Tensor:
+        """Each block's influence on the teacher's hidden states (a DiT teacher), measured once on
+        the held-out batch of the training inputs: which blocks a shallower student keeps."""
+        if self._influence is None:
+            batch = self.inputs.held_out(self.settings.score_samples)
+            self._influence = block_influence(self.teacher.unet, batch.x, batch.t, batch.conditioning)
+        return self._influence
 
     def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
         seed = self.settings.seed + number
@@ -155,6 +174,8 @@ class DKDM(Method):
             attrs[TrialAttr.RECIPE] = params[TrialAttr.RECIPE]
         if inherited is not None:
             attrs[DKDMAttr.INHERITED_FRACTION] = round(inherited, 4)
+        if inherited is not None and is_transformer(self.teacher.unet):
+            attrs[DKDMAttr.INHERITED_BLOCKS] = self.inherited_blocks
         if isinstance(batches, PoolBatches):
             attrs.update(
                 {DKDMAttr.TEACHER_EVALUATIONS: batches.teacher_evals, DKDMAttr.POOL_TRAJECTORIES_COMPLETED: self.inputs.pool.completed}

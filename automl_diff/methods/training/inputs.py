@@ -1,7 +1,8 @@
 """Where distillation batches ``(x_t, t, target)`` come from, shared by every method that trains.
 
 Each batch is a :class:`Batch`: ``x_t``, ``t``, the target and, for a text-to-image teacher, the
-text conditioning of each sample, which every model in the training step is called with.
+text conditioning of each sample (for a class-conditional one, its class id), which every model in
+the training step is called with.
 
 * :class:`PoolBatches` (data-free, DKDM's idea): ``(x_t, t)`` from a
   :class:`~automl_diff.methods.training.pool.NoisePool` of the teacher's own generations; the
@@ -36,8 +37,9 @@ __all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs
 
 
 class Batch(NamedTuple):
-    """One distillation batch: ``x_t``, ``t``, the target noise and, for a text-to-image teacher,
-    the ``encoder_hidden_states`` each sample is conditioned on (None: unconditional)."""
+    """One distillation batch: ``x_t``, ``t``, the target noise and the conditioning of each
+    sample: a text-to-image teacher's ``encoder_hidden_states``, a class-conditional teacher's
+    class ids (``class_labels``), or None (unconditional)."""
 
     x: torch.Tensor
     t: torch.Tensor
@@ -51,7 +53,11 @@ class Batch(NamedTuple):
 
 
 def _unet_kwargs(context: torch.Tensor | None) -> dict[str, Any]:
-    return {} if context is None else {"encoder_hidden_states": context}
+    """The model's keyword for ``context``: class ids (integers) are ``class_labels``, text
+    embeddings ``encoder_hidden_states``."""
+    if context is None:
+        return {}
+    return {"encoder_hidden_states" if context.is_floating_point() else "class_labels": context}
 
 
 class BatchSource(Protocol):
@@ -76,9 +82,9 @@ class PoolBatches:
     Args:
         teacher: noise-prediction model (frozen).
         pool: the noisy-sample pool.
-        prompts: a text-to-image teacher's conditioning per pool label, ``(labels + 1, tokens,
-            dim)``, the unconditional prompt last; each entry is labelled and advanced with its
-            own prompt's prediction.
+        prompts: a latent teacher's conditioning per pool label, the unconditional prompt last:
+            text embeddings ``(labels + 1, tokens, dim)`` or class ids ``(labels + 1,)`` (the null
+            class last); each entry is labelled and advanced with its own prompt's prediction.
         guided: label both halves of guidance at each state and advance it with the guided
             prediction at the entry's scale.
         unconditional_rows: guided: the share of a batch's rows that are unconditional (at the
@@ -283,9 +289,12 @@ class TrainingInputs:
         return self.teacher.noise_schedule().alphas_cumprod
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        """Conditioning of ``prompts`` and, last, of the unconditional prompt (in the UNet's dtype,
-        on the device)."""
+        """Conditioning of ``prompts`` and, last, of the unconditional prompt, on the device: text
+        embeddings in the UNet's dtype, or a class-conditional teacher's class ids and null class."""
         text = self.teacher.text
+        if text is None:
+            classes = self.teacher.classes.prompts(prompts)
+            return torch.cat([classes.embeddings, classes.negative]).to(self.device)
         table = torch.cat([text.encode(prompts), text.encode([self.settings.sampling.negative_prompt])])
         return table.to(self.device, next(self.teacher.unet.parameters()).dtype)
 
@@ -317,7 +326,7 @@ class TrainingInputs:
         if self._snapshot is not None:
             return
         unet = self.teacher.unet
-        if self.teacher.text is not None:
+        if self.teacher.latent is not None:
             self.prompts = self._encode(list(self.settings.train_prompts))
         schedule = self.teacher.noise_schedule()
         size = self.teacher.latent_resolution
@@ -344,12 +353,12 @@ class TrainingInputs:
 
     @property
     def guided(self) -> bool:
-        """Whether the pool is guided: a text-to-image teacher, ``guided_pool``, guidance above 1."""
+        """Whether the pool is guided: a latent (text or class) teacher, ``guided_pool``, guidance above 1."""
         return self._guidance() is not None
 
     def _guidance(self) -> tuple[float, float] | None:
         """The pool's guidance range (None: unguided)."""
-        if self.teacher.text is None or not self.options.guided_pool:
+        if self.teacher.latent is None or not self.options.guided_pool:
             return None
         scales = self.options.pool_guidance or (self.settings.sampling.guidance_scale,)
         low, high = scales[0], scales[-1]

@@ -27,7 +27,11 @@ __all__ = ["distillation_step_stage", "pool_stages", "teacher_call"]
 
 def _call(unet: nn.Module, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     sample, timestep, *context = example_inputs(unet, batch_size=batch, text_length=tokens)
-    return torch.randn_like(sample), timestep, ({"encoder_hidden_states": torch.randn_like(context[0])} if context else {})
+    if not context:
+        return torch.randn_like(sample), timestep, {}
+    if context[0].is_floating_point():
+        return torch.randn_like(sample), timestep, {"encoder_hidden_states": torch.randn_like(context[0])}
+    return torch.randn_like(sample), timestep, {"class_labels": context[0]}
 
 
 def teacher_call(teacher: Teacher) -> Callable[[int], None]:
@@ -68,7 +72,8 @@ def distillation_step_stage(name: str, per: str, count: int, teacher: Teacher, s
         x, t, kwargs = _call(teacher.unet, batch, tokens)
         with torch.no_grad():
             target = predict_noise(teacher.unet, x, t, **kwargs).float()
-        loss = F.mse_loss(predict_noise(student, x.float(), t, **{k: v.float() for k, v in kwargs.items()}), target)
+        kwargs = {k: v.float() if v.is_floating_point() else v for k, v in kwargs.items()}
+        loss = F.mse_loss(predict_noise(student, x.float(), t, **kwargs), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
