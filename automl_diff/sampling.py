@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["SCHEDULERS", "Prompts", "Sampler", "make_scheduler", "predict_noise", "sample_grid_png"]
+__all__ = ["PREDICTION_TYPES", "SCHEDULERS", "Prompts", "Sampler", "make_scheduler", "predict_noise", "sample_grid_png"]
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -42,6 +42,11 @@ def _schedulers() -> dict[str, type]:
 
     return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
 
+
+#: What a denoiser's output can be (its scheduler's ``prediction_type``): the noise, the velocity
+#: ``v = sqrt(a) eps - sqrt(1 - a) x_0`` (Salimans & Ho, 2022) or the clean sample. Sampling
+#: leaves it to the diffusers scheduler; distillation learns the teacher's own.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 #: Sampler names a study may use: DDIM, DDPM, DPM-Solver++ (multistep) and PNDM (PLMS, Stable
 #: Diffusion's own default).

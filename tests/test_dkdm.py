@@ -51,6 +51,26 @@ def test_pool_step_is_ddim_with_the_teacher_prediction():
     assert pool.timesteps(torch.tensor([0])).item() == t_prev.item()
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_a_pool_step_with_the_exact_prediction_of_any_parametrisation_lands_on_the_trajectory(prediction_type):
+    """Deterministic DDIM with the exact prediction (noise, velocity or clean sample) of ``x_t =
+    sqrt(a) x_0 + sqrt(1-a) eps`` moves it to ``sqrt(a') x_0 + sqrt(1-a') eps``."""
+    from automl_diff.methods.training.pool import prediction_target, split_prediction
+
+    alphas = make_scheduler({"num_train_timesteps": 1000}, "ddpm").alphas_cumprod
+    pool = NoisePool(
+        size=1, sample_shape=(1, 4, 4), alphas_cumprod=alphas, num_steps=10, eta=0.0, clip_sample=False, prediction_type=prediction_type
+    )
+    x0, eps = torch.rand(1, 1, 4, 4) * 2 - 1, torch.randn(1, 1, 4, 4)
+    t = pool.timesteps(torch.tensor([0]))
+    a_t, a_prev = alphas[t].view(1, 1, 1, 1), alphas[t - pool.stride].view(1, 1, 1, 1)
+    pool.x[0:1] = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    prediction = prediction_target(x0, eps, a_t, prediction_type)
+    torch.testing.assert_close(split_prediction(prediction, pool.x[0:1], a_t, prediction_type), (x0, eps), atol=1e-4, rtol=1e-4)
+    pool.advance(torch.tensor([0]), prediction)
+    torch.testing.assert_close(pool.x[0:1], a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, atol=1e-4, rtol=1e-4)
+
+
 def test_warm_up_spreads_the_pool_and_batches_mix_timesteps(tiny_unet):
     pool = _pool(size=32, steps=8)
     with torch.no_grad():
@@ -117,3 +137,42 @@ def test_any_architecture_can_be_the_student(tiny_unet):
     torch.manual_seed(0)
     result = fit(ConvStudent(), PoolBatches(tiny_unet, pool), iterations=40, batch_size=8, lr=3e-3)
     assert result.mean_loss(30, 40) < result.mean_loss(0, 10)
+
+
+def test_a_v_prediction_teacher_is_distilled_in_its_own_parametrisation(tmp_path, tiny_space, capsys):
+    """A user's v-prediction UNet (as SD 2.x's 768 models are): the pool moves with the velocity
+    the teacher predicts, the student learns that velocity, and the export samples as its teacher
+    does (the scheduler's prediction_type kept)."""
+    import json
+
+    import optuna
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from automl_diff.cli import main
+    from automl_diff.methods.training import TrainingInputs
+    from automl_diff.models.loading import load_teacher
+    from tests.conftest import TINY_UNET, write_study
+
+    torch.manual_seed(0)
+    folder = tmp_path / "v-teacher"
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=scheduler).save_pretrained(folder)
+    config = write_study(tmp_path, folder, tiny_space, n_trials=1)
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    out = tmp_path / "export"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["export", "--storage", storage, "--study-name", "tiny", "--trial", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+    from automl_diff.config import load_study_config
+
+    study_config = load_study_config(config)
+    teacher = load_teacher(str(folder))
+    inputs = TrainingInputs(study_config.method_settings, teacher, study_config.method_options, device=torch.device("cpu"))
+    batch = inputs.batches(0)(4)
+    assert inputs.pool.prediction_type == "v_prediction"
+    with torch.no_grad():  # the target is the teacher's own output: a velocity
+        torch.testing.assert_close(batch.target, teacher.unet(batch.x, batch.t).sample)

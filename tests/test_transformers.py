@@ -316,6 +316,41 @@ def test_first_block_cache_peer_skips_blocks_per_trajectory_and_leaves_the_model
     torch.testing.assert_close(sample(), full, atol=0, rtol=0)  # its hooks are gone
 
 
+def test_taylorseer_peer_forecasts_attention_and_feed_forward_between_computed_steps(tiny_dit_dir):
+    from dataclasses import replace
+
+    from automl_diff.bench.peers import taylorseer_cache
+    from automl_diff.metrics.macs import executed_macs
+
+    teacher = load_teacher(str(tiny_dit_dir))
+    sampler = _sampler(teacher, steps=9)
+    calls = {}
+
+    def count(module, args, output):
+        calls[module] = calls.get(module, 0) + 1
+
+    def sample():
+        return sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+
+    def macs():
+        latents = sampler.with_prompts(replace(sampler.prompts, decode=None))
+        return executed_macs(lambda: latents.sample(teacher.unet, num_images=1, batch_size=1))
+
+    full, full_macs = sample(), macs()
+    attention = teacher.unet.transformer_blocks[2].attn1.to_q
+    handle = attention.register_forward_hook(count)
+    try:
+        with taylorseer_cache(teacher.unet, 3)():  # steps 0-2 compute, then 4 and 7: 5 of 9
+            cached, again, cached_macs = sample(), sample(), macs()
+    finally:
+        handle.remove()
+    assert calls[attention] == 3 * 5  # three trajectories, each computing 5 of its 9 steps
+    torch.testing.assert_close(again, cached, atol=0, rtol=0)  # each trajectory starts from a fresh state
+    assert (cached - full).abs().max() > 1e-4
+    assert cached_macs < 0.7 * full_macs
+    torch.testing.assert_close(sample(), full, atol=0, rtol=0)  # its hooks are gone
+
+
 def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_path):
     """The digits-dit preset's rows on the tiny DiT (RGB: no digit judge): FID per set, a DKDM
     student cut from the teacher, DiP-GO's schedules against diffusers' First Block Cache at
@@ -361,6 +396,8 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
         dipgo_lr=0.05,
         dipgo_budgets=(0.5, 0.35),
         fbcache_thresholds=(0.0, 0.05, 0.2, 1e6),
+        taylorseer_intervals=(2, 4),
+        rows=("teacher", "dkdm", "dipgo", "fbcache", "taylorseer"),
         pool_size=8,
         pool_steps=4,
         batch_size=4,
@@ -371,7 +408,7 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
     )
     result = run_bench(preset, log=lambda line: None)
     rows = {row.name: row for row in result.rows}
-    assert list(rows) == ["teacher", "DKDM student", "DiP-GO, budget 0.5", "DiP-GO, budget 0.35", "FirstBlockCache peer"]
+    assert list(rows) == ["teacher", "DKDM student", "DiP-GO, budget 0.5", "DiP-GO, budget 0.35", "FirstBlockCache peer", "TaylorSeer peer"]
     student = rows["DKDM student"]
     assert student.params < rows["teacher"].params / 2 and "from a cut of the teacher" in student.notes
     peer = rows["FirstBlockCache peer"]
@@ -380,6 +417,8 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
     assert rows["DiP-GO, budget 0.35"].versus_peer is not None  # the cheapest schedule (none reaches 3x): its matched peer
     levels = result.details["fbcache_levels"]
     assert levels[0.0] == rows["teacher"].trajectory_macs and levels[1e6] < levels[0.0]
+    taylorseer = result.details["taylorseer_levels"]
+    assert taylorseer[4] < taylorseer[2] < rows["teacher"].trajectory_macs and "one in" in rows["TaylorSeer peer"].notes
 
 
 def _without_blocks(teacher, kept):
@@ -463,3 +502,68 @@ def test_a_dkdm_study_of_a_dit_pipeline_distils_shallower_narrower_dits(tiny_dit
     assert (saved["num_layers"], saved["num_attention_heads"]) == (chosen["transformer.layers"], chosen["transformer.heads"])
     seen = sample_without_automl_diff(call, cwd=tmp_path, steps=4, prompt=3)
     assert seen["unet"] == "DiTTransformer2DModel" and seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []
+
+
+def test_a_unet_student_of_a_dit_teacher_is_distilled_and_exported_as_a_dit_pipeline(tiny_dit_dir, tiny_clip, tmp_path, capsys):
+    """DKDM into another architecture: class-conditional UNet2DModel students of a DiT teacher,
+    their layout from the space's ``student:``, distilled data-free, exported as a DiTPipeline
+    whose denoiser is the UNet, which diffusers alone samples."""
+    import optuna
+
+    from automl_diff.cli import main
+    from automl_diff.methods.dkdm.method import DKDMAttr
+    from automl_diff.records import TrialAttr
+    from tests.conftest import printed_load_calls, sample_without_automl_diff
+
+    (tmp_path / "space.yaml").write_text(
+        "family: unet2d\n"
+        "student: {block_out_channels: [16, 32], down_block_types: [DownBlock2D, AttnDownBlock2D],\n"
+        "          up_block_types: [AttnUpBlock2D, UpBlock2D], layers_per_block: 1, norm_num_groups: 8, attention_head_dim: 8}\n"
+        "blocks:\n  down.0: {channels: [8, 16]}\n"
+    )
+    config = _dit_study(
+        tmp_path,
+        tiny_dit_dir,
+        tiny_clip,
+        method="dkdm",
+        search_space="space.yaml",
+        n_trials=1,
+        objectives=[{"name": "macs"}, {"name": "fid"}],
+        method_options={"pool_size": 8, "pool_steps": 4, "guided_pool": True},
+    )
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="dit", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 1 and complete[0].user_attrs[DKDMAttr.INIT] == "random"
+    assert all(np.isfinite(t.user_attrs[TrialAttr.FID]) and t.user_attrs[TrialAttr.MACS] > 0 for t in complete)
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "dit", "--trial", str(complete[0].number), "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DiTPipeline" and index["transformer"] == ["diffusers", "UNet2DModel"]
+    assert json.loads((out / "transformer" / "config.json").read_text())["num_class_embeds"] == 1001
+    seen = sample_without_automl_diff(call, cwd=tmp_path, steps=4, prompt=3)
+    assert seen["unet"] == "UNet2DModel" and seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("family: unet2d\nblocks:\n  down.0: {channels: [8]}\n", "student: required for UNet students of a DiT teacher"),
+        (
+            "family: unet2d\nstudent: {down_block_types: [DownBlock2D], up_block_types: [UpBlock2D]}\nblocks:\n  down.0: {channels: [8]}\n",
+            "student.block_out_channels: required",
+        ),
+        ("family: dit\ntransformer: {layers: [9]}\n", "transformer.layers: 9 is more than the teacher's 4 (num_layers)"),
+    ],
+)
+def test_dit_student_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys, space, message):
+    from automl_diff.cli import main
+
+    (tmp_path / "space.yaml").write_text(space)
+    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, method="dkdm", search_space="space.yaml", method_options={"pool_size": 8})
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err

@@ -7,6 +7,10 @@
 * First Block Cache (diffusers' own, ``apply_first_block_cache``) on a transformer teacher: at each
   step the first block runs, and where its residual changed by less than ``threshold`` (relative)
   since the last step, the other blocks are skipped and their last residual added instead.
+* TaylorSeer (diffusers' own, ``apply_taylorseer_cache``; Liu et al., 2025, "From Reusing to
+  Forecasting") on a transformer teacher: after a few computed steps, one step in ``interval``
+  computes each block's attention and feed-forward, and the steps between forecast their outputs
+  by a Taylor expansion of the computed ones.
 * BK-SDM (Kim et al., 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable
   Diffusion"): block removal. :func:`~automl_diff.models.recipes.bk_sdm_peer` removes what its
   variants remove from SD's UNet and keeps the teacher's remaining weights; :func:`retrain_bk_sdm` retrains it with BK-SDM's own
@@ -37,8 +41,10 @@ from automl_diff.sampling import Sampler, predict_noise
 __all__ = [
     "BkSdmLoss",
     "deepcache",
+    "diffusers_cache",
     "first_block_cache",
     "retrain_bk_sdm",
+    "taylorseer_cache",
     "torch_pruning_peer",
 ]
 
@@ -109,23 +115,25 @@ def deepcache(unet: nn.Module, sampler: Sampler, interval: int, branch: int = 0)
     return context
 
 
-#: The hook names ``apply_first_block_cache`` registers (diffusers' ``hooks.first_block_cache``).
-_FBC_HOOKS = ("fbc_leader_block_hook", "fbc_block_hook")
+#: A context factory: each call gives a context manager under which a model samples with a peer.
+PeerContext = Callable[[], contextlib.AbstractContextManager[None]]
 
 
-def first_block_cache(model: nn.Module, threshold: float) -> Callable[[], contextlib.AbstractContextManager[None]]:
-    """A context factory under which a transformer samples with diffusers' First Block Cache at
-    ``threshold``. Its hooks keep their state in a cache context, which diffusers' pipelines set
-    around each call of a ``CacheMixin`` model; a DiT is none, so the context is set here the way
-    ``CacheMixin.cache_context`` sets it (one context, "cond": guidance's halves go in one call), and
-    the state is reset where a trajectory starts (a timestep above the last one)."""
+def diffusers_cache(model: nn.Module, apply: Callable[[nn.Module], None], hooks: Sequence[str]) -> PeerContext:
+    """A context factory under which a transformer samples with one of diffusers' cache hooks:
+    ``apply(model)`` registers them (``apply_first_block_cache``, ``apply_taylorseer_cache``, ...),
+    the hooks named ``hooks`` are removed on exit. The hooks keep their state in a cache context,
+    which diffusers' pipelines set around each call of a ``CacheMixin`` model; a DiT is none, so
+    the context is set here the way ``CacheMixin.cache_context`` sets it (one context, "cond":
+    guidance's halves go in one call), and the state is reset where a trajectory starts (a
+    timestep above the last one)."""
 
     @contextlib.contextmanager
     def context() -> Iterator[None]:
-        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+        from diffusers.hooks import HookRegistry
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+        apply(model)
         registry = HookRegistry.check_if_exists_or_initialize(model)
         last = [float("inf")]
 
@@ -142,10 +150,42 @@ def first_block_cache(model: nn.Module, threshold: float) -> Callable[[], contex
             yield
         finally:
             handle.remove()
-            for name in _FBC_HOOKS:
+            for name in hooks:
                 registry.remove_hook(name, recurse=True)
 
     return context
+
+
+def first_block_cache(model: nn.Module, threshold: float) -> PeerContext:
+    """diffusers' First Block Cache at ``threshold`` (:func:`diffusers_cache`)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    return diffusers_cache(
+        model, lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold)), ("fbc_leader_block_hook", "fbc_block_hook")
+    )
+
+
+#: The modules whose outputs TaylorSeer forecasts in a DiT: each block's attention and feed-forward
+#: (the paper's features; diffusers' default patterns name ``attn`` modules, which a DiT's
+#: ``attn1`` does not match in full).
+TAYLORSEER_MODULES = (r"transformer_blocks\.\d+\.(attn1|ff)",)
+
+
+def taylorseer_cache(model: nn.Module, interval: int, *, warmup: int = 3, order: int = 1) -> PeerContext:
+    """diffusers' TaylorSeer cache (:func:`diffusers_cache`): the first ``warmup`` steps compute,
+    then one step in ``interval`` does, and in between each block's attention and feed-forward
+    outputs are forecast by a Taylor expansion of ``order`` from their last computed values
+    (:data:`TAYLORSEER_MODULES`), in float32."""
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    config = TaylorSeerCacheConfig(
+        cache_interval=interval,
+        disable_cache_before_step=warmup,
+        max_order=order,
+        taylor_factors_dtype=torch.float32,
+        cache_identifiers=list(TAYLORSEER_MODULES),
+    )
+    return diffusers_cache(model, lambda m: apply_taylorseer_cache(m, config), ("taylorseer_cache",))
 
 
 class BkSdmLoss:

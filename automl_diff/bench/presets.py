@@ -143,6 +143,7 @@ class BenchPreset:
         stacked_dipgo_iterations: that run's pruner iterations (None: ``dipgo_iterations``).
         deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
         fbcache_thresholds: First Block Cache thresholds scanned for the one matching DiP-GO's MACs.
+        taylorseer_intervals: TaylorSeer cache intervals scanned for the one matching DiP-GO's MACs.
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: training seed, and the seed the preset's values were tuned on.
@@ -197,6 +198,7 @@ class BenchPreset:
     dipgo_weights_batch: int | None = None
     deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
     fbcache_thresholds: tuple[float, ...] = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
+    taylorseer_intervals: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 12)
     goal: tuple[float, float, float] = (8.0, 1.15, 0.8)
     device: str = "auto"
     seed: int = 0
@@ -349,7 +351,7 @@ PRESETS: dict[str, BenchPreset] = {
         ),
         fid_sets=5,
         latency_batches=(1, 8),
-        rows=("teacher", "dkdm", "dipgo", "fbcache"),
+        rows=("teacher", "dkdm", "dipgo", "fbcache", "taylorseer"),
         pool_size=2048,
         pool={"guided_pool": True, "prompt_dropout": 0.1},
         dkdm_space=str(_ROOT / "search_spaces" / "digits_dit_dkdm.yaml"),
@@ -366,6 +368,7 @@ PRESETS: dict[str, BenchPreset] = {
         goal_kind="method",
         goals=(
             Goal("DiP-GO, budget", against="FirstBlockCache peer", fid_lower=True, matched_macs=True),
+            Goal("DiP-GO, budget", against="TaylorSeer peer", fid_lower=True, matched_macs=True),
             Goal("DKDM student", macs=2.0, fid_ratio=1.2),
         ),
         tuned="nothing on this preset's results. The guidance scale (1.5) is the teacher's default, set when it was trained; "

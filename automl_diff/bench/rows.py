@@ -26,7 +26,10 @@ the preset's seed, so a row measured alone gives what it gives in the full run.
 7. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several budgets).
 8. ``deepcache``: DeepCache at the caching interval whose trajectory MACs are closest to DiP-GO's
    first schedule at or below 1/4 of the teacher's (else its sparsest).
-9. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
+9. ``fbcache`` and ``taylorseer`` (a transformer teacher): diffusers' First Block Cache at the
+   threshold, and its TaylorSeer cache at the interval, whose trajectory MACs are closest to
+   DiP-GO's first schedule that meets the preset's MACs goal (else its sparsest).
+10. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
    yardstick is the original teacher, through the same ``DiPGO(original=...)`` code path as a
    stacked study (the student stays in memory instead of being exported and loaded again).
 """
@@ -41,7 +44,7 @@ from typing import Any
 
 from torch import nn
 
-from automl_diff.bench.peers import deepcache, first_block_cache, retrain_bk_sdm, torch_pruning_peer
+from automl_diff.bench.peers import deepcache, first_block_cache, retrain_bk_sdm, taylorseer_cache, torch_pruning_peer
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
@@ -304,23 +307,47 @@ def deepcache_row(bench: Bench) -> None:
     bench.details["deepcache_levels"] = levels
 
 
-def fbcache_row(bench: Bench) -> None:
-    """diffusers' First Block Cache on a transformer teacher, at the threshold whose trajectory
-    MACs are closest to the DiP-GO schedule that meets the MACs goal with the fewest savings."""
+def _cache_row(bench: Bench, row: str, peer: Callable[[nn.Module, Any], Callable[[], Any]], settings: Sequence[Any], notes: str) -> Any:
+    """A diffusers cache on a transformer teacher, at the setting (of ``settings``) whose
+    trajectory MACs are closest to the DiP-GO schedule that meets the MACs goal with the fewest
+    savings; ``notes`` describes it (``{setting}`` and ``{target}`` filled in). Returns the
+    trajectory MACs of every setting."""
     model = bench.teacher.unet
     if not is_transformer(model):
-        raise UserError(f"bench preset {bench.preset.name}: row fbcache: First Block Cache gates transformer blocks; the teacher is a UNet")
-    thresholds = bench.preset.fbcache_thresholds
-    target, threshold, levels = _matched(bench, model, lambda t: first_block_cache(model, t), thresholds, bench.preset.goal[0])
+        raise UserError(f"bench preset {bench.preset.name}: row {row}: diffusers' caches gate transformer blocks; the teacher is a UNet")
+    target, setting, levels = _matched(bench, model, lambda s: peer(model, s), settings, bench.preset.goal[0])
     bench.measure(
-        "FirstBlockCache peer",
+        row,
         "peer",
         model,
-        context=lambda m: first_block_cache(m, threshold)(),
-        notes=f"diffusers' First Block Cache, threshold {threshold:g}, matched to '{target.name}' (its MACs depend on the images)",
+        context=lambda m: peer(m, setting)(),
+        notes=notes.format(setting=setting, target=target.name),
         peer_of=target.name,
     )
-    bench.details["fbcache_levels"] = levels
+    return levels
+
+
+def fbcache_row(bench: Bench) -> None:
+    """diffusers' First Block Cache, at the threshold matched to DiP-GO (:func:`_cache_row`)."""
+    bench.details["fbcache_levels"] = _cache_row(
+        bench,
+        "FirstBlockCache peer",
+        first_block_cache,
+        bench.preset.fbcache_thresholds,
+        "diffusers' First Block Cache, threshold {setting:g}, matched to '{target}' (its MACs depend on the images)",
+    )
+
+
+def taylorseer_row(bench: Bench) -> None:
+    """diffusers' TaylorSeer cache, at the interval matched to DiP-GO (:func:`_cache_row`)."""
+    bench.details["taylorseer_levels"] = _cache_row(
+        bench,
+        "TaylorSeer peer",
+        taylorseer_cache,
+        bench.preset.taylorseer_intervals,
+        "diffusers' TaylorSeer cache, the first 3 steps computed, then one in {setting}, each block's attention and "
+        "feed-forward forecast between them (first order), matched to '{target}'",
+    )
 
 
 def stacked_row(bench: Bench) -> None:
@@ -342,6 +369,7 @@ ROWS: dict[str, RowSpec] = {
     "dipgo": RowSpec(dipgo_row),
     "deepcache": RowSpec(deepcache_row, needs=("dipgo",), peers=("DeepCache",)),
     "fbcache": RowSpec(fbcache_row, needs=("dipgo",)),
+    "taylorseer": RowSpec(taylorseer_row, needs=("dipgo",)),
     "stacked": RowSpec(stacked_row, needs=("diffnas",)),
 }
 

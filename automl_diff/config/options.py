@@ -19,6 +19,7 @@ from automl_diff.config.search_space import SearchSpace, SupernetSpace, Transfor
 from automl_diff.errors import UserError
 from automl_diff.models.dataflow import GRANULARITIES, is_transformer
 from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS
+from automl_diff.sampling import PREDICTION_TYPES
 
 if TYPE_CHECKING:
     from automl_diff.config.settings import MethodSettings
@@ -166,6 +167,12 @@ class PoolOptions(MethodOptions):
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         where = settings.where
+        prediction = original.prediction_type
+        if prediction not in PREDICTION_TYPES:
+            raise UserError(
+                f"teacher '{original.source}': method {self.method} distils {', '.join(PREDICTION_TYPES)} predictions; its "
+                f"scheduler predicts '{prediction}'"
+            )
         if original.latent is not None and self.source == "teacher" and not settings.train_prompts:
             raise UserError(
                 f"{where}: prompts.train: required to distil a {'text-to-image' if original.text else 'class-conditional'} teacher "
@@ -181,7 +188,7 @@ class PoolOptions(MethodOptions):
                 f"{where}: budgets.batch_size: {batch} does not split over {processes} processes (execution.processes_per_trial)"
             )
 
-    def _space(self, settings: MethodSettings, kind: type, families: str) -> Any:
+    def _space(self, settings: MethodSettings, kind: type | tuple[type, ...], families: str) -> Any:
         space = settings.search_space
         if space is None:
             raise UserError(f"{settings.where}: search_space: required for method {self.method}")
@@ -213,14 +220,11 @@ class DKDMOptions(PoolOptions):
         super().check_against(settings, teacher, original)
         transformer = is_transformer(teacher.unet)
         if transformer:
-            space = self._space(settings, TransformerSpace, "dit (student transformers of a DiT teacher)")
+            space = self._space(settings, (TransformerSpace, SearchSpace), "dit, or unet2d with student: (students of a DiT teacher)")
             if self.warm_start:
                 raise UserError(f"{settings.where}: method_options.warm_start: BK-SDM's recipes remove UNet blocks; a DiT has none")
         else:
             space = self._space(settings, SearchSpace, "unet2d or unet2d_condition (student architectures)")
-        prediction = original.prediction_type
-        if prediction != "epsilon":
-            raise UserError(f"teacher '{original.source}': DKDM distils noise predictions; its scheduler predicts '{prediction}'")
         space.validate_for(dict(teacher.unet.config))
         if self.pool_size < settings.budgets.batch_size:
             raise UserError(

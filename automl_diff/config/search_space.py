@@ -25,6 +25,17 @@ narrower model)::
     family: dit
     transformer: {layers: [2, 3, 4], heads: [2, 4]}
 
+A ``family: unet2d`` space can also declare UNet students of a DiT teacher (another
+architecture, as DKDM allows): the teacher has no UNet config to edit, so ``student:`` gives the
+students' layout, and each is a class-conditional ``UNet2DModel`` on the teacher's latents (its
+classes and null class as ``num_class_embeds``)::
+
+    family: unet2d
+    student: {block_out_channels: [64, 128], down_block_types: [DownBlock2D, AttnDownBlock2D],
+              up_block_types: [AttnUpBlock2D, UpBlock2D], layers_per_block: 1, norm_num_groups: 16}
+    blocks:
+      down.0: {channels: [32, 64]}
+
 ``family: unet2d_condition`` is the same schema for text-conditioned students: a level with
 attention is a ``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D`` (its transformers keep the teacher's
 cross attention to the text), one without a ``DownBlock2D``/``UpBlock2D``, and ``mid.attention``
@@ -91,6 +102,10 @@ _ARCHITECTURES = {
 }
 
 
+def _is_dit(config: dict[str, Any]) -> bool:
+    return config.get("_class_name") == "DiTTransformer2DModel"
+
+
 def _type_for(types: dict[str, bool], attention: bool) -> str:
     return next(name for name, attends in types.items() if attends == attention)
 
@@ -123,12 +138,15 @@ class SearchSpace:
         family: the student family (``unet2d`` or ``unet2d_condition``).
         blocks: declared choices, in block order.
         fixed: config keys set on every student.
+        student: the students' own layout, for a teacher of another architecture (a DiT), whose
+            config the students cannot edit.
     """
 
     path: str
     family: str
     blocks: tuple[BlockChoices, ...]
     fixed: dict[str, Any] = field(default_factory=dict)
+    student: dict[str, Any] = field(default_factory=dict)
 
     def parameters(self) -> dict[str, tuple[Any, ...]]:
         """Every Optuna parameter of the space: dotted name -> choices."""
@@ -169,6 +187,7 @@ class SearchSpace:
         import diffusers
 
         arch = self.architecture
+        self._check_student(teacher_config)
         conditional = teacher_config.get("cross_attention_dim") is not None
         if conditional != (self.family == "unet2d_condition"):
             kind, other = ("a text-conditioned", "unet2d_condition") if conditional else ("an unconditional", "unet2d")
@@ -184,6 +203,10 @@ class SearchSpace:
         for key in self.fixed:
             if key not in accepted:
                 raise UserError(f"{self.path}: fixed.{key}: not a {arch.model} config key that a search space may fix")
+        layout = set(inspect.signature(getattr(diffusers, arch.model).__init__).parameters) - {"self"}
+        for key in self.student:
+            if key not in layout:
+                raise UserError(f"{self.path}: student.{key}: not a {arch.model} config key")
         base = self._base(teacher_config)
         for i, t in enumerate(base["down_block_types"]):
             if t not in arch.down:
@@ -231,10 +254,35 @@ class SearchSpace:
                 if head_dim and attends and c % int(head_dim):
                     raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by attention_head_dim={head_dim}")
 
+    def _check_student(self, teacher_config: dict[str, Any]) -> None:
+        foreign = _is_dit(teacher_config)
+        if foreign and self.family != "unet2d":
+            raise UserError(f"{self.path}: family: {self.family} does not fit a DiT teacher; use family: dit, or unet2d with student:")
+        if foreign and not self.student:
+            raise UserError(
+                f"{self.path}: student: required for UNet students of a DiT teacher (their own layout: block_out_channels, "
+                "down_block_types, up_block_types, layers_per_block); or use family: dit"
+            )
+        if not foreign and self.student:
+            raise UserError(f"{self.path}: student: only for a teacher of another architecture (a DiT); students edit this teacher's")
+        missing = [k for k in ("block_out_channels", "down_block_types", "up_block_types") if foreign and k not in self.student]
+        if missing:
+            raise UserError(f"{self.path}: student.{missing[0]}: required (the students' layout)")
+
     def _base(self, teacher_config: dict[str, Any]) -> dict[str, Any]:
         from automl_diff.models.student import LAYOUT_KEYS
 
-        base = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        if _is_dit(teacher_config):  # another architecture: the students' own layout on its latents and classes
+            channels = int(teacher_config["in_channels"])
+            base = {
+                "sample_size": teacher_config["sample_size"],
+                "in_channels": channels,
+                "out_channels": channels,
+                "num_class_embeds": int(teacher_config["num_embeds_ada_norm"]) + 1,
+                **self.student,
+            }
+        else:
+            base = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
         for key in LAYOUT_KEYS:  # a student teacher's layout
             base.pop(key, None)
         base.update(self.fixed)
@@ -319,7 +367,7 @@ class TransformerSpace:
         Raises:
             UserError: naming the file and the key.
         """
-        if teacher_config.get("_class_name") != "DiTTransformer2DModel":
+        if not _is_dit(teacher_config):
             found = teacher_config.get("_class_name")
             raise UserError(f"{self.path}: family: dit needs a DiTTransformer2DModel teacher; this one is {found}")
         for key, most in (("layers", "num_layers"), ("heads", "num_attention_heads")):
@@ -533,6 +581,7 @@ def load_search_space(path: str | Path) -> SearchSpace | TransformerSpace | Supe
     if family == "dit":
         return _load_transformer_space(path, top)
     fixed = top.section("fixed").rest()
+    student = top.section("student").rest()
     blocks_section = top.section("blocks", required=True)
     blocks = []
     for name in list(blocks_section.data):
@@ -554,4 +603,4 @@ def load_search_space(path: str | Path) -> SearchSpace | TransformerSpace | Supe
         head, _, index = b.name.partition(".")
         return order.get(head, 3), int(index) if index.isdigit() else 0
 
-    return SearchSpace(str(path), family, tuple(sorted(blocks, key=position)), fixed)
+    return SearchSpace(str(path), family, tuple(sorted(blocks, key=position)), fixed, student)

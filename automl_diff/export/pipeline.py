@@ -242,7 +242,9 @@ def _save_latent_pipeline(pipeline: dict[str, Any], unet: Any, scheduler: Any, o
         if name in TEXT_TO_IMAGE_PIPELINES:
             load_text_to_image(parts).pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
             return name
-        classes = load_class_to_image(parts, num_classes=int(unet.config.num_embeds_ada_norm))
+        config = unet.config  # a DiT's classes, or a UNet student's class embeddings less the null class
+        num_classes = int(config.num_embeds_ada_norm) if getattr(config, "num_embeds_ada_norm", None) else int(config.num_class_embeds) - 1
+        classes = load_class_to_image(parts, num_classes=num_classes)
     classes.pipeline(unet, scheduler).save_pretrained(str(out), safe_serialization=True)
     if classes.id2label:  # DiTPipeline reads them from model_index.json but does not write them
         index = json.loads((out / "model_index.json").read_text())

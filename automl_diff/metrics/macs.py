@@ -99,10 +99,13 @@ def _is_conditional(unet: nn.Module) -> bool:
 
 def condition_keyword(unet: nn.Module) -> str | None:
     """The argument a conditional model takes its conditioning as: ``encoder_hidden_states`` (text
-    embeddings), ``class_labels`` (a class-conditional transformer, DiT), or None."""
+    embeddings), ``class_labels`` (a class-conditional transformer, DiT, or a UNet with class
+    embeddings), or None."""
     if _is_conditional(unet):
         return "encoder_hidden_states"
     if getattr(unet.config, "num_embeds_ada_norm", None) and not hasattr(unet, "down_blocks"):
+        return "class_labels"
+    if getattr(unet.config, "num_class_embeds", None):
         return "class_labels"
     return None
 

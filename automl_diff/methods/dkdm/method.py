@@ -103,7 +103,7 @@ class DKDM(Method):
         config = self.space.to_config(params, dict(self.teacher.unet.config))
         student = unet_from_config(config, where=self.space.path)
         inherited = None
-        if self.options.init == "teacher":
+        if self.options.init == "teacher" and is_transformer(student) == is_transformer(self.teacher.unet):
             student.to(self.device)
             if is_transformer(self.teacher.unet):
                 copied, total, self.inherited_blocks = inherit_transformer(student, self.teacher.unet, self.influence())
@@ -167,7 +167,7 @@ class DKDM(Method):
             TrainAttr.TRAIN_LOSS_FIRST: result.mean_loss(0, tail),
             TrainAttr.TRAIN_LOSS_LAST: result.mean_loss(len(result.losses) - tail, len(result.losses)),
             DKDMAttr.SOURCE: self.options.source,
-            DKDMAttr.INIT: self.options.init,
+            DKDMAttr.INIT: self.options.init if inherited is not None else "random",  # a student of another family: random
             TrainAttr.TRAIN_PROCESSES: result.processes,
         }
         if TrialAttr.RECIPE in params:

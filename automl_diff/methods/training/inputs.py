@@ -6,13 +6,14 @@ the training step is called with.
 
 * :class:`PoolBatches` (data-free, DKDM's idea): ``(x_t, t)`` from a
   :class:`~automl_diff.methods.training.pool.NoisePool` of the teacher's own generations; the
-  target is the teacher's ``eps(x_t, t)``, and the same prediction advances the pool. No dataset
+  target is the teacher's prediction at ``(x_t, t)`` (noise, or velocity for a
+  ``v_prediction`` teacher), and the same prediction advances the pool. No dataset
   is read. For a text-to-image teacher with a guided pool, each state gets both halves of
   classifier-free guidance in one teacher call (its prompt and the unconditional one), the batch
   holds both rows, and the guided prediction advances the state, so the pool visits the states
   the study samples and the unconditional half is learnt where guidance evaluates it.
 * :class:`DataBatches` (the baseline): real images noised with the scheduler; the target is the
-  true noise (the standard DDPM objective).
+  true noise (the standard DDPM objective), or the true velocity for a ``v_prediction`` teacher.
 
 :class:`TrainingInputs` builds either from a study's :class:`~automl_diff.config.options.PoolOptions`
 once, and hands every run a batch source that starts from the same pool snapshot. DKDM, DiffNAS's
@@ -29,7 +30,7 @@ from torch import nn
 from automl_diff.config.options import PoolOptions
 from automl_diff.config.settings import MethodSettings
 from automl_diff.methods.training.loop import world
-from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels
+from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels, prediction_target
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import predict_noise
 
@@ -183,7 +184,8 @@ class PoolBatches:
 
 
 class DataBatches:
-    """Baseline batches from real images: ``x_t = sqrt(a) x_0 + sqrt(1-a) noise``, target = noise.
+    """Baseline batches from real images: ``x_t = sqrt(a) x_0 + sqrt(1-a) noise``, target = noise
+    (or what ``prediction_type`` names: the velocity, or ``x_0``).
 
     For a text-to-image teacher ``images`` are latents and ``labels`` index each one's caption in
     ``captions`` (the unconditional prompt last, used for a ``dropout`` share of the samples).
@@ -199,6 +201,7 @@ class DataBatches:
         labels: torch.Tensor | None = None,
         captions: torch.Tensor | None = None,
         dropout: float = 0.0,
+        prediction_type: str = "epsilon",
     ) -> None:
         self.images = images
         self.alphas_cumprod = alphas_cumprod.float()
@@ -207,11 +210,13 @@ class DataBatches:
         self.labels = labels
         self.captions = captions
         self.dropout = dropout
+        self.prediction_type = prediction_type
 
     def record(self) -> dict[str, Any]:
         """This source as it is now, for :func:`restore_batches`."""
         return {
             "kind": "data",
+            "prediction_type": self.prediction_type,
             "images": self.images.cpu(),
             "alphas_cumprod": self.alphas_cumprod.cpu(),
             "generator": self.generator.get_state(),
@@ -227,10 +232,11 @@ class DataBatches:
         noise = torch.randn(x0.shape, generator=self.generator)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = prediction_target(x0, noise, a, self.prediction_type)
         context = None
         if self.labels is not None and self.captions is not None:
             context = _context(self.captions, drop_labels(self.labels[idx], len(self.captions) - 1, self.dropout, self.generator))
-        return Batch(x.to(self.device), t.to(self.device), noise.to(self.device), context)
+        return Batch(x.to(self.device), t.to(self.device), target.to(self.device), context)
 
 
 def restore_batches(record: dict[str, Any], *, teacher: nn.Module | None, device: torch.device) -> PoolBatches | DataBatches:
@@ -256,6 +262,7 @@ def restore_batches(record: dict[str, Any], *, teacher: nn.Module | None, device
         labels=record["labels"],
         captions=None if captions is None else captions.to(device),
         dropout=record["dropout"],
+        prediction_type=record.get("prediction_type", "epsilon"),
     )
 
 
@@ -264,7 +271,8 @@ class TrainingInputs:
 
     ``prepare`` fills the pool once (data-free) or loads the dataset; ``batches(seed)`` then gives
     a fresh batch source that starts from the same pool snapshot, so runs differ only by seed.
-    The target is the teacher's noise prediction (pool) or the true noise (dataset).
+    The target is the teacher's prediction (pool) or the true noise or velocity (dataset), in the
+    teacher's parametrisation.
 
     A text-to-image teacher's pool holds latents, each trajectory generated for one of the study's
     training prompts (``prompts.train``) or, for ``prompt_dropout`` of them, the unconditional
@@ -345,6 +353,7 @@ class TrainingInputs:
             # unconditional rows are the other half of guidance at those states
             label_dropout=0.0 if self.guided else self.options.prompt_dropout,
             guidance=self._guidance(),
+            prediction_type=self.teacher.prediction_type,
         )
         labeller = self._labeller()
         with torch.no_grad():
@@ -376,6 +385,7 @@ class TrainingInputs:
             labels=self._labels,
             captions=self.prompts,
             dropout=self.options.prompt_dropout,
+            prediction_type=self.teacher.prediction_type,
         )
 
     def held_out(self, samples: int) -> Batch:

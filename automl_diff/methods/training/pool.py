@@ -1,9 +1,11 @@
 """DKDM's pool of noisy samples, generated and advanced by the teacher itself (no training data).
 
 Each pool entry is a point ``x_t`` on one teacher sampling trajectory of ``num_steps`` DDIM steps
-from ``t = T-1`` down to the clean image. The teacher's noise prediction ``eps(x_t, t)`` that
-supervises the student on a batch is the same one that moves those entries one step on
-(``t -> t_prev``); an entry that reaches the clean image is replaced by fresh noise at ``t = T-1``.
+from ``t = T-1`` down to the clean image. The teacher's prediction at ``(x_t, t)`` that supervises
+the student on a batch is the same one that moves those entries one step on (``t -> t_prev``); an
+entry that reaches the clean image is replaced by fresh noise at ``t = T-1``. The prediction is in
+the teacher's own parametrisation (``prediction_type``: noise, velocity or the clean sample), which
+the student learns as it is and the step converts (:func:`split_prediction`).
 The pool is larger than the batch and batches are drawn at random, so a batch mixes timesteps.
 
 Each trajectory gets a random offset in ``[0, T/num_steps)`` added to its timestep grid, so that
@@ -25,7 +27,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["NoisePool", "PoolState", "drop_labels"]
+__all__ = ["NoisePool", "PoolState", "drop_labels", "prediction_target", "split_prediction"]
+
+
+def split_prediction(
+    prediction: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_0, eps)`` of a model's ``prediction`` at ``x_t = sqrt(alpha) x_0 + sqrt(1 - alpha) eps``
+    (``alpha``: the cumulative alpha at ``t``, broadcastable to ``x``)."""
+    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    if prediction_type == "v_prediction":
+        return a * x - s * prediction, a * prediction + s * x
+    if prediction_type == "sample":
+        return prediction, (x - a * prediction) / s
+    return (x - s * prediction) / a, prediction
+
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """What a model of ``prediction_type`` should output at ``sqrt(alpha) x0 + sqrt(1 - alpha) noise``."""
+    if prediction_type == "v_prediction":
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    return noise
 
 
 def drop_labels(labels: torch.Tensor, unconditional: int, share: float, generator: torch.Generator) -> torch.Tensor:
@@ -63,6 +87,8 @@ class NoisePool:
         label_dropout: share of trajectories generated for the unconditional prompt.
         guidance: ``(low, high)``: each trajectory's guidance scale, drawn uniformly when it
             starts (equal ends: one scale); None: an unguided pool (scale 1).
+        prediction_type: what the teacher's predictions that advance the pool are
+            (:data:`~automl_diff.sampling.PREDICTION_TYPES`).
     """
 
     def __init__(
@@ -80,6 +106,7 @@ class NoisePool:
         num_labels: int = 0,
         label_dropout: float = 0.0,
         guidance: tuple[float, float] | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
         if size < 1 or num_steps < 1:
             raise ValueError("pool size and num_steps must be positive")
@@ -97,6 +124,7 @@ class NoisePool:
         self.num_labels = num_labels
         self.label_dropout = label_dropout
         self.guidance = guidance
+        self.prediction_type = prediction_type
         self.labels = torch.full((size,), num_labels, dtype=torch.long, device=self.device)
         self.scales = torch.ones(size, device=self.device)
         self.x = torch.empty((size, *self.sample_shape), device=self.device)
@@ -141,18 +169,17 @@ class NoisePool:
         return self.x[idx], self.timesteps(idx)
 
     @torch.no_grad()
-    def advance(self, idx: torch.Tensor, eps: torch.Tensor) -> None:
-        """Move entries ``idx`` one DDIM step on with the teacher's prediction ``eps``; entries
-        that reach the clean image are replaced by fresh noise."""
+    def advance(self, idx: torch.Tensor, prediction: torch.Tensor) -> None:
+        """Move entries ``idx`` one DDIM step on with the teacher's ``prediction`` (of the pool's
+        ``prediction_type``); entries that reach the clean image are replaced by fresh noise."""
         t = self.timesteps(idx)
         t_prev = self._timestep_at(self.position[idx] + 1, self.offset[idx])
         a_t = self.alphas_cumprod[t].view(-1, *([1] * len(self.sample_shape)))
         a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float32))
         a_prev = a_prev.view_as(a_t)
         x = self.x[idx]
-        eps = eps.to(x.dtype)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        if self.clip_sample:
+        x0, eps = split_prediction(prediction.to(x.dtype), x, a_t, self.prediction_type)
+        if self.clip_sample:  # DDIM's step: the noise comes from the unclipped prediction
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
@@ -199,6 +226,7 @@ class NoisePool:
             "num_labels": self.num_labels,
             "label_dropout": self.label_dropout,
             "guidance": None if self.guidance is None else list(self.guidance),
+            "prediction_type": self.prediction_type,
             "generator": self.generator.get_state(),
             "completed": self.completed,
             "x": self.x.cpu(),
@@ -226,6 +254,7 @@ class NoisePool:
             num_labels=record["num_labels"],
             label_dropout=record["label_dropout"],
             guidance=None if record["guidance"] is None else tuple(record["guidance"]),
+            prediction_type=record.get("prediction_type", "epsilon"),
         )
         pool.load_state(PoolState(record["x"], record["position"], record["offset"], record["labels"], record["scales"]))
         pool.generator = generator
