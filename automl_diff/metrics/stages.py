@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Stage", "StageCost", "human_bytes", "human_seconds", "measure", "peak_memory", "reset_peak_memory"]
+__all__ = ["Stage", "StageCost", "human_bytes", "human_seconds", "measure", "peak_memory", "reset_peak_memory", "timed_call"]
 
 
 @dataclass(frozen=True)
@@ -92,19 +92,24 @@ def peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def timed_call(run: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one ``run()`` takes, a GPU synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _timed(stage: Stage, batch: int, device: torch.device) -> tuple[float, int]:
     """Seconds of one unit at ``batch`` after an untimed one, and the peak memory of both."""
     reset_peak_memory(device)
     stage.run(batch)
-    times = []
+    times: list[float] = []
     while not times or (sum(times) < 1.0 and len(times) < 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        stage.run(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(timed_call(lambda: stage.run(batch), device))
     return statistics.median(times), peak_memory(device)
 
 

@@ -19,7 +19,7 @@ import torch
 from automl_diff.config.study import StudyConfig
 from automl_diff.errors import UserError, first_line
 from automl_diff.formatting import text_table
-from automl_diff.metrics.stages import Stage, StageCost, human_bytes, human_seconds, measure
+from automl_diff.metrics.stages import Stage, StageCost, human_bytes, human_seconds, measure, timed_call
 from automl_diff.runners.session import StudySession
 
 __all__ = ["CompiledCall", "DryRun", "dry_run"]
@@ -60,15 +60,9 @@ class CompiledCall:
 def _compiled_call(unet: torch.nn.Module, sampler: Any, batch: int, device: torch.device) -> CompiledCall:
     """Time the teacher's model call compiled (first call apart) and eager at ``batch``."""
 
+    @torch.no_grad()
     def timed(model: torch.nn.Module) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            sampler.first_step(model, batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return timed_call(lambda: sampler.first_step(model, batch), device)
 
     compiled = torch.compile(unet, dynamic=False)
     try:
