@@ -107,8 +107,9 @@ class Schedule:
         shallow = {f"up.{len(unet.up_blocks) - 1}.resnets.{last}"}
         if getattr(up, "attentions", None):
             shallow.add(f"up.{len(unet.up_blocks) - 1}.attentions.{last}")
-        inside = [set(unit_atoms(u)) <= shallow for u in units]
-        straddles = [u for u in units if set(unit_atoms(u)) & shallow and not set(unit_atoms(u)) <= shallow]
+        atoms = [set(unit_atoms(u)) for u in units]
+        inside = [a <= shallow for a in atoms]
+        straddles = [u for u, a in zip(units, atoms) if a & shallow and not a <= shallow]
         if straddles or not any(inside):
             raise UserError(
                 f"a uniform cache schedule needs the last up branch ({', '.join(sorted(shallow))}) as units of its own; "
