@@ -135,6 +135,7 @@ def diffusers_cache(model: nn.Module, apply: Callable[[nn.Module], None], hooks:
 
         apply(model)
         registry = HookRegistry.check_if_exists_or_initialize(model)
+        fresh(registry)
         last = [float("inf")]
 
         def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -152,8 +153,17 @@ def diffusers_cache(model: nn.Module, apply: Callable[[nn.Module], None], hooks:
             handle.remove()
             for name in hooks:
                 registry.remove_hook(name, recurse=True)
+            fresh(registry)
 
     return context
+
+
+def fresh(registry: Any) -> None:
+    """Drop the registries of hooked submodules that a diffusers ``HookRegistry`` caches, as
+    ``CacheMixin`` does whenever it adds or removes hooks: else a cache applied after another
+    one's hooks were removed sets its context on the other's stale registries."""
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
 
 
 def first_block_cache(model: nn.Module, threshold: float) -> PeerContext:
