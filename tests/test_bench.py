@@ -209,12 +209,17 @@ def test_presets_fit_their_teachers(name):
         assert prompt_labels(train, judge) and (labels == set(range(10)) if judge.name == "digits" else len(labels) == len(evaluate))
         assert not set(train) & set(evaluate)
         loaded = load_teacher(preset.teacher)
-        if loaded.classes is not None:  # a class-conditional transformer: DiP-GO and its peers, no students yet
-            assert set(preset.rows) == {"teacher", "dipgo", "fbcache"}
+        teacher = loaded.unet
+        if loaded.classes is not None:  # a class-conditional transformer: DKDM, DiP-GO and diffusers' caches
+            assert set(preset.rows) == {"teacher", "dkdm", "dipgo", "fbcache", "taylorseer"}
             assert [loaded.classes.class_id(name) for name in evaluate] == list(range(10))
+            space = load_search_space(preset.dkdm_space)
+            space.validate_for(dict(teacher.config))
+            assert space.suggest(optuna.trial.FixedTrial(dict(preset.dkdm_params))) == preset.dkdm_params
+            student = unet_from_config(space.to_config(preset.dkdm_params, dict(teacher.config)))
+            assert count_macs(student).macs <= 0.5 * count_macs(teacher).macs  # the goal's limit
             return
         assert {"dkdm", "dkdm_data", "diffnas", "bk_sdm", "stacked"} <= set(plan(None, preset))
-        teacher = loaded.unet
     elif preset.teacher == "digits":
         from automl_diff.zoo.digits import DIGITS_DIR
 

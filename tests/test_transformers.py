@@ -420,7 +420,7 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
     levels = result.details["fbcache_levels"]
     assert levels[0.0] == rows["teacher"].trajectory_macs and levels[1e6] < levels[0.0]
     taylorseer = result.details["taylorseer_levels"]
-    assert taylorseer[4] < taylorseer[2] < rows["teacher"].trajectory_macs and "one in" in rows["TaylorSeer peer"].notes
+    assert taylorseer[4] <= taylorseer[2] < rows["teacher"].trajectory_macs and "one in" in rows["TaylorSeer peer"].notes
 
 
 def _without_blocks(teacher, kept):
