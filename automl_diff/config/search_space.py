@@ -110,6 +110,24 @@ def _type_for(types: dict[str, bool], attention: bool) -> str:
     return next(name for name, attends in types.items() if attends == attention)
 
 
+class _Choices:
+    """What every space of whole-student choices offers, from its :meth:`parameters`."""
+
+    def parameters(self) -> dict[str, tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        """Number of distinct architectures."""
+        n = 1
+        for values in self.parameters().values():
+            n *= len(values)
+        return n
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Ask an Optuna trial (or ``FixedTrial``) for one value per parameter."""
+        return {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.parameters().items()}
+
+
 @dataclass(frozen=True)
 class BlockChoices:
     """The choices declared for one block; None means "keep the teacher's"."""
@@ -130,7 +148,7 @@ class BlockChoices:
 
 
 @dataclass(frozen=True)
-class SearchSpace:
+class SearchSpace(_Choices):
     """A validated search space over student architectures.
 
     Attributes:
@@ -154,17 +172,6 @@ class SearchSpace:
         for block in self.blocks:
             out.update(block.parameters())
         return out
-
-    def size(self) -> int:
-        """Number of distinct architectures."""
-        n = 1
-        for values in self.parameters().values():
-            n *= len(values)
-        return n
-
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        """Ask an Optuna trial (or ``FixedTrial``) for one value per parameter."""
-        return {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.parameters().items()}
 
     @property
     def architecture(self) -> _Family:
@@ -255,19 +262,21 @@ class SearchSpace:
                     raise UserError(f"{self.path}: {key}.channels: {c} is not divisible by attention_head_dim={head_dim}")
 
     def _check_student(self, teacher_config: dict[str, Any]) -> None:
-        foreign = _is_dit(teacher_config)
-        if foreign and self.family != "unet2d":
+        """``student:`` is given exactly when the teacher is of another architecture (a DiT), with its layout."""
+        if not _is_dit(teacher_config):
+            if self.student:
+                raise UserError(f"{self.path}: student: only for a teacher of another architecture (a DiT); students edit this teacher's")
+            return
+        if self.family != "unet2d":
             raise UserError(f"{self.path}: family: {self.family} does not fit a DiT teacher; use family: dit, or unet2d with student:")
-        if foreign and not self.student:
+        if not self.student:
             raise UserError(
                 f"{self.path}: student: required for UNet students of a DiT teacher (their own layout: block_out_channels, "
                 "down_block_types, up_block_types, layers_per_block); or use family: dit"
             )
-        if not foreign and self.student:
-            raise UserError(f"{self.path}: student: only for a teacher of another architecture (a DiT); students edit this teacher's")
-        missing = [k for k in ("block_out_channels", "down_block_types", "up_block_types") if foreign and k not in self.student]
-        if missing:
-            raise UserError(f"{self.path}: student.{missing[0]}: required (the students' layout)")
+        for key in ("block_out_channels", "down_block_types", "up_block_types"):
+            if key not in self.student:
+                raise UserError(f"{self.path}: student.{key}: required (the students' layout)")
 
     def _base(self, teacher_config: dict[str, Any]) -> dict[str, Any]:
         from automl_diff.models.student import LAYOUT_KEYS
@@ -330,7 +339,7 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
-class TransformerSpace:
+class TransformerSpace(_Choices):
     """Student transformers of a ``DiTTransformer2DModel`` teacher (``family: dit``).
 
     Attributes:
@@ -349,17 +358,6 @@ class TransformerSpace:
     def parameters(self) -> dict[str, tuple[Any, ...]]:
         """Optuna parameter name -> choices (``transformer.layers``, ``transformer.heads``)."""
         return {f"transformer.{k}": v for k, v in (("layers", self.layers), ("heads", self.heads)) if v is not None}
-
-    def size(self) -> int:
-        """Number of distinct architectures."""
-        n = 1
-        for values in self.parameters().values():
-            n *= len(values)
-        return n
-
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        """Ask an Optuna trial (or ``FixedTrial``) for one value per parameter."""
-        return {name: trial.suggest_categorical(name, list(choices)) for name, choices in self.parameters().items()}
 
     def validate_for(self, teacher_config: dict[str, Any]) -> None:
         """Check that the teacher is a DiT and that no choice exceeds it.
