@@ -1,4 +1,4 @@
-"""``python -m automl_diff.bench [--preset digits|ddpm-cifar10] [--out BENCHMARKS.md]``."""
+"""``python -m automl_diff.bench [--preset NAME] [--out BENCHMARKS.md]``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rows",
         default=None,
         help="run only these rows, comma-separated (with the rows they build on and the teacher): "
-        "teacher, dkdm, diffnas, torch_pruning, dipgo, deepcache, stacked; not with --out",
+        "teacher, dkdm, diffnas, torch_pruning, bk_sdm, dkdm_data, dipgo, deepcache, fbcache, taylorseer, stacked; not with --out",
     )
     parser.add_argument("--guidance", type=float, default=None, help="override the preset's classifier-free guidance scale")
     for flag, what in (("--pool-option", "the data-free pool's"), ("--dipgo-option", "DiP-GO's")):

@@ -39,7 +39,7 @@ class DKDMAttr:
     #: parameters that came from the teacher.
     INIT: Final = "init"
     INHERITED_FRACTION: Final = "inherited_fraction"
-    #: A DiT student's blocks: the teacher blocks it starts from, most influential first kept.
+    #: A DiT student's blocks: the teacher blocks it starts from (its most influential, in order).
     INHERITED_BLOCKS: Final = "inherited_blocks"
     TEACHER_EVALUATIONS: Final = "teacher_evaluations"
     POOL_TRAJECTORIES_COMPLETED: Final = "pool_trajectories_completed"
