@@ -34,7 +34,16 @@ from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels,
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import predict_noise
 
-__all__ = ["Batch", "BatchSource", "DataBatches", "PoolBatches", "TrainingInputs", "guided_states", "restore_batches"]
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "DataBatches",
+    "PoolBatches",
+    "TrainingInputs",
+    "conditioning_kwargs",
+    "guided_states",
+    "restore_batches",
+]
 
 
 class Batch(NamedTuple):
@@ -50,10 +59,10 @@ class Batch(NamedTuple):
     @property
     def conditioning(self) -> dict[str, Any]:
         """The UNet keyword arguments of the batch's conditioning (``predict_noise(m, x, t, **c)``)."""
-        return _unet_kwargs(self.context)
+        return conditioning_kwargs(self.context)
 
 
-def _unet_kwargs(context: torch.Tensor | None) -> dict[str, Any]:
+def conditioning_kwargs(context: torch.Tensor | None) -> dict[str, Any]:
     """The model's keyword for ``context``: class ids (integers) are ``class_labels``, text
     embeddings ``encoder_hidden_states``."""
     if context is None:
@@ -119,13 +128,13 @@ class PoolBatches:
         if size > 1 and len(x) % size == 0:
             n = len(x) // size
             part = slice(rank * n, (rank + 1) * n)
-            mine = predict_noise(self.teacher, x[part], t[part], **_unet_kwargs(None if context is None else context[part])).float()
+            mine = predict_noise(self.teacher, x[part], t[part], **conditioning_kwargs(None if context is None else context[part])).float()
             shares = [torch.empty_like(mine) for _ in range(size)]
             torch.distributed.all_gather(shares, mine.contiguous())
             self.teacher_evals += len(x)
             return torch.cat(shares)
         self.teacher_evals += len(x)
-        return predict_noise(self.teacher, x, t, **_unet_kwargs(context)).float()
+        return predict_noise(self.teacher, x, t, **conditioning_kwargs(context)).float()
 
     def both(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's two predictions at each state in one call, rows ``[conditional;

@@ -16,6 +16,7 @@ from torch import nn
 
 from automl_diff.config.options import PoolOptions
 from automl_diff.config.settings import MethodSettings
+from automl_diff.methods.training.inputs import conditioning_kwargs
 from automl_diff.metrics.macs import example_inputs
 from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import Teacher
@@ -27,11 +28,10 @@ __all__ = ["distillation_step_stage", "pool_stages", "teacher_call"]
 
 def _call(unet: nn.Module, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     sample, timestep, *context = example_inputs(unet, batch_size=batch, text_length=tokens)
-    if not context:
-        return torch.randn_like(sample), timestep, {}
-    if context[0].is_floating_point():
-        return torch.randn_like(sample), timestep, {"encoder_hidden_states": torch.randn_like(context[0])}
-    return torch.randn_like(sample), timestep, {"class_labels": context[0]}
+    condition = context[0] if context else None
+    if condition is not None and condition.is_floating_point():  # text embeddings: random ones (class ids stay ids)
+        condition = torch.randn_like(condition)
+    return torch.randn_like(sample), timestep, conditioning_kwargs(condition)
 
 
 def teacher_call(teacher: Teacher) -> Callable[[int], None]:
