@@ -233,8 +233,8 @@ def test_a_dipgo_study_of_a_dit_pipeline_exports_a_dit_pipeline(tiny_dit_dir, ti
     [
         ({"method_options": {"granularity": "layer"}}, "method_options.granularity: a transformer's units are its blocks"),
         (
-            {"method": "diffnas", "method_options": None, "search_space": "space.yaml"},
-            "method: diffnas searches UNet blocks; methods dkdm and dipgo compress a transformer teacher",
+            {"method": "diffnas", "method_options": {"warm_start": ["bk-sdm-base"]}, "search_space": "supernet_space.yaml"},
+            "method_options.warm_start: BK-SDM's recipes remove UNet blocks; a DiT has none",
         ),
         (
             {"method": "dkdm", "method_options": {"warm_start": ["bk-sdm-base"]}, "search_space": "dit_space.yaml"},
@@ -254,6 +254,7 @@ def test_dit_study_errors_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys
     (tmp_path / "bad.txt").write_text("seven\neight\n")
     (tmp_path / "space.yaml").write_text("family: unet2d\nblocks:\n  down.0: {channels: [4, 8]}\n")
     (tmp_path / "dit_space.yaml").write_text("family: dit\ntransformer: {layers: [2]}\n")
+    (tmp_path / "supernet_space.yaml").write_text("family: supernet\nblocks:\n  all: {layers: [0, 1]}\n")
     if overrides.get("method") == "dkdm":
         overrides["method_options"] = {"pool_size": 8, "pool_steps": 4, **overrides["method_options"]}
     config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, **overrides)
@@ -368,6 +369,7 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
     (tmp_path / "train.txt").write_text("3\nseven\n1\n")
     (tmp_path / "eval.txt").write_text("zero\n2\n")
     (tmp_path / "space.yaml").write_text("family: dit\ntransformer: {layers: [2, 3], heads: [1, 2]}\n")
+    (tmp_path / "supernet.yaml").write_text("family: supernet\nblocks:\n  all: {layers: [0, 1], heads: [1, 2], width: [0.5, 1.0]}\n")
     references = tmp_path / "references"
     references.mkdir()
     rng = np.random.default_rng(0)
@@ -399,20 +401,35 @@ def test_the_dit_bench_compares_dipgo_with_first_block_cache(tiny_dit_dir, tmp_p
         dipgo_budgets=(0.5, 0.35),
         fbcache_thresholds=(0.0, 0.05, 0.2, 1e6),
         taylorseer_intervals=(2, 4),
-        rows=("teacher", "dkdm", "dipgo", "fbcache", "taylorseer"),
+        rows=("teacher", "dkdm", "diffnas", "dipgo", "fbcache", "taylorseer"),
         pool_size=8,
         pool_steps=4,
         batch_size=4,
         dkdm_space=str(tmp_path / "space.yaml"),
         dkdm_params={"transformer.layers": 2, "transformer.heads": 1},
         dkdm_iterations=3,
+        diffnas_space=str(tmp_path / "supernet.yaml"),
+        supernet_iterations=2,
+        search_samples=4,
+        retrain_iterations=2,
+        max_ratio=0.6,
         device="cpu",
     )
     result = run_bench(preset, log=lambda line: None)
     rows = {row.name: row for row in result.rows}
-    assert list(rows) == ["teacher", "DKDM student", "DiP-GO, budget 0.5", "DiP-GO, budget 0.35", "FirstBlockCache peer", "TaylorSeer peer"]
+    assert list(rows) == [
+        "teacher",
+        "DKDM student",
+        "DiffNAS student",
+        "DiP-GO, budget 0.5",
+        "DiP-GO, budget 0.35",
+        "FirstBlockCache peer",
+        "TaylorSeer peer",
+    ]
     student = rows["DKDM student"]
     assert student.params < rows["teacher"].params / 2 and "from a cut of the teacher" in student.notes
+    nas = rows["DiffNAS student"]
+    assert nas.trajectory_macs <= 0.6 * rows["teacher"].trajectory_macs and "transformer_blocks.3" in nas.notes
     peer = rows["FirstBlockCache peer"]
     assert peer.kind == "peer" and "threshold" in peer.notes and peer.trajectory_macs < rows["teacher"].trajectory_macs
     assert all(len(row.fid_sets) == 2 for row in result.rows)
@@ -566,6 +583,118 @@ def test_dit_student_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tiny
 
     (tmp_path / "space.yaml").write_text(space)
     config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, method="dkdm", search_space="space.yaml", method_options={"pool_size": 8})
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err
+
+
+def test_a_dit_supernet_cuts_out_the_student_it_computes(tiny_dit_dir):
+    """Every DiT block candidate (skipped, fewer heads, no attention, a narrower MLP), cut out and
+    assembled into a StudentDiTTransformer2DModel, computes what the supernets compute; at the
+    largest candidates the supernets compute the teacher (heads and units reordered by importance)."""
+    import random
+
+    from automl_diff.config.search_space import SupernetBlock, SupernetSpace
+    from automl_diff.methods.diffnas.supernet import assemble_student, build_supernets, plug_supernets
+    from automl_diff.models import load_teacher
+
+    teacher = load_teacher(str(tiny_dit_dir))
+    model = teacher.unet
+    space = SupernetSpace("space.yaml", (SupernetBlock("all", layers=(0, 1), width=(0.5, 1.0), attention=(False, True), heads=(1, 2)),))
+    space.validate_for(model)
+    supernets = build_supernets(model, space)
+    assert len(supernets["transformer_blocks.0"].candidates()) == 7
+    x, t, labels = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.tensor([3, 7])
+    with torch.no_grad():
+        full = plug_supernets(model, supernets)(x, t, class_labels=labels).sample
+        assert torch.allclose(full, model(x, t, class_labels=labels).sample, atol=1e-5)
+        rng = random.Random(0)
+        for _ in range(4):
+            choices = {n: rng.choice(s.candidates()) for n, s in supernets.items()}
+            choices["transformer_blocks.0"] = supernets["transformer_blocks.0"].smallest()  # skipped: the output layer reads its norm1
+            for name, supernet in supernets.items():
+                supernet.set(choices[name])
+            expected = plug_supernets(model, supernets)(x, t, class_labels=labels).sample
+            student, config = assemble_student(model, supernets, choices)
+            assert type(student).__name__ == config["_class_name"] == "StudentDiTTransformer2DModel"
+            assert 0 in config["skip_blocks"] and len(config["block_heads"]) == len(config["block_ff_dims"]) == 4
+            assert torch.allclose(student(x, t, class_labels=labels).sample, expected, atol=1e-6)
+            reloaded = type(student).from_config(config)
+            reloaded.load_state_dict(student.state_dict(), strict=True)
+
+
+def test_a_diffnas_study_of_a_dit_pipeline_exports_students_diffusers_loads(tiny_dit_dir, tiny_clip, tmp_path, capsys):
+    """DiffNAS on a DiT, run as a user would: supernets per transformer block (skipped, heads, MLP
+    width, attention), the block-wise search, retraining, and an export that diffusers' DiTPipeline
+    loads with the student's code and samples where automl_diff cannot be imported."""
+    import optuna
+
+    from automl_diff.cli import main
+    from automl_diff.methods.diffnas.method import DiffNASAttr
+    from automl_diff.records import TrialAttr
+    from tests.conftest import printed_load_calls, sample_without_automl_diff
+
+    (tmp_path / "space.yaml").write_text(
+        "family: supernet\nblocks:\n  all: {layers: [0, 1], heads: [1, 2], width: [0.5, 1.0]}\n"
+        "  transformer_blocks.0: {width: [0.25, 1.0], attention: [false, true]}\n"
+    )
+    config = _dit_study(
+        tmp_path,
+        tiny_dit_dir,
+        tiny_clip,
+        method="diffnas",
+        search_space="space.yaml",
+        objectives=[{"name": "macs"}, {"name": "fid"}],
+        sampler={"name": "tpe", "seed": 0},
+        method_options={
+            "pool_size": 8,
+            "pool_steps": 4,
+            "supernet_iterations": 3,
+            "search_samples": 4,
+            "retrain_iterations": [3],
+            "tolerance_low": 0.01,
+            "tolerance_high": 5.0,
+        },
+    )
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="dit", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and len(study.trials) == 3  # tolerances that select a student already trained are pruned as duplicates
+    for trial in complete:
+        choices = trial.user_attrs[DiffNASAttr.BLOCK_CHOICES]
+        assert sorted(choices) == [f"transformer_blocks.{i}" for i in range(4)]
+        assert np.isfinite(trial.user_attrs[TrialAttr.FID])
+    smallest = min(complete, key=lambda t: t.values[0])
+    assert smallest.values[0] < study.user_attrs["teacher_metrics"]["macs"]
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "dit", "--trial", str(smallest.number), "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    saved = json.loads((out / "transformer" / "config.json").read_text())
+    if saved["_class_name"] == "StudentDiTTransformer2DModel":  # a student stock diffusers cannot express ships its code
+        assert call.endswith("trust_remote_code=True)") and (out / "transformer" / "student_transformer.py").is_file()
+        assert json.loads((out / "model_index.json").read_text())["transformer"] == ["student_transformer", "StudentDiTTransformer2DModel"]
+        assert "transformer/student_transformer.py" in (out / "README.md").read_text()
+    seen = sample_without_automl_diff(call, cwd=tmp_path, steps=4, prompt=3)
+    assert seen["unet"] == saved["_class_name"] and seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("family: supernet\nblocks:\n  down.0: {layers: [0]}\n", "blocks.down.0: unknown block; the teacher has blocks transformer_"),
+        ("family: supernet\nblocks:\n  all: {layers: [0, 2]}\n", "blocks.all.layers: 2; a transformer block is computed (1) or"),
+        ("family: supernet\nblocks:\n  transformer_blocks.1: {heads: [3]}\n", "blocks.transformer_blocks.1.heads: 3 is more than the 2"),
+        ("family: supernet\nblocks:\n  all: {depth: [1]}\n", "blocks.all.depth: applies to UNet blocks; a DiT block chooses"),
+        ("family: supernet\nblocks:\n  all: {width: [0.3]}\n", "blocks.all.width: 0.3 gives 19.2 of the 64 feed-forward units"),
+    ],
+)
+def test_dit_supernet_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys, space, message):
+    from automl_diff.cli import main
+
+    (tmp_path / "space.yaml").write_text(space)
+    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, method="diffnas", search_space="space.yaml", method_options={"pool_size": 8})
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err

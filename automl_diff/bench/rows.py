@@ -124,15 +124,17 @@ def dkdm_data_row(bench: Bench) -> None:
     )
 
 
-def _smallest_tolerance(nas: DiffNAS, max_ratio: float) -> tuple[float, dict[str, str]]:
-    """The smallest tolerance whose DiffNAS student has at most ``max_ratio`` of the teacher's MACs and params."""
+def _smallest_tolerance(nas: DiffNAS, max_ratio: float, max_params_ratio: float | None = None) -> tuple[float, dict[str, str]]:
+    """The smallest tolerance whose DiffNAS student has at most ``max_ratio`` of the teacher's MACs
+    and params (``max_params_ratio`` of its params, where given)."""
     teacher = count_macs(nas.teacher.unet)
     tolerances = sorted({s.loss for scores in (nas.block_scores or {}).values() for s in scores})
     for tolerance in tolerances:
         choices, _ = nas.choose(tolerance)
         candidate, _ = assemble_student(nas.teacher.unet, nas.supernets, choices)
         cost = count_macs(candidate)
-        if cost.macs <= max_ratio * teacher.macs and cost.params <= max_ratio * teacher.params:
+        params_ratio = max_ratio if max_params_ratio is None else max_params_ratio
+        if cost.macs <= max_ratio * teacher.macs and cost.params <= params_ratio * teacher.params:
             return max(tolerance * (1 + 1e-9), 1e-9), {n: c.key for n, c in choices.items()}
     raise UserError(f"no DiffNAS student of the search space has at most {max_ratio} of the teacher's MACs and params")
 
@@ -155,7 +157,7 @@ def diffnas_row(bench: Bench) -> None:
     nas = bench.method(DiffNAS, options, settings, inputs=bench.inputs)
     start = time.perf_counter()
     nas.prepare()
-    tolerance, choice = _smallest_tolerance(nas, p.max_ratio)
+    tolerance, choice = _smallest_tolerance(nas, p.max_ratio, p.max_params_ratio)
     searched = time.perf_counter() - start
     student = nas.run_trial({"tolerance": tolerance}).unet
     seconds = bench.pool_seconds + time.perf_counter() - start

@@ -276,10 +276,8 @@ class DiffNASOptions(PoolOptions):
             raise UserError(f"{file}: method_options.data_weight: needs source: dataset (got source: {self.source})")
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
-        if is_transformer(teacher.unet) or is_transformer(original.unet):
-            raise UserError(
-                f"{settings.where}: method: diffnas searches UNet blocks; methods dkdm and dipgo compress a transformer teacher"
-            )
+        if is_transformer(teacher.unet) and self.warm_start:
+            raise UserError(f"{settings.where}: method_options.warm_start: BK-SDM's recipes remove UNet blocks; a DiT has none")
         super().check_against(settings, teacher, original)
         space = self._space(settings, SupernetSpace, "supernet (per-block subnet choices)")
         space.validate_for(teacher.unet)

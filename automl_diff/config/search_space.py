@@ -45,7 +45,7 @@ chooses ``UNetMidBlock2DCrossAttn`` or ``UNetMidBlock2D``. Every student is a st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from automl_diff.config._reader import Section, load_yaml, positive
 from automl_diff.errors import UserError
 
 __all__ = [
+    "ALL_BLOCKS",
     "DROP_ORDERS",
     "FAMILIES",
     "BlockChoices",
@@ -68,6 +69,9 @@ __all__ = [
 #: DKDM; unconditional and text-conditioned), ``dit`` (DiT students of a DiT teacher, DKDM) and
 #: ``supernet`` (per-block subnet choices of the teacher's blocks, DiffNAS).
 FAMILIES = ("unet2d", "unet2d_condition", "dit", "supernet")
+
+#: The ``family: supernet`` entry whose choices every block without its own entry takes.
+ALL_BLOCKS = "all"
 
 #: Which of a supernet block's resnets stop computing first (:class:`SupernetBlock`'s ``drop``).
 DROP_ORDERS = ("end", "middle")
@@ -412,6 +416,10 @@ class SupernetBlock:
         attention: whether the computed layers keep their attention.
         depth: transformer layers each kept ``Transformer2DModel`` attention computes (cross-attention
             blocks; the first ones).
+        heads: attention heads a DiT block keeps (``transformer_blocks.<i>``; the most important).
+
+    A DiT block (``transformer_blocks.<i>``) reads ``layers`` as ``[0, 1]`` (skipped or computed),
+    ``width`` as its feed-forward's hidden units, ``attention`` and ``heads`` as its self-attention's.
     """
 
     name: str
@@ -420,6 +428,7 @@ class SupernetBlock:
     attention: tuple[bool, ...] | None = None
     depth: tuple[int, ...] | None = None
     drop: str = "end"
+    heads: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -435,16 +444,25 @@ class SupernetSpace:
           mid:    {layers: [1, 2], width: [0.5, 1.0], attention: [true, false]}
           up.1:   {layers: [1, 2], width: [0.25, 0.5, 0.75, 1.0], depth: [1, 2], drop: middle}
 
-    ``depth`` applies to the ``Transformer2DModel`` attentions of cross-attention blocks.
+    ``depth`` applies to the ``Transformer2DModel`` attentions of cross-attention blocks. A DiT's
+    blocks are ``transformer_blocks.<i>``; ``all`` gives every block of the teacher one choice::
+
+        family: supernet
+        blocks:
+          all: {layers: [0, 1], heads: [2, 4], width: [0.5, 1.0], attention: [true, false]}
     """
 
     path: str
     blocks: tuple[SupernetBlock, ...]
 
     def block(self, name: str) -> SupernetBlock:
+        """The choices of block ``name``: its own entry, else ``all``'s, else the teacher's."""
         for b in self.blocks:
             if b.name == name:
                 return b
+        for b in self.blocks:
+            if b.name == ALL_BLOCKS:
+                return replace(b, name=name)
         return SupernetBlock(name)
 
     def point_of(self, unet: Any, removed: list[str], what: str) -> dict[str, int]:
@@ -496,7 +514,8 @@ class SupernetSpace:
         return self.point_of(unet, bk_sdm_removed(unet, variant), f"warm_start {recipe} ({BK_SDM_VARIANTS[variant]})")
 
     def validate_for(self, unet: Any) -> None:
-        """Check the declared blocks and choices against the teacher's modules.
+        """Check the declared blocks and choices against the teacher's modules (``all``'s against
+        every block it applies to).
 
         Raises:
             UserError: naming the file, the key and the value.
@@ -504,40 +523,70 @@ class SupernetSpace:
         from automl_diff.models.blocks import block_names, get_block
 
         known = block_names(unet)
+        declared = {b.name for b in self.blocks}
         for block in self.blocks:
             key = f"blocks.{block.name}"
-            if block.name not in known:
+            if block.name == ALL_BLOCKS:
+                names = [n for n in known if n not in declared]
+            elif block.name not in known:
                 raise UserError(f"{self.path}: {key}: unknown block; the teacher has blocks {', '.join(known)}")
-            module = get_block(unet, block.name)
-            resnets = list(getattr(module, "resnets", []))
-            attentions = [a for a in getattr(module, "attentions", []) or [] if a is not None]
-            for n in block.layers or ():
-                if n > len(resnets):
-                    raise UserError(f"{self.path}: {key}.layers: {n} is more than the block's {len(resnets)} resnets")
-            if block.attention is not None and any(block.attention) and not attentions:
-                raise UserError(f"{self.path}: {key}.attention: true, but the teacher's {block.name} has no attention")
-            transformer = max((len(getattr(a, "transformer_blocks", ())) for a in attentions), default=0)
-            for d in block.depth or ():
-                if not transformer:
-                    raise UserError(f"{self.path}: {key}.depth: {d}, but the teacher's {block.name} has no transformer attention")
-                if d > transformer:
-                    raise UserError(f"{self.path}: {key}.depth: {d} is more than the {transformer} transformer layers of {block.name}")
-            for resnet in resnets:
-                if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
-                    raise UserError(f"{self.path}: {key}: resnets that resample are not supported by supernets")
-                if getattr(resnet, "time_embedding_norm", "default") not in ("default", "scale_shift"):
+            else:
+                names = [block.name]
+            for name in names:
+                spec, module = replace(block, name=name), get_block(unet, name)
+                if name.startswith("transformer_blocks."):
+                    self._check_transformer_block(spec, key, module)
+                else:
+                    self._check_unet_block(spec, key, module)
+
+    def _check_unet_block(self, block: SupernetBlock, key: str, module: Any) -> None:
+        resnets = list(getattr(module, "resnets", []))
+        attentions = [a for a in getattr(module, "attentions", []) or [] if a is not None]
+        if block.heads is not None:
+            raise UserError(f"{self.path}: {key}.heads: chooses a DiT block's attention heads; {block.name} is a UNet block")
+        for n in block.layers or ():
+            if n > len(resnets):
+                raise UserError(f"{self.path}: {key}.layers: {n} is more than the block's {len(resnets)} resnets")
+        if block.attention is not None and any(block.attention) and not attentions:
+            raise UserError(f"{self.path}: {key}.attention: true, but the teacher's {block.name} has no attention")
+        transformer = max((len(getattr(a, "transformer_blocks", ())) for a in attentions), default=0)
+        for d in block.depth or ():
+            if not transformer:
+                raise UserError(f"{self.path}: {key}.depth: {d}, but the teacher's {block.name} has no transformer attention")
+            if d > transformer:
+                raise UserError(f"{self.path}: {key}.depth: {d} is more than the {transformer} transformer layers of {block.name}")
+        for resnet in resnets:
+            if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
+                raise UserError(f"{self.path}: {key}: resnets that resample are not supported by supernets")
+            if getattr(resnet, "time_embedding_norm", "default") not in ("default", "scale_shift"):
+                raise UserError(f"{self.path}: {key}: resnet time embedding '{resnet.time_embedding_norm}' is not supported by supernets")
+            channels = resnet.conv1.out_channels
+            per_group = resnet.norm2.num_channels // resnet.norm2.num_groups
+            for w in block.width or ():
+                inner = round(w * channels)
+                if abs(inner - w * channels) > 1e-6 or inner % per_group:
                     raise UserError(
-                        f"{self.path}: {key}: resnet time embedding '{resnet.time_embedding_norm}' is not supported by supernets"
+                        f"{self.path}: {key}.width: {w} gives {w * channels:g} of {channels} channels, "
+                        f"not a multiple of the {per_group} channels per norm group"
                     )
-                channels = resnet.conv1.out_channels
-                per_group = resnet.norm2.num_channels // resnet.norm2.num_groups
-                for w in block.width or ():
-                    inner = round(w * channels)
-                    if abs(inner - w * channels) > 1e-6 or inner % per_group:
-                        raise UserError(
-                            f"{self.path}: {key}.width: {w} gives {w * channels:g} of {channels} channels, "
-                            f"not a multiple of the {per_group} channels per norm group"
-                        )
+
+    def _check_transformer_block(self, block: SupernetBlock, key: str, module: Any) -> None:
+        attention, ff = getattr(module, "attn1", None), getattr(module, "ff", None)
+        if not hasattr(attention, "heads") or not hasattr(ff, "net"):
+            raise UserError(f"{self.path}: {key}: the teacher's {block.name} was already reduced; supernets need full DiT blocks")
+        for n in block.layers or ():
+            if n > 1:
+                raise UserError(f"{self.path}: {key}.layers: {n}; a transformer block is computed (1) or skipped (0)")
+        for what, value in (("depth", block.depth), ("drop", None if block.drop == "end" else block.drop)):
+            if value is not None:
+                raise UserError(f"{self.path}: {key}.{what}: applies to UNet blocks; a DiT block chooses layers, heads, width, attention")
+        for h in block.heads or ():
+            if h > attention.heads:
+                raise UserError(f"{self.path}: {key}.heads: {h} is more than the {attention.heads} heads of {block.name}")
+        units = ff.net[0].proj.out_features
+        for w in block.width or ():
+            if abs(round(w * units) - w * units) > 1e-6:
+                raise UserError(f"{self.path}: {key}.width: {w} gives {w * units:g} of the {units} feed-forward units, not a whole number")
 
 
 def _fraction(value: float) -> str | None:
@@ -557,6 +606,7 @@ def _load_supernet_space(path: str | Path, top: Section) -> SupernetSpace:
                 attention=block.take_list("attention", bool, None),
                 depth=block.take_list("depth", int, None, check=positive),
                 drop=block.take("drop", str, "end", choices=DROP_ORDERS),
+                heads=block.take_list("heads", int, None, check=positive),
             )
         )
         block.done()

@@ -150,7 +150,12 @@ def _task_tag(evaluation: Evaluation, pipeline: str) -> str:
 
 
 def model_card(
-    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, storage_url: str, custom_code: bool = False, pipeline: str = "DDIMPipeline"
+    *,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    storage_url: str,
+    custom_code: tuple[str, str] | None = None,
+    pipeline: str = "DDIMPipeline",
 ) -> str:
     """A Hugging Face style README: metrics against the teacher (and the starting model of a
     stacked study), the method's own section, the lineage from the original teacher, source study
@@ -165,14 +170,13 @@ def model_card(
     cls = _method(method)
     steps = evaluation.sampling.steps or 20
     section = cls.card_section(attrs, steps=steps, first_step=len(chain) == 1) if cls is not None else CardSection()
-    student_name = "StudentUNet2DModel" if pipeline in ("DDIMPipeline", "DDPMPipeline") else "StudentUNet2DConditionModel"
     custom_note = (
-        f"\nThe UNet is a `{student_name}` (per-level depths, searched widths or dropped layers) whose code ships in\n"
-        "`unet/student_unet.py`; `trust_remote_code=True` lets diffusers import it. Read it before you trust it.\n"
+        f"\nThe denoiser is a `{custom_code[1]}` (searched depths, widths or dropped layers) whose code ships in\n"
+        f"`{custom_code[0]}`; `trust_remote_code=True` lets diffusers import it. Read it before you trust it.\n"
         if custom_code
         else ""
     )
-    load = load_call("path/to/this/folder", custom_code=custom_code, pipeline=pipeline)
+    load = load_call("path/to/this/folder", custom_code=bool(custom_code), pipeline=pipeline)
     method_text = f"\n{section.text}\n" if section.text else ""
     return f"""---
 library_name: diffusers
@@ -264,28 +268,26 @@ def _completed(study: optuna.Study, trial_number: int) -> optuna.trial.FrozenTri
 
 
 def _plain_unet(weights: Path) -> Any:
-    """The trial's UNet, as stock diffusers' class where that can express it."""
+    """The trial's UNet (or transformer), as stock diffusers' class where that can express it."""
     from automl_diff.models.loading import load_unet
-    from automl_diff.models.student import STUDENT_CLASSES, plain_config
+    from automl_diff.models.students import as_stock
 
-    unet = load_unet(str(weights))
-    student = STUDENT_CLASSES.get(type(unet).__name__)
-    if student is not None and (plain := plain_config(dict(unet.config))) is not None:
-        state = unet.state_dict()
-        unet = student[1].from_config(plain)
-        unet.load_state_dict(state, strict=True)
-    return unet
+    return as_stock(load_unet(str(weights)))
 
 
-def _ship_student_code(unet: Any, out: Path) -> None:
-    """diffusers' custom components: the student's code in ``unet/``, named in model_index.json."""
-    import automl_diff.models.student as student_module
-    from automl_diff.models.student import MODULE_FILE
+def _ship_student_code(unet: Any, out: Path) -> tuple[str, str]:
+    """diffusers' custom components: the student's code in its component's folder (``unet/``, or
+    ``transformer/`` in a DiT pipeline), named in model_index.json. Returns the code's path in
+    the folder and the class."""
+    from automl_diff.models.students import student_module
 
-    (out / "unet" / MODULE_FILE).write_text(Path(student_module.__file__).read_text())
+    module = student_module(type(unet).__name__)
     index = json.loads((out / "model_index.json").read_text())
-    index["unet"] = [Path(MODULE_FILE).stem, type(unet).__name__]
+    component = next(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] == type(unet).__name__)
+    (out / component / module.MODULE_FILE).write_text(Path(module.__file__).read_text())
+    index[component] = [Path(module.MODULE_FILE).stem, type(unet).__name__]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return f"{component}/{module.MODULE_FILE}", type(unet).__name__
 
 
 def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, storage_url: str, artifacts: str | None = None) -> Export:
@@ -304,7 +306,7 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
     from diffusers import DDIMPipeline, DDPMPipeline
 
     from automl_diff.models.loading import EXPORT_INFO
-    from automl_diff.models.student import STUDENT_CLASSES
+    from automl_diff.models.students import STUDENT_CLASSES
 
     unconditional = {"ddim": DDIMPipeline, "ddpm": DDPMPipeline, "dpm": DDPMPipeline}  # pipelines that run each scheduler
     trial = _completed(study, trial_number)
@@ -330,9 +332,8 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         kind = unconditional[sampler.scheduler]
         pipeline_class = kind.__name__
         kind(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
-    if custom_code:
-        _ship_student_code(unet, out)
-    card = model_card(study=study, trial=trial, storage_url=storage_url, custom_code=custom_code, pipeline=pipeline_class)
+    code = _ship_student_code(unet, out) if custom_code else None
+    card = model_card(study=study, trial=trial, storage_url=storage_url, custom_code=code, pipeline=pipeline_class)
     (out / "README.md").write_text(card)
     metrics = {k: trial.user_attrs.get(k) for k in _METRICS}
     summary = {

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["block_influence", "inherit_transformer"]
+__all__ = ["block_influence", "inherit_transformer", "sort_block_by_importance"]
 
 
 @torch.no_grad()
@@ -138,3 +138,28 @@ def inherit_transformer(student: nn.Module, teacher: nn.Module, influence: torch
         p.copy_(value.to(p.device, p.dtype))
         copied += p.numel()
     return copied, total, kept
+
+
+@torch.no_grad()
+def sort_block_by_importance(block: nn.Module) -> None:
+    """Reorder a DiT block's attention heads and feed-forward units in place, the most important
+    first (the L1 norms :func:`inherit_transformer` keeps by): the block computes the same, and
+    a subnet that keeps its first heads and units keeps the most important ones."""
+    attn, ff = block.attn1, block.ff
+    head_dim = attn.to_q.out_features // attn.heads
+    rows = sum(layer.weight.abs().sum(1) for layer in (attn.to_q, attn.to_k, attn.to_v)) + attn.to_out[0].weight.abs().sum(0)
+    heads = rows.view(-1, head_dim).sum(1).argsort(descending=True)
+    order = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+    for layer in (attn.to_q, attn.to_k, attn.to_v):
+        _permute(layer, order, 0)
+    _permute(attn.to_out[0], order, 1)
+    proj, out = ff.net[0].proj, ff.net[2]
+    units = (_scaled(proj.weight.abs().sum(1)) + _scaled(out.weight.abs().sum(0))).argsort(descending=True)
+    _permute(proj, units, 0)
+    _permute(out, units, 1)
+
+
+def _permute(layer: nn.Linear, order: torch.Tensor, dim: int) -> None:
+    layer.weight.copy_(layer.weight.index_select(dim, order))
+    if dim == 0 and layer.bias is not None:
+        layer.bias.copy_(layer.bias[order])

@@ -47,7 +47,7 @@ EXPORT_INFO = "automl_diff.json"
 def _unet_classes() -> dict[str, type]:
     from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-    from automl_diff.models.student import STUDENT_CLASSES
+    from automl_diff.models.students import STUDENT_CLASSES
 
     return {
         "UNet2DModel": UNet2DModel,
@@ -59,7 +59,14 @@ def _unet_classes() -> dict[str, type]:
 
 #: Model classes a ``config.json`` may name in ``_class_name`` (the denoisers of every teacher,
 #: UNets and DiT's transformer).
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "StudentUNet2DModel", "StudentUNet2DConditionModel")
+UNET_CLASSES = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "DiTTransformer2DModel",
+    "StudentUNet2DModel",
+    "StudentUNet2DConditionModel",
+    "StudentDiTTransformer2DModel",
+)
 
 _DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 

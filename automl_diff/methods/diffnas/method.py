@@ -27,6 +27,7 @@ import torch
 from automl_diff.config.options import DiffNASOptions
 from automl_diff.config.search_space import SupernetSpace
 from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, TrainAttr, recipe_of
+from automl_diff.methods.diffnas.choice import BlockChoice, Supernet
 from automl_diff.methods.diffnas.retrain import JointLoss, JointWeight
 from automl_diff.methods.diffnas.search import (
     BlockInputs,
@@ -39,7 +40,7 @@ from automl_diff.methods.diffnas.search import (
     record_teacher_blocks,
     train_supernets,
 )
-from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, assemble_student, build_supernets
+from automl_diff.methods.diffnas.supernet import assemble_student, build_supernets
 from automl_diff.methods.training import TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel, run_job
 from automl_diff.methods.training.loop import conditioning, held_out_loss
@@ -95,7 +96,7 @@ class DiffNAS(Method):
         self.space: SupernetSpace = self.settings.search_space
         # (x_t, t) and output targets from the original teacher; block features from the starting model
         self.inputs = inputs or TrainingInputs(self.settings, self.original, self.options, device=self.device)
-        self.supernets: dict[str, BlockSupernet] = {n: s.to(self.device) for n, s in build_supernets(self.teacher.unet, self.space).items()}
+        self.supernets: dict[str, Supernet] = {n: s.to(self.device) for n, s in build_supernets(self.teacher.unet, self.space).items()}
         self.block_scores: dict[str, list[BlockScore]] | None = None
         self.global_scores: list[GlobalScore] | None = None
         self.summary: dict[str, Any] = {}
@@ -110,8 +111,9 @@ class DiffNAS(Method):
             return CardSection()
         return CardSection(
             f"""DiffNAS chose one subnet per teacher block (`layers`: resnets that compute, the others keep their
-shortcut; `width`: their inner width as a fraction of the block's; `attention`: kept or dropped;
-`depth`: transformer layers kept, where chosen),
+shortcut, or for a DiT block whether it computes; `width`: their inner width, or a DiT block's
+feed-forward units, as a fraction of the block's; `attention`: kept or dropped; `depth`: transformer
+layers kept, `heads`: a DiT block's attention heads kept, where chosen),
 then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps with the joint loss
 (`{attrs.get(DiffNASAttr.JOINT_SCHEDULE)}` block-feature weight):
 

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from automl_diff.config.options import BLOCK_COSTS
 from automl_diff.methods.base import TrainingDiverged
-from automl_diff.methods.diffnas.supernet import BlockChoice, BlockSupernet, iter_tensors
+from automl_diff.methods.diffnas.choice import BlockChoice, Supernet
+from automl_diff.methods.diffnas.supernet import iter_tensors
 from automl_diff.methods.training.loop import conditioning, shard, world
 from automl_diff.metrics.macs import executed_macs
 from automl_diff.models.blocks import map_tensors, record_blocks
@@ -108,7 +109,7 @@ def block_loss(output: Any, target: Any) -> torch.Tensor:
 
 def train_supernets(
     teacher: nn.Module,
-    supernets: Mapping[str, BlockSupernet],
+    supernets: Mapping[str, Supernet],
     batches: Callable[[int], tuple[torch.Tensor, ...]],
     *,
     iterations: int,
@@ -184,7 +185,7 @@ def train_supernets(
     return losses
 
 
-def _train_block(supernet: BlockSupernet, data: BlockInputs, rng: random.Random, subnets_per_step: int) -> float:
+def _train_block(supernet: Supernet, data: BlockInputs, rng: random.Random, subnets_per_step: int) -> float:
     """One supernet's share of a step (the sandwich rule): the largest, the smallest and some random
     subnets, their block losses backpropagated; returns their mean loss."""
     candidates = supernet.candidates()
@@ -240,10 +241,10 @@ def _batch_of(data: list[BlockInputs], size: int) -> tuple[tuple[Any, ...], dict
 
 @torch.no_grad()
 def block_seconds(
-    supernet: BlockSupernet, choices: Sequence[BlockChoice], data: list[BlockInputs], *, batch_size: int, repeats: int = 5
+    supernet: Supernet, choices: Sequence[BlockChoice], data: list[BlockInputs], *, batch_size: int, repeats: int = 5
 ) -> dict[str, float]:
     """Median seconds of each candidate (by :attr:`BlockChoice.key`), cut out as the plain block
-    the student will hold (:meth:`BlockSupernet.subnet`), on ``batch_size`` validation samples.
+    the student will hold (:meth:`Supernet.subnet`), on ``batch_size`` validation samples.
     The candidates are timed interleaved, after one untimed call each, so that drifting machine
     load hits them alike."""
     import statistics
@@ -261,7 +262,7 @@ def block_seconds(
 
 @torch.no_grad()
 def score_candidate(
-    supernet: BlockSupernet, choice: BlockChoice, data: list[BlockInputs], *, latency_batch: int | None = None, latency: float | None = None
+    supernet: Supernet, choice: BlockChoice, data: list[BlockInputs], *, latency_batch: int | None = None, latency: float | None = None
 ) -> BlockScore:
     """Block loss of a candidate on the validation batches, its MACs for one sample and its
     ``latency``: as given, else with ``latency_batch`` timed at that batch size
@@ -277,15 +278,17 @@ def score_candidate(
     return BlockScore(supernet.name, choice, sum(losses) / len(losses), macs, latency)
 
 
-def _suggest_choice(trial: optuna.Trial, supernet: BlockSupernet, prefix: str = "") -> BlockChoice:
-    # blocks without depth choices (0: all layers) keep the parameters they always had
+def _suggest_choice(trial: optuna.Trial, supernet: Supernet, prefix: str = "") -> BlockChoice:
+    # blocks without depth or head choices (0: all) keep the parameters they always had
     depth = trial.suggest_categorical(f"{prefix}depth", list(supernet.depths)) if supernet.depths != (0,) else 0
+    heads = trial.suggest_categorical(f"{prefix}heads", list(supernet.heads)) if supernet.heads != (0,) else 0
     return supernet.canonical(
         BlockChoice(
             trial.suggest_categorical(f"{prefix}layers", list(supernet.layers)),
             trial.suggest_categorical(f"{prefix}width", list(supernet.widths)),
             trial.suggest_categorical(f"{prefix}attention", list(supernet.attention_choices)),
             depth,
+            heads,
         )
     )
 
@@ -337,7 +340,7 @@ def _stored_costs(trial: optuna.trial.FrozenTrial) -> tuple[int, float]:
 
 
 def local_search(
-    supernets: Mapping[str, BlockSupernet],
+    supernets: Mapping[str, Supernet],
     data: Mapping[str, list[BlockInputs]],
     *,
     storage: Any,
@@ -370,7 +373,7 @@ def local_search(
         if len(candidates) > max_trials:
             todo = [c for c in (supernet.largest(), supernet.smallest()) if c.key not in done]
         for choice in todo:
-            study.enqueue_trial(choice.to_params())
+            study.enqueue_trial(supernet.params_of(choice))
         n_trials = len(todo) if len(candidates) <= max_trials else max(0, max_trials - len(done))
         # an exhaustive block's candidates are timed together, interleaved; TPE's one by one
         timed = (
@@ -380,7 +383,7 @@ def local_search(
         )
 
         def objective(
-            trial: optuna.Trial, supernet: BlockSupernet = supernet, name: str = name, timed: dict[str, float] = timed
+            trial: optuna.Trial, supernet: Supernet = supernet, name: str = name, timed: dict[str, float] = timed
         ) -> tuple[float, float]:
             choice = _suggest_choice(trial, supernet)
             score = score_candidate(
@@ -428,7 +431,7 @@ class GlobalScore:
 
 
 def global_search(
-    supernets: Mapping[str, BlockSupernet],
+    supernets: Mapping[str, Supernet],
     data: Mapping[str, list[BlockInputs]],
     *,
     storage: Any,
@@ -440,7 +443,8 @@ def global_search(
     latency_batch: int = 8,
 ) -> list[GlobalScore]:
     """Search all blocks jointly in one Optuna study ``<study_name>/global``: parameters
-    ``<block>.layers``/``.width``/``.attention`` (and ``.depth`` where a block chooses it), objectives the blocks' total cost (``cost``:
+    ``<block>.layers``/``.width``/``.attention`` (and ``.depth``, ``.heads`` where a block chooses them),
+    objectives the blocks' total cost (``cost``:
     MACs, or seconds at ``latency_batch``) and mean block loss. The largest and the smallest
     students are tried first. Returns every evaluated student in trial order."""
     _check_cost(cost)
@@ -448,7 +452,7 @@ def global_search(
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if finished == 0:
         for pick in ("largest", "smallest"):
-            study.enqueue_trial({f"{n}.{k}": v for n, s in supernets.items() for k, v in getattr(s, pick)().to_params().items()})
+            study.enqueue_trial({f"{n}.{k}": v for n, s in supernets.items() for k, v in s.params_of(getattr(s, pick)()).items()})
     start = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:

@@ -20,9 +20,7 @@ student that inherits their weights.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,46 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_diff.config.search_space import SupernetSpace, computing_resnets
+from automl_diff.methods.diffnas.choice import BlockChoice, Supernet
+from automl_diff.methods.diffnas.transformer import TransformerBlockSupernet, transformer_layout
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 from automl_diff.models.inherit import cut_resnet
-from automl_diff.models.student import STUDENT_CLASSES, Shortcut, SkipAttention, with_layout
+from automl_diff.models.student import Shortcut, SkipAttention, with_layout
+from automl_diff.models.student_transformer import StudentDiTTransformer2DModel
+from automl_diff.models.students import STUDENT_CLASSES
 
 __all__ = [
     "BlockChoice",
     "BlockSupernet",
     "ElasticResnet",
+    "Supernet",
     "assemble_student",
     "build_supernets",
     "iter_tensors",
     "plug_supernets",
     "student_config",
 ]
-
-
-@dataclass(frozen=True, order=True)
-class BlockChoice:
-    """One candidate subnet of a block.
-
-    Attributes:
-        layers: how many resnets compute (which ones: the supernet's ``drop`` order); the others
-            keep their shortcut.
-        width: inner width of the computing resnets, as a fraction of their full width.
-        attention: whether computing layers keep the attention that follows them.
-        depth: transformer layers each kept attention computes (0: all of the teacher's).
-    """
-
-    layers: int
-    width: float
-    attention: bool
-    depth: int = 0
-
-    @property
-    def key(self) -> str:
-        key = f"layers={self.layers},width={self.width:g},attention={str(self.attention).lower()}"
-        return key + (f",depth={self.depth}" if self.depth else "")
-
-    def to_params(self) -> dict[str, Any]:
-        return {"layers": self.layers, "width": self.width, "attention": self.attention, "depth": self.depth}
 
 
 class ElasticResnet(nn.Module):
@@ -159,7 +136,7 @@ class ElasticAttention(nn.Module):
             self.attention.transformer_blocks = full
 
 
-class BlockSupernet(nn.Module):
+class BlockSupernet(Supernet):
     """The supernet of one teacher block.
 
     Args:
@@ -198,6 +175,7 @@ class BlockSupernet(nn.Module):
         self.depths = tuple(
             sorted({0 if d >= self.full_depth else d for d in (depth if depth is not None else (0,))}, key=self._depth_order)
         )
+        self.heads = (0,)
         self.choice = self.largest()
 
     def computing(self, choice: BlockChoice) -> frozenset[int]:
@@ -219,28 +197,6 @@ class BlockSupernet(nn.Module):
         depth = 0 if choice.depth >= self.full_depth else choice.depth
         depth = depth if attention and depth in self.depths else self.depths[-1]
         return BlockChoice(choice.layers, choice.width, attention, depth)
-
-    def candidates(self) -> list[BlockChoice]:
-        """Every distinct candidate, smallest first."""
-        every = {self.canonical(BlockChoice(*c)) for c in itertools.product(self.layers, self.widths, self.attention_choices, self.depths)}
-        return sorted(every)
-
-    def largest(self) -> BlockChoice:
-        return self.canonical(BlockChoice(max(self.layers), max(self.widths), max(self.attention_choices), self.depths[-1]))
-
-    def smallest(self) -> BlockChoice:
-        return self.canonical(BlockChoice(min(self.layers), min(self.widths), min(self.attention_choices), self.depths[0]))
-
-    def from_params(self, params: Mapping[str, Any]) -> BlockChoice:
-        largest = self.largest()
-        return self.canonical(
-            BlockChoice(
-                int(params.get("layers", largest.layers)),
-                float(params.get("width", largest.width)),
-                bool(params.get("attention", largest.attention)),
-                int(params.get("depth", largest.depth)),
-            )
-        )
 
     # -- computing ----------------------------------------------------------------------------
     def inner_width(self, resnet: ElasticResnet, width: float) -> int:
@@ -320,23 +276,33 @@ class BlockSupernet(nn.Module):
         return block.requires_grad_(False)
 
 
-def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, BlockSupernet]:
-    """One supernet per teacher block, with the space's choices (the teacher's only where undeclared)."""
-    out = {}
+def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, Supernet]:
+    """One supernet per teacher block, with the space's choices (the teacher's only where
+    undeclared): UNet blocks, or a DiT's transformer blocks."""
+    out: dict[str, Supernet] = {}
     for name in block_names(teacher):
         spec = space.block(name)
         block = get_block(teacher, name)
-        out[name] = BlockSupernet(
-            name, block, layers=spec.layers, width=spec.width, attention=spec.attention, depth=spec.depth, drop=spec.drop
-        )
+        if name.startswith("transformer_blocks."):
+            out[name] = TransformerBlockSupernet(
+                name, block, teacher.config, layers=spec.layers, width=spec.width, attention=spec.attention, heads=spec.heads
+            )
+        else:
+            out[name] = BlockSupernet(
+                name, block, layers=spec.layers, width=spec.width, attention=spec.attention, depth=spec.depth, drop=spec.drop
+            )
     return out
 
 
 def student_config(
-    teacher_config: Mapping[str, Any], supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
+    teacher_config: Mapping[str, Any], supernets: Mapping[str, Supernet], choices: Mapping[str, BlockChoice]
 ) -> dict[str, Any]:
-    """The diffusers config (``StudentUNet2DModel``, or ``StudentUNet2DConditionModel`` for a
-    text-conditioned teacher) of the student that ``choices`` select."""
+    """The diffusers config (``StudentUNet2DModel``, ``StudentUNet2DConditionModel`` for a
+    text-conditioned teacher, ``StudentDiTTransformer2DModel`` for a DiT) of the student that
+    ``choices`` select."""
+    if any(isinstance(s, TransformerBlockSupernet) for s in supernets.values()):
+        config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        return {**config, "_class_name": StudentDiTTransformer2DModel.__name__, **transformer_layout(supernets, choices)}
     widths: dict[str, int] = {}
     skips: list[str] = []
     depths: dict[str, int] = {}
@@ -348,15 +314,19 @@ def student_config(
     return with_layout(dict(teacher_config), resnet_widths=widths, skip_attentions=skips, transformer_depths=depths)
 
 
+#: The teacher's state that belongs to its blocks (what the supernets' subnets replace).
+_BLOCK_STATE = ("down_blocks.", "up_blocks.", "mid_block.", "transformer_blocks.")
+
+
 @torch.no_grad()
 def assemble_student(
-    teacher: nn.Module, supernets: Mapping[str, BlockSupernet], choices: Mapping[str, BlockChoice]
+    teacher: nn.Module, supernets: Mapping[str, Supernet], choices: Mapping[str, BlockChoice]
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The student with each block's chosen subnet, inheriting the supernets' weights (and the
     teacher's outside the blocks). Returns the model and its config."""
     config = student_config(teacher.config, supernets, choices)
     student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
-    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("down_blocks.", "up_blocks.", "mid_block."))}
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(_BLOCK_STATE)}
     for name, supernet in supernets.items():
         prefix = name_to_module_path(name) + "."
         state.update({prefix + k: v for k, v in supernet.subnet(choices.get(name, supernet.largest())).state_dict().items()})
@@ -368,7 +338,7 @@ def assemble_student(
     return student.eval(), config
 
 
-def plug_supernets(teacher: nn.Module, supernets: Mapping[str, BlockSupernet]) -> nn.Module:
+def plug_supernets(teacher: nn.Module, supernets: Mapping[str, Supernet]) -> nn.Module:
     """A copy of the teacher that runs each block through its supernet (at the supernet's current
     choice): the model a set of block choices describes before it is cut out and retrained."""
     composite = copy.deepcopy(teacher)
