@@ -698,3 +698,58 @@ def test_dit_supernet_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tin
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err
+
+
+def test_a_dit_student_of_an_unconditional_unet_is_distilled_and_exported_as_a_ddim_pipeline(tiny_teacher_dir, tmp_path, capsys):
+    """DKDM from a UNet into a transformer (the other direction of "any architecture"): one-class
+    DiT students of an unconditional UNet teacher, called as the UNet is, exported as a
+    DDIMPipeline whose unet ships its code and samples where automl_diff cannot be imported."""
+    import optuna
+
+    from automl_diff.cli import main
+    from automl_diff.methods.dkdm.method import DKDMAttr
+    from tests.conftest import printed_load_calls, sample_without_automl_diff, write_study
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "family: dit\nstudent: {patch_size: 4, attention_head_dim: 4, num_attention_heads: 2, num_layers: 2}\n"
+        "transformer: {layers: [1, 2]}\n"
+    )
+    config = write_study(tmp_path, tiny_teacher_dir, space)
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs[DKDMAttr.INIT] == "random" for t in complete)
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert main(["export", "--storage", storage, "--study-name", "tiny", "--trial", str(complete[0].number), "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    saved = json.loads((out / "unet" / "config.json").read_text())
+    assert (
+        saved["_class_name"] == "StudentDiTTransformer2DModel"
+        and saved["unconditional"]
+        and (out / "unet" / "student_transformer.py").is_file()
+    )
+    assert call.startswith("diffusers.DDIMPipeline.from_pretrained(") and call.endswith("trust_remote_code=True)")
+    seen = sample_without_automl_diff(call, cwd=tmp_path, steps=2)
+    assert seen["unet"] == "StudentDiTTransformer2DModel" and seen["shape"] == [2, 16, 16, 1] and seen["imported"] == []
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("family: dit\ntransformer: {layers: [1]}\n", "student: required for DiT students of a UNet teacher"),
+        ("family: dit\nstudent: {patch_size: 3}\ntransformer: {layers: [1]}\n", "student.patch_size: 3 does not divide the teacher's"),
+        ("family: dit\nstudent: {patches: 2}\ntransformer: {layers: [1]}\n", "student.patches: not a DiTTransformer2DModel config key"),
+    ],
+)
+def test_dit_students_of_a_unet_that_cannot_be_built_are_one_line(tiny_teacher_dir, tmp_path, capsys, space, message):
+    from automl_diff.cli import main
+    from tests.conftest import write_study
+
+    (tmp_path / "space.yaml").write_text(space)
+    config = write_study(tmp_path, tiny_teacher_dir, tmp_path / "space.yaml")
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err

@@ -224,7 +224,9 @@ class DKDMOptions(PoolOptions):
             if self.warm_start:
                 raise UserError(f"{settings.where}: method_options.warm_start: BK-SDM's recipes remove UNet blocks; a DiT has none")
         else:
-            space = self._space(settings, SearchSpace, "unet2d or unet2d_condition (student architectures)")
+            space = self._space(
+                settings, (SearchSpace, TransformerSpace), "unet2d or unet2d_condition (student architectures), or dit with student:"
+            )
         space.validate_for(dict(teacher.unet.config))
         if self.pool_size < settings.budgets.batch_size:
             raise UserError(

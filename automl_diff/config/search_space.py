@@ -25,6 +25,14 @@ narrower model)::
     family: dit
     transformer: {layers: [2, 3, 4], heads: [2, 4]}
 
+The same family declares DiT students of an unconditional UNet teacher, with ``student:`` giving
+their layout (each is a one-class ``StudentDiTTransformer2DModel`` that a ``DDIMPipeline`` calls as
+it calls a UNet)::
+
+    family: dit
+    student: {patch_size: 2, attention_head_dim: 32, num_attention_heads: 4, num_layers: 6}
+    transformer: {layers: [4, 6]}
+
 A ``family: unet2d`` space can also declare UNet students of a DiT teacher (another
 architecture, as DKDM allows): the teacher has no UNet config to edit, so ``student:`` gives the
 students' layout, and each is a class-conditional ``UNet2DModel`` on the teacher's latents (its
@@ -344,18 +352,24 @@ class SearchSpace(_Choices):
 
 @dataclass(frozen=True)
 class TransformerSpace(_Choices):
-    """Student transformers of a ``DiTTransformer2DModel`` teacher (``family: dit``).
+    """Student transformers (``family: dit``) of a ``DiTTransformer2DModel`` teacher, or of an
+    unconditional UNet teacher (another architecture, as DKDM allows).
 
     Attributes:
         path: the YAML file it came from.
-        layers: choices of the student's transformer blocks (``num_layers``); None keeps the teacher's.
+        layers: choices of the student's transformer blocks (``num_layers``); None keeps the
+            teacher's (the ``student:`` layout's).
         heads: choices of its attention heads (``num_attention_heads``), each of the teacher's
             ``attention_head_dim``: the model's width is ``heads * attention_head_dim``.
+        student: the students' DiT layout for a UNet teacher (``patch_size``,
+            ``attention_head_dim``, ``num_attention_heads``, ``num_layers`` and any other
+            ``DiTTransformer2DModel`` key): the students denoise the teacher's images with one class.
     """
 
     path: str
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
+    student: dict[str, Any] = field(default_factory=dict)
 
     family = "dit"
 
@@ -364,25 +378,66 @@ class TransformerSpace(_Choices):
         return {f"transformer.{k}": v for k, v in (("layers", self.layers), ("heads", self.heads)) if v is not None}
 
     def validate_for(self, teacher_config: dict[str, Any]) -> None:
-        """Check that the teacher is a DiT and that no choice exceeds it.
+        """Check that the teacher is a DiT, or an unconditional UNet with ``student:`` given, and
+        that no choice exceeds the teacher.
 
         Raises:
             UserError: naming the file and the key.
         """
         if not _is_dit(teacher_config):
-            found = teacher_config.get("_class_name")
-            raise UserError(f"{self.path}: family: dit needs a DiTTransformer2DModel teacher; this one is {found}")
+            self._check_student(teacher_config)
+            return
+        if self.student:
+            raise UserError(f"{self.path}: student: only for a UNet teacher; a DiT teacher's students are cut from its own config")
         for key, most in (("layers", "num_layers"), ("heads", "num_attention_heads")):
             for n in getattr(self, key) or ():
                 if n > int(teacher_config[most]):
                     raise UserError(f"{self.path}: transformer.{key}: {n} is more than the teacher's {teacher_config[most]} ({most})")
 
+    def _check_student(self, teacher_config: dict[str, Any]) -> None:
+        found = teacher_config.get("_class_name", "UNet2DModel")
+        if teacher_config.get("cross_attention_dim") is not None or teacher_config.get("num_class_embeds"):
+            raise UserError(
+                f"{self.path}: family: dit students distil a DiT or an unconditional UNet; this {found} is conditional "
+                "(DiTTransformer2DModel has no cross-attention)"
+            )
+        if not self.student:
+            raise UserError(
+                f"{self.path}: student: required for DiT students of a UNet teacher (their layout: patch_size, "
+                "attention_head_dim, num_attention_heads, num_layers)"
+            )
+        import inspect
+
+        from automl_diff.models.student_transformer import StudentDiTTransformer2DModel
+
+        known = set(inspect.signature(StudentDiTTransformer2DModel.__init__).parameters) - {"self"}
+        for key in self.student:
+            if key not in known:
+                raise UserError(f"{self.path}: student.{key}: not a DiTTransformer2DModel config key")
+        patch, size = int(self.student.get("patch_size", 2)), teacher_config.get("sample_size")
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if int(size) % patch:
+            raise UserError(f"{self.path}: student.patch_size: {patch} does not divide the teacher's sample_size {size}")
+
     def to_config(self, params: dict[str, Any], teacher_config: dict[str, Any]) -> dict[str, Any]:
-        """The ``DiTTransformer2DModel`` config of the student that ``params`` selects (JSON-safe)."""
-        config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-        config["_class_name"] = "DiTTransformer2DModel"
-        config["num_layers"] = int(params.get("transformer.layers", config["num_layers"]))
-        config["num_attention_heads"] = int(params.get("transformer.heads", config["num_attention_heads"]))
+        """The ``DiTTransformer2DModel`` config of the student that ``params`` selects (JSON-safe);
+        of a UNet teacher, a one-class ``StudentDiTTransformer2DModel`` on its images."""
+        if _is_dit(teacher_config):
+            config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+            config["_class_name"] = "DiTTransformer2DModel"
+        else:
+            size = teacher_config["sample_size"]
+            config = {
+                "_class_name": "StudentDiTTransformer2DModel",
+                "sample_size": int(size[0] if isinstance(size, (list, tuple)) else size),
+                "in_channels": int(teacher_config["in_channels"]),
+                "out_channels": int(teacher_config["out_channels"]),
+                "num_embeds_ada_norm": 1,
+                "unconditional": True,
+                **self.student,
+            }
+        config["num_layers"] = int(params.get("transformer.layers", config.get("num_layers", 28)))
+        config["num_attention_heads"] = int(params.get("transformer.heads", config.get("num_attention_heads", 16)))
         return config
 
 
@@ -392,6 +447,7 @@ def _load_transformer_space(path: str | Path, top: Section) -> TransformerSpace:
         str(path),
         layers=section.take_list("layers", int, None, check=positive),
         heads=section.take_list("heads", int, None, check=positive),
+        student=top.section("student").rest(),
     )
     section.done()
     top.done()

@@ -104,7 +104,7 @@ def condition_keyword(unet: nn.Module) -> str | None:
     if _is_conditional(unet):
         return "encoder_hidden_states"
     if getattr(unet.config, "num_embeds_ada_norm", None) and not hasattr(unet, "down_blocks"):
-        return "class_labels"
+        return None if getattr(unet.config, "unconditional", False) else "class_labels"
     if getattr(unet.config, "num_class_embeds", None):
         return "class_labels"
     return None

@@ -7,7 +7,10 @@ choose per block, expressed as optional config keys (one entry per block, the te
   ``norm1``: diffusers reads the output layer's conditioning from ``transformer_blocks[0]``);
 * ``block_heads``: self-attention heads per block, of the teacher's head size (``0``: the block's
   attention is dropped and adds nothing to the residual stream);
-* ``block_ff_dims``: hidden units of each block's feed-forward.
+* ``block_ff_dims``: hidden units of each block's feed-forward;
+* ``unconditional``: the model has one class and is called as an unconditional UNet is
+  (``model(sample, timestep)``, the timestep a scalar or one per sample): a DiT student of an
+  unconditional UNet teacher, which a ``DDIMPipeline`` holds as its ``unet``.
 
 :class:`StudentDiTTransformer2DModel` is the model; ``forward``, ``save_pretrained`` and
 ``from_pretrained`` are diffusers' own. A student that stock diffusers can express is exported as a
@@ -45,7 +48,7 @@ __all__ = [
 MODULE_FILE = "student_transformer.py"
 
 #: The student config keys stock diffusers does not know.
-LAYOUT_KEYS = ("skip_blocks", "block_heads", "block_ff_dims")
+LAYOUT_KEYS = ("skip_blocks", "block_heads", "block_ff_dims", "unconditional")
 
 
 class ZeroAttention(nn.Module):
@@ -97,6 +100,7 @@ class StudentDiTTransformer2DModel(DiTTransformer2DModel):
         skip_blocks: indices of blocks that pass their input through.
         block_heads: attention heads per block (``0``: no attention; None: the model's).
         block_ff_dims: feed-forward hidden units per block (None: diffusers' default, 4x the width).
+        unconditional: called without class labels (class 0), the timestep broadcast to the batch.
 
     All other arguments are those of :class:`diffusers.DiTTransformer2DModel`.
     """
@@ -107,6 +111,7 @@ class StudentDiTTransformer2DModel(DiTTransformer2DModel):
         skip_blocks: Sequence[int] | None = None,
         block_heads: Sequence[int] | None = None,
         block_ff_dims: Sequence[int] | None = None,
+        unconditional: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -127,6 +132,14 @@ class StudentDiTTransformer2DModel(DiTTransformer2DModel):
                 raise ValueError(f"skip_blocks: block {i} is not one of the {count} blocks")
             self.transformer_blocks[int(i)] = SkipBlock(self.transformer_blocks[0].norm1 if int(i) == 0 else None)
 
+    def forward(self, hidden_states: torch.Tensor, timestep: Any = None, class_labels: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if self.config.unconditional:
+            batch = hidden_states.shape[0]
+            timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+            if class_labels is None:
+                class_labels = torch.zeros(batch, dtype=torch.long, device=hidden_states.device)
+        return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
+
 
 # diffusers reads a model's config keys from the signature of its ``__init__``: give ours the
 # parent's keyword parameters and the layout keys.
@@ -142,11 +155,11 @@ STUDENT_CLASSES: dict[str, tuple[type, type]] = {"StudentDiTTransformer2DModel":
 
 
 def plain_config(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The stock ``DiTTransformer2DModel`` config of a student config with no skipped block and
-    every block at the model's heads and default feed-forward width, else None."""
+    """The stock ``DiTTransformer2DModel`` config of a student config with no skipped block,
+    every block at the model's heads and default feed-forward width, and class labels, else None."""
     heads = config.get("num_attention_heads")
     width = int(heads) * int(config.get("attention_head_dim"))
-    if config.get("skip_blocks") or any(h != heads for h in config.get("block_heads") or ()):
+    if config.get("skip_blocks") or config.get("unconditional") or any(h != heads for h in config.get("block_heads") or ()):
         return None
     if any(d != 4 * width for d in config.get("block_ff_dims") or ()):
         return None
