@@ -580,6 +580,13 @@ class SupernetSpace:
 
         known = block_names(unet)
         declared = {b.name for b in self.blocks}
+        for name in known:  # every block gets a supernet, declared or not
+            module = get_block(unet, name)
+            if name.startswith("transformer_blocks.") and not (hasattr(getattr(module, "attn1", None), "heads") and hasattr(module, "ff")):
+                raise UserError(
+                    f"{self.path}: blocks: the teacher's {name} was already reduced (skipped, or without attention); "
+                    "supernets need full DiT blocks"
+                )
         for block in self.blocks:
             key = f"blocks.{block.name}"
             if block.name == ALL_BLOCKS:
@@ -627,9 +634,7 @@ class SupernetSpace:
                     )
 
     def _check_transformer_block(self, block: SupernetBlock, key: str, module: Any) -> None:
-        attention, ff = getattr(module, "attn1", None), getattr(module, "ff", None)
-        if not hasattr(attention, "heads") or not hasattr(ff, "net"):
-            raise UserError(f"{self.path}: {key}: the teacher's {block.name} was already reduced; supernets need full DiT blocks")
+        attention, ff = module.attn1, module.ff
         for n in block.layers or ():
             if n > 1:
                 raise UserError(f"{self.path}: {key}.layers: {n}; a transformer block is computed (1) or skipped (0)")
