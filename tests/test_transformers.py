@@ -753,3 +753,65 @@ def test_dit_students_of_a_unet_that_cannot_be_built_are_one_line(tiny_teacher_d
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err
+
+
+def test_dipgo_stacks_on_a_diffnas_dit_export(tiny_dit_dir, tiny_clip, tmp_path, capsys):
+    """A DiffNAS DiT student (its class shipped as code in the export) is a starting model: DiP-GO
+    gates its blocks against the original teacher, and the stacked export keeps the student's
+    layout, its schedule and the lineage, and loads with diffusers."""
+    import optuna
+
+    from automl_diff.cli import main
+    from automl_diff.gating import Schedule, apply_schedule
+    from automl_diff.records import StudyAttr, TrialAttr
+    from tests.conftest import printed_load_calls
+
+    (tmp_path / "space.yaml").write_text("family: supernet\nblocks:\n  all: {layers: [0, 1], heads: [1, 2], width: [0.5, 1.0]}\n")
+    nas = _dit_study(
+        tmp_path,
+        tiny_dit_dir,
+        tiny_clip,
+        name="nas",
+        method="diffnas",
+        search_space="space.yaml",
+        n_trials=1,
+        objectives=[{"name": "macs"}, {"name": "fid"}],
+        storage=f"sqlite:///{tmp_path / 'nas.db'}",
+        method_options={
+            "pool_size": 8,
+            "pool_steps": 4,
+            "supernet_iterations": 2,
+            "search_samples": 4,
+            "tolerance_low": 0.5,
+            "tolerance_high": 1.0,
+        },
+    )
+    assert main(["run", str(nas), "--quiet"]) == 0, capsys.readouterr().err
+    student = tmp_path / "exports" / "nas"
+    assert (
+        main(["export", "--storage", f"sqlite:///{tmp_path / 'nas.db'}", "--study-name", "nas", "--trial", "0", "--out", str(student)]) == 0
+    )
+    layout = json.loads((student / "transformer" / "config.json").read_text())
+    assert layout["_class_name"] == "StudentDiTTransformer2DModel"
+
+    stacked = _dit_study(tmp_path, student, tiny_clip, name="stacked", n_trials=1, storage=f"sqlite:///{tmp_path / 'stacked.db'}")
+    assert main(["run", str(stacked), "--quiet"]) == 0, capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'stacked.db'}"
+    study = optuna.load_study(study_name="stacked", storage=storage)
+    assert study.user_attrs[StudyAttr.ORIGINAL_TEACHER] == str(tiny_dit_dir)
+    (trial,) = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trial.user_attrs[TrialAttr.TRAJECTORY_MACS] <= study.user_attrs[StudyAttr.START_METRICS][TrialAttr.TRAJECTORY_MACS]
+    capsys.readouterr()
+    out = tmp_path / "exports" / "stacked"
+    assert main(["export", "--storage", storage, "--study-name", "stacked", "--trial", str(trial.number), "--out", str(out)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    info = json.loads((out / "automl_diff.json").read_text())
+    assert [s["method"] for s in info["lineage"]] == ["diffnas", "dipgo"]
+    import diffusers  # noqa: F401 - the printed call names it
+
+    pipe = eval(call)
+    kept = {k: pipe.transformer.config[k] for k in ("skip_blocks", "block_heads", "block_ff_dims")}
+    assert kept == {k: layout[k] for k in kept}
+    with apply_schedule(pipe, Schedule.load(out / "schedule.json")) as controller:
+        pipe([3], num_inference_steps=4, output_type="np")
+        assert sum(controller.executed.values()) == controller.plan.executes.sum()
