@@ -45,8 +45,11 @@ class ElasticSelfAttention(nn.Module):
         unsupported = [
             name for name in ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross") if getattr(attention, name, None) is not None
         ]
-        if unsupported or attention.residual_connection or attention.rescale_output_factor != 1.0 or attention.is_cross_attention:
-            raise UserError(f"{where}: supernets support plain self-attention (DiT's); this block's has {', '.join(unsupported) or 'more'}")
+        unsupported += [name for name in ("residual_connection", "is_cross_attention") if getattr(attention, name)]
+        if attention.rescale_output_factor != 1.0:
+            unsupported.append("rescale_output_factor")
+        if unsupported:
+            raise UserError(f"{where}: supernets support plain self-attention (DiT's); this block's has {', '.join(unsupported)}")
         self.to_q, self.to_k, self.to_v, self.to_out = attention.to_q, attention.to_k, attention.to_v, attention.to_out
         self.full_heads = int(attention.heads)
         self.head_dim = attention.to_q.out_features // self.full_heads
