@@ -52,6 +52,7 @@ from automl_diff.gating import apply_schedule
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
 from automl_diff.methods.dipgo.method import BUDGET, DiPGOAttr
+from automl_diff.methods.dkdm.method import DKDMAttr
 from automl_diff.methods.training import fit
 from automl_diff.metrics.macs import count_macs
 from automl_diff.models.dataflow import is_transformer
@@ -93,13 +94,14 @@ def dkdm_row(bench: Bench) -> None:
     dkdm = bench.method(DKDM, options, settings, inputs=bench.inputs)
     start = time.perf_counter()
     candidate = dkdm.run_trial(dict(p.dkdm_params))
+    blocks = candidate.attrs.get(DKDMAttr.INHERITED_BLOCKS)
     bench.measure(
         "DKDM student",
         "method",
         candidate.unet,
         search_seconds=bench.pool_seconds + time.perf_counter() - start,
         notes=f"{p.dkdm_iterations} steps from {'a cut of the teacher' if p.dkdm_init == 'teacher' else 'a random init'}, "
-        f"{_json(p.dkdm_params)}" + (f", the teacher's blocks {dkdm.inherited_blocks}" if dkdm.inherited_blocks else ""),
+        f"{_json(p.dkdm_params)}" + (f", the teacher's blocks {blocks}" if blocks else ""),
     )
 
 

@@ -67,8 +67,6 @@ class DKDM(Method):
         #: Where data-parallel jobs are written (the study's folder once prepared).
         self.workdir = Path("runs")
         self._influence: torch.Tensor | None = None
-        #: The teacher blocks the last DiT student built starts from.
-        self.inherited_blocks: list[int] | None = None
 
     def prepare(self, workdir: Path | None = None, *, storage: Any = None, study_name: str | None = None) -> None:
         self.inputs.prepare()
@@ -92,25 +90,24 @@ class DKDM(Method):
             distillation_step_stage("training step", "trial", st.budgets.train_iterations, self.original, st),
         ]
 
-    def build_student(self, params: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], float | None]:
+    def build_student(self, params: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], float | None, list[int] | None]:
         """The untrained student ``params`` select (or the recipe they name), its diffusers config,
-        and the share of its parameters cut from the teacher's (None: ``init: random``)."""
+        the share of its parameters cut from the teacher's (None: ``init: random``) and, for a DiT
+        student cut from a DiT, the teacher blocks it starts from."""
         if TrialAttr.RECIPE in params:
             student, config, _ = bk_sdm_peer(self.teacher.unet, BK_SDM_RECIPES[params[TrialAttr.RECIPE]])
             if self.options.init == "teacher":
-                return student.train(), config, 1.0
-            return unet_from_config(config, where=self.settings.where), config, None
+                return student.train(), config, 1.0, None
+            return unet_from_config(config, where=self.settings.where), config, None, None
         config = self.space.to_config(params, dict(self.teacher.unet.config))
         student = unet_from_config(config, where=self.space.path)
-        inherited = None
-        if self.options.init == "teacher" and is_transformer(student) == is_transformer(self.teacher.unet):
-            student.to(self.device)
-            if is_transformer(self.teacher.unet):
-                copied, total, self.inherited_blocks = inherit_transformer(student, self.teacher.unet, self.influence())
-                inherited = copied / max(1, total)
-            else:
-                inherited = inherit_from_teacher(student, self.teacher.unet).fraction
-        return student, config, inherited
+        if self.options.init != "teacher" or is_transformer(student) != is_transformer(self.teacher.unet):
+            return student, config, None, None
+        student.to(self.device)
+        if is_transformer(self.teacher.unet):
+            copied, total, blocks = inherit_transformer(student, self.teacher.unet, self.influence())
+            return student, config, copied / max(1, total), blocks
+        return student, config, inherit_from_teacher(student, self.teacher.unet).fraction, None
 
     def influence(self) -> torch.Tensor:
         """Each block's influence on the teacher's hidden states (a DiT teacher), measured once on
@@ -123,7 +120,7 @@ class DKDM(Method):
     def run_trial(self, params: dict[str, Any], *, number: int = 0, rungs: Rungs | None = None) -> Candidate:
         seed = self.settings.seed + number
         torch.manual_seed(seed)
-        student, config, inherited = self.build_student(params)
+        student, config, inherited, blocks = self.build_student(params)
         student.to(self.device)
         budgets = self.settings.budgets
         batches = self.inputs.batches(seed)
@@ -174,8 +171,8 @@ class DKDM(Method):
             attrs[TrialAttr.RECIPE] = params[TrialAttr.RECIPE]
         if inherited is not None:
             attrs[DKDMAttr.INHERITED_FRACTION] = round(inherited, 4)
-        if inherited is not None and is_transformer(self.teacher.unet):
-            attrs[DKDMAttr.INHERITED_BLOCKS] = self.inherited_blocks
+        if blocks is not None:
+            attrs[DKDMAttr.INHERITED_BLOCKS] = blocks
         if isinstance(batches, PoolBatches):
             attrs.update(
                 {DKDMAttr.TEACHER_EVALUATIONS: batches.teacher_evals, DKDMAttr.POOL_TRAJECTORIES_COMPLETED: self.inputs.pool.completed}
