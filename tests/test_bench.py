@@ -210,8 +210,9 @@ def test_presets_fit_their_teachers(name):
         assert not set(train) & set(evaluate)
         loaded = load_teacher(preset.teacher)
         teacher = loaded.unet
-        if loaded.classes is not None:  # a class-conditional transformer: DKDM, DiP-GO and diffusers' caches
-            assert set(preset.rows) == {"teacher", "dkdm", "dipgo", "fbcache", "taylorseer"}
+        if loaded.classes is not None:  # a class-conditional transformer: DKDM, DiffNAS, DiP-GO and diffusers' caches
+            assert set(preset.rows) == {"teacher", "dkdm", "diffnas", "dipgo", "fbcache", "taylorseer"}
+            load_search_space(preset.diffnas_space).validate_for(teacher)
             assert [loaded.classes.class_id(name) for name in evaluate] == list(range(10))
             space = load_search_space(preset.dkdm_space)
             space.validate_for(dict(teacher.config))
