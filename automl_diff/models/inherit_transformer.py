@@ -60,6 +60,17 @@ def _top(score: torch.Tensor, n: int) -> torch.Tensor:
     return score.topk(n).indices.sort().values
 
 
+def _head_importance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Each attention head's summed L1 norm over its ``q``/``k``/``v`` rows and ``out`` columns."""
+    rows = q.abs().sum(1) + k.abs().sum(1) + v.abs().sum(1) + out.abs().sum(0)
+    return rows.view(-1, head_dim).sum(1)
+
+
+def _unit_importance(proj: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Each feed-forward unit's L1 norm in its input and output projections, each scaled to mean 1."""
+    return _scaled(proj.abs().sum(1)) + _scaled(out.abs().sum(0))
+
+
 class _Cut:
     """The kept indices of every channel space of a teacher -> student cut."""
 
@@ -77,13 +88,13 @@ class _Cut:
 
     def heads_of(self, block: int) -> torch.Tensor:
         p = f"transformer_blocks.{block}.attn1."
-        rows = sum(self.teacher[f"{p}to_{k}.weight"].abs().sum(1) for k in "qkv") + self.teacher[f"{p}to_out.0.weight"].abs().sum(0)
-        per_head = rows.view(-1, self.head_dim).sum(1)
+        qkv = [self.teacher[f"{p}to_{k}.weight"] for k in "qkv"]
+        per_head = _head_importance(*qkv, self.teacher[f"{p}to_out.0.weight"], self.head_dim)
         return torch.cat([h * self.head_dim + torch.arange(self.head_dim) for h in _top(per_head, self.heads).tolist()])
 
     def hidden_of(self, block: int, n: int) -> torch.Tensor:
         p = f"transformer_blocks.{block}.ff.net."
-        return _top(_scaled(self.teacher[f"{p}0.proj.weight"].abs().sum(1)) + _scaled(self.teacher[f"{p}2.weight"].abs().sum(0)), n)
+        return _top(_unit_importance(self.teacher[f"{p}0.proj.weight"], self.teacher[f"{p}2.weight"]), n)
 
     def index(self, name: str, block: int | None, dim: int, n_t: int, n_s: int) -> torch.Tensor | None:
         """The teacher indices that dimension ``dim`` of tensor ``name`` keeps (None: not a cut)."""
@@ -147,14 +158,13 @@ def sort_block_by_importance(block: nn.Module) -> None:
     a subnet that keeps its first heads and units keeps the most important ones."""
     attn, ff = block.attn1, block.ff
     head_dim = attn.to_q.out_features // attn.heads
-    rows = sum(layer.weight.abs().sum(1) for layer in (attn.to_q, attn.to_k, attn.to_v)) + attn.to_out[0].weight.abs().sum(0)
-    heads = rows.view(-1, head_dim).sum(1).argsort(descending=True)
+    heads = _head_importance(attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, attn.to_out[0].weight, head_dim).argsort(descending=True)
     order = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
     for layer in (attn.to_q, attn.to_k, attn.to_v):
         _permute(layer, order, 0)
     _permute(attn.to_out[0], order, 1)
     proj, out = ff.net[0].proj, ff.net[2]
-    units = (_scaled(proj.weight.abs().sum(1)) + _scaled(out.weight.abs().sum(0))).argsort(descending=True)
+    units = _unit_importance(proj.weight, out.weight).argsort(descending=True)
     _permute(proj, units, 0)
     _permute(out, units, 1)
 
