@@ -436,8 +436,9 @@ class TransformerSpace(_Choices):
                 "unconditional": True,
                 **self.student,
             }
-        config["num_layers"] = int(params.get("transformer.layers", config.get("num_layers", 28)))
-        config["num_attention_heads"] = int(params.get("transformer.heads", config.get("num_attention_heads", 16)))
+        for key, param in (("num_layers", "transformer.layers"), ("num_attention_heads", "transformer.heads")):
+            if param in params:
+                config[key] = int(params[param])
         return config
 
 
