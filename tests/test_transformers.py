@@ -567,27 +567,6 @@ def test_a_unet_student_of_a_dit_teacher_is_distilled_and_exported_as_a_dit_pipe
     assert seen["unet"] == "UNet2DModel" and seen["shape"] == [2, 16, 16, 3] and seen["imported"] == []
 
 
-@pytest.mark.parametrize(
-    ("space", "message"),
-    [
-        ("family: unet2d\nblocks:\n  down.0: {channels: [8]}\n", "student: required for UNet students of a DiT teacher"),
-        (
-            "family: unet2d\nstudent: {down_block_types: [DownBlock2D], up_block_types: [UpBlock2D]}\nblocks:\n  down.0: {channels: [8]}\n",
-            "student.block_out_channels: required",
-        ),
-        ("family: dit\ntransformer: {layers: [9]}\n", "transformer.layers: 9 is more than the teacher's 4 (num_layers)"),
-    ],
-)
-def test_dit_student_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys, space, message):
-    from automl_diff.cli import main
-
-    (tmp_path / "space.yaml").write_text(space)
-    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, method="dkdm", search_space="space.yaml", method_options={"pool_size": 8})
-    assert main(["run", str(config), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err
-
-
 def test_a_dit_supernet_cuts_out_the_student_it_computes(tiny_dit_dir):
     """Every DiT block candidate (skipped, fewer heads, no attention, a narrower MLP), cut out and
     assembled into a StudentDiTTransformer2DModel, computes what the supernets compute; at the
@@ -681,20 +660,36 @@ def test_a_diffnas_study_of_a_dit_pipeline_exports_students_diffusers_loads(tiny
 
 
 @pytest.mark.parametrize(
-    ("space", "message"),
+    ("method", "space", "message"),
     [
-        ("family: supernet\nblocks:\n  down.0: {layers: [0]}\n", "blocks.down.0: unknown block; the teacher has blocks transformer_"),
-        ("family: supernet\nblocks:\n  all: {layers: [0, 2]}\n", "blocks.all.layers: 2; a transformer block is computed (1) or"),
-        ("family: supernet\nblocks:\n  transformer_blocks.1: {heads: [3]}\n", "blocks.transformer_blocks.1.heads: 3 is more than the 2"),
-        ("family: supernet\nblocks:\n  all: {depth: [1]}\n", "blocks.all.depth: applies to UNet blocks; a DiT block chooses"),
-        ("family: supernet\nblocks:\n  all: {width: [0.3]}\n", "blocks.all.width: 0.3 gives 19.2 of the 64 feed-forward units"),
+        ("dkdm", "family: unet2d\nblocks:\n  down.0: {channels: [8]}\n", "student: required for UNet students of a DiT teacher"),
+        (
+            "dkdm",
+            "family: unet2d\nstudent: {down_block_types: [DownBlock2D], up_block_types: [UpBlock2D]}\nblocks:\n  down.0: {channels: [8]}\n",
+            "student.block_out_channels: required",
+        ),
+        ("dkdm", "family: dit\ntransformer: {layers: [9]}\n", "transformer.layers: 9 is more than the teacher's 4 (num_layers)"),
+        (
+            "diffnas",
+            "family: supernet\nblocks:\n  down.0: {layers: [0]}\n",
+            "blocks.down.0: unknown block; the teacher has blocks transformer_",
+        ),
+        ("diffnas", "family: supernet\nblocks:\n  all: {layers: [0, 2]}\n", "blocks.all.layers: 2; a transformer block is computed (1) or"),
+        (
+            "diffnas",
+            "family: supernet\nblocks:\n  transformer_blocks.1: {heads: [3]}\n",
+            "blocks.transformer_blocks.1.heads: 3 is more than the 2",
+        ),
+        ("diffnas", "family: supernet\nblocks:\n  all: {depth: [1]}\n", "blocks.all.depth: applies to UNet blocks; a DiT block chooses"),
+        ("diffnas", "family: supernet\nblocks:\n  all: {width: [0.3]}\n", "blocks.all.width: 0.3 gives 19.2 of the 64 feed-forward units"),
     ],
 )
-def test_dit_supernet_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys, space, message):
+def test_dit_student_spaces_that_cannot_be_built_are_one_line(tiny_dit_dir, tiny_clip, tmp_path, capsys, method, space, message):
+    """DKDM's student spaces and DiffNAS's supernet spaces on a DiT teacher."""
     from automl_diff.cli import main
 
     (tmp_path / "space.yaml").write_text(space)
-    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, method="diffnas", search_space="space.yaml", method_options={"pool_size": 8})
+    config = _dit_study(tmp_path, tiny_dit_dir, tiny_clip, method=method, search_space="space.yaml", method_options={"pool_size": 8})
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'space.yaml'}: ") and message in err and "\n" not in err, err
