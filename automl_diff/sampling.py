@@ -14,6 +14,7 @@ decoded into images.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -24,38 +25,173 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["PREDICTION_TYPES", "SCHEDULERS", "Prompts", "Sampler", "make_scheduler", "predict_noise", "sample_grid_png"]
+from automl_diff.errors import UserError
+
+__all__ = [
+    "FLOW_SCHEDULERS",
+    "PREDICTION_TYPES",
+    "SCHEDULERS",
+    "NoiseSchedule",
+    "Prompts",
+    "Sampler",
+    "is_flow_matching",
+    "make_scheduler",
+    "noise_schedule",
+    "pack_pooled",
+    "predict_noise",
+    "resolve_scheduler",
+    "sample_grid_png",
+    "takes_pooled",
+]
+
+
+def takes_pooled(model: nn.Module) -> bool:
+    """Whether a model is conditioned on pooled text embeddings beside the token embeddings
+    (``pooled_projections``: SD3's MMDiT). Its conditioning travels packed in one tensor
+    (:func:`pack_pooled`), so that prompts, pools and batches index one table whatever the model.
+    A wrapper that takes ``(x, t, **conditioning)`` and passes it on is not (a compiled model's
+    original, or a data-parallel one's, is looked at)."""
+    return "pooled_projections" in _parameters(type(_unwrapped(model)))
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a compiled (``_orig_mod``) or data-parallel (``module``) wrapper."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+@functools.cache
+def _parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def pack_pooled(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Token embeddings ``(n, tokens, dim)`` and pooled embeddings ``(n, pooled_dim)`` as one tensor
+    ``(n, tokens + 1, dim)``: the pooled row last, zero-padded to ``dim``."""
+    row = torch.zeros(len(tokens), 1, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+    row[:, 0, : pooled.shape[-1]] = pooled.to(tokens.dtype)
+    return torch.cat([tokens, row], dim=1)
 
 
 def predict_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """``model(x, t)`` for any noise-prediction model: a diffusers UNet or transformer
-    (``.sample``) or a module that returns the tensor itself. ``kwargs`` (``encoder_hidden_states``,
-    ``class_labels``) go to the model. A model that also predicts the variance (DiT's learned
-    sigma: twice the input's channels) gives the noise half, as ``DiTPipeline`` takes it."""
-    out = model(x, t, **kwargs)
-    out = out if isinstance(out, torch.Tensor) else out.sample
+    """``model(x, t)`` for any diffusion model: a diffusers UNet or transformer (``.sample``) or a
+    module that returns the tensor itself (or in a tuple), in its own parametrisation (noise, velocity, flow).
+    ``kwargs`` (``encoder_hidden_states``, ``class_labels``) go to the model. A model that also
+    predicts the variance (DiT's learned sigma: twice the input's channels) gives the noise half,
+    as ``DiTPipeline`` takes it. A model with pooled text embeddings (SD3) receives its packed
+    conditioning (:func:`pack_pooled`) as ``encoder_hidden_states`` and ``pooled_projections``,
+    and a timestep per row, as ``StableDiffusion3Pipeline`` calls it."""
+    if takes_pooled(model):
+        packed = kwargs.pop("encoder_hidden_states", None)
+        if packed is None:
+            raise UserError(f"a {type(_unwrapped(model)).__name__} is text-conditioned: it needs its pipeline's prompts")
+        pooled = packed[:, -1, : _unwrapped(model).config.pooled_projection_dim]
+        t = t.expand(len(x)) if t.dim() == 0 else t
+        out = model(x, encoder_hidden_states=packed[:, :-1], pooled_projections=pooled, timestep=t, **kwargs)
+    else:
+        out = model(x, t, **kwargs)
+    out = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) else out.sample
     return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 def _schedulers() -> dict[str, type]:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler
 
-    return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
-
-
-#: What a denoiser's output can be (its scheduler's ``prediction_type``): the noise, the velocity
-#: ``v = sqrt(a) eps - sqrt(1 - a) x_0`` (Salimans & Ho, 2022) or the clean sample. Sampling
-#: leaves it to the diffusers scheduler; distillation learns the teacher's own.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-#: Sampler names a study may use: DDIM, DDPM, DPM-Solver++ (multistep) and PNDM (PLMS, Stable
-#: Diffusion's own default).
-SCHEDULERS = ("ddim", "ddpm", "dpm", "pndm")
+    return {
+        "ddim": DDIMScheduler,
+        "ddpm": DDPMScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+        "pndm": PNDMScheduler,
+        "flow": FlowMatchEulerDiscreteScheduler,
+    }
 
 
-def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "ddim") -> Any:
-    """A fresh scheduler of kind ``name`` built from a teacher's scheduler config."""
+#: What a denoiser's output can be: the noise, the velocity ``v = sqrt(a) eps - sqrt(1 - a) x_0``
+#: (Salimans & Ho, 2022) or the clean sample (its scheduler's ``prediction_type``), or, for a
+#: flow-matching model (SD3: ``x_t = (1 - sigma) x_0 + sigma eps``), the flow ``eps - x_0``.
+#: Sampling leaves it to the diffusers scheduler; distillation learns the teacher's own.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+#: Sampler names a study may use: DDIM, DDPM, DPM-Solver++ (multistep), PNDM (PLMS, Stable
+#: Diffusion's own default), flow matching's Euler (SD3's own), and ``auto``: ``flow`` for a
+#: flow-matching teacher, else ``ddim``.
+SCHEDULERS = ("auto", "ddim", "ddpm", "dpm", "pndm", "flow")
+
+#: Scheduler classes of flow-matching models: their teachers predict the flow and sample with ``flow``.
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow_matching(scheduler_config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config is a flow-matching model's (its model predicts the flow)."""
+    return scheduler_config.get("_class_name") in FLOW_SCHEDULERS
+
+
+def resolve_scheduler(scheduler_config: Mapping[str, Any], name: str) -> str:
+    """The sampler ``name`` stands for on a schedule: ``auto`` is ``flow`` for a flow-matching
+    one, else ``ddim``; any other name is itself."""
+    if name != "auto":
+        return name
+    return "flow" if is_flow_matching(scheduler_config) else "ddim"
+
+
+def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "auto") -> Any:
+    """A fresh scheduler of kind ``name`` built from a teacher's scheduler config.
+
+    Raises:
+        UserError: ``name`` is ``flow`` for a noise-prediction schedule, or another sampler for a
+            flow-matching one (they parametrise time differently).
+    """
+    name = resolve_scheduler(scheduler_config, name)
+    if (name == "flow") != is_flow_matching(scheduler_config):
+        kind = scheduler_config.get("_class_name", "DDPMScheduler")
+        fix = "a flow-matching model samples with flow (or auto)" if name != "flow" else "flow samples flow-matching models only"
+        raise UserError(f"sampling.scheduler: {name} does not run a model trained with {kind}; {fix}")
     return _schedulers()[name].from_config(dict(scheduler_config))
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A teacher's training noise schedule, indexed by train timestep ``0 .. T-1`` (least noisy first).
+
+    Distillation works in one frame for every kind of teacher: ``alphas_cumprod`` is, per index,
+    the cumulative alpha of the variance-preserving schedule with the same signal-to-noise ratio
+    (a DDPM schedule's own; for flow matching ``(1 - sigma)^2 / ((1 - sigma)^2 + sigma^2)``), and
+    :func:`model_input_scale` turns that frame's ``x_t`` into what the model takes.
+
+    Attributes:
+        alphas_cumprod: the (equivalent) cumulative alphas, length ``T``.
+        timesteps: the timestep the model is called with at each index (the index itself for a
+            DDPM schedule; ``sigma * T`` for flow matching, as ``FlowMatchEulerDiscreteScheduler``
+            passes it).
+        prediction_type: what the model predicts (:data:`PREDICTION_TYPES`).
+        clip_sample: whether the scheduler clips its clean-sample estimate, and to what bound.
+    """
+
+    alphas_cumprod: torch.Tensor
+    timesteps: torch.Tensor
+    prediction_type: str = "epsilon"
+    clip_sample: bool = False
+    clip_range: float = 1.0
+
+
+def noise_schedule(scheduler_config: Mapping[str, Any]) -> NoiseSchedule:
+    """The training noise schedule of a teacher's scheduler config (:class:`NoiseSchedule`)."""
+    if not is_flow_matching(scheduler_config):
+        ddpm = _schedulers()["ddpm"].from_config(dict(scheduler_config))
+        config = ddpm.config
+        steps = torch.arange(len(ddpm.alphas_cumprod))
+        return NoiseSchedule(
+            ddpm.alphas_cumprod, steps, str(config.prediction_type), bool(config.clip_sample), float(config.clip_sample_range)
+        )
+    if scheduler_config.get("use_dynamic_shifting"):
+        raise ValueError("use_dynamic_shifting: a resolution-dependent shift is not supported; the schedule needs a fixed shift")
+    flow = _schedulers()["flow"].from_config(dict(scheduler_config))
+    sigmas = flow.sigmas.double().flip(0)  # the training sigmas, least noisy first
+    alphas = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
+    return NoiseSchedule(alphas.float(), (sigmas * flow.config.num_train_timesteps).float(), "flow")
 
 
 @dataclass(frozen=True)
@@ -110,7 +246,8 @@ class Sampler:
 
     Attributes:
         scheduler_config: the teacher's scheduler config (its noise schedule).
-        scheduler: ``ddim``, ``ddpm``, ``dpm`` or ``pndm``: the diffusers scheduler that runs it.
+        scheduler: ``ddim``, ``ddpm``, ``dpm``, ``pndm`` or ``flow``: the diffusers scheduler that
+            runs it (``auto`` given: the schedule's own kind, :func:`resolve_scheduler`).
         steps: inference steps (``num_inference_steps``); :attr:`calls` the model calls they take.
         eta: DDIM's stochasticity (0: deterministic).
         prompts: the text conditioning of a text-to-image UNet (guided, decoded); None: an
@@ -118,10 +255,13 @@ class Sampler:
     """
 
     scheduler_config: Mapping[str, Any] = field(repr=False)
-    scheduler: str = "ddim"
+    scheduler: str = "auto"
     steps: int = 20
     eta: float = 0.0
     prompts: Prompts | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheduler", resolve_scheduler(self.scheduler_config, self.scheduler))
 
     @property
     def calls_per_step(self) -> int:
@@ -170,7 +310,7 @@ class Sampler:
         """
         sched = self.make_scheduler()
         device = noise.device
-        x = noise * sched.init_noise_sigma
+        x = noise * getattr(sched, "init_noise_sigma", 1.0)
         accepts = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {"eta": self.eta} if self.scheduler == "ddim" else {}
         if "generator" in accepts:
@@ -181,7 +321,7 @@ class Sampler:
             cond, negative = p.context(range(len(noise)) if images is None else images)
             context = torch.cat([negative, cond]) if p.guided else cond
         for t in sched.timesteps:
-            model_in = sched.scale_model_input(x, t)
+            model_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             if p is not None and p.guided:
                 both = torch.cat([model_in, model_in])
                 both = predict_noise(unet, both, _timestep(p, t.to(device), len(both)), **{p.keyword: context})

@@ -239,6 +239,92 @@ def build_tiny_clip(folder: Path, words: tuple[str, ...] | None = None) -> Path:
     return folder
 
 
+def build_tiny_sd3_pipeline(folder: Path) -> Path:
+    """A real ``StableDiffusion3Pipeline`` with random weights, saved with diffusers: a 4-block
+    ``SD3Transformer2DModel`` (MMDiT: joint text and image blocks, the last one updating the image
+    stream alone) trained with flow matching (``FlowMatchEulerDiscreteScheduler``, SD3's shift 3),
+    two tiny CLIP text encoders with projection and no T5 (SD3 runs without it), and a tiny RGB
+    ``AutoencoderKL`` with a ``shift_factor`` (16x16 images, 8x8x4 latents)."""
+    import json
+    import string
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    chars = sorted(set(string.ascii_lowercase + string.digits + ".,'-"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    words = folder / "words"
+    words.mkdir(parents=True, exist_ok=True)
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+
+    def clip(width: int) -> tuple[CLIPTextModelWithProjection, CLIPTokenizer]:
+        config = CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+            projection_dim=width,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+        tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>", model_max_length=12)
+        return CLIPTextModelWithProjection(config), tokenizer
+
+    (encoder, tokenizer), (encoder_2, tokenizer_2) = clip(8), clip(16)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the two CLIPs' states side by side (8 + 16), zero-padded as SD3 pads them to T5's width
+        caption_projection_dim=16,
+        pooled_projection_dim=24,  # the two CLIPs' pooled projections side by side
+        pos_embed_max_size=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=1.5,
+        shift_factor=0.06,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    out = folder / "sd3"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ``StableDiffusion3Pipeline`` folder (see :func:`build_tiny_sd3_pipeline`)."""
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
+
+
 #: Class names of :func:`build_tiny_dit_pipeline`'s pipeline (``model_index.json``'s ``id2label``).
 DIT_LABELS = {0: "zero", 1: "one", 2: "two", 3: "three, third", 7: "seven"}
 

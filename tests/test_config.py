@@ -22,7 +22,7 @@ def test_shipped_study_configs_load(tmp_path):
             path.write_text((REPO / "studies" / path.name).read_text())
             config = load_study_config(path)
             assert config.teacher == str(tmp_path / "exports" / start / "trial_0") and config.original_teacher.startswith("digits")
-        if path.name.endswith("_sd15.yaml"):  # its prompt files and reference images are the user's
+        if path.name.endswith(("_sd15.yaml", "_sd3.yaml")):  # its prompt files and reference images are the user's
             with pytest.raises(UserError, match=rf"{path.stem}\.yaml: prompts\.train: the prompt file .*sd_train\.txt does not exist"):
                 load_study_config(path)
             continue

@@ -272,21 +272,22 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
 
     from automl_diff.gating import Schedule, apply_schedule, unit_costs
     from automl_diff.metrics.latency import first_batch_seconds, sampler_rounds
+    from automl_diff.metrics.macs import condition_keyword, example_inputs
     from automl_diff.models.loading import folder_sampler, load_unet
     from automl_diff.sampling import Prompts
 
     schedule = Schedule.load(args.schedule)
     steps = args.steps or schedule.inference_steps
-    scheduler = str(schedule.info.get("scheduler", "ddim"))
+    scheduler = str(schedule.info.get("scheduler", "auto"))
     path = Path(source)
     prompts = None
-    if getattr(unet.config, "cross_attention_dim", None) is not None:
+    if condition_keyword(unet) == "encoder_hidden_states":
         if text is not None:
             unet = load_unet(path).eval()
             prompts = text.prompts([args.prompt], guidance_scale=args.guidance_scale)
         else:
             generator = torch.Generator().manual_seed(0)
-            embeddings = torch.randn((1, text_length, unet.config.cross_attention_dim), generator=generator)
+            embeddings = torch.randn(example_inputs(unet, text_length=text_length)[2].shape, generator=generator)
             prompts = Prompts(embeddings, torch.zeros_like(embeddings), args.guidance_scale)
     sampler = folder_sampler(path if path.exists() else None, steps=steps, prompts=prompts, scheduler=scheduler)
     if sampler.model_calls != schedule.steps:

@@ -36,10 +36,11 @@ class SamplingSettings:
     """The sampler every model of a study runs (its FID, latency, and DiP-GO's pruner)."""
 
     scheduler: str = setting(
-        "ddim",
+        "auto",
         section="sampling",
         choices=SCHEDULERS,
-        doc="the diffusers scheduler (dpm: DPM-Solver++; pndm: PLMS, Stable Diffusion's default, one model call more than steps)",
+        doc="the diffusers scheduler (dpm: DPM-Solver++; pndm: PLMS, Stable Diffusion's default, one model call more than steps; "
+        "flow: flow matching's Euler; auto: flow for a flow-matching teacher, else ddim)",
     )
     steps: int = setting(20, section="budgets", key="sampling_steps", check=positive, doc="denoising steps of every sampler")
     eta: float = setting(0.0, section="sampling", doc="DDIM's stochasticity (0: deterministic)")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from automl_diff.config._reader import Section, positive, read_settings, setting
 from automl_diff.config.search_space import SearchSpace, SupernetSpace, TransformerSpace
 from automl_diff.errors import UserError
+from automl_diff.metrics.macs import condition_keyword
 from automl_diff.models.dataflow import GRANULARITIES, is_transformer
 from automl_diff.models.recipes import BK_SDM_RECIPES, BK_SDM_VARIANTS
 from automl_diff.sampling import PREDICTION_TYPES
@@ -354,10 +355,10 @@ class DiPGOOptions(MethodOptions):
 
     def check_against(self, settings: MethodSettings, teacher: Teacher, original: Teacher) -> None:
         where = settings.where
-        if getattr(teacher.unet.config, "cross_attention_dim", None) is not None and teacher.text is None:
+        if condition_keyword(teacher.unet) == "encoder_hidden_states" and teacher.text is None:
             raise UserError(
-                f"{where}: teacher: '{teacher.source}' is a text-conditional UNet without its pipeline; name the pipeline folder "
-                "(model_index.json with vae, text_encoder, tokenizer, unet, scheduler) as the teacher"
+                f"{where}: teacher: '{teacher.source}' is a text-conditional model without its pipeline; name the pipeline folder "
+                "(model_index.json with vae, text encoders, tokenizers, the denoiser and scheduler) as the teacher"
             )
         if teacher.latent is not None and not settings.train_prompts:
             what = "text-to-image teacher (the prompts" if teacher.text is not None else "class-conditional teacher (the classes"

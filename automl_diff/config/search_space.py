@@ -115,7 +115,12 @@ _ARCHITECTURES = {
 
 
 def _is_dit(config: dict[str, Any]) -> bool:
-    return config.get("_class_name") == "DiTTransformer2DModel"
+    """A transformer teacher: DiT, or SD3's MMDiT (:func:`_is_sd3`)."""
+    return config.get("_class_name") in ("DiTTransformer2DModel", "SD3Transformer2DModel")
+
+
+def _is_sd3(config: dict[str, Any]) -> bool:
+    return config.get("_class_name") == "SD3Transformer2DModel"
 
 
 def _type_for(types: dict[str, bool], attention: bool) -> str:
@@ -279,6 +284,10 @@ class SearchSpace(_Choices):
             if self.student:
                 raise UserError(f"{self.path}: student: only for a teacher of another architecture (a DiT); students edit this teacher's")
             return
+        if _is_sd3(teacher_config):
+            raise UserError(
+                f"{self.path}: family: {self.family}: an SD3 teacher's students are shallower SD3 transformers; use family: dit"
+            )
         if self.family != "unet2d":
             raise UserError(f"{self.path}: family: {self.family} does not fit a DiT teacher; use family: dit, or unet2d with student:")
         if not self.student:
@@ -389,10 +398,27 @@ class TransformerSpace(_Choices):
             return
         if self.student:
             raise UserError(f"{self.path}: student: only for a UNet teacher; a DiT teacher's students are cut from its own config")
+        if _is_sd3(teacher_config):
+            self._check_sd3(teacher_config)
         for key, most in (("layers", "num_layers"), ("heads", "num_attention_heads")):
             for n in getattr(self, key) or ():
                 if n > int(teacher_config[most]):
                     raise UserError(f"{self.path}: transformer.{key}: {n} is more than the teacher's {teacher_config[most]} ({most})")
+
+    def _check_sd3(self, teacher_config: dict[str, Any]) -> None:
+        """An SD3 teacher's students keep its width and drop joint blocks (its last, which
+        updates the image stream alone, stays last)."""
+        if self.heads:
+            raise UserError(
+                f"{self.path}: transformer.heads: an SD3 student keeps the teacher's heads (its width); choose transformer.layers"
+            )
+        if teacher_config.get("dual_attention_layers"):
+            raise UserError(
+                f"{self.path}: transformer.layers: the teacher's blocks differ (dual_attention_layers, SD3.5's MMDiT-X); "
+                "students of uniform joint blocks only"
+            )
+        if any(n < 2 for n in self.layers or ()):
+            raise UserError(f"{self.path}: transformer.layers: an SD3 student keeps at least 2 blocks (a joint one, and the last)")
 
     def _check_student(self, teacher_config: dict[str, Any]) -> None:
         found = teacher_config.get("_class_name", "UNet2DModel")
@@ -424,7 +450,7 @@ class TransformerSpace(_Choices):
         of a UNet teacher, a one-class ``StudentDiTTransformer2DModel`` on its images."""
         if _is_dit(teacher_config):
             config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-            config["_class_name"] = "DiTTransformer2DModel"
+            config["_class_name"] = teacher_config["_class_name"]
         else:
             size = teacher_config["sample_size"]
             config = {
@@ -583,7 +609,17 @@ class SupernetSpace:
         declared = {b.name for b in self.blocks}
         for name in known:  # every block gets a supernet, declared or not
             module = get_block(unet, name)
-            if name.startswith("transformer_blocks.") and not (hasattr(getattr(module, "attn1", None), "heads") and hasattr(module, "ff")):
+            joint = hasattr(module, "context_pre_only")  # SD3's joint blocks
+            if joint and getattr(unet.config, "dual_attention_layers", None):
+                raise UserError(
+                    f"{self.path}: blocks: the teacher's blocks differ (dual_attention_layers, SD3.5's MMDiT-X); "
+                    "supernets of uniform joint blocks only"
+                )
+            if (
+                name.startswith("transformer_blocks.")
+                and not joint
+                and not (hasattr(getattr(module, "attn1", None), "heads") and hasattr(module, "ff"))
+            ):
                 raise UserError(
                     f"{self.path}: blocks: the teacher's {name} was already reduced (skipped, or without attention); "
                     "supernets need full DiT blocks"
@@ -598,7 +634,9 @@ class SupernetSpace:
                 names = [block.name]
             for name in names:
                 spec, module = replace(block, name=name), get_block(unet, name)
-                if name.startswith("transformer_blocks."):
+                if hasattr(module, "context_pre_only"):
+                    self._check_joint_block(spec, key, module, declared=block.name != ALL_BLOCKS)
+                elif name.startswith("transformer_blocks."):
                     self._check_transformer_block(spec, key, module)
                 else:
                     self._check_unet_block(spec, key, module)
@@ -633,6 +671,22 @@ class SupernetSpace:
                         f"{self.path}: {key}.width: {w} gives {w * channels:g} of {channels} channels, "
                         f"not a multiple of the {per_group} channels per norm group"
                     )
+
+    def _check_joint_block(self, block: SupernetBlock, key: str, module: Any, *, declared: bool) -> None:
+        """An SD3 joint block is kept or skipped; its last block, always kept, may be skipped only
+        through ``all``."""
+        for what in ("width", "attention", "depth", "heads"):
+            if getattr(block, what) is not None:
+                raise UserError(
+                    f"{self.path}: {key}.{what}: an SD3 joint block is kept or skipped (layers: [0, 1]); it chooses nothing else"
+                )
+        if block.drop != "end":
+            raise UserError(f"{self.path}: {key}.drop: applies to UNet blocks; an SD3 joint block chooses layers")
+        for n in block.layers or ():
+            if n > 1:
+                raise UserError(f"{self.path}: {key}.layers: {n}; a transformer block is computed (1) or skipped (0)")
+        if declared and module.context_pre_only and 0 in (block.layers or ()):
+            raise UserError(f"{self.path}: {key}.layers: 0; the last SD3 block (it updates the image stream alone) is always kept")
 
     def _check_transformer_block(self, block: SupernetBlock, key: str, module: Any) -> None:
         attention, ff = module.attn1, module.ff

@@ -256,6 +256,10 @@ class StudyConfig:
             UserError: one line naming the file and the key.
         """
         e = self.evaluation
+        try:
+            e.sampling.sampler_for(original).make_scheduler()
+        except UserError as exc:
+            raise UserError(f"{self.path}: {exc}") from None
         if original.latent is None and (e.prompts or self.train_prompts):
             raise UserError(f"{self.path}: prompts: the teacher '{original.source}' is not a text-to-image or class-conditional pipeline")
         if original.text is None and e.alignment == TrialAttr.CLIP_SCORE:

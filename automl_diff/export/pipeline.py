@@ -17,6 +17,7 @@ components: ``DDIMPipeline.from_pretrained(folder, trust_remote_code=True)``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,22 +46,35 @@ class Export:
         folder: the pipeline folder.
         custom_code: the UNet ships as custom component code (``trust_remote_code=True`` loads it).
         schedule: the DiP-GO schedule file beside the pipeline, if any.
+        pipeline: the diffusers pipeline class.
+        absent: components the pipeline holds as None (SD3 without T5), which loading names.
     """
 
     folder: Path
     custom_code: bool
     schedule: Path | None = None
     pipeline: str = "DDIMPipeline"
+    absent: tuple[str, ...] = ()
 
     @property
     def load_call(self) -> str:
         """The Python expression that loads this export with diffusers alone."""
-        return load_call(str(self.folder), custom_code=self.custom_code, pipeline=self.pipeline)
+        return load_call(str(self.folder), custom_code=self.custom_code, pipeline=self.pipeline, absent=self.absent)
 
 
-def load_call(folder: str, *, custom_code: bool, pipeline: str = "DDIMPipeline") -> str:
-    """``diffusers.<pipeline>.from_pretrained("<folder>"[, trust_remote_code=True])``."""
-    return f"diffusers.{pipeline}.from_pretrained({json.dumps(folder)}{', trust_remote_code=True' if custom_code else ''})"
+def load_call(folder: str, *, custom_code: bool, pipeline: str = "DDIMPipeline", absent: Sequence[str] = ()) -> str:
+    """``diffusers.<pipeline>.from_pretrained("<folder>"[, trust_remote_code=True][, <part>=None ...])``:
+    diffusers loads a component saved as None (SD3's T5) only when the call names it."""
+    extra = ("trust_remote_code=True",) * bool(custom_code) + tuple(f"{part}=None" for part in absent)
+    return f"diffusers.{pipeline}.from_pretrained({', '.join([json.dumps(folder), *extra])})"
+
+
+def _absent_parts(folder: Path) -> tuple[str, ...]:
+    """The optional components a saved pipeline's ``model_index.json`` names as None."""
+    from automl_diff.models.text import OPTIONAL_PARTS
+
+    index = json.loads((folder / "model_index.json").read_text())
+    return tuple(part for part in OPTIONAL_PARTS if part in index and not any(index[part] or []))
 
 
 def _method(name: str | None) -> type[Method] | None:
@@ -156,6 +170,7 @@ def model_card(
     storage_url: str,
     custom_code: tuple[str, str] | None = None,
     pipeline: str = "DDIMPipeline",
+    absent: Sequence[str] = (),
 ) -> str:
     """A Hugging Face style README: metrics against the teacher (and the starting model of a
     stacked study), the method's own section, the lineage from the original teacher, source study
@@ -176,7 +191,9 @@ def model_card(
         if custom_code
         else ""
     )
-    load = load_call("path/to/this/folder", custom_code=bool(custom_code), pipeline=pipeline)
+    load = load_call("path/to/this/folder", custom_code=bool(custom_code), pipeline=pipeline, absent=absent)
+    sampler = recorded_sampler(study.user_attrs)  # the scheduler the study's auto resolved to
+    scheduler = sampler.scheduler if sampler is not None else evaluation.sampling.scheduler
     method_text = f"\n{section.text}\n" if section.text else ""
     return f"""---
 library_name: diffusers
@@ -195,7 +212,7 @@ A compressed diffusion UNet found by automl_diff (method `{method}`) from
 
 Speedup against the teacher (measured latency): {fmt_number(attrs.get(TrialAttr.SPEEDUP), "x")}.
 {method_text}
-FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling.steps or "?"} {evaluation.sampling.scheduler} steps,
+FID: {evaluation.fid_samples or "?"} samples, {evaluation.sampling.steps or "?"} {scheduler} steps,
 features `{evaluation.fid_features}`, dataset `{evaluation.fid_dataset}`, seed {evaluation.seed};
 latency on `{evaluation.device}` with batches of {evaluation.latency_batch_size}.{_prompts_note(evaluation, pipeline)}
 
@@ -333,7 +350,8 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         pipeline_class = kind.__name__
         kind(unet=unet, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     code = _ship_student_code(unet, out) if custom_code else None
-    card = model_card(study=study, trial=trial, storage_url=storage_url, custom_code=code, pipeline=pipeline_class)
+    absent = _absent_parts(out)
+    card = model_card(study=study, trial=trial, storage_url=storage_url, custom_code=code, pipeline=pipeline_class, absent=absent)
     (out / "README.md").write_text(card)
     metrics = {k: trial.user_attrs.get(k) for k in _METRICS}
     summary = {
@@ -352,4 +370,4 @@ def export_trial(study: optuna.Study, trial_number: int, out: str | Path, *, sto
         schedule_path = schedule.save(StudyFolder.schedule(out))
         summary["schedule"] = schedule_path.name
     (out / EXPORT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
-    return Export(out, custom_code, schedule_path, pipeline_class)
+    return Export(out, custom_code, schedule_path, pipeline_class, absent)

@@ -216,17 +216,17 @@ class _GateHook(ModelHook):
         if not c._runs[self.index]:  # the plan of this step, resolved once when the step began
             if not c._reuse[self.index]:
                 return self._dead()
-            return _block_input(args, kwargs) + c.cache[self.name] if residual else c.cache[self.name]
+            return _tree_map(_plus, c.cache[self.name], _block_input(module, args, kwargs)) if residual else c.cache[self.name]
         cache = c.cache
         if c.soft_gates is not None:
             out = self.fn_ref.original_forward(*args, **kwargs)
             c.executed[self.name] += 1
-            new = out - _block_input(args, kwargs) if residual else out
+            new = _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual else out
             if c.step > 0 and self.name in cache:
                 g = c.soft_gates[c.step, self.index]
                 new = _tree_map(lambda now, old: g * now + (1 - g) * old, new, cache[self.name])
             cache[self.name] = new
-            return _block_input(args, kwargs) + new if residual else new
+            return _tree_map(_plus, new, _block_input(module, args, kwargs)) if residual else new
         if args and isinstance(args[0], (_Skipped, _Dead)):
             raise RuntimeError(f"{self.name}: its input was not computed but the atom runs")
         out = (self.compiled or self.fn_ref.original_forward)(*args, **kwargs)
@@ -234,13 +234,25 @@ class _GateHook(ModelHook):
             self.spec = pytree.tree_flatten(out)[1]
         c.executed[self.name] += 1
         keep = c._keep[self.index]
-        c._store(self.name, out - _block_input(args, kwargs) if residual and keep else out, keep)
+        c._store(self.name, _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual and keep else out, keep)
         return out
 
 
-def _block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """A transformer block's input, its ``hidden_states``."""
-    return args[0] if args else kwargs["hidden_states"]
+def _block_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A transformer block's input in the structure of its output: its ``hidden_states``, or for
+    a joint block (SD3's MMDiT) ``(encoder_hidden_states, hidden_states)``, both streams it updates."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if hasattr(module, "context_pre_only"):
+        return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1], hidden
+    return hidden
+
+
+def _minus(out: torch.Tensor, before: Any) -> torch.Tensor:
+    return out - before
+
+
+def _plus(update: torch.Tensor, before: Any) -> torch.Tensor:
+    return before + update
 
 
 class _HeadHook(ModelHook):

@@ -22,6 +22,7 @@ from torch import nn
 
 from automl_diff.models.blocks import block_names, is_block_name, name_to_module_path
 from automl_diff.models.dataflow import UnitGraph
+from automl_diff.sampling import predict_noise, takes_pooled
 
 __all__ = ["BlockCost", "MacsReport", "UnitCosts", "count_macs", "count_unit_macs", "example_inputs", "executed_macs", "trajectory_macs"]
 
@@ -89,12 +90,20 @@ class _Call(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         if rest:
-            return self.unet(sample, timestep, **{condition_keyword(self.unet): rest[0]}, return_dict=False)[0]
-        return self.unet(sample, timestep, return_dict=False)[0]
+            return predict_noise(self.unet, sample, timestep, **{condition_keyword(self.unet): rest[0]})
+        return predict_noise(self.unet, sample, timestep)
+
+
+def _text_width(unet: nn.Module) -> int | None:
+    """The width of a text-conditioned model's token embeddings: a UNet's ``cross_attention_dim``,
+    an SD3 transformer's ``joint_attention_dim``; None for other models."""
+    config = unet.config
+    width = getattr(config, "cross_attention_dim", None)
+    return width if width is not None else getattr(config, "joint_attention_dim", None)
 
 
 def _is_conditional(unet: nn.Module) -> bool:
-    return getattr(unet.config, "cross_attention_dim", None) is not None
+    return _text_width(unet) is not None
 
 
 def condition_keyword(unet: nn.Module) -> str | None:
@@ -137,7 +146,8 @@ def example_inputs(
     sample = torch.zeros(batch_size, config.in_channels, height, width, dtype=param.dtype, device=param.device)
     timestep = torch.full((batch_size,), 10, dtype=torch.long, device=param.device)
     if _is_conditional(unet):
-        context = torch.zeros(batch_size, text_length, config.cross_attention_dim, dtype=param.dtype, device=param.device)
+        rows = text_length + (1 if takes_pooled(unet) else 0)  # the pooled embedding travels as one more row
+        context = torch.zeros(batch_size, rows, _text_width(unet), dtype=param.dtype, device=param.device)
         return sample, timestep, context
     if condition_keyword(unet) == "class_labels":
         return sample, timestep, torch.zeros(batch_size, dtype=torch.long, device=param.device)

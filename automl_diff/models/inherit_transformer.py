@@ -3,10 +3,11 @@
 A ``DiTTransformer2DModel`` student of the teacher's family (same patch size, head size and
 conditioning) starts from the teacher's weights, as structured pruning does:
 
-* **Blocks by influence.** The student's ``n`` blocks are the teacher's ``n`` most influential,
-  in their order. A block's influence is ShortGPT's Block Influence, ``1 - cos(input, output)``
-  of its hidden states averaged over tokens, measured on a batch of the teacher's own inputs
-  (the data-free pool's states, or noise): a block that barely turns its input is the first to go.
+* **Blocks by influence.** The student's ``n`` blocks are the teacher's ``n`` most influential, in
+  their order (an SD3 teacher's last block, which updates the image stream alone, always). A block's
+  influence is ShortGPT's Block Influence, ``1 - cos(input, output)`` of its hidden states averaged
+  over tokens, measured on a batch of the teacher's own inputs (the data-free pool's states, or
+  noise): a block that barely turns its input is the first to go.
 * **Width by L1 importance.** Fewer heads of the same size is a narrower model: the residual
   stream (every tensor that reads or writes it, the adaLN modulation's chunks and the per-block
   conditioning embedding included) keeps the channels whose writers (the patch embedding, each
@@ -26,6 +27,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from automl_diff.sampling import predict_noise
+
 __all__ = ["block_influence", "inherit_transformer", "sort_block_by_importance"]
 
 
@@ -40,12 +43,12 @@ def block_influence(teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, condit
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor, i: int = i) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            out = output[0] if isinstance(output, tuple) else output
+            out = output[-1] if isinstance(output, tuple) else output  # a joint block (SD3) returns (context, hidden)
             influence[i] = 1 - torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1).mean().item()
 
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
-        teacher(x, t, **conditioning)
+        predict_noise(teacher, x, t, **conditioning)
     finally:
         for h in handles:
             h.remove()
@@ -80,6 +83,9 @@ class _Cut:
         self.width_t = int(teacher["pos_embed.proj.weight"].shape[0])
         self.width = width
         self.heads, self.head_dim = heads, head_dim
+        if width == self.width_t:  # a shallower student of the teacher's width (the only kind of SD3's)
+            self.residual = torch.arange(width)
+            return
         writers = [teacher["pos_embed.proj.weight"].abs().flatten(1).sum(1)]
         for b in kept:
             writers.append(teacher[f"transformer_blocks.{b}.attn1.to_out.0.weight"].abs().sum(1))
@@ -118,6 +124,8 @@ def inherit_transformer(student: nn.Module, teacher: nn.Module, influence: torch
         the parameters copied, the student's parameters, and the teacher blocks kept.
     """
     n_blocks = len(student.transformer_blocks)
+    if getattr(teacher.transformer_blocks[-1], "context_pre_only", False):  # SD3's last block, the only one of its kind
+        influence = torch.cat([influence[:-1], influence.new_full((1,), float("inf"))])
     kept = _top(influence, n_blocks).tolist()
     config = student.config
     width = int(config.num_attention_heads) * int(config.attention_head_dim)

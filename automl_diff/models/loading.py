@@ -21,8 +21,16 @@ from torch import nn
 
 from automl_diff.errors import UserError, first_line
 from automl_diff.models.classes import ClassToImage, is_class_to_image_folder, load_class_to_image
-from automl_diff.models.text import TEXT_TO_IMAGE_PIPELINES, TextToImage, is_text_to_image_folder, load_text_to_image
-from automl_diff.sampling import Prompts, Sampler, make_scheduler
+from automl_diff.models.text import (
+    DENOISERS,
+    TEXT_TO_IMAGE_PIPELINES,
+    JointTextToImage,
+    TextToImage,
+    is_text_to_image_folder,
+    load_text_to_image,
+    model_index,
+)
+from automl_diff.sampling import NoiseSchedule, Prompts, Sampler, is_flow_matching, noise_schedule
 from automl_diff.zoo import TEACHERS
 
 __all__ = [
@@ -45,7 +53,7 @@ EXPORT_INFO = "automl_diff.json"
 
 
 def _unet_classes() -> dict[str, type]:
-    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
     from automl_diff.models.students import STUDENT_CLASSES
 
@@ -53,16 +61,18 @@ def _unet_classes() -> dict[str, type]:
         "UNet2DModel": UNet2DModel,
         "UNet2DConditionModel": UNet2DConditionModel,
         "DiTTransformer2DModel": DiTTransformer2DModel,
+        "SD3Transformer2DModel": SD3Transformer2DModel,
         **{name: cls for name, (cls, _) in STUDENT_CLASSES.items()},
     }
 
 
-#: Model classes a ``config.json`` may name in ``_class_name`` (the denoisers of every teacher,
-#: UNets and DiT's transformer).
+#: Model classes a ``config.json`` may name in ``_class_name`` (the denoisers of every teacher:
+#: UNets, DiT's transformer and SD3's).
 UNET_CLASSES = (
     "UNet2DModel",
     "UNet2DConditionModel",
     "DiTTransformer2DModel",
+    "SD3Transformer2DModel",
     "StudentUNet2DModel",
     "StudentUNet2DConditionModel",
     "StudentDiTTransformer2DModel",
@@ -103,18 +113,24 @@ class Teacher:
         VAE, and what turns the study's prompts (text, or class names) into conditioning."""
         return self.text if self.text is not None else self.classes
 
-    def sampler(self, scheduler: str = "ddim", steps: int = 20, eta: float = 0.0, prompts: Prompts | None = None) -> Sampler:
+    def sampler(self, scheduler: str = "auto", steps: int = 20, eta: float = 0.0, prompts: Prompts | None = None) -> Sampler:
         """A sampler of this teacher's noise schedule (:class:`~automl_diff.sampling.Sampler`)."""
         return Sampler(self.scheduler_config, scheduler, steps, eta, prompts)
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: ``epsilon`` (noise), ``v_prediction`` or ``sample``."""
+        """What the model predicts: ``epsilon`` (noise), ``v_prediction``, ``sample``, or ``flow``
+        for a flow-matching model (SD3)."""
+        if is_flow_matching(self.scheduler_config):
+            return "flow"
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
-    def noise_schedule(self) -> Any:
-        """Its noise schedule as a diffusers ``DDPMScheduler`` (``alphas_cumprod``, clipping)."""
-        return make_scheduler(self.scheduler_config, "ddpm")
+    def noise_schedule(self) -> NoiseSchedule:
+        """Its training noise schedule (:class:`~automl_diff.sampling.NoiseSchedule`)."""
+        try:
+            return noise_schedule(self.scheduler_config)
+        except ValueError as exc:
+            raise UserError(f"teacher '{self.source}': scheduler: {exc}") from None
 
     @property
     def latent_resolution(self) -> int:
@@ -310,8 +326,8 @@ def scheduler_config_for(path: Path | None) -> dict[str, Any]:
     return dict(_DEFAULT_SCHEDULER)
 
 
-def folder_sampler(path: Path | None, *, steps: int, prompts: Prompts | None = None, scheduler: str = "ddim") -> Sampler:
-    """A sampler (DDIM unless ``scheduler`` says otherwise) of the noise schedule beside a local
+def folder_sampler(path: Path | None, *, steps: int, prompts: Prompts | None = None, scheduler: str = "auto") -> Sampler:
+    """A sampler (the schedule's own kind unless ``scheduler`` says otherwise) of the noise schedule beside a local
     model (:func:`scheduler_config_for`)."""
     return Sampler(scheduler_config_for(path), scheduler=scheduler, steps=steps, prompts=prompts)
 
@@ -378,11 +394,15 @@ def _check_pipeline_folder(path: Path, denoiser: str) -> None:
 
 
 def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
-    """A text-to-image pipeline folder as a teacher: its UNet, scheduler and frozen parts."""
-    _check_pipeline_folder(path, "unet")
+    """A text-to-image pipeline folder as a teacher: its UNet (SD3: transformer), scheduler and
+    frozen parts."""
+    denoiser = DENOISERS[str((model_index(path) or {}).get("_class_name"))]
+    _check_pipeline_folder(path, denoiser)
     text = load_text_to_image(path)
-    unet = load_unet(path)
-    if getattr(unet.config, "cross_attention_dim", None) != text.text_encoder.config.hidden_size:
+    unet = load_unet(path / denoiser)
+    if isinstance(text, JointTextToImage):
+        _check_joint(path, unet, text)
+    elif getattr(unet.config, "cross_attention_dim", None) != text.text_encoder.config.hidden_size:
         raise UserError(
             f"{path}: the UNet's cross_attention_dim ({getattr(unet.config, 'cross_attention_dim', None)}) differs from the text "
             f"encoder's hidden_size ({text.text_encoder.config.hidden_size})"
@@ -394,6 +414,22 @@ def _text_to_image_teacher(path: Path, source: str, device: str | torch.device) 
         weights_dir=str(path.resolve()),
         text=text.to(device),
     )
+
+
+def _check_joint(path: Path, transformer: nn.Module, text: JointTextToImage) -> None:
+    """An SD3 pipeline's transformer, scheduler and text encoders fit each other, or one line says where not."""
+    config = transformer.config
+    if not hasattr(config, "pooled_projection_dim"):
+        raise UserError(
+            f"{path}: transformer/ is a {type(transformer).__name__}; a StableDiffusion3Pipeline needs an SD3Transformer2DModel"
+        )
+    if not is_flow_matching(scheduler_config_for(path)):
+        raise UserError(f"{path}: scheduler/ is not FlowMatchEulerDiscreteScheduler; SD3 transformers are trained with flow matching")
+    if config.pooled_projection_dim > config.joint_attention_dim:
+        raise UserError(
+            f"{path}: the transformer's pooled_projection_dim ({config.pooled_projection_dim}) exceeds its joint_attention_dim "
+            f"({config.joint_attention_dim}); automl_diff carries the pooled embedding as one more text token"
+        )
 
 
 def _class_to_image_teacher(path: Path, source: str, device: str | torch.device) -> Teacher:
@@ -429,7 +465,13 @@ def _text_to_image_snapshot(repo_id: str) -> Path | None:
     try:
         folder = snapshot_download(
             repo_id,
-            allow_patterns=["model_index.json", "*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"],
+            allow_patterns=[
+                "model_index.json",
+                "*.json",
+                "*.txt",
+                "*.model",  # a T5 tokenizer's sentencepiece model
+                *(f"{part}/*.safetensors" for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")),
+            ],
             ignore_patterns=["*fp16*", "*non_ema*", "*ema-only*"],
         )
     except Exception as exc:  # the hub client raises many types for offline/missing repos

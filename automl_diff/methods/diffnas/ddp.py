@@ -57,7 +57,8 @@ def _retrain(worker: Worker) -> dict[str, Any]:
     task = worker.job["task"]
     start = _starting_model(worker)
     original = worker.teacher.unet if task["stacked"] else None
-    loss = JointLoss(start.unet, JointWeight(**task["weight"]), task["total"], data_weight=task["data_weight"], original=original)
+    weight = JointWeight(**task["weight"])
+    loss = JointLoss(start.unet, weight, task["total"], data_weight=task["data_weight"], original=original, blocks=task.get("blocks"))
     return worker.fit(worker.student().requires_grad_(True), worker.batches(), loss)
 
 

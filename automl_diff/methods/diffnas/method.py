@@ -40,7 +40,7 @@ from automl_diff.methods.diffnas.search import (
     record_teacher_blocks,
     train_supernets,
 )
-from automl_diff.methods.diffnas.supernet import assemble_student, build_supernets
+from automl_diff.methods.diffnas.supernet import assemble_student, block_pairs, build_supernets
 from automl_diff.methods.training import TrainingInputs, fit
 from automl_diff.methods.training.ddp import fit_data_parallel, run_job
 from automl_diff.methods.training.loop import conditioning, held_out_loss
@@ -357,6 +357,7 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
             at = rungs.iterations(iterations) if rungs is not None else []
             held_out = self.inputs.held_out(self.settings.score_samples) if at else None
             weight = JointWeight(o.joint_schedule, o.joint_start, o.joint_end)
+            pairs = block_pairs(self.supernets, choices)
             batches = self.inputs.batches(seed)
             options = {
                 "iterations": iterations,
@@ -380,12 +381,14 @@ then retrained the student for {attrs.get(DiffNASAttr.RETRAIN_ITERATIONS)} steps
                     rungs=at,
                     on_rung=(lambda k, it, score: rungs.report(k, it, score, student)) if at else None,
                     worker=DIFFNAS_WORKER,
-                    task=self._job({"kind": "retrain", "weight": asdict(weight), "total": iterations, "data_weight": o.data_weight}),
+                    task=self._job(
+                        {"kind": "retrain", "weight": asdict(weight), "total": iterations, "data_weight": o.data_weight, "blocks": pairs}
+                    ),
                     **options,
                 )
             else:
                 original = self.original.unet if self.stacked else None
-                loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight, original=original)
+                loss = JointLoss(self.teacher.unet, weight, iterations, data_weight=o.data_weight, original=original, blocks=pairs)
                 result = fit(
                     student,
                     batches,

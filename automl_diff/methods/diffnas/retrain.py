@@ -59,30 +59,40 @@ class JointLoss:
             from a dataset; 0 otherwise).
         original: the model whose noise predictions the output term matches (stacking: the
             original teacher); None: ``teacher``.
+        blocks: each teacher block's counterpart in the student, by name (a shallower SD3 student
+            numbers its kept blocks anew); None: every teacher block, under its own name.
     """
 
     def __init__(
-        self, teacher: nn.Module, weight: JointWeight, total: int, *, data_weight: float = 0.0, original: nn.Module | None = None
+        self,
+        teacher: nn.Module,
+        weight: JointWeight,
+        total: int,
+        *,
+        data_weight: float = 0.0,
+        original: nn.Module | None = None,
+        blocks: dict[str, str] | None = None,
     ) -> None:
         self.teacher = teacher
         self.original = original
         self.weight = weight
         self.total = total
         self.data_weight = data_weight
-        self.names = block_names(teacher)
+        self.blocks = blocks if blocks is not None else {name: name for name in block_names(teacher)}
         self.last: dict[str, float] = {}
 
     def __call__(self, student: nn.Module, batch: Any, step: int) -> torch.Tensor:
         x, t, target = batch[:3]
         kwargs = conditioning(batch)
-        with torch.no_grad(), record_blocks(self.teacher, self.names) as teacher_rec:
+        with torch.no_grad(), record_blocks(self.teacher, list(self.blocks)) as teacher_rec:
             eps_teacher = predict_noise(self.teacher, x, t, **kwargs).float()
             if self.original is not None:
                 eps_teacher = predict_noise(self.original, x, t, **kwargs).float()
         model = getattr(student, "module", student)  # hooks go on the model inside a DDP wrapper
-        with record_blocks(model, self.names, detach=False) as student_rec:
+        with record_blocks(model, list(self.blocks.values()), detach=False) as student_rec:
             eps = predict_noise(student, x, t, **kwargs).float()
-        features = torch.stack([block_loss(student_rec[n].outputs[0], teacher_rec[n].outputs[0]) for n in self.names]).sum()
+        pairs = self.blocks.items()
+        features = torch.stack([block_loss(student_rec[mine].outputs[0], teacher_rec[theirs].outputs[0]) for theirs, mine in pairs]).sum()
         output = F.mse_loss(eps, eps_teacher)
         w = self.weight(step, self.total)
         loss = w * features + (1 - w) * output

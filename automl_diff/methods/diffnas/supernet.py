@@ -29,7 +29,7 @@ from torch import nn
 
 from automl_diff.config.search_space import SupernetSpace, computing_resnets
 from automl_diff.methods.diffnas.choice import BlockChoice, Supernet
-from automl_diff.methods.diffnas.transformer import TransformerBlockSupernet, transformer_layout
+from automl_diff.methods.diffnas.transformer import JointBlockSupernet, TransformerBlockSupernet, kept_blocks, transformer_layout
 from automl_diff.models.blocks import block_names, get_block, name_to_module_path
 from automl_diff.models.inherit import cut_resnet
 from automl_diff.models.student import Shortcut, SkipAttention, with_layout
@@ -283,7 +283,9 @@ def build_supernets(teacher: nn.Module, space: SupernetSpace) -> dict[str, Super
     for name in block_names(teacher):
         spec = space.block(name)
         block = get_block(teacher, name)
-        if name.startswith("transformer_blocks."):
+        if name.startswith("transformer_blocks.") and hasattr(block, "context_pre_only"):  # SD3's joint blocks
+            out[name] = JointBlockSupernet(name, block, layers=spec.layers)
+        elif name.startswith("transformer_blocks."):
             out[name] = TransformerBlockSupernet(
                 name, block, teacher.config, layers=spec.layers, width=spec.width, attention=spec.attention, heads=spec.heads
             )
@@ -298,8 +300,11 @@ def student_config(
     teacher_config: Mapping[str, Any], supernets: Mapping[str, Supernet], choices: Mapping[str, BlockChoice]
 ) -> dict[str, Any]:
     """The diffusers config (``StudentUNet2DModel``, ``StudentUNet2DConditionModel`` for a
-    text-conditioned teacher, ``StudentDiTTransformer2DModel`` for a DiT) of the student that
-    ``choices`` select."""
+    text-conditioned teacher, ``StudentDiTTransformer2DModel`` for a DiT, a shallower
+    ``SD3Transformer2DModel`` for SD3) of the student that ``choices`` select."""
+    if any(isinstance(s, JointBlockSupernet) for s in supernets.values()):
+        config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        return {**config, "_class_name": "SD3Transformer2DModel", "num_layers": len(kept_blocks(supernets, choices))}
     if any(isinstance(s, TransformerBlockSupernet) for s in supernets.values()):
         config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
         return {**config, "_class_name": StudentDiTTransformer2DModel.__name__, **transformer_layout(supernets, choices)}
@@ -325,10 +330,13 @@ def assemble_student(
     """The student with each block's chosen subnet, inheriting the supernets' weights (and the
     teacher's outside the blocks). Returns the model and its config."""
     config = student_config(teacher.config, supernets, choices)
-    student = STUDENT_CLASSES[config["_class_name"]][0].from_config(config)
+    joint = any(isinstance(s, JointBlockSupernet) for s in supernets.values())
+    student = (type(teacher) if joint else STUDENT_CLASSES[config["_class_name"]][0]).from_config(config)
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(_BLOCK_STATE)}
-    for name, supernet in supernets.items():
-        prefix = name_to_module_path(name) + "."
+    kept = kept_blocks(supernets, choices) if joint else list(supernets)
+    for position, name in enumerate(kept):  # a shallower SD3 student numbers its kept blocks anew
+        supernet = supernets[name]
+        prefix = (f"transformer_blocks.{position}" if joint else name_to_module_path(name)) + "."
         state.update({prefix + k: v for k, v in supernet.subnet(choices.get(name, supernet.largest())).state_dict().items()})
     student.load_state_dict(state, strict=True)
     param = next(teacher.parameters())
@@ -336,6 +344,14 @@ def assemble_student(
     if param.dtype != torch.float32:
         student.to(param.dtype)
     return student.eval(), config
+
+
+def block_pairs(supernets: Mapping[str, Supernet], choices: Mapping[str, BlockChoice]) -> dict[str, str]:
+    """Each teacher block the student of ``choices`` holds, with its name in the student: the
+    same name, except in a shallower SD3 student, which numbers its kept blocks anew."""
+    if any(isinstance(s, JointBlockSupernet) for s in supernets.values()):
+        return {name: f"transformer_blocks.{i}" for i, name in enumerate(kept_blocks(supernets, choices))}
+    return {name: name for name in supernets}
 
 
 def plug_supernets(teacher: nn.Module, supernets: Mapping[str, Supernet]) -> nn.Module:

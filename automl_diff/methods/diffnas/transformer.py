@@ -14,6 +14,11 @@ with channels. A candidate's :class:`~automl_diff.methods.diffnas.choice.BlockCh
 :meth:`TransformerBlockSupernet.subnet` cuts a candidate out as the block
 :class:`~automl_diff.models.student_transformer.StudentDiTTransformer2DModel` builds from
 ``skip_blocks``, ``block_heads`` and ``block_ff_dims``.
+
+A :class:`JointBlockSupernet` is the supernet of one of SD3's joint blocks (text and image streams
+updated together): kept or skipped, both streams passing through. Its students are stock
+``SD3Transformer2DModel``s with the kept blocks (:func:`kept_blocks`); the last block, which
+updates the image stream alone, is always kept.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from automl_diff.methods.diffnas.choice import BlockChoice, Supernet
 from automl_diff.models.inherit_transformer import sort_block_by_importance
 from automl_diff.models.student_transformer import SkipBlock, dit_block
 
-__all__ = ["ElasticFeedForward", "ElasticSelfAttention", "TransformerBlockSupernet", "transformer_layout"]
+__all__ = ["ElasticFeedForward", "ElasticSelfAttention", "JointBlockSupernet", "TransformerBlockSupernet", "transformer_layout"]
 
 
 class ElasticSelfAttention(nn.Module):
@@ -196,3 +201,59 @@ def transformer_layout(supernets: Mapping[str, TransformerBlockSupernet], choice
         heads.append(h if not skip else supernet.full_heads)
         ff_dims.append(ff if not skip else supernet.block.ff.full_width)
     return {"skip_blocks": skips, "block_heads": heads, "block_ff_dims": ff_dims}
+
+
+class JointBlockSupernet(Supernet):
+    """The supernet of one joint block of an SD3 transformer (``JointTransformerBlock``): the
+    block, or nothing (both streams pass through). The last block (``context_pre_only``) is kept
+    whatever ``layers`` says: a student ends with it.
+
+    Args:
+        name: the block's name (``transformer_blocks.2``).
+        block: the teacher's block (copied; the teacher is not modified).
+        layers: ``(0, 1)`` where the block may be skipped.
+    """
+
+    def __init__(self, name: str, block: nn.Module, *, layers: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.index = int(name.rsplit(".", 1)[1])
+        self.block = copy.deepcopy(block).requires_grad_(True)
+        self.last = bool(block.context_pre_only)
+        self.layers = (1,) if self.last else tuple(sorted(set(layers or (1,))))
+        self.widths, self.attention_choices, self.depths, self.heads = (1.0,), (True,), (0,), (0,)
+        self.active = True
+        self.choice = self.largest()
+
+    def canonical(self, choice: BlockChoice) -> BlockChoice:
+        return BlockChoice(1 if self.last else min(1, choice.layers), 1.0, True, 0, 0)
+
+    def set(self, choice: BlockChoice) -> JointBlockSupernet:
+        self.choice = self.canonical(choice)
+        self.active = self.choice.layers > 0
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:  # SD3 calls its blocks with keywords only
+            return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+        return self.block(*args, **kwargs)
+
+    @torch.no_grad()
+    def subnet(self, choice: BlockChoice) -> nn.Module:
+        """The block with the shared weights (a copy), or a :class:`JointSkip` where the candidate
+        skips it (the student drops it: :func:`kept_blocks`)."""
+        if self.canonical(choice).layers == 0:
+            return JointSkip()
+        return copy.deepcopy(self.block).requires_grad_(False)
+
+
+class JointSkip(nn.Module):
+    """A skipped joint block: both streams pass through."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+
+
+def kept_blocks(supernets: Mapping[str, JointBlockSupernet], choices: Mapping[str, BlockChoice]) -> list[str]:
+    """The joint blocks an SD3 student of ``choices`` keeps, in order."""
+    return [name for name, s in supernets.items() if s.canonical(choices.get(name, s.largest())).layers]

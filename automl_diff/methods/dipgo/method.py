@@ -36,7 +36,7 @@ from automl_diff.metrics.stages import Stage
 from automl_diff.models.loading import weights_digest
 from automl_diff.models.text import text_length
 from automl_diff.records import TrialAttr, stable_key
-from automl_diff.sampling import Sampler
+from automl_diff.sampling import Sampler, resolve_scheduler
 
 __all__ = ["BUDGET", "THRESHOLD", "DiPGO", "DiPGOAttr"]
 
@@ -120,7 +120,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
             "objective": OBJECTIVE_VERSION,
             "options": {k: v for k, v in asdict(self.options).items() if k not in _POSTPROCESS_OPTIONS},
             "budgets": [b.train_iterations, b.batch_size, b.lr, st.sampling.steps],
-            "sampling": [st.sampling.scheduler, st.sampling.eta],
+            "sampling": [resolve_scheduler(self.teacher.scheduler_config, st.sampling.scheduler), st.sampling.eta],
             "text": self._text_key(),
             "seed": st.seed,
             "teacher": self.teacher.source,

@@ -30,7 +30,7 @@ from torch import nn
 from automl_diff.config.options import PoolOptions
 from automl_diff.config.settings import MethodSettings
 from automl_diff.methods.training.loop import world
-from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels, prediction_target
+from automl_diff.methods.training.pool import NoisePool, PoolState, drop_labels, noisy, prediction_target
 from automl_diff.models.loading import Teacher
 from automl_diff.sampling import predict_noise
 
@@ -211,6 +211,7 @@ class DataBatches:
         captions: torch.Tensor | None = None,
         dropout: float = 0.0,
         prediction_type: str = "epsilon",
+        model_timesteps: torch.Tensor | None = None,
     ) -> None:
         self.images = images
         self.alphas_cumprod = alphas_cumprod.float()
@@ -220,12 +221,14 @@ class DataBatches:
         self.captions = captions
         self.dropout = dropout
         self.prediction_type = prediction_type
+        self.model_timesteps = model_timesteps
 
     def record(self) -> dict[str, Any]:
         """This source as it is now, for :func:`restore_batches`."""
         return {
             "kind": "data",
             "prediction_type": self.prediction_type,
+            "model_timesteps": self.model_timesteps,
             "images": self.images.cpu(),
             "alphas_cumprod": self.alphas_cumprod.cpu(),
             "generator": self.generator.get_state(),
@@ -240,8 +243,9 @@ class DataBatches:
         t = torch.randint(0, len(self.alphas_cumprod), (batch_size,), generator=self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x = noisy(x0, noise, a, self.prediction_type)
         target = prediction_target(x0, noise, a, self.prediction_type)
+        t = t if self.model_timesteps is None else self.model_timesteps[t]
         context = None
         if self.labels is not None and self.captions is not None:
             context = _context(self.captions, drop_labels(self.labels[idx], len(self.captions) - 1, self.dropout, self.generator))
@@ -272,6 +276,7 @@ def restore_batches(record: dict[str, Any], *, teacher: nn.Module | None, device
         captions=None if captions is None else captions.to(device),
         dropout=record["dropout"],
         prediction_type=record.get("prediction_type", "epsilon"),
+        model_timesteps=record.get("model_timesteps"),
     )
 
 
@@ -302,9 +307,6 @@ class TrainingInputs:
         self._labels: torch.Tensor | None = None
         self._held_out: Batch | None = None
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.teacher.noise_schedule().alphas_cumprod
-
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         """Conditioning of ``prompts`` and, last, of the unconditional prompt, on the device: text
         embeddings in the UNet's dtype, or a class-conditional teacher's class ids and null class."""
@@ -332,7 +334,8 @@ class TrainingInputs:
         latents = []
         for start in range(0, len(images), 16):  # the latent mean: the same x_0 on every draw
             batch = images[start : start + 16].to(t.text.device, vae.dtype)
-            latents.append(vae.encode(batch).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+            mean = vae.encode(batch).latent_dist.mean.float().cpu()
+            latents.append((mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor)
         self._dataset = torch.cat(latents)
 
     def prepare(self) -> None:
@@ -353,8 +356,8 @@ class TrainingInputs:
             alphas_cumprod=schedule.alphas_cumprod,
             num_steps=self.options.pool_steps,
             eta=self.options.pool_eta,
-            clip_sample=bool(schedule.config.clip_sample),
-            clip_range=float(schedule.config.clip_sample_range),
+            clip_sample=schedule.clip_sample,
+            clip_range=schedule.clip_range,
             generator=torch.Generator().manual_seed(self.settings.seed),
             device=self.device,
             num_labels=0 if self.prompts is None else len(self.prompts) - 1,
@@ -362,7 +365,8 @@ class TrainingInputs:
             # unconditional rows are the other half of guidance at those states
             label_dropout=0.0 if self.guided else self.options.prompt_dropout,
             guidance=self._guidance(),
-            prediction_type=self.teacher.prediction_type,
+            prediction_type=schedule.prediction_type,
+            model_timesteps=schedule.timesteps,
         )
         labeller = self._labeller()
         with torch.no_grad():
@@ -386,15 +390,17 @@ class TrainingInputs:
         return PoolBatches(self.teacher.unet, self.pool, self.prompts, guided=self.guided, unconditional_rows=self.options.prompt_dropout)
 
     def _data_batches(self, generator: torch.Generator) -> DataBatches:
+        schedule = self.teacher.noise_schedule()
         return DataBatches(
             self._dataset,
-            self.alphas_cumprod(),
+            schedule.alphas_cumprod,
             generator=generator,
             device=self.device,
             labels=self._labels,
             captions=self.prompts,
             dropout=self.options.prompt_dropout,
-            prediction_type=self.teacher.prediction_type,
+            prediction_type=schedule.prediction_type,
+            model_timesteps=schedule.timesteps,
         )
 
     def held_out(self, samples: int) -> Batch:

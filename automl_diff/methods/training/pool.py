@@ -5,7 +5,10 @@ from ``t = T-1`` down to the clean image. The teacher's prediction at ``(x_t, t)
 the student on a batch is the same one that moves those entries one step on (``t -> t_prev``); an
 entry that reaches the clean image is replaced by fresh noise at ``t = T-1``. The prediction is in
 the teacher's own parametrisation (``prediction_type``: noise, velocity or the clean sample), which
-the student learns as it is and the step converts (:func:`split_prediction`).
+the student learns as it is and the step converts (:func:`split_prediction`). A flow-matching
+teacher's entries are its own inputs ``(1 - sigma) x_0 + sigma eps``; the step runs in the
+variance-preserving frame of the same signal-to-noise ratio, where a deterministic DDIM step is
+exactly flow matching's Euler step (``FlowMatchEulerDiscreteScheduler``'s).
 The pool is larger than the batch and batches are drawn at random, so a batch mixes timesteps.
 
 Each trajectory gets a random offset in ``[0, T/num_steps)`` added to its timestep grid, so that
@@ -27,15 +30,39 @@ from typing import Any
 
 import torch
 
-__all__ = ["NoisePool", "PoolState", "drop_labels", "prediction_target", "split_prediction"]
+__all__ = ["NoisePool", "PoolState", "drop_labels", "model_input_scale", "noisy", "prediction_target", "split_prediction"]
+
+
+def model_input_scale(alpha: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """What the model's input is, as a multiple of the variance-preserving state ``sqrt(alpha) x_0 +
+    sqrt(1 - alpha) eps`` with the same signal-to-noise ratio: 1, except for a flow-matching model,
+    whose input ``(1 - sigma) x_0 + sigma eps`` is that state times ``1 / (sqrt(alpha) + sqrt(1 - alpha))``."""
+    if prediction_type == "flow":
+        return 1 / (alpha.sqrt() + (1 - alpha).sqrt())
+    return torch.ones_like(alpha)
+
+
+def _sigma(alpha: torch.Tensor) -> torch.Tensor:
+    """Flow matching's ``sigma`` at the equivalent cumulative alpha ``alpha``."""
+    return (1 - alpha).sqrt() * model_input_scale(alpha, "flow")
+
+
+def noisy(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """The model's input ``x_t`` for a clean sample and noise at cumulative alpha ``alpha``:
+    ``sqrt(alpha) x0 + sqrt(1 - alpha) noise``, or ``(1 - sigma) x0 + sigma noise`` for flow matching."""
+    return model_input_scale(alpha, prediction_type) * (alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise)
 
 
 def split_prediction(
     prediction: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_0, eps)`` of a model's ``prediction`` at ``x_t = sqrt(alpha) x_0 + sqrt(1 - alpha) eps``
-    (``alpha``: the cumulative alpha at ``t``, broadcastable to ``x``)."""
+    """``(x_0, eps)`` of a model's ``prediction`` at its input ``x`` (:func:`noisy`: ``sqrt(alpha)
+    x_0 + sqrt(1 - alpha) eps``, or ``(1 - sigma) x_0 + sigma eps`` for flow matching; ``alpha``:
+    the cumulative alpha at ``t``, broadcastable to ``x``)."""
     a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    if prediction_type == "flow":
+        sigma = _sigma(alpha)
+        return x - sigma * prediction, x + (1 - sigma) * prediction
     if prediction_type == "v_prediction":
         return a * x - s * prediction, a * prediction + s * x
     if prediction_type == "sample":
@@ -44,7 +71,9 @@ def split_prediction(
 
 
 def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
-    """What a model of ``prediction_type`` should output at ``sqrt(alpha) x0 + sqrt(1 - alpha) noise``."""
+    """What a model of ``prediction_type`` should output at ``noisy(x0, noise, alpha)``."""
+    if prediction_type == "flow":
+        return noise - x0
     if prediction_type == "v_prediction":
         return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
     if prediction_type == "sample":
@@ -88,7 +117,10 @@ class NoisePool:
         guidance: ``(low, high)``: each trajectory's guidance scale, drawn uniformly when it
             starts (equal ends: one scale); None: an unguided pool (scale 1).
         prediction_type: what the teacher's predictions that advance the pool are
-            (:data:`~automl_diff.sampling.PREDICTION_TYPES`).
+            (:data:`~automl_diff.sampling.PREDICTION_TYPES`); entries hold the model's input, a
+            flow-matching model's included (:func:`model_input_scale`).
+        model_timesteps: the timestep the model is called with at each train index (default: the
+            index; ``sigma * T`` for flow matching): what :meth:`batch` returns.
     """
 
     def __init__(
@@ -107,6 +139,7 @@ class NoisePool:
         label_dropout: float = 0.0,
         guidance: tuple[float, float] | None = None,
         prediction_type: str = "epsilon",
+        model_timesteps: torch.Tensor | None = None,
     ) -> None:
         if size < 1 or num_steps < 1:
             raise ValueError("pool size and num_steps must be positive")
@@ -125,6 +158,7 @@ class NoisePool:
         self.label_dropout = label_dropout
         self.guidance = guidance
         self.prediction_type = prediction_type
+        self.model_timesteps = None if model_timesteps is None else model_timesteps.to(self.device)
         self.labels = torch.full((size,), num_labels, dtype=torch.long, device=self.device)
         self.scales = torch.ones(size, device=self.device)
         self.x = torch.empty((size, *self.sample_shape), device=self.device)
@@ -150,9 +184,11 @@ class NoisePool:
         return torch.randn((n, *self.sample_shape), generator=self.generator).to(self.device)
 
     def _reset(self, idx: torch.Tensor) -> None:
-        self.x[idx] = self._randn(len(idx))
+        noise = self._randn(len(idx))
         self.position[idx] = 0
         self.offset[idx] = torch.randint(0, self.stride, (len(idx),), generator=self.generator).to(self.device)
+        a = self.alphas_cumprod[self.timesteps(idx)].view(-1, *([1] * len(self.sample_shape)))
+        self.x[idx] = noise * model_input_scale(a, self.prediction_type)  # the model's input at the first grid point
         if self.num_labels:
             labels = torch.randint(0, self.num_labels, (len(idx),), generator=self.generator)
             self.labels[idx] = drop_labels(labels, self.num_labels, self.label_dropout, self.generator).to(self.device)
@@ -165,8 +201,9 @@ class NoisePool:
         return torch.randperm(self.size, generator=self.generator)[: min(batch_size, self.size)].to(self.device)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_t, t)`` of the given entries."""
-        return self.x[idx], self.timesteps(idx)
+        """``(x_t, t)`` of the given entries, ``t`` as the model takes it (``model_timesteps``)."""
+        t = self.timesteps(idx)
+        return self.x[idx], t if self.model_timesteps is None else self.model_timesteps[t]
 
     @torch.no_grad()
     def advance(self, idx: torch.Tensor, prediction: torch.Tensor) -> None:
@@ -178,13 +215,13 @@ class NoisePool:
         a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(t_prev, dtype=torch.float32))
         a_prev = a_prev.view_as(a_t)
         x = self.x[idx]
-        x0, eps = split_prediction(prediction.to(x.dtype), x, a_t, self.prediction_type)
+        x0, eps = split_prediction(prediction.to(x.dtype), x, a_t, self.prediction_type)  # x: the model's input
         if self.clip_sample:  # DDIM's step: the noise comes from the unclipped prediction
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         x_prev = a_prev.sqrt() * x0 + direction + sigma * self._randn(len(idx))
-        self.x[idx] = x_prev
+        self.x[idx] = x_prev * model_input_scale(a_prev, self.prediction_type)
         self.position[idx] += 1
         done = idx[self.position[idx] >= self.num_steps]
         if len(done):
@@ -227,6 +264,7 @@ class NoisePool:
             "label_dropout": self.label_dropout,
             "guidance": None if self.guidance is None else list(self.guidance),
             "prediction_type": self.prediction_type,
+            "model_timesteps": None if self.model_timesteps is None else self.model_timesteps.cpu(),
             "generator": self.generator.get_state(),
             "completed": self.completed,
             "x": self.x.cpu(),
@@ -255,6 +293,7 @@ class NoisePool:
             label_dropout=record["label_dropout"],
             guidance=None if record["guidance"] is None else tuple(record["guidance"]),
             prediction_type=record.get("prediction_type", "epsilon"),
+            model_timesteps=record.get("model_timesteps"),
         )
         pool.load_state(PoolState(record["x"], record["position"], record["offset"], record["labels"], record["scales"]))
         pool.generator = generator
