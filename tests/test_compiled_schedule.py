@@ -1,7 +1,8 @@
 """Schedules that compile: ``apply_schedule(..., compile=True)`` and a UNet compiled by the user
 (``torch.compile``) sample what the eager schedule samples, on an unconditional UNet through a
-diffusers pipeline and on a text-to-image UNet of Stable Diffusion's layout, with no step
-recompiling once every atom has run; ``profile --schedule --compile`` reports both compiled."""
+diffusers pipeline, on a text-to-image UNet of Stable Diffusion's layout and on transformers (DiT,
+SD3), with no step recompiling once every atom has run; ``profile --schedule --compile`` reports
+both compiled."""
 
 from __future__ import annotations
 
@@ -122,3 +123,26 @@ def test_a_dry_run_reports_the_teacher_compiled_apart_from_the_projection(tiny_s
     assert "compiled (torch.compile, the teacher): one model call" in capsys.readouterr().out
     assert main(["run", str(config), "--compile"]) == 2
     assert "--compile: only meaningful with --dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["tiny_dit_dir", "tiny_sd3_dir"])
+def test_a_compiled_schedule_of_a_transformer_samples_what_the_eager_one_does(folder, request):
+    """DiT's blocks, and SD3's joint blocks (two streams, a skipped block adding both of its last
+    updates), guided: compiled, the schedule samples what it samples eagerly, and a second
+    trajectory compiles nothing."""
+    from automl_diff.models.loading import load_teacher
+
+    teacher = load_teacher(str(request.getfixturevalue(folder)))
+    schedule = _schedule(teacher.unet, 4, "block", share=0.4)
+    parts = teacher.text or teacher.classes
+    sampler = teacher.sampler(steps=4, prompts=parts.prompts(["a red square", "blue"] if teacher.text else ["3", "7"], guidance_scale=3.0))
+    with apply_schedule(teacher.unet, schedule) as eager:
+        expected = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+    with apply_schedule(teacher.unet, schedule, compile=True) as compiled:
+        first = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+        executed, graphs = dict(compiled.executed), _graphs()
+        again = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+    assert graphs > 0 and _graphs() == graphs
+    torch.testing.assert_close(first, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again, expected, atol=1e-4, rtol=0)
+    assert executed == dict(eager.executed) and 0 < sum(executed.values()) < 4 * len(schedule.units)
