@@ -84,10 +84,13 @@ def get_block(unet: nn.Module, name: str) -> nn.Module:
         UserError: the name is not a block or layer of this UNet; the message lists the blocks.
     """
     path = name_to_module_path(name)
-    modules = dict(unet.named_modules())
-    if path not in modules or not re.fullmatch(r"(down|up|transformer_blocks)\.\d+(\..+)?|mid(\..+)?", name):
+    try:  # a walk down the path, not over every module
+        module = unet.get_submodule(path) if re.fullmatch(r"(down|up|transformer_blocks)\.\d+(\..+)?|mid(\..+)?", name) else None
+    except AttributeError:
+        module = None
+    if module is None:
         raise UserError(f"unknown block '{name}'; this model has blocks {', '.join(block_names(unet))}")
-    return modules[path]
+    return module
 
 
 def layer_names(unet: nn.Module, block: str) -> list[str]:
