@@ -79,18 +79,13 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_PROMPTS = ("a handwritten seven", "the digit 2", "a three")
 
 
-def build_tiny_sd_pipeline(folder: Path, unet: dict | None = None) -> Path:
-    """A real ``StableDiffusionPipeline`` with random weights, saved with diffusers: a tiny VAE
-    (16x16 grey images like the digits, 8x8 latents), a tiny CLIP text model with a character-level
-    tokenizer, a conditional UNet with SD's block kinds (``unet``: another config), and a DDIM
-    scheduler with SD's betas."""
+def _character_vocabulary(folder: Path) -> tuple[dict[str, int], Path]:
+    """A character-level CLIP vocabulary (lower-case letters, digits, punctuation, each also as a
+    word end) written as ``vocab.json`` and ``merges.txt`` in ``folder/words``: the vocabulary and
+    that folder."""
     import json
     import string
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
     chars = sorted(set(string.ascii_lowercase + string.digits + ".,'-"))
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
@@ -99,6 +94,19 @@ def build_tiny_sd_pipeline(folder: Path, unet: dict | None = None) -> Path:
     words.mkdir(parents=True, exist_ok=True)
     (words / "vocab.json").write_text(json.dumps(vocab))
     (words / "merges.txt").write_text("#version: 0.2\n")
+    return vocab, words
+
+
+def build_tiny_sd_pipeline(folder: Path, unet: dict | None = None) -> Path:
+    """A real ``StableDiffusionPipeline`` with random weights, saved with diffusers: a tiny VAE
+    (16x16 grey images like the digits, 8x8 latents), a tiny CLIP text model with a character-level
+    tokenizer, a conditional UNet with SD's block kinds (``unet``: another config), and a DDIM
+    scheduler with SD's betas."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab, words = _character_vocabulary(folder)
     tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>", model_max_length=24)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -245,21 +253,11 @@ def build_tiny_sd3_pipeline(folder: Path) -> Path:
     stream alone) trained with flow matching (``FlowMatchEulerDiscreteScheduler``, SD3's shift 3),
     two tiny CLIP text encoders with projection and no T5 (SD3 runs without it), and a tiny RGB
     ``AutoencoderKL`` with a ``shift_factor`` (16x16 images, 8x8x4 latents)."""
-    import json
-    import string
-
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
-    chars = sorted(set(string.ascii_lowercase + string.digits + ".,'-"))
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    words = folder / "words"
-    words.mkdir(parents=True, exist_ok=True)
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
+    vocab, words = _character_vocabulary(folder)
 
     def clip(width: int) -> tuple[CLIPTextModelWithProjection, CLIPTokenizer]:
         config = CLIPTextConfig(
