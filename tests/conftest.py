@@ -247,13 +247,31 @@ def build_tiny_clip(folder: Path, words: tuple[str, ...] | None = None) -> Path:
     return folder
 
 
+def tiny_rgb_vae(**config: float) -> torch.nn.Module:
+    """A tiny random ``AutoencoderKL`` from 16x16 RGB images to 8x8x4 latents (``config``: more of
+    its keys, such as ``scaling_factor``)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        **config,
+    )
+
+
 def build_tiny_sd3_pipeline(folder: Path) -> Path:
     """A real ``StableDiffusion3Pipeline`` with random weights, saved with diffusers: a 4-block
     ``SD3Transformer2DModel`` (MMDiT: joint text and image blocks, the last one updating the image
     stream alone) trained with flow matching (``FlowMatchEulerDiscreteScheduler``, SD3's shift 3),
     two tiny CLIP text encoders with projection and no T5 (SD3 runs without it), and a tiny RGB
     ``AutoencoderKL`` with a ``shift_factor`` (16x16 images, 8x8x4 latents)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -289,18 +307,7 @@ def build_tiny_sd3_pipeline(folder: Path) -> Path:
         pooled_projection_dim=24,  # the two CLIPs' pooled projections side by side
         pos_embed_max_size=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=1.5,
-        shift_factor=0.06,
-    )
+    vae = tiny_rgb_vae(scaling_factor=1.5, shift_factor=0.06)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -334,7 +341,7 @@ def build_tiny_dit_pipeline(folder: Path) -> Path:
     DiT's linear betas, and class names in ``model_index.json``."""
     import json
 
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
@@ -348,16 +355,7 @@ def build_tiny_dit_pipeline(folder: Path) -> Path:
         num_embeds_ada_norm=1000,
         norm_type="ada_norm_zero",
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = tiny_rgb_vae()
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
     index = json.loads((folder / "model_index.json").read_text())

@@ -27,7 +27,7 @@ from torch import nn
 
 from automl_diff.errors import UserError
 from automl_diff.models.latent import LatentParts
-from automl_diff.sampling import Prompts
+from automl_diff.sampling import Prompts, pack_pooled
 
 __all__ = [
     "CLIP_TOKENS",
@@ -200,8 +200,6 @@ class JointTextToImage(TextToImage):
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Packed token and pooled embeddings of ``prompts`` as ``StableDiffusion3Pipeline``
         computes them; computed once per prompt list."""
-        from automl_diff.sampling import pack_pooled
-
         key = tuple(prompts)
         if key not in self._cache:
             embeds, _, pooled, _ = self._encoder().encode_prompt(

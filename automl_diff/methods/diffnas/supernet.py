@@ -302,7 +302,7 @@ def student_config(
     """The diffusers config (``StudentUNet2DModel``, ``StudentUNet2DConditionModel`` for a
     text-conditioned teacher, ``StudentDiTTransformer2DModel`` for a DiT, a shallower
     ``SD3Transformer2DModel`` for SD3) of the student that ``choices`` select."""
-    if any(isinstance(s, JointBlockSupernet) for s in supernets.values()):
+    if _joint(supernets):
         config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
         return {**config, "_class_name": "SD3Transformer2DModel", "num_layers": len(kept_blocks(supernets, choices))}
     if any(isinstance(s, TransformerBlockSupernet) for s in supernets.values()):
@@ -330,13 +330,11 @@ def assemble_student(
     """The student with each block's chosen subnet, inheriting the supernets' weights (and the
     teacher's outside the blocks). Returns the model and its config."""
     config = student_config(teacher.config, supernets, choices)
-    joint = any(isinstance(s, JointBlockSupernet) for s in supernets.values())
-    student = (type(teacher) if joint else STUDENT_CLASSES[config["_class_name"]][0]).from_config(config)
+    student = (type(teacher) if _joint(supernets) else STUDENT_CLASSES[config["_class_name"]][0]).from_config(config)
     state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(_BLOCK_STATE)}
-    kept = kept_blocks(supernets, choices) if joint else list(supernets)
-    for position, name in enumerate(kept):  # a shallower SD3 student numbers its kept blocks anew
+    for name, mine in block_pairs(supernets, choices).items():
         supernet = supernets[name]
-        prefix = (f"transformer_blocks.{position}" if joint else name_to_module_path(name)) + "."
+        prefix = name_to_module_path(mine) + "."
         state.update({prefix + k: v for k, v in supernet.subnet(choices.get(name, supernet.largest())).state_dict().items()})
     student.load_state_dict(state, strict=True)
     param = next(teacher.parameters())
@@ -349,9 +347,14 @@ def assemble_student(
 def block_pairs(supernets: Mapping[str, Supernet], choices: Mapping[str, BlockChoice]) -> dict[str, str]:
     """Each teacher block the student of ``choices`` holds, with its name in the student: the
     same name, except in a shallower SD3 student, which numbers its kept blocks anew."""
-    if any(isinstance(s, JointBlockSupernet) for s in supernets.values()):
+    if _joint(supernets):
         return {name: f"transformer_blocks.{i}" for i, name in enumerate(kept_blocks(supernets, choices))}
     return {name: name for name in supernets}
+
+
+def _joint(supernets: Mapping[str, Supernet]) -> bool:
+    """Whether the supernets are an SD3 transformer's (joint blocks)."""
+    return any(isinstance(s, JointBlockSupernet) for s in supernets.values())
 
 
 def plug_supernets(teacher: nn.Module, supernets: Mapping[str, Supernet]) -> nn.Module:
