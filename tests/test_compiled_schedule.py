@@ -32,9 +32,19 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _plans(controller) -> int:
+    """The distinct plans of the calls that run the forward: one graph each, step 0 computing all."""
+    plan, steps = controller.plan, controller.steps
+    rows = {(tuple(plan.executes[s]), tuple(plan.reuses[s])) for s in range(1, steps) if not (controller.idle_free and plan.idle[s])}
+    return len(rows | {((True,) * len(controller.atoms), (False,) * len(controller.atoms))})
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 
@@ -57,12 +67,42 @@ def test_a_compiled_schedule_samples_what_the_eager_one_does_through_a_pipeline(
         first = sample()
         executed, graphs = dict(compiled.executed), _graphs()
         again = sample()
-    assert graphs > 0 and _graphs() == graphs  # the second trajectory compiled nothing: no step recompiles
+    assert graphs == _plans(compiled) and _graphs() == graphs  # a graph per plan, none broken; the second trajectory compiled nothing
     np.testing.assert_allclose(first, expected, atol=1e-4)
     np.testing.assert_allclose(again, expected, atol=1e-4)
     assert executed == dict(eager.executed)  # the same atoms ran, as often
     assert 0 < sum(executed.values()) < steps * len(eager.atoms)
+    with apply_schedule(pipe, schedule, compile=True):  # applied again to the same model: its graphs are reused
+        np.testing.assert_allclose(sample(), expected, atol=1e-4)
+    assert _graphs() == graphs
     np.testing.assert_allclose(sample(), full, atol=1e-6)  # removed: the plain model again
+
+
+def test_compiled_schedules_of_two_models_of_one_class_keep_their_graphs_apart(tiny_unet):
+    """A compiled schedule's graphs do not check the model's modules (dynamo's lookup would cost
+    as much as a gated call), so each controller keeps its own: two UNets of one class, of other
+    widths, gated and compiled side by side, each sample what they sample eagerly."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    torch.manual_seed(1)
+    wider = UNet2DModel(**{**TINY_UNET, "block_out_channels": [12, 24]}).eval()
+    steps = 4
+    pipes = [DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)) for unet in (tiny_unet, wider)]
+    schedules = [_schedule(unet, steps, share=0.5) for unet in (tiny_unet, wider)]
+
+    def sample(pipe) -> np.ndarray:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    expected = []
+    for pipe, schedule in zip(pipes, schedules):
+        with apply_schedule(pipe, schedule):
+            expected.append(sample(pipe))
+    with apply_schedule(pipes[0], schedules[0], compile=True), apply_schedule(pipes[1], schedules[1], compile=True):
+        for index in (0, 1, 0, 1):
+            np.testing.assert_allclose(sample(pipes[index]), expected[index], atol=1e-4)
 
 
 def test_a_user_compiled_unet_takes_a_schedule_and_is_itself_again_afterwards(tiny_cond_unet):
@@ -142,7 +182,7 @@ def test_a_compiled_schedule_of_a_transformer_samples_what_the_eager_one_does(fo
         first = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
         executed, graphs = dict(compiled.executed), _graphs()
         again = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
-    assert graphs > 0 and _graphs() == graphs
+    assert graphs == _plans(compiled) and _graphs() == graphs
     torch.testing.assert_close(first, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(again, expected, atol=1e-4, rtol=0)
     assert executed == dict(eager.executed) and 0 < sum(executed.values()) < 4 * len(schedule.units)

@@ -17,11 +17,19 @@ runs nothing where idle steps are free (:mod:`automl_diff.gating.units`). A *sof
 every atom runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differentiate the gates;
 :meth:`GateController.pinned` runs one step of it from given caches, so that each step can be
 recomputed under gradient checkpointing.
+
+Compiled (``compile=True``), the UNet's whole forward is traced with the hooks inside it, once per
+distinct plan of a step (which atoms run, which reuse their cache): steps that share a plan share
+a graph, and no step recompiles once every plan has been seen. Inside a graph an atom that
+nothing reads is traced like any other and dropped as dead code, and so is the concatenation in
+front of a resnet that reuses its cache; every computed output is kept (a graph per plan, not
+per plan and set of outputs a later step reads), so the caches hold one output per atom.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -42,10 +50,8 @@ GATE_HOOK = "automl_diff.gate"
 STEP_HOOK = "automl_diff.gate_step"
 CONCAT_HOOK = "automl_diff.gate_concat"
 HEAD_HOOK = "automl_diff.gate_head"
-COMPILED_HOOK = "automl_diff.gate_compiled"
-#: Modules outside the units and the head that run at every call, compiled with them.
-EVERY_STEP = ("conv_in", "time_embedding", "class_embedding", "add_embedding", "pos_embed")
 _ATTR = "_automl_diff_gates"
+_COMPILED = "_automl_diff_compiled"  # on a model: its gated forwards compiled (_compiled_forward)
 
 
 class ScheduleMismatch(RuntimeError):
@@ -74,11 +80,13 @@ def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 
 class _StepHook(ModelHook):
     """On the UNet: advances the step; at a step that computes no unit (where such steps are
-    free), returns the last call's output without running anything."""
+    free), returns the last call's output without running anything; compiled, calls the forward's
+    graph of this step's plan."""
 
     def __init__(self, controller: GateController) -> None:
         super().__init__()
         self.controller = controller
+        self.compiled: Any = None  # the forward, hooks included, compiled (binary gates only)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
@@ -90,10 +98,60 @@ class _StepHook(ModelHook):
                 return (sample,)
             if kind is not tuple:
                 return kind(sample=sample)
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        if c._traced:
+            c._count_executed()
+            out = self.compiled(*args, **kwargs)
+        else:
+            out = self.fn_ref.original_forward(*args, **kwargs)
         if c.idle_free and c.soft_gates is None:
             c._output = (tuple, out[0]) if isinstance(out, tuple) else (type(out), out.sample)
         return out
+
+
+def _compiled_forward(unet: nn.Module, forward: Any, options: dict[str, Any]) -> Any:
+    """``forward`` (the model's, its gate hooks attached) compiled with ``options``, for this
+    model as it is now: every schedule applied to it later while its modules and attention
+    processors are the same objects, in the same mode, with parameters of the same shapes, dtypes
+    and devices reuses it, and the graphs of the plans it has already traced. Its code is its own
+    (:func:`_own_code`)."""
+    tensors = itertools.chain(unet.named_parameters(), unet.named_buffers())
+    processors = getattr(unet, "attn_processors", None)
+    key = (
+        repr(sorted(options.items())),
+        tuple((name, id(module), module.training) for name, module in unet.named_modules()),
+        tuple((name, id(processor)) for name, processor in processors.items()) if isinstance(processors, dict) else (),
+        tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in tensors),
+    )
+    compiled = unet.__dict__.setdefault(_COMPILED, _Compiled())
+    if key not in compiled:
+        compiled[key] = torch.compile(_own_code(forward), **options)
+    return compiled[key]
+
+
+class _Compiled(dict):
+    """A model's compiled gated forwards, by what they were compiled for; a copy or a pickle of the
+    model starts with none (they call this model's forward)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
+        return _Compiled()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Compiled, ())
+
+
+def _own_code(forward: Any) -> Any:
+    """A function that calls ``forward``, with a code object of its own. Dynamo keeps graphs per
+    code object: one model's graphs, whose guards do not check the model (:func:`_plan_guards`),
+    are then never looked up for another model, nor theirs for this one."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace(co_name=f"gated_forward_{next(_CODES)}")
+    return call
+
+
+_CODES = itertools.count()
 
 
 class _Skipped:
@@ -179,6 +237,8 @@ class _ConcatHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
+        if self.controller._traced:  # compiled, a concatenation nothing reads is dead code
+            return forward(*args, **kwargs)
         runs = self.controller._runs
         reusing = [(index, name) for index, atom, name in self.resnets if not runs[atom]]
         positional = len(args) > 1
@@ -203,7 +263,6 @@ class _GateHook(ModelHook):
         self.index = index
         self.name = name
         self.spec: pytree.TreeSpec | None = None  # the structure of the atom's output
-        self.compiled: Any = None  # the atom's forward compiled (binary gates only)
 
     def _dead(self) -> Any:
         if self.spec is None:
@@ -214,9 +273,15 @@ class _GateHook(ModelHook):
         c = self.controller
         residual = c.graph.residual  # a transformer block: its cache is its update, added to its input
         if not c._runs[self.index]:  # the plan of this step, resolved once when the step began
-            if not c._reuse[self.index]:
-                return self._dead()
-            return _tree_map(_plus, c.cache[self.name], _block_input(module, args, kwargs)) if residual else c.cache[self.name]
+            if c._reuse[self.index]:
+                return _tree_map(_plus, c.cache[self.name], _block_input(module, args, kwargs)) if residual else c.cache[self.name]
+            if c._traced:  # nothing reads its output: traced, then dropped from the graph as dead code
+                return self.fn_ref.original_forward(*args, **kwargs)
+            return self._dead()
+        if c._traced:  # every computed output is kept: the graph depends on the plan alone
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            c.cache[self.name] = _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual else out
+            return out
         cache = c.cache
         if c.soft_gates is not None:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -229,7 +294,7 @@ class _GateHook(ModelHook):
             return _tree_map(_plus, new, _block_input(module, args, kwargs)) if residual else new
         if args and isinstance(args[0], (_Skipped, _Dead)):
             raise RuntimeError(f"{self.name}: its input was not computed but the atom runs")
-        out = (self.compiled or self.fn_ref.original_forward)(*args, **kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
         if self.spec is None:
             self.spec = pytree.tree_flatten(out)[1]
         c.executed[self.name] += 1
@@ -262,36 +327,37 @@ class _HeadHook(ModelHook):
         super().__init__()
         self.controller = controller
         self.key = f"head:{name}"
-        self.compiled: Any = None
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
         if c._head_reuses and self.key in c.cache:
             return c.cache[self.key]
-        out = (self.compiled if c.soft_gates is None and self.compiled else self.fn_ref.original_forward)(*args, **kwargs)
-        c._store(self.key, out, c._head_keeps)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        c._store(self.key, out, c._traced or c._head_keeps)
         return out
 
 
-class _CompiledHook(ModelHook):
-    """On a module that runs at every call (the input convolution, the time embedding): its
-    forward, compiled."""
+def _plan_guards(guards: Sequence[Any]) -> list[bool]:
+    """Which of dynamo's guards a gated forward's graph keeps: those on its inputs, on globals and
+    on the controller (the step's plan, the caches). Those on the model's own modules (their
+    parameters, attributes and hook dicts: thousands on a UNet) are dropped, as
+    ``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` drops them, so that a call checks
+    hundreds instead (on ``digits-t2i`` at batch 8, dynamo's lookups took 17% of a compiled
+    schedule's trajectory with them, 5% without): the model must not change while a schedule
+    is applied (apply it again after changing it), and no other model reaches these graphs
+    (:func:`_own_code`)."""
+    return [".controller" in guard.name or "forward.__self__" not in guard.name for guard in guards]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.compiled: Any = None
 
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.compiled(*args, **kwargs)
-
-
-def _compile_options(compile: bool | dict[str, Any], atoms: int) -> dict[str, Any] | None:
-    """``torch.compile``'s options for the compiled pieces (None: eager). Atoms of one class share
-    their forward's code, one compiled graph per distinct atom: dynamo's recompile limit is
-    raised to hold them all."""
+def _compile_options(compile: bool | dict[str, Any], plans: int) -> dict[str, Any] | None:
+    """``torch.compile``'s options for the forward (None: eager). Its code is traced once per
+    distinct plan of a step (at most ``plans``) and batch shape: dynamo's recompile limit is
+    raised to hold them all at four batch shapes. The guards are :func:`_plan_guards`, unless
+    the options name a ``guard_filter_fn``."""
     if compile is False:
         return None
     options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+    options["options"] = {"guard_filter_fn": _plan_guards, **options.get("options", {})}
     if options.get("mode") in ("reduce-overhead", "max-autotune"):
         raise ValueError(
             f"compile: mode {options['mode']!r} replays CUDA graphs, which overwrite the outputs a schedule keeps for later "
@@ -299,7 +365,7 @@ def _compile_options(compile: bool | dict[str, Any], atoms: int) -> dict[str, An
         )
     import torch._dynamo
 
-    limit = max(int(torch._dynamo.config.recompile_limit), 2 * atoms + 8)
+    limit = max(int(torch._dynamo.config.recompile_limit), 4 * plans + 8)
     torch._dynamo.config.recompile_limit = limit
     torch._dynamo.config.accumulated_recompile_limit = max(int(torch._dynamo.config.accumulated_recompile_limit), 4 * limit)
     return options
@@ -312,11 +378,10 @@ class GateController:
         unet: a ``UNet2DModel`` or ``UNet2DConditionModel`` (or a subclass).
         units: unit names (blocks, layers or groups of layers joined by ``+``, none nested in another).
         steps: model calls per trajectory.
-        compile: compile what runs (``torch.compile``; a dict: its options): each atom's forward,
-            the head's layers and the modules that run at every call (:data:`EVERY_STEP`), each
-            once, whatever the step; the code between them and the hooks stay eager. A schedule
-            is static, so no step recompiles: every step reuses the atoms' graphs. Binary gates
-            only (soft gates always run eagerly).
+        compile: compile the forward (``torch.compile``; a dict: its options), hooks included,
+            one graph per distinct plan of a step (see the module docs). A schedule is static,
+            so no step recompiles once each plan has run: the steps that share a plan share its
+            graph. Binary gates only (soft gates always run eagerly).
 
     Attributes:
         graph: the dataflow between the units' atoms.
@@ -354,8 +419,7 @@ class GateController:
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
         self.idle_free = idle_steps_free(unet, self.graph)
         self._index = {name: i for i, name in enumerate(self.atoms)}
-        self.compile_options = _compile_options(compile, len(self.atoms))
-        self._every_step = [m for n in EVERY_STEP if isinstance(m := getattr(unet, n, None), nn.Module)] if self.compile_options else []
+        self.compile_options = _compile_options(compile, steps + 1)
         self._on_remove: list[Any] = []
         self._resolve()
         self._attach()
@@ -366,21 +430,15 @@ class GateController:
         if previous is not None:
             previous.remove()
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
-        hooks: list[_GateHook | _HeadHook | _CompiledHook] = []
         for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
-            hooks.append(_GateHook(self, index, name))
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], GATE_HOOK)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
         for block, resnets in self._concat_blocks:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_ConcatHook(self, resnets), CONCAT_HOOK)
         for name, module in self._head:
-            hooks.append(_HeadHook(self, name))
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], HEAD_HOOK)
-        for module in self._every_step:
-            hooks.append(_CompiledHook())
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hooks[-1], COMPILED_HOOK)
-        if self.compile_options is not None:
-            for hook in hooks:
-                hook.compiled = torch.compile(hook.fn_ref.original_forward, **self.compile_options)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_HeadHook(self, name), HEAD_HOOK)
+        if self.compile_options is not None:  # after every hook: the compiled forward traces them all
+            step = HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(STEP_HOOK)
+            step.compiled = _compiled_forward(self.unet, step.fn_ref.original_forward, self.compile_options)
         setattr(self.unet, _ATTR, self)
 
     def remove(self) -> None:
@@ -394,8 +452,6 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(CONCAT_HOOK, recurse=False)
         for _, module in self._head:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HEAD_HOOK, recurse=False)
-        for module in self._every_step:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(COMPILED_HOOK, recurse=False)
         while self._on_remove:
             self._on_remove.pop()()
         delattr(self.unet, _ATTR)
@@ -470,6 +526,13 @@ class GateController:
         self._head_reuses = head is not None and self._reuse[self._index[head]]
         self._head_keeps = self.soft_gates is None and head is not None and self._keep[self._index[head]]
         self._idle = self.idle_free and plan is not None and step > 0 and not any(self._runs)
+        self._traced = self.compile_options is not None and self.soft_gates is None
+
+    def _count_executed(self) -> None:
+        """Count the atoms that run at this step (compiled, the hooks run only while tracing)."""
+        for name, runs in zip(self.atoms, self._runs):
+            if runs:
+                self.executed[name] += 1
 
     def _store(self, key: str, out: Any, keep: bool) -> None:
         """Keep ``out`` for a later step, or drop the older cache no step will read again, so the
@@ -502,10 +565,10 @@ def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str,
     applied before. Returns the controller: ``.remove()`` it (or use it as a context manager) to
     get the plain model back.
 
-    ``compile=True`` (or ``torch.compile``'s options as a dict) compiles the pieces that run
-    (:class:`GateController`). A UNet compiled with ``torch.compile`` (an ``OptimizedModule``, or
-    a pipeline's) is gated as its original module with its pieces compiled: while the schedule is
-    applied, calling the compiled module runs the gated one.
+    ``compile=True`` (or ``torch.compile``'s options as a dict) compiles the gated forward, one
+    graph per distinct plan of a step (:class:`GateController`). A UNet compiled with
+    ``torch.compile`` (an ``OptimizedModule``, or a pipeline's) is gated as its original module,
+    compiled so: while the schedule is applied, calling the compiled module runs the gated one.
 
     Raises:
         UserError: the schedule was made for another architecture.
