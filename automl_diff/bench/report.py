@@ -177,7 +177,7 @@ def _compiled_table(result: BenchResult) -> list[str]:
         "",
         "Compiled (`torch.compile`, inductor): the teacher's whole UNet, and each schedule through `apply_schedule(..., "
         "compile=True)` (the gated forward, hooks included, traced once per distinct plan of a step: which units run, which "
-        "reuse their cache). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
+        "cached outputs it reads). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
         "warm-up: the first batch at that size (compilation into an empty cache included), timed apart before the rounds:",
         "",
         *_per_batch_header(batches, "latency", "speedup", "speedup / MACs reduction", "warm-up"),

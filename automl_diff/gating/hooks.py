@@ -19,11 +19,12 @@ every atom runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differenti
 recomputed under gradient checkpointing.
 
 Compiled (``compile=True``), the UNet's whole forward is traced with the hooks inside it, once per
-distinct plan of a step (which atoms run, which reuse their cache): steps that share a plan share
-a graph, and no step recompiles once every plan has been seen. Inside a graph an atom that
-nothing reads is traced like any other and dropped as dead code, and so is the concatenation in
-front of a resnet that reuses its cache; every computed output is kept (a graph per plan, not
-per plan and set of outputs a later step reads), so the caches hold one output per atom.
+distinct plan of a step (which atoms run, which cached outputs the step reads): steps that share a
+plan share a graph, and no step recompiles once every plan has been seen. Inside a graph an atom
+that nothing reads at that step (its cache only carried to a later step, or not needed at all) is
+traced like any other and dropped as dead code, and so is the concatenation in front of a resnet
+that reuses its cache; every computed output is kept (a graph per plan, not per plan and set of
+outputs a later step reads), so the caches hold one output per atom.
 """
 
 from __future__ import annotations
@@ -515,18 +516,22 @@ class GateController:
         """Resolve the current step once, before any atom runs: which atoms run, which return
         their cache, which keep what they compute (those the next step reuses: a cache nobody
         reads would only hold memory the allocator could reuse), whether the head reuses or
-        keeps, whether the step runs nothing. The hooks then read one flag each."""
+        keeps, whether the step runs nothing. The hooks then read one flag each. Traced, an atom
+        whose cache is only carried to a later step is dead code like any atom nothing reads: a
+        graph depends on the reuses its step reads, so steps that differ only in what they carry
+        share a graph."""
         n, plan, step = len(self.atoms), self.plan, self.step
+        self._traced = self.compile_options is not None and self.soft_gates is None
         if self.soft_gates is not None or plan is None or step <= 0:
             self._runs, self._reuse = [True] * n, [False] * n
             self._keep = [self.soft_gates is not None] * n if plan is None else plan.keeps[max(step, 0)].tolist()
         else:
-            self._runs, self._reuse, self._keep = plan.executes[step].tolist(), plan.reuses[step].tolist(), plan.keeps[step].tolist()
+            reuses = plan.reads if self._traced else plan.reuses
+            self._runs, self._reuse, self._keep = plan.executes[step].tolist(), reuses[step].tolist(), plan.keeps[step].tolist()
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
         self._head_keeps = self.soft_gates is None and head is not None and self._keep[self._index[head]]
         self._idle = self.idle_free and plan is not None and step > 0 and not any(self._runs)
-        self._traced = self.compile_options is not None and self.soft_gates is None
 
     def _count_executed(self) -> None:
         """Count the atoms that run at this step (compiled, the hooks run only while tracing)."""

@@ -165,13 +165,17 @@ class Plan:
 
     Attributes:
         executes: the atom runs.
-        reuses: the atom returns its cache (its gate is off and its output is read).
+        reuses: the atom returns its cache (its gate is off and its output is read, at this step
+            or, carried by the cache, at a later one).
         keeps: the atom's output is stored for the next step, which reuses it.
+        reads: the reuses that something run at this step reads; the others only carry the cache
+            to a later step. Where the dataflow is not known exactly, every reuse.
     """
 
     executes: np.ndarray
     reuses: np.ndarray
     keeps: np.ndarray
+    reads: np.ndarray
 
     @property
     def idle(self) -> np.ndarray:
@@ -266,18 +270,19 @@ class UnitGraph:
         gated[list(self.atom_nodes)] = True
         runs = np.zeros((steps, n), dtype=bool)
         needed = np.zeros((steps, n), dtype=bool)
+        read = np.zeros((steps, n), dtype=bool)  # read at this step, not only carried to a later one
         carry = np.zeros(n, dtype=bool)  # needed at the next step while reusing there
         for s in range(steps - 1, -1, -1):
             for k in range(n - 1, -1, -1):
-                need = not self.exact or self.residual or k == n - 1 or carry[k] or any(runs[s, r] for r in self.readers[k])
-                needed[s, k] = need
-                runs[s, k] = (on[s, k] and need) or not gated[k]
+                read[s, k] = not self.exact or self.residual or k == n - 1 or any(runs[s, r] for r in self.readers[k])
+                needed[s, k] = read[s, k] or carry[k]
+                runs[s, k] = (on[s, k] and needed[s, k]) or not gated[k]
             carry = needed[s] & ~on[s]
         atoms = list(self.atom_nodes)
         reuses = needed & ~on
         keeps = np.zeros_like(runs)
         keeps[:-1] = runs[:-1] & reuses[1:]
-        return Plan(runs[:, atoms], reuses[:, atoms], keeps[:, atoms])
+        return Plan(runs[:, atoms], reuses[:, atoms], keeps[:, atoms], (reuses & read)[:, atoms])
 
     def expected_runs(self, probs: torch.Tensor) -> torch.Tensor:
         """The probability that each atom runs at each step (``(steps, atoms)``) when each unit's
