@@ -430,7 +430,8 @@ class GateController:
         previous = getattr(self.unet, _ATTR, None)
         if previous is not None:
             previous.remove()
-        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), STEP_HOOK)
+        step = _StepHook(self)
+        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(step, STEP_HOOK)
         for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
         for block, resnets in self._concat_blocks:
@@ -438,7 +439,6 @@ class GateController:
         for name, module in self._head:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_HeadHook(self, name), HEAD_HOOK)
         if self.compile_options is not None:  # after every hook: the compiled forward traces them all
-            step = HookRegistry.check_if_exists_or_initialize(self.unet).get_hook(STEP_HOOK)
             step.compiled = _compiled_forward(self.unet, step.fn_ref.original_forward, self.compile_options)
         setattr(self.unet, _ATTR, self)
 
