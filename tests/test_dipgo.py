@@ -455,7 +455,7 @@ def test_measured_latency_weights_pay_a_skipped_pass_at_every_step(tiny_unet):
 
     units = tuple(prunable_units(tiny_unet, "layer"))
     fixed = skipped_pass_seconds(tiny_unet, units, batch_size=2, repeats=3)
-    weights = UnitWeights.measured(tiny_unet, units, batch_size=2, repeats=3)
+    weights = UnitWeights.measured(tiny_unet, units, batch_size=2, rounds=3)
     assert fixed > 0 and weights.kind == "latency" and set(weights.units) == set(units) and all(v > 0 for v in weights.units.values())
     # the fixed time is timed on passes that run nothing of the units: one filling pass that runs
     # everything, one pass that runs what lies outside the units, per round (counted by torch)

@@ -223,7 +223,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
             self.teacher.unet,
             self.units,
             batch_size=b.latency_batch_size,
-            repeats=max(3, b.latency_repeats),
+            rounds=max(25, b.latency_repeats),
             idle_free=self.costs.idle_free,
         )
         logger.info(
