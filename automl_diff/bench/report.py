@@ -199,11 +199,10 @@ def _compiled_table(result: BenchResult) -> list[str]:
 def _peers(result: BenchResult, aligned: str | None) -> list[str]:
     """Each method's row against its peer at matched trajectory MACs."""
     lines: list[str] = []
-    peers = [row for row in result.rows if row.versus_peer is not None and row.kind not in ("peer", "baseline")]
-    if peers:
-        lines += ["", "Against the peer at matched trajectory MACs (paired, set by set):", ""]
-        for row in peers:
-            c = row.versus_peer
+    compared = [(row, c) for row in result.rows if row.kind not in ("peer", "baseline") for c in row.versus_peers]
+    if compared:
+        lines += ["", "Against the peers at matched trajectory MACs (paired, set by set):", ""]
+        for row, c in compared:
             lines.append(
                 f"- {row.name} ({fmt_si(row.trajectory_macs)}) against {c.other} "
                 f"({fmt_si(next(r.trajectory_macs for r in result.rows if r.name == c.other))}): FID difference "

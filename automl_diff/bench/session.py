@@ -81,6 +81,15 @@ class Comparison:
         return cls(data["other"], Interval(**data["difference"]), Interval(**data["ratio"]), alignment)
 
 
+def _peer_comparisons(data: dict[str, Any]) -> tuple[Comparison, ...]:
+    """A row's comparisons with its peers as :meth:`Row.to_dict` wrote them (a file written
+    before a row could have several holds one, or none, under ``versus_peer``)."""
+    if "versus_peers" in data:
+        return tuple(c for c in map(Comparison.from_dict, data["versus_peers"]) if c is not None)
+    single = Comparison.from_dict(data.get("versus_peer"))
+    return (single,) if single is not None else ()
+
+
 @dataclass
 class Row:
     """One model of the benchmark.
@@ -101,7 +110,8 @@ class Row:
         latency: per timed batch size, seconds per image over the lockstep rounds.
         speedup: per timed batch size, the teacher's time over this row's, round by round.
         versus_teacher: the paired FID comparison with the teacher.
-        versus_peer: the paired FID comparison with the peer at matched MACs, if it has one.
+        versus_peers: the paired FID comparisons with the peers at matched MACs (a method's row
+            may have several, a peer's row has the one it was matched to).
         fid_sets: FID of each sample set, in the order of the evaluation seeds.
         alignment: text alignment (the preset's ``alignment``, higher is better): the mean over the
             sample sets with its t-interval; None for an unconditional teacher.
@@ -126,7 +136,7 @@ class Row:
     latency: dict[int, Spread] = field(default_factory=dict)
     speedup: dict[int, Spread] = field(default_factory=dict)
     versus_teacher: Comparison | None = None
-    versus_peer: Comparison | None = None
+    versus_peers: tuple[Comparison, ...] = ()
     fid_sets: tuple[float, ...] = ()
     alignment: Interval | None = None
     alignment_sets: tuple[float, ...] = ()
@@ -148,7 +158,7 @@ class Row:
             "latency": {batch: s.to_dict() for batch, s in self.latency.items()},
             "speedup": {batch: s.to_dict() for batch, s in self.speedup.items()},
             "versus_teacher": self.versus_teacher.to_dict() if self.versus_teacher else None,
-            "versus_peer": self.versus_peer.to_dict() if self.versus_peer else None,
+            "versus_peers": [c.to_dict() for c in self.versus_peers],
             "fid_sets": list(self.fid_sets),
             "alignment": self.alignment.to_dict() if self.alignment else None,
             "alignment_sets": list(self.alignment_sets),
@@ -173,7 +183,7 @@ class Row:
             {int(b): Spread(**v) for b, v in data["latency"].items()},
             {int(b): Spread(**v) for b, v in data["speedup"].items()},
             Comparison.from_dict(data["versus_teacher"]),
-            Comparison.from_dict(data["versus_peer"]),
+            _peer_comparisons(data),
             tuple(data.get("fid_sets", ())),
             Interval(**data["alignment"]) if data.get("alignment") else None,
             tuple(data.get("alignment_sets", ())),
@@ -390,7 +400,7 @@ class Bench:
         self._contexts: dict[str, Callable[[nn.Module], Any]] = {}
         #: The rows timed compiled too: their compiled model and the context it samples under.
         self._compiled: dict[str, tuple[nn.Module, Callable[[nn.Module], Any]]] = {}
-        self._peers: dict[str, str] = {}  # method row -> its peer at matched MACs
+        self._peers: dict[str, list[str]] = {}  # method row -> its peers at matched MACs
         self._inputs: TrainingInputs | None = None
         where = f"preset {preset.name}"
         #: The training prompts of a text-to-image teacher (the pool's, DiP-GO's pruner's).
@@ -530,7 +540,7 @@ class Bench:
         )
         self.rows.append(row)
         if peer_of is not None:
-            self._peers[peer_of] = name
+            self._peers.setdefault(peer_of, []).append(name)
         self._timed[name] = copy.deepcopy(model)
         self._contexts[name] = context
         if p.compiled is not None and kind == "teacher":
@@ -572,10 +582,11 @@ class Bench:
         teacher = self.rows[0]
         for row in self.rows[1:]:
             row.versus_teacher = compare_rows(row, teacher)
-        for method, peer in self._peers.items():
+        for method, peers in self._peers.items():
             if method in rows:
-                rows[method].versus_peer = compare_rows(rows[method], rows[peer])
-                rows[peer].versus_peer = compare_rows(rows[peer], rows[method])
+                rows[method].versus_peers = tuple(compare_rows(rows[method], rows[peer]) for peer in peers)
+                for peer in peers:
+                    rows[peer].versus_peers = (compare_rows(rows[peer], rows[method]),)
 
     def time_rows(self) -> None:
         """Every row's latency per image at each of the preset's batch sizes, all rows in lockstep
