@@ -98,6 +98,11 @@ def test_bench_measures_every_method_and_peer_side_by_side(tiny_preset, tmp_path
     deepcache = rows["DeepCache peer"]
     (matched,) = deepcache.versus_peers
     assert matched.other in {r.name for r in dipgo} and deepcache.name in [c.other for c in rows[matched.other].versus_peers]
+    # fewer steps: n of the sampler's calls computed, the rest skipped whole, matched to the same schedule as DeepCache
+    fewer = rows["Fewer steps peer"]
+    n = int(fewer.notes.split()[0])
+    assert fewer.trajectory_macs == n * one_call and [c.other for c in fewer.versus_peers] == [matched.other]
+    assert [c.other for c in rows[matched.other].versus_peers] == ["DeepCache peer", "Fewer steps peer"]
     # schedules skip work: fewer executed MACs than the model they gate
     assert all(r.trajectory_macs < teacher.trajectory_macs for r in dipgo) and deepcache.trajectory_macs < teacher.trajectory_macs
     assert all(r.trajectory_macs < student.trajectory_macs for r in stacked)

@@ -857,6 +857,7 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
     for options, message in (
         ({"warm_start": ["bk-sdm-base"]}, "method_options.warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),
         ({"warm_start": ["deepcache:3", "deepcache:1"]}, "warm_start[1]: not a recipe of method dipgo"),
+        ({"warm_start": ["steps:0"]}, "warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),
         ({"warm_start": ["deepcache:3", "deepcache:3"]}, "method_options.warm_start: repeats a value"),
         ({"granularity": "block", "warm_start": ["deepcache:3"]}, "method_options.warm_start: deepcache:3 needs the last up block's"),
         ({"warm_start": ["deepcache:3"], "sampler": "nsga2"}, "method_options.warm_start: recipe trials hold no Optuna parameters"),
@@ -866,3 +867,57 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
         assert main(["run", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_fewer_steps_as_a_schedule_is_ddim_on_the_computed_timesteps():
+    """``steps:N``: N evenly spaced calls compute, the calls between are skipped whole and the
+    model's last output is used again, which DDIM at eta 0 turns into a jump straight to the next
+    computed timestep. Checked against DDIM written out by hand on an RGB UNet that is not ours."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**TINY_UNET, "in_channels": 3, "out_channels": 3}).eval()
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": False}
+    steps, calls = 10, 4
+    schedule = Schedule.uniform_steps(unet, steps, calls, units=prunable_units(unet, "layer"))
+    assert [i for i, row in enumerate(schedule.gates) if any(row)] == [0, 2, 5, 7] and all(map(all, schedule.gates[::5]))
+    noise = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), apply_schedule(unet, schedule) as controller:
+        gated = Sampler(config, scheduler="ddim", steps=steps).denoise(unet, noise)
+    assert sum(controller.executed.values()) == calls * len(schedule.units)  # the skipped calls ran nothing
+
+    scheduler = DDIMScheduler(**config)
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    alphas = scheduler.alphas_cumprod
+    computed = [timesteps[i] for i in (0, 2, 5, 7)]
+    x = noise
+    with torch.no_grad():
+        for t, following in zip(computed, [*computed[1:], None]):
+            eps = unet(x, t).sample
+            a, after = alphas[t], (alphas[following] if following is not None else torch.tensor(1.0))
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = after.sqrt() * x0 + (1 - after).sqrt() * eps
+    torch.testing.assert_close(gated, x, rtol=1e-4, atol=1e-4)
+
+
+def test_fewer_steps_is_a_warm_start_recipe(study_factory, capsys, tmp_path):
+    config = study_factory(
+        name="steps",
+        method="dipgo",
+        sampler={"name": "tpe", "seed": 0},
+        search_space=None,
+        objectives=[{"name": "trajectory_macs"}, {"name": "fid"}],
+        n_trials=1,
+        budgets={"train_iterations": 2, "batch_size": 2, "lr": 0.05, "fid_samples": 8, "sampling_steps": 6, "latency_batch_size": 2},
+        method_options={"granularity": "block", "reference_images": 2, "warmup": 0.0, "warm_start": ["steps:3"]},
+    )
+    assert main(["run", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    (trial,) = optuna.load_study(study_name="steps", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trial.user_attrs[TrialAttr.RECIPE] == "steps:3"
+    schedule = Schedule.from_dict(trial.user_attrs[TrialAttr.SCHEDULE])
+    assert [all(row) for row in schedule.gates] == [True, False, True, False, True, False] and not any(map(any, schedule.gates[1::2]))
+    # the skipped calls cost nothing: half the full trajectory's MACs
+    assert trial.user_attrs[DiPGOAttr.COST_RATIO] == pytest.approx(0.5)

@@ -36,7 +36,7 @@ def bench_evaluation(*, steps: int = 100, guidance_scale: float = 7.5, **evaluat
 
 #: The rows a preset measures unless it names its own (the text-to-image preset adds BK-SDM and
 #: the data-based DKDM baseline).
-DEFAULT_ROWS = ("teacher", "dkdm", "diffnas", "torch_pruning", "dipgo", "deepcache", "stacked")
+DEFAULT_ROWS = ("teacher", "dkdm", "diffnas", "torch_pruning", "dipgo", "deepcache", "steps", "stacked")
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,7 @@ class BenchPreset:
             are measured at (None: ``latency_batch``): the speed its schedules are optimised for.
         stacked_dipgo_iterations: that run's pruner iterations (None: ``dipgo_iterations``).
         deepcache_intervals: caching intervals scanned for the one matching DiP-GO's MACs.
+        step_counts: numbers of computed calls scanned for the fewer-steps peer matching DiP-GO's MACs.
         fbcache_thresholds: First Block Cache thresholds scanned for the one matching DiP-GO's MACs.
         taylorseer_intervals: TaylorSeer cache intervals scanned for the one matching DiP-GO's MACs.
         goal: the stacked model's goal: MACs reduction, FID ratio, speedup / MACs reduction.
@@ -200,6 +201,7 @@ class BenchPreset:
     stacked_dipgo_iterations: int | None = None
     dipgo_weights_batch: int | None = None
     deepcache_intervals: tuple[int, ...] = tuple(range(2, 11))
+    step_counts: tuple[int, ...] = tuple(range(2, 51))
     fbcache_thresholds: tuple[float, ...] = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
     taylorseer_intervals: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 12)
     goal: tuple[float, float, float] = (8.0, 1.15, 0.8)

@@ -26,10 +26,13 @@ the preset's seed, so a row measured alone gives what it gives in the full run.
 7. ``dipgo``: DiP-GO schedules of the teacher (one pruner, several budgets).
 8. ``deepcache``: DeepCache at the caching interval whose trajectory MACs are closest to DiP-GO's
    first schedule at or below 1/4 of the teacher's (else its sparsest).
-9. ``fbcache`` and ``taylorseer`` (a transformer teacher): diffusers' First Block Cache at the
+9. ``steps``: the teacher sampling with fewer steps (evenly spaced calls computed, the calls
+   between skipped), at the number of calls matched to DiP-GO's schedule as DeepCache's is: the
+   recipe a schedule must beat before any cache.
+10. ``fbcache`` and ``taylorseer`` (a transformer teacher): diffusers' First Block Cache at the
    threshold, and its TaylorSeer cache at the interval, whose trajectory MACs are closest to
    DiP-GO's first schedule that meets the preset's MACs goal (else its sparsest).
-10. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
+11. ``stacked``: DiffNAS + DiP-GO, the DiffNAS student as the starting model of a DiP-GO run whose
    yardstick is the original teacher, through the same ``DiPGO(original=...)`` code path as a
    stacked study (the student stays in memory instead of being exported and loaded again).
 """
@@ -48,7 +51,7 @@ from automl_diff.bench.peers import deepcache, first_block_cache, retrain_bk_sdm
 from automl_diff.bench.presets import BenchPreset
 from automl_diff.bench.session import Bench, Row, check_file, check_peer
 from automl_diff.errors import UserError
-from automl_diff.gating import apply_schedule
+from automl_diff.gating import Schedule, apply_schedule, prunable_units
 from automl_diff.methods import DKDM, DiffNAS, DiPGO
 from automl_diff.methods.diffnas import assemble_student
 from automl_diff.methods.dipgo.method import BUDGET, DiPGOAttr
@@ -311,6 +314,32 @@ def deepcache_row(bench: Bench) -> None:
     bench.details["deepcache_levels"] = levels
 
 
+def steps_row(bench: Bench) -> None:
+    """The teacher sampling with fewer steps (:meth:`~automl_diff.gating.Schedule.uniform_steps`:
+    that many evenly spaced calls of the sampler's, the calls between skipped; with DDIM at eta 0,
+    DDIM on those timesteps), at the number of calls whose trajectory MACs are closest to DiP-GO's
+    first schedule at or below 1/4 of the teacher's, as DeepCache's."""
+    unet, calls = bench.teacher.unet, bench.sampler.model_calls
+    units = prunable_units(unet, "block")
+
+    def schedule(n: int) -> Schedule:
+        return Schedule.uniform_steps(unet, calls, n, units=units)
+
+    counts = [n for n in bench.preset.step_counts if n <= calls]
+    target, n, levels = _matched(bench, unet, lambda n: lambda: apply_schedule(unet, schedule(n)), counts, 4)
+    chosen = schedule(n)
+    bench.measure(
+        "Fewer steps peer",
+        "peer",
+        unet,
+        context=lambda m: apply_schedule(m, chosen),
+        compiled=lambda m: apply_schedule(m, chosen, compile=True),
+        notes=f"{n} evenly spaced of the {calls} model calls computed, the calls between skipped, matched to '{target.name}'",
+        peer_of=target.name,
+    )
+    bench.details["steps_levels"] = levels
+
+
 def _cache_row(bench: Bench, row: str, peer: Callable[[nn.Module, Any], Callable[[], Any]], settings: Sequence[Any], notes: str) -> Any:
     """A diffusers cache on a transformer teacher, at the setting (of ``settings``) whose
     trajectory MACs are closest to the DiP-GO schedule that meets the MACs goal with the fewest
@@ -372,6 +401,7 @@ ROWS: dict[str, RowSpec] = {
     "dkdm_data": RowSpec(dkdm_data_row, needs=("dkdm",), files=("dkdm_space",)),
     "dipgo": RowSpec(dipgo_row),
     "deepcache": RowSpec(deepcache_row, needs=("dipgo",), peers=("DeepCache",)),
+    "steps": RowSpec(steps_row, needs=("dipgo",)),
     "fbcache": RowSpec(fbcache_row, needs=("dipgo",)),
     "taylorseer": RowSpec(taylorseer_row, needs=("dipgo",)),
     "stacked": RowSpec(stacked_row, needs=("diffnas",)),

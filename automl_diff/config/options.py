@@ -34,13 +34,14 @@ __all__ = [
     "METHOD_OPTIONS",
     "POSTPROCESS",
     "PRUNERS",
+    "STEPS_RECIPE",
     "DKDMOptions",
     "DiPGOOptions",
     "DiffNASOptions",
     "MethodOptions",
     "PoolOptions",
-    "deepcache_interval",
     "read_options",
+    "schedule_recipe",
 ]
 
 #: What DiffNAS minimises per block among the candidates within a tolerance.
@@ -54,20 +55,27 @@ PRUNERS = ("mlp", "attention")
 #: How DiP-GO turns its pruner's scores into a schedule.
 POSTPROCESS = ("budget", "threshold")
 _SECTION = "method_options"
-#: DiP-GO's warm-start recipe: DeepCache's uniform cache schedule, refreshed every N steps.
+#: DiP-GO's warm-start recipes: DeepCache's uniform cache schedule, refreshed every N steps; and
+#: fewer sampling steps, N evenly spaced calls computed and the calls between skipped.
 DEEPCACHE_RECIPE = "deepcache:"
+STEPS_RECIPE = "steps:"
 
 
-def deepcache_interval(recipe: str) -> int | None:
-    """The interval of a ``deepcache:N`` recipe (None: not one, or N below 2)."""
-    found = re.fullmatch(re.escape(DEEPCACHE_RECIPE) + r"([1-9][0-9]*)", recipe)
-    return int(found.group(1)) if found is not None and int(found.group(1)) >= 2 else None
+def schedule_recipe(recipe: str) -> tuple[str, int] | None:
+    """A DiP-GO recipe's kind and number: ``deepcache:N`` (N of at least 2) or ``steps:N`` (N of
+    at least 1); None where ``recipe`` is neither."""
+    for prefix, least in ((DEEPCACHE_RECIPE, 2), (STEPS_RECIPE, 1)):
+        found = re.fullmatch(re.escape(prefix) + r"([1-9][0-9]*)", str(recipe))
+        if found is not None and int(found.group(1)) >= least:
+            return prefix.rstrip(":"), int(found.group(1))
+    return None
 
 
 def _dipgo_recipe(recipe: str) -> str | None:
-    if deepcache_interval(str(recipe)) is None:
+    if schedule_recipe(recipe) is None:
         return (
-            "not a recipe of method dipgo, whose recipes are deepcache:N (DeepCache's schedule, refreshed every N steps; N of at least 2)"
+            "not a recipe of method dipgo, whose recipes are deepcache:N (DeepCache's schedule, refreshed every N steps; "
+            "N of at least 2) and steps:N (N evenly spaced calls computed, the calls between skipped)"
         )
     return None
 
@@ -340,16 +348,19 @@ class DiPGOOptions(MethodOptions):
         (),
         "known recipes enqueued as the study's first trials, so that the study always holds them: deepcache:N is DeepCache's "
         "uniform schedule (every N-th step computes every unit; the steps between compute only the last up block's last "
-        "resnet and attention and reuse the rest, as DeepCache's helper does at cache branch 0)",
+        "resnet and attention and reuse the rest, as DeepCache's helper does at cache branch 0); steps:N is fewer sampling "
+        "steps (N evenly spaced calls compute every unit, the calls between are skipped whole and the model's last output "
+        "is used again: with DDIM at eta 0, DDIM on those N timesteps)",
         check=_dipgo_recipe,
     )
 
     def check(self, file: str) -> None:
         _require_below(self, file, "threshold_low", "threshold_high")
         _require_below(self, file, "budget_low", "budget_high")
-        if self.warm_start and self.granularity == "block":
+        caches = [r for r in self.warm_start if (schedule_recipe(r) or ("",))[0] == "deepcache"]
+        if caches and self.granularity == "block":
             raise UserError(
-                f"{file}: method_options.warm_start: {self.warm_start[0]} needs the last up block's last branch as a unit of "
+                f"{file}: method_options.warm_start: {caches[0]} needs the last up block's last branch as a unit of "
                 "its own; use granularity layer or branch"
             )
 
@@ -365,7 +376,9 @@ class DiPGOOptions(MethodOptions):
             raise UserError(f"{where}: prompts.train: required for method dipgo on a {what} its pruner trains on)")
         if is_transformer(teacher.unet) and self.warm_start:
             raise UserError(
-                f"{where}: method_options.warm_start: DeepCache's recipes cache a UNet's up blocks, which a transformer has none of"
+                f"{where}: method_options.warm_start: {self.warm_start[0]}: DeepCache's recipes cache a UNet's up blocks, which a "
+                "transformer has none of, and a transformer's blocks skipped at a call reuse their residual updates on new inputs, "
+                "which is not fewer steps"
             )
         if is_transformer(teacher.unet) and self.granularity != "block":
             raise UserError(f"{where}: method_options.granularity: a transformer's units are its blocks; use granularity: block")

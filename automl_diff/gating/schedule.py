@@ -27,7 +27,7 @@ import numpy as np
 from torch import nn
 
 from automl_diff.errors import UserError
-from automl_diff.gating.units import model_fingerprint, prunable_units
+from automl_diff.gating.units import idle_steps_free, model_fingerprint, prunable_units
 from automl_diff.metrics.macs import UnitCosts, trajectory_macs
 from automl_diff.models.blocks import name_to_module_path
 from automl_diff.models.dataflow import unit_atoms
@@ -117,6 +117,33 @@ class Schedule:
             )
         gates = tuple(tuple(True if i % interval == 0 else keep for keep in inside) for i in range(steps))
         return cls(steps, tuple(units), gates, model_fingerprint(unet), {"uniform_cache_interval": interval, **(info or {})})
+
+    @classmethod
+    def uniform_steps(
+        cls, unet: nn.Module, steps: int, calls: int, *, units: Sequence[str], info: dict[str, Any] | None = None
+    ) -> Schedule:
+        """Fewer sampling steps as a schedule: ``calls`` evenly spaced calls of the ``steps``
+        (the first among them) compute every unit; the calls between compute none, so the model
+        returns its last output again (a call that runs no unit is skipped whole where
+        :func:`~automl_diff.gating.units.idle_steps_free`). With DDIM at eta 0, a repeated noise
+        prediction moves the sample straight on to the next computed timestep: the schedule samples
+        exactly as DDIM on those ``calls`` timesteps of the ``steps`` does.
+
+        Raises:
+            UserError: the model's idle calls are not skipped whole (a transformer's blocks reuse
+                their residual updates on new inputs, which is not a repeated output), or
+                ``calls`` is not between 1 and ``steps``.
+        """
+        if not 1 <= calls <= steps:
+            raise UserError(f"a schedule of {calls} computed calls needs between 1 and {steps} (the sampler's calls)")
+        if not idle_steps_free(unet, units):
+            raise UserError(
+                "fewer steps as a schedule needs a model whose calls that run nothing return their last output; "
+                f"{type(unet).__name__} does not"
+            )
+        computed = {int(i) for i in np.floor(np.arange(calls) * steps / calls)}
+        gates = tuple(tuple(i in computed for _ in units) for i in range(steps))
+        return cls(steps, tuple(units), gates, model_fingerprint(unet), {"computed_calls": calls, **(info or {})})
 
     @property
     def inference_steps(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from automl_diff.config.options import DiPGOOptions, deepcache_interval
+from automl_diff.config.options import DiPGOOptions, schedule_recipe
 from automl_diff.errors import UserError
 from automl_diff.gating import Schedule, model_fingerprint, prunable_units, unit_costs
 from automl_diff.methods.base import Candidate, CardSection, Method, Rungs, recipe_of
@@ -274,12 +274,13 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
         }
         model = model_fingerprint(self.teacher.unet)
         if TrialAttr.RECIPE in params:
-            interval = deepcache_interval(params[TrialAttr.RECIPE])
-            if interval is None:
+            recipe = schedule_recipe(params[TrialAttr.RECIPE])
+            if recipe is None:
                 raise UserError(f"{self.settings.where}: method_options.warm_start: no recipe '{params[TrialAttr.RECIPE]}' for dipgo")
             rows = int(self.scores.shape[0])
             info = {TrialAttr.RECIPE: params[TrialAttr.RECIPE], **info}
-            schedule = Schedule.uniform_cache(self.teacher.unet, rows, interval, units=self.units, info=info)
+            uniform = Schedule.uniform_cache if recipe[0] == "deepcache" else Schedule.uniform_steps
+            schedule = uniform(self.teacher.unet, rows, recipe[1], units=self.units, info=info)
         elif BUDGET in params:
             gates = gates_within_budget(self.scores, params[BUDGET], self.weights)
             schedule = Schedule(len(gates), self.units, tuple(map(tuple, gates.tolist())), model, {BUDGET: float(params[BUDGET]), **info})
