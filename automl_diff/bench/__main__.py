@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rows",
         default=None,
         help="run only these rows, comma-separated (with the rows they build on and the teacher): "
-        "teacher, dkdm, diffnas, torch_pruning, bk_sdm, dkdm_data, dipgo, deepcache, fbcache, taylorseer, stacked; not with --out",
+        "teacher, dkdm, diffnas, torch_pruning, bk_sdm, dkdm_data, dipgo, deepcache, steps, fbcache, taylorseer, stacked; "
+        "not with --out",
     )
     parser.add_argument("--guidance", type=float, default=None, help="override the preset's classifier-free guidance scale")
     for flag, what in (("--pool-option", "the data-free pool's"), ("--dipgo-option", "DiP-GO's")):
