@@ -921,3 +921,15 @@ def test_fewer_steps_is_a_warm_start_recipe(study_factory, capsys, tmp_path):
     assert [all(row) for row in schedule.gates] == [True, False, True, False, True, False] and not any(map(any, schedule.gates[1::2]))
     # the skipped calls cost nothing: half the full trajectory's MACs
     assert trial.user_attrs[DiPGOAttr.COST_RATIO] == pytest.approx(0.5)
+    # exported, the pipeline loads and samples with diffusers alone, and the schedule re-applied to it skips the same calls
+    out_dir = tmp_path / "export"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["export", "--storage", storage, "--study-name", "steps", "--trial", "0", "--out", str(out_dir)]) == 0
+    (call,) = printed_load_calls(capsys.readouterr().out)
+    assert not sample_without_automl_diff(call, cwd=tmp_path)["imported"]
+    import diffusers  # noqa: F401 - the printed call names it
+
+    pipe = eval(call)
+    with torch.no_grad(), apply_schedule(pipe, Schedule.load(out_dir / "schedule.json")) as handle:
+        Sampler(dict(pipe.scheduler.config), scheduler="ddim", steps=6).sample(pipe.unet, num_images=2, batch_size=2)
+    assert sum(handle.executed.values()) == 3 * len(handle.atoms)
