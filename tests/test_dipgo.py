@@ -858,6 +858,7 @@ def test_warm_start_recipes_are_the_first_trials_and_marked_on_the_front(study_f
         ({"warm_start": ["bk-sdm-base"]}, "method_options.warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),
         ({"warm_start": ["deepcache:3", "deepcache:1"]}, "warm_start[1]: not a recipe of method dipgo"),
         ({"warm_start": ["steps:0"]}, "warm_start[0]: not a recipe of method dipgo, whose recipes are deepcache:N"),
+        ({"warm_start": ["steps:99"]}, "method_options.warm_start: steps:99: more computed calls than the"),
         ({"warm_start": ["deepcache:3", "deepcache:3"]}, "method_options.warm_start: repeats a value"),
         ({"granularity": "block", "warm_start": ["deepcache:3"]}, "method_options.warm_start: deepcache:3 needs the last up block's"),
         ({"warm_start": ["deepcache:3"], "sampler": "nsga2"}, "method_options.warm_start: recipe trials hold no Optuna parameters"),

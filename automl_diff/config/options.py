@@ -382,6 +382,13 @@ class DiPGOOptions(MethodOptions):
             )
         if is_transformer(teacher.unet) and self.granularity != "block":
             raise UserError(f"{where}: method_options.granularity: a transformer's units are its blocks; use granularity: block")
+        for recipe in self.warm_start:
+            kind, number = schedule_recipe(recipe) or ("", 0)
+            if kind == "steps" and number > settings.sampling.steps:
+                raise UserError(
+                    f"{where}: method_options.warm_start: {recipe}: more computed calls than the {settings.sampling.steps} "
+                    "sampling steps (budgets.sampling_steps)"
+                )
         if settings.processes > 1:
             raise UserError(
                 f"{where}: execution.processes_per_trial: method dipgo trains its pruner in one process; {settings.processes} "
