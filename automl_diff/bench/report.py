@@ -176,8 +176,8 @@ def _compiled_table(result: BenchResult) -> list[str]:
     lines = [
         "",
         "Compiled (`torch.compile`, inductor): the teacher's whole UNet, and each schedule through `apply_schedule(..., "
-        "compile=True)` (the gated forward, hooks included, traced once per distinct plan of a step: which units run, which "
-        "cached outputs it reads). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
+        "compile=True)` (the gated forward, hooks included, traced once into one graph for every step: each unit a "
+        "`torch.cond` on its gate). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
         "warm-up: the first batch at that size (compilation into an empty cache included), timed apart before the rounds:",
         "",
         *_per_batch_header(batches, "latency", "speedup", "speedup / MACs reduction", "warm-up"),

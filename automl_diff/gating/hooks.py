@@ -18,25 +18,28 @@ every atom runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differenti
 :meth:`GateController.pinned` runs one step of it from given caches, so that each step can be
 recomputed under gradient checkpointing.
 
-Compiled (``compile=True``), the UNet's whole forward is traced with the hooks inside it, once per
-distinct plan of a step (which atoms run, which cached outputs the step reads): steps that share a
-plan share a graph, and no step recompiles once every plan has been seen. Inside a graph an atom
-that nothing reads at that step (its cache only carried to a later step, or not needed at all) is
-traced like any other and dropped as dead code, and so is the concatenation in front of a resnet
-that reuses its cache; every computed output is kept (a graph per plan, not per plan and set of
-outputs a later step reads), so the caches hold one output per atom.
+Compiled (``compile=True``), the UNet's whole forward is traced once, with the hooks inside it,
+into one graph for every step of every schedule (per batch shape): a step's gates are a tensor the
+graph reads, and each atom is a ``torch.cond`` on its gate, which at run time either runs the atom
+or returns a copy of its cache, so a step runs only what its plan runs and no step recompiles. The
+first step of a trajectory runs eagerly and keeps every atom's output (the caches the graph reads
+from then on); inside the graph every atom's cache is its latest output, and the concatenations in
+front of resnets run at every step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -51,6 +54,7 @@ GATE_HOOK = "automl_diff.gate"
 STEP_HOOK = "automl_diff.gate_step"
 CONCAT_HOOK = "automl_diff.gate_concat"
 HEAD_HOOK = "automl_diff.gate_head"
+ATTENTION_HOOK = "automl_diff.gate_attention"
 _ATTR = "_automl_diff_gates"
 _COMPILED = "_automl_diff_compiled"  # on a model: its gated forwards compiled (_compiled_forward)
 
@@ -81,8 +85,8 @@ def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 
 class _StepHook(ModelHook):
     """On the UNet: advances the step; at a step that computes no unit (where such steps are
-    free), returns the last call's output without running anything; compiled, calls the forward's
-    graph of this step's plan."""
+    free), returns the last call's output without running anything; compiled, calls the compiled
+    forward after a trajectory's first step."""
 
     def __init__(self, controller: GateController) -> None:
         super().__init__()
@@ -113,7 +117,7 @@ def _compiled_forward(unet: nn.Module, forward: Any, options: dict[str, Any]) ->
     """``forward`` (the model's, its gate hooks attached) compiled with ``options``, for this
     model as it is now: every schedule applied to it later while its modules and attention
     processors are the same objects, in the same mode, with parameters of the same shapes, dtypes
-    and devices reuses it, and the graphs of the plans it has already traced. Its code is its own
+    and devices reuses it, and the graphs it has already traced. Its code is its own
     (:func:`_own_code`)."""
     tensors = itertools.chain(unet.named_parameters(), unet.named_buffers())
     processors = getattr(unet, "attn_processors", None)
@@ -272,17 +276,13 @@ class _GateHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
+        if c._traced:
+            return self._gated(module, args, kwargs)
         residual = c.graph.residual  # a transformer block: its cache is its update, added to its input
         if not c._runs[self.index]:  # the plan of this step, resolved once when the step began
             if c._reuse[self.index]:
                 return _tree_map(_plus, c.cache[self.name], _block_input(module, args, kwargs)) if residual else c.cache[self.name]
-            if c._traced:  # nothing reads its output: traced, then dropped from the graph as dead code
-                return self.fn_ref.original_forward(*args, **kwargs)
             return self._dead()
-        if c._traced:  # every computed output is kept: the graph depends on the plan alone
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            c.cache[self.name] = _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual else out
-            return out
         cache = c.cache
         if c.soft_gates is not None:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -302,6 +302,83 @@ class _GateHook(ModelHook):
         keep = c._keep[self.index]
         c._store(self.name, _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual and keep else out, keep)
         return out
+
+    def _gated(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Traced: ``torch.cond`` on the atom's gate at this step, between running the atom and
+        reusing its cache (a transformer block: its input plus its cached update); either way the
+        cache becomes the atom's latest output (update)."""
+        c, forward = self.controller, self.fn_ref.original_forward
+        cached, spec = pytree.tree_flatten(c.cache[self.name])
+        at = [k for k, leaf in enumerate(cached) if isinstance(leaf, torch.Tensor)]
+        call = _Operands(args, kwargs)
+
+        def tensors(tree: Any) -> tuple[torch.Tensor, ...]:
+            leaves = pytree.tree_flatten(tree)[0]
+            return tuple(_dense(leaves[k]) for k in at)
+
+        def run(*operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            a, kw = call.rebuild(operands)
+            out = forward(*a, **kw)
+            if not c.graph.residual:
+                return tensors(out)
+            return tensors(out) + tensors(_tree_map(_minus, out, _block_input(module, a, kw)))
+
+        def reuse(*operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            kept = tuple(cached[k].clone() for k in at)
+            if not c.graph.residual:
+                return kept
+            a, kw = call.rebuild(operands)
+            return tensors(_tree_map(_plus, c.cache[self.name], _block_input(module, a, kw))) + kept
+
+        result = torch.cond(c._flags[self.index], run, reuse, call.operands)
+
+        def tree(values: Sequence[torch.Tensor]) -> Any:
+            leaves = list(cached)
+            for k, value in zip(at, values):
+                leaves[k] = value
+            return pytree.tree_unflatten(leaves, spec)
+
+        c.cache[self.name] = tree(result[len(at) :] if c.graph.residual else result)
+        return tree(result[: len(at)])
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` contiguous, with the strides of a new tensor of its shape (``contiguous()``
+    keeps any stride of a dimension of size 1): what ``torch.cond`` needs of its branches'
+    outputs, and what keeps one graph's inputs alike from step to step."""
+    return tensor.contiguous().view(-1).view(tensor.shape)
+
+
+class _Operands:
+    """A call's tensor arguments, as ``torch.cond`` takes them (contiguous), and the call rebuilt
+    around other tensors in their places."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.leaves, self.spec = pytree.tree_flatten((args, kwargs))
+        self.at = [k for k, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+        self.operands = tuple(_dense(self.leaves[k]) for k in self.at)
+
+    def rebuild(self, operands: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        leaves = list(self.leaves)
+        for k, operand in zip(self.at, operands):
+            leaves[k] = operand
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+class _AttentionHook(ModelHook):
+    """Compiled, on each diffusers ``Attention``: calls its processor with the keyword arguments
+    the processor takes, read once here. Diffusers' forward reads the processor's signature at
+    every call, which dynamo cannot trace inside ``torch.cond``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.accepts = set(inspect.signature(module.processor.__call__).parameters)
+
+    def new_forward(self, module: nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        names = ("encoder_hidden_states", "attention_mask")  # the forward's other positional parameters
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        passed = {key: value for key, value in kwargs.items() if key in self.accepts or key in names}
+        return module.processor(module, hidden_states, **passed)
 
 
 def _block_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -331,16 +408,25 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
+        if c._traced:  # a cond on whether the head reuses, as an atom's gate
+            forward, cached, call = self.fn_ref.original_forward, c.cache[self.key], _Operands(args, kwargs)
+
+            def run(*operands: torch.Tensor) -> torch.Tensor:
+                a, kw = call.rebuild(operands)
+                return _dense(forward(*a, **kw))
+
+            c.cache[self.key] = torch.cond(c._head_flag, lambda *operands: cached.clone(), run, call.operands)
+            return c.cache[self.key]
         if c._head_reuses and self.key in c.cache:
             return c.cache[self.key]
         out = self.fn_ref.original_forward(*args, **kwargs)
-        c._store(self.key, out, c._traced or c._head_keeps)
+        c._store(self.key, out, c._head_keeps)
         return out
 
 
 def _plan_guards(guards: Sequence[Any]) -> list[bool]:
     """Which of dynamo's guards a gated forward's graph keeps: those on its inputs, on globals and
-    on the controller (the step's plan, the caches). Those on the model's own modules (their
+    on the controller (the step's gates, the caches). Those on the model's own modules (their
     parameters, attributes and hook dicts: thousands on a UNet) are dropped, as
     ``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` drops them, so that a call checks
     hundreds instead (on ``digits-t2i`` at batch 8, dynamo's lookups took 17% of a compiled
@@ -350,25 +436,20 @@ def _plan_guards(guards: Sequence[Any]) -> list[bool]:
     return [".controller" in guard.name or "forward.__self__" not in guard.name for guard in guards]
 
 
-def _compile_options(compile: bool | dict[str, Any], plans: int) -> dict[str, Any] | None:
-    """``torch.compile``'s options for the forward (None: eager). Its code is traced once per
-    distinct plan of a step (at most ``plans``) and batch shape: dynamo's recompile limit is
-    raised to hold them all at four batch shapes. The guards are :func:`_plan_guards`, unless
-    the options name a ``guard_filter_fn``."""
+def _compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
+    """``torch.compile``'s options for the forward (None: eager), traced once per batch shape.
+    The guards are :func:`_plan_guards`, unless the options name a ``guard_filter_fn``."""
     if compile is False:
         return None
     options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
-    options["options"] = {"guard_filter_fn": _plan_guards, **options.get("options", {})}
+    # inductor's layout optimisation gives convolutions' outputs other strides than the graph declares,
+    # which a torch.cond branch compiled for the declared ones refuses at run time
+    options["options"] = {"guard_filter_fn": _plan_guards, "layout_optimization": False, **options.get("options", {})}
     if options.get("mode") in ("reduce-overhead", "max-autotune"):
         raise ValueError(
             f"compile: mode {options['mode']!r} replays CUDA graphs, which overwrite the outputs a schedule keeps for later "
             "steps; use the default mode or max-autotune-no-cudagraphs"
         )
-    import torch._dynamo
-
-    limit = max(int(torch._dynamo.config.recompile_limit), 4 * plans + 8)
-    torch._dynamo.config.recompile_limit = limit
-    torch._dynamo.config.accumulated_recompile_limit = max(int(torch._dynamo.config.accumulated_recompile_limit), 4 * limit)
     return options
 
 
@@ -380,9 +461,8 @@ class GateController:
         units: unit names (blocks, layers or groups of layers joined by ``+``, none nested in another).
         steps: model calls per trajectory.
         compile: compile the forward (``torch.compile``; a dict: its options), hooks included,
-            one graph per distinct plan of a step (see the module docs). A schedule is static,
-            so no step recompiles once each plan has run: the steps that share a plan share its
-            graph. Binary gates only (soft gates always run eagerly).
+            into one graph that every step runs, its gates as inputs (see the module docs): no
+            step recompiles. Binary gates only (soft gates always run eagerly).
 
     Attributes:
         graph: the dataflow between the units' atoms.
@@ -420,7 +500,11 @@ class GateController:
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
         self.idle_free = idle_steps_free(unet, self.graph)
         self._index = {name: i for i, name in enumerate(self.atoms)}
-        self.compile_options = _compile_options(compile, steps + 1)
+        self.compile_options = _compile_options(compile)
+        self._flags = self._head_flag = torch.ones((), dtype=torch.bool)  # traced: this step's gates, as tensors
+        self._step_flags: torch.Tensor | None = None
+        self._head_flags: torch.Tensor | None = None
+        self._attentions = [m for m in unet.modules() if type(m).forward is Attention.forward] if self.compile_options is not None else []
         self._on_remove: list[Any] = []
         self._resolve()
         self._attach()
@@ -430,6 +514,8 @@ class GateController:
         previous = getattr(self.unet, _ATTR, None)
         if previous is not None:
             previous.remove()
+        for module in self._attentions:  # first: the gate hooks call them
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionHook(module), ATTENTION_HOOK)
         step = _StepHook(self)
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(step, STEP_HOOK)
         for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
@@ -453,6 +539,8 @@ class GateController:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(CONCAT_HOOK, recurse=False)
         for _, module in self._head:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HEAD_HOOK, recurse=False)
+        for module in self._attentions:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(ATTENTION_HOOK, recurse=False)
         while self._on_remove:
             self._on_remove.pop()()
         delattr(self.unet, _ATTR)
@@ -473,6 +561,11 @@ class GateController:
         self.schedule = schedule
         self.gates = schedule.gates if schedule is not None else None
         self.plan = self.graph.plan(schedule.gates) if schedule is not None else None
+        if self.plan is not None:
+            self._step_flags = torch.as_tensor(self.plan.executes)
+            head = self._index[self.head_input] if self.head_input else None
+            reuses = self.plan.reuses[:, head] if head is not None else np.zeros(len(self.plan.executes), dtype=bool)
+            self._head_flags = torch.as_tensor(reuses)
         self.soft_gates = None
         self.reset()
         return self
@@ -516,21 +609,22 @@ class GateController:
         """Resolve the current step once, before any atom runs: which atoms run, which return
         their cache, which keep what they compute (those the next step reuses: a cache nobody
         reads would only hold memory the allocator could reuse), whether the head reuses or
-        keeps, whether the step runs nothing. The hooks then read one flag each. Traced, an atom
-        whose cache is only carried to a later step is dead code like any atom nothing reads: a
-        graph depends on the reuses its step reads, so steps that differ only in what they carry
-        share a graph."""
+        keeps, whether the step runs nothing. The hooks then read one flag each. Compiled, a
+        trajectory's first step runs eagerly and keeps every output; the steps after it are traced,
+        their gates the tensors :attr:`_flags` and :attr:`_head_flag`."""
         n, plan, step = len(self.atoms), self.plan, self.step
-        self._traced = self.compile_options is not None and self.soft_gates is None
+        compiled = self.compile_options is not None and self.soft_gates is None and plan is not None
+        self._traced = compiled and step > 0
         if self.soft_gates is not None or plan is None or step <= 0:
             self._runs, self._reuse = [True] * n, [False] * n
-            self._keep = [self.soft_gates is not None] * n if plan is None else plan.keeps[max(step, 0)].tolist()
+            self._keep = [self.soft_gates is not None] * n if plan is None else [compiled or bool(k) for k in plan.keeps[max(step, 0)]]
         else:
-            reuses = plan.reads if self._traced else plan.reuses
-            self._runs, self._reuse, self._keep = plan.executes[step].tolist(), reuses[step].tolist(), plan.keeps[step].tolist()
+            self._runs, self._reuse, self._keep = plan.executes[step].tolist(), plan.reuses[step].tolist(), plan.keeps[step].tolist()
+            if self._traced:
+                self._flags, self._head_flag = self._step_flags[step], self._head_flags[step]
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
-        self._head_keeps = self.soft_gates is None and head is not None and self._keep[self._index[head]]
+        self._head_keeps = self.soft_gates is None and head is not None and (compiled or self._keep[self._index[head]])
         self._idle = self.idle_free and plan is not None and step > 0 and not any(self._runs)
 
     def _count_executed(self) -> None:
@@ -543,7 +637,7 @@ class GateController:
         """Keep ``out`` for a later step, or drop the older cache no step will read again, so the
         allocator can reuse its memory."""
         if keep:
-            self.cache[key] = out
+            self.cache[key] = pytree.tree_map_only(torch.Tensor, _dense, out) if self.compile_options is not None else out
         else:
             self.cache.pop(key, None)
 
@@ -570,8 +664,8 @@ def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str,
     applied before. Returns the controller: ``.remove()`` it (or use it as a context manager) to
     get the plain model back.
 
-    ``compile=True`` (or ``torch.compile``'s options as a dict) compiles the gated forward, one
-    graph per distinct plan of a step (:class:`GateController`). A UNet compiled with
+    ``compile=True`` (or ``torch.compile``'s options as a dict) compiles the gated forward into
+    one graph that every step runs, its gates as inputs (:class:`GateController`). A UNet compiled with
     ``torch.compile`` (an ``OptimizedModule``, or a pipeline's) is gated as its original module,
     compiled so: while the schedule is applied, calling the compiled module runs the gated one.
 
