@@ -331,15 +331,8 @@ class _GateHook(ModelHook):
             return tensors(_tree_map(_plus, c.cache[self.name], _block_input(module, a, kw))) + kept
 
         result = torch.cond(c._flags[self.index], run, reuse, call.operands)
-
-        def tree(values: Sequence[torch.Tensor]) -> Any:
-            leaves = list(cached)
-            for k, value in zip(at, values):
-                leaves[k] = value
-            return pytree.tree_unflatten(leaves, spec)
-
-        c.cache[self.name] = tree(result[len(at) :] if c.graph.residual else result)
-        return tree(result[: len(at)])
+        c.cache[self.name] = _replaced(cached, spec, at, result[len(at) :] if c.graph.residual else result)
+        return _replaced(cached, spec, at, result[: len(at)])
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -359,10 +352,15 @@ class _Operands:
         self.operands = tuple(_dense(self.leaves[k]) for k in self.at)
 
     def rebuild(self, operands: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        leaves = list(self.leaves)
-        for k, operand in zip(self.at, operands):
-            leaves[k] = operand
-        return pytree.tree_unflatten(leaves, self.spec)
+        return _replaced(self.leaves, self.spec, self.at, operands)
+
+
+def _replaced(leaves: Sequence[Any], spec: pytree.TreeSpec, at: Sequence[int], values: Sequence[Any]) -> Any:
+    """The tree of ``leaves`` (flattened to ``spec``) with ``values`` at the positions ``at``."""
+    leaves = list(leaves)
+    for k, value in zip(at, values):
+        leaves[k] = value
+    return pytree.tree_unflatten(leaves, spec)
 
 
 class _AttentionHook(ModelHook):

@@ -168,14 +168,11 @@ class Plan:
         reuses: the atom returns its cache (its gate is off and its output is read, at this step
             or, carried by the cache, at a later one).
         keeps: the atom's output is stored for the next step, which reuses it.
-        reads: the reuses that something run at this step reads; the others only carry the cache
-            to a later step. Where the dataflow is not known exactly, every reuse.
     """
 
     executes: np.ndarray
     reuses: np.ndarray
     keeps: np.ndarray
-    reads: np.ndarray
 
     @property
     def idle(self) -> np.ndarray:
@@ -282,7 +279,7 @@ class UnitGraph:
         reuses = needed & ~on
         keeps = np.zeros_like(runs)
         keeps[:-1] = runs[:-1] & reuses[1:]
-        return Plan(runs[:, atoms], reuses[:, atoms], keeps[:, atoms], (reuses & read)[:, atoms])
+        return Plan(runs[:, atoms], reuses[:, atoms], keeps[:, atoms])
 
     def expected_runs(self, probs: torch.Tensor) -> torch.Tensor:
         """The probability that each atom runs at each step (``(steps, atoms)``) when each unit's
