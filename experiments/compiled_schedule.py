@@ -10,6 +10,9 @@ inductor cache. Speedups are per round (a row against its own teacher: eager aga
 compiled against compiled); the MACs reduction is the bench's count.
 
     python experiments/compiled_schedule.py /tmp/digits_dipgo.json --batches 1 8 --repeats 5
+
+``--variant NAME=JSON`` adds, for each schedule, a row compiled with other options (``compile=``
+of ``apply_schedule``), for example ``--variant 'python wrapper={"options": {"cpp_wrapper": false}}'``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("bench_json", help="a bench run's --json with DiP-GO rows")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON", help="schedules compiled with these options too")
     args = parser.parse_args()
 
     import numpy as np
@@ -61,6 +65,11 @@ def main() -> None:
         contexts[name] = lambda m, s=schedule: apply_schedule(m, s)
         models[f"{name}, compiled"] = copy.deepcopy(unet)
         contexts[f"{name}, compiled"] = lambda m, s=schedule: apply_schedule(m, s, compile=True)
+        for variant in args.variant:
+            label, options = variant.split("=", 1)
+            options = json.loads(options)
+            models[f"{name}, {label}, compiled"] = copy.deepcopy(unet)
+            contexts[f"{name}, {label}, compiled"] = lambda m, s=schedule, o=options: apply_schedule(m, s, compile=o)
     compiled = {name: m for name, m in models.items() if name.endswith("compiled")}
     header = "| model | batch | latency per image | speedup [quartiles] | speedup / MACs reduction [quartiles] | warm-up |"
     print(header)
@@ -71,7 +80,7 @@ def main() -> None:
             rounds = sampler_rounds(models, sampler, contexts=contexts, batch_size=batch, repeats=args.repeats)
         for name, times in rounds.items():
             base = "teacher, compiled" if name.endswith("compiled") else "teacher"
-            row = name.removesuffix(", compiled")
+            row = next((n for n in schedules if name.startswith(n)), name.removesuffix(", compiled"))
             reduction = teacher_macs / macs.get(row, teacher_macs)
             ratios = np.array(rounds[base]) / np.array(times)
             s, e = spread(ratios), spread(ratios / reduction)

@@ -41,6 +41,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from torch._inductor import inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 from torch.utils import _pytree as pytree
 
 from automl_diff.gating.schedule import Schedule
@@ -342,6 +343,14 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1).view(tensor.shape)
 
 
+def _fixed(tensor: torch.Tensor) -> torch.Tensor:
+    """Traced: ``tensor`` in the strides the graph declares for it. Inductor gives a buffer the
+    layout it prefers (a convolution's output: channels-last), and a ``torch.cond`` branch,
+    compiled for the declared strides, refuses others; this pins them (a copy only where they
+    differ)."""
+    return torch.ops.prims.inductor_force_stride_order(tensor, tensor.stride())
+
+
 class _Operands:
     """A call's tensor arguments, as ``torch.cond`` takes them (contiguous), and the call rebuilt
     around other tensors in their places."""
@@ -349,7 +358,7 @@ class _Operands:
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.leaves, self.spec = pytree.tree_flatten((args, kwargs))
         self.at = [k for k, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
-        self.operands = tuple(_dense(self.leaves[k]) for k in self.at)
+        self.operands = tuple(_fixed(_dense(self.leaves[k])) for k in self.at)
 
     def rebuild(self, operands: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return _replaced(self.leaves, self.spec, self.at, operands)
@@ -434,15 +443,17 @@ def _plan_guards(guards: Sequence[Any]) -> list[bool]:
     return [".controller" in guard.name or "forward.__self__" not in guard.name for guard in guards]
 
 
-def _compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
+def _compile_options(compile: bool | dict[str, Any], device: torch.device) -> dict[str, Any] | None:
     """``torch.compile``'s options for the forward (None: eager), traced once per batch shape.
-    The guards are :func:`_plan_guards`, unless the options name a ``guard_filter_fn``."""
+    The guards are :func:`_plan_guards`, unless the options name a ``guard_filter_fn``. On a
+    CPU, inductor's wrapper (the code that calls the kernels and the ``torch.cond`` branches) is
+    C++ unless the options say otherwise: a Python wrapper's calls into the branches cost 6-8% of
+    a compiled schedule's speed-up on ``digits-t2i`` at batch 8 (BENCHMARKS.md)."""
     if compile is False:
         return None
     options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
-    # inductor's layout optimisation gives convolutions' outputs other strides than the graph declares,
-    # which a torch.cond branch compiled for the declared ones refuses at run time
-    options["options"] = {"guard_filter_fn": _plan_guards, "layout_optimization": False, **options.get("options", {})}
+    wrapper = {"cpp_wrapper": True} if device.type == "cpu" and options.get("backend", "inductor") == "inductor" else {}
+    options["options"] = {"guard_filter_fn": _plan_guards, **wrapper, **options.get("options", {})}
     if options.get("mode") in ("reduce-overhead", "max-autotune"):
         raise ValueError(
             f"compile: mode {options['mode']!r} replays CUDA graphs, which overwrite the outputs a schedule keeps for later "
@@ -498,10 +509,14 @@ class GateController:
         self._head = [(name, getattr(unet, name)) for name in head_modules(unet)] if self.head_input else []
         self.idle_free = idle_steps_free(unet, self.graph)
         self._index = {name: i for i, name in enumerate(self.atoms)}
-        self.compile_options = _compile_options(compile)
-        self._flags = self._head_flag = torch.ones((), dtype=torch.bool)  # traced: this step's gates, as tensors
-        self._step_flags: torch.Tensor | None = None
-        self._head_flags: torch.Tensor | None = None
+        device = next(itertools.chain(unet.parameters(), [torch.empty(())])).device
+        self.compile_options = _compile_options(compile, device)
+        # traced: this step's gates and whether the head reuses, a tensor each (inductor's C++ wrapper reads a
+        # torch.cond's predicate at the start of its storage, which an index into one tensor of gates is not)
+        self._flags: tuple[torch.Tensor, ...] = ()
+        self._head_flag = torch.ones((), dtype=torch.bool)
+        self._step_flags: list[tuple[torch.Tensor, ...]] = []
+        self._head_flags: list[torch.Tensor] = []
         self._attentions = [m for m in unet.modules() if type(m).forward is Attention.forward] if self.compile_options is not None else []
         self._on_remove: list[Any] = []
         self._resolve()
@@ -560,10 +575,10 @@ class GateController:
         self.gates = schedule.gates if schedule is not None else None
         self.plan = self.graph.plan(schedule.gates) if schedule is not None else None
         if self.plan is not None:
-            self._step_flags = torch.as_tensor(self.plan.executes)
+            self._step_flags = [tuple(torch.tensor(bool(v)) for v in row) for row in self.plan.executes]
             head = self._index[self.head_input] if self.head_input else None
             reuses = self.plan.reuses[:, head] if head is not None else np.zeros(len(self.plan.executes), dtype=bool)
-            self._head_flags = torch.as_tensor(reuses)
+            self._head_flags = [torch.tensor(bool(v)) for v in reuses]
         self.soft_gates = None
         self.reset()
         return self
