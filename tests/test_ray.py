@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -30,7 +31,11 @@ def _run_ray(config: Path, cwd: Path, *extra: str, timeout: int = 400, env: dict
 
 def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_path, capfd):
     config = study_factory(execution={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 1})
-    done = _run_ray(config, tmp_path)
+    # `ray start` recorded a cluster on this machine that has since died: a run without --address starts its own
+    stale = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
+    (stale / "ray").mkdir()
+    (stale / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    done = _run_ray(config, tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(stale)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Pareto front of study 'tiny'" in done.stdout
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -65,7 +65,11 @@ def _add_run_and_reads(sub: Any) -> None:
         default="local",
         help="run trials in this process (local, default) or as Ray Tune trials (ray)",
     )
-    run.add_argument("--address", default=None, help="Ray cluster to join with --backend ray (default: a local Ray instance)")
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join with --backend ray (auto: the one ray start started here; default: RAY_ADDRESS, else a new local one)",
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",

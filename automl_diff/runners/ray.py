@@ -248,15 +248,20 @@ def _trainable(tune_config: dict[str, Any], *, config: StudyConfig, study_name: 
 
 
 def _init_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``; ``auto``: the one ``ray start``
+    started on this machine), or start a local instance. Without an address Ray itself would
+    join the instance that ``ray start`` last recorded on this machine, and wait forever on one
+    that has since died."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = f"--address {address}" if address else "a local Ray instance"
+        where = "a local Ray instance" if address == "local" else f"--address {address}"
         raise UserError(f"{where}: cannot start or join Ray: {first_line(exc)}") from None
 
 
@@ -277,7 +282,7 @@ def run_study_ray(
             cluster; SQLite only when all workers share this machine's disk).
         study_name: overrides ``config.name``.
         n_trials: overrides ``config.n_trials`` (total finished trials, not "this many more").
-        address: the Ray cluster to join (``ray start --head`` prints it); None: a local instance.
+        address: the Ray cluster to join (``ray start --head`` prints it); None: ``RAY_ADDRESS``, else a new local instance.
         progress: Tune's progress output.
 
     Returns:
