@@ -444,7 +444,9 @@ def test_unit_latencies_time_each_unit_inside_whole_passes(tiny_unet):
     units = tuple(prunable_units(tiny_unet, "layer"))
     total, seconds = unit_latencies(tiny_unet, units, batch_size=2, repeats=3)
     assert set(seconds) == set(units) and all(v > 0 for v in seconds.values())
-    assert sum(seconds.values()) < total  # units do not nest; embedding, conv_in/out lie outside
+    # units do not nest (nested, a layer would count twice); embedding, conv_in/out lie outside. Each
+    # figure is a median of its own, so on a busy machine their sum may pass the total's a little
+    assert sum(seconds.values()) < 1.25 * total
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_unet.modules())  # hooks removed
 
 
