@@ -19,12 +19,13 @@ every atom runs and mixes ``g * new + (1 - g) * cached``, lets DiP-GO differenti
 recomputed under gradient checkpointing.
 
 Compiled (``compile=True``), the UNet's whole forward is traced once, with the hooks inside it,
-into one graph for every step of every schedule (per batch shape): a step's gates are a tensor the
+into one graph for every step of every schedule (per batch shape): a step's gates are tensors the
 graph reads, and each atom is a ``torch.cond`` on its gate, which at run time either runs the atom
 or returns a copy of its cache, so a step runs only what its plan runs and no step recompiles. The
 first step of a trajectory runs eagerly and keeps every atom's output (the caches the graph reads
 from then on); inside the graph every atom's cache is its latest output, and the concatenations in
-front of resnets run at every step.
+front of resnets run at every step. Inductor keeps its layout optimisation (each ``torch.cond``'s
+operands pinned to the strides the graph declares) and, on a CPU, writes its wrapper in C++.
 """
 
 from __future__ import annotations
