@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +34,12 @@ def test_ray_backend_records_trials_that_every_command_reads(study_factory, tmp_
     config = study_factory(execution={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 1})
     # `ray start` recorded a cluster on this machine that has since died: a run without --address starts its own
     stale = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
-    (stale / "ray").mkdir()
-    (stale / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
-    done = _run_ray(config, tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(stale)})
+    try:
+        (stale / "ray").mkdir()
+        (stale / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+        done = _run_ray(config, tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(stale)})
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Pareto front of study 'tiny'" in done.stdout
     storage = f"sqlite:///{tmp_path / 'study.db'}"
