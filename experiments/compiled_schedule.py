@@ -12,7 +12,8 @@ compiled against compiled); the MACs reduction is the bench's count.
     python experiments/compiled_schedule.py /tmp/digits_dipgo.json --batches 1 8 --repeats 5
 
 ``--variant NAME=JSON`` adds, for each schedule, a row compiled with other options (``compile=``
-of ``apply_schedule``), for example ``--variant 'python wrapper={"options": {"cpp_wrapper": false}}'``.
+of ``apply_schedule``; its key ``plan_graphs``: that argument), for example
+``--variant 'python wrapper={"options": {"cpp_wrapper": false}}'`` or ``--variant 'plans={"plan_graphs": 3}'``.
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ def main() -> None:
         for variant in args.variant:
             label, options = variant.split("=", 1)
             options = json.loads(options)
+            plans = options.pop("plan_graphs", 0)
             models[f"{name}, {label}, compiled"] = copy.deepcopy(unet)
-            contexts[f"{name}, {label}, compiled"] = lambda m, s=schedule, o=options: apply_schedule(m, s, compile=o)
+            contexts[f"{name}, {label}, compiled"] = lambda m, s=schedule, o=options, k=plans: apply_schedule(
+                m, s, compile=o, plan_graphs=k
+            )
     compiled = {name: m for name, m in models.items() if name.endswith("compiled")}
     header = "| model | batch | latency per image | speedup [quartiles] | speedup / MACs reduction [quartiles] | warm-up |"
     print(header)

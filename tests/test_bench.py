@@ -349,12 +349,12 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
 
 
 def test_the_bench_times_the_teacher_and_its_schedules_compiled(tiny_preset, monkeypatch):
-    """With ``compiled``, the teacher (whole UNet) and every DiP-GO schedule are timed compiled
-    in the same lockstep rounds, warm-ups apart, and each schedule is judged against the
+    """With ``compiled``, the teacher (whole UNet) and every DiP-GO schedule (with graphs of
+    their own for the plans most calls share) are timed compiled in the same lockstep rounds, warm-ups apart, and each schedule is judged against the
     compiled teacher; the figures survive the JSON. (Dynamo's eager backend: what inductor's
     kernels compute is tests/test_compiled_schedule.py's.)"""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    preset = replace(tiny_preset, compiled=(0.8, 0.7, 3.0), latency_batches=())
+    preset = replace(tiny_preset, compiled=(0.8, 0.7, 3.0), compiled_plan_graphs=2, latency_batches=())
     result = run_bench(preset, rows=["dipgo"], log=lambda _: None)
     teacher, *schedules = result.rows
     assert schedules and all(row.name.startswith("DiP-GO") for row in schedules)
@@ -364,6 +364,7 @@ def test_the_bench_times_the_teacher_and_its_schedules_compiled(tiny_preset, mon
     assert teacher.compiled_speedup[2].median == pytest.approx(1.0)
     text = markdown(result, command="python -m automl_diff.bench --preset tiny --rows dipgo")
     assert "Compiled (`torch.compile`" in text and f"- {schedules[0].name}, compiled: **" in text
+    assert "compile=True, plan_graphs=2)" in text
     again = BenchResult.from_dict(json.loads(json.dumps(result.to_dict())), preset)
     assert again.rows[1].compiled == schedules[0].compiled and again.rows[1].warmup == schedules[0].warmup
     met, figures = again.compiled_goal(again.rows[1])

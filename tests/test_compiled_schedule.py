@@ -132,19 +132,23 @@ def test_profile_reports_the_compiled_schedule_beside_the_eager_one(tiny_teacher
     unet = UNet2DModel.from_pretrained(tiny_teacher_dir / "unet")
     path = _schedule(unet, 4, granularity="block").save(tmp_path / "schedule.json")
     argv = ["profile", "--model", str(tiny_teacher_dir), "--schedule", str(path), "--repeats", "1", "--batch-size", "2"]
-    assert main([*argv, "--compile", "--json"]) == 0
+    assert main([*argv, "--compile", "--plan-graphs", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for key in ("compiled_latency", "compiled_full_latency", "compiled_warmup_s", "compiled_full_warmup_s"):
         assert report[key] > 0
     assert report["compiled_speedup"] == pytest.approx(report["compiled_full_latency"] / report["compiled_latency"])
     assert main(["profile", "--model", str(tiny_teacher_dir), "--compile"]) == 2
     assert "--compile: only meaningful with --schedule" in capsys.readouterr().err
+    assert main([*argv, "--plan-graphs", "2"]) == 2
+    assert "--plan-graphs 2: only meaningful with --compile" in capsys.readouterr().err
 
 
-def test_compile_modes_that_replay_cuda_graphs_are_refused(tiny_unet):
+def test_compile_modes_that_replay_cuda_graphs_and_plan_graphs_without_compiling_are_refused(tiny_unet):
     schedule = _schedule(tiny_unet, 3)
     with pytest.raises(ValueError, match="CUDA graphs"):
         apply_schedule(tiny_unet, schedule, compile={"mode": "reduce-overhead"})
+    with pytest.raises(ValueError, match="plan_graphs=2: 0 or more, and more than 0 only with compile"):
+        apply_schedule(tiny_unet, schedule, plan_graphs=2)
     assert not hasattr(tiny_unet, "_automl_diff_gates")
 
 
@@ -185,3 +189,42 @@ def test_a_compiled_schedule_of_a_transformer_samples_what_the_eager_one_does(fo
     torch.testing.assert_close(first, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(again, expected, atol=1e-4, rtol=0)
     assert executed == dict(eager.executed) and 0 < sum(executed.values()) < 4 * len(schedule.units)
+
+
+def _recurring(unet: torch.nn.Module, steps: int, granularity: str) -> Schedule:
+    """A schedule whose calls after the first alternate two plans (all but the first unit run;
+    only the last runs), and end with a third (the last two run)."""
+    n = len(units := tuple(prunable_units(unet, granularity)))
+    patterns = [[k > 0 for k in range(n)], [k == n - 1 for k in range(n)], [k >= n - 2 for k in range(n)]]
+    rows = [[True] * n] + [patterns[k % 2] for k in range(steps - 2)] + [patterns[2]]
+    return Schedule(steps, units, tuple(tuple(row) for row in rows), model_fingerprint(unet))
+
+
+@pytest.mark.parametrize("folder, granularity, backend", [("tiny_sd_dir", "branch", "inductor"), ("tiny_dit_dir", "block", "eager")])
+def test_the_plans_that_recur_most_compile_graphs_of_their_own_that_sample_what_the_eager_schedule_does(
+    folder, granularity, backend, request
+):
+    """``plan_graphs=2``: the two plans most calls share run graphs with their gates as constants
+    (a reused atom returns its cache uncopied), the other calls the shared graph; one trajectory
+    compiles three graphs, the next none, and both sample what the eager schedule samples."""
+    from automl_diff.models.loading import load_teacher
+
+    teacher = load_teacher(str(request.getfixturevalue(folder)))
+    steps = 7
+    schedule = _recurring(teacher.unet, steps, granularity)
+    parts = teacher.text or teacher.classes
+    sampler = teacher.sampler(
+        steps=steps, prompts=parts.prompts(["a red square", "blue"] if teacher.text else ["3", "7"], guidance_scale=3.0)
+    )
+    with apply_schedule(teacher.unet, schedule) as eager:
+        expected = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+    with apply_schedule(teacher.unet, schedule, compile={"backend": backend}, plan_graphs=2) as compiled:
+        first = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+        executed, graphs = dict(compiled.executed), _graphs()
+        again = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+    with apply_schedule(teacher.unet, schedule, compile={"backend": backend}, plan_graphs=2):  # applied again: the same graphs
+        applied_again = sampler.sample(teacher.unet, num_images=2, batch_size=2, seed=0)
+    assert graphs == 3 and _graphs() == graphs
+    for images in (first, again, applied_again):
+        torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
+    assert executed == dict(eager.executed)

@@ -116,6 +116,8 @@ class BenchPreset:
             their warm-ups apart, and judge the goal ``(speedup / MACs reduction at the preset's
             batch, the same at batch 1, warm-up against the compiled teacher's)`` of each
             schedule compiled against the teacher compiled; None: eager only.
+        compiled_plan_graphs: the schedules compiled with ``plan_graphs`` (``apply_schedule``):
+            the plans that the most calls share get graphs of their own.
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
@@ -218,6 +220,7 @@ class BenchPreset:
     bk_sdm_variants: tuple[str, ...] = ("base",)
     dkdm_dataset: str | None = None
     compiled: tuple[float, float, float] | None = None
+    compiled_plan_graphs: int = 0
 
     @property
     def eval_seeds(self) -> tuple[int, ...]:
@@ -321,6 +324,7 @@ PRESETS: dict[str, BenchPreset] = {
         stacked_dipgo_iterations=100,
         goal=(4.0, 1.1, 0.8),
         compiled=(0.8, 0.7, 3.0),
+        compiled_plan_graphs=6,
         goal_kind="method",
         goals=(
             Goal("DiffNAS student", macs=2.0, params=2.0, fid_ratio=1.1, alignment_drop=0.02),

@@ -173,11 +173,14 @@ def _compiled_table(result: BenchResult) -> list[str]:
     if not rows or result.preset.compiled is None:
         return []
     teacher, batches = result.teacher, sorted(rows[0].compiled)
+    k = result.preset.compiled_plan_graphs
+    plans = f", plan_graphs={k}" if k else ""
+    own = f"; the {k} plans that the most calls share also run graphs of their own, their gates constants" if k else ""
     lines = [
         "",
-        "Compiled (`torch.compile`, inductor): the teacher's whole UNet, and each schedule through `apply_schedule(..., "
-        "compile=True)` (the gated forward, hooks included, traced once into one graph for every step: each unit a "
-        "`torch.cond` on its gate). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
+        f"Compiled (`torch.compile`, inductor): the teacher's whole UNet, and each schedule through `apply_schedule(..., "
+        f"compile=True{plans})` (the gated forward, hooks included, traced once into one graph for every step: each unit a "
+        f"`torch.cond` on its gate{own}). Timed in the same lockstep rounds as the table above; speedup against the compiled teacher; "
         "warm-up: the first batch at that size (compilation into an empty cache included), timed apart before the rounds:",
         "",
         *_per_batch_header(batches, "latency", "speedup", "speedup / MACs reduction", "warm-up"),

@@ -257,7 +257,7 @@ def _schedule_rows(bench: Bench, method: DiPGO, seconds: float, label: str, kind
                 kind,
                 method.teacher.unet,
                 context=lambda m, s=schedule: apply_schedule(m, s),
-                compiled=lambda m, s=schedule: apply_schedule(m, s, compile=True),
+                compiled=lambda m, s=schedule: apply_schedule(m, s, compile=True, plan_graphs=bench.preset.compiled_plan_graphs),
                 search_seconds=seconds,
                 notes=f"{len(schedule.units)} units x {schedule.steps} model calls, {schedule.computed_fraction:.3f} of the "
                 f"gates on, {schedule.info[DiPGOAttr.COST_RATIO]:.3f} of the trajectory's {'MACs' if o.unit_cost == 'macs' else 'time'}; "
@@ -333,7 +333,7 @@ def steps_row(bench: Bench) -> None:
         "peer",
         unet,
         context=lambda m: apply_schedule(m, chosen),
-        compiled=lambda m: apply_schedule(m, chosen, compile=True),
+        compiled=lambda m: apply_schedule(m, chosen, compile=True, plan_graphs=bench.preset.compiled_plan_graphs),
         notes=f"{n} evenly spaced of the {calls} model calls computed, the calls between skipped, matched to '{target.name}'",
         peer_of=target.name,
     )

@@ -162,6 +162,14 @@ def _add_profile(sub: Any) -> None:
         help="with --schedule: also time both compiled (torch.compile): the whole UNet against the schedule's compiled pieces, "
         "their warm-ups apart",
     )
+    profile.add_argument(
+        "--plan-graphs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --compile: the K plans most calls share get graphs of their own beside the shared one (faster calls, "
+        "longer warm-up; default 0)",
+    )
     profile.add_argument("--json", action="store_true", help="print a JSON object")
     profile.set_defaults(func=commands.cmd_profile)
 

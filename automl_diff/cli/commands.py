@@ -301,7 +301,7 @@ def _profile_schedule(args: argparse.Namespace, unet: Any, source: Any, text_len
     warmups: dict[str, float] = {}
     if args.compile:
         models.update({"full, compiled": torch.compile(copy.deepcopy(unet)), "schedule, compiled": copy.deepcopy(unet)})
-        contexts["schedule, compiled"] = lambda model: apply_schedule(model, schedule, compile=True)
+        contexts["schedule, compiled"] = lambda model: apply_schedule(model, schedule, compile=True, plan_graphs=args.plan_graphs)
         compiled = {name: models[name] for name in ("full, compiled", "schedule, compiled")}
         try:
             warmups = first_batch_seconds(compiled, sampler, contexts=contexts, batch_size=args.batch_size)
@@ -342,6 +342,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise UserError("--steps: only meaningful with --schedule FILE")
     if args.compile and args.schedule is None:
         raise UserError("--compile: only meaningful with --schedule FILE")
+    if args.plan_graphs and not args.compile:
+        raise UserError(f"--plan-graphs {args.plan_graphs}: only meaningful with --compile")
+    if args.plan_graphs < 0:
+        raise UserError(f"--plan-graphs {args.plan_graphs}: must be 0 or more")
     source = str(TEACHERS[args.model].folder) if args.model in TEACHERS else args.model
     unet = load_unet(source, weights=False)
     path = Path(source)

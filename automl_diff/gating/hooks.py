@@ -26,6 +26,12 @@ first step of a trajectory runs eagerly and keeps every atom's output (the cache
 from then on); inside the graph every atom's cache is its latest output, and the concatenations in
 front of resnets run at every step. Inductor keeps its layout optimisation (each ``torch.cond``'s
 operands pinned to the strides the graph declares) and, on a CPU, writes its wrapper in C++.
+With ``plan_graphs=K``, the K plans that the most traced calls share also get graphs of their own,
+their gates constants: an atom runs or returns its cache, uncopied, and what nothing reads (a
+concatenation in front of a resnet that reuses its cache) is dead code the compiler drops. Those
+calls run their plan's graph, the others the shared one; each graph keeps every atom's cache its
+latest output, so the two mix freely. A plan's graph has no branches to call, so on a CPU it keeps
+inductor's Python wrapper, which compiles faster.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class _StepHook(ModelHook):
         super().__init__()
         self.controller = controller
         self.compiled: Any = None  # the forward, hooks included, compiled (binary gates only)
+        self.planned: dict[Any, Any] = {}  # a plan's own compiled forward, by the plan's key
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
@@ -107,7 +114,7 @@ class _StepHook(ModelHook):
                 return kind(sample=sample)
         if c._traced:
             c._count_executed()
-            out = self.compiled(*args, **kwargs)
+            out = (self.planned[c._plan_key] if c._planned else self.compiled)(*args, **kwargs)
         else:
             out = self.fn_ref.original_forward(*args, **kwargs)
         if c.idle_free and c.soft_gates is None:
@@ -115,7 +122,7 @@ class _StepHook(ModelHook):
         return out
 
 
-def _compiled_forward(unet: nn.Module, forward: Any, options: dict[str, Any]) -> Any:
+def _compiled_forward(unet: nn.Module, forward: Any, options: dict[str, Any], plan: Any = None) -> Any:
     """``forward`` (the model's, its gate hooks attached) compiled with ``options``, for this
     model as it is now: every schedule applied to it later while its modules and attention
     processors are the same objects, in the same mode, with parameters of the same shapes, dtypes
@@ -128,10 +135,12 @@ def _compiled_forward(unet: nn.Module, forward: Any, options: dict[str, Any]) ->
         tuple((name, id(module), module.training) for name, module in unet.named_modules()),
         tuple((name, id(processor)) for name, processor in processors.items()) if isinstance(processors, dict) else (),
         tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in tensors),
+        plan,
     )
     compiled = unet.__dict__.setdefault(_COMPILED, _Compiled())
     if key not in compiled:
-        compiled[key] = torch.compile(_own_code(forward), **options)
+        inner = {"options": dict(options["options"])} if "options" in options else {}  # torch.compile pops from it
+        compiled[key] = torch.compile(_own_code(forward), **{**options, **inner})
     return compiled[key]
 
 
@@ -279,7 +288,7 @@ class _GateHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
         if c._traced:
-            return self._gated(module, args, kwargs)
+            return self._constant(module, args, kwargs) if c._planned else self._gated(module, args, kwargs)
         residual = c.graph.residual  # a transformer block: its cache is its update, added to its input
         if not c._runs[self.index]:  # the plan of this step, resolved once when the step began
             if c._reuse[self.index]:
@@ -303,6 +312,19 @@ class _GateHook(ModelHook):
         c.executed[self.name] += 1
         keep = c._keep[self.index]
         c._store(self.name, _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual and keep else out, keep)
+        return out
+
+    def _constant(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Traced for one plan (its gates constants): the atom runs, or returns its cache (a
+        transformer block: its input plus its cached update) without a copy; what nothing reads
+        is dead code the compiler drops."""
+        c, residual = self.controller, self.controller.graph.residual
+        if not c._runs[self.index]:
+            cached = c.cache[self.name]
+            return _tree_map(_plus, cached, _block_input(module, args, kwargs)) if residual else cached
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        new = _tree_map(_minus, out, _block_input(module, args, kwargs)) if residual else out
+        c.cache[self.name] = pytree.tree_map_only(torch.Tensor, _dense, new)
         return out
 
     def _gated(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -416,6 +438,11 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         c = self.controller
+        if c._traced and c._planned:
+            if c._head_reuses:
+                return c.cache[self.key]
+            c.cache[self.key] = _dense(self.fn_ref.original_forward(*args, **kwargs))
+            return c.cache[self.key]
         if c._traced:  # a cond on whether the head reuses, as an atom's gate
             forward, cached, call = self.fn_ref.original_forward, c.cache[self.key], _Operands(args, kwargs)
 
@@ -463,6 +490,17 @@ def _compile_options(compile: bool | dict[str, Any], device: torch.device) -> di
     return options
 
 
+def _plan_options(compile: bool | dict[str, Any], options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The options of a plan's own graph (``plan_graphs``): the shared graph's, with inductor's
+    Python wrapper unless ``compile``'s options name a wrapper. A plan's graph calls no
+    ``torch.cond`` branches, which is what the C++ wrapper speeds up, and compiling one costs
+    more."""
+    named = isinstance(compile, dict) and "cpp_wrapper" in compile.get("options", {})
+    if options is None or named or not options["options"].get("cpp_wrapper"):
+        return options
+    return {**options, "options": {**options["options"], "cpp_wrapper": False}}
+
+
 class GateController:
     """Gates the prunable units of a UNet step by step (see the module docs).
 
@@ -473,6 +511,9 @@ class GateController:
         compile: compile the forward (``torch.compile``; a dict: its options), hooks included,
             into one graph that every step runs, its gates as inputs (see the module docs): no
             step recompiles. Binary gates only (soft gates always run eagerly).
+        plan_graphs: compiled, how many of the plans that recur most (at least twice) among a
+            schedule's traced calls get graphs of their own besides the shared one: each costs a
+            compilation at the first trajectory and runs its calls without ``torch.cond``.
 
     Attributes:
         graph: the dataflow between the units' atoms.
@@ -483,8 +524,13 @@ class GateController:
             :func:`~automl_diff.gating.units.idle_steps_free`).
     """
 
-    def __init__(self, unet: nn.Module, units: Sequence[str], steps: int, *, compile: bool | dict[str, Any] = False) -> None:
+    def __init__(
+        self, unet: nn.Module, units: Sequence[str], steps: int, *, compile: bool | dict[str, Any] = False, plan_graphs: int = 0
+    ) -> None:
+        if plan_graphs < 0 or (plan_graphs and compile is False):
+            raise ValueError(f"plan_graphs={plan_graphs}: 0 or more, and more than 0 only with compile")
         self.unet = unet
+        self.plan_graphs = plan_graphs
         self.graph = UnitGraph.of(unet, units)
         self.units = self.graph.units
         self.atoms = self.graph.atoms
@@ -512,12 +558,17 @@ class GateController:
         self._index = {name: i for i, name in enumerate(self.atoms)}
         device = next(itertools.chain(unet.parameters(), [torch.empty(())])).device
         self.compile_options = _compile_options(compile, device)
+        self._plan_options = _plan_options(compile, self.compile_options)
         # traced: this step's gates and whether the head reuses, a tensor each (inductor's C++ wrapper reads a
         # torch.cond's predicate at the start of its storage, which an index into one tensor of gates is not)
         self._flags: tuple[torch.Tensor, ...] = ()
         self._head_flag = torch.ones((), dtype=torch.bool)
         self._step_flags: list[tuple[torch.Tensor, ...]] = []
         self._head_flags: list[torch.Tensor] = []
+        self._plan_keys: list[Any] = []  # traced: each step's plan, where it has a graph of its own
+        self._plan_key: Any = None
+        self._planned = False
+        self._step: _StepHook | None = None
         self._attentions = [m for m in unet.modules() if type(m).forward is Attention.forward] if self.compile_options is not None else []
         self._on_remove: list[Any] = []
         self._resolve()
@@ -530,7 +581,7 @@ class GateController:
             previous.remove()
         for module in self._attentions:  # first: the gate hooks call them
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionHook(module), ATTENTION_HOOK)
-        step = _StepHook(self)
+        step = self._step = _StepHook(self)
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(step, STEP_HOOK)
         for index, (name, module) in enumerate(zip(self.atoms, self._modules)):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_GateHook(self, index, name), GATE_HOOK)
@@ -580,9 +631,29 @@ class GateController:
             head = self._index[self.head_input] if self.head_input else None
             reuses = self.plan.reuses[:, head] if head is not None else np.zeros(len(self.plan.executes), dtype=bool)
             self._head_flags = [torch.tensor(bool(v)) for v in reuses]
+            self._compile_plans()
         self.soft_gates = None
         self.reset()
         return self
+
+    def _compile_plans(self) -> None:
+        """Compiled: the ``plan_graphs`` plans that the most traced steps share (at least two
+        each) get graphs of their own, their gates constants, beside the shared graph."""
+        self._plan_keys = []
+        if self.compile_options is None or self.plan is None or self._step is None or self.plan_graphs <= 0:
+            return
+        head = self._index[self.head_input] if self.head_input else None
+        keys = [
+            (tuple(row.tolist()), bool(reuse[head]) if head is not None else False)
+            for row, reuse in zip(self.plan.executes, self.plan.reuses)
+        ]
+        counts = Counter(key for key in keys[1:] if any(key[0]) or not self.idle_free)  # an idle call runs no graph
+        chosen = {key for key, n in counts.most_common(self.plan_graphs) if n >= 2}
+        self._plan_keys = [key if key in chosen else None for key in keys]
+        step = self._step
+        for key in chosen:
+            if key not in step.planned:
+                step.planned[key] = _compiled_forward(self.unet, step.fn_ref.original_forward, self._plan_options, plan=key)
 
     def use_soft(self, gates: torch.Tensor) -> GateController:
         """Differentiable gates, shape ``(steps, units)``: every atom runs and mixes with its cache."""
@@ -629,6 +700,7 @@ class GateController:
         n, plan, step = len(self.atoms), self.plan, self.step
         compiled = self.compile_options is not None and self.soft_gates is None and plan is not None
         self._traced = compiled and step > 0
+        self._planned = False
         if self.soft_gates is not None or plan is None or step <= 0:
             self._runs, self._reuse = [True] * n, [False] * n
             self._keep = [self.soft_gates is not None] * n if plan is None else [compiled or bool(k) for k in plan.keeps[max(step, 0)]]
@@ -636,6 +708,8 @@ class GateController:
             self._runs, self._reuse, self._keep = plan.executes[step].tolist(), plan.reuses[step].tolist(), plan.keeps[step].tolist()
             if self._traced:
                 self._flags, self._head_flag = self._step_flags[step], self._head_flags[step]
+                self._plan_key = self._plan_keys[step] if self._plan_keys else None
+                self._planned = self._plan_key is not None
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
         self._head_keeps = self.soft_gates is None and head is not None and (compiled or self._keep[self._index[head]])
@@ -672,7 +746,7 @@ class GateController:
         self._resolve()
 
 
-def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str, Any] = False) -> GateController:
+def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str, Any] = False, plan_graphs: int = 0) -> GateController:
     """Apply a schedule to a pipeline (anything with ``.unet``, or ``.transformer``: DiT) or a
     UNet or transformer, replacing any schedule
     applied before. Returns the controller: ``.remove()`` it (or use it as a context manager) to
@@ -682,6 +756,8 @@ def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str,
     one graph that every step runs, its gates as inputs (:class:`GateController`). A UNet compiled with
     ``torch.compile`` (an ``OptimizedModule``, or a pipeline's) is gated as its original module,
     compiled so: while the schedule is applied, calling the compiled module runs the gated one.
+    ``plan_graphs=K`` (compiled only) also compiles the K plans that the most calls share into
+    graphs of their own, without ``torch.cond``: faster calls for a longer first trajectory.
 
     Raises:
         UserError: the schedule was made for another architecture.
@@ -691,7 +767,7 @@ def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str,
     if wrapper is not None:
         unet, compile = wrapper._orig_mod, compile or True
     schedule.check_model(unet)
-    controller = GateController(unet, schedule.units, schedule.steps, compile=compile).use(schedule)
+    controller = GateController(unet, schedule.units, schedule.steps, compile=compile, plan_graphs=plan_graphs).use(schedule)
     if wrapper is not None:  # the wrapper's compiled forward would trace the hooks: call the gated module instead
         compiled_forward = wrapper.forward
         wrapper.forward = unet.__call__
