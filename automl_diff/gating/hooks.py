@@ -631,22 +631,19 @@ class GateController:
             head = self._index[self.head_input] if self.head_input else None
             reuses = self.plan.reuses[:, head] if head is not None else np.zeros(len(self.plan.executes), dtype=bool)
             self._head_flags = [torch.tensor(bool(v)) for v in reuses]
-            self._compile_plans()
+            self._compile_plans(reuses)
         self.soft_gates = None
         self.reset()
         return self
 
-    def _compile_plans(self) -> None:
-        """Compiled: the ``plan_graphs`` plans that the most traced steps share (at least two
-        each) get graphs of their own, their gates constants, beside the shared graph."""
+    def _compile_plans(self, head_reuses: np.ndarray) -> None:
+        """Compiled: the ``plan_graphs`` plans (which atoms run, whether the head reuses) that the
+        most traced steps share (at least two each) get graphs of their own, their gates
+        constants, beside the shared graph."""
         self._plan_keys = []
         if self.compile_options is None or self.plan is None or self._step is None or self.plan_graphs <= 0:
             return
-        head = self._index[self.head_input] if self.head_input else None
-        keys = [
-            (tuple(row.tolist()), bool(reuse[head]) if head is not None else False)
-            for row, reuse in zip(self.plan.executes, self.plan.reuses)
-        ]
+        keys = [(tuple(row.tolist()), bool(reuses)) for row, reuses in zip(self.plan.executes, head_reuses)]
         counts = Counter(key for key in keys[1:] if any(key[0]) or not self.idle_free)  # an idle call runs no graph
         chosen = {key for key, n in counts.most_common(self.plan_graphs) if n >= 2}
         self._plan_keys = [key if key in chosen else None for key in keys]
