@@ -13,7 +13,9 @@ compiled against compiled); the MACs reduction is the bench's count.
 
 ``--variant NAME=JSON`` adds, for each schedule, a row compiled with other options (``compile=``
 of ``apply_schedule``; its key ``plan_graphs``: that argument), for example
-``--variant 'python wrapper={"options": {"cpp_wrapper": false}}'`` or ``--variant 'plans={"plan_graphs": 3}'``.
+``--variant 'python wrapper={"options": {"cpp_wrapper": false}}'`` or ``--variant 'plans={"plan_graphs": 3}'``;
+``--variants-only`` leaves out the row compiled with the defaults, so that a variant's warm-up
+starts from an empty inductor cache.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON", help="schedules compiled with these options too")
+    parser.add_argument("--variants-only", action="store_true", help="no row compiled with the defaults (cold warm-ups of a variant)")
     args = parser.parse_args()
 
     import numpy as np
@@ -64,8 +67,9 @@ def main() -> None:
     for name, schedule in schedules.items():
         models[name] = copy.deepcopy(unet)
         contexts[name] = lambda m, s=schedule: apply_schedule(m, s)
-        models[f"{name}, compiled"] = copy.deepcopy(unet)
-        contexts[f"{name}, compiled"] = lambda m, s=schedule: apply_schedule(m, s, compile=True)
+        if not args.variants_only:
+            models[f"{name}, compiled"] = copy.deepcopy(unet)
+            contexts[f"{name}, compiled"] = lambda m, s=schedule: apply_schedule(m, s, compile=True)
         for variant in args.variant:
             label, options = variant.split("=", 1)
             options = json.loads(options)

@@ -349,8 +349,8 @@ def test_text_to_image_bench_measures_fid_and_prompt_accuracy_with_the_peer(tiny
 
 
 def test_the_bench_times_the_teacher_and_its_schedules_compiled(tiny_preset, monkeypatch):
-    """With ``compiled``, the teacher (whole UNet) and every DiP-GO schedule (with graphs of
-    their own for the plans most calls share) are timed compiled in the same lockstep rounds,
+    """With ``compiled``, the teacher (whole UNet) and every DiP-GO schedule (the first call and the
+    plans most calls share in graphs of their own) are timed compiled in the same lockstep rounds,
     warm-ups apart, and each schedule is judged against the compiled teacher; the figures
     survive the JSON. (Dynamo's eager backend: what inductor's
     kernels compute is tests/test_compiled_schedule.py's.)"""

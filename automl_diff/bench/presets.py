@@ -117,7 +117,8 @@ class BenchPreset:
             batch, the same at batch 1, warm-up against the compiled teacher's)`` of each
             schedule compiled against the teacher compiled; None: eager only.
         compiled_plan_graphs: the schedules compiled with ``plan_graphs`` (``apply_schedule``):
-            the plans that the most calls share get graphs of their own.
+            a trajectory's first call and the plans that the most later calls share get graphs
+            of their own.
         batch_size, lr, ema_decay: training batches of DKDM, DiffNAS retraining and the
             Torch-Pruning fine-tune (one data-free pool of the teacher's generations feeds all).
         pool_size, pool_steps: that pool.
@@ -324,7 +325,7 @@ PRESETS: dict[str, BenchPreset] = {
         stacked_dipgo_iterations=100,
         goal=(4.0, 1.1, 0.8),
         compiled=(0.8, 0.7, 3.0),
-        compiled_plan_graphs=6,
+        compiled_plan_graphs=7,
         goal_kind="method",
         goals=(
             Goal("DiffNAS student", macs=2.0, params=2.0, fid_ratio=1.1, alignment_drop=0.02),

@@ -167,8 +167,8 @@ def _add_profile(sub: Any) -> None:
         type=int,
         default=0,
         metavar="K",
-        help="with --compile: the K plans most calls share get graphs of their own beside the shared one (faster calls, "
-        "longer warm-up; default 0)",
+        help="with --compile: K plans get graphs of their own beside the shared one, the first call's and the K-1 that most "
+        "later calls share (faster calls, longer warm-up; default 0)",
     )
     profile.add_argument("--json", action="store_true", help="print a JSON object")
     profile.set_defaults(func=commands.cmd_profile)

@@ -22,15 +22,16 @@ Compiled (``compile=True``), the UNet's whole forward is traced once, with the h
 into one graph for every step of every schedule (per batch shape): a step's gates are tensors the
 graph reads, and each atom is a ``torch.cond`` on its gate, which at run time either runs the atom
 or returns a copy of its cache, so a step runs only what its plan runs and no step recompiles. The
-first step of a trajectory runs eagerly and keeps every atom's output (the caches the graph reads
-from then on); inside the graph every atom's cache is its latest output, and the concatenations in
+first step of a trajectory runs every atom and keeps its output (the caches the graph reads from
+then on), eagerly unless ``plan_graphs`` compiles it; inside the graph every atom's cache is its latest output, and the concatenations in
 front of resnets run at every step. Inductor keeps its layout optimisation (each ``torch.cond``'s
 operands pinned to the strides the graph declares) and, on a CPU, writes its wrapper in C++.
-With ``plan_graphs=K``, the K plans that the most traced calls share also get graphs of their own,
-their gates constants: an atom runs or returns its cache, uncopied, and what nothing reads (a
-concatenation in front of a resnet that reuses its cache) is dead code the compiler drops. Those
-calls run their plan's graph, the others the shared one; each graph keeps every atom's cache its
-latest output, so the two mix freely. A plan's graph has no branches to call, so on a CPU it keeps
+With ``plan_graphs=K``, K plans get graphs of their own, their gates constants: the first call of
+a trajectory (every atom runs), which then runs compiled too, and the K - 1 plans that the most
+traced calls share. In those graphs an atom runs or returns its cache, uncopied, and what nothing
+reads (a concatenation in front of a resnet that reuses its cache) is dead code the compiler
+drops. Those calls run their plan's graph, the others the shared one; each graph keeps every
+atom's cache its latest output, so the two mix freely. A plan's graph has no branches to call, so on a CPU it keeps
 inductor's Python wrapper, which compiles faster.
 """
 
@@ -93,8 +94,9 @@ def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 
 class _StepHook(ModelHook):
     """On the UNet: advances the step; at a step that computes no unit (where such steps are
-    free), returns the last call's output without running anything; compiled, calls the compiled
-    forward after a trajectory's first step."""
+    free), returns the last call's output without running anything; compiled, calls the shared
+    compiled forward, or the step's plan's own, after a trajectory's first step (at it too where
+    that has a plan graph)."""
 
     def __init__(self, controller: GateController) -> None:
         super().__init__()
@@ -511,9 +513,10 @@ class GateController:
         compile: compile the forward (``torch.compile``; a dict: its options), hooks included,
             into one graph that every step runs, its gates as inputs (see the module docs): no
             step recompiles. Binary gates only (soft gates always run eagerly).
-        plan_graphs: compiled, how many of the plans that recur most (at least twice) among a
-            schedule's traced calls get graphs of their own besides the shared one: each costs a
-            compilation at the first trajectory and runs its calls without ``torch.cond``.
+        plan_graphs: compiled, how many plans get graphs of their own besides the shared one: a
+            trajectory's first call (every atom runs) and the ``plan_graphs - 1`` plans that recur
+            most (at least twice) among a schedule's later calls. Each costs a compilation at the
+            first trajectory and runs its calls without ``torch.cond``.
 
     Attributes:
         graph: the dataflow between the units' atoms.
@@ -637,16 +640,17 @@ class GateController:
         return self
 
     def _compile_plans(self, head_reuses: np.ndarray) -> None:
-        """Compiled: the ``plan_graphs`` plans (which atoms run, whether the head reuses) that the
-        most traced steps share (at least two each) get graphs of their own, their gates
-        constants, beside the shared graph."""
+        """Compiled: ``plan_graphs`` plans (which atoms run, whether the head reuses) get graphs of
+        their own, their gates constants, beside the shared graph: a trajectory's first call, and
+        the plans that the most later calls share (at least two each)."""
         self._plan_keys = []
         if self.compile_options is None or self.plan is None or self._step is None or self.plan_graphs <= 0:
             return
+        first = (tuple([True] * len(self.atoms)), False)  # every atom runs and keeps its output; the head runs
         keys = [(tuple(row.tolist()), bool(reuses)) for row, reuses in zip(self.plan.executes, head_reuses)]
-        counts = Counter(key for key in keys[1:] if any(key[0]) or not self.idle_free)  # an idle call runs no graph
-        chosen = {key for key, n in counts.most_common(self.plan_graphs) if n >= 2}
-        self._plan_keys = [key if key in chosen else None for key in keys]
+        counts = Counter(key for key in keys[1:] if (any(key[0]) or not self.idle_free) and key != first)  # idle: no graph
+        chosen = {first} | {key for key, n in counts.most_common(self.plan_graphs - 1) if n >= 2}
+        self._plan_keys = [first] + [key if key in chosen else None for key in keys[1:]]
         step = self._step
         for key in chosen:
             if key not in step.planned:
@@ -692,15 +696,17 @@ class GateController:
         their cache, which keep what they compute (those the next step reuses: a cache nobody
         reads would only hold memory the allocator could reuse), whether the head reuses or
         keeps, whether the step runs nothing. The hooks then read one flag each. Compiled, a
-        trajectory's first step runs eagerly and keeps every output; the steps after it are traced,
-        their gates the tensors :attr:`_flags` and :attr:`_head_flag`."""
+        trajectory's first step runs every atom and keeps every output (eagerly, or in its own
+        graph with ``plan_graphs``); the steps after it are traced, their gates the tensors
+        :attr:`_flags` and :attr:`_head_flag` (or constants, in a plan's graph)."""
         n, plan, step = len(self.atoms), self.plan, self.step
         compiled = self.compile_options is not None and self.soft_gates is None and plan is not None
-        self._traced = compiled and step > 0
-        self._planned = False
+        self._traced = compiled and (step > 0 or (step == 0 and bool(self._plan_keys)))
+        self._planned = self._traced and step == 0
         if self.soft_gates is not None or plan is None or step <= 0:
             self._runs, self._reuse = [True] * n, [False] * n
             self._keep = [self.soft_gates is not None] * n if plan is None else [compiled or bool(k) for k in plan.keeps[max(step, 0)]]
+            self._plan_key = self._plan_keys[0] if self._planned else None
         else:
             self._runs, self._reuse, self._keep = plan.executes[step].tolist(), plan.reuses[step].tolist(), plan.keeps[step].tolist()
             if self._traced:
@@ -753,8 +759,9 @@ def apply_schedule(target: Any, schedule: Schedule, *, compile: bool | dict[str,
     one graph that every step runs, its gates as inputs (:class:`GateController`). A UNet compiled with
     ``torch.compile`` (an ``OptimizedModule``, or a pipeline's) is gated as its original module,
     compiled so: while the schedule is applied, calling the compiled module runs the gated one.
-    ``plan_graphs=K`` (compiled only) also compiles the K plans that the most calls share into
-    graphs of their own, without ``torch.cond``: faster calls for a longer first trajectory.
+    ``plan_graphs=K`` (compiled only) also compiles K plans into graphs of their own, without
+    ``torch.cond``: a trajectory's first call and the K - 1 plans that the most later calls share;
+    faster calls for a longer first trajectory.
 
     Raises:
         UserError: the schedule was made for another architecture.

@@ -88,7 +88,7 @@ over the trajectory. The schedule is for {steps} steps exactly.""",
                 "from automl_diff import Schedule, apply_schedule  # the schedule needs automl_diff; the pipeline alone does not",
                 'apply_schedule(pipe, Schedule.load("path/to/this/folder/schedule.json"))',
                 "# compiled: apply_schedule(pipe, schedule, compile=True), or apply it after pipe.unet = torch.compile(pipe.unet)",
-                "# plan_graphs=K: the K plans most steps share compile graphs of their own (faster steps, longer warm-up)",
+                "# plan_graphs=K: the first step and the K-1 plans most steps share get graphs of their own (faster steps, longer warm-up)",
             ),
         )
 
