@@ -325,7 +325,7 @@ PRESETS: dict[str, BenchPreset] = {
         stacked_dipgo_iterations=100,
         goal=(4.0, 1.1, 0.8),
         compiled=(0.8, 0.7, 3.0),
-        compiled_plan_graphs=7,
+        compiled_plan_graphs=10,
         goal_kind="method",
         goals=(
             Goal("DiffNAS student", macs=2.0, params=2.0, fid_ratio=1.1, alignment_drop=0.02),

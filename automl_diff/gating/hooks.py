@@ -30,9 +30,10 @@ With ``plan_graphs=K``, K plans get graphs of their own, their gates constants: 
 a trajectory (every atom runs), which then runs compiled too, and the K - 1 plans that the most
 traced calls share. In those graphs an atom runs or returns its cache, uncopied, and what nothing
 reads (a concatenation in front of a resnet that reuses its cache) is dead code the compiler
-drops. Those calls run their plan's graph, the others the shared one; each graph keeps every
-atom's cache its latest output, so the two mix freely. A plan's graph has no branches to call, so on a CPU it keeps
-inductor's Python wrapper, which compiles faster.
+drops. Those calls run their plan's graph, the others the shared one (compiled only if some call
+needs it); each graph keeps every atom's cache its latest output, so the two mix freely. A plan's
+graph has no branches to call, so on a CPU it keeps inductor's Python wrapper, which compiles
+faster.
 """
 
 from __future__ import annotations
@@ -515,8 +516,9 @@ class GateController:
             step recompiles. Binary gates only (soft gates always run eagerly).
         plan_graphs: compiled, how many plans get graphs of their own besides the shared one: a
             trajectory's first call (every atom runs) and the ``plan_graphs - 1`` plans that recur
-            most (at least twice) among a schedule's later calls. Each costs a compilation at the
-            first trajectory and runs its calls without ``torch.cond``.
+            most among a schedule's later calls. Each costs a compilation at the first trajectory
+            and runs its calls without ``torch.cond``; where they cover every call, the shared graph
+            is never compiled.
 
     Attributes:
         graph: the dataflow between the units' atoms.
@@ -642,14 +644,15 @@ class GateController:
     def _compile_plans(self, head_reuses: np.ndarray) -> None:
         """Compiled: ``plan_graphs`` plans (which atoms run, whether the head reuses) get graphs of
         their own, their gates constants, beside the shared graph: a trajectory's first call, and
-        the plans that the most later calls share (at least two each)."""
+        the plans that the most later calls share. Where they cover every call, the shared graph
+        is never compiled."""
         self._plan_keys = []
         if self.compile_options is None or self.plan is None or self._step is None or self.plan_graphs <= 0:
             return
         first = (tuple([True] * len(self.atoms)), False)  # every atom runs and keeps its output; the head runs
         keys = [(tuple(row.tolist()), bool(reuses)) for row, reuses in zip(self.plan.executes, head_reuses)]
         counts = Counter(key for key in keys[1:] if (any(key[0]) or not self.idle_free) and key != first)  # idle: no graph
-        chosen = {first} | {key for key, n in counts.most_common(self.plan_graphs - 1) if n >= 2}
+        chosen = {first} | {key for key, _ in counts.most_common(self.plan_graphs - 1)}
         self._plan_keys = [first] + [key if key in chosen else None for key in keys[1:]]
         step = self._step
         for key in chosen:
