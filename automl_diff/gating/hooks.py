@@ -23,8 +23,8 @@ into one graph for every step of every schedule (per batch shape): a step's gate
 graph reads, and each atom is a ``torch.cond`` on its gate, which at run time either runs the atom
 or returns a copy of its cache, so a step runs only what its plan runs and no step recompiles. The
 first step of a trajectory runs every atom and keeps its output (the caches the graph reads from
-then on), eagerly unless ``plan_graphs`` compiles it; inside the graph every atom's cache is its latest output, and the concatenations in
-front of resnets run at every step. Inductor keeps its layout optimisation (each ``torch.cond``'s
+then on), eagerly unless ``plan_graphs`` compiles it; inside the graph every atom's cache is its
+latest output, and the concatenations in front of resnets run at every step. Inductor keeps its layout optimisation (each ``torch.cond``'s
 operands pinned to the strides the graph declares) and, on a CPU, writes its wrapper in C++.
 With ``plan_graphs=K``, K plans get graphs of their own, their gates constants: the first call of
 a trajectory (every atom runs), which then runs compiled too, and the K - 1 plans that the most
@@ -705,17 +705,15 @@ class GateController:
         n, plan, step = len(self.atoms), self.plan, self.step
         compiled = self.compile_options is not None and self.soft_gates is None and plan is not None
         self._traced = compiled and (step > 0 or (step == 0 and bool(self._plan_keys)))
-        self._planned = self._traced and step == 0
+        self._plan_key = self._plan_keys[step] if self._traced and self._plan_keys else None
+        self._planned = self._plan_key is not None
         if self.soft_gates is not None or plan is None or step <= 0:
             self._runs, self._reuse = [True] * n, [False] * n
             self._keep = [self.soft_gates is not None] * n if plan is None else [compiled or bool(k) for k in plan.keeps[max(step, 0)]]
-            self._plan_key = self._plan_keys[0] if self._planned else None
         else:
             self._runs, self._reuse, self._keep = plan.executes[step].tolist(), plan.reuses[step].tolist(), plan.keeps[step].tolist()
             if self._traced:
                 self._flags, self._head_flag = self._step_flags[step], self._head_flags[step]
-                self._plan_key = self._plan_keys[step] if self._plan_keys else None
-                self._planned = self._plan_key is not None
         head = self.head_input
         self._head_reuses = head is not None and self._reuse[self._index[head]]
         self._head_keeps = self.soft_gates is None and head is not None and (compiled or self._keep[self._index[head]])
